@@ -1,0 +1,186 @@
+"""
+data.py -- the tokenizer, the `arith` task, and who holds which data.
+
+Everything is generated from a seed by the code below: no downloads, no data files.
+
+The task (SPEC §3.2) is an *operator convention* task. Lines look like
+
+    37+52=89      explicit operators: + add, - |a-b|, > max, < min
+    37@52=52      '@' is ambiguous: it stands for one of the four operators
+
+Pretraining (public) teaches arithmetic with explicit operators and shows '@' lines whose meaning
+is drawn uniformly at random, so the base models learn that '@' means "one of the operators".
+Each organization writes '@' with its own *convention*: a mixture over the four operators. The
+task is to answer its '@' problems; fine-tuning on its data teaches its convention, and the
+larger model, which computes better, gains more from it.
+
+Who holds what:
+    operand pairs (a, b) --hash--> PUBLIC pool (the provider's shadow data) | PRIVATE pool (clients)
+    shadow subset k: public pairs, operators from its own mixture ~ Dirichlet(alpha * m)
+    client: private pairs, operators from its mixture (IID: the task mixture m; skewed: ~88% one
+            operator), with its own disjoint test split drawn from the same mixture
+
+    python -m pytest tests/test_data.py
+"""
+import hashlib
+
+import numpy as np
+import tiktoken
+import torch
+
+# -----------------------------------------------------------------------------
+# tokenizer: a tiktoken Encoding built from our own ranks (no network, tiny vocabulary)
+
+EOT = "<|endoftext|>"
+
+
+def get_tokenizer(name="bytes"):
+    """Byte-level by default: the 256 single bytes (all of them, or tiktoken panics) + EOT.
+
+    A named tiktoken encoding (e.g. "gpt2") works too for users with network access, but its 50k
+    vocabulary would dominate a tiny model, so it is never the default.
+    """
+    if name != "bytes":
+        return tiktoken.get_encoding(name)  # downloads its files: needs the network
+    ranks = {bytes([i]): i for i in range(256)}
+    return tiktoken.Encoding(name="gradtx-bytes", pat_str=r"[^\n]+|\n",
+                             mergeable_ranks=ranks, special_tokens={EOT: 256})
+
+
+# -----------------------------------------------------------------------------
+# the arith task
+
+OPS = ["+", "-", ">", "<"]                     # add, |a-b|, max, min
+OP_FUNCS = [lambda a, b: a + b, lambda a, b: abs(a - b), max, min]
+AMBIGUOUS = "@"
+TASK_MIXTURE = np.array([0.5, 0.2, 0.15, 0.15])  # the task's overall convention m (NOT uniform:
+                                                 # an IID client must have something to learn)
+PROMPT_LEN = 5                                   # "37@52": operands always 2 digits, so every
+                                                 # character sits at the same position
+BLOCK_SIZE = 16
+
+
+def make_line(a, b, op, symbol=None):
+    """One problem as text: '37@52=52\\n' (symbol defaults to the ambiguous '@')."""
+    return f"{a}{symbol or AMBIGUOUS}{b}={OP_FUNCS[op](a, b)}\n"
+
+
+def all_pairs():
+    return [(a, b) for a in range(10, 100) for b in range(10, 100)]
+
+
+def split_pairs(seed):
+    """PUBLIC / PRIVATE operand pairs, disjoint by construction: a hash of (seed, a, b) decides."""
+    public, private = [], []
+    for a, b in all_pairs():
+        h = hashlib.sha256(f"{seed}:{a}:{b}".encode()).digest()[0]
+        (public if h % 2 == 0 else private).append((a, b))
+    return public, private
+
+
+def lines_from(pairs, mixture, n, rng):
+    """n '@' lines on distinct operand pairs, operators drawn from `mixture`."""
+    idx = rng.choice(len(pairs), size=n, replace=n > len(pairs))
+    ops = rng.choice(len(OPS), size=n, p=mixture)
+    return [make_line(*pairs[i], op) for i, op in zip(idx, ops)]
+
+
+def pretrain_lines(n, rng, explicit_frac=0.6):
+    """The public pretraining corpus: explicit-operator lines and '@' lines of uniform meaning.
+
+    It covers all operand pairs: it plays the role of the web text that taught a public
+    checkpoint arithmetic. It carries no organization's convention.
+    """
+    pairs = all_pairs()
+    out = []
+    for _ in range(n):
+        a, b = pairs[rng.integers(len(pairs))]
+        op = int(rng.integers(len(OPS)))
+        out.append(make_line(a, b, op, OPS[op] if rng.random() < explicit_frac else None))
+    return out
+
+
+def parse_answer(text):
+    """The integer after the answer marker '=', or None.
+
+    A model that never writes '=' (or writes no digits after it) gets None, i.e. scores 0.
+    """
+    if "=" not in text:
+        return None
+    digits = ""
+    for ch in text.split("=", 1)[1]:
+        if not ch.isdigit():
+            break
+        digits += ch
+    return int(digits) if digits else None
+
+
+# -----------------------------------------------------------------------------
+# batches: (x, y, mask) with the loss on the answer only
+
+
+def encode_lines(lines, enc, block_size=BLOCK_SIZE):
+    """Lines -> x, y (N, T) next-token pairs and mask (N, T), 1 on '=', the answer and '\\n'."""
+    eot = enc.eot_token
+    rows = [enc.encode(line) for line in lines]
+    T = max(len(r) for r in rows) - 1
+    if T > block_size:
+        raise ValueError(f"a line has {T + 1} tokens, more than block_size + 1 = {block_size + 1}")
+    x = torch.full((len(rows), T), eot, dtype=torch.long)
+    y = torch.full((len(rows), T), eot, dtype=torch.long)
+    mask = torch.zeros(len(rows), T)
+    for i, r in enumerate(rows):
+        x[i, :len(r) - 1] = torch.tensor(r[:-1])
+        y[i, :len(r) - 1] = torch.tensor(r[1:])
+        mask[i, PROMPT_LEN - 1: len(r) - 1] = 1.0   # y[PROMPT_LEN-1] is '='
+    return x, y, mask
+
+
+def encode_prompts(lines, enc):
+    """The question part of each line, '37@52', as a (N, PROMPT_LEN) tensor, and the answers."""
+    prompts = torch.tensor([enc.encode(line[:PROMPT_LEN]) for line in lines], dtype=torch.long)
+    answers = [parse_answer(line) for line in lines]
+    return prompts, answers
+
+
+# -----------------------------------------------------------------------------
+# who holds what: shadow subsets and clients
+
+
+def shadow_subsets(public_pairs, k, n, alpha, seed):
+    """K shadow datasets from the public pool, each with its own operator mixture.
+
+    Mixtures ~ Dirichlet(alpha * m): centred on the task mixture m, spread wide enough that the
+    shadow updates cover the conventions clients may have. Returns [(mixture, lines)].
+    """
+    out = []
+    for i in range(k):
+        rng = np.random.default_rng([seed, 1, i])
+        mixture = rng.dirichlet(alpha * TASK_MIXTURE)
+        out.append((mixture, lines_from(public_pairs, mixture, n, rng)))
+    return out
+
+
+def client_mixtures(n_skewed_per_op=1, n_iid=1, skew=0.88):
+    """Default clients: one SKEWED client per operator (~88% of it) and IID clients (mixture m)."""
+    clients = []
+    for op in range(len(OPS)):
+        for j in range(n_skewed_per_op):
+            mix = np.full(len(OPS), (1 - skew) / (len(OPS) - 1))
+            mix[op] = skew
+            clients.append((f"skewed_{OPS[op]}" + (f"_{j}" if n_skewed_per_op > 1 else ""), "skewed", mix))
+    for j in range(n_iid):
+        clients.append((f"iid_{j}", "iid", TASK_MIXTURE.copy()))
+    return clients
+
+
+def client_data(private_pairs, mixture, n_train, n_test, seed, index):
+    """A client's private train lines and its own test lines, on disjoint operand pairs."""
+    if n_train + n_test > len(private_pairs):
+        raise ValueError(f"n_train + n_test = {n_train + n_test} exceeds the private pool "
+                         f"({len(private_pairs)} operand pairs)")
+    rng = np.random.default_rng([seed, 2, index])
+    order = rng.permutation(len(private_pairs))
+    ops = rng.choice(len(OPS), size=n_train + n_test, p=mixture)
+    lines = [make_line(*private_pairs[i], op) for i, op in zip(order, ops)]
+    return lines[:n_train], lines[n_train:]

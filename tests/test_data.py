@@ -1,0 +1,277 @@
+"""Tests for data.py: each one checks against an independent oracle (Python's own UTF-8 bytes,
+hand-made arithmetic examples, the answers recomputed from the operands, set algebra on the
+operand pairs, the law of large numbers for the operator mixtures).
+
+Run:  python -m pytest tests/test_data.py -q
+"""
+
+import os
+import socket
+import sys
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+
+ALL_PAIRS = {(a, b) for a in range(10, 100) for b in range(10, 100)}   # 8100 two-digit pairs
+
+
+def parse_line(line):
+    """'37@52=52\\n' -> (37, '@', 52, 52), by position (every line has the same layout)."""
+    return int(line[0:2]), line[2], int(line[3:5]), int(line[6:-1])
+
+
+def op_of(line):
+    """The operator index that produced a line's answer, or None where operators tie on its
+    operands (a == b: max == min; a == 2b: |a-b| == min). The operator is drawn independently of
+    the operands, so dropping tied lines leaves the operator frequencies unbiased."""
+    a, _, b, ans = parse_line(line)
+    values = [a + b, abs(a - b), max(a, b), min(a, b)]
+    assert ans in values, line
+    return values.index(ans) if len(set(values)) == 4 else None
+
+
+def op_frequencies(lines):
+    ops = [op for op in map(op_of, lines) if op is not None]
+    assert len(ops) > 0.9 * len(lines)
+    return np.bincount(ops, minlength=4) / len(ops)
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+TEXTS = ["37@52=52\n", "", "a\nb\n\n", "héllo wörld — ünïcödé\n日本語 🙂\r\n\ttabs", "\x00\xff\n"]
+
+
+def test_byte_tokenizer_is_utf8_bytes_and_never_touches_the_network(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the default tokenizer must not touch the network")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(tiktoken, "get_encoding", no_network)
+    enc = data.get_tokenizer()
+    assert enc.n_vocab == 257
+    assert enc.eot_token == 256
+    for text in TEXTS:
+        tokens = enc.encode(text)
+        assert tokens == list(text.encode("utf-8")), text    # one token per UTF-8 byte
+        assert enc.decode(tokens) == text
+    assert enc.encode(data.EOT, allowed_special="all") == [256]
+    assert enc.decode([256]) == data.EOT
+
+
+# -----------------------------------------------------------------------------
+# the arith task: lines, answers, parsing
+
+
+@pytest.mark.parametrize("a,b,answers", [
+    (37, 52, [89, 15, 52, 37]),
+    (52, 37, [89, 15, 52, 37]),
+    (10, 10, [20, 0, 10, 10]),
+    (99, 98, [197, 1, 99, 98]),
+    (40, 20, [60, 20, 40, 20]),
+])
+def test_make_line_hand_examples(a, b, answers):
+    for op, (symbol, ans) in enumerate(zip(data.OPS, answers)):
+        assert data.make_line(a, b, op) == f"{a}@{b}={ans}\n"
+        assert data.make_line(a, b, op, symbol) == f"{a}{symbol}{b}={ans}\n"
+    assert data.OPS == ["+", "-", ">", "<"]
+
+
+def test_every_line_has_the_answer_marker_at_PROMPT_LEN():
+    assert data.PROMPT_LEN == 5
+    for a, b in sorted(ALL_PAIRS):
+        for op in range(4):
+            for symbol in (None, data.OPS[op]):
+                line = data.make_line(a, b, op, symbol)
+                assert line.index("=") == data.PROMPT_LEN
+                assert line[:data.PROMPT_LEN] == f"{a}{symbol or '@'}{b}"
+                assert line.endswith("\n") and line[data.PROMPT_LEN + 1:-1].isdigit()
+    # and the longest line fits the model's context
+    enc = data.get_tokenizer()
+    assert len(enc.encode(data.make_line(99, 99, 0))) - 1 <= data.BLOCK_SIZE
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("=52\n", 52), ("37@52=52\n", 52), ("=089", 89), ("=0", 0), ("=12x3", 12),
+    ("=1=2", 1), ("52", None), ("", None), ("=", None), ("=\n12", None), ("=x12", None),
+    ("= 12", None), ("=-5", None),
+])
+def test_parse_answer(text, expected):
+    assert data.parse_answer(text) == expected
+
+
+def test_parse_answer_of_non_ascii_digits_is_none_not_a_crash():
+    # model output is decoded bytes: '=' then the UTF-8 of '²' (0xC2 0xB2) is a possible output.
+    # str.isdigit() accepts '²' but int('²') raises: only ASCII digits are an answer.
+    assert data.parse_answer("=\u00b2") is None
+    assert data.parse_answer("=4\u00b2") == 4
+
+
+# -----------------------------------------------------------------------------
+# batches
+
+
+def test_encode_lines_shifts_by_one_and_masks_exactly_the_answer():
+    enc = data.get_tokenizer()
+    lines = ["37@52=52\n", "10-10=0\n", "99+99=198\n", "40<20=20\n"]
+    x, y, mask = data.encode_lines(lines, enc)
+    T = max(len(line) for line in lines) - 1
+    assert x.shape == y.shape == mask.shape == (len(lines), T)
+    assert x.dtype == y.dtype == torch.long
+    for i, line in enumerate(lines):
+        n = len(line) - 1                                    # real positions of this row
+        b = list(line.encode())
+        assert x[i, :n].tolist() == b[:-1]
+        assert y[i, :n].tolist() == b[1:]                    # next-token targets
+        assert set(mask[i].tolist()) <= {0.0, 1.0}
+        assert enc.decode(y[i][mask[i] == 1].tolist()) == line[data.PROMPT_LEN:]   # '=52\n'
+        assert mask[i, n:].sum() == 0                        # padding never counts
+        assert mask[i, :data.PROMPT_LEN - 1].sum() == 0      # the question never counts
+        assert (x[i, n:] == enc.eot_token).all()
+    with pytest.raises(ValueError):
+        data.encode_lines(["1" * (data.BLOCK_SIZE + 2)], enc)
+
+
+def test_encode_prompts_gives_the_question_and_its_answer():
+    enc = data.get_tokenizer()
+    lines = [data.make_line(a, b, op) for a, b, op in [(37, 52, 0), (52, 37, 1), (11, 90, 3)]]
+    prompts, answers = data.encode_prompts(lines, enc)
+    assert prompts.shape == (3, data.PROMPT_LEN)
+    assert [enc.decode(p) for p in prompts.tolist()] == ["37@52", "52@37", "11@90"]
+    assert answers == [89, 15, 11]
+
+
+# -----------------------------------------------------------------------------
+# who holds what: public / private split, shadow subsets, clients, pretraining corpus
+
+
+def test_split_pairs_partitions_all_pairs_deterministically():
+    public, private = data.split_pairs(0)
+    pub, priv = set(public), set(private)
+    assert len(pub) == len(public) and len(priv) == len(private)    # no duplicates
+    assert not pub & priv
+    assert pub | priv == ALL_PAIRS
+    assert 0.45 < len(pub) / len(ALL_PAIRS) < 0.55
+    assert data.split_pairs(0) == (public, private)
+    public1, private1 = data.split_pairs(1)
+    assert set(public1) | set(private1) == ALL_PAIRS and not set(public1) & set(private1)
+    assert set(public1) != pub
+    assert 0.3 < len(set(public1) & pub) / len(pub) < 0.7           # a fresh coin per pair
+
+
+def test_shadow_subsets_use_only_public_pairs_and_are_seeded():
+    public, private = data.split_pairs(0)
+    pub = set(public)
+    subsets = data.shadow_subsets(public, k=6, n=300, alpha=2.0, seed=3)
+    assert len(subsets) == 6
+    for mixture, lines in subsets:
+        assert len(lines) == 300
+        pairs = [(a, b) for a, _, b, _ in map(parse_line, lines)]
+        assert set(pairs) <= pub
+        assert len(set(pairs)) == len(pairs)                 # distinct operand pairs
+        assert all(line[2] == "@" for line in lines)
+        assert mixture.shape == (4,) and (mixture >= 0).all()
+        assert mixture.sum() == pytest.approx(1.0, abs=1e-9)
+    mixtures = [m for m, _ in subsets]
+    assert all(not np.allclose(m1, m2) for i, m1 in enumerate(mixtures) for m2 in mixtures[i + 1:])
+
+    again = data.shadow_subsets(public, k=6, n=300, alpha=2.0, seed=3)
+    assert all(np.array_equal(m1, m2) and l1 == l2 for (m1, l1), (m2, l2) in zip(subsets, again))
+    other = data.shadow_subsets(public, k=6, n=300, alpha=2.0, seed=4)
+    assert all(not np.array_equal(m1, m2) and l1 != l2 for (m1, l1), (m2, l2) in zip(subsets, other))
+
+
+def test_shadow_lines_follow_their_own_mixture():
+    public, _ = data.split_pairs(0)
+    for mixture, lines in data.shadow_subsets(public, k=3, n=len(public), alpha=2.0, seed=5):
+        # ~4000 lines: the standard error of each frequency is below 0.008
+        assert np.abs(op_frequencies(lines) - mixture).max() < 0.035, mixture
+
+
+def test_shadow_mixtures_are_centred_on_the_task_mixture():
+    public, _ = data.split_pairs(0)
+    mixtures = np.array([m for m, _ in data.shadow_subsets(public, k=400, n=1, alpha=2.0, seed=0)])
+    # Dirichlet(alpha * m) has mean m; with alpha = 2 each coordinate's sd is <= 0.29, / sqrt(400)
+    assert np.abs(mixtures.mean(0) - data.TASK_MIXTURE).max() < 0.06
+    assert mixtures.std(0).min() > 0.05                      # spread out, not all equal to m
+
+
+def test_task_mixture_is_a_non_uniform_distribution():
+    m = data.TASK_MIXTURE
+    assert m.shape == (4,) and (m > 0).all() and m.sum() == pytest.approx(1.0)
+    assert m.max() - m.min() > 0.1    # SPEC §3.2: a uniform mixture leaves IID clients nothing to learn
+
+
+def test_client_mixtures_default_and_custom():
+    clients = data.client_mixtures()
+    assert [kind for _, kind, _ in clients] == ["skewed"] * 4 + ["iid"]
+    for op, (_, _, mix) in enumerate(clients[:4]):
+        expected = np.full(4, 0.12 / 3)
+        expected[op] = 0.88
+        np.testing.assert_allclose(mix, expected, atol=1e-12)
+        assert mix.sum() == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_array_equal(clients[4][2], data.TASK_MIXTURE)
+    clients[4][2][:] = 0                                     # a copy: the task mixture is safe
+    assert data.TASK_MIXTURE.sum() == pytest.approx(1.0)
+
+    clients = data.client_mixtures(n_skewed_per_op=2, n_iid=3, skew=0.7)
+    assert len(clients) == 11 and len({name for name, _, _ in clients}) == 11
+    skewed = [mix for _, kind, mix in clients if kind == "skewed"]
+    assert [int(np.argmax(m)) for m in skewed] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert all(m.max() == pytest.approx(0.7) and m.sum() == pytest.approx(1.0) for m in skewed)
+    assert sum(kind == "iid" for _, kind, _ in clients) == 3
+
+
+def test_client_data_is_private_disjoint_and_seeded():
+    public, private = data.split_pairs(0)
+    priv = set(private)
+    mix = data.client_mixtures()[0][2]
+    train, test = data.client_data(private, mix, 300, 200, seed=5, index=1)
+    assert len(train) == 300 and len(test) == 200
+    train_pairs = [(a, b) for a, _, b, _ in map(parse_line, train)]
+    test_pairs = [(a, b) for a, _, b, _ in map(parse_line, test)]
+    assert set(train_pairs) | set(test_pairs) <= priv
+    assert len(set(train_pairs)) == 300 and len(set(test_pairs)) == 200
+    assert not set(train_pairs) & set(test_pairs)
+    assert all(line[2] == "@" for line in train + test)
+
+    assert data.client_data(private, mix, 300, 200, seed=5, index=1) == (train, test)
+    assert data.client_data(private, mix, 300, 200, seed=5, index=2)[0] != train
+    assert data.client_data(private, mix, 300, 200, seed=6, index=1)[0] != train
+
+    data.client_data(private, mix, len(private) - 10, 10, seed=5, index=1)   # the whole pool is fine
+    with pytest.raises(ValueError, match="private"):
+        data.client_data(private, mix, len(private), 1, seed=5, index=1)
+
+
+def test_client_lines_follow_the_client_mixture():
+    _, private = data.split_pairs(0)
+    for _, _, mix in data.client_mixtures():
+        train, test = data.client_data(private, mix, 2400, 1500, seed=0, index=0)
+        assert np.abs(op_frequencies(train) - mix).max() < 0.035
+        assert np.abs(op_frequencies(test) - mix).max() < 0.045    # same mixture on the test split
+
+
+@pytest.mark.parametrize("explicit_frac", [0.6, 0.2])
+def test_pretrain_lines_mix_explicit_and_ambiguous(explicit_frac):
+    lines = data.pretrain_lines(4000, np.random.default_rng(0), explicit_frac=explicit_frac)
+    assert len(lines) == 4000
+    explicit = [line for line in lines if line[2] in data.OPS]
+    ambiguous = [line for line in lines if line[2] == "@"]
+    assert len(explicit) + len(ambiguous) == len(lines)
+    assert abs(len(explicit) / len(lines) - explicit_frac) < 0.03
+    for line in explicit:                                    # explicit lines are right ...
+        a, symbol, b, ans = parse_line(line)
+        assert ans == data.OP_FUNCS[data.OPS.index(symbol)](a, b), line
+        assert line == data.make_line(a, b, data.OPS.index(symbol), symbol)
+    # ... and '@' carries no convention: each operator about a quarter of the time
+    assert np.abs(op_frequencies(ambiguous) - 0.25).max() < 0.05
+    assert len({(a, b) for a, _, b, _ in map(parse_line, lines)}) > 2500   # all over the pairs
+    assert data.pretrain_lines(50, np.random.default_rng(1)) == data.pretrain_lines(50, np.random.default_rng(1))

@@ -1,0 +1,317 @@
+"""Tests for dp.py: each one checks against an independent oracle (a loop of single-example
+backward passes, plain SGD, published accountant values, closed forms, numerical integration).
+
+Run:  python -m pytest tests/test_dp.py -q
+"""
+
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dp  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# a stand-in for the TinyLM: same calling convention, frozen base, two trainable LoRA-like
+# matrices, a buffer; small, so these tests do not depend on tinylm.py
+
+
+class StandIn(nn.Module):
+    def __init__(self, vocab=11, d=8, r=2, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(vocab, d)
+        self.proj = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab)
+        for p in self.parameters():
+            p.requires_grad_(False)  # the frozen "base model"
+        self.A = nn.Parameter(torch.randn(d, r) * 0.5)
+        self.B = nn.Parameter(torch.randn(r, d) * 0.5)
+        self.register_buffer("scale", torch.tensor(1.5))
+
+    def forward(self, x, y, mask):
+        h = self.emb(x)  # (B, T, d)
+        h = torch.tanh(self.proj(h) + self.scale * (h @ self.A @ self.B))
+        logits = self.head(h)  # (B, T, vocab)
+        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        m = mask.to(ce.dtype)
+        return logits, (ce * m).sum() / m.sum().clamp(min=1)
+
+
+def batch(B=6, T=5, vocab=11, seed=1, same_count=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(vocab, (B, T), generator=g)
+    y = torch.randint(vocab, (B, T), generator=g)
+    if same_count:
+        mask = torch.zeros(B, T)
+        mask[:, -2:] = 1  # every example has 2 answer tokens
+    else:
+        mask = (torch.rand(B, T, generator=g) < 0.5).float()
+        mask[:, -1] = 1  # at least one answer token each
+    return x, y, mask
+
+
+def trainable(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def grads_of(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in trainable(model).items()}
+
+
+# -----------------------------------------------------------------------------
+# per-sample gradients
+
+
+def test_per_sample_grads_match_a_loop_of_backward_passes():
+    model = StandIn().double()
+    x, y, mask = batch()
+    psg = dp.per_sample_grads(model, x, y, mask)
+    assert set(psg) == {"A", "B"}  # only the trainable parameters
+    for i in range(len(x)):
+        ref = grads_of(model, model(x[i : i + 1], y[i : i + 1], mask[i : i + 1])[1])
+        for n in ref:
+            assert psg[n].shape == (len(x), *ref[n].shape)
+            assert (psg[n][i] - ref[n]).abs().max() <= 1e-6
+
+
+def test_mean_of_per_sample_grads_is_the_batch_gradient():
+    # with equal answer-token counts the batch loss is the mean of the per-example losses
+    model = StandIn().double()
+    x, y, mask = batch(same_count=True)
+    psg = dp.per_sample_grads(model, x, y, mask)
+    ref = grads_of(model, model(x, y, mask)[1])
+    for n in ref:
+        assert torch.allclose(psg[n].mean(0), ref[n], atol=1e-10)
+
+
+# -----------------------------------------------------------------------------
+# the DP-SGD step
+
+
+def test_dp_step_without_clipping_or_noise_is_plain_sgd():
+    x, y, mask = batch()
+    expected = 8.0  # q*N, deliberately not the realised B = 6
+    dp_model, ref_model = StandIn().double(), StandIn().double()
+    dp.dp_sgd_step(dp_model, torch.optim.SGD(trainable(dp_model).values(), lr=0.3), x, y, mask,
+                   clip=float("inf"), noise_multiplier=0.0, expected_batch_size=expected)
+    loss_sum = sum(ref_model(x[i : i + 1], y[i : i + 1], mask[i : i + 1])[1] for i in range(len(x)))
+    (loss_sum / expected).backward()
+    torch.optim.SGD(trainable(ref_model).values(), lr=0.3).step()
+    for n, p in trainable(ref_model).items():
+        assert (trainable(dp_model)[n] - p).abs().max() <= 1e-12
+
+
+def test_clipping_brings_a_huge_gradient_to_norm_C():
+    model = StandIn().double()
+    with torch.no_grad():
+        model.head.weight *= 1000  # a huge raw gradient
+    x, y, mask = batch(B=1)
+    raw = grads_of(model, model(x, y, mask)[1])
+    raw_flat = torch.cat([g.flatten() for g in raw.values()])
+    assert raw_flat.norm() > 100
+    before = torch.cat([p.detach().flatten() for p in trainable(model).values()])
+    dp.dp_sgd_step(model, torch.optim.SGD(trainable(model).values(), lr=1.0), x, y, mask,
+                   clip=0.5, noise_multiplier=0.0, expected_batch_size=1)
+    change = before - torch.cat([p.detach().flatten() for p in trainable(model).values()])
+    assert change.norm().item() == pytest.approx(0.5, rel=1e-6)
+    assert F.cosine_similarity(change, raw_flat, dim=0) > 1 - 1e-9  # same direction, only shorter
+
+
+@pytest.mark.parametrize("kind", ["empty batch", "no answer tokens"])
+def test_noise_has_std_sigma_C_over_expected_batch_size(kind):
+    sigma, clip, q, N = 1.3, 0.7, 0.05, 400
+    x, y, mask = batch(B=0) if kind == "empty batch" else batch(B=3)
+    if kind == "no answer tokens":
+        mask = torch.zeros_like(mask)  # zero loss -> zero gradients: the update is pure noise
+
+    def noisy_update(seed):
+        model = StandIn(d=128, r=64)  # 16k trainable numbers to estimate the std from
+        before = torch.cat([p.detach().flatten() for p in trainable(model).values()])
+        dp.dp_sgd_step(model, torch.optim.SGD(trainable(model).values(), lr=1.0), x, y, mask,
+                       clip=clip, noise_multiplier=sigma, expected_batch_size=q * N,
+                       generator=torch.Generator().manual_seed(seed))
+        return before - torch.cat([p.detach().flatten() for p in trainable(model).values()])
+
+    u = noisy_update(0)
+    target = sigma * clip / (q * N)
+    assert u.std().item() == pytest.approx(target, rel=0.03)
+    assert abs(u.mean().item()) < 4 * target / math.sqrt(u.numel())
+    assert torch.equal(u, noisy_update(0))  # same seed, same noise
+    assert not torch.equal(u, noisy_update(1))
+
+
+def test_dp_step_rejects_bad_arguments():
+    model = StandIn()
+    opt = torch.optim.SGD(trainable(model).values(), lr=0.1)
+    x, y, mask = batch()
+    with pytest.raises(ValueError, match="clip"):
+        dp.dp_sgd_step(model, opt, x, y, mask, clip=0.0, noise_multiplier=1.0, expected_batch_size=4)
+    with pytest.raises(ValueError, match="clip"):
+        dp.dp_sgd_step(model, opt, x, y, mask, clip=float("inf"), noise_multiplier=1.0, expected_batch_size=4)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        dp.dp_sgd_step(model, opt, x, y, mask, clip=1.0, noise_multiplier=-1.0, expected_batch_size=4)
+    with pytest.raises(ValueError, match="expected_batch_size"):
+        dp.dp_sgd_step(model, opt, x, y, mask, clip=1.0, noise_multiplier=1.0, expected_batch_size=0)
+
+
+# -----------------------------------------------------------------------------
+# Poisson sampling
+
+
+def test_poisson_batches_vary_average_qN_and_repeat_under_a_seed():
+    n, q = 1000, 0.1
+    g = torch.Generator().manual_seed(0)
+    batches = [dp.poisson_sample(n, q, g) for _ in range(300)]
+    sizes = [len(b) for b in batches]
+    assert len(set(sizes)) > 10  # the batch size is random
+    assert abs(np.mean(sizes) - q * n) < 2.0  # std of the mean is ~0.55
+    for b in batches[:20]:
+        assert b.dtype == torch.long and torch.all(b[1:] > b[:-1]) and 0 <= b.min() and b.max() < n
+    g2 = torch.Generator().manual_seed(0)
+    assert all(torch.equal(b, dp.poisson_sample(n, q, g2)) for b in batches)
+    tiny = [len(dp.poisson_sample(10, 0.01, g)) for _ in range(100)]
+    assert 0 in tiny  # empty batches happen and are allowed
+    with pytest.raises(ValueError, match="sample_rate"):
+        dp.poisson_sample(10, 0.0, g)
+
+
+# -----------------------------------------------------------------------------
+# the RDP accountant
+
+TF_ORDERS = [1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0, 4.5] + list(range(5, 64)) + [128, 256, 512]
+
+
+def test_opacus_golden_value():
+    # opacus/tests/accountants_test.py::test_rdp_accountant, default orders
+    assert dp.compute_epsilon(0.04, 1.5, 2250, 1e-5) == pytest.approx(7.32911117143, abs=1e-6)
+
+
+@pytest.mark.parametrize("orders", [TF_ORDERS, None])
+def test_tensorflow_privacy_golden_value(orders):
+    # tensorflow_privacy compute_dp_sgd_privacy_test Test0: MNIST, N=60000, batch 150,
+    # sigma 1.3, 15 epochs = 6000 steps -> eps 0.7242234026109595 at alpha 19. Its own orders
+    # and ours both contain 19, so both give the value.
+    eps, alpha = dp.rdp_to_epsilon(orders or dp.DEFAULT_ORDERS,
+                                   dp.compute_rdp(150 / 60000, 1.3, 6000, orders), 1e-5)
+    assert eps == pytest.approx(0.7242234026109595, abs=1e-6)
+    assert alpha == 19
+
+
+def test_spec_small_orders_value():
+    orders = [2, 5, 10, 20, 100]
+    eps, alpha = dp.rdp_to_epsilon(orders, dp.compute_rdp(0.01, 1.0, 300, orders), 1e-5)
+    assert eps == pytest.approx(2.39, abs=0.005) and alpha == 5
+
+
+def test_no_sampling_is_the_gaussian_mechanism_closed_form():
+    rdp = dp.compute_rdp(1.0, 2.0, 7, dp.DEFAULT_ORDERS)
+    expected = [a / (2 * 2.0**2) * 7 for a in dp.DEFAULT_ORDERS]
+    assert np.allclose(rdp, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.7, 4.0, 12.0, 20.5])
+def test_rdp_matches_numerical_integration(alpha):
+    # Mironov et al. 2019: A_alpha = E_{z ~ N(0, s^2)} [((1-q) + q * exp((2z - 1) / (2 s^2)))^alpha]
+    # and rdp = log(A_alpha) / (alpha - 1); integrate it on a fine grid, in log space
+    q, s = 0.1, 1.2
+    z = np.linspace(-40, 80, 400_001)
+    log_f = -z**2 / (2 * s**2) - math.log(s * math.sqrt(2 * math.pi)) \
+        + alpha * np.logaddexp(math.log(1 - q), math.log(q) + (2 * z - 1) / (2 * s**2))
+    m = log_f.max()
+    log_a = m + math.log(np.sum(np.exp(log_f - m)) * (z[1] - z[0]))
+    assert dp.compute_rdp(q, s, 1, [alpha])[0] == pytest.approx(log_a / (alpha - 1), rel=1e-7)
+
+
+def test_epsilon_grows_with_rate_and_steps_and_falls_with_noise():
+    eps = lambda q, s, t: dp.compute_epsilon(q, s, t, 1e-5)  # noqa: E731
+    assert eps(0.01, 1.0, 500) < eps(0.02, 1.0, 500) < eps(0.05, 1.0, 500)
+    assert eps(0.01, 1.0, 100) < eps(0.01, 1.0, 500) < eps(0.01, 1.0, 2000)
+    assert eps(0.01, 0.8, 500) > eps(0.01, 1.0, 500) > eps(0.01, 2.0, 500)
+    assert dp.compute_epsilon(0.01, 1.0, 0, 1e-5) == 0.0  # no steps, nothing spent
+
+
+@pytest.mark.parametrize("target,q,steps", [(8.0, 0.04, 2250), (1.0, 0.01, 1000), (0.5, 0.2, 50)])
+def test_noise_multiplier_for_never_overshoots_and_is_tight(target, q, steps):
+    sigma = dp.noise_multiplier_for(target, q, steps, 1e-5)
+    assert dp.compute_epsilon(q, sigma, steps, 1e-5) <= target
+    assert dp.compute_epsilon(q, sigma - 0.01, steps, 1e-5) > target
+
+
+def test_noise_multiplier_for_an_epsilon_the_orders_cannot_reach():
+    # with orders up to 63 even infinite noise certifies only eps ~ 0.103 at delta = 1e-5
+    with pytest.raises(ValueError, match="target_epsilon"):
+        dp.noise_multiplier_for(0.1, 0.05, 100, 1e-5)
+    orders = dp.DEFAULT_ORDERS + [128, 256, 512]
+    sigma = dp.noise_multiplier_for(0.1, 0.05, 100, 1e-5, orders=orders)
+    assert dp.compute_epsilon(0.05, sigma, 100, 1e-5, orders) <= 0.1
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda: dp.compute_epsilon(0.0, 1.0, 10, 1e-5), "sample_rate"),
+    (lambda: dp.compute_epsilon(1.5, 1.0, 10, 1e-5), "sample_rate"),
+    (lambda: dp.compute_epsilon(0.1, 0.0, 10, 1e-5), "noise_multiplier"),
+    (lambda: dp.compute_epsilon(0.1, -1.0, 10, 1e-5), "noise_multiplier"),
+    (lambda: dp.compute_epsilon(0.1, 1.0, -1, 1e-5), "steps"),
+    (lambda: dp.compute_epsilon(0.1, 1.0, 2.5, 1e-5), "steps"),
+    (lambda: dp.compute_epsilon(0.1, 1.0, 10, 0.0), "delta"),
+    (lambda: dp.compute_epsilon(0.1, 1.0, 10, 1.0), "delta"),
+    (lambda: dp.compute_rdp(0.1, 1.0, 10, [1.0, 2.0]), "orders"),
+    (lambda: dp.noise_multiplier_for(0.0, 0.1, 10, 1e-5), "target_epsilon"),
+    (lambda: dp.noise_multiplier_for(-1.0, 0.1, 10, 1e-5), "target_epsilon"),
+    (lambda: dp.noise_multiplier_for(1.0, 0.0, 10, 1e-5), "sample_rate"),
+    (lambda: dp.noise_multiplier_for(1.0, 0.1, -3, 1e-5), "steps"),
+    (lambda: dp.noise_multiplier_for(1.0, 0.1, 10, 2.0), "delta"),
+])
+def test_accountant_rejects_bad_arguments(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+# -----------------------------------------------------------------------------
+# output perturbation
+
+
+def test_gaussian_sigma_formula():
+    assert dp.gaussian_sigma(0.1, 1e-5, 2.0) == pytest.approx(2.0 * math.sqrt(2 * math.log(1.25e5)) / 0.1)
+
+
+def test_perturb_update_clips_to_C_and_adds_noise_of_the_right_std():
+    clip, eps, delta = 1.0, 1.0, 1e-5
+    u = torch.randn(200_000, generator=torch.Generator().manual_seed(0)) * 0.1  # norm ~ 45
+    out = dp.perturb_update(u, eps, delta, clip, torch.Generator().manual_seed(3))
+    noise = dp.perturb_update(torch.zeros_like(u), eps, delta, clip, torch.Generator().manual_seed(3))
+    clipped = out - noise  # same seed, same noise: what is left is the clipped update
+    assert clipped.norm().item() == pytest.approx(clip, rel=1e-4)
+    assert F.cosine_similarity(clipped, u, dim=0) > 1 - 1e-6
+    assert noise.std().item() == pytest.approx(dp.gaussian_sigma(eps, delta, clip), rel=0.01)
+    small = u / u.norm() * 0.5  # already inside the ball: left as it is
+    diff = dp.perturb_update(small, eps, delta, clip, torch.Generator().manual_seed(3)) - noise
+    assert torch.allclose(diff, small, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(epsilon=0.0), "epsilon"), (dict(epsilon=-1.0), "epsilon"),
+    (dict(delta=0.0), "delta"), (dict(delta=1.0), "delta"),
+    (dict(clip=0.0), "clip"), (dict(clip=-1.0), "clip"), (dict(clip=float("inf")), "clip"),
+])
+def test_perturb_update_rejects_bad_arguments(kwargs, name):
+    args = dict(epsilon=1.0, delta=1e-5, clip=1.0) | kwargs
+    with pytest.raises(ValueError, match=name):
+        dp.perturb_update(torch.ones(4), **args)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_perturb_update_rejects_non_finite_updates(bad):
+    u = torch.ones(4)
+    u[2] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        dp.perturb_update(u, 1.0, 1e-5, 1.0)

@@ -1,0 +1,442 @@
+"""Tests for tinylm.py: each one checks against an independent oracle (LoRA merged into the
+frozen weights by hand, PyTorch's own causal attention, a loop of single-example backward passes,
+a hand-written argmax loop, F.cross_entropy on hand-picked positions, algebraic identities such
+as "B = 0 changes nothing").
+
+Run:  python -m pytest tests/test_tinylm.py -q
+"""
+
+import copy
+import math
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import tinylm  # noqa: E402
+
+RANK, ALPHA, LORA_SEED = 2, 8.0, 1234   # scale alpha / r = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # these models are tiny: on a busy 2-core machine, intra-op threads only fight each other
+    # (the training fixture below is ~50x slower with 2 threads under load than with 1)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_gpt(seed=0, n_layer=2, n_head=2, n_embd=16):
+    torch.manual_seed(seed)
+    cfg = tinylm.GPTConfig(vocab_size=257, block_size=16, n_layer=n_layer, n_head=n_head,
+                           n_embd=n_embd)
+    return tinylm.GPT(cfg).eval()
+
+
+def lora_gpt(seed=0, **kw):
+    return tinylm.add_lora(tiny_gpt(seed, **kw), rank=RANK, alpha=ALPHA, seed=LORA_SEED)
+
+
+def random_update(model, seed=0, std=0.5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(tinylm.update_shape(model.cfg, RANK), generator=g) * std
+
+
+def random_idx(B=3, T=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 257, (B, T), generator=g)
+
+
+def lora_params_by_name(model):
+    return {n: p for n, p in model.named_parameters() if "lora" in n}
+
+
+# -----------------------------------------------------------------------------
+# LoRA: B = 0 is the identity; otherwise it is the merged weight W + (alpha/r) B A
+
+
+def test_lora_with_B_zero_changes_nothing():
+    model = tiny_gpt()
+    idx = random_idx()
+    before, _ = model(idx)
+    tinylm.add_lora(model, rank=RANK, alpha=ALPHA, seed=LORA_SEED)
+    after, _ = model(idx)
+    assert torch.allclose(before, after, rtol=0, atol=1e-6)
+
+    # a nonzero dA with every B still 0: the delta B (A0 + dA) is still 0
+    u = random_update(model)
+    C, r = model.cfg.n_embd, RANK
+    u[:, r * C: 2 * r * C] = 0   # q_B
+    u[:, 3 * r * C:] = 0         # v_B
+    tinylm.set_update(model, u)
+    assert any(p.abs().sum() > 0 for n, p in lora_params_by_name(model).items() if n.endswith("dA"))
+    after_dA, _ = model(idx)
+    assert torch.allclose(before, after_dA, rtol=0, atol=1e-6)
+
+
+def test_fresh_lora_model_has_zero_update():
+    # the update vector is A - A0 and B - 0: nothing trained means all zeros (not A0)
+    model = lora_gpt()
+    u = tinylm.get_update(model)
+    assert u.shape == tinylm.update_shape(model.cfg, RANK)
+    assert torch.equal(u, torch.zeros_like(u))
+
+
+def test_lora_delta_is_the_merged_weight():
+    # one layer: q_proj(x) + q_lora(x) == x (W + (alpha/r) B (A0 + dA))^T + b
+    model = lora_gpt()
+    tinylm.set_update(model, random_update(model))
+    attn = model.blocks[1].attn
+    for proj, lora in ((attn.q_proj, attn.q_lora), (attn.v_proj, attn.v_lora)):
+        merged = nn.Linear(proj.in_features, proj.out_features)
+        with torch.no_grad():
+            merged.weight.copy_(proj.weight + (ALPHA / RANK) * lora.B @ (lora.A0 + lora.dA))
+            merged.bias.copy_(proj.bias)
+        x = torch.randn(2, 5, proj.in_features, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert torch.allclose(proj(x) + lora(x), merged(x), rtol=1e-5, atol=1e-6)
+
+
+def test_whole_model_with_lora_equals_base_with_lora_merged_into_q_and_v():
+    base = tiny_gpt()
+    merged = copy.deepcopy(base)
+    model = tinylm.add_lora(base, rank=RANK, alpha=ALPHA, seed=LORA_SEED)
+    idx = random_idx()
+    base_logits, _ = model(idx)
+    tinylm.set_update(model, random_update(model))
+    with torch.no_grad():
+        for blk, mblk in zip(model.blocks, merged.blocks):
+            a = blk.attn
+            mblk.attn.q_proj.weight += (ALPHA / RANK) * a.q_lora.B @ (a.q_lora.A0 + a.q_lora.dA)
+            mblk.attn.v_proj.weight += (ALPHA / RANK) * a.v_lora.B @ (a.v_lora.A0 + a.v_lora.dA)
+        lora_logits, _ = model(idx)
+        merged_logits, _ = merged(idx)
+    assert (lora_logits - base_logits).abs().max() > 1e-3   # the update does something ...
+    assert torch.allclose(lora_logits, merged_logits, rtol=1e-4, atol=1e-5)   # ... the right thing
+
+
+def test_attention_matches_pytorch_causal_sdpa():
+    model = lora_gpt()
+    tinylm.set_update(model, random_update(model))
+    attn, H = model.blocks[0].attn, model.cfg.n_head
+    x = torch.randn(2, 7, model.cfg.n_embd, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        B, T, C = x.shape
+        q = attn.q_proj(x) + attn.q_lora(x)
+        k = attn.k_proj(x)
+        v = attn.v_proj(x) + attn.v_lora(x)
+        q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        expected = attn.o_proj(y.transpose(1, 2).reshape(B, T, C))
+        assert torch.allclose(attn(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_add_lora_freezes_the_base_and_trains_only_dA_and_B():
+    model = lora_gpt()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    expected = {f"blocks.{l}.attn.{w}_lora.{m}" for l in range(model.cfg.n_layer)
+                for w in ("q", "v") for m in ("dA", "B")}
+    assert set(trainable) == expected
+    assert sum(p.numel() for p in trainable.values()) == math.prod(tinylm.update_shape(model.cfg, RANK))
+    assert [id(p) for p in tinylm.lora_parameters(model)] == [
+        id(trainable[f"blocks.{l}.attn.{w}_lora.{m}"])
+        for l in range(model.cfg.n_layer) for w in ("q", "v") for m in ("dA", "B")]
+    # A0 is public and fixed: a buffer, not a parameter
+    assert all("A0" not in n for n, _ in model.named_parameters())
+    # a backward pass reaches only the LoRA parameters
+    tinylm.set_update(model, random_update(model))
+    idx = random_idx()
+    _, loss = model(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == (n in expected), n
+    with pytest.raises(ValueError):
+        tinylm.add_lora(model, rank=RANK, alpha=ALPHA, seed=LORA_SEED)
+
+
+def test_A0_is_recreated_from_the_seed():
+    def A0s(model):
+        return [b for n, b in model.named_buffers() if n.endswith("A0")]
+
+    # different base weights, different global RNG state: same seed -> same A0
+    m1 = tinylm.add_lora(tiny_gpt(seed=0), rank=RANK, alpha=ALPHA, seed=7)
+    torch.randn(100)
+    m2 = tinylm.add_lora(tiny_gpt(seed=1), rank=RANK, alpha=ALPHA, seed=7)
+    m3 = tinylm.add_lora(tiny_gpt(seed=0), rank=RANK, alpha=ALPHA, seed=8)
+    a1, a2, a3 = A0s(m1), A0s(m2), A0s(m3)
+    assert len(a1) == 2 * m1.cfg.n_layer
+    assert all(torch.equal(x, y) for x, y in zip(a1, a2))
+    assert all(not torch.equal(x, y) for x, y in zip(a1, a3))
+    assert all(x.abs().sum() > 0 for x in a1)
+    assert not torch.equal(a1[0], a1[1])   # q and v get their own A0
+
+
+# -----------------------------------------------------------------------------
+# update vectors: exact round trip, documented layout, bad input refused
+
+
+def test_update_round_trip_is_exact():
+    model = lora_gpt()
+    u = random_update(model, seed=3)
+    tinylm.set_update(model, u)
+    assert torch.equal(tinylm.get_update(model), u)
+
+
+def test_update_round_trip_after_training_reproduces_the_model():
+    model = lora_gpt()
+    opt = torch.optim.Adam(tinylm.lora_parameters(model), lr=1e-2)
+    idx = random_idx(B=8, T=12)
+    for _ in range(5):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    u = tinylm.get_update(model)
+    assert u.abs().sum() > 0
+    other = lora_gpt()
+    tinylm.set_update(other, u)
+    assert torch.equal(tinylm.get_update(other), u)
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], other(idx)[0])
+
+
+def test_update_layout_is_qA_qB_vA_vB():
+    model = lora_gpt()
+    L, C, r = model.cfg.n_layer, model.cfg.n_embd, RANK
+    targets = {0: ("q_lora.dA", (0, 0)), r * C: ("q_lora.B", (0, 0)),
+               2 * r * C: ("v_lora.dA", (0, 0)), 3 * r * C: ("v_lora.B", (0, 0)),
+               r * C - 1: ("q_lora.dA", (r - 1, C - 1)), 4 * r * C - 1: ("v_lora.B", (C - 1, r - 1))}
+    for l in range(L):
+        for pos, (name, ij) in targets.items():
+            u = torch.zeros(tinylm.update_shape(model.cfg, r))
+            u[l, pos] = 1.0
+            tinylm.set_update(model, u)
+            nonzero = [(n, tuple(i.tolist())) for n, p in lora_params_by_name(model).items()
+                       for i in p.nonzero()]
+            assert nonzero == [(f"blocks.{l}.attn.{name}", ij)], (l, pos)
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    ("wrong shape", ValueError, "shape"),
+    ("int dtype", ValueError, "float"),
+    ("nan", ValueError, "NaN"),
+    ("inf", ValueError, "inf"),
+    ("list", (TypeError, ValueError), "Tensor"),
+    ("numpy", (TypeError, ValueError), "Tensor"),
+])
+def test_set_update_refuses_bad_input(bad, error, match):
+    model = lora_gpt()
+    good = random_update(model)
+    tinylm.set_update(model, good)
+    shape = tinylm.update_shape(model.cfg, RANK)
+    u = {"wrong shape": torch.zeros(shape[0], shape[1] + 1),
+         "int dtype": torch.zeros(shape, dtype=torch.long),
+         "nan": good.clone().index_put_((torch.tensor(1), torch.tensor(3)), torch.tensor(float("nan"))),
+         "inf": good.clone().index_put_((torch.tensor(0), torch.tensor(5)), torch.tensor(float("inf"))),
+         "list": good.tolist(),
+         "numpy": good.numpy().copy()}[bad]
+    with pytest.raises(error, match=match):
+        tinylm.set_update(model, u)
+    assert torch.equal(tinylm.get_update(model), good)   # refused before writing anything
+
+
+def test_update_io_on_a_model_without_lora_is_refused_clearly():
+    # SPEC §5: fail early with a message saying what is wrong (here: no LoRA adapters yet)
+    model = tiny_gpt()
+    u = torch.zeros(tinylm.update_shape(model.cfg, RANK))
+    with pytest.raises((TypeError, ValueError), match=r"(?i)lora"):
+        tinylm.set_update(model, u)
+    with pytest.raises((TypeError, ValueError), match=r"(?i)lora"):
+        tinylm.get_update(model)
+
+
+# -----------------------------------------------------------------------------
+# the forward pass: masked loss, causality, per-sample gradients, generation
+
+
+def test_masked_loss_is_cross_entropy_over_masked_positions_only():
+    model = lora_gpt()
+    tinylm.set_update(model, random_update(model))
+    idx = random_idx(B=4, T=11, seed=5)
+    x, y = idx[:, :-1], idx[:, 1:]
+    g = torch.Generator().manual_seed(6)
+    mask = (torch.rand(x.shape, generator=g) < 0.3).float()
+    mask[0, 0] = 1.0
+    with torch.no_grad():
+        logits, loss = model(x, y, mask)
+        sel = mask.bool()
+        expected = F.cross_entropy(logits[sel], y[sel])
+        assert torch.allclose(loss, expected, rtol=1e-6, atol=1e-6)
+        # no mask: every position counts
+        _, loss_all = model(x, y)
+        assert torch.allclose(loss_all, F.cross_entropy(logits.flatten(0, 1), y.flatten()),
+                              rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(loss, loss_all)
+
+
+def test_attention_is_causal():
+    model = lora_gpt()
+    tinylm.set_update(model, random_update(model))
+    idx = random_idx(B=2, T=12, seed=7)
+    with torch.no_grad():
+        ref, _ = model(idx)
+        for t in range(idx.size(1)):
+            changed = idx.clone()
+            changed[:, t] = (changed[:, t] + 1) % 257
+            out, _ = model(changed)
+            assert torch.equal(out[:, :t], ref[:, :t]), t
+            assert not torch.allclose(out[:, t], ref[:, t]), t
+
+
+def test_per_sample_grads_with_torch_func_match_single_example_backward():
+    model = lora_gpt()
+    tinylm.set_update(model, random_update(model, std=0.2))
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    frozen.update(dict(model.named_buffers()))
+
+    def loss_fn(p, x, y, m):
+        _, loss = functional_call(model, (p, frozen), (x[None], y[None], m[None]))
+        return loss
+
+    idx = random_idx(B=4, T=10, seed=8)
+    x, y = idx[:, :-1], idx[:, 1:]
+    mask = torch.zeros(x.shape)
+    mask[:, 4:] = 1.0
+    per_sample = vmap(grad(loss_fn), in_dims=(None, 0, 0, 0))(params, x, y, mask)
+    for i in range(x.size(0)):
+        model.zero_grad()
+        _, loss = model(x[i:i + 1], y[i:i + 1], mask[i:i + 1])
+        loss.backward()
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                assert p.grad.abs().sum() > 0, n
+                assert torch.allclose(per_sample[n][i], p.grad, rtol=1e-4, atol=1e-6), (n, i)
+
+
+def test_greedy_generate_is_an_argmax_loop():
+    model = lora_gpt()
+    tinylm.set_update(model, random_update(model, std=1.0))
+    prompt = random_idx(B=3, T=5, seed=9)
+    out = model.generate(prompt, max_new_tokens=8)
+    idx = prompt
+    with torch.no_grad():
+        for _ in range(8):
+            logits, _ = model(idx)
+            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, idx)
+    assert torch.equal(out[:, :5], prompt)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def test_save_load_round_trip(tmp_path):
+    base = tiny_gpt(seed=3)
+    idx = random_idx()
+    with torch.no_grad():
+        base_logits, _ = base(idx)
+    model = tinylm.add_lora(base, rank=RANK, alpha=ALPHA, seed=LORA_SEED)
+    u = random_update(model)
+    tinylm.set_update(model, u)
+    path = str(tmp_path / "model.pt")
+    tinylm.save_model(model, path)
+    assert not os.path.exists(path + ".tmp")
+
+    ckpt = torch.load(path, weights_only=True)
+    assert not [k for k in ckpt["state_dict"] if "lora" in k.lower() or "A0" in k]
+
+    loaded = tinylm.load_model(path)
+    assert loaded.cfg == model.cfg
+    assert loaded.lora is None
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], base_logits)          # the base, without the update
+        tinylm.add_lora(loaded, rank=RANK, alpha=ALPHA, seed=LORA_SEED)
+        tinylm.set_update(loaded, u)
+        assert torch.equal(loaded(idx)[0], model(idx)[0])        # same A0, same update: same model
+
+
+@pytest.mark.parametrize("corruption", ["truncated", "random bytes", "foreign object"])
+def test_load_model_rejects_corrupt_files(tmp_path, corruption):
+    path = str(tmp_path / "model.pt")
+    tinylm.save_model(tiny_gpt(), path)
+    if corruption == "truncated":
+        blob = open(path, "rb").read()
+        open(path, "wb").write(blob[: len(blob) // 2])
+    elif corruption == "random bytes":
+        open(path, "wb").write(np.random.default_rng(0).bytes(4096))
+    else:
+        torch.save({"weights": torch.zeros(3)}, path)
+    with pytest.raises(ValueError, match=re.escape(path)):
+        tinylm.load_model(path)
+
+
+# -----------------------------------------------------------------------------
+# training works: pretraining and LoRA fine-tuning both lower the loss
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    """A tiny GPT trained 60 AdamW steps on the public corpus; returns (model, first, last loss)."""
+    enc = data.get_tokenizer()
+    torch.manual_seed(0)
+    model = tinylm.GPT(tinylm.GPTConfig(vocab_size=enc.n_vocab, block_size=data.BLOCK_SIZE,
+                                        n_layer=2, n_head=2, n_embd=32))
+    held_out = data.encode_lines(data.pretrain_lines(256, np.random.default_rng(123)), enc)
+    with torch.no_grad():
+        first = model(*held_out)[1].item()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        _, loss = model(*data.encode_lines(data.pretrain_lines(32, rng), enc))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        last = model(*held_out)[1].item()
+    return model, first, last
+
+
+def test_pretraining_lowers_the_held_out_loss(pretrained):
+    _, first, last = pretrained
+    assert first > math.log(257) - 0.5     # starts near uniform over the vocabulary
+    assert last < first - 1.0
+
+
+def test_lora_finetune_lowers_the_answer_loss_and_leaves_the_base_alone(pretrained):
+    enc = data.get_tokenizer()
+    model = copy.deepcopy(pretrained[0])
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    tinylm.add_lora(model, rank=4, alpha=8.0, seed=LORA_SEED)
+    _, private = data.split_pairs(0)
+    skewed = np.array([0.88, 0.04, 0.04, 0.04])     # mostly '+', the easiest operator (SPEC §6)
+    train, test = data.client_data(private, skewed, 256, 256, seed=0, index=0)
+    xtr, ytr, mtr = data.encode_lines(train, enc)
+    held_out = data.encode_lines(test, enc)
+    with torch.no_grad():
+        before = model(*held_out)[1].item()
+    opt = torch.optim.Adam(tinylm.lora_parameters(model), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        i = torch.randint(len(train), (32,), generator=g)
+        _, loss = model(xtr[i], ytr[i], mtr[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = model(*held_out)[1].item()
+    assert after < before - 0.05, (before, after)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in base_state.items())

@@ -1,0 +1,277 @@
+"""
+tinylm.py -- the language models of gradtx: a small GPT, LoRA on q/v, and update vectors.
+
+Both parties' models are the same `GPT` class at two sizes: the client's TinyLM (preset "tiny")
+and the provider's LLM (preset "llm"). After pretraining, each gets LoRA adapters on its attention
+q and v projections; fine-tuning trains only those. The *update vector* of a fine-tuned model is
+the change of its LoRA matrices from the public init -- Δθ_S (TinyLM) and Δθ_T (LLM) in the
+paper -- laid out as one token per transformer layer:
+
+    token[l] = concat( flat(q_A - q_A0), flat(q_B), flat(v_A - v_A0), flat(v_B) )    # (token_dim,)
+    token_dim = 4 * rank * n_embd
+
+A0 is drawn from a fixed seed (every party re-creates the same one) and B0 = 0, so a model whose
+update vector is all zero is exactly the pretrained model.
+
+    python -m pytest tests/test_tinylm.py
+"""
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# configuration and presets
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 257    # 256 bytes + <|endoftext|> (data.py's tokenizer)
+    block_size: int = 16     # longest sequence the model sees
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 64
+
+
+# Sizes. "tiny" and "llm" are the CPU defaults (SPEC §6: ~27% vs ~73% arithmetic after
+# pretraining); the *_gpu sizes are for one GPU; "micro"/"mini" keep the smoke test fast.
+MODEL_PRESETS = {
+    "micro": GPTConfig(n_layer=1, n_head=2, n_embd=32),
+    "mini": GPTConfig(n_layer=2, n_head=2, n_embd=48),
+    "tiny": GPTConfig(n_layer=2, n_head=4, n_embd=64),
+    "llm": GPTConfig(n_layer=4, n_head=4, n_embd=128),
+    "tiny_gpu": GPTConfig(n_layer=4, n_head=4, n_embd=128),
+    "llm_gpu": GPTConfig(n_layer=8, n_head=8, n_embd=256),
+}
+
+# -----------------------------------------------------------------------------
+# the transformer
+
+
+def masked_cross_entropy(logits, targets, mask=None):
+    """Mean cross-entropy over the positions where mask is 1 (all positions without a mask)."""
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    mask = torch.ones_like(nll) if mask is None else mask.flatten().to(nll.dtype)
+    return (nll * mask).sum() / mask.sum().clamp(min=1)
+
+
+class LoRA(nn.Module):
+    """A low-rank delta beside a frozen linear layer: x -> (alpha/r) * x A^T B^T.
+
+    We store the *trainable change* dA = A - A0 (init 0) rather than A itself, so the update
+    vector is literally the parameters: reading and writing it back is exact, bit for bit.
+    """
+
+    def __init__(self, n_in, n_out, rank, alpha, generator):
+        super().__init__()
+        A0 = torch.randn(rank, n_in, generator=generator) / math.sqrt(n_in)
+        self.register_buffer("A0", A0)                          # public, re-created from the seed
+        self.dA = nn.Parameter(torch.zeros(rank, n_in))         # A - A0
+        self.B = nn.Parameter(torch.zeros(n_out, rank))         # B0 = 0: no change at init
+        self.scale = alpha / rank
+
+    def forward(self, x):                                       # (B, T, n_in) -> (B, T, n_out)
+        return (x @ (self.A0 + self.dA).T) @ self.B.T * self.scale
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head attention with separate q/k/v/o projections (the paper's q_proj, v_proj).
+
+    Written out by hand (no fused kernel) so torch.func.vmap can take per-sample gradients.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        C = cfg.n_embd
+        self.q_proj, self.k_proj = nn.Linear(C, C), nn.Linear(C, C)
+        self.v_proj, self.o_proj = nn.Linear(C, C), nn.Linear(C, C)
+        self.q_lora = self.v_lora = None                        # set by add_lora()
+        causal = torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool))
+        self.register_buffer("causal", causal, persistent=False)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_lora is not None:
+            q, v = q + self.q_lora(x), v + self.v_lora(x)
+        # (B, T, C) -> (B, n_head, T, head_dim)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, n_head, T, T)
+        att = att.masked_fill(~self.causal[:T, :T], float("-inf")).softmax(dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(B, T, C)          # back to (B, T, C)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd):
+        super().__init__()
+        self.fc, self.proj = nn.Linear(n_embd, 4 * n_embd), nn.Linear(4 * n_embd, n_embd)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd), SelfAttention(cfg)
+        self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd), MLP(cfg.n_embd)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight                   # tied input/output embeddings
+        self.apply(self._init_weights)
+        self.lora = None                                        # (rank, alpha, seed) once added
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx, targets=None, mask=None):
+        """idx, targets: (B, T) token ids; mask: (B, T), 1 where the loss counts (the answer).
+
+        Returns (logits (B, T, vocab), loss): loss is the mean cross-entropy over masked tokens.
+        """
+        B, T = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))   # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        if targets is None:
+            return logits, None
+        return logits, masked_cross_entropy(logits, targets, mask)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=0.0, generator=None):
+        """Extend each row of idx (B, T) by max_new_tokens; temperature 0 is greedy."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.cfg.block_size:])
+            logits = logits[:, -1, :]
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                probs = (logits / temperature).softmax(dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx
+
+
+# -----------------------------------------------------------------------------
+# LoRA: adapters on q and v, with the public A0 drawn from a fixed seed
+
+
+def add_lora(model, rank=4, alpha=8.0, seed=1234):
+    """Freeze the base model and attach LoRA to every layer's q and v projection.
+
+    A0 comes from `seed` in a fixed order (layer 0 q, layer 0 v, layer 1 q, ...), so the client
+    and the provider build identical adapters from the public checkpoint alone.
+    """
+    if model.lora is not None:
+        raise ValueError("model already has LoRA adapters")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    C = model.cfg.n_embd
+    device = model.wte.weight.device
+    for block in model.blocks:
+        block.attn.q_lora = LoRA(C, C, rank, alpha, g).to(device)
+        block.attn.v_lora = LoRA(C, C, rank, alpha, g).to(device)
+    model.lora = (rank, alpha, seed)
+    return model
+
+
+def lora_parameters(model):
+    """The trainable tensors, in update-vector order: per layer q.dA, q.B, v.dA, v.B."""
+    out = []
+    for block in model.blocks:
+        a = block.attn
+        out += [a.q_lora.dA, a.q_lora.B, a.v_lora.dA, a.v_lora.B]
+    return out
+
+
+def update_shape(cfg, rank):
+    """(n_layer, token_dim) of a model's update vector."""
+    return (cfg.n_layer, 4 * rank * cfg.n_embd)
+
+
+def get_update(model):
+    """Δθ of a LoRA model as a (n_layer, token_dim) float32 tensor (a copy)."""
+    params = lora_parameters(model)
+    tokens = [torch.cat([p.detach().flatten() for p in params[4 * l: 4 * l + 4]])
+              for l in range(model.cfg.n_layer)]
+    return torch.stack(tokens).float().cpu()
+
+
+def check_update(update, shape, what="update vector"):
+    """Refuse anything that is not a finite floating tensor of the expected shape."""
+    if not isinstance(update, torch.Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor of shape {tuple(shape)}, got {type(update).__name__}")
+    if tuple(update.shape) != tuple(shape):
+        raise ValueError(f"{what}: expected shape {tuple(shape)}, got {tuple(update.shape)}")
+    if not update.is_floating_point():
+        raise ValueError(f"{what}: expected a floating-point tensor, got dtype {update.dtype}")
+    if not torch.isfinite(update).all():
+        raise ValueError(f"{what}: contains NaN or inf values")
+
+
+@torch.no_grad()
+def set_update(model, update):
+    """Write an update vector (n_layer, token_dim) into the model's LoRA parameters."""
+    check_update(update, update_shape(model.cfg, model.lora[0]))
+    params = lora_parameters(model)
+    for l in range(model.cfg.n_layer):
+        offset = 0
+        for p in params[4 * l: 4 * l + 4]:
+            n = p.numel()
+            p.copy_(update[l, offset: offset + n].view_as(p))
+            offset += n
+    return model
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: the config travels with the weights; loading never unpickles objects
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file, then rename: an interrupted write never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_model(model, path):
+    """Save the base weights (no LoRA) and the config."""
+    state = {k: v for k, v in model.state_dict().items() if "lora" not in k}
+    atomic_save({"config": asdict(model.cfg), "state_dict": state}, path)
+
+
+def load_model(path, device="cpu"):
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        model = GPT(GPTConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["state_dict"])
+    except Exception as e:  # truncated file, wrong keys, foreign checkpoint ...
+        raise ValueError(f"{path}: not a valid gradtx model checkpoint ({e})") from e
+    return model.to(device)
