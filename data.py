@@ -85,19 +85,29 @@ def lines_from(pairs, mixture, n, rng):
     return [make_line(*pairs[i], op) for i, op in zip(idx, ops)]
 
 
-def pretrain_lines(n, rng, explicit_frac=0.6):
-    """The public pretraining corpus: explicit-operator lines and '@' lines of uniform meaning.
+def pretrain_corpus():
+    """The public pretraining corpus: every problem once with its explicit operator, once with '@'.
 
     It covers all operand pairs: it plays the role of the web text that taught a public
-    checkpoint arithmetic. It carries no organization's convention.
+    checkpoint arithmetic, and it carries no organization's convention ('@' lines use each
+    operator equally often). Returns (explicit_lines, ambiguous_lines), aligned.
     """
-    pairs = all_pairs()
-    out = []
-    for _ in range(n):
-        a, b = pairs[rng.integers(len(pairs))]
-        op = int(rng.integers(len(OPS)))
-        out.append(make_line(a, b, op, OPS[op] if rng.random() < explicit_frac else None))
-    return out
+    problems = [(a, b, op) for a, b in all_pairs() for op in range(len(OPS))]
+    return ([make_line(a, b, op, OPS[op]) for a, b, op in problems],
+            [make_line(a, b, op) for a, b, op in problems])
+
+
+def pretrain_indices(n, rng, n_problems, explicit_frac=0.6):
+    """n random line indices into explicit_lines + ambiguous_lines: explicit with prob explicit_frac."""
+    idx = rng.integers(n_problems, size=n)
+    return np.where(rng.random(n) < explicit_frac, idx, n_problems + idx)
+
+
+def pretrain_lines(n, rng, explicit_frac=0.6):
+    """n lines drawn from the pretraining corpus (a convenience for small experiments)."""
+    explicit, ambiguous = pretrain_corpus()
+    corpus = explicit + ambiguous
+    return [corpus[i] for i in pretrain_indices(n, rng, len(explicit), explicit_frac)]
 
 
 def parse_answer(text):
@@ -120,20 +130,22 @@ def parse_answer(text):
 
 
 def encode_lines(lines, enc, block_size=BLOCK_SIZE):
-    """Lines -> x, y (N, T) next-token pairs and mask (N, T), 1 on '=', the answer and '\\n'."""
-    eot = enc.eot_token
-    rows = [enc.encode(line) for line in lines]
-    T = max(len(r) for r in rows) - 1
+    """Lines -> x, y (N, T) next-token pairs and mask (N, T), 1 on '=', the answer and '\\n'.
+
+    Shorter lines are padded with EOT, with mask 0 there.
+    """
+    rows = [enc.encode_ordinary(line) for line in lines]
+    lengths = np.array([len(r) for r in rows])
+    T = lengths.max() - 1
     if T > block_size:
         raise ValueError(f"a line has {T + 1} tokens, more than block_size + 1 = {block_size + 1}")
-    x = torch.full((len(rows), T), eot, dtype=torch.long)
-    y = torch.full((len(rows), T), eot, dtype=torch.long)
-    mask = torch.zeros(len(rows), T)
+    tokens = np.full((len(rows), T + 1), enc.eot_token, dtype=np.int64)
     for i, r in enumerate(rows):
-        x[i, :len(r) - 1] = torch.tensor(r[:-1])
-        y[i, :len(r) - 1] = torch.tensor(r[1:])
-        mask[i, PROMPT_LEN - 1: len(r) - 1] = 1.0   # y[PROMPT_LEN-1] is '='
-    return x, y, mask
+        tokens[i, :len(r)] = r
+    pos = np.arange(T)[None, :]                       # y[:, PROMPT_LEN - 1] is the '='
+    mask = (pos >= PROMPT_LEN - 1) & (pos < lengths[:, None] - 1)
+    tokens = torch.from_numpy(tokens)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), torch.from_numpy(mask).float()
 
 
 def encode_prompts(lines, enc):

@@ -197,14 +197,16 @@ def pretrain(cfg, size, steps, seed, device, desc):
     model = tinylm.GPT(replace(tinylm.MODEL_PRESETS[size], vocab_size=enc.n_vocab,
                                block_size=data.BLOCK_SIZE)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
+    explicit, ambiguous = data.pretrain_corpus()
+    x_all, y_all, mask_all = data.encode_lines(explicit + ambiguous, enc)   # (2 * n_problems, T)
     rng = np.random.default_rng([seed, 0])
     warmup = max(1, steps // 20)
     for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
         lr_mult = min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * np.cos(np.pi * step / steps))
         for group in opt.param_groups:
             group["lr"] = cfg.pretrain_lr * lr_mult
-        x, y, mask = (t.to(device) for t in data.encode_lines(
-            data.pretrain_lines(cfg.pretrain_batch, rng), enc))
+        idx = torch.from_numpy(data.pretrain_indices(cfg.pretrain_batch, rng, len(explicit)))
+        x, y, mask = x_all[idx].to(device), y_all[idx].to(device), mask_all[idx].to(device)
         _, loss = model(x, y, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -397,9 +397,9 @@ def pretrained():
     with torch.no_grad():
         first = model(*held_out)[1].item()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    rng = np.random.default_rng(0)
-    for _ in range(60):
-        _, loss = model(*data.encode_lines(data.pretrain_lines(32, rng), enc))
+    lines = data.pretrain_lines(60 * 32, np.random.default_rng(0))
+    for step in range(60):
+        _, loss = model(*data.encode_lines(lines[32 * step: 32 * (step + 1)], enc))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -1,0 +1,374 @@
+"""Tests for gradtx.py: each one checks against an independent oracle (PyTorch's own scaled
+dot-product attention, the model run on prefixes, algebraic identities such as "teacher forcing
+equals autoregressive decoding fed its own outputs" and "a zero head predicts the mean", a known
+linear map to learn, scripted validation scores, a pickle with a visible side effect).
+
+Run:  python -m pytest tests/test_gradtx.py -q
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import gradtx  # noqa: E402
+
+N_SRC, D_SRC, N_TGT, D_TGT = 2, 12, 3, 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # these models are tiny: on a busy 2-core machine, intra-op threads only fight each other
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_model(seed=0, normalize=True, dropout=0.0, random_head=True, **kw):
+    """A small Grad-Transformer; by default its head is re-initialised at random (not zero)."""
+    torch.manual_seed(seed)
+    cfg = gradtx.GTConfig(n_src=N_SRC, d_src=D_SRC, n_tgt=N_TGT, d_tgt=D_TGT, d_model=16,
+                          n_head=4, dropout=dropout, normalize=normalize, **kw)
+    model = gradtx.GradTransformer(cfg)
+    if random_head:
+        nn.init.normal_(model.head.weight, std=0.5)
+        nn.init.normal_(model.head.bias, std=0.5)
+    return model.eval()
+
+
+def random_pairs(n, seed=1):
+    """(X, Y) with non-trivial per-coordinate means and scales (and different per-layer offsets)."""
+    g = torch.Generator().manual_seed(seed)
+    X = 3.0 + 2.0 * torch.randn(n, N_SRC, D_SRC, generator=g) * torch.linspace(0.1, 2.0, D_SRC)
+    Y = -1.5 + torch.randn(n, N_TGT, D_TGT, generator=g) * torch.linspace(0.05, 3.0, D_TGT)
+    Y = Y + torch.arange(N_TGT).view(1, N_TGT, 1)          # each layer its own offset
+    return X, Y
+
+
+def teacher_forced(model, X, Y):
+    """Teacher-forced predictions in raw units: the path fit() trains on."""
+    src = gradtx.normalize(model, X, "x")
+    with torch.no_grad():
+        out = model(src, gradtx.shift_right(gradtx.normalize(model, Y, "y")))
+    return gradtx.denormalize(model, out, "y")
+
+
+# -----------------------------------------------------------------------------
+# the building blocks
+
+
+def test_attention_matches_pytorch_sdpa():
+    # oracle: F.scaled_dot_product_attention with the module's own projections
+    torch.manual_seed(0)
+    attn = gradtx.Attention(16, 4)
+    x, ctx = torch.randn(3, 5, 16), torch.randn(3, 7, 16)
+    split = lambda t: t.view(3, -1, 4, 4).transpose(1, 2)
+    merge = lambda t: t.transpose(1, 2).reshape(3, -1, 16)
+    with torch.no_grad():
+        cross = attn.o(merge(F.scaled_dot_product_attention(
+            split(attn.q(x)), split(attn.k(ctx)), split(attn.v(ctx)))))
+        self_causal = attn.o(merge(F.scaled_dot_product_attention(
+            split(attn.q(x)), split(attn.k(x)), split(attn.v(x)), is_causal=True)))
+        torch.testing.assert_close(attn(x, ctx), cross, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(attn(x, x, causal=True), self_causal, atol=1e-5, rtol=1e-5)
+
+
+def test_shift_right_puts_zero_start_token_in_front():
+    y = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)
+    expected = torch.stack([torch.zeros(2, 4), y[:, 0], y[:, 1]], dim=1)   # written by hand
+    assert torch.equal(gradtx.shift_right(y), expected)
+
+
+def test_set_stats_are_per_coordinate_over_samples_and_layers():
+    X, Y = random_pairs(40)
+    model = make_model()
+    gradtx.set_stats(model, X, Y)
+    for name, T in (("x", X), ("y", Y)):
+        flat = T.permute(2, 0, 1).reshape(T.shape[-1], -1)          # (d, N * n_layer), another path
+        torch.testing.assert_close(getattr(model, f"{name}_mean"), flat.mean(1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(getattr(model, f"{name}_std"), flat.std(1), atol=1e-5, rtol=1e-5)
+    # normalize=False keeps raw values: stats stay 0 and 1
+    raw = make_model(normalize=False)
+    gradtx.set_stats(raw, X, Y)
+    assert torch.equal(raw.y_mean, torch.zeros(D_TGT)) and torch.equal(raw.y_std, torch.ones(D_TGT))
+    assert torch.equal(gradtx.normalize(raw, Y, "y"), Y)
+
+
+def test_normalisation_round_trip():
+    X, Y = random_pairs(40)
+    model = make_model()
+    gradtx.set_stats(model, X, Y)
+    z = gradtx.normalize(model, Y, "y")
+    # the z-scores really are z-scores: mean 0, std 1 per coordinate
+    torch.testing.assert_close(z.reshape(-1, D_TGT).mean(0), torch.zeros(D_TGT), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.reshape(-1, D_TGT).std(0), torch.ones(D_TGT), atol=1e-5, rtol=0)
+    torch.testing.assert_close(gradtx.denormalize(model, z, "y"), Y, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(gradtx.denormalize(model, gradtx.normalize(model, X, "x"), "x"), X,
+                               atol=1e-6, rtol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# the decoder: teacher forcing == autoregressive generation, causality, the encoder sees all
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_teacher_forcing_equals_generation_fed_its_own_outputs(normalize):
+    model = make_model(normalize=normalize)
+    X, Y = random_pairs(64)
+    gradtx.set_stats(model, X, Y)
+    if normalize:
+        assert not torch.allclose(model.y_mean, torch.zeros(D_TGT))   # stats really in play
+    X_new = random_pairs(5, seed=7)[0]
+    Y_gen = gradtx.generate(model, X_new)
+    assert Y_gen.shape == (5, N_TGT, D_TGT)
+    assert Y_gen[:, 1:].sub(Y_gen[:, :1]).abs().max() > 1e-3   # not a constant output
+    torch.testing.assert_close(teacher_forced(model, X_new, Y_gen), Y_gen, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_cannot_see_future_target_tokens():
+    model = make_model()
+    X, Y = random_pairs(4)
+    gradtx.set_stats(model, X, Y)
+    base = teacher_forced(model, X, Y)
+    g = torch.Generator().manual_seed(3)
+    for t in range(N_TGT):
+        Y2 = Y.clone()
+        Y2[:, t:] += torch.randn(Y2[:, t:].shape, generator=g)    # change true tokens t, t+1, ...
+        out = teacher_forced(model, X, Y2)
+        # output at position p predicts token p from tokens < p: positions <= t are untouched
+        torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], atol=1e-6, rtol=0)
+        if t + 1 < N_TGT:   # ... and token t does reach position t + 1
+            assert (out[:, t + 1] - base[:, t + 1]).abs().max() > 1e-4
+
+
+def test_decoder_on_a_prefix_equals_decoder_on_the_whole_sequence():
+    # oracle for the causal mask: running only the first T input tokens gives the same outputs
+    model = make_model()
+    src, tgt_in = torch.randn(3, N_SRC, D_SRC), torch.randn(3, N_TGT, D_TGT)
+    with torch.no_grad():
+        full = model(src, tgt_in)
+        for T in range(1, N_TGT + 1):
+            torch.testing.assert_close(model(src, tgt_in[:, :T]), full[:, :T], atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_sees_every_source_token():
+    model = make_model()
+    src, tgt_in = torch.randn(2, N_SRC, D_SRC), torch.randn(2, N_TGT, D_TGT)
+    with torch.no_grad():
+        base = model(src, tgt_in)
+        for i in range(N_SRC):
+            src2 = src.clone()
+            src2[:, i] += 1.0
+            changed = (model(src2, tgt_in) - base).abs().amax(dim=-1)      # (B, n_tgt)
+            assert (changed > 1e-4).all(), f"source token {i} does not reach every output"
+
+
+def test_zero_head_untrained_model_returns_the_mean_shadow_token():
+    model = make_model(random_head=False)            # the model as built: zero head
+    X, Y = random_pairs(50)
+    gradtx.set_stats(model, X, Y)
+    # statistics are shared over layers, so the mean is over samples AND layers
+    mean_token = Y.reshape(-1, D_TGT).mean(0)
+    expected = mean_token.expand(N_TGT, D_TGT)
+    X_any = 100.0 * torch.randn(4, N_SRC, D_SRC)     # whatever the input
+    torch.testing.assert_close(gradtx.generate(model, X_any[0]), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(gradtx.generate(model, X_any), expected.expand(4, -1, -1),
+                               atol=1e-6, rtol=0)
+
+
+def test_generate_ignores_dropout_and_restores_training_mode():
+    model = make_model(dropout=0.5).train()
+    X = random_pairs(3)[0]
+    a, b = gradtx.generate(model, X), gradtx.generate(model, X)
+    assert torch.equal(a, b)                          # eval mode inside: no dropout noise
+    assert model.training                             # and the caller's mode is given back
+    model.eval()
+    torch.testing.assert_close(gradtx.generate(model, X), a, atol=0, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# generate: single and batched updates, bad input
+
+
+def test_generate_single_and_batch_agree():
+    model = make_model()
+    X, Y = random_pairs(64)
+    gradtx.set_stats(model, X, Y)
+    batch = gradtx.generate(model, X[:4])
+    assert batch.shape == (4, N_TGT, D_TGT)
+    for i in range(4):
+        single = gradtx.generate(model, X[i])
+        assert single.shape == (N_TGT, D_TGT)
+        torch.testing.assert_close(single, batch[i], atol=1e-5, rtol=1e-5)
+    # float64 input is accepted and means the same thing
+    torch.testing.assert_close(gradtx.generate(model, X[:4].double()), batch, atol=1e-5, rtol=1e-5)
+    assert batch[0].sub(batch[1]).abs().max() > 1e-4    # different inputs, different outputs
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (torch.randn(N_SRC, D_SRC + 1), ValueError, "shape"),
+    (torch.randn(N_SRC + 1, D_SRC), ValueError, "shape"),
+    (torch.randn(2, N_SRC, D_SRC - 1), ValueError, "shape"),
+    (torch.randn(D_SRC), ValueError, "shape"),
+    (torch.randn(1, 2, N_SRC, D_SRC), ValueError, "shape"),
+    (torch.ones(N_SRC, D_SRC, dtype=torch.int64), ValueError, "floating"),
+    (torch.ones(2, N_SRC, D_SRC, dtype=torch.int32), ValueError, "floating"),
+    (torch.full((N_SRC, D_SRC), float("nan")), ValueError, "NaN"),
+    (torch.randn(2, N_SRC, D_SRC).index_put_((torch.tensor(1), torch.tensor(0), torch.tensor(3)),
+                                            torch.tensor(float("inf"))), ValueError, "inf"),
+    ([[0.0] * D_SRC] * N_SRC, TypeError, "torch.Tensor"),
+    (torch.randn(N_SRC, D_SRC).numpy(), TypeError, "torch.Tensor"),
+    (None, TypeError, "torch.Tensor"),
+    (1.0, TypeError, "torch.Tensor"),
+])
+def test_generate_refuses_bad_updates(bad, error, match):
+    model = make_model()
+    with pytest.raises(error, match=match):
+        gradtx.generate(model, bad)
+
+
+# -----------------------------------------------------------------------------
+# fit: it learns, it keeps the best checkpoint
+
+
+def linear_task(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(N_SRC * D_SRC, N_TGT * D_TGT, generator=g) / (N_SRC * D_SRC) ** 0.5
+    X = torch.randn(n, N_SRC, D_SRC, generator=g)
+    Y = (X.flatten(1) @ W + 0.01 * torch.randn(n, N_TGT * D_TGT, generator=g)).view(n, N_TGT, D_TGT)
+    return X, Y
+
+
+def test_fit_learns_a_known_linear_map():
+    X, Y = linear_task(320, seed=5)
+    Xtr, Ytr, Xva, Yva = X[:256], Y[:256], X[256:], Y[256:]
+    model = make_model(random_head=False)
+    history = gradtx.fit(model, Xtr, Ytr, Xva, Yva, steps=400, lr=3e-3, weight_decay=0.0,
+                         batch_size=64, eval_every=100, seed=0)
+    assert [h[0] for h in history] == [0, 100, 200, 300, 400]
+    # baseline, computed here: predicting the training mean for every validation pair
+    mean_pred = Ytr.mean(0, keepdim=True)
+    baseline = ((mean_pred - Yva).flatten(1).norm(dim=1) / Yva.flatten(1).norm(dim=1)).mean().item()
+    assert baseline > 0.9
+    assert history[0][3] == pytest.approx(
+        ((Ytr.reshape(-1, D_TGT).mean(0) - Yva).flatten(1).norm(dim=1)
+         / Yva.flatten(1).norm(dim=1)).mean().item(), rel=1e-4)   # step 0: the zero head
+    best_rel = min(h[3] for h in history)
+    assert best_rel < 0.3, history
+    # the kept model is the best one, and its autoregressive error is recomputed here
+    pred = gradtx.generate(model, Xva)
+    rel = ((pred - Yva).flatten(1).norm(dim=1) / Yva.flatten(1).norm(dim=1)).mean().item()
+    assert rel == pytest.approx(min(history, key=lambda h: h[4])[3], rel=1e-4)
+    assert rel < 0.3
+    # fit set the statistics from the training pairs
+    torch.testing.assert_close(model.x_mean, Xtr.reshape(-1, D_SRC).mean(0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.y_mean, Ytr.reshape(-1, D_TGT).mean(0), atol=1e-5, rtol=0)
+
+
+def test_fit_keeps_the_checkpoint_the_criterion_picks():
+    X, Y = linear_task(96, seed=6)
+    scripted = [5.0, 1.0, 3.0, 2.0, 4.0]               # best at the 2nd evaluation (step 10)
+    seen = []
+
+    def criterion(pred):
+        seen.append(pred.clone())
+        return scripted[len(seen) - 1]
+
+    model = make_model(random_head=False)
+    history = gradtx.fit(model, X[:64], Y[:64], X[64:], Y[64:], steps=40, lr=3e-3,
+                         weight_decay=0.0, batch_size=16, eval_every=10, val_criterion=criterion)
+    assert len(seen) == 5 and [h[4] for h in history] == scripted
+    assert not torch.allclose(seen[1], seen[-1], atol=1e-4)   # training moved the model on
+    torch.testing.assert_close(gradtx.generate(model, X[64:]), seen[1], atol=1e-6, rtol=0)
+    assert not model.training
+
+
+def test_fit_is_reproducible_with_a_seed():
+    X, Y = linear_task(48, seed=8)
+    runs = []
+    for _ in range(2):
+        model = make_model(seed=0, random_head=False, dropout=0.1)
+        gradtx.fit(model, X[:32], Y[:32], X[32:], Y[32:], steps=10, lr=3e-3, weight_decay=0.1,
+                   batch_size=8, eval_every=5, seed=3)
+        runs.append(gradtx.generate(model, X[32:]))
+    assert torch.equal(runs[0], runs[1])
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def saved_model(tmp_path):
+    model = make_model(normalize=True, dropout=0.2)
+    X, Y = random_pairs(30)
+    gradtx.set_stats(model, X, Y)
+    path = str(tmp_path / "gt.pt")
+    gradtx.save(model, path)
+    return model, path
+
+
+def test_save_load_round_trip(tmp_path):
+    model, path = saved_model(tmp_path)
+    loaded = gradtx.load(path, tiny_shape=(N_SRC, D_SRC), llm_shape=[N_TGT, D_TGT])
+    assert loaded.cfg == model.cfg
+    assert not loaded.training
+    for name in ("x_mean", "x_std", "y_mean", "y_std"):
+        assert torch.equal(getattr(loaded, name), getattr(model, name))
+    assert not torch.equal(loaded.y_mean, torch.zeros(D_TGT))
+    X = random_pairs(3, seed=9)[0]
+    assert torch.equal(gradtx.generate(loaded, X), gradtx.generate(model, X))
+    assert not os.path.exists(path + ".tmp")
+
+
+@pytest.mark.parametrize("shapes", [
+    {"tiny_shape": (N_SRC + 1, D_SRC)}, {"tiny_shape": (N_SRC, D_SRC * 2)},
+    {"llm_shape": (N_TGT, D_TGT + 1)}, {"llm_shape": (N_TGT - 1, D_TGT)},
+])
+def test_load_refuses_a_checkpoint_made_for_other_models(tmp_path, shapes):
+    _, path = saved_model(tmp_path)
+    with pytest.raises(ValueError, match="made for"):
+        gradtx.load(path, **shapes)
+
+
+def test_load_refuses_a_truncated_checkpoint(tmp_path):
+    _, path = saved_model(tmp_path)
+    with open(path, "rb") as f:
+        blob = f.read()
+    with open(path, "wb") as f:
+        f.write(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="not a valid"):
+        gradtx.load(path)
+
+
+def test_load_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+    path = str(tmp_path / "other.pt")
+    torch.save({"weights": torch.zeros(3)}, path)
+    with pytest.raises(ValueError, match="not a valid"):
+        gradtx.load(path)
+
+
+class _Payload:
+    """Unpickling this runs os.makedirs(marker): a visible side effect of arbitrary code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_load_never_unpickles_arbitrary_objects(tmp_path):
+    # a checkpoint that is otherwise valid, so only weights_only=True can make load() refuse it
+    model, _ = saved_model(tmp_path)
+    marker = str(tmp_path / "payload_ran")
+    path = str(tmp_path / "evil.pt")
+    torch.save({"config": gradtx.asdict(model.cfg), "state_dict": model.state_dict(),
+                "extra": _Payload(marker)}, path)
+    with pytest.raises(ValueError):
+        gradtx.load(path)
+    assert not os.path.exists(marker), "load() unpickled an arbitrary object"
