@@ -119,7 +119,7 @@ def parse_answer(text):
         return None
     digits = ""
     for ch in text.split("=", 1)[1]:
-        if not ch.isdigit():
+        if ch not in "0123456789":  # not str.isdigit(): it accepts '²', which int() refuses
             break
         digits += ch
     return int(digits) if digits else None

@@ -111,9 +111,9 @@ class GradTransformer(nn.Module):
         nn.init.zeros_(self.head.weight)   # the untrained model predicts 0 in normalised units,
         nn.init.zeros_(self.head.bias)     # i.e. the mean shadow update
         # normalisation statistics, set from the shadow pairs by set_stats(); saved with the model
-        for name, d in (("x", cfg.d_src), ("y", cfg.d_tgt)):
-            self.register_buffer(f"{name}_mean", torch.zeros(d))
-            self.register_buffer(f"{name}_std", torch.ones(d))
+        for name, shape in (("x", (cfg.n_src, cfg.d_src)), ("y", (cfg.n_tgt, cfg.d_tgt))):
+            self.register_buffer(f"{name}_mean", torch.zeros(shape))
+            self.register_buffer(f"{name}_std", torch.ones(shape))
 
     def forward(self, src, tgt_in):
         """src (B, n_src, d_src), tgt_in (B, T, d_tgt) -> next tokens (B, T, d_tgt); normalised units."""
@@ -134,16 +134,14 @@ class GradTransformer(nn.Module):
 
 @torch.no_grad()
 def set_stats(model, X, Y):
-    """Per-coordinate mean/std of TinyLM tokens X (N, n_src, d_src) and LLM tokens Y (N, n_tgt, d_tgt).
-
-    Statistics are per token *coordinate* (shared over layers: a token's coordinates mean the
-    same LoRA entry in every layer). With normalize=False they stay 0 and 1: raw values.
+    """Per-coordinate mean/std over the N pairs of TinyLM updates X (N, n_src, d_src) and LLM
+    updates Y (N, n_tgt, d_tgt): every entry of every layer-token gets its own statistics.
+    With normalize=False they stay 0 and 1: raw values, as in the paper.
     """
     if model.cfg.normalize:
         for name, T in (("x", X), ("y", Y)):
-            flat = T.reshape(-1, T.shape[-1]).float()
-            getattr(model, f"{name}_mean").copy_(flat.mean(0))
-            getattr(model, f"{name}_std").copy_(flat.std(0) + 1e-8)
+            getattr(model, f"{name}_mean").copy_(T.float().mean(0))
+            getattr(model, f"{name}_std").copy_(T.float().std(0) + 1e-8)
 
 
 def normalize(model, T, name):
@@ -167,8 +165,10 @@ def shift_right(y):
 def generate(model, tiny_update):
     """TinyLM update(s) (n_src, d_src) or (B, n_src, d_src) -> LLM update(s), raw units, tinylm.py layout."""
     cfg = model.cfg
-    single = isinstance(tiny_update, torch.Tensor) and tiny_update.dim() == 2
-    shape = (cfg.n_src, cfg.d_src) if single else (len(tiny_update), cfg.n_src, cfg.d_src)
+    is_tensor = isinstance(tiny_update, torch.Tensor)
+    single = is_tensor and tiny_update.dim() == 2
+    batch = len(tiny_update) if is_tensor and tiny_update.dim() > 0 else 1
+    shape = (cfg.n_src, cfg.d_src) if single else (batch, cfg.n_src, cfg.d_src)
     tinylm.check_update(tiny_update, shape, "TinyLM update")
     src = tiny_update[None] if single else tiny_update
     was_training = model.training
@@ -189,13 +189,16 @@ def generate(model, tiny_update):
 
 
 def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_size,
-        eval_every, val_criterion=None, seed=0):
+        eval_every, val_criterion=None, seed=0, func_loss=None, func_weight=0.0):
     """Train on (TinyLM update, LLM update) pairs; keep the checkpoint with the best validation.
 
     X_*: (N, n_src, d_src), Y_*: (N, n_tgt, d_tgt), raw units; the validation pairs come from
     shadow RUNS that are not in the training set. `val_criterion(pred_Y_val) -> float` scores
     autoregressive predictions (lower is better): train.py passes the LLM's answer loss on the
     held-out runs' own data with the predicted update applied. Without it, validation MSE decides.
+    Beyond the paper: `func_loss(pred_Y, idx) -> loss` (differentiable, raw units) scores the
+    predicted updates of training pairs idx through the frozen LLM, as Text-to-LoRA trains its
+    hypernetwork; it is added to the MSE with weight func_weight (0: the paper's pure MSE).
     Returns the history [(step, train_mse, val_mse, val_rel_err, criterion)].
     """
     torch.manual_seed(seed)
@@ -221,11 +224,13 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
         model.train()
         idx = torch.randint(len(xs), (batch_size,), generator=g).to(device)
         pred = model(xs[idx], shift_right(ys[idx]))   # teacher forcing
-        loss = F.mse_loss(pred, ys[idx])
+        loss = mse = F.mse_loss(pred, ys[idx])
+        if func_loss is not None and func_weight > 0:
+            loss = mse + func_weight * func_loss(denormalize(model, pred, "y"), idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        train_mse = loss.item()
+        train_mse = mse.item()
     model.load_state_dict(best_state)
     model.eval()
     return history

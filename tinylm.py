@@ -201,6 +201,11 @@ def add_lora(model, rank=4, alpha=8.0, seed=1234):
     return model
 
 
+def require_lora(model):
+    if model.lora is None:
+        raise ValueError("this model has no LoRA adapters: call add_lora(model) first")
+
+
 def lora_parameters(model):
     """The trainable tensors, in update-vector order: per layer q.dA, q.B, v.dA, v.B."""
     out = []
@@ -217,6 +222,7 @@ def update_shape(cfg, rank):
 
 def get_update(model):
     """Δθ of a LoRA model as a (n_layer, token_dim) float32 tensor (a copy)."""
+    require_lora(model)
     params = lora_parameters(model)
     tokens = [torch.cat([p.detach().flatten() for p in params[4 * l: 4 * l + 4]])
               for l in range(model.cfg.n_layer)]
@@ -235,17 +241,30 @@ def check_update(update, shape, what="update vector"):
         raise ValueError(f"{what}: contains NaN or inf values")
 
 
-@torch.no_grad()
-def set_update(model, update):
-    """Write an update vector (n_layer, token_dim) into the model's LoRA parameters."""
-    check_update(update, update_shape(model.cfg, model.lora[0]))
-    params = lora_parameters(model)
+def split_update(model, update):
+    """An update vector (n_layer, token_dim) -> {name: tensor} in the shapes of the LoRA parameters.
+
+    Differentiable: train.py uses it to run the LLM with a *predicted* update (torch.func).
+    """
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    params, out = lora_parameters(model), {}
     for l in range(model.cfg.n_layer):
         offset = 0
         for p in params[4 * l: 4 * l + 4]:
-            n = p.numel()
-            p.copy_(update[l, offset: offset + n].view_as(p))
-            offset += n
+            out[names[id(p)]] = update[l, offset: offset + p.numel()].view_as(p)
+            offset += p.numel()
+    return out
+
+
+@torch.no_grad()
+def set_update(model, update):
+    """Write an update vector (n_layer, token_dim) into the model's LoRA parameters."""
+    require_lora(model)
+    check_update(update, update_shape(model.cfg, model.lora[0]))
+    tensors = split_update(model, update)
+    for name, p in model.named_parameters():
+        if name in tensors:
+            p.copy_(tensors[name])
     return model
 
 

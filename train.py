@@ -74,6 +74,7 @@ class Config:
     gt_batch: int = 32
     gt_eval_every: int = 100
     gt_normalize: bool = True    # z-score inputs and targets (the paper feeds raw values)
+    gt_func_weight: float = 0.0  # weight of the LLM-loss term in training (0: the paper's pure MSE)
     val_frac: float = 0.25       # share of shadow RUNS held out for model selection
     # clients
     n_skewed_per_op: int = 1
@@ -155,7 +156,8 @@ FINETUNE_KEYS = TINY_KEYS + LLM_KEYS[1:] + ("lora_rank", "lora_alpha", "lora_see
                                             "ft_batch", "ft_lr", "n_train")
 SHADOW_KEYS = FINETUNE_KEYS + ("n_shadow", "n_snapshots", "snapshot_gap", "shadow_alpha")
 FIT_KEYS = SHADOW_KEYS + ("gt_d_model", "gt_layers", "gt_heads", "gt_dropout", "gt_weight_decay",
-                          "gt_lr", "gt_steps", "gt_batch", "gt_eval_every", "gt_normalize", "val_frac")
+                          "gt_lr", "gt_steps", "gt_batch", "gt_eval_every", "gt_normalize",
+                          "gt_func_weight", "val_frac")
 CLIENT_KEYS = FINETUNE_KEYS + ("n_skewed_per_op", "n_iid", "skew", "n_test", "dp_epsilon",
                                "dp_delta", "dp_clip", "dp_sample_rate", "out_epsilon", "out_clip")
 STAGES = {"pretrain_tiny": TINY_KEYS, "pretrain_llm": LLM_KEYS, "shadow": SHADOW_KEYS,
@@ -362,6 +364,26 @@ def functional_criterion(cfg, llm, public_pairs, val_runs):
     return criterion
 
 
+def functional_loss(cfg, llm, public_pairs, train_runs, rows_per_run=16):
+    """A differentiable f(pred_updates, pair_idx): the frozen LLM's answer loss on a few lines of
+    each training pair's own shadow subset, with that pair's predicted update as its LoRA weights.
+    torch.func runs one LLM per predicted update in a single batched call (vmap)."""
+    subsets = data.shadow_subsets(public_pairs, cfg.n_shadow, cfg.n_train, cfg.shadow_alpha, cfg.seed)
+    lines = [line for k in train_runs for line in subsets[k][1]]
+    x, y, mask = (t.view(len(train_runs), cfg.n_train, -1).to(llm.wte.weight.device)
+                  for t in data.encode_lines(lines, data.get_tokenizer()))   # (runs, n_train, T)
+    g = torch.Generator().manual_seed(cfg.seed)
+
+    def one_llm(update, xb, yb, mb):
+        return torch.func.functional_call(llm, tinylm.split_update(llm, update), (xb, yb, mb))[1]
+
+    def loss(pred_updates, pair_idx):
+        run = (pair_idx // cfg.n_snapshots).cpu()[:, None]                  # pairs are run-major
+        rows = torch.randint(cfg.n_train, (len(run), rows_per_run), generator=g)
+        return torch.func.vmap(one_llm)(pred_updates, x[run, rows], y[run, rows], mask[run, rows]).mean()
+    return loss
+
+
 def fit_stage(cfg, tiny, llm, shadow, public_pairs):
     path = stage_path(cfg, "fit")
     tiny_shape, llm_shape = tinylm.update_shape(tiny.cfg, cfg.lora_rank), tinylm.update_shape(llm.cfg, cfg.lora_rank)
@@ -376,7 +398,8 @@ def fit_stage(cfg, tiny, llm, shadow, public_pairs):
     criterion = functional_criterion(cfg, llm, public_pairs, val_runs)
     history = gradtx.fit(model, X[train_runs].flatten(0, 1), Y[train_runs].flatten(0, 1),
                          X[val_runs, -1], Y[val_runs, -1], cfg.gt_steps, cfg.gt_lr,
-                         cfg.gt_weight_decay, cfg.gt_batch, cfg.gt_eval_every, criterion, cfg.seed)
+                         cfg.gt_weight_decay, cfg.gt_batch, cfg.gt_eval_every, criterion, cfg.seed,
+                         functional_loss(cfg, llm, public_pairs, train_runs), cfg.gt_func_weight)
     best = min(history, key=lambda h: h[4])
     log = {"history": history, "best_step": best[0], "val_rel_err": best[3], "val_loss": best[4],
            "mean_shadow_loss": criterion(Y[train_runs].flatten(0, 1).mean(0).expand(len(val_runs), -1, -1)),
