@@ -165,12 +165,14 @@ def shadow_subsets(public_pairs, k, n, alpha, seed):
     Mixtures ~ Dirichlet(alpha * m): centred on the task mixture m, spread wide enough that the
     shadow updates cover the conventions clients may have. Returns [(mixture, lines)].
     """
-    out = []
-    for i in range(k):
-        rng = np.random.default_rng([seed, 1, i])
-        mixture = rng.dirichlet(alpha * TASK_MIXTURE)
-        out.append((mixture, lines_from(public_pairs, mixture, n, rng)))
-    return out
+    return [shadow_subset(public_pairs, n, alpha, seed, i) for i in range(k)]
+
+
+def shadow_subset(public_pairs, n, alpha, seed, i):
+    """Shadow subset number i alone: (mixture, lines)."""
+    rng = np.random.default_rng([seed, 1, i])
+    mixture = rng.dirichlet(alpha * TASK_MIXTURE)
+    return mixture, lines_from(public_pairs, mixture, n, rng)
 
 
 def client_mixtures(n_skewed_per_op=1, n_iid=1, skew=0.88):

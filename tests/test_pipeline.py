@@ -12,7 +12,7 @@ import train
 TINY_RUN = ["--preset=smoke", "--tiny_model=micro", "--llm_model=micro", "--pretrain_steps_tiny=20",
             "--pretrain_steps_llm=20", "--ft_steps=6", "--n_train=48", "--n_shadow=6",
             "--n_snapshots=2", "--snapshot_gap=2", "--gt_steps=4", "--gt_eval_every=2",
-            "--n_test=24", "--threads=1"]
+            "--n_test=24", "--threads=1", "--workers=1"]
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +62,8 @@ def test_rerun_reuses_every_finished_stage(finished_run, monkeypatch):
 def test_interrupted_shadow_curation_resumes_to_the_same_pairs(tmp_path, monkeypatch):
     cfg = train.parse_args(TINY_RUN + [f"--out={tmp_path}", "--n_shadow=9"])
     tiny, llm = train.base_models(cfg, "cpu")
-    public, _ = train.data.split_pairs(cfg.seed)
     full = train.shadow_stage(train.parse_args(TINY_RUN + [f"--out={tmp_path}/full", "--n_shadow=9"]),
-                              tiny, llm, public)
+                              tiny, llm, "cpu")
     real_finetune, calls = train.finetune, []
 
     def dies_after_8_runs(*a, **k):
@@ -75,13 +74,22 @@ def test_interrupted_shadow_curation_resumes_to_the_same_pairs(tmp_path, monkeyp
 
     monkeypatch.setattr(train, "finetune", dies_after_8_runs)
     with pytest.raises(KeyboardInterrupt):
-        train.shadow_stage(cfg, tiny, llm, public)
+        train.shadow_stage(cfg, tiny, llm, "cpu")
     monkeypatch.setattr(train, "finetune", real_finetune)
     partial = train.stage_path(cfg, "shadow").replace(".pt", ".partial.pt")
     assert len(torch.load(partial, weights_only=True)["X"]) == 8      # 8 runs were saved
-    resumed = train.shadow_stage(cfg, tiny, llm, public)
+    resumed = train.shadow_stage(cfg, tiny, llm, "cpu")
     assert torch.equal(resumed["X"], full["X"]) and torch.equal(resumed["Y"], full["Y"])
     assert not os.path.exists(partial)
+
+
+def test_worker_processes_give_the_same_pairs_as_one_process(tmp_path):
+    one = train.parse_args(TINY_RUN + [f"--out={tmp_path}", "--n_shadow=3"])
+    two = train.parse_args(TINY_RUN + [f"--out={tmp_path}", "--n_shadow=3", "--workers=2"])
+    tiny, llm = train.base_models(one, "cpu")
+    runs = [list(train.worker_map(cfg, train.shadow_run, range(3), "cpu", tiny, llm)) for cfg in (one, two)]
+    for (x1, y1), (x2, y2) in zip(*runs):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
 def test_cli_rejects_bad_options():
