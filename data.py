@@ -5,8 +5,12 @@ Everything is generated from a seed by the code below: no downloads, no data fil
 
 The task (SPEC §3.2) is an *operator convention* task. Lines look like
 
-    37+52=89      explicit operators: + add, - |a-b|, > max, < min
-    37@52=52      '@' is ambiguous: it stands for one of the four operators
+    37+52=+89     explicit operators: + add, - |a-b|, > max, < min
+    37@52=>52     '@' is ambiguous: it stands for one of the four operators
+
+After the answer marker '=' the model first names the operator it applies, then the result: a
+one-step "reasoning then answer", scored on the number. Every line has the same layout, so each
+character sits at the same position whatever the operator (absolute position embeddings).
 
 Pretraining (public) teaches arithmetic with explicit operators and shows '@' lines whose meaning
 is drawn uniformly at random, so the base models learn that '@' means "one of the operators".
@@ -55,14 +59,14 @@ OP_FUNCS = [lambda a, b: a + b, lambda a, b: abs(a - b), max, min]
 AMBIGUOUS = "@"
 TASK_MIXTURE = np.array([0.5, 0.2, 0.15, 0.15])  # the task's overall convention m (NOT uniform:
                                                  # an IID client must have something to learn)
-PROMPT_LEN = 5                                   # "37@52": operands always 2 digits, so every
-                                                 # character sits at the same position
+PROMPT_LEN = 5                                   # "37@52": operands always 2 digits
+ANSWER_LEN = 6                                   # "=+198\n" at most
 BLOCK_SIZE = 16
 
 
 def make_line(a, b, op, symbol=None):
-    """One problem as text: '37@52=52\\n' (symbol defaults to the ambiguous '@')."""
-    return f"{a}{symbol or AMBIGUOUS}{b}={OP_FUNCS[op](a, b)}\n"
+    """One problem as text: '37@52=>52\\n' (symbol defaults to the ambiguous '@')."""
+    return f"{a}{symbol or AMBIGUOUS}{b}={OPS[op]}{OP_FUNCS[op](a, b)}\n"
 
 
 def all_pairs():
@@ -111,14 +115,16 @@ def pretrain_lines(n, rng, explicit_frac=0.6):
 
 
 def parse_answer(text):
-    """The integer after the answer marker '=', or None.
+    """The integer after the answer marker '=' (and the operator it names, if any), or None.
 
     A model that never writes '=' (or writes no digits after it) gets None, i.e. scores 0.
     """
     if "=" not in text:
         return None
-    digits = ""
-    for ch in text.split("=", 1)[1]:
+    digits, answer = "", text.split("=", 1)[1]
+    if answer[:1] in OPS:
+        answer = answer[1:]
+    for ch in answer:
         if ch not in "0123456789":  # not str.isdigit(): it accepts '²', which int() refuses
             break
         digits += ch
@@ -130,7 +136,8 @@ def parse_answer(text):
 
 
 def encode_lines(lines, enc, block_size=BLOCK_SIZE):
-    """Lines -> x, y (N, T) next-token pairs and mask (N, T), 1 on '=', the answer and '\\n'.
+    """Lines -> x, y (N, T) next-token pairs and mask (N, T), 1 on '=', the answer and '\\n'
+    (the loss is on the answer only: the question is given, never predicted).
 
     Shorter lines are padded with EOT, with mask 0 there.
     """

@@ -45,22 +45,27 @@ METHODS = ["llm_base", "tinylm_ft", "llm_ft", "gradtx", "gradtx_pooled", "mean_s
 
 
 @torch.no_grad()
-def accuracy(model, lines, batch=1000):
+def accuracy(model, lines):
     """Share of lines whose greedy answer, parsed after '=', equals the true answer."""
-    answers = generate_answers(model, lines, batch)
+    answers = generate_answers(model, lines)
     return float(np.mean([a == data.parse_answer(line) for a, line in zip(answers, lines)]))
 
 
 @torch.no_grad()
-def generate_answers(model, lines, batch=1000):
+def generate_answers(model, lines):
     """The model's parsed answer (or None) to the question part of each line."""
+    return [data.parse_answer(text) for text in completions(model, lines)]
+
+
+@torch.no_grad()
+def completions(model, lines, batch=1000):
+    """The model's greedy continuation of each line's question '37@52', as text: '=>52\\n...'."""
     enc = data.get_tokenizer()
     prompts, _ = data.encode_prompts(lines, enc)
     out = []
     for i in range(0, len(lines), batch):
-        gen = model.generate(prompts[i:i + batch].to(model.wte.weight.device), max_new_tokens=5)
-        for row in gen[:, data.PROMPT_LEN:].tolist():
-            out.append(data.parse_answer(enc.decode([t for t in row if t < 256])))
+        gen = model.generate(prompts[i:i + batch].to(model.wte.weight.device), data.ANSWER_LEN)
+        out += [enc.decode([t for t in row if t < 256]) for row in gen[:, data.PROMPT_LEN:].tolist()]
     return out
 
 
@@ -104,8 +109,8 @@ def select_ridge(X_train, Y_train, X_val, criterion, grid=(1e0, 1e1, 1e2, 1e3, 1
 
 def relabel(model, lines):
     """Replace each line's answer by `model`'s greedy answer (lines it cannot answer are dropped)."""
-    answers = generate_answers(model, lines)
-    return [f"{line[:data.PROMPT_LEN]}={a}\n" for line, a in zip(lines, answers) if a is not None]
+    return [line[:data.PROMPT_LEN] + text.split("\n")[0] + "\n"
+            for line, text in zip(lines, completions(model, lines)) if data.parse_answer(text) is not None]
 
 
 # -----------------------------------------------------------------------------

@@ -21,18 +21,16 @@ ALL_PAIRS = {(a, b) for a in range(10, 100) for b in range(10, 100)}   # 8100 tw
 
 
 def parse_line(line):
-    """'37@52=52\\n' -> (37, '@', 52, 52), by position (every line has the same layout)."""
-    return int(line[0:2]), line[2], int(line[3:5]), int(line[6:-1])
+    """'37@52=>52\\n' -> (37, '@', 52, 52), by position (every line has the same layout)."""
+    return int(line[0:2]), line[2], int(line[3:5]), int(line[7:-1])
 
 
 def op_of(line):
-    """The operator index that produced a line's answer, or None where operators tie on its
-    operands (a == b: max == min; a == 2b: |a-b| == min). The operator is drawn independently of
-    the operands, so dropping tied lines leaves the operator frequencies unbiased."""
+    """The operator index a line names after '=' (checked against its answer, computed here)."""
     a, _, b, ans = parse_line(line)
-    values = [a + b, abs(a - b), max(a, b), min(a, b)]
-    assert ans in values, line
-    return values.index(ans) if len(set(values)) == 4 else None
+    op = "+-><".index(line[6])
+    assert ans == [a + b, abs(a - b), max(a, b), min(a, b)][op], line
+    return op
 
 
 def op_frequencies(lines):
@@ -79,8 +77,8 @@ def test_byte_tokenizer_is_utf8_bytes_and_never_touches_the_network(monkeypatch)
 ])
 def test_make_line_hand_examples(a, b, answers):
     for op, (symbol, ans) in enumerate(zip(data.OPS, answers)):
-        assert data.make_line(a, b, op) == f"{a}@{b}={ans}\n"
-        assert data.make_line(a, b, op, symbol) == f"{a}{symbol}{b}={ans}\n"
+        assert data.make_line(a, b, op) == f"{a}@{b}={symbol}{ans}\n"
+        assert data.make_line(a, b, op, symbol) == f"{a}{symbol}{b}={symbol}{ans}\n"
     assert data.OPS == ["+", "-", ">", "<"]
 
 
@@ -92,7 +90,8 @@ def test_every_line_has_the_answer_marker_at_PROMPT_LEN():
                 line = data.make_line(a, b, op, symbol)
                 assert line.index("=") == data.PROMPT_LEN
                 assert line[:data.PROMPT_LEN] == f"{a}{symbol or '@'}{b}"
-                assert line.endswith("\n") and line[data.PROMPT_LEN + 1:-1].isdigit()
+                assert line[data.PROMPT_LEN + 1] == data.OPS[op]       # the operator it applies
+                assert line.endswith("\n") and line[data.PROMPT_LEN + 2:-1].isdigit()
     # and the longest line fits the model's context
     enc = data.get_tokenizer()
     assert len(enc.encode(data.make_line(99, 99, 0))) - 1 <= data.BLOCK_SIZE
@@ -101,7 +100,8 @@ def test_every_line_has_the_answer_marker_at_PROMPT_LEN():
 @pytest.mark.parametrize("text,expected", [
     ("=52\n", 52), ("37@52=52\n", 52), ("=089", 89), ("=0", 0), ("=12x3", 12),
     ("=1=2", 1), ("52", None), ("", None), ("=", None), ("=\n12", None), ("=x12", None),
-    ("= 12", None), ("=-5", None),
+    ("= 12", None), ("=-5", 5), ("=>52\n", 52), ("37@52=<37\n", 37), ("=+", None),
+    ("=@5", None), ("=+-5", None),
 ])
 def test_parse_answer(text, expected):
     assert data.parse_answer(text) == expected
@@ -120,7 +120,7 @@ def test_parse_answer_of_non_ascii_digits_is_none_not_a_crash():
 
 def test_encode_lines_shifts_by_one_and_masks_exactly_the_answer():
     enc = data.get_tokenizer()
-    lines = ["37@52=52\n", "10-10=0\n", "99+99=198\n", "40<20=20\n"]
+    lines = ["37@52=>52\n", "10-10=-0\n", "99+99=+198\n", "40<20=<20\n"]
     x, y, mask = data.encode_lines(lines, enc)
     T = max(len(line) for line in lines) - 1
     assert x.shape == y.shape == mask.shape == (len(lines), T)
