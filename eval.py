@@ -118,7 +118,14 @@ def relabel(model, lines):
 
 
 def evaluate(cfg, tiny, llm, translator, shadow, clients):
-    t0 = time.time()
+    t0, seconds = time.time(), {}
+
+    def timed(fn, *args):  # what the provider's side costs: generating vs fine-tuning the LLM
+        start = time.perf_counter()
+        result = fn(*args)
+        seconds.setdefault(fn.__name__, []).append(time.perf_counter() - start)
+        return result
+
     public_pairs, private_pairs = data.split_pairs(cfg.seed)
     train_runs, val_runs = train.split_runs(cfg)
     X_train, Y_train = shadow["X"][train_runs].flatten(0, 1), shadow["Y"][train_runs].flatten(0, 1)
@@ -147,8 +154,8 @@ def evaluate(cfg, tiny, llm, translator, shadow, clients):
             scores["tinylm_dp"] = accuracy(tiny, test_lines)
         updates = {
             "llm_base": torch.zeros(llm_shape),
-            "llm_ft": train.finetune(llm, train_lines, cfg, seed)[-1],
-            "gradtx": gradtx.generate(translator, c["upload"]),
+            "llm_ft": timed(train.finetune, llm, train_lines, cfg, seed)[-1],
+            "gradtx": timed(gradtx.generate, translator, c["upload"]),
             "gradtx_pooled": pooled_update,
             "mean_shadow": mean_update,
             "ridge": ridge_predict(ridge, c["upload"][None], llm_shape)[0],
@@ -179,6 +186,8 @@ def evaluate(cfg, tiny, llm, translator, shadow, clients):
     stage_seconds = train.stage_seconds(cfg)
     stage_seconds["eval"] = time.time() - t0
     stage_seconds["total"] = sum(stage_seconds.values())
+    stage_seconds["gradtx_generate_per_update"] = float(np.mean(seconds["generate"]))
+    stage_seconds["llm_finetune_per_run"] = float(np.mean(seconds["finetune"]))
     sigma = train.privacy(cfg)
     out = {
         "task": "arith", "metric": "accuracy", "higher_is_better": True,
@@ -212,13 +221,15 @@ def results_table(results):
     head = (["method"] + [c["name"] for c in clients] + ["mean PGR", "mean gain"]
             + [f"{k} gain" for k in by_kind])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in clients[0]["scores"]:
+    for m in sorted(clients[0]["scores"], key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS)):
         row = ([m] + [fmt(c["scores"][m]) for c in clients]
                + [fmt(results["summary"]["pgr"][m]), fmt(results["summary"]["gain_recovered"][m])]
                + [fmt(by_kind[k]["gain_recovered"][m]) for k in by_kind])
         lines.append("| " + " | ".join(row) + " |")
     t = results["timing_s"]
-    lines.append("\ntime (s): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()))
+    lines.append("\ntime (s): " + ", ".join(f"{k} {t[k]:.0f}" for k in ("pretrain", "shadow", "fit", "clients", "eval", "total"))
+                 + f"; one translation {1e3 * t['gradtx_generate_per_update']:.1f} ms vs one LLM "
+                 f"fine-tune {t['llm_finetune_per_run']:.2f} s")
     return "\n".join(lines)
 
 

@@ -40,7 +40,9 @@ import tinylm
 @dataclass
 class Config:
     preset: str = "cpu"
-    out: str = "out"             # where every stage caches its output and results.json goes
+    out: str = "out"             # where results.json (and, by default, the stage cache) goes
+    cache: str = ""              # where finished stages are cached ("" = --out); share it between
+                                 # runs that differ only in later stages (e.g. DP on the clients)
     seed: int = 0                # changes the data split, shadow subsets, clients and inits
     device: str = "auto"         # auto = cuda, then mps, then cpu
     threads: int = 0             # torch CPU threads (0: torch's default)
@@ -169,12 +171,12 @@ STAGES = {"pretrain_tiny": TINY_KEYS, "pretrain_llm": LLM_KEYS, "shadow": SHADOW
 
 def stage_path(cfg, stage):
     settings = json.dumps({k: getattr(cfg, k) for k in STAGES[stage]}, sort_keys=True)
-    return os.path.join(cfg.out, f"{stage}-{hashlib.sha1(settings.encode()).hexdigest()[:10]}.pt")
+    return os.path.join(cfg.cache or cfg.out, f"{stage}-{hashlib.sha1(settings.encode()).hexdigest()[:10]}.pt")
 
 
 def record_seconds(cfg, stage, seconds):
     """Compute time of a finished stage, kept beside its output (timing.json)."""
-    path = os.path.join(cfg.out, "timing.json")
+    path = os.path.join(cfg.cache or cfg.out, "timing.json")
     timing = json.load(open(path)) if os.path.exists(path) else {}
     timing[os.path.basename(stage_path(cfg, stage))] = seconds
     with open(path + ".tmp", "w") as f:
@@ -184,7 +186,7 @@ def record_seconds(cfg, stage, seconds):
 
 def stage_seconds(cfg):
     """{pretrain, shadow, fit, clients}: seconds each stage of this configuration took to compute."""
-    path = os.path.join(cfg.out, "timing.json")
+    path = os.path.join(cfg.cache or cfg.out, "timing.json")
     timing = json.load(open(path)) if os.path.exists(path) else {}
     t = {s: timing.get(os.path.basename(stage_path(cfg, s)), 0.0) for s in STAGES}
     return {"pretrain": t["pretrain_tiny"] + t["pretrain_llm"], "shadow": t["shadow"],
@@ -498,6 +500,7 @@ def main(argv):
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out, exist_ok=True)
+    os.makedirs(cfg.cache or cfg.out, exist_ok=True)
     t_start = time.time()
     print(f"gradtx: preset {cfg.preset}, seed {cfg.seed}, device {device}, out {cfg.out}")
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
