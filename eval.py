@@ -176,8 +176,13 @@ def evaluate(cfg, tiny, llm, translator, shadow, clients):
         })
 
     def summarise(rows):
-        return {key: {m: mean_defined([r[key][m] for r in rows]) for m in rows[0][key]}
-                for key in ("scores", "pgr", "gain_recovered")}
+        out = {key: {m: mean_defined([r[key][m] for r in rows]) for m in rows[0][key]}
+               for key in ("scores", "pgr", "gain_recovered")}
+        # the same ratios of the mean scores: robust where one client's gap is close to zero
+        mean = out["scores"]
+        out["pgr_of_means"] = {m: pgr(v, mean["tinylm_ft"], mean["llm_ft"]) for m, v in mean.items()}
+        out["gain_of_means"] = {m: pgr(v, mean["llm_base"], mean["llm_ft"]) for m, v in mean.items()}
+        return out
 
     summary = summarise(results)
     summary["by_kind"] = {kind: summarise([r for r in results if r["kind"] == kind])
@@ -214,17 +219,19 @@ def evaluate(cfg, tiny, llm, translator, shadow, clients):
 
 
 def results_table(results):
-    """Markdown: one row per method, accuracy per client, then mean PGR and gain recovered."""
+    """Markdown: one row per method, accuracy per client, then PGR and gain recovered, both as
+    the mean of the per-client ratios and as the ratio of the mean scores ("of means")."""
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
-    clients = results["clients"]
-    by_kind = results["summary"]["by_kind"]
-    head = (["method"] + [c["name"] for c in clients] + ["mean PGR", "mean gain"]
-            + [f"{k} gain" for k in by_kind])
+    clients, summary = results["clients"], results["summary"]
+    skewed = summary["by_kind"].get("skewed", summary)
+    head = ([m for m in ["method"]] + [c["name"] for c in clients]
+            + ["mean PGR", "mean gain", "PGR of means", "gain of means", "skewed: gain of means"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in sorted(clients[0]["scores"], key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS)):
         row = ([m] + [fmt(c["scores"][m]) for c in clients]
-               + [fmt(results["summary"]["pgr"][m]), fmt(results["summary"]["gain_recovered"][m])]
-               + [fmt(by_kind[k]["gain_recovered"][m]) for k in by_kind])
+               + [fmt(summary["pgr"][m]), fmt(summary["gain_recovered"][m]),
+                  fmt(summary["pgr_of_means"][m]), fmt(summary["gain_of_means"][m]),
+                  fmt(skewed["gain_of_means"][m])])
         lines.append("| " + " | ".join(row) + " |")
     t = results["timing_s"]
     lines.append("\ntime (s): " + ", ".join(f"{k} {t[k]:.0f}" for k in ("pretrain", "shadow", "fit", "clients", "eval", "total"))

@@ -59,9 +59,10 @@ class Config:
     lora_rank: int = 4
     lora_alpha: float = 8.0
     lora_seed: int = 1234        # the public seed of A0
-    ft_steps: int = 150
+    ft_steps: int = 100
     ft_batch: int = 32
-    ft_lr: float = 1e-2
+    ft_lr: float = 3e-3          # measured: 1e-2 also teaches the convention but erodes the
+                                 # LLM's arithmetic (fine-tuned below its base on one client)
     n_train: int = 512           # examples per shadow subset and per client
     # shadow curation
     n_shadow: int = 64           # K shadow subsets
