@@ -120,10 +120,10 @@ def relabel(model, lines):
 def evaluate(cfg, tiny, llm, translator, shadow, clients):
     t0, seconds = time.time(), {}
 
-    def timed(fn, *args):  # what the provider's side costs: generating vs fine-tuning the LLM
+    def timed(name, fn, *args):  # what the provider's side costs: generating vs fine-tuning the LLM
         start = time.perf_counter()
         result = fn(*args)
-        seconds.setdefault(fn.__name__, []).append(time.perf_counter() - start)
+        seconds.setdefault(name, []).append(time.perf_counter() - start)
         return result
 
     public_pairs, private_pairs = data.split_pairs(cfg.seed)
@@ -154,8 +154,8 @@ def evaluate(cfg, tiny, llm, translator, shadow, clients):
             scores["tinylm_dp"] = accuracy(tiny, test_lines)
         updates = {
             "llm_base": torch.zeros(llm_shape),
-            "llm_ft": timed(train.finetune, llm, train_lines, cfg, seed)[-1],
-            "gradtx": timed(gradtx.generate, translator, c["upload"]),
+            "llm_ft": timed("finetune", train.finetune, llm, train_lines, cfg, seed)[-1],
+            "gradtx": timed("generate", gradtx.generate, translator, c["upload"]),
             "gradtx_pooled": pooled_update,
             "mean_shadow": mean_update,
             "ridge": ridge_predict(ridge, c["upload"][None], llm_shape)[0],
@@ -240,12 +240,18 @@ def results_table(results):
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    args = sys.argv[1:]
-    out = next((a.split("=", 1)[1] for a in args if a.startswith("--out=")), None)
-    if out is None or not os.path.exists(os.path.join(out, "config.json")):
-        raise SystemExit("usage: python eval.py --out=DIR, where DIR holds a finished (or started) "
-                         "train.py run (its config.json)")
-    with open(os.path.join(out, "config.json")) as f:
+def rescore(out):
+    """Re-run the evaluation of a finished run from its out directory (every stage is cached)."""
+    path = os.path.join(out, "config.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} not found: expected the --out directory of a train.py run")
+    with open(path) as f:
         saved = json.load(f)
-    train.main([f"--{k}={v}" for k, v in saved.items()])
+    return train.main([f"--{k}={v}" for k, v in saved.items()])
+
+
+if __name__ == "__main__":
+    outs = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--out=")]
+    if len(outs) != 1 or len(sys.argv) != 2:
+        raise SystemExit("usage: python eval.py --out=DIR   (DIR: the --out of a train.py run)")
+    rescore(outs[0])

@@ -53,7 +53,7 @@ def test_rerun_reuses_every_finished_stage(finished_run, monkeypatch):
     calls = []
     real_finetune = train.finetune
     monkeypatch.setattr(train, "finetune", lambda *a, **k: calls.append(1) or real_finetune(*a, **k))
-    again = train.main(TINY_RUN + [f"--out={out}"])
+    again = evaluation.rescore(out)   # python eval.py --out=DIR: the saved config, every stage cached
     # eval's baselines fine-tune the LLM (public_llm + 4 per client); the shadow stage would add 12
     assert len(calls) == 1 + 4 * len(again["clients"])
     assert again["clients"] == first["clients"]   # same cached stages -> the very same scores
