@@ -299,19 +299,19 @@ def answer_loss(model, lines):
 # independent fine-tunes side by side: on a CPU, two single-threaded processes get through about
 # 1.7x the work of one process with two threads (measured: these small matrices leave cores idle)
 
-_worker = {}   # what a worker process holds: the config and both base models with LoRA
+_worker = {}   # what a worker process holds: the config, both base models with LoRA, public pairs
 
 
 def _init_worker(cfg, device):
     torch.set_num_threads(1)
-    _worker["cfg"] = cfg
-    _worker["tiny"], _worker["llm"] = base_models(cfg, device)   # the cached checkpoints
+    tiny, llm = base_models(cfg, device)   # the cached checkpoints
+    _worker.update(cfg=cfg, tiny=tiny, llm=llm, public_pairs=data.split_pairs(cfg.seed)[0])
 
 
 def worker_map(cfg, fn, items, device, tiny, llm):
     """map(fn, items), in order, in cfg.workers processes (in this one when workers <= 1 or on a GPU)."""
     if cfg.workers <= 1 or device != "cpu" or len(items) <= 1:
-        _worker.update(cfg=cfg, tiny=tiny, llm=llm)
+        _worker.update(cfg=cfg, tiny=tiny, llm=llm, public_pairs=data.split_pairs(cfg.seed)[0])
         yield from map(fn, items)
         return
     with mp.get_context("spawn").Pool(cfg.workers, _init_worker, (cfg, device)) as pool:
@@ -336,8 +336,7 @@ def shadow_run(k):
     """Shadow run k: fine-tune both models on subset k from the same LoRA init and the same batch
     order (same seed); the snapshots at the same steps form the pairs. Runs in a worker."""
     cfg, tiny, llm = _worker["cfg"], _worker["tiny"], _worker["llm"]
-    public_pairs, _ = data.split_pairs(cfg.seed)
-    _, lines = data.shadow_subset(public_pairs, cfg.n_train, cfg.shadow_alpha, cfg.seed, k)
+    _, lines = data.shadow_subset(_worker["public_pairs"], cfg.n_train, cfg.shadow_alpha, cfg.seed, k)
     seed, steps = 1_000_003 * cfg.seed + k, snapshot_steps(cfg)
     return (torch.stack(finetune(tiny, lines, cfg, seed, steps)),
             torch.stack(finetune(llm, lines, cfg, seed, steps)))
