@@ -27,6 +27,7 @@ Who holds what:
     python -m pytest tests/test_data.py
 """
 import hashlib
+import re
 
 import numpy as np
 import tiktoken
@@ -205,3 +206,80 @@ def client_data(private_pairs, mixture, n_train, n_test, seed, index):
     ops = rng.choice(len(OPS), size=n_train + n_test, p=mixture)
     lines = [make_line(*private_pairs[i], op) for i, op in zip(order, ops)]
     return lines[:n_train], lines[n_train:]
+
+
+# -----------------------------------------------------------------------------
+# the task object: what train.py and eval.py ask of a task (TextTask has the same methods)
+
+
+def digest(strings):
+    """A short fingerprint of generated data: stage caches are keyed by it, so they cannot go stale."""
+    h = hashlib.sha1()
+    for s in strings:
+        h.update(s.encode() + b"\x00")
+    return h.hexdigest()[:12]
+
+
+class ArithTask:
+    """The arith task for one seed. Examples are lines of text; a model is scored on an example by
+    generating `completion_len` tokens after `prompt(example)` (accuracy of the parsed answer)."""
+    name, metric, higher_is_better = "arith", "accuracy", True
+    block_size, completion_len, label_temperature = BLOCK_SIZE, ANSWER_LEN, 0.0
+
+    def __init__(self, seed):
+        self.seed, self.enc = seed, get_tokenizer()
+        self.public, self.private = split_pairs(seed)
+        self.explicit, self.ambiguous = pretrain_corpus()
+        self._corpus = None                               # encoded once, on first use
+
+    def fingerprint(self):
+        """Of the pretraining corpus (pretraining's cache key)."""
+        return digest(self.explicit + self.ambiguous)
+
+    def encode(self, examples):
+        return encode_lines(examples, self.enc)
+
+    def pretrain_batch(self, n, rng):
+        if self._corpus is None:
+            self._corpus = self.encode(self.explicit + self.ambiguous)       # 3 x (2 * n_problems, T)
+        idx = torch.from_numpy(pretrain_indices(n, rng, len(self.explicit)))
+        return tuple(t[idx] for t in self._corpus)
+
+    def shadow_subset(self, k, n, alpha):
+        """(mixture, lines) of shadow subset k (public pairs only)."""
+        return shadow_subset(self.public, n, alpha, self.seed, k)
+
+    def public_examples(self, n, rng):
+        """n public lines that follow the task's overall mixture (n=None: one per public pair)."""
+        return lines_from(self.public, TASK_MIXTURE, n or len(self.public), rng)
+
+    def clients(self, n_train, n_test, group_size=1, skew=0.88):
+        """Convention groups (one per skewed operator, and the IID mixture) of group_size members,
+        each with its own private train and test lines. Member i's data depends on (seed, i) only."""
+        members = []
+        for group, kind, mixture in client_mixtures(1, 1, skew):
+            for j in range(group_size):
+                train, test = client_data(self.private, mixture, n_train, n_test, self.seed, len(members))
+                members.append({"name": group if group_size == 1 else f"{group}/{j}", "group": group,
+                                "kind": kind, "index": len(members), "mixture": mixture.tolist(),
+                                "train": train, "test": test})
+        return members
+
+    # scoring and relabelling by generation (eval.py)
+    def prompt(self, example):
+        return example[:PROMPT_LEN]
+
+    def is_correct(self, example, completion):
+        return parse_answer(completion) == parse_answer(example)
+
+    def relabelled(self, prompt, completion):
+        """The prompt answered by a model's completion ('=', an operator, digits), or None when the
+        completion does not start with an answer in the task's format."""
+        answer = re.match(r"=[-+<>]?[0-9]+", completion)
+        return prompt + answer.group(0) + "\n" if answer else None
+
+
+def make_task(name, seed, text_path=""):
+    if name == "arith":
+        return ArithTask(seed)
+    raise ValueError(f"unknown task {name!r}: expected 'arith'")

@@ -1,72 +1,83 @@
 """
-eval.py -- scoring: accuracy, PGR and gain recovered, honest baselines, the results table.
+eval.py -- scoring: the task's metric, PGR and gain recovered, honest baselines, the tables.
 
     python train.py                 # runs everything and calls evaluate() at the end
-    python eval.py --out=out        # re-score a finished run from its out directory
+    python eval.py --out=out        # print the tables of a finished run (or experiment) again
 
 Every method gives the LLM (or, for the floor, the TinyLM) one update vector, scored on each
-client's own test split by exact match of the parsed answer:
+client's own test split (arith: accuracy of the parsed answer; text: bits per byte, lower is better):
 
-    llm_base     the LLM with no update
-    tinylm_ft    TinyLM fine-tuned on the client's private data            P_S, the floor
-    llm_ft       LLM fine-tuned on the client's private data               P_T, the ceiling
-    gradtx       the Grad-Transformer's translation of the client's upload
-    gradtx_pooled  one translation of the mean of all clients' uploads (the paper's multi-client)
-    mean_shadow  the mean shadow LLM update: what the provider has with no client signal
-    ridge        a linear map TinyLM update -> LLM update (ridge regression on the shadow pairs)
-    public_llm   LLM fine-tuned on the whole public half
-    w2s          LLM fine-tuned on the client's private inputs labelled by its TinyLM
-    w2s_conf     the same with the auxiliary confidence loss (Burns et al. 2023)
-    kd           data-free distillation: LLM fine-tuned on public prompts labelled by the client's
-                 TinyLM (rebuilt from the upload: public base + update)
+    llm_base      the LLM with no update
+    tinylm_ft     TinyLM fine-tuned on the client's private data, no DP          P_S, the floor
+    tinylm_dp     (DP runs) the client's own DP TinyLM: the model behind its upload
+    llm_ft        LLM fine-tuned on the client's private data, no DP             P_T, the ceiling
+    gradtx        the Grad-Transformer's translation of the client's upload
+    gradtx_group  (groups) one translation of the mean upload of the client's convention group
+    ridge         the linear map alone (public subspace + ridge regression on the same shadow pairs)
+    ridge_group   (groups) the linear map on the group's mean upload
+    mean_shadow   the mean shadow LLM update: what the provider has with no client signal
+    public_llm    LLM fine-tuned on the whole public half
+    w2s           LLM fine-tuned on the client's private inputs labelled by the client's TinyLM
+    w2s_conf      the same with the auxiliary confidence loss (Burns et al. 2023)
+    kd            data-free distillation: LLM fine-tuned on public prompts labelled by the client's
+                  TinyLM (the provider can rebuild it from the upload: public base + update)
+    (w2s, w2s_conf and kd use the client's own TinyLM: the DP one in DP runs.)
 
     PGR            = (P_method - P_S) / (P_T - P_S)
     gain recovered = (P_method - P_llm_base) / (P_T - P_llm_base)
+Both hold for lower-is-better metrics too (numerator and denominator change sign together).
 """
 import json
+import math
 import os
 import sys
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-import data
 import gradtx
 import tinylm
-import train
 
-METHODS = ["llm_base", "tinylm_ft", "llm_ft", "gradtx", "gradtx_pooled", "mean_shadow", "ridge",
-           "public_llm", "w2s", "w2s_conf", "kd"]
+METHODS = ["llm_base", "tinylm_ft", "tinylm_dp", "llm_ft", "gradtx", "gradtx_group", "ridge", "ridge_group",
+           "mean_shadow", "public_llm", "w2s", "w2s_conf", "kd"]
 
 # -----------------------------------------------------------------------------
 # metrics
 
 
 @torch.no_grad()
-def accuracy(model, lines):
-    """Share of lines whose greedy answer, parsed after '=', equals the true answer."""
-    answers = generate_answers(model, lines)
-    return float(np.mean([a == data.parse_answer(line) for a, line in zip(answers, lines)]))
-
-
-@torch.no_grad()
-def generate_answers(model, lines):
-    """The model's parsed answer (or None) to the question part of each line."""
-    return [data.parse_answer(text) for text in completions(model, lines)]
-
-
-@torch.no_grad()
-def completions(model, lines, batch=1000):
-    """The model's greedy continuation of each line's question '37@52', as text: '=>52\\n...'."""
-    enc = data.get_tokenizer()
-    prompts, _ = data.encode_prompts(lines, enc)
-    out = []
-    for i in range(0, len(lines), batch):
-        gen = model.generate(prompts[i:i + batch].to(model.wte.weight.device), data.ANSWER_LEN)
-        out += [enc.decode([t for t in row if t < 256]) for row in gen[:, data.PROMPT_LEN:].tolist()]
+def completions(task, model, prompts, n_tokens, temperature=0.0, generator=None, batch=1000):
+    """The model's continuation (n_tokens, greedy at temperature 0) of each prompt, as text."""
+    enc, out = task.enc, [None] * len(prompts)
+    by_length = {}
+    for i, p in enumerate(prompts):   # generate prompts of equal length together
+        by_length.setdefault(len(enc.encode_ordinary(p)), []).append(i)
+    for length, rows in by_length.items():
+        for j in range(0, len(rows), batch):
+            chunk = rows[j:j + batch]
+            idx = torch.tensor([enc.encode_ordinary(prompts[i]) for i in chunk], device=model.wte.weight.device)
+            gen = model.generate(idx, n_tokens, temperature, generator)[:, length:].tolist()
+            for i, row in zip(chunk, gen):
+                out[i] = enc.decode([t for t in row if t < 256])
     return out
+
+
+def accuracy(task, model, examples):
+    """Share of examples whose greedy completion of the prompt gives the right answer."""
+    texts = completions(task, model, [task.prompt(e) for e in examples], task.completion_len)
+    return float(np.mean([task.is_correct(e, t) for e, t in zip(examples, texts)]))
+
+
+def bits_per_byte(task, model, examples):
+    """Held-out cross-entropy in bits per byte: the tokenizer is byte-level, so one token = one byte."""
+    return tinylm.loss_of(model, *task.encode(examples)) / math.log(2)
+
+
+def score(task, model, examples):
+    return accuracy(task, model, examples) if task.metric == "accuracy" else bits_per_byte(task, model, examples)
 
 
 def pgr(p_method, p_floor, p_ceiling):
@@ -80,178 +91,223 @@ def mean_defined(values):
     return float(np.mean(values)) if values else None
 
 
-# -----------------------------------------------------------------------------
-# baselines that need a fit or extra data
-
-
-def fit_ridge(X, Y, lam):
-    """Ridge regression Y ~ X on z-scored, flattened updates, solved in the dual (N << dims)."""
-    X, Y = X.flatten(1).double(), Y.flatten(1).double()
-    stats = (X.mean(0), X.std(0) + 1e-8, Y.mean(0), Y.std(0) + 1e-8)
-    Xz, Yz = (X - stats[0]) / stats[1], (Y - stats[2]) / stats[3]
-    W = Xz.T @ torch.linalg.solve(Xz @ Xz.T + lam * torch.eye(len(X), dtype=X.dtype), Yz)
-    return W, stats
-
-
-def ridge_predict(ridge, X, out_shape):
-    W, (xm, xs, ym, ys) = ridge
-    pred = ((X.flatten(1).double() - xm) / xs) @ W * ys + ym
-    return pred.float().view(len(X), *out_shape)
-
-
-def select_ridge(X_train, Y_train, X_val, criterion, grid=(1e0, 1e1, 1e2, 1e3, 1e4, 1e5)):
-    """Choose lambda by the same functional criterion as the translator's checkpoint."""
-    scores = {lam: criterion(ridge_predict(fit_ridge(X_train, Y_train, lam), X_val, Y_train.shape[1:]))
-              for lam in grid}
-    lam = min(scores, key=scores.get)
-    return fit_ridge(X_train, Y_train, lam), lam, scores
-
-
-def relabel(model, lines):
-    """Replace each line's answer by `model`'s greedy answer (lines it cannot answer are dropped)."""
-    return [line[:data.PROMPT_LEN] + text.split("\n")[0] + "\n"
-            for line, text in zip(lines, completions(model, lines)) if data.parse_answer(text) is not None]
+def relabel(task, model, examples, generator):
+    """Each example's prompt completed by `model` (arith: its greedy answer; text: a sampled
+    continuation); examples it gives no usable answer to are dropped."""
+    prompts = [task.prompt(e) for e in examples]
+    texts = completions(task, model, prompts, task.completion_len, task.label_temperature, generator)
+    return [r for r in (task.relabelled(p, t) for p, t in zip(prompts, texts)) if r is not None]
 
 
 # -----------------------------------------------------------------------------
 # the evaluation
 
 
-def evaluate(cfg, tiny, llm, translator, shadow, clients):
-    t0, seconds = time.time(), {}
+def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_seconds, privacy, provenance):
+    """Score every method on every client; write results.json into cfg.out and print the tables.
 
-    def timed(name, fn, *args):  # what the provider's side costs: generating vs fine-tuning the LLM
+    translators: {m: (Grad-Transformer, fit log)} for inputs that average m uploads; the fit log
+    holds the selected linear map (basis, ridge) that is the `ridge` baseline."""
+    t0, seconds = time.time(), {"generate": [], "finetune": []}
+    llm_shape = tuple(shadow["Y"].shape[2:])
+    train_runs, _ = gradtx.split_runs(cfg.n_shadow, cfg.val_frac, cfg.seed)
+    mean_update = shadow["Y"][train_runs].flatten(0, 1).mean(0)
+    rng, g = np.random.default_rng([cfg.seed, 4]), torch.Generator().manual_seed(cfg.seed)
+
+    def finetune_llm(examples, seed, conf_weight=0.0):
+        if not examples:   # a weak model that answers nothing teaches nothing: the LLM stays as it is
+            return torch.zeros(llm_shape)
+        return tinylm.finetune(llm, *task.encode(examples), recipe, seed, conf_weight=conf_weight)[-1]
+
+    def translate(upload, m=1):        # the Grad-Transformer trained for inputs that average m uploads
         start = time.perf_counter()
-        result = fn(*args)
-        seconds.setdefault(name, []).append(time.perf_counter() - start)
-        return result
+        update = gradtx.generate(translators[m][0], upload)
+        seconds["generate"].append(time.perf_counter() - start)
+        return update
 
-    public_pairs, private_pairs = data.split_pairs(cfg.seed)
-    train_runs, val_runs = train.split_runs(cfg)
-    X_train, Y_train = shadow["X"][train_runs].flatten(0, 1), shadow["Y"][train_runs].flatten(0, 1)
-    llm_shape = tuple(Y_train.shape[1:])
-    criterion = train.functional_criterion(cfg, llm, public_pairs, val_runs)
-    ridge, lam, _ = select_ridge(X_train, Y_train, shadow["X"][val_runs, -1], criterion)
-    mean_update = Y_train.mean(0)
-    rng = np.random.default_rng([cfg.seed, 4])
-    public_lines = data.lines_from(public_pairs, data.TASK_MIXTURE, len(public_pairs), rng)
-    public_update = train.finetune(llm, public_lines, cfg, seed=cfg.seed)[-1]
-    pooled_update = gradtx.generate(translator, torch.stack([c["upload"] for c in clients]).mean(0))
+    def linear(upload, m=1):           # the selected linear map alone
+        log = translators[m][1]
+        return gradtx.ridge_predict(log["ridge"], gradtx.project(upload[None], log["basis"])).view(llm_shape)
+
+    shared = {"llm_base": torch.zeros(llm_shape), "mean_shadow": mean_update,
+              "public_llm": finetune_llm(task.public_examples(None, rng), cfg.seed)}
+    groups = {}
+    for c in clients:
+        groups.setdefault(c["group"], []).append(c)
+    pooled = {name: pooling_updates(members, translators, translate, linear) for name, members in groups.items()}
 
     results = []
     for c in tqdm(clients, desc="evaluate clients", leave=False):
-        train_lines, test_lines = data.client_data(private_pairs, c["mixture"].numpy(), cfg.n_train,
-                                                   cfg.n_test, cfg.seed, c["index"])
-        seed = 2_000_003 * cfg.seed + c["index"]
-        # the floor is always the non-private TinyLM; with DP the client's own model is scored too
-        floor_update = c["update"] if cfg.dp_epsilon <= 0 else train.finetune(tiny, train_lines, cfg, seed)[-1]
-        tinylm.set_update(tiny, floor_update)
-        scores = {"tinylm_ft": accuracy(tiny, test_lines)}
-        weak_lines = relabel(tiny, train_lines)                                   # w2s data
-        kd_lines = relabel(tiny, data.lines_from(public_pairs, data.TASK_MIXTURE, cfg.n_train, rng))
+        seed, test = 2_000_003 * cfg.seed + c["index"], c["test"]
+        scores = {"tinylm_ft": score(task, tinylm.set_update(tiny, c["floor_update"]), test)}
         if cfg.dp_epsilon > 0:
-            tinylm.set_update(tiny, c["update"])
-            scores["tinylm_dp"] = accuracy(tiny, test_lines)
-        updates = {
-            "llm_base": torch.zeros(llm_shape),
-            "llm_ft": timed("finetune", train.finetune, llm, train_lines, cfg, seed)[-1],
-            "gradtx": timed("generate", gradtx.generate, translator, c["upload"]),
-            "gradtx_pooled": pooled_update,
-            "mean_shadow": mean_update,
-            "ridge": ridge_predict(ridge, c["upload"][None], llm_shape)[0],
-            "public_llm": public_update,
-            "w2s": train.finetune(llm, weak_lines, cfg, seed)[-1],
-            "w2s_conf": train.finetune(llm, weak_lines, cfg, seed, conf_weight=0.5)[-1],
-            "kd": train.finetune(llm, kd_lines, cfg, seed)[-1],
-        }
+            scores["tinylm_dp"] = score(task, tinylm.set_update(tiny, c["upload"]), test)
+        start = time.perf_counter()
+        updates = dict(shared, llm_ft=finetune_llm(c["train"], seed))
+        seconds["finetune"].append(time.perf_counter() - start)
+        updates.update(gradtx=translate(c["upload"]), ridge=linear(c["upload"]))
+        if cfg.weak_baselines:   # labels from the client's own TinyLM (its DP model under DP-SGD)
+            tinylm.set_update(tiny, c["upload"] if cfg.dp_epsilon > 0 else c["floor_update"])
+            weak = relabel(task, tiny, c["train"], g)
+            kd = relabel(task, tiny, task.public_examples(len(c["train"]), rng), g)
+            updates.update(w2s=finetune_llm(weak, seed), w2s_conf=finetune_llm(weak, seed, 0.5),
+                           kd=finetune_llm(kd, seed))
+        curve = pooled[c["group"]]
+        if len(groups[c["group"]]) > 1:
+            M = max(curve)
+            updates.update(gradtx_group=curve[M]["gradtx"], ridge_group=curve[M]["ridge"])
         for name, update in updates.items():
-            tinylm.set_update(llm, update)
-            scores[name] = accuracy(llm, test_lines)
+            scores[name] = score(task, tinylm.set_update(llm, update), test)
+        pooling = {m: {variant: score(task, tinylm.set_update(llm, u), test) for variant, u in point.items()}
+                   for m, point in curve.items()} if len(groups[c["group"]]) > 1 else {}
         floor, ceiling, base = scores["tinylm_ft"], scores["llm_ft"], scores["llm_base"]
         results.append({
-            "name": c["name"], "kind": c["kind"], "mixture": [round(float(m), 4) for m in c["mixture"]],
-            "scores": scores,
+            "name": c["name"], "group": c["group"], "kind": c["kind"], "mixture": c["mixture"],
+            "scores": scores, "pooling": pooling,
             "pgr": {k: pgr(v, floor, ceiling) for k, v in scores.items()},
             "gain_recovered": {k: pgr(v, base, ceiling) for k, v in scores.items()},
         })
 
-    def summarise(rows):
-        out = {key: {m: mean_defined([r[key][m] for r in rows]) for m in rows[0][key]}
-               for key in ("scores", "pgr", "gain_recovered")}
-        # the same ratios of the mean scores: robust where one client's gap is close to zero
-        mean = out["scores"]
-        out["pgr_of_means"] = {m: pgr(v, mean["tinylm_ft"], mean["llm_ft"]) for m, v in mean.items()}
-        out["gain_of_means"] = {m: pgr(v, mean["llm_base"], mean["llm_ft"]) for m, v in mean.items()}
-        return out
-
     summary = summarise(results)
     summary["by_kind"] = {kind: summarise([r for r in results if r["kind"] == kind])
                           for kind in sorted({r["kind"] for r in results})}
-    summary["ridge_lambda"] = lam
-    stage_seconds = train.stage_seconds(cfg)
-    stage_seconds["eval"] = time.time() - t0
-    stage_seconds["total"] = sum(stage_seconds.values())
-    stage_seconds["gradtx_generate_per_update"] = float(np.mean(seconds["generate"]))
-    stage_seconds["llm_finetune_per_run"] = float(np.mean(seconds["finetune"]))
-    sigma = train.privacy(cfg)
+    timing = dict(stage_seconds, eval=time.time() - t0)
+    timing["total"] = sum(timing.values())
+    timing["gradtx_generate_per_update"] = float(np.mean(seconds["generate"]))
+    timing["llm_finetune_per_run"] = float(np.mean(seconds["finetune"]))
     out = {
-        "task": "arith", "metric": "accuracy", "higher_is_better": True,
-        "config": train.asdict(cfg),
-        "clients": results,
-        "summary": summary,
-        "privacy": {"epsilon": cfg.dp_epsilon if cfg.dp_epsilon > 0 else None, "delta": cfg.dp_delta,
-                    "noise_multiplier": sigma if sigma is not None else 0.0, "clip": cfg.dp_clip,
-                    "output_epsilon": cfg.out_epsilon if cfg.out_epsilon > 0 else None,
-                    "output_clip": cfg.out_clip},
-        "timing_s": stage_seconds,
+        "task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
+        "config": asdict(cfg), "provenance": provenance,
+        "clients": results, "summary": summary, "privacy": privacy,
+        "translators": {m: {k: log[k] for k in ("k", "ridge_lambda", "ridge_loss", "best_step", "val_loss",
+                                                 "mean_shadow_loss", "true_update_loss")}
+                        for m, (_, log) in translators.items()},
+        "timing_s": timing,
     }
     path = os.path.join(cfg.out, "results.json")
     with open(path + ".tmp", "w") as f:
         json.dump(out, f, indent=1)
     os.replace(path + ".tmp", path)
-    print(f"eval      : {len(results)} clients x {len(METHODS)} methods, {stage_seconds['eval']:.1f}s -> {path}\n")
-    print(results_table(out))
+    print(f"eval      : {len(results)} clients, {time.time() - t0:.1f}s -> {path}\n")
+    print(report(out))
+    return out
+
+
+def pooling_updates(members, translators, translate, linear):
+    """The paper's multi-organization setting: the element-wise mean of the first m uploads of a
+    convention group, translated once, for m = 1, 2, 4, ..., M. Each member keeps its own (eps, delta)
+    guarantee: the mean is post-processing of the members' DP releases and touches no private data.
+
+    "gradtx"/"ridge" use the map trained for inputs that average m uploads (their noise level);
+    "gradtx_single_map" uses the map for one upload, to measure whether matching the level matters."""
+    M = len(members)
+    sizes = sorted({*(2 ** i for i in range(int(math.log2(M)) + 1)), M}) if M > 1 else []
+    curve = {}
+    for m in sizes:
+        mean_upload = torch.stack([c["upload"] for c in members[:m]]).mean(0)
+        level = m if m in translators else 1
+        curve[m] = {"gradtx": translate(mean_upload, level), "ridge": linear(mean_upload, level)}
+        if level != 1:
+            curve[m]["gradtx_single_map"] = translate(mean_upload, 1)
+    return curve
+
+
+def summarise(rows):
+    out = {key: {m: mean_defined([r[key].get(m) for r in rows]) for m in rows[0][key]}
+           for key in ("scores", "pgr", "gain_recovered")}
+    # the same ratios of the mean scores: robust where one client's gap is close to zero
+    mean = out["scores"]
+    out["pgr_of_means"] = {m: pgr(v, mean["tinylm_ft"], mean["llm_ft"]) for m, v in mean.items()}
+    out["gain_of_means"] = {m: pgr(v, mean["llm_base"], mean["llm_ft"]) for m, v in mean.items()}
+    if rows[0]["pooling"]:
+        out["pooling_gain_of_means"] = {
+            m: {variant: pgr(float(np.mean([r["pooling"][m][variant] for r in rows])), mean["llm_base"], mean["llm_ft"])
+                for variant in point} for m, point in rows[0]["pooling"].items()}
     return out
 
 
 # -----------------------------------------------------------------------------
-# the table a person reads
+# the tables a person reads
+
+fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+
+
+def ordered(methods):
+    return sorted(methods, key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS))
 
 
 def results_table(results):
-    """Markdown: one row per method, accuracy per client, then PGR and gain recovered, both as
-    the mean of the per-client ratios and as the ratio of the mean scores ("of means")."""
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
+    """Markdown: one row per method, the score per convention group (mean over its members), then
+    PGR and gain recovered as the mean of per-client ratios and as the ratio of the mean scores."""
     clients, summary = results["clients"], results["summary"]
     skewed = summary["by_kind"].get("skewed", summary)
-    head = ([m for m in ["method"]] + [c["name"] for c in clients]
-            + ["mean PGR", "mean gain", "PGR of means", "gain of means", "skewed: gain of means"])
+    groups = list(dict.fromkeys(c["group"] for c in clients))
+    head = (["method"] + groups + ["mean PGR", "mean gain", "PGR of means", "gain of means", "skewed: gain of means"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in sorted(clients[0]["scores"], key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS)):
-        row = ([m] + [fmt(c["scores"][m]) for c in clients]
-               + [fmt(summary["pgr"][m]), fmt(summary["gain_recovered"][m]),
-                  fmt(summary["pgr_of_means"][m]), fmt(summary["gain_of_means"][m]),
-                  fmt(skewed["gain_of_means"][m])])
+    for m in ordered(clients[0]["scores"]):
+        per_group = [mean_defined([c["scores"][m] for c in clients if c["group"] == g]) for g in groups]
+        row = ([m] + [fmt(v) for v in per_group]
+               + [fmt(summary["pgr"][m]), fmt(summary["gain_recovered"][m]), fmt(summary["pgr_of_means"][m]),
+                  fmt(summary["gain_of_means"][m]), fmt(skewed["gain_of_means"][m])])
         lines.append("| " + " | ".join(row) + " |")
-    t = results["timing_s"]
-    lines.append("\ntime (s): " + ", ".join(f"{k} {t[k]:.0f}" for k in ("pretrain", "shadow", "fit", "clients", "eval", "total"))
-                 + f"; one translation {1e3 * t['gradtx_generate_per_update']:.1f} ms vs one LLM "
-                 f"fine-tune {t['llm_finetune_per_run']:.2f} s")
     return "\n".join(lines)
 
 
-def rescore(out):
-    """Re-run the evaluation of a finished run from its out directory (every stage is cached)."""
-    path = os.path.join(out, "config.json")
-    if not os.path.exists(path):
-        raise SystemExit(f"{path} not found: expected the --out directory of a train.py run")
-    with open(path) as f:
-        saved = json.load(f)
-    return train.main([f"--{k}={v}" for k, v in saved.items()])
+def pooling_table(results):
+    """Gain recovered (of means) against the number m of pooled uploads, per kind of group."""
+    by_kind = results["summary"]["by_kind"]
+    if not all("pooling_gain_of_means" in s for s in by_kind.values()):
+        return ""
+    sizes = list(next(iter(by_kind.values()))["pooling_gain_of_means"])
+    lines = ["| kind | map | " + " | ".join(f"m={m}" for m in sizes) + " |", "|---|---|" + "---|" * len(sizes)]
+    for kind, s in by_kind.items():
+        curve = s["pooling_gain_of_means"]
+        for variant in ("gradtx", "ridge", "gradtx_single_map"):
+            if any(variant in curve[m] for m in sizes):
+                lines.append(f"| {kind} | {variant} | " + " | ".join(fmt(curve[m].get(variant)) for m in sizes) + " |")
+    return "\n".join(lines)
+
+
+def report(results):
+    t = results["timing_s"]
+    text = results_table(results)
+    if pooling := pooling_table(results):
+        text += "\n\npooling curve: gain recovered (of means) vs number of pooled uploads m\n\n" + pooling
+    unit = "" if results["metric"] == "accuracy" else f" ({results['metric']}, lower is better)"
+    return (text + f"\n\nscores: {results['metric']}{unit}; time (s): "
+            + ", ".join(f"{k} {t[k]:.0f}" for k in ("pretrain", "shadow", "fit", "clients", "eval", "total"))
+            + f"; one translation {1e3 * t['gradtx_generate_per_update']:.1f} ms vs one LLM fine-tune "
+            f"{t['llm_finetune_per_run']:.2f} s")
+
+
+def experiment_table(name, runs):
+    """One row per run of an experiment: the privacy setting, then skewed clients' gain recovered
+    (and PGR) of means per method; the collaboration experiment adds the pooling curve."""
+    methods = ["tinylm_dp", "gradtx", "ridge", "gradtx_group", "ridge_group", "mean_shadow", "w2s", "kd"]
+    methods = [m for m in methods if any(m in r["summary"]["scores"] for r in runs)]
+    head = ["epsilon", "mechanism", "sigma", "k"] + [f"{m} gain (PGR)" for m in methods]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in runs:
+        p, s = r["privacy"], r["summary"]["by_kind"].get("skewed", r["summary"])
+        row = ["inf" if p["epsilon"] is None else f"{p['epsilon']:g}", p["mechanism"] or "-",
+               f"{p['noise_multiplier']:.2f}", "/".join(str(k) for k in p["subspace_k"].values())]
+        row += [f"{fmt(s['gain_of_means'].get(m))} ({fmt(s['pgr_of_means'].get(m))})" for m in methods]
+        lines.append("| " + " | ".join(row) + " |")
+    text = "skewed clients: gain recovered of means (PGR of means), against the NON-private floor and ceiling\n\n"
+    text += "\n".join(lines)
+    for r in runs:
+        if pooling := pooling_table(r):
+            eps = r["privacy"]["epsilon"]
+            text += f"\n\npooling curve at epsilon = {'inf' if eps is None else eps}:\n\n" + pooling
+    return text
 
 
 if __name__ == "__main__":
     outs = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--out=")]
     if len(outs) != 1 or len(sys.argv) != 2:
         raise SystemExit("usage: python eval.py --out=DIR   (DIR: the --out of a train.py run)")
-    rescore(outs[0])
+    path = os.path.join(outs[0], "results.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} not found: expected the --out directory of a finished train.py run")
+    with open(path) as f:
+        print(report(json.load(f)))

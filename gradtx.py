@@ -16,11 +16,21 @@ Inputs and targets are z-scored per coordinate with the shadow pairs' statistics
 raw values; `normalize=False` does that). With the output head initialised to zero, the untrained
 model predicts exactly the mean shadow update and training learns the residual.
 
+Two measured additions to the paper's recipe, each an option (off = the paper):
+  * the public subspace: the input is first projected onto the top-k principal directions of the
+    clean public shadow TinyLM updates -- what makes DP uploads translatable (`public_basis`);
+  * a linear skip path: the decoder learns the residual over a ridge map fit on the same pairs,
+    so a translator selected by the functional criterion is never worse than the linear map on
+    the held-out runs (`fit_ridge`, `select_linear_map`).
+The translator is selected on held-out shadow RUNS by a functional criterion (`split_runs`,
+`functional_criterion`): the LLM's loss with the predicted update applied.
+
     python -m pytest tests/test_gradtx.py
 """
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -40,6 +50,8 @@ class GTConfig:
     n_head: int = 4
     dropout: float = 0.3
     normalize: bool = True
+    n_basis: int = 0     # k: input projected onto a k-dim public subspace (0: raw input, the paper)
+    n_skip: int = 0      # training pairs behind the ridge skip path (0: no skip path, the paper)
 
 
 # -----------------------------------------------------------------------------
@@ -114,9 +126,28 @@ class GradTransformer(nn.Module):
         for name, shape in (("x", (cfg.n_src, cfg.d_src)), ("y", (cfg.n_tgt, cfg.d_tgt))):
             self.register_buffer(f"{name}_mean", torch.zeros(shape))
             self.register_buffer(f"{name}_std", torch.ones(shape))
+        # the public subspace and the ridge skip path, set by set_linear_map(); saved with the model
+        D_src, D_tgt, N = cfg.n_src * cfg.d_src, cfg.n_tgt * cfg.d_tgt, cfg.n_skip
+        if cfg.n_basis:
+            self.register_buffer("basis_mean", torch.zeros(D_src))
+            self.register_buffer("basis_U", torch.zeros(D_src, cfg.n_basis))
+        if cfg.n_skip:
+            for name, shape in (("keys", (N, D_src)), ("values", (N, D_tgt)), ("x_mean", D_src),
+                                ("x_std", D_src), ("y_mean", D_tgt), ("y_std", D_tgt)):
+                self.register_buffer(f"ridge_{name}", torch.zeros(shape))
 
-    def forward(self, src, tgt_in):
-        """src (B, n_src, d_src), tgt_in (B, T, d_tgt) -> next tokens (B, T, d_tgt); normalised units."""
+    @property
+    def basis(self):   # {"mean", "U"} (live buffers), or None: no projection
+        return {"mean": self.basis_mean, "U": self.basis_U} if self.cfg.n_basis else None
+
+    @property
+    def ridge(self):   # the skip path's ridge map (live buffers), or None
+        names = ("keys", "values", "x_mean", "x_std", "y_mean", "y_std")
+        return {n: getattr(self, f"ridge_{n}") for n in names} if self.cfg.n_skip else None
+
+    def forward(self, src, tgt_in, base=None):
+        """src (B, n_src, d_src), tgt_in (B, T, d_tgt) -> next tokens (B, T, d_tgt); normalised units.
+        base (B, n_tgt, d_tgt): the skip path's prediction, to which the decoder adds its residual."""
         memory = self.drop(self.src_in(src) + self.src_pos)                 # (B, n_src, D)
         for layer in self.encoder:
             memory = layer(memory)
@@ -125,7 +156,8 @@ class GradTransformer(nn.Module):
         y = self.drop(self.tgt_in(tgt_in) + self.tgt_pos[:T])              # (B, T, D)
         for layer in self.decoder:
             y = layer(y, memory)
-        return self.head(self.ln_dec(y))
+        out = self.head(self.ln_dec(y))
+        return out if base is None else out + base[:, :T]
 
 
 # -----------------------------------------------------------------------------
@@ -152,6 +184,15 @@ def denormalize(model, T, name):
     return T * getattr(model, f"{name}_std") + getattr(model, f"{name}_mean")
 
 
+def model_inputs(model, X):
+    """Raw TinyLM updates (B, n_src, d_src) -> what the network reads: the projected, normalised
+    input, and the skip path's prediction in normalised target units (None without a skip path)."""
+    X = project(X, model.basis)
+    base = None if model.ridge is None else normalize(model, ridge_predict(model.ridge, X).view(
+        len(X), model.cfg.n_tgt, model.cfg.d_tgt), "y")
+    return normalize(model, X, "x"), base
+
+
 def shift_right(y):
     """(B, T, d) -> (B, T, d): an all-zero start token, then y[:, :-1]. Used in training AND generation."""
     return torch.cat([torch.zeros_like(y[:, :1]), y[:, :-1]], dim=1)
@@ -174,10 +215,10 @@ def generate(model, tiny_update):
     was_training = model.training
     model.eval()
     device = model.head.weight.device
-    src = normalize(model, src.float().to(device), "x")
+    src, base = model_inputs(model, src.float().to(device))
     tgt = torch.zeros(len(src), 1, cfg.d_tgt, device=device)   # the start token
     for _ in range(cfg.n_tgt):
-        nxt = model(src, tgt)[:, -1:]                             # (B, 1, d_tgt)
+        nxt = model(src, tgt, base)[:, -1:]                       # (B, 1, d_tgt)
         tgt = torch.cat([tgt, nxt], dim=1)
     model.train(was_training)
     out = denormalize(model, tgt[:, 1:], "y").cpu()
@@ -202,9 +243,10 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
     Returns the history [(step, train_mse, val_mse, val_rel_err, criterion)].
     """
     torch.manual_seed(seed)
-    set_stats(model, X_train, Y_train)
     device = model.head.weight.device
-    xs, ys = normalize(model, X_train.to(device), "x"), normalize(model, Y_train.to(device), "y")
+    X_train, Y_train = X_train.to(device), Y_train.to(device)
+    set_stats(model, project(X_train, model.basis), Y_train)
+    (xs, base), ys = model_inputs(model, X_train), normalize(model, Y_train, "y")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
     history, best, best_state, train_mse = [], float("inf"), None, float("nan")
@@ -223,7 +265,7 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
             break
         model.train()
         idx = torch.randint(len(xs), (batch_size,), generator=g).to(device)
-        pred = model(xs[idx], shift_right(ys[idx]))   # teacher forcing
+        pred = model(xs[idx], shift_right(ys[idx]), None if base is None else base[idx])   # teacher forcing
         loss = mse = F.mse_loss(pred, ys[idx])
         if func_loss is not None and func_weight > 0:
             loss = mse + func_weight * func_loss(denormalize(model, pred, "y"), idx)
@@ -234,6 +276,127 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
     model.load_state_dict(best_state)
     model.eval()
     return history
+
+
+# -----------------------------------------------------------------------------
+# the public subspace and the linear map
+
+
+def public_basis(X_clean, k):
+    """Top-k principal directions of CLEAN public shadow TinyLM updates X_clean (N, n_src, d_src).
+
+    Why projecting helps with DP uploads: DP-SGD noise spreads evenly over all D = n_src * d_src
+    (~2,000) coordinates of an update, while what distinguishes one fine-tune from another (here:
+    the data's convention) lives in a few directions. A k-dim subspace keeps all of that signal
+    but only k / D of the noise's energy. The provider computes it from public data alone.
+    Returns {"mean": (D,), "U": (D, k)} with orthonormal columns, or None for k = 0 (no projection).
+    """
+    if k == 0:
+        return None
+    X = X_clean.flatten(1).double()
+    mean = X.mean(0)
+    U = torch.linalg.svd(X - mean, full_matrices=False).Vh[:k].T          # (D, k)
+    return {"mean": mean.float(), "U": U.float().contiguous()}
+
+
+def project(X, basis):
+    """(N, n, d) -> (N, n, d): mean + U U^T (x - mean), same layout; unchanged when basis is None."""
+    if basis is None:
+        return X
+    mean, U = basis["mean"].to(X.device), basis["U"].to(X.device)
+    centred = X.flatten(1).float() - mean
+    return (mean + (centred @ U) @ U.T).view(X.shape)
+
+
+def fit_ridge(X, Y, lam):
+    """Ridge regression Y ~ X on z-scored, flattened updates, solved in the dual (N << dims):
+    pred(x) = z(x) @ keys^T @ values with keys = z(X_train), values = (K + lam I)^-1 z(Y_train)."""
+    X, Y = X.flatten(1).double(), Y.flatten(1).double()
+    x_mean, x_std, y_mean, y_std = X.mean(0), X.std(0) + 1e-8, Y.mean(0), Y.std(0) + 1e-8
+    keys = (X - x_mean) / x_std
+    values = torch.linalg.solve(keys @ keys.T + lam * torch.eye(len(X), dtype=X.dtype), (Y - y_mean) / y_std)
+    return {name: t.float() for name, t in dict(keys=keys, values=values, x_mean=x_mean, x_std=x_std,
+                                                 y_mean=y_mean, y_std=y_std).items()}
+
+
+def ridge_predict(ridge, X):
+    """TinyLM updates (N, n_src, d_src) -> LLM updates (N, D_tgt) flattened; callers .view() them."""
+    r = {k: v.to(X.device) for k, v in ridge.items()}
+    z = (X.flatten(1).float() - r["x_mean"]) / r["x_std"]
+    return (z @ r["keys"].T) @ r["values"] * r["y_std"] + r["y_mean"]
+
+
+def select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks=(0, 2, 4, 8, 16, 32),
+                      lams=(1e0, 1e1, 1e2, 1e3, 1e4, 1e5)):
+    """Choose the subspace size k and ridge's lambda by the functional criterion on held-out runs.
+
+    X_clean: clean public shadow TinyLM updates (for the basis); X_train, X_val: the inputs the map
+    will be given (DP updates when clients use DP); Y_train: LLM updates. Parameter-space error
+    would pick a far too strong lambda (SPEC §3.4). Returns (basis, ridge, k, lam, {(k, lam): score}).
+    """
+    scores, best = {}, None
+    for k in ks:
+        if k > min(X_clean.shape[0] - 1, X_clean[0].numel()):
+            continue
+        basis = public_basis(X_clean, k)
+        X_tr, X_va = project(X_train, basis), project(X_val, basis)
+        for lam in lams:
+            ridge = fit_ridge(X_tr, Y_train, lam)
+            scores[(k, lam)] = criterion(ridge_predict(ridge, X_va).view(len(X_val), *Y_train.shape[1:]))
+            if best is None or scores[(k, lam)] < scores[best[:2]]:
+                best = (k, lam, basis, ridge)
+    k, lam, basis, ridge = best
+    return basis, ridge, k, lam, scores
+
+
+@torch.no_grad()
+def set_linear_map(model, basis, ridge):
+    """Copy the public basis and the ridge skip path into the model's buffers (they are saved with it)."""
+    for tensors, new in ((model.basis, basis), (model.ridge, ridge)):
+        for name, t in (tensors or {}).items():
+            t.copy_(new[name])
+
+
+# -----------------------------------------------------------------------------
+# model selection on held-out shadow runs
+
+
+def split_runs(n_runs, val_frac, seed):
+    """Shadow run indices for training and validation: split by RUN, never by snapshot
+    (snapshots of one run are near copies of each other and would leak across the split)."""
+    order = np.random.default_rng([seed, 3]).permutation(n_runs)
+    n_val = max(2, int(round(val_frac * n_runs)))
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+def functional_criterion(llm, val_sets):
+    """f(pred_updates) = the LLM's mean loss on each held-out run's own shadow data (x, y, mask)
+    with that run's predicted update applied. Lower is better. (SPEC §3.4: selection in parameter
+    space keeps a translator that still sits at the mean update.)"""
+    def criterion(pred_updates):
+        losses = []
+        for update, (x, y, mask) in zip(pred_updates, val_sets):
+            tinylm.set_update(llm, update)
+            losses.append(tinylm.loss_of(llm, x, y, mask))
+        return float(np.mean(losses))
+    return criterion
+
+
+def functional_loss(llm, x, y, mask, runs_of_pairs, rows_per_run=16, seed=0):
+    """A differentiable f(pred_updates, pair_idx): the frozen LLM's loss on a few examples of each
+    training pair's own shadow subset (x, y, mask: (runs, n, T)), with that pair's predicted update
+    as its LoRA weights. torch.func runs one LLM per predicted update in a single batched call."""
+    g = torch.Generator().manual_seed(seed)
+    x, y, mask = (t.to(llm.wte.weight.device) for t in (x, y, mask))
+
+    def one_llm(update, xb, yb, mb):
+        return torch.func.functional_call(llm, tinylm.split_update(llm, update), (xb, yb, mb))[1]
+
+    def loss(pred_updates, pair_idx):
+        run = runs_of_pairs[pair_idx.cpu()][:, None]                          # (B, 1)
+        rows = torch.randint(x.shape[1], (len(run), rows_per_run), generator=g)
+        return torch.func.vmap(one_llm)(pred_updates, x[run, rows], y[run, rows], mask[run, rows]).mean()
+    return loss
 
 
 # -----------------------------------------------------------------------------

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import dp
+
 # -----------------------------------------------------------------------------
 # configuration and presets
 
@@ -266,6 +268,71 @@ def set_update(model, update):
         if name in tensors:
             p.copy_(tensors[name])
     return model
+
+
+# -----------------------------------------------------------------------------
+# fine-tuning: the algorithm every party shares (clients, the provider's shadow runs, baselines)
+
+
+@dataclass
+class Recipe:
+    """How a LoRA fine-tune runs. The provider publishes it and the clients' and the shadow runs'
+    fine-tunes follow it exactly -- DP settings included (SPEC §3.5): a translator must be trained on
+    updates made the way the uploads it will read were made."""
+    steps: int = 100
+    batch: int = 32              # without DP; with DP the batch is Poisson-sampled at rate q
+    lr: float = 3e-3
+    dp_sigma: float = 0.0        # DP-SGD noise multiplier; 0 = no DP
+    dp_clip: float = 1.0         # per-example gradient norm bound C
+    dp_sample_rate: float = 0.0625
+
+
+def finetune(model, x, y, mask, recipe, seed, snapshot_steps=(), conf_weight=0.0):
+    """Fine-tune the LoRA parameters of `model` from zero on the examples (x, y, mask) (N, T).
+
+    Returns the update vectors at `snapshot_steps` (1-based) if given, else [final update].
+    With recipe.dp_sigma > 0 each step is a DP-SGD step on a Poisson-sampled batch (dp.py).
+    conf_weight > 0 adds the weak-to-strong auxiliary confidence loss (eval.py's w2s_conf).
+    The model keeps the final update in its LoRA parameters.
+    """
+    device = model.wte.weight.device
+    set_update(model, torch.zeros(update_shape(model.cfg, model.lora[0])))
+    x, y, mask = x.to(device), y.to(device), mask.to(device)
+    opt = torch.optim.Adam(lora_parameters(model), lr=recipe.lr)
+    g = torch.Generator().manual_seed(seed)
+    snapshots, wanted = [], set(snapshot_steps) or {recipe.steps}
+    model.train()
+    for step in range(1, recipe.steps + 1):
+        if recipe.dp_sigma > 0:
+            idx = dp.poisson_sample(len(x), recipe.dp_sample_rate, g)
+            dp.dp_sgd_step(model, opt, x[idx], y[idx], mask[idx], recipe.dp_clip, recipe.dp_sigma,
+                           recipe.dp_sample_rate * len(x), g)
+        else:
+            idx = torch.randint(len(x), (recipe.batch,), generator=g)
+            logits, loss = model(x[idx], y[idx], mask[idx])
+            if conf_weight > 0:  # Burns et al. 2023: also fit the model's own hardened predictions,
+                # so the strong model may overrule weak labels; the weight warms up over 20% of steps
+                w = conf_weight * min(1.0, step / (0.2 * recipe.steps))
+                own = masked_cross_entropy(logits, logits.argmax(-1).detach(), mask[idx])
+                loss = (1 - w) * loss + w * own
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if step in wanted:
+            snapshots.append(get_update(model))
+    model.eval()
+    return snapshots
+
+
+@torch.no_grad()
+def loss_of(model, x, y, mask, batch=1024):
+    """Mean masked cross-entropy (nats per masked token) of `model` on the examples (N, T)."""
+    device, total, count = model.wte.weight.device, 0.0, 0.0
+    for i in range(0, len(x), batch):
+        xb, yb, mb = (t[i:i + batch].to(device) for t in (x, y, mask))
+        n = mb.sum().item()
+        total, count = total + model(xb, yb, mb)[1].item() * n, count + n
+    return total / max(count, 1.0)
 
 
 # -----------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import pytest
 import tiktoken
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 
 ALL_PAIRS = {(a, b) for a in range(10, 100) for b in range(10, 100)}   # 8100 two-digit pairs

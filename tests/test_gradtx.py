@@ -14,19 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gradtx  # noqa: E402
 
 N_SRC, D_SRC, N_TGT, D_TGT = 2, 12, 3, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # these models are tiny: on a busy 2-core machine, intra-op threads only fight each other
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_model(seed=0, normalize=True, dropout=0.0, random_head=True, d_model=16):

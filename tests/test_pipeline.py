@@ -1,38 +1,48 @@
-"""End to end: the whole protocol at a tiny size, the results contract, resuming, the CLI, PGR."""
+"""End to end: the protocol at a toy size (plain, DP, groups), the results contract, the stage
+cache (resuming, keys that cannot go stale), worker processes, the CLI, PGR on hand-made numbers."""
 import json
 import math
 import os
 
 import pytest
 import torch
+from conftest import TINY_RUN
 
+import data
+import dp
 import eval as evaluation
+import gradtx
+import tinylm
 import train
-
-TINY_RUN = ["--preset=smoke", "--tiny_model=micro", "--llm_model=micro", "--pretrain_steps_tiny=20",
-            "--pretrain_steps_llm=20", "--ft_steps=6", "--n_train=48", "--n_shadow=6",
-            "--n_snapshots=2", "--snapshot_gap=2", "--gt_steps=4", "--gt_eval_every=2",
-            "--n_test=24", "--threads=1", "--workers=1"]
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("run"))
-    results = train.main(TINY_RUN + [f"--out={out}"])
-    return out, results
+    return out, train.main(TINY_RUN + [f"--out={out}"])
+
+
+@pytest.fixture(scope="module")
+def dp_group_run(tmp_path_factory):
+    """DP-SGD clients in convention groups of 2, at toy size."""
+    out = str(tmp_path_factory.mktemp("dp"))
+    return out, train.main(TINY_RUN + [f"--out={out}", "--dp_epsilon=1", "--group_size=2", "--shadow_dp_draws=2"])
 
 
 def test_results_contract(finished_run):
     out, results = finished_run
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
-    for key in ("task", "metric", "higher_is_better", "config", "clients", "summary", "privacy", "timing_s"):
+    for key in ("task", "metric", "higher_is_better", "config", "clients", "summary", "privacy", "timing_s",
+                "provenance"):
         assert key in saved
     assert saved["task"] == "arith" and saved["metric"] == "accuracy" and saved["higher_is_better"] is True
     assert saved["config"]["n_shadow"] == 6
+    assert saved["provenance"]["torch"] == torch.__version__
     assert [c["kind"] for c in saved["clients"]] == ["skewed"] * 4 + ["iid"]
     for c in saved["clients"]:
-        assert set(evaluation.METHODS) <= set(c["scores"])
+        assert {"llm_base", "tinylm_ft", "llm_ft", "gradtx", "mean_shadow", "ridge", "public_llm", "w2s",
+                "w2s_conf", "kd"} == set(c["scores"])
         for m, v in c["scores"].items():
             assert 0.0 <= v <= 1.0 and math.isfinite(v), (c["name"], m, v)
         assert set(c["pgr"]) == set(c["scores"]) == set(c["gain_recovered"])
@@ -46,25 +56,73 @@ def test_results_contract(finished_run):
 
 def test_rerun_reuses_every_finished_stage(finished_run, monkeypatch):
     out, first = finished_run
-    fail = lambda *a, **k: pytest.fail("a finished stage was recomputed")
+    fail = lambda *a, **k: pytest.fail("a finished stage was recomputed")  # noqa: E731
     monkeypatch.setattr(train, "pretrain", fail)
-    monkeypatch.setattr(train.gradtx, "fit", fail)
-    monkeypatch.setattr(train.data, "client_mixtures", fail)
-    calls = []
-    real_finetune = train.finetune
-    monkeypatch.setattr(train, "finetune", lambda *a, **k: calls.append(1) or real_finetune(*a, **k))
-    again = evaluation.rescore(out)   # python eval.py --out=DIR: the saved config, every stage cached
-    # eval's baselines fine-tune the LLM (public_llm + 4 per client); the shadow stage would add 12
+    monkeypatch.setattr(gradtx, "fit", fail)
+    calls, real_finetune = [], tinylm.finetune
+    monkeypatch.setattr(tinylm, "finetune", lambda *a, **k: calls.append(1) or real_finetune(*a, **k))
+    again = train.main(TINY_RUN + [f"--out={out}"])
+    # only eval's LLM fine-tunes run again: public_llm + (llm_ft, w2s, w2s_conf, kd) per client
     assert len(calls) == 1 + 4 * len(again["clients"])
     assert again["clients"] == first["clients"]   # same cached stages -> the very same scores
 
 
-def test_interrupted_shadow_curation_resumes_to_the_same_pairs(tmp_path, monkeypatch):
+def test_dp_run_with_groups(dp_group_run):
+    out, results = dp_group_run
+    p = results["privacy"]
+    sigma = dp.noise_multiplier_for(1.0, 0.0625, 6, 1e-5, train.DP_ORDERS)
+    assert (p["epsilon"], p["mechanism"], p["noise_multiplier"], p["steps"]) == (1.0, "sgd", sigma, 6)
+    assert set(p["subspace_k"]) == {1, 2}                       # one map per noise level
+    assert len(results["clients"]) == 5 * 2
+    for c in results["clients"]:
+        assert {"tinylm_dp", "gradtx_group", "ridge_group"} <= set(c["scores"])
+        assert set(c["pooling"]) == {1, 2} and "gradtx_single_map" in c["pooling"][2]
+    for group in ("skewed_+", "iid_0"):
+        first, second = (c for c in results["clients"] if c["group"] == group)
+        # the curve at m = 1 translates the first member's upload alone: its own gradtx score
+        assert first["pooling"][1]["gradtx"] == first["scores"]["gradtx"]
+        # at m = M it is the group's translation, the same update for every member
+        assert first["pooling"][2]["gradtx"] == first["scores"]["gradtx_group"]
+        assert second["pooling"][2]["gradtx"] == second["scores"]["gradtx_group"]
+    assert "pooling_gain_of_means" in results["summary"]["by_kind"]["skewed"]
+
+
+def test_shadow_dp_runs_use_exactly_the_clients_recipe(tmp_path, monkeypatch):
+    cfg = train.parse_args(TINY_RUN + [f"--out={tmp_path}", "--dp_epsilon=2", "--n_shadow=2", "--shadow_dp_draws=2"])
+    task = data.make_task("arith", cfg.seed)
+    paths = train.stage_paths(cfg, task)
+    tiny, llm = train.base_models(cfg, task, paths, "cpu")
+    seen, real_finetune = [], tinylm.finetune
+    monkeypatch.setattr(tinylm, "finetune", lambda m, x, y, mask, recipe, *a, **k:
+                        seen.append(recipe) or real_finetune(m, x, y, mask, recipe, *a, **k))
+    train._worker.update(cfg=cfg, task=task, tiny=tiny, llm=llm)
+    train.shadow_dp_run((1, 0))
+    train.client_run(task.clients(cfg.n_train, cfg.n_test)[0])     # the floor, then the upload
+    shadow_recipe, client_floor, client_recipe = seen
+    assert shadow_recipe == client_recipe == train.recipe(cfg, private=True)
+    assert shadow_recipe.dp_sigma == dp.noise_multiplier_for(2.0, cfg.dp_sample_rate, cfg.ft_steps, 1e-5, train.DP_ORDERS)
+    assert client_floor.dp_sigma == 0.0                          # the PGR floor is the non-private TinyLM
+
+
+def test_pooled_upload_is_the_elementwise_mean():
+    uploads = [torch.full((2, 3), float(i)) for i in range(5)]
+    members = [{"upload": u} for u in uploads]
+    seen = []
+    curve = evaluation.pooling_updates(members, {1: None, 2: None, 4: None, 5: None},
+                                       lambda u, m=1: seen.append((m, u)) or u, lambda u, m=1: u)
+    assert list(curve) == [1, 2, 4, 5]
+    for m in curve:
+        torch.testing.assert_close(curve[m]["gradtx"], torch.stack(uploads[:m]).mean(0))
+    assert [m for m, _ in seen] == [1, 2, 1, 4, 1, 5, 1]       # each level's own map, then the single map
+
+
+def test_interrupted_stage_resumes_to_the_same_pairs(tmp_path, monkeypatch):
     cfg = train.parse_args(TINY_RUN + [f"--out={tmp_path}", "--n_shadow=9"])
-    tiny, llm = train.base_models(cfg, "cpu")
-    full = train.shadow_stage(train.parse_args(TINY_RUN + [f"--out={tmp_path}/full", "--n_shadow=9"]),
-                              tiny, llm, "cpu")
-    real_finetune, calls = train.finetune, []
+    task = data.make_task("arith", cfg.seed)
+    paths = train.stage_paths(cfg, task)
+    tiny, llm = train.base_models(cfg, task, paths, "cpu")
+    full = train.shadow_stages(cfg, task, tiny, llm, {**paths, "shadow": str(tmp_path / "full.pt")}, "cpu")
+    real_finetune, calls = tinylm.finetune, []
 
     def dies_after_8_runs(*a, **k):
         if len(calls) == 2 * 8 + 1:
@@ -72,24 +130,63 @@ def test_interrupted_shadow_curation_resumes_to_the_same_pairs(tmp_path, monkeyp
         calls.append(1)
         return real_finetune(*a, **k)
 
-    monkeypatch.setattr(train, "finetune", dies_after_8_runs)
+    monkeypatch.setattr(tinylm, "finetune", dies_after_8_runs)
     with pytest.raises(KeyboardInterrupt):
-        train.shadow_stage(cfg, tiny, llm, "cpu")
-    monkeypatch.setattr(train, "finetune", real_finetune)
-    partial = train.stage_path(cfg, "shadow").replace(".pt", ".partial.pt")
-    assert len(torch.load(partial, weights_only=True)["X"]) == 8      # 8 runs were saved
-    resumed = train.shadow_stage(cfg, tiny, llm, "cpu")
+        train.shadow_stages(cfg, task, tiny, llm, paths, "cpu")
+    monkeypatch.setattr(tinylm, "finetune", real_finetune)
+    partial = paths["shadow"].replace(".pt", ".partial.pt")
+    assert len(torch.load(partial, weights_only=True)["results"]) == 8      # 8 runs were saved
+    resumed = train.shadow_stages(cfg, task, tiny, llm, paths, "cpu")
     assert torch.equal(resumed["X"], full["X"]) and torch.equal(resumed["Y"], full["Y"])
     assert not os.path.exists(partial)
+
+
+def test_cache_keys_follow_the_data_and_settings(monkeypatch):
+    cfg = train.parse_args(TINY_RUN + ["--dp_epsilon=1"])
+    task = data.make_task("arith", cfg.seed)
+    before = train.stage_paths(cfg, task)
+    # other client data: only the clients' stage changes
+    real_clients = data.ArithTask.clients
+    monkeypatch.setattr(data.ArithTask, "clients", lambda self, *a, **k:
+                        [dict(c, train=c["train"][1:]) for c in real_clients(self, *a, **k)])
+    after = train.stage_paths(cfg, task)
+    assert {s for s in before if before[s] != after[s]} == {"clients"}
+    monkeypatch.setattr(data.ArithTask, "clients", real_clients)
+    # another pretraining corpus (e.g. a change of the task's format): every stage changes
+    monkeypatch.setattr(data.ArithTask, "fingerprint", lambda self: "another corpus")
+    after = train.stage_paths(cfg, task)
+    assert all(before[s] != after[s] for s in before)
+    monkeypatch.undo()
+    # other shadow subsets: every stage that reads them; a translator setting: its fit only
+    other_shadow = train.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--shadow_alpha=3"]), task)
+    assert {s for s in before if before[s] != other_shadow[s]} == {"shadow", "shadow_dp", "fit_1"}
+    other_fit = train.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--gt_lr=1e-3"]), task)
+    assert {s for s in before if before[s] != other_fit[s]} == {"fit_1"}
 
 
 def test_worker_processes_give_the_same_pairs_as_one_process(tmp_path):
     one = train.parse_args(TINY_RUN + [f"--out={tmp_path}", "--n_shadow=3"])
     two = train.parse_args(TINY_RUN + [f"--out={tmp_path}", "--n_shadow=3", "--workers=2"])
-    tiny, llm = train.base_models(one, "cpu")
-    runs = [list(train.worker_map(cfg, train.shadow_run, range(3), "cpu", tiny, llm)) for cfg in (one, two)]
+    task = data.make_task("arith", one.seed)
+    paths = train.stage_paths(one, task)
+    tiny, llm = train.base_models(one, task, paths, "cpu")
+    runs = [list(train.worker_map(cfg, train.shadow_run, [0, 1, 2], "cpu", task, tiny, llm, paths))
+            for cfg in (one, two)]
     for (x1, y1), (x2, y2) in zip(*runs):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_gpu_preset_shapes_run_on_cpu(tmp_path):
+    """The gpu preset's model sizes, end to end with toy step counts: the code path, not the quality."""
+    results = train.main(["--preset=gpu", f"--out={tmp_path}", "--pretrain_steps_tiny=2", "--pretrain_steps_llm=2",
+                          "--pretrain_batch=8", "--ft_steps=3", "--n_train=16", "--n_shadow=4", "--n_snapshots=1",
+                          "--gt_steps=1", "--gt_eval_every=1", "--n_test=8", "--workers=1", "--threads=1",
+                          "--weak_baselines=false"])
+    llm_cfg = tinylm.MODEL_PRESETS["llm_gpu"]
+    assert results["config"]["llm_model"] == "llm_gpu"
+    fit = torch.load(next(p for p in (tmp_path / f for f in os.listdir(tmp_path)) if p.name.startswith("fit-")
+                          and p.suffix == ".pt"), weights_only=True)
+    assert fit["config"]["n_tgt"] == llm_cfg.n_layer and fit["config"]["d_tgt"] == 4 * 4 * llm_cfg.n_embd
 
 
 def test_cli_rejects_bad_options():
@@ -101,8 +198,22 @@ def test_cli_rejects_bad_options():
         train.parse_args(["--n_shadow=many"])
     with pytest.raises(SystemExit, match="expected --key=value"):
         train.parse_args(["n_shadow=3"])
+    with pytest.raises(SystemExit, match="unknown experiment"):
+        train.parse_args(["--experiment=everything"])
+    with pytest.raises(SystemExit, match="dp_mechanism"):
+        train.parse_args(["--dp_mechanism=laplace"])
+    with pytest.raises(SystemExit, match="DP settings out of range"):
+        train.parse_args(["--dp_epsilon=-1"])
+    with pytest.raises(SystemExit, match="shadow_dp_draws"):
+        train.parse_args(["--dp_epsilon=1", "--group_size=8", "--shadow_dp_draws=4"])
     cfg = train.parse_args(["--preset", "smoke", "--seed=3", "--gt_normalize=false"])
     assert (cfg.preset, cfg.seed, cfg.gt_normalize, cfg.n_shadow) == ("smoke", 3, False, 8)
+
+
+def test_epsilon_point_one_is_reachable_and_never_overshot():
+    sigma = dp.noise_multiplier_for(0.1, 0.0625, 100, 1e-5, train.DP_ORDERS)
+    assert dp.compute_epsilon(0.0625, sigma, 100, 1e-5, train.DP_ORDERS) <= 0.1
+    assert dp.compute_epsilon(0.0625, sigma - 0.01, 100, 1e-5, train.DP_ORDERS) > 0.1
 
 
 def test_pgr_and_gain_on_hand_made_numbers():
@@ -112,5 +223,8 @@ def test_pgr_and_gain_on_hand_made_numbers():
     assert evaluation.pgr(0.6, 0.4, 0.6) == pytest.approx(1.0)
     assert evaluation.pgr(0.5, 0.4, 0.4) is None                    # zero gap: undefined
     assert evaluation.pgr(0.5, 0.6, 0.4) == pytest.approx(0.5)      # a negative gap is still a ratio
+    # lower is better (bits per byte): floor 2.5, ceiling 2.2; 2.3 closes two thirds of the gap
+    assert evaluation.pgr(2.3, 2.5, 2.2) == pytest.approx(2 / 3)
+    assert evaluation.pgr(2.6, 2.5, 2.2) == pytest.approx(-1 / 3)   # worse than the floor: negative
     assert evaluation.mean_defined([0.5, None, 1.0]) == pytest.approx(0.75)
     assert evaluation.mean_defined([None]) is None

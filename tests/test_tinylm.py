@@ -19,21 +19,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import tinylm  # noqa: E402
 
 RANK, ALPHA, LORA_SEED = 2, 8.0, 1234   # scale alpha / r = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # these models are tiny: on a busy 2-core machine, intra-op threads only fight each other
-    # (the training fixture below is ~50x slower with 2 threads under load than with 1)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_gpt(seed=0, n_layer=2, n_head=2, n_embd=16):
