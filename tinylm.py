@@ -78,6 +78,22 @@ class LoRA(nn.Module):
     def forward(self, x):                                       # (B, T, n_in) -> (B, T, n_out)
         return (x @ (self.A0 + self.dA).T) @ self.B.T * self.scale
 
+    def per_example_grads(self, x, grad_out):
+        """Each example's gradient of dA and B, from this layer's input x (B, T, n_in) and
+        grad_out (B, T, n_out), the gradient of each example's own loss w.r.t. this layer's output.
+
+        out_t = s B h_t with h_t = A x_t and A = A0 + dA, so for one example (dp.py, DP-SGD):
+            dB = s sum_t g_t h_t^T            dA = s sum_t (B^T g_t) x_t^T
+        the ordinary backward's per-token products, summed per example instead of over the whole
+        batch: the same FLOPs (Opacus does linear layers the same way, with one einsum each).
+        """
+        g = grad_out * self.scale                               # (B, T, n_out): s g_t
+        h = x @ (self.A0 + self.dA).T                           # (B, T, r)
+        g_h = g @ self.B                                        # (B, T, r): s B^T g_t
+        # a batched matmul sums over each example's own tokens: (B, r, T) @ (B, T, n_in)
+        return {"dA": g_h.mT @ x,                               # (B, r, n_in)
+                "B": g.mT @ h}                                  # (B, n_out, r)
+
 
 class SelfAttention(nn.Module):
     """Causal multi-head attention with separate q/k/v/o projections (the paper's q_proj, v_proj).

@@ -16,10 +16,34 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dp  # noqa: E402
+import tinylm  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny matrices: on a busy 2-core machine intra-op threads only fight each other
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 # -----------------------------------------------------------------------------
-# a stand-in for the TinyLM: same calling convention, frozen base, two trainable LoRA-like
-# matrices, a buffer; small, so these tests do not depend on tinylm.py
+# two models: a small TinyLM with LoRA (what DP-SGD trains, both per-sample paths work on it)
+# and a stand-in with the same calling convention but no LoRA layers (only torch.func works)
+
+VOCAB = 257  # data.py's byte tokenizer
+
+
+def lora_lm(seed=0, n_embd=16, rank=2):
+    """A 2-layer TinyLM with LoRA on q and v, its LoRA set to a random non-zero update
+    (with B = 0 the gradient of dA would be zero and prove nothing)."""
+    torch.manual_seed(seed)
+    cfg = tinylm.GPTConfig(vocab_size=VOCAB, block_size=16, n_layer=2, n_head=2, n_embd=n_embd)
+    model = tinylm.add_lora(tinylm.GPT(cfg), rank=rank, alpha=2.0 * rank)
+    g = torch.Generator().manual_seed(seed)
+    tinylm.set_update(model, 0.3 * torch.randn(tinylm.update_shape(cfg, rank), generator=g))
+    return model
 
 
 class StandIn(nn.Module):
@@ -44,16 +68,18 @@ class StandIn(nn.Module):
         return logits, (ce * m).sum() / m.sum().clamp(min=1)
 
 
-def batch(B=6, T=5, vocab=11, seed=1, same_count=False):
+def batch(B=6, T=12, vocab=VOCAB, seed=1, same_count=False):
+    """x, y (B, T) and a mask with a different number of answer tokens per example, one of
+    them none at all (its loss is 0: 0 / max(0, 1), as the model itself defines it)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(vocab, (B, T), generator=g)
     y = torch.randint(vocab, (B, T), generator=g)
+    mask = torch.zeros(B, T)
     if same_count:
-        mask = torch.zeros(B, T)
         mask[:, -2:] = 1  # every example has 2 answer tokens
     else:
-        mask = (torch.rand(B, T, generator=g) < 0.5).float()
-        mask[:, -1] = 1  # at least one answer token each
+        for i in range(B):
+            mask[i, T - i:] = 1  # example i has i answer tokens, example 0 none
     return x, y, mask
 
 
@@ -67,61 +93,124 @@ def grads_of(model, loss):
     return {n: p.grad.clone() for n, p in trainable(model).items()}
 
 
+def loop_of_backward_passes(model, x, y, mask):
+    """The oracle: one backward pass per example, {name: (B, *shape)}."""
+    per_example = [grads_of(model, model(x[i:i + 1], y[i:i + 1], mask[i:i + 1])[1]) for i in range(len(x))]
+    return {n: torch.stack([g[n] for g in per_example]) for n in per_example[0]}
+
+
 # -----------------------------------------------------------------------------
 # per-sample gradients
 
 
-def test_per_sample_grads_match_a_loop_of_backward_passes():
-    model = StandIn().double()
+def test_one_pass_matches_torch_func_and_a_loop_of_backward_passes():
+    model = lora_lm().double()
     x, y, mask = batch()
-    psg = dp.per_sample_grads(model, x, y, mask)
-    assert set(psg) == {"A", "B"}  # only the trainable parameters
-    for i in range(len(x)):
-        ref = grads_of(model, model(x[i : i + 1], y[i : i + 1], mask[i : i + 1])[1])
-        for n in ref:
-            assert psg[n].shape == (len(x), *ref[n].shape)
-            assert (psg[n][i] - ref[n]).abs().max() <= 1e-6
+    loop = loop_of_backward_passes(model, x, y, mask)
+    func = dp.per_sample_grads(model, x, y, mask)
+    one_pass = dp.per_sample_grads_one_pass(model, x, y, mask)
+    assert list(one_pass) == list(func) == list(trainable(model))  # every LoRA tensor, in order
+    for n, ref in loop.items():
+        assert ref.shape == one_pass[n].shape == (len(x), *trainable(model)[n].shape)
+        assert ref[1:].flatten(1).norm(dim=1).min() > 1e-4, n  # a real gradient to compare
+        assert (one_pass[n] - ref).abs().max() <= 1e-10, n
+        assert (func[n] - ref).abs().max() <= 1e-10, n
+        assert torch.all(one_pass[n][0] == 0)  # the example with no answer tokens
 
 
-def test_mean_of_per_sample_grads_is_the_batch_gradient():
+def test_per_example_losses_are_the_models_loss_of_each_example():
+    model = lora_lm().double()
+    x, y, mask = batch()
+    losses = dp.per_example_losses(model(x)[0], y, mask)
+    ref = torch.stack([model(x[i:i + 1], y[i:i + 1], mask[i:i + 1])[1] for i in range(len(x))])
+    assert (losses - ref).abs().max() <= 1e-12 and losses[0] == 0
+
+
+@pytest.mark.parametrize("per_sample", [dp.per_sample_grads_one_pass, dp.per_sample_grads])
+def test_mean_of_per_sample_grads_is_the_batch_gradient(per_sample):
     # with equal answer-token counts the batch loss is the mean of the per-example losses
-    model = StandIn().double()
+    model = lora_lm().double()
     x, y, mask = batch(same_count=True)
-    psg = dp.per_sample_grads(model, x, y, mask)
+    psg = per_sample(model, x, y, mask)
     ref = grads_of(model, model(x, y, mask)[1])
     for n in ref:
         assert torch.allclose(psg[n].mean(0), ref[n], atol=1e-10)
 
 
+def test_torch_func_works_on_any_model_one_pass_refuses_what_it_cannot_cover():
+    model = StandIn().double()
+    x, y, mask = batch(vocab=11)
+    loop, func = loop_of_backward_passes(model, x, y, mask), dp.per_sample_grads(model, x, y, mask)
+    assert set(func) == {"A", "B"}  # only the trainable parameters
+    for n in loop:
+        assert (func[n] - loop[n]).abs().max() <= 1e-10
+    with pytest.raises(ValueError, match=r"\['A', 'B'\].*per_sample_grads"):
+        dp.per_sample_grads_one_pass(model, x, y, mask)
+    lm = lora_lm()
+    lm.blocks[0].ln_1.weight.requires_grad_(True)  # a trainable tensor outside every LoRA layer
+    with pytest.raises(ValueError, match=r"blocks\.0\.ln_1\.weight"):
+        dp.per_sample_grads_one_pass(lm, *batch())
+
+
+def test_empty_batch_gives_empty_gradients():
+    model = lora_lm()
+    x, y, mask = batch(B=0)
+    for per_sample in (dp.per_sample_grads_one_pass, dp.per_sample_grads):
+        psg = per_sample(model, x, y, mask)
+        assert {n: g.shape for n, g in psg.items()} == {n: (0, *p.shape) for n, p in trainable(model).items()}
+
+
 # -----------------------------------------------------------------------------
-# the DP-SGD step
+# the DP-SGD step (on its default path, the one-pass gradients, unless said otherwise)
+
+
+def sgd(model, lr=1.0):
+    return torch.optim.SGD(trainable(model).values(), lr=lr)
+
+
+def flat_params(model):
+    return torch.cat([p.detach().flatten() for p in trainable(model).values()])
+
+
+def test_both_paths_give_the_same_dp_step():
+    x, y, mask = batch()
+    updates = []
+    for per_sample in (dp.per_sample_grads_one_pass, dp.per_sample_grads):
+        model = lora_lm().double()
+        before = flat_params(model)
+        norm = dp.dp_sgd_step(model, sgd(model), x, y, mask, clip=0.05, noise_multiplier=0.7,
+                              expected_batch_size=8.0, generator=torch.Generator().manual_seed(0),
+                              per_sample=per_sample)
+        updates.append((flat_params(model) - before, norm))
+    (u1, norm1), (u2, norm2) = updates
+    assert norm1 > 0.05  # some examples were clipped
+    assert (u1 - u2).abs().max() <= 1e-12 and norm1 == pytest.approx(norm2, abs=1e-12)
 
 
 def test_dp_step_without_clipping_or_noise_is_plain_sgd():
     x, y, mask = batch()
     expected = 8.0  # q*N, deliberately not the realised B = 6
-    dp_model, ref_model = StandIn().double(), StandIn().double()
-    dp.dp_sgd_step(dp_model, torch.optim.SGD(trainable(dp_model).values(), lr=0.3), x, y, mask,
+    dp_model, ref_model = lora_lm().double(), lora_lm().double()
+    dp.dp_sgd_step(dp_model, sgd(dp_model, 0.3), x, y, mask,
                    clip=float("inf"), noise_multiplier=0.0, expected_batch_size=expected)
     loss_sum = sum(ref_model(x[i : i + 1], y[i : i + 1], mask[i : i + 1])[1] for i in range(len(x)))
     (loss_sum / expected).backward()
-    torch.optim.SGD(trainable(ref_model).values(), lr=0.3).step()
+    sgd(ref_model, 0.3).step()
     for n, p in trainable(ref_model).items():
         assert (trainable(dp_model)[n] - p).abs().max() <= 1e-12
 
 
 def test_clipping_brings_a_huge_gradient_to_norm_C():
-    model = StandIn().double()
+    model = lora_lm().double()
     with torch.no_grad():
-        model.head.weight *= 1000  # a huge raw gradient
-    x, y, mask = batch(B=1)
+        model.ln_f.weight *= 1000  # huge logits, a huge raw gradient
+    x, y, mask = batch(B=1, same_count=True)
     raw = grads_of(model, model(x, y, mask)[1])
     raw_flat = torch.cat([g.flatten() for g in raw.values()])
     assert raw_flat.norm() > 100
-    before = torch.cat([p.detach().flatten() for p in trainable(model).values()])
-    dp.dp_sgd_step(model, torch.optim.SGD(trainable(model).values(), lr=1.0), x, y, mask,
-                   clip=0.5, noise_multiplier=0.0, expected_batch_size=1)
-    change = before - torch.cat([p.detach().flatten() for p in trainable(model).values()])
+    before = flat_params(model)
+    dp.dp_sgd_step(model, sgd(model), x, y, mask, clip=0.5, noise_multiplier=0.0, expected_batch_size=1)
+    change = before - flat_params(model)
     assert change.norm().item() == pytest.approx(0.5, rel=1e-6)
     assert F.cosine_similarity(change, raw_flat, dim=0) > 1 - 1e-9  # same direction, only shorter
 
@@ -134,15 +223,15 @@ def test_noise_has_std_sigma_C_over_expected_batch_size(kind):
         mask = torch.zeros_like(mask)  # zero loss -> zero gradients: the update is pure noise
 
     def noisy_update(seed):
-        model = StandIn(d=128, r=64)  # 16k trainable numbers to estimate the std from
-        before = torch.cat([p.detach().flatten() for p in trainable(model).values()])
-        dp.dp_sgd_step(model, torch.optim.SGD(trainable(model).values(), lr=1.0), x, y, mask,
-                       clip=clip, noise_multiplier=sigma, expected_batch_size=q * N,
-                       generator=torch.Generator().manual_seed(seed))
-        return before - torch.cat([p.detach().flatten() for p in trainable(model).values()])
+        model = lora_lm(n_embd=64, rank=32)  # 16k trainable numbers to estimate the std from
+        before = flat_params(model)
+        dp.dp_sgd_step(model, sgd(model), x, y, mask, clip=clip, noise_multiplier=sigma,
+                       expected_batch_size=q * N, generator=torch.Generator().manual_seed(seed))
+        return before - flat_params(model)
 
     u = noisy_update(0)
     target = sigma * clip / (q * N)
+    assert u.numel() == 16384
     assert u.std().item() == pytest.approx(target, rel=0.03)
     assert abs(u.mean().item()) < 4 * target / math.sqrt(u.numel())
     assert torch.equal(u, noisy_update(0))  # same seed, same noise
@@ -150,8 +239,8 @@ def test_noise_has_std_sigma_C_over_expected_batch_size(kind):
 
 
 def test_dp_step_rejects_bad_arguments():
-    model = StandIn()
-    opt = torch.optim.SGD(trainable(model).values(), lr=0.1)
+    model = lora_lm()
+    opt = sgd(model, 0.1)
     x, y, mask = batch()
     with pytest.raises(ValueError, match="clip"):
         dp.dp_sgd_step(model, opt, x, y, mask, clip=0.0, noise_multiplier=1.0, expected_batch_size=4)
