@@ -112,12 +112,7 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
     llm_shape = tuple(shadow["Y"].shape[2:])
     train_runs, _ = gradtx.split_runs(cfg.n_shadow, cfg.val_frac, cfg.seed)
     mean_update = shadow["Y"][train_runs].flatten(0, 1).mean(0)
-    rng, g = np.random.default_rng([cfg.seed, 4]), torch.Generator().manual_seed(cfg.seed)
-
-    def finetune_llm(examples, seed, conf_weight=0.0):
-        if not examples:   # a weak model that answers nothing teaches nothing: the LLM stays as it is
-            return torch.zeros(llm_shape)
-        return tinylm.finetune(llm, *task.encode(examples), recipe, seed, conf_weight=conf_weight)[-1]
+    rng = np.random.default_rng([cfg.seed, 4])
 
     def translate(upload, m=1):        # the Grad-Transformer trained for inputs that average m uploads
         start = time.perf_counter()
@@ -130,7 +125,7 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
         return gradtx.ridge_predict(log["ridge"], gradtx.project(upload[None], log["basis"])).view(llm_shape)
 
     shared = {"llm_base": torch.zeros(llm_shape), "mean_shadow": mean_update,
-              "public_llm": finetune_llm(task.public_examples(None, rng), cfg.seed)}
+              "public_llm": tinylm.finetune(llm, *task.encode(task.public_examples(None, rng)), recipe, cfg.seed)[-1]}
     groups = {}
     for c in clients:
         groups.setdefault(c["group"], []).append(c)
@@ -138,20 +133,13 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
 
     results = []
     for c in tqdm(clients, desc="evaluate clients", leave=False):
-        seed, test = 2_000_003 * cfg.seed + c["index"], c["test"]
+        test = c["test"]
         scores = {"tinylm_ft": score(task, tinylm.set_update(tiny, c["floor_update"]), test)}
         if cfg.dp_epsilon > 0:
             scores["tinylm_dp"] = score(task, tinylm.set_update(tiny, c["upload"]), test)
-        start = time.perf_counter()
-        updates = dict(shared, llm_ft=finetune_llm(c["train"], seed))
-        seconds["finetune"].append(time.perf_counter() - start)
-        updates.update(gradtx=translate(c["upload"]), ridge=linear(c["upload"]))
-        if cfg.weak_baselines:   # labels from the client's own TinyLM (its DP model under DP-SGD)
-            tinylm.set_update(tiny, c["upload"] if cfg.dp_epsilon > 0 else c["floor_update"])
-            weak = relabel(task, tiny, c["train"], g)
-            kd = relabel(task, tiny, task.public_examples(len(c["train"]), rng), g)
-            updates.update(w2s=finetune_llm(weak, seed), w2s_conf=finetune_llm(weak, seed, 0.5),
-                           kd=finetune_llm(kd, seed))
+        seconds["finetune"].append(c["references"]["seconds"])
+        updates = dict(shared, gradtx=translate(c["upload"]), ridge=linear(c["upload"]),
+                       **{k: v for k, v in c["references"].items() if k != "seconds"})
         curve = pooled[c["group"]]
         if len(groups[c["group"]]) > 1:
             M = max(curve)

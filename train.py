@@ -95,6 +95,7 @@ class Config:
     gt_skip: bool = True         # learn the residual over the ridge map (off: the paper's decoder)
     gt_func_weight: float = 0.0  # weight of an LLM-loss term in training (0: the paper's pure MSE)
     val_frac: float = 0.25       # share of shadow RUNS held out for model selection
+    val_examples: int = 128      # examples of each held-out run the selection criterion scores
     # clients
     group_size: int = 1          # members per convention group (the skewed ones and the IID one)
     skew: float = 0.88
@@ -232,7 +233,8 @@ SHADOW_KEYS = FINETUNE_KEYS + ("n_shadow", "n_snapshots", "snapshot_gap", "shado
 DP_KEYS = ("dp_epsilon", "dp_delta", "dp_mechanism", "dp_clip", "dp_sample_rate")
 SHADOW_DP_KEYS = SHADOW_KEYS + DP_KEYS + ("shadow_dp_draws",)
 FIT_KEYS = ("gt_d_model", "gt_layers", "gt_heads", "gt_dropout", "gt_weight_decay", "gt_lr", "gt_steps",
-            "gt_batch", "gt_eval_every", "gt_normalize", "gt_project", "gt_skip", "gt_func_weight", "val_frac")
+            "gt_batch", "gt_eval_every", "gt_normalize", "gt_project", "gt_skip", "gt_func_weight", "val_frac",
+            "val_examples")
 CLIENT_KEYS = FINETUNE_KEYS + DP_KEYS + ("group_size", "skew", "n_test")
 
 
@@ -255,6 +257,7 @@ def stage_paths(cfg, task, levels=(1,)):
     for m in levels:   # one translator per noise level: inputs that average m uploads
         p[f"fit_{m}"] = path("fit", FIT_KEYS, inputs, m)
     p["clients"] = path("clients", CLIENT_KEYS, p["pretrain_tiny"], client_data)
+    p["references"] = path("references", ("weak_baselines",), p["clients"], p["pretrain_llm"])
     return p
 
 
@@ -278,7 +281,8 @@ def stage_seconds(cfg, paths):
     timing_path = os.path.join(cfg.cache or cfg.out, "timing.json")
     timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {}
     t = lambda prefix: sum(timing.get(os.path.basename(p), 0.0) for s, p in paths.items() if s.startswith(prefix))
-    return {"pretrain": t("pretrain"), "shadow": t("shadow"), "fit": t("fit"), "clients": t("clients")}
+    return {"pretrain": t("pretrain"), "shadow": t("shadow"), "fit": t("fit"), "clients": t("clients"),
+            "references": t("references")}
 
 
 # -----------------------------------------------------------------------------
@@ -449,9 +453,9 @@ def fit_stage(cfg, task, tiny, llm, shadow, path, m):
     X_train, Y_train = X.flatten(0, 1), Y.flatten(0, 1)
     X_val, Y_val = (t[:, -1] for t in translator_inputs(cfg, shadow, val_runs, m))   # one input per run
     examples = [task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha)[1] for k in range(cfg.n_shadow)]
-    criterion = gradtx.functional_criterion(llm, [task.encode(examples[k]) for k in val_runs])
-    X_clean = shadow["X"][train_runs, -1]        # the public subspace: clean public updates only
-    ks = (0, 2, 4, 8, 16, 32) if cfg.gt_project else (0,)
+    criterion = gradtx.functional_criterion(llm, [task.encode(examples[k][:cfg.val_examples]) for k in val_runs])
+    X_clean = shadow["X"][train_runs].flatten(0, 1)   # the public subspace: clean public updates only
+    ks = (0, 4, 8, 16, 32, 64) if cfg.gt_project else (0,)
     basis, ridge, k, lam, scores = gradtx.select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks)
     gcfg = gradtx.GTConfig(*X_train.shape[1:], *Y_train.shape[1:], d_model=cfg.gt_d_model,
                            n_layer=cfg.gt_layers, n_head=cfg.gt_heads, dropout=cfg.gt_dropout,
@@ -503,12 +507,41 @@ def client_run(c):
     return floor, make_upload(cfg, recipe(cfg, private=True), tiny, x, y, mask, seed)[0]
 
 
+def reference_run(c):
+    """The LLM fine-tunes a client's results are compared with. They use data the provider never
+    sees: llm_ft (the client's private data: the ceiling) and, with weak_baselines, w2s / w2s_conf
+    (the client's inputs labelled by its own TinyLM -- the DP one under DP-SGD) and kd (public
+    prompts labelled by that TinyLM). Runs in a worker."""
+    cfg, task, tiny, llm = _worker["cfg"], _worker["task"], _worker["tiny"], _worker["llm"]
+    seed, clean = 2_000_003 * cfg.seed + c["index"], recipe(cfg)
+    g, rng = torch.Generator().manual_seed(seed), np.random.default_rng([cfg.seed, 4, c["index"]])
+
+    def finetune_llm(examples, conf_weight=0.0):
+        if not examples:   # a weak model that answers nothing teaches nothing: the LLM stays as it is
+            return torch.zeros(tinylm.update_shape(llm.cfg, cfg.lora_rank))
+        return tinylm.finetune(llm, *task.encode(examples), clean, seed, conf_weight=conf_weight)[-1]
+
+    t0 = time.perf_counter()
+    out = {"llm_ft": finetune_llm(c["train"]), "seconds": time.perf_counter() - t0}
+    if cfg.weak_baselines:
+        own = c["upload"] if cfg.dp_epsilon > 0 else c["floor_update"]   # what the provider could rebuild
+        tinylm.set_update(tiny, own)
+        weak = evaluation.relabel(task, tiny, c["train"], g)
+        kd = evaluation.relabel(task, tiny, task.public_examples(len(c["train"]), rng), g)
+        out.update(w2s=finetune_llm(weak), w2s_conf=finetune_llm(weak, 0.5), kd=finetune_llm(kd))
+    return out
+
+
 def clients_stage(cfg, task, tiny, llm, paths, device):
     t0 = time.time()
     clients = task.clients(cfg.n_train, cfg.n_test, cfg.group_size, cfg.skew)
     runs = run_stage(cfg, paths["clients"], "clients", client_run, clients, device, task, tiny, llm, paths)
     for c, (floor, upload) in zip(clients, runs):
         c.update(floor_update=floor, upload=upload)
+    references = run_stage(cfg, paths["references"], "reference fine-tunes", reference_run, clients, device,
+                           task, tiny, llm, paths)
+    for c, refs in zip(clients, references):
+        c["references"] = refs
     sigma = noise_multiplier(cfg)
     note = f", DP ({cfg.dp_mechanism}) eps={cfg.dp_epsilon} sigma={sigma:.3f}" if sigma else ""
     print(f"clients   : {len(clients)} clients fine-tuned their TinyLM{note}, {time.time() - t0:.1f}s")
