@@ -158,6 +158,7 @@ def dp_sgd_step(model, optimizer, x, y, mask, clip, noise_multiplier, expected_b
     grads = per_sample(model, x, y, mask)
     # an example's gradient is ALL its trainable tensors together, laid side by side: (B, D)
     flat = torch.cat([grads[n].flatten(1) for n in params], dim=1)
+    ### BEGIN SOLUTION clip_and_noise
     norms = flat.norm(dim=1)                          # (B,)
     factor = (clip / (norms + 1e-6)).clamp(max=1.0)   # (B,); C = inf gives exactly 1
     g = factor @ flat                                 # (D,): the sum of the clipped gradients
@@ -166,6 +167,7 @@ def dp_sgd_step(model, optimizer, x, y, mask, clip, noise_multiplier, expected_b
     # divide by the EXPECTED batch size q*N, not the realised one: this is what the
     # accountant assumes (the realised size depends on who is in the batch, so it leaks)
     g = g / expected_batch_size
+    ### END SOLUTION
     for p, g_p in zip(params.values(), g.split([p.numel() for p in params.values()])):
         p.grad = g_p.view_as(p).to(p.dtype)
     optimizer.step()
@@ -214,11 +216,13 @@ def _log_erfc(x):
 
 def _log_a_int(q, sigma, alpha):
     """log A_alpha for integer alpha (Mironov et al. 2019, Sec. 3.3): a binomial sum."""
+    ### BEGIN SOLUTION rdp_step
     log_a = -math.inf
     for i in range(alpha + 1):
         log_coef = math.log(math.comb(alpha, i)) + i * math.log(q) + (alpha - i) * math.log(1 - q)
         log_a = _log_add(log_a, log_coef + (i * i - i) / (2 * sigma**2))
     return log_a
+    ### END SOLUTION
 
 
 def _log_a_frac(q, sigma, alpha):
@@ -274,12 +278,14 @@ def rdp_to_epsilon(orders, rdp, delta):
     (Thm 21): eps = rdp - (log delta + log alpha)/(alpha - 1) + log((alpha - 1)/alpha),
     minimised over alpha. Returns (epsilon, best alpha)."""
     _check_delta(delta)
+    ### BEGIN SOLUTION rdp_to_epsilon
     a, rdp = np.asarray(orders, dtype=float), np.asarray(rdp, dtype=float)
     eps = rdp - (math.log(delta) + np.log(a)) / (a - 1) + np.log((a - 1) / a)
     if np.isnan(eps).all():
         return math.inf, math.nan
     best = int(np.nanargmin(eps))
     return float(eps[best]), float(a[best])
+    ### END SOLUTION
 
 
 def compute_epsilon(sample_rate, noise_multiplier, steps, delta, orders=None):

@@ -195,7 +195,9 @@ def model_inputs(model, X):
 
 def shift_right(y):
     """(B, T, d) -> (B, T, d): an all-zero start token, then y[:, :-1]. Used in training AND generation."""
+    ### BEGIN SOLUTION autoregressive_decoding
     return torch.cat([torch.zeros_like(y[:, :1]), y[:, :-1]], dim=1)
+    ### END SOLUTION
 
 
 # -----------------------------------------------------------------------------
@@ -216,10 +218,12 @@ def generate(model, tiny_update):
     model.eval()
     device = model.head.weight.device
     src, base = model_inputs(model, src.float().to(device))
+    ### BEGIN SOLUTION autoregressive_decoding
     tgt = torch.zeros(len(src), 1, cfg.d_tgt, device=device)   # the start token
     for _ in range(cfg.n_tgt):
         nxt = model(src, tgt, base)[:, -1:]                       # (B, 1, d_tgt)
         tgt = torch.cat([tgt, nxt], dim=1)
+    ### END SOLUTION
     model.train(was_training)
     out = denormalize(model, tgt[:, 1:], "y").cpu()
     return out[0] if single else out
@@ -293,19 +297,23 @@ def public_basis(X_clean, k):
     """
     if k == 0:
         return None
+    ### BEGIN SOLUTION public_subspace
     X = X_clean.flatten(1).double()
     mean = X.mean(0)
     U = torch.linalg.svd(X - mean, full_matrices=False).Vh[:k].T          # (D, k)
     return {"mean": mean.float(), "U": U.float().contiguous()}
+    ### END SOLUTION
 
 
 def project(X, basis):
     """(N, n, d) -> (N, n, d): mean + U U^T (x - mean), same layout; unchanged when basis is None."""
     if basis is None:
         return X
+    ### BEGIN SOLUTION public_subspace
     mean, U = basis["mean"].to(X.device), basis["U"].to(X.device)
     centred = X.flatten(1).float() - mean
     return (mean + (centred @ U) @ U.T).view(X.shape)
+    ### END SOLUTION
 
 
 def fit_ridge(X, Y, lam):

@@ -55,9 +55,11 @@ MODEL_PRESETS = {
 
 def masked_cross_entropy(logits, targets, mask=None):
     """Mean cross-entropy over the positions where mask is 1 (all positions without a mask)."""
+    ### BEGIN SOLUTION masked_cross_entropy
     nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
     mask = torch.ones_like(nll) if mask is None else mask.flatten().to(nll.dtype)
     return (nll * mask).sum() / mask.sum().clamp(min=1)
+    ### END SOLUTION
 
 
 class LoRA(nn.Module):
@@ -76,7 +78,9 @@ class LoRA(nn.Module):
         self.scale = alpha / rank
 
     def forward(self, x):                                       # (B, T, n_in) -> (B, T, n_out)
+        ### BEGIN SOLUTION lora_forward
         return (x @ (self.A0 + self.dA).T) @ self.B.T * self.scale
+        ### END SOLUTION
 
     def per_example_grads(self, x, grad_out):
         """Each example's gradient of dA and B, from this layer's input x (B, T, n_in) and
@@ -87,12 +91,14 @@ class LoRA(nn.Module):
         the ordinary backward's per-token products, summed per example instead of over the whole
         batch: the same FLOPs (Opacus does linear layers the same way, with one einsum each).
         """
+        ### BEGIN SOLUTION per_example_grads
         g = grad_out * self.scale                               # (B, T, n_out): s g_t
         h = x @ (self.A0 + self.dA).T                           # (B, T, r)
         g_h = g @ self.B                                        # (B, T, r): s B^T g_t
         # a batched matmul sums over each example's own tokens: (B, r, T) @ (B, T, n_in)
         return {"dA": g_h.mT @ x,                               # (B, r, n_in)
                 "B": g.mT @ h}                                  # (B, n_out, r)
+        ### END SOLUTION
 
 
 class SelfAttention(nn.Module):
@@ -116,11 +122,13 @@ class SelfAttention(nn.Module):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_lora is not None:
             q, v = q + self.q_lora(x), v + self.v_lora(x)
+        ### BEGIN SOLUTION causal_attention
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, n_head, T, T)
         att = att.masked_fill(~self.causal[:T, :T], float("-inf")).softmax(dim=-1)
         y = (att @ v).transpose(1, 2).reshape(B, T, C)          # back to (B, T, C)
+        ### END SOLUTION
         return self.o_proj(y)
 
 
@@ -242,9 +250,11 @@ def get_update(model):
     """Δθ of a LoRA model as a (n_layer, token_dim) float32 tensor (a copy)."""
     require_lora(model)
     params = lora_parameters(model)
+    ### BEGIN SOLUTION update_vector
     tokens = [torch.cat([p.detach().flatten() for p in params[4 * l: 4 * l + 4]])
               for l in range(model.cfg.n_layer)]
     return torch.stack(tokens).float().cpu()
+    ### END SOLUTION
 
 
 def check_update(update, shape, what="update vector"):
@@ -266,11 +276,13 @@ def split_update(model, update):
     """
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     params, out = lora_parameters(model), {}
+    ### BEGIN SOLUTION update_vector
     for l in range(model.cfg.n_layer):
         offset = 0
         for p in params[4 * l: 4 * l + 4]:
             out[names[id(p)]] = update[l, offset: offset + p.numel()].view_as(p)
             offset += p.numel()
+    ### END SOLUTION
     return out
 
 

@@ -238,6 +238,48 @@ def test_noise_has_std_sigma_C_over_expected_batch_size(kind):
     assert not torch.equal(u, noisy_update(1))
 
 
+class OneVector(nn.Module):
+    """A "model" that is one trainable vector; its per-example gradients come from the test."""
+
+    def __init__(self, D):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(D))
+
+
+def step_with_given_grads(grads, clip, sigma, expected, seed=0):
+    """One dp_sgd_step whose per-example gradients are `grads` (B, D): -> (update, mean norm)."""
+    model = OneVector(grads.shape[1])
+    x = torch.zeros(len(grads), 1, dtype=torch.long)  # only len(x) matters
+    norm = dp.dp_sgd_step(model, sgd(model), x, x, x, clip=clip, noise_multiplier=sigma, expected_batch_size=expected,
+                          generator=torch.Generator().manual_seed(seed), per_sample=lambda *_: {"w": grads})
+    return -model.w.detach(), norm  # SGD at lr 1 from 0: minus the privatised gradient
+
+
+@pytest.mark.clip_and_noise
+def test_clipping_and_division_by_hand():
+    # C = 1: (3, 4) has norm 5 -> (0.6, 0.8); (0.3, 0.4) is inside the ball; (0, 0) adds nothing.
+    # Sum (0.9, 1.2), divided by the EXPECTED batch size 4 (not the 3 examples): (0.225, 0.3)
+    grads = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]], dtype=torch.float64)
+    update, norm = step_with_given_grads(grads, clip=1.0, sigma=0.0, expected=4.0)
+    assert update.tolist() == pytest.approx([0.225, 0.3], rel=1e-5)
+    assert norm == pytest.approx((5 + 0.5 + 0) / 3)  # the mean norm BEFORE clipping
+    update, _ = step_with_given_grads(grads, clip=float("inf"), sigma=0.0, expected=4.0)
+    assert update.tolist() == pytest.approx([3.3 / 4, 4.4 / 4])  # C = inf: no clipping
+
+
+@pytest.mark.clip_and_noise
+@pytest.mark.parametrize("B", [0, 4])
+def test_noise_is_added_once_to_the_sum(B):
+    # zero gradients: the update is the noise alone, std sigma*C / (q*N) whatever the batch size
+    sigma, clip, expected, D = 1.3, 0.7, 20.0, 20_000
+    update, _ = step_with_given_grads(torch.zeros(B, D), clip, sigma, expected)
+    target = sigma * clip / expected
+    assert update.std().item() == pytest.approx(target, rel=0.03)
+    assert abs(update.mean().item()) < 4 * target / math.sqrt(D)
+    assert torch.equal(update, step_with_given_grads(torch.zeros(B, D), clip, sigma, expected)[0])  # seeded
+    assert not torch.equal(update, step_with_given_grads(torch.zeros(B, D), clip, sigma, expected, seed=1)[0])
+
+
 def test_dp_step_rejects_bad_arguments():
     model = lora_lm()
     opt = sgd(model, 0.1)
@@ -295,6 +337,26 @@ def test_tensorflow_privacy_golden_value(orders):
     assert alpha == 19
 
 
+@pytest.mark.rdp_to_epsilon
+def test_rdp_to_epsilon_of_the_tensorflow_privacy_example():
+    # the same MNIST example, its RDP at alpha = 19 (the best order) from numerical integration:
+    # the conversion alone must give the published 0.7242234026109595, and pick 19 among others
+    rdp = {a: 6000 * rdp_by_integration(150 / 60000, 1.3, a) for a in (2.0, 19.0, 40.0)}
+    eps, alpha = dp.rdp_to_epsilon(list(rdp), list(rdp.values()), 1e-5)
+    assert eps == pytest.approx(0.7242234026109595, abs=1e-6) and alpha == 19
+
+
+@pytest.mark.rdp_to_epsilon
+def test_rdp_to_epsilon_by_hand():
+    # alpha = 2, rdp = 1, delta = e^-3: eps = 1 - (-3 + log 2) / 1 + log(1/2) = 4 - 2 log 2
+    assert dp.rdp_to_epsilon([2.0], [1.0], math.exp(-3)) == pytest.approx((4 - 2 * math.log(2), 2.0))
+    # the smallest eps over the orders wins: order 3 here, whatever order the orders come in
+    rdp = [1.0, 0.5, 5.0]
+    by_hand = [r - (math.log(1e-5) + math.log(a)) / (a - 1) + math.log((a - 1) / a) for a, r in zip((2, 3, 4), rdp)]
+    assert by_hand[1] == min(by_hand)
+    assert dp.rdp_to_epsilon([4, 2, 3], [5.0, 1.0, 0.5], 1e-5) == pytest.approx((by_hand[1], 3.0))
+
+
 def test_spec_small_orders_value():
     orders = [2, 5, 10, 20, 100]
     eps, alpha = dp.rdp_to_epsilon(orders, dp.compute_rdp(0.01, 1.0, 300, orders), 1e-5)
@@ -307,17 +369,30 @@ def test_no_sampling_is_the_gaussian_mechanism_closed_form():
     assert np.allclose(rdp, expected, rtol=1e-12)
 
 
-@pytest.mark.parametrize("alpha", [1.5, 2.7, 4.0, 12.0, 20.5])
-def test_rdp_matches_numerical_integration(alpha):
-    # Mironov et al. 2019: A_alpha = E_{z ~ N(0, s^2)} [((1-q) + q * exp((2z - 1) / (2 s^2)))^alpha]
-    # and rdp = log(A_alpha) / (alpha - 1); integrate it on a fine grid, in log space
-    q, s = 0.1, 1.2
+def rdp_by_integration(q, s, alpha):
+    """Mironov et al. 2019: A_alpha = E_{z ~ N(0, s^2)} [((1-q) + q * exp((2z - 1) / (2 s^2)))^alpha]
+    and rdp = log(A_alpha) / (alpha - 1); integrate it on a fine grid, in log space."""
     z = np.linspace(-40, 80, 400_001)
     log_f = -z**2 / (2 * s**2) - math.log(s * math.sqrt(2 * math.pi)) \
         + alpha * np.logaddexp(math.log(1 - q), math.log(q) + (2 * z - 1) / (2 * s**2))
     m = log_f.max()
-    log_a = m + math.log(np.sum(np.exp(log_f - m)) * (z[1] - z[0]))
-    assert dp.compute_rdp(q, s, 1, [alpha])[0] == pytest.approx(log_a / (alpha - 1), rel=1e-7)
+    return (m + math.log(np.sum(np.exp(log_f - m)) * (z[1] - z[0]))) / (alpha - 1)
+
+
+# integer orders take the binomial sum (the rdp_step exercise); 63: exp(1356) overflows a float
+@pytest.mark.parametrize("alpha", [1.5, 2.7, 20.5] + [pytest.param(a, marks=pytest.mark.rdp_step)
+                                                       for a in (4.0, 12.0, 63.0)])
+def test_rdp_matches_numerical_integration(alpha):
+    q, s = 0.1, 1.2
+    assert dp.compute_rdp(q, s, 1, [alpha])[0] == pytest.approx(rdp_by_integration(q, s, alpha), rel=1e-7)
+
+
+@pytest.mark.rdp_step
+@pytest.mark.parametrize("q,sigma", [(0.01, 1.0), (0.3, 0.8), (0.5, 5.0)])
+def test_rdp_of_order_two_is_the_closed_form(q, sigma):
+    # by hand: A_2 = (1-q)^2 + 2q(1-q) + q^2 e^(1/sigma^2) = 1 + q^2 (e^(1/sigma^2) - 1), and 7 steps add up
+    expected = 7 * math.log(1 + q**2 * math.expm1(1 / sigma**2))
+    assert dp.compute_rdp(q, sigma, 7, [2])[0] == pytest.approx(expected, rel=1e-10)
 
 
 def test_epsilon_grows_with_rate_and_steps_and_falls_with_noise():

@@ -70,6 +70,7 @@ def test_attention_matches_pytorch_sdpa():
         torch.testing.assert_close(attn(x, x, causal=True), self_causal, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.autoregressive_decoding
 def test_shift_right_puts_zero_start_token_in_front():
     y = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)
     expected = torch.stack([torch.zeros(2, 4), y[:, 0], y[:, 1]], dim=1)   # written by hand
@@ -126,6 +127,22 @@ def test_teacher_forcing_equals_generation_fed_its_own_outputs(normalize):
     torch.testing.assert_close(teacher_forced(model, X_new, Y_gen), Y_gen, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.autoregressive_decoding
+def test_generation_fed_back_equals_one_teacher_forced_pass_behind_a_zero_start_token():
+    # the same identity as above with the shift written out here, so it checks generate() alone
+    model = make_model()
+    X, Y = random_pairs(64)
+    gradtx.set_stats(model, X, Y)
+    X_new = random_pairs(5, seed=7)[0]
+    Y_gen = gradtx.generate(model, X_new)
+    assert Y_gen.shape == (5, N_TGT, D_TGT)
+    y = gradtx.normalize(model, Y_gen, "y")
+    tgt_in = torch.cat([torch.zeros(5, 1, D_TGT), y[:, :-1]], dim=1)      # zero start token, then y
+    with torch.no_grad():
+        out = gradtx.denormalize(model, model(gradtx.normalize(model, X_new, "x"), tgt_in), "y")
+    torch.testing.assert_close(out, Y_gen, atol=1e-5, rtol=1e-5)
+
+
 def test_decoder_cannot_see_future_target_tokens():
     model = make_model()
     X, Y = random_pairs(4)
@@ -169,6 +186,7 @@ def test_encoder_sees_every_source_token():
             assert (moved > 1e-4).all(), f"source token {i} does not reach every encoder position"
 
 
+@pytest.mark.autoregressive_decoding
 def test_zero_head_untrained_model_returns_the_mean_shadow_update():
     model = make_model(random_head=False)            # the model as built: zero head
     X, Y = random_pairs(50)
@@ -341,6 +359,44 @@ def saved_model(tmp_path):
     path = str(tmp_path / "gt.pt")
     gradtx.save(model, path)
     return model, path
+
+
+# -----------------------------------------------------------------------------
+# the public subspace
+
+
+@pytest.mark.public_subspace
+def test_public_basis_spans_the_top_principal_directions():
+    # oracle: the eigenvectors of the sample covariance (eigh), compared as projectors U U^T
+    g = torch.Generator().manual_seed(0)
+    scales = torch.linspace(3.0, 0.1, N_SRC * D_SRC)                       # distinct variances
+    X = 2.0 + torch.randn(200, N_SRC * D_SRC, generator=g, dtype=torch.float64) * scales
+    X = X @ torch.linalg.qr(torch.randn(N_SRC * D_SRC, N_SRC * D_SRC, generator=g, dtype=torch.float64))[0]
+    X = X.float().view(200, N_SRC, D_SRC)
+    basis = gradtx.public_basis(X, 3)
+    mean, U = basis["mean"], basis["U"]
+    assert mean.shape == (N_SRC * D_SRC,) and U.shape == (N_SRC * D_SRC, 3)
+    torch.testing.assert_close(mean, X.flatten(1).mean(0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(U.T @ U, torch.eye(3), atol=1e-5, rtol=0)          # orthonormal
+    centred = X.flatten(1).double() - X.flatten(1).double().mean(0)
+    V = torch.linalg.eigh(centred.T @ centred).eigenvectors[:, -3:]             # top 3 directions
+    torch.testing.assert_close((U @ U.T).double(), V @ V.T, atol=1e-4, rtol=0)
+    assert gradtx.public_basis(X, 0) is None
+
+
+@pytest.mark.public_subspace
+def test_project_onto_a_hand_made_basis():
+    # basis: the first two coordinates around a mean m -> keep x's first two, the rest becomes m
+    D = N_SRC * D_SRC
+    m = torch.arange(D, dtype=torch.float32)
+    basis = {"mean": m, "U": torch.eye(D)[:, :2]}
+    X = torch.randn(4, N_SRC, D_SRC, generator=torch.Generator().manual_seed(1))
+    expected = m.expand(4, D).clone()
+    expected[:, :2] = X.flatten(1)[:, :2]
+    out = gradtx.project(X, basis)
+    assert out.shape == X.shape
+    torch.testing.assert_close(out, expected.view(X.shape), atol=1e-6, rtol=0)
+    assert gradtx.project(X, None) is X
 
 
 def test_save_load_round_trip(tmp_path):

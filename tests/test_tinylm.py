@@ -56,6 +56,20 @@ def lora_params_by_name(model):
 # LoRA: B = 0 is the identity; otherwise it is the merged weight W + (alpha/r) B A
 
 
+@pytest.mark.lora_forward
+def test_lora_layer_is_the_low_rank_weight_delta():
+    # oracle: the merged weight (alpha/r) B (A0 + dA) applied with F.linear; B = 0 gives exactly 0
+    lora = tinylm.LoRA(16, 12, RANK, ALPHA, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        lora.dA.normal_(generator=torch.Generator().manual_seed(2))
+        assert torch.equal(lora(x), torch.zeros(2, 5, 12))
+        lora.B.normal_(generator=torch.Generator().manual_seed(3))
+        expected = F.linear(x, (ALPHA / RANK) * lora.B @ (lora.A0 + lora.dA))
+        assert lora(x).shape == (2, 5, 12)
+        assert torch.allclose(lora(x), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_lora_with_B_zero_changes_nothing():
     model = tiny_gpt()
     idx = random_idx()
@@ -75,6 +89,7 @@ def test_lora_with_B_zero_changes_nothing():
     assert torch.allclose(before, after_dA, rtol=0, atol=1e-6)
 
 
+@pytest.mark.update_vector
 def test_fresh_lora_model_has_zero_update():
     # the update vector is A - A0 and B - 0: nothing trained means all zeros (not A0)
     model = lora_gpt()
@@ -132,6 +147,19 @@ def test_attention_matches_pytorch_causal_sdpa():
         assert torch.allclose(attn(x), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.causal_attention
+@pytest.mark.parametrize("T", [1, 7, 16])
+def test_attention_alone_matches_pytorch_causal_sdpa(T):
+    torch.manual_seed(0)
+    attn = tinylm.SelfAttention(tinylm.GPTConfig(block_size=16, n_head=4, n_embd=32)).eval()
+    x = torch.randn(2, T, 32, generator=torch.Generator().manual_seed(T))
+    with torch.no_grad():
+        q, k, v = (proj(x).view(2, T, 4, 8).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)        # (B, n_head, T, head_dim)
+        expected = attn.o_proj(y.transpose(1, 2).reshape(2, T, 32))
+        assert torch.allclose(attn(x), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_add_lora_freezes_the_base_and_trains_only_dA_and_B():
     model = lora_gpt()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -176,6 +204,7 @@ def test_A0_is_recreated_from_the_seed():
 # update vectors: exact round trip, documented layout, bad input refused
 
 
+@pytest.mark.update_vector
 def test_update_round_trip_is_exact():
     model = lora_gpt()
     u = random_update(model, seed=3)
@@ -201,6 +230,7 @@ def test_update_round_trip_after_training_reproduces_the_model():
         assert torch.equal(model(idx)[0], other(idx)[0])
 
 
+@pytest.mark.update_vector
 def test_update_layout_is_qA_qB_vA_vB():
     model = lora_gpt()
     L, C, r = model.cfg.n_layer, model.cfg.n_embd, RANK
@@ -215,6 +245,38 @@ def test_update_layout_is_qA_qB_vA_vB():
             nonzero = [(n, tuple(i.tolist())) for n, p in lora_params_by_name(model).items()
                        for i in p.nonzero()]
             assert nonzero == [(f"blocks.{l}.attn.{name}", ij)], (l, pos)
+
+
+@pytest.mark.update_vector
+def test_get_update_reads_each_entry_where_the_layout_says():
+    # the mirror image of the test above: one LoRA entry set by hand, one position in the vector
+    model = lora_gpt()
+    L, C, r = model.cfg.n_layer, model.cfg.n_embd, RANK
+    params = lora_params_by_name(model)
+    for l in range(L):
+        for name, ij, pos in (("q_lora.dA", (1, 2), C + 2), ("q_lora.B", (3, 1), r * C + 3 * r + 1),
+                              ("v_lora.dA", (0, C - 1), 2 * r * C + C - 1), ("v_lora.B", (C - 1, 0), 4 * r * C - r)):
+            with torch.no_grad():
+                for p in params.values():
+                    p.zero_()
+                params[f"blocks.{l}.attn.{name}"][ij] = 1.0
+            u = tinylm.get_update(model)
+            assert u.shape == (L, 4 * r * C) and u.dtype == torch.float32
+            assert u.nonzero().tolist() == [[l, pos]], (l, name)
+
+
+@pytest.mark.update_vector
+def test_split_update_gives_views_that_gradients_flow_through():
+    # train.py differentiates the LLM's loss w.r.t. a predicted update through split_update
+    model = lora_gpt()
+    C, r = model.cfg.n_embd, RANK
+    u = torch.zeros(tinylm.update_shape(model.cfg, r), requires_grad=True)
+    tensors = tinylm.split_update(model, u)
+    assert {n: t.shape for n, t in tensors.items()} == {n: p.shape for n, p in lora_params_by_name(model).items()}
+    tensors["blocks.1.attn.q_lora.B"].sum().backward()
+    expected = torch.zeros_like(u)
+    expected[1, r * C: 2 * r * C] = 1.0
+    assert torch.equal(u.grad, expected)
 
 
 @pytest.mark.parametrize("bad,error,match", [
@@ -253,6 +315,21 @@ def test_update_io_on_a_model_without_lora_is_refused_clearly():
 
 # -----------------------------------------------------------------------------
 # the forward pass: masked loss, causality, per-sample gradients, generation
+
+
+@pytest.mark.masked_cross_entropy
+def test_masked_cross_entropy_on_made_up_logits():
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(3, 5, 7, generator=g), torch.randint(7, (3, 5), generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 0, 0, 0], [0, 0, 0, 0, 0]])
+    sel = mask.bool()
+    expected = F.cross_entropy(logits[sel], targets[sel])          # the 4 masked positions only
+    assert torch.allclose(tinylm.masked_cross_entropy(logits, targets, mask), expected, atol=1e-6)
+    every = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    assert torch.allclose(tinylm.masked_cross_entropy(logits, targets), every, atol=1e-6)
+    # by hand: uniform logits over 7 classes cost log 7 per token; an empty mask costs 0, not nan
+    assert tinylm.masked_cross_entropy(torch.zeros(3, 5, 7), targets, mask).item() == pytest.approx(math.log(7))
+    assert tinylm.masked_cross_entropy(logits, targets, torch.zeros(3, 5)).item() == 0.0
 
 
 def test_masked_loss_is_cross_entropy_over_masked_positions_only():
@@ -313,6 +390,27 @@ def test_per_sample_grads_with_torch_func_match_single_example_backward():
             if p.requires_grad:
                 assert p.grad.abs().sum() > 0, n
                 assert torch.allclose(per_sample[n][i], p.grad, rtol=1e-4, atol=1e-6), (n, i)
+
+
+@pytest.mark.per_example_grads
+def test_lora_per_example_grads_match_a_loop_of_backward_passes():
+    # oracle: the layer's formula written out here, one autograd backward per example
+    lora = tinylm.LoRA(12, 10, RANK, ALPHA, torch.Generator().manual_seed(0)).double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        lora.dA.normal_(generator=g)
+        lora.B.normal_(generator=g)
+    x = torch.randn(4, 6, 12, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(4, 6, 10, generator=g, dtype=torch.float64)
+    grads = lora.per_example_grads(x, grad_out)
+    assert set(grads) == {"dA", "B"}
+    for i in range(len(x)):
+        lora.zero_grad()
+        out = (x[i] @ (lora.A0 + lora.dA).T) @ lora.B.T * (ALPHA / RANK)   # (T, n_out)
+        out.backward(grad_out[i])
+        assert grads["dA"][i].shape == lora.dA.shape and grads["B"][i].shape == lora.B.shape
+        assert torch.allclose(grads["dA"][i], lora.dA.grad, rtol=1e-10, atol=1e-12), i
+        assert torch.allclose(grads["B"][i], lora.B.grad, rtol=1e-10, atol=1e-12), i
 
 
 def test_greedy_generate_is_an_argmax_loop():

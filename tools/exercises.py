@@ -1,0 +1,320 @@
+"""
+tools/exercises.py -- the core pieces of gradtx as exercises, each checked by its own tests.
+
+Inside a few function bodies the solution to an exercise sits between two marker lines, as in
+nbgrader:
+
+    ### BEGIN SOLUTION <name>
+    ...
+    ### END SOLUTION
+
+A student copy of the repository replaces each such block, at its indentation, with one line
+
+    raise NotImplementedError("exercise <name>: <hint> -- check with: python -m pytest -m <name>")
+
+Each exercise has a pytest marker (pytest.ini) and tests that check it against an oracle that
+needs no other exercise; a test that runs into ANOTHER exercise's blank code is skipped
+(tests/conftest.py). So the exercises can be done in any order. EXERCISES.md is the guide.
+
+    python tools/exercises.py --list                          # the exercises, easiest first
+    python tools/exercises.py --out ../student                # a student copy, every exercise blank
+    python tools/exercises.py --out ../student --only rdp_step,lora_forward
+    python tools/exercises.py --check                         # prove that every exercise works
+
+Standard library only.
+"""
+import argparse
+import concurrent.futures
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> (difficulty, the one-line hint the student sees), easiest first
+EXERCISES = {
+    "masked_cross_entropy": ("easy", "mean token cross-entropy over the positions where mask is 1 "
+                                     "(every position when mask is None; an empty mask gives 0)"),
+    "lora_forward": ("easy", "the low-rank delta (alpha/r) * x (A0 + dA)^T B^T, shape (B, T, n_out)"),
+    "rdp_to_epsilon": ("easy", "the docstring's conversion at every order, then the smallest epsilon "
+                               "and its order"),
+    "update_vector": ("medium", "one token per layer: q.dA, q.B, v.dA, v.B flattened side by side "
+                                "(get_update), and cut back into those shapes (split_update)"),
+    "causal_attention": ("medium", "split q, k, v into heads, softmax(q k^T / sqrt(head_dim)) with "
+                                   "future positions masked, att @ v, heads merged back into y (B, T, C)"),
+    "autoregressive_decoding": ("medium", "shift_right: an all-zero token, then y[:, :-1]; generate: tgt starts "
+                                          "as that token, then append the model's last output n_tgt times"),
+    "public_subspace": ("medium", "public_basis: the mean and the top-k right singular vectors of the "
+                                  "centred flat updates; project: mean + U U^T (x - mean)"),
+    "clip_and_noise": ("medium", "norms (B,) of the rows of flat; g (D,): the rows clipped to norm <= clip, "
+                                 "summed, plus _gaussian noise of std sigma*clip, over the expected batch size"),
+    "per_example_grads": ("hard", "per example, sum over its tokens: dA = s (B^T g_t) x_t^T, "
+                                  "B = s g_t h_t^T with h_t = A x_t; one batched matmul each"),
+    "rdp_step": ("hard", "log of sum_i binom(alpha, i) q^i (1-q)^(alpha-i) exp((i^2 - i) / (2 sigma^2)), "
+                         "in log space (_log_add): the terms overflow a float"),
+}
+
+BEGIN = re.compile(r"^(\s*)### BEGIN SOLUTION (\w+)\s*$")
+END = re.compile(r"^(\s*)### END SOLUTION\s*$")
+BLANK = re.compile(r'^(\s+)raise NotImplementedError\("exercise (\w+):')  # a block already blank (student copy)
+
+
+def blank_line(name, indent):
+    hint = EXERCISES[name][1]
+    message = f"exercise {name}: {hint} -- check with: python -m pytest -m {name}"
+    return f'{indent}raise NotImplementedError("{message}")\n'
+
+
+# -----------------------------------------------------------------------------
+# finding the marked blocks
+
+
+def repo_files(root):
+    """The repository's files, relative to root: tracked and untracked-but-not-ignored (git), or,
+    outside git, everything except .git, caches and out*/ run folders."""
+    try:
+        out = subprocess.run(["git", "-C", root, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                             capture_output=True, check=True).stdout.decode()
+        files = sorted({f for f in out.split("\0") if f})
+    except (OSError, subprocess.CalledProcessError):
+        files = []
+        for d, dirs, names in os.walk(root):
+            dirs[:] = sorted(x for x in dirs if x not in (".git", "__pycache__", ".pytest_cache")
+                             and not (d == root and x.startswith("out")))
+            files += [os.path.relpath(os.path.join(d, n), root) for n in sorted(names) if not n.endswith(".pyc")]
+    return [f for f in files if os.path.isfile(os.path.join(root, f))]
+
+
+def find_blocks(path, lines):
+    """[(name, first line, last line, indent)] of the marked blocks in one file (0-based, inclusive)."""
+    blocks, open_block = [], None
+    for i, line in enumerate(lines):
+        where = f"{path}:{i + 1}"
+        if m := BEGIN.match(line):
+            if open_block:
+                raise SystemExit(f"{where}: BEGIN SOLUTION inside the block opened at line {open_block[1] + 1}")
+            if m.group(2) not in EXERCISES:
+                raise SystemExit(f"{where}: unknown exercise {m.group(2)!r}; add it to EXERCISES in {__file__}")
+            if not m.group(1):
+                raise SystemExit(f"{where}: markers go inside function bodies, not at module level")
+            open_block = (m.group(2), i, m.group(1))
+        elif (m := BLANK.match(line)) and not open_block and m.group(2) in EXERCISES:
+            blocks.append((m.group(2), i, i, m.group(1)))
+        elif m := END.match(line):
+            if not open_block or m.group(1) != open_block[2]:
+                raise SystemExit(f"{where}: END SOLUTION without a BEGIN SOLUTION at the same indentation")
+            blocks.append((open_block[0], open_block[1], i, open_block[2]))
+            open_block = None
+    if open_block:
+        raise SystemExit(f"{path}:{open_block[1] + 1}: BEGIN SOLUTION {open_block[0]} is never closed")
+    return blocks
+
+
+def scan(root):
+    """{path: (lines, blocks)} for every Python file with marked blocks (this tool excepted)."""
+    found = {}
+    for path in repo_files(root):
+        if path.endswith(".py") and os.path.abspath(os.path.join(root, path)) != os.path.abspath(__file__):
+            with open(os.path.join(root, path), encoding="utf-8") as f:
+                lines = f.readlines()
+            if blocks := find_blocks(path, lines):
+                found[path] = (lines, blocks)
+    missing = set(EXERCISES) - {b[0] for _, blocks in found.values() for b in blocks}
+    if missing:
+        raise SystemExit(f"exercises without a marked block: {', '.join(sorted(missing))}")
+    return found
+
+
+def enclosing_function(lines, i):
+    """'Class.method' or 'function' around line i, from the nearest less-indented def/class lines."""
+    names, indent = [], len(lines[i]) - len(lines[i].lstrip())
+    for line in reversed(lines[:i]):
+        m = re.match(r"(\s*)(?:async\s+)?(def|class)\s+(\w+)", line)
+        if m and len(m.group(1)) < indent and (m.group(2) == "class" or not names):
+            names.insert(0, m.group(3))
+            indent = len(m.group(1))
+    return ".".join(names)
+
+
+def blanked(lines, blocks, names):
+    """The file's text with the blocks of the exercises in `names` replaced by a raise."""
+    out, last = [], 0
+    for name, first, end, indent in blocks:
+        if name in names:
+            out += lines[last:first] + [blank_line(name, indent)]
+            last = end + 1
+    return "".join(out + lines[last:])
+
+
+# -----------------------------------------------------------------------------
+# the student copy
+
+
+def write_copy(root, out, names, found=None):
+    """Copy the repository to `out` with the exercises in `names` blank; refuse to write in the repo."""
+    root, out = os.path.realpath(root), os.path.realpath(out)
+    if out == root or out.startswith(root + os.sep):
+        raise SystemExit(f"refusing to write into the repository itself: {out}")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise SystemExit(f"{out} exists and is not an empty folder")
+    found = scan(root) if found is None else found
+    for path in repo_files(root):
+        target = os.path.join(out, path)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if path in found:
+            text = blanked(*found[path], names)
+            compile(text, target, "exec")  # a student copy that does not even import helps no one
+            with open(target, "w", encoding="utf-8") as f:
+                f.write(text)
+        else:
+            shutil.copy2(os.path.join(root, path), target)
+    return out
+
+
+def list_exercises(found):
+    where = {}  # name -> {file: [function, ...]}
+    for path, (lines, blocks) in found.items():
+        for name, first, _, _ in blocks:
+            functions = where.setdefault(name, {}).setdefault(path, [])
+            if (f := enclosing_function(lines, first)) not in functions:
+                functions.append(f)
+    width = max(map(len, EXERCISES))
+    for name, (difficulty, hint) in EXERCISES.items():
+        places = "; ".join(f"{path}: {', '.join(fs)}" for path, fs in where[name].items())
+        print(f"{name:<{width}}  {difficulty:<6}  {places}")
+        print(f"{'':<{width}}  {'':<6}  {hint}")
+        print(f"{'':<{width}}  {'':<6}  check: python -m pytest -m {name}")
+
+
+# -----------------------------------------------------------------------------
+# --check: each exercise's tests pass on the original, pass on a copy where ONLY that exercise is
+# filled in (any order works), and fail on the student copy with that exercise's own
+# NotImplementedError; every other test passes on the student copy or skips "needs exercise <name>"
+
+
+def run_pytest(cwd, xml, marker_expr=None, paths=()):
+    """{test id: (outcome, message)} of one pytest run; outcome is passed, failed or skipped."""
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *paths]
+    cmd += ["-m", marker_expr] if marker_expr else []
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode not in (0, 1, 5) or not os.path.exists(xml):  # 5: no test selected
+        raise SystemExit(f"pytest did not run in {cwd} (exit {proc.returncode}):\n"
+                         f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    results = {}
+    for case in ET.parse(xml).iter("testcase"):
+        outcome, message = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = "skipped" if child.tag == "skipped" else "failed"
+                message = f"{child.get('message', '')}\n{child.text or ''}".strip()
+                break
+        results[f"{case.get('classname')}::{case.get('name')}"] = (outcome, message)
+    return results
+
+
+def test_files_marked(root, name):
+    """The test files that mention the marker: a run of `-m name` needs to collect only these."""
+    tests = os.path.join(root, "tests")
+    files = sorted(f for f in os.listdir(tests) if f.startswith("test_") and f.endswith(".py"))
+    return [os.path.join("tests", f) for f in files
+            if f"mark.{name}" in open(os.path.join(tests, f), encoding="utf-8").read()]
+
+
+def describe(outcome, message):
+    return f"{outcome}: {message.splitlines()[0]}" if message else outcome
+
+
+def run_everything(root, names):
+    """Build the copies in a temp dir and run pytest on each, two processes at a time.
+    Returns {"original": ..., "student": ..., name: ...} of run_pytest results, where runs[name] is
+    the copy with only `name` filled in, running the tests marked `name` (so: the list of them)."""
+    found = scan(root)
+    files = {n: test_files_marked(root, n) for n in names}
+    with tempfile.TemporaryDirectory() as tmp:
+        student = write_copy(root, os.path.join(tmp, "student"), set(names), found)
+        jobs = [("student", student, None, []),   # (what, folder, marker expression, test files)
+                ("original", root, " or ".join(names), sorted({f for fs in files.values() for f in fs}))]
+        jobs += [(n, write_copy(root, os.path.join(tmp, n), set(names) - {n}, found), n, files[n]) for n in names]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            futures = {what: pool.submit(run_pytest, cwd, os.path.join(tmp, f"{what}.xml"), expr, paths)
+                       for what, cwd, expr, paths in jobs}
+            return {what: f.result() for what, f in futures.items()}
+
+
+def check(root):
+    t0 = time.time()
+    with open(os.path.join(root, "pytest.ini"), encoding="utf-8") as f:
+        ini = f.read()
+    unregistered = [n for n in EXERCISES if not re.search(rf"^\s+{n}:", ini, re.M)]
+    if unregistered or "--strict-markers" not in ini:
+        raise SystemExit(f"pytest.ini must register every exercise marker and use --strict-markers "
+                         f"(missing: {', '.join(unregistered) or 'none'})")
+    names, problems = list(EXERCISES), []
+    runs = run_everything(root, names)
+    student, original = runs["student"], runs["original"]
+    passes = {t for t, (o, _) in original.items() if o == "passed"}
+
+    print(f"{'exercise':<24} {'tests':>5}  pass on the original  pass alone  fail on the student copy")
+    for n in names:
+        alone = runs[n]
+        fails = {t for t, (o, msg) in student.items() if o == "failed" and f"exercise {n}:" in msg}
+        if not alone:
+            problems.append(f"{n}: no test is marked with it")
+        for t, (o, msg) in alone.items():
+            if t not in passes:
+                problems.append(f"{n}: {t} does not pass on the original "
+                                f"({describe(*original.get(t, ('missing', '')))})")
+            if o != "passed":
+                problems.append(f"{n}: with only {n} filled in, {t} does not pass ({describe(o, msg)})")
+            if t not in fails:
+                problems.append(f"{n}: {t} does not fail with exercise {n}'s error on the student copy "
+                                f"({describe(*student.get(t, ('missing', '')))})")
+        print(f"{n:<24} {len(alone):>5}  {len(set(alone) & passes):>20}  "
+              f"{sum(o == 'passed' for o, _ in alone.values()):>10}  {len(set(alone) & fails):>24}")
+
+    marked = {t for n in names for t in runs[n]}
+    others = {t: r for t, r in student.items() if t not in marked}
+    skips = {t: msg for t, (o, msg) in others.items() if o == "skipped"}
+    for t, (o, msg) in others.items():
+        if o == "failed" or (o == "skipped" and not msg.startswith("needs exercise ")):
+            problems.append(f"the student copy breaks {t}, which no exercise marks ({describe(o, msg)})")
+    reasons = sorted({msg.splitlines()[0] for msg in skips.values()})
+    print(f"\nthe other tests on the student copy (every exercise blank): {len(others) - len(skips)} pass, "
+          f"{len(skips)} skip ({'; '.join(reasons) or 'none'})")
+    for p in problems:
+        print(f"FAIL {p}")
+    print(f"\n--check: {len(names)} exercises, {len(problems)} problems, {time.time() - t0:.0f}s")
+    return not problems
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="gradtx exercises: list them, write a student copy, check them.")
+    parser.add_argument("--list", action="store_true",
+                        help="print the exercises with their file, difficulty and check command")
+    parser.add_argument("--out", metavar="DIR", help="write a student copy of the repository to DIR (new or empty)")
+    parser.add_argument("--only", metavar="A,B", help="with --out: blank only these exercises")
+    parser.add_argument("--check", action="store_true", help="verify every exercise on a student copy in a temp dir")
+    args = parser.parse_args(argv)
+    if sum(map(bool, (args.list, args.out, args.check))) != 1 or (args.only and not args.out):
+        parser.error("give exactly one of --list, --out DIR [--only A,B], --check")
+    if args.list:
+        list_exercises(scan(ROOT))
+    elif args.out:
+        names = set(EXERCISES) if args.only is None else {n.strip() for n in args.only.split(",") if n.strip()}
+        if unknown := names - set(EXERCISES):
+            parser.error(f"unknown exercise(s) {', '.join(sorted(unknown))}; --list shows them")
+        out = write_copy(ROOT, args.out, names)
+        print(f"student copy with {len(names)} exercise(s) blank: {out}\n"
+              f"  cd {out} && python -m pytest -m <exercise>     (EXERCISES.md lists them)")
+    else:
+        sys.exit(0 if check(ROOT) else 1)
+
+
+if __name__ == "__main__":
+    main()
