@@ -263,7 +263,8 @@ def report(results):
         text += "\n\npooling curve: gain recovered (of means) vs number of pooled uploads m\n\n" + pooling
     unit = "" if results["metric"] == "accuracy" else f" ({results['metric']}, lower is better)"
     return (text + f"\n\nscores: {results['metric']}{unit}; time (s): "
-            + ", ".join(f"{k} {t[k]:.0f}" for k in ("pretrain", "shadow", "fit", "clients", "eval", "total"))
+            + ", ".join(f"{k} {t[k]:.0f}" for k in ("pretrain", "shadow", "fit", "clients", "references", "eval",
+                                                     "total") if k in t)
             + f"; one translation {1e3 * t['gradtx_generate_per_update']:.1f} ms vs one LLM fine-tune "
             f"{t['llm_finetune_per_run']:.2f} s")
 

@@ -218,9 +218,14 @@ def make_upload(cfg, private_recipe, model, x, y, mask, seed):
     perturbation its clean update clipped to C plus Gaussian noise. Returns (upload, update)."""
     update = tinylm.finetune(model, x, y, mask, private_recipe, seed)[-1]
     if cfg.dp_epsilon > 0 and cfg.dp_mechanism == "output":
-        g = torch.Generator().manual_seed(seed + 1)
-        return dp.perturb_update(update, cfg.dp_epsilon, cfg.dp_delta, cfg.dp_clip, g), update
+        return perturb(cfg, update, seed), update
     return update, update
+
+
+def perturb(cfg, update, seed):
+    """Output perturbation: the Gaussian mechanism on the whole update vector (dp.py)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return dp.perturb_update(update, cfg.dp_epsilon, cfg.dp_delta, cfg.dp_clip, g)
 
 
 # -----------------------------------------------------------------------------
@@ -416,8 +421,11 @@ def shadow_stages(cfg, task, tiny, llm, paths, device):
     if "shadow_dp" in paths:
         t0 = time.time()
         items = [(k, r) for k in range(cfg.n_shadow) for r in range(cfg.shadow_dp_draws)]
-        draws = run_stage(cfg, paths["shadow_dp"], "shadow DP draws", shadow_dp_run, items, device,
-                          task, tiny, llm, paths)
+        if cfg.dp_mechanism == "output":   # the clean run's final update IS the recipe's update: add noise
+            draws = [perturb(cfg, shadow["X"][k, -1], 3_000_017 * cfg.seed + 1_009 * k + r) for k, r in items]
+        else:
+            draws = run_stage(cfg, paths["shadow_dp"], "shadow DP draws", shadow_dp_run, items, device,
+                              task, tiny, llm, paths)
         shadow["X_private"] = torch.stack(draws).view(cfg.n_shadow, cfg.shadow_dp_draws, *draws[0].shape)
         print(f"shadow_dp : {len(items)} TinyLM runs with the clients' DP recipe ({cfg.dp_mechanism}, "
               f"eps={cfg.dp_epsilon}), {time.time() - t0:.1f}s -> {paths['shadow_dp']}")
@@ -595,9 +603,9 @@ def main(argv):
     if not cfg.experiment:
         return run(cfg)
     rows = []
-    for overrides in EXPERIMENTS[cfg.experiment]:   # later runs reuse the earlier runs' stages
-        name = "_".join(f"{k}{v}" for k, v in overrides.items() if k in ("dp_epsilon", "dp_mechanism"))
-        sub = replace(cfg, experiment="", cache=cfg.cache or cfg.out, out=os.path.join(cfg.out, name), **overrides)
+    for o in EXPERIMENTS[cfg.experiment]:   # later runs reuse the earlier runs' stages
+        name = f"eps{o['dp_epsilon']:g}_{o.get('dp_mechanism', 'sgd')}" if o["dp_epsilon"] else "no_dp"
+        sub = replace(cfg, experiment="", cache=cfg.cache or cfg.out, out=os.path.join(cfg.out, name), **o)
         rows.append(run(sub))
     table = evaluation.experiment_table(cfg.experiment, rows)
     with open(os.path.join(cfg.out, f"{cfg.experiment}.md"), "w") as f:

@@ -228,3 +228,13 @@ def test_pgr_and_gain_on_hand_made_numbers():
     assert evaluation.pgr(2.6, 2.5, 2.2) == pytest.approx(-1 / 3)   # worse than the floor: negative
     assert evaluation.mean_defined([0.5, None, 1.0]) == pytest.approx(0.75)
     assert evaluation.mean_defined([None]) is None
+
+
+def test_output_perturbation_run(tmp_path):
+    """The other DP mechanism end to end: clients upload clean updates clipped to C plus Gaussian
+    noise, and the translator is trained on shadow updates perturbed the same way."""
+    results = train.main(TINY_RUN + [f"--out={tmp_path}", "--dp_epsilon=0.5", "--dp_mechanism=output"])
+    p = results["privacy"]
+    assert (p["epsilon"], p["mechanism"]) == (0.5, "output")
+    assert p["noise_multiplier"] == dp.gaussian_sigma(0.5, 1e-5, 1.0)
+    assert all("tinylm_dp" in c["scores"] for c in results["clients"])
