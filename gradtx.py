@@ -335,7 +335,7 @@ def ridge_predict(ridge, X):
 
 
 def select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks=(0, 4, 8, 16, 32, 64),
-                      lams=(1e-1, 1e0, 1e1, 1e2, 1e3, 1e4)):
+                      lams=(1e-1, 1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6)):
     """Choose the subspace size k and ridge's lambda by the functional criterion on held-out runs.
 
     X_clean: clean public shadow TinyLM updates (for the basis); X_train, X_val: the inputs the map
