@@ -334,8 +334,11 @@ def ridge_predict(ridge, X):
     return (z @ r["keys"].T) @ r["values"] * r["y_std"] + r["y_mean"]
 
 
-def select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks=(0, 4, 8, 16, 32, 64),
-                      lams=(1e-1, 1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6)):
+SUBSPACE_SIZES = (0, 4, 8, 16, 32, 64)                     # k = 0: no projection
+RIDGE_LAMBDAS = (1e-1, 1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6)
+
+
+def select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks=SUBSPACE_SIZES, lams=RIDGE_LAMBDAS):
     """Choose the subspace size k and ridge's lambda by the functional criterion on held-out runs.
 
     X_clean: clean public shadow TinyLM updates (for the basis); X_train, X_val: the inputs the map

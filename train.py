@@ -260,7 +260,7 @@ def stage_paths(cfg, task, levels=(1,)):
     if cfg.dp_epsilon > 0:
         p["shadow_dp"] = inputs = path("shadow_dp", SHADOW_DP_KEYS, p["shadow"])
     for m in levels:   # one translator per noise level: inputs that average m uploads
-        p[f"fit_{m}"] = path("fit", FIT_KEYS, inputs, m)
+        p[f"fit_{m}"] = path("fit", FIT_KEYS, inputs, m, gradtx.SUBSPACE_SIZES, gradtx.RIDGE_LAMBDAS)
     p["clients"] = path("clients", CLIENT_KEYS, p["pretrain_tiny"], client_data)
     p["references"] = path("references", ("weak_baselines",), p["clients"], p["pretrain_llm"])
     return p
@@ -463,7 +463,7 @@ def fit_stage(cfg, task, tiny, llm, shadow, path, m):
     examples = [task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha)[1] for k in range(cfg.n_shadow)]
     criterion = gradtx.functional_criterion(llm, [task.encode(examples[k][:cfg.val_examples]) for k in val_runs])
     X_clean = shadow["X"][train_runs].flatten(0, 1)   # the public subspace: clean public updates only
-    ks = (0, 4, 8, 16, 32, 64) if cfg.gt_project else (0,)
+    ks = gradtx.SUBSPACE_SIZES if cfg.gt_project else (0,)
     basis, ridge, k, lam, scores = gradtx.select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks)
     gcfg = gradtx.GTConfig(*X_train.shape[1:], *Y_train.shape[1:], d_model=cfg.gt_d_model,
                            n_layer=cfg.gt_layers, n_head=cfg.gt_heads, dropout=cfg.gt_dropout,
