@@ -286,3 +286,19 @@ def test_pretrain_corpus_has_every_problem_once_explicit_and_once_ambiguous():
         assert q == e[:2] + "@" + e[3:]                       # aligned: the same problem with '@'
         problems.add((a, b, op))
     assert len(problems) == 4 * len(ALL_PAIRS)
+
+
+def test_convention_groups_give_every_member_its_own_disjoint_data():
+    task = data.ArithTask(0)
+    members = task.clients(n_train=100, n_test=50, group_size=3)
+    assert [m["group"] for m in members] == [g for g in ["skewed_+", "skewed_-", "skewed_>", "skewed_<", "iid_0"]
+                                             for _ in range(3)]
+    assert len({m["index"] for m in members}) == 15
+    private = set(task.private)
+    for m in members:
+        train = {parse_line(line)[0::2] for line in m["train"]}     # operand pairs (a, b)
+        test = {parse_line(line)[0::2] for line in m["test"]}
+        assert not train & test                          # a member never tests on its training pairs
+        assert train | test <= private                   # and holds private pairs only
+    assert members[0]["train"] != members[1]["train"]     # members of a group hold different data
+    assert task.clients(100, 50, group_size=1)[0]["train"] == members[0]["train"]   # member 0 = the single client

@@ -459,3 +459,46 @@ def test_load_never_unpickles_arbitrary_objects(tmp_path):
     with pytest.raises(ValueError):
         gradtx.load(path)
     assert not os.path.exists(marker), "load() unpickled an arbitrary object"
+
+
+# -----------------------------------------------------------------------------
+# the linear map and the skip path
+
+
+def test_ridge_dual_equals_the_primal_solution():
+    # oracle: the textbook primal ridge solution W = (X^T X + lam I)^-1 X^T Y on z-scored data
+    X, Y = random_pairs(12, seed=3)
+    ridge = gradtx.fit_ridge(X, Y, lam=2.0)
+    Xf, Yf = X.flatten(1).double(), Y.flatten(1).double()
+    Xz = (Xf - Xf.mean(0)) / (Xf.std(0) + 1e-8)
+    Yz = (Yf - Yf.mean(0)) / (Yf.std(0) + 1e-8)
+    W = torch.linalg.solve(Xz.T @ Xz + 2.0 * torch.eye(Xz.shape[1], dtype=torch.float64), Xz.T @ Yz)
+    X_new = random_pairs(5, seed=4)[0]
+    Zn = (X_new.flatten(1).double() - Xf.mean(0)) / (Xf.std(0) + 1e-8)
+    expected = Zn @ W * (Yf.std(0) + 1e-8) + Yf.mean(0)
+    torch.testing.assert_close(gradtx.ridge_predict(ridge, X_new).double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_untrained_translator_with_skip_path_is_the_ridge_map():
+    X, Y = random_pairs(16, seed=5)
+    basis = gradtx.public_basis(X, 3)
+    ridge = gradtx.fit_ridge(gradtx.project(X, basis), Y, lam=1.0)
+    torch.manual_seed(0)
+    cfg = gradtx.GTConfig(n_src=N_SRC, d_src=D_SRC, n_tgt=N_TGT, d_tgt=D_TGT, d_model=16, n_head=4,
+                          dropout=0.0, n_basis=3, n_skip=16)
+    model = gradtx.GradTransformer(cfg).eval()          # zero head: the decoder adds nothing yet
+    gradtx.set_linear_map(model, basis, ridge)
+    gradtx.set_stats(model, gradtx.project(X, basis), Y)
+    X_new = random_pairs(4, seed=6)[0]
+    expected = gradtx.ridge_predict(ridge, gradtx.project(X_new, basis)).view(4, N_TGT, D_TGT)
+    torch.testing.assert_close(gradtx.generate(model, X_new), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_select_linear_map_takes_what_the_criterion_prefers():
+    X, Y = random_pairs(20, seed=7)
+    target = gradtx.ridge_predict(gradtx.fit_ridge(gradtx.project(X[:16], gradtx.public_basis(X[:16], 4)),
+                                                   Y[:16], 10.0), gradtx.project(X[16:], gradtx.public_basis(X[:16], 4)))
+    criterion = lambda pred: (pred.flatten(1).double() - target.double()).norm().item()  # noqa: E731
+    _, _, k, lam, scores = gradtx.select_linear_map(X[:16], X[:16], Y[:16], X[16:], criterion,
+                                                    ks=(0, 2, 4), lams=(1.0, 10.0, 100.0))
+    assert (k, lam) == (4, 10.0) and len(scores) == 9
