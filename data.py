@@ -1,9 +1,9 @@
 """
-data.py -- the tokenizer, the `arith` task, and who holds which data.
+data.py -- the tokenizer, the two tasks (`arith` and `text`), and who holds which data.
 
-Everything is generated from a seed by the code below: no downloads, no data files.
+No downloads, no data files: arith is generated from a seed, text reads the Python installation.
 
-The task (SPEC §3.2) is an *operator convention* task. Lines look like
+The arith task (SPEC §3.2) is an *operator convention* task. Lines look like
 
     37+52=+89     explicit operators: + add, - |a-b|, > max, < min
     37@52=>52     '@' is ambiguous: it stands for one of the four operators
@@ -24,10 +24,18 @@ Who holds what:
     client: private pairs, operators from its mixture (IID: the task mixture m; skewed: ~88% one
             operator), with its own disjoint test split drawn from the same mixture
 
-    python -m pytest tests/test_data.py
+The `text` task (TextTask, at the end of this file) is language modeling on the documentation that
+ships with Python (or on your own file): the same roles, with domains of text instead of conventions.
+
+    python -m pytest tests/test_data.py tests/test_text.py
 """
+import ast
+import functools
 import hashlib
+import os
 import re
+import sys
+import sysconfig
 
 import numpy as np
 import tiktoken
@@ -279,7 +287,235 @@ class ArithTask:
         return prompt + answer.group(0) + "\n" if answer else None
 
 
+# -----------------------------------------------------------------------------
+# the text task: language modeling on real text, scored in bits per byte
+#
+# The default corpus is the documentation that ships with Python: the docstrings of standard-library
+# modules, read from their source files with ast (never imported: importing runs code), grouped into
+# six *domains*, families of modules. With --text_path=FILE the documents are the file's paragraphs
+# and the domains its contiguous sections.
+#
+#   document (a docstring or a paragraph) --hash--> PUBLIC: PRETRAIN text (the base models')
+#                                                         | SHADOW pool (the provider's task data)
+#                                                 | PRIVATE: its domain's client's TRAIN or TEST split
+#   example: a window of at most block_size + 1 bytes of a domain's text (documents joined by blank
+#            lines); the model predicts every byte of it after the first
+#
+# Shadow data must be text the base models have not seen, as a client's is: fine-tuned on windows of
+# its domain's pretraining text, the LLM recovered only 0.43 of the gain of its fine-tune on the
+# client's own data (measured, seed 0); every shadow-based translation inherits that ceiling.
+
+FAMILIES = {   # top-level modules and packages of each domain; one missing from a Python is skipped
+    "net": "email ftplib http imaplib ipaddress mimetypes poplib smtplib socket socketserver ssl urllib "
+           "webbrowser wsgiref xmlrpc",
+    "concurrency": "_threading_local asyncio concurrent contextvars multiprocessing queue sched selectors "
+                   "signal subprocess threading",
+    "devtools": "ast bdb cProfile code codeop compileall dis doctest importlib inspect modulefinder pdb pkgutil "
+                "profile pstats py_compile pyclbr pydoc runpy symtable tabnanny timeit tokenize trace "
+                "traceback tracemalloc unittest zipimport",
+    "text": "argparse cmd codecs difflib fnmatch getopt gettext glob html locale optparse pprint re reprlib "
+            "rlcompleter shlex string stringprep textwrap xml",
+    "data": "_collections_abc abc base64 bisect bz2 collections configparser copy copyreg csv dataclasses dbm "
+            "enum filecmp fileinput functools graphlib gzip hashlib heapq hmac json lzma operator os pathlib "
+            "pickle pickletools plistlib shelve shutil sqlite3 tarfile tempfile tomllib types uuid weakref zipfile",
+    "numbers": "_pydecimal _strptime calendar colorsys datetime fractions numbers random secrets statistics zoneinfo",
+}
+MIN_DOC_CHARS = 40      # shorter docstrings ("Return self.") are boilerplate
+SHARES = {"pretrain": 0.3, "shadow": 0.3, "train": 0.3, "test": 0.1}   # of every domain's documents
+FILE_DOMAINS = 4        # --text_path: the file's sections
+MIN_FILE_BYTES = 10_000
+
+
+def module_files(root, name):
+    """The source files of a top-level module or package, in sorted order, test folders left out."""
+    if os.path.isfile(path := os.path.join(root, name + ".py")):
+        return [path]
+    files = []
+    for folder, subfolders, names in os.walk(os.path.join(root, name)):
+        subfolders[:] = sorted(d for d in subfolders if d not in ("test", "tests", "__pycache__"))
+        files += [os.path.join(folder, f) for f in sorted(names) if f.endswith(".py")]
+    return files
+
+
+def docstrings(node):
+    """The docstrings of a module and of every class and function in it, in source order."""
+    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        if doc := ast.get_docstring(node):
+            yield doc
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.stmt):   # classes and functions are statements, possibly nested
+            yield from docstrings(child)
+
+
+@functools.cache   # once per process: parsing ~300 files takes ~2 s
+def stdlib_documents():
+    """{domain: [docstrings]} of the standard library of the running Python: ASCII docstrings of at
+    least MIN_DOC_CHARS characters, modules in sorted order, each text kept once (its first time)."""
+    root, seen, domains = sysconfig.get_paths()["stdlib"], set(), {}
+    for domain, names in FAMILIES.items():
+        domains[domain] = []
+        for path in (p for name in sorted(names.split()) for p in module_files(root, name)):
+            with open(path, "rb") as f:
+                tree = ast.parse(f.read())
+            for doc in docstrings(tree):
+                if len(doc) >= MIN_DOC_CHARS and doc.isascii() and doc not in seen:
+                    seen.add(doc)
+                    domains[domain].append(doc)
+    return domains
+
+
+def file_documents(path, n_domains=FILE_DOMAINS):
+    """{"part1": [paragraphs], ...}: a UTF-8 file's blank-line-separated paragraphs, in n_domains
+    contiguous sections of about equal size (each paragraph goes to the section where it starts)."""
+    where = f"--text_path={path}"
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ValueError(f"{where}: cannot read it ({e.strerror}): expected a UTF-8 text file") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 (byte {raw[e.start:e.start + 1]!r} at offset {e.start}): "
+                         f"expected a UTF-8 text file") from None
+    paragraphs = [p.strip() for p in re.split(r"\n[ \t\r]*\n", text.replace("\r\n", "\n")) if p.strip()]
+    sizes = np.array([len(p.encode()) + 2 for p in paragraphs], dtype=np.int64)   # + the blank line
+    if sizes.sum() < MIN_FILE_BYTES:
+        raise ValueError(f"{where}: {sizes.sum():,} bytes of text in {len(paragraphs)} paragraphs: expected at "
+                         f"least {MIN_FILE_BYTES:,} (fine-tuning gains need ~20 KB of private text per section)")
+    section = (np.cumsum(sizes) - sizes) * n_domains // sizes.sum()
+    return {f"part{i + 1}": [p for p, s in zip(paragraphs, section) if s == i] for i in range(n_domains)}
+
+
+def split_documents(domains, seed):
+    """{domain: {"pretrain": [...], "shadow": [...], "train": [...], "test": [...]}}: a hash of
+    (seed, document), read as a number in [0, 1), puts every document in exactly one part (SHARES).
+    Disjoint by construction; the same text always lands in the same part."""
+    edges = np.cumsum(list(SHARES.values()))[:-1]
+    splits = {}
+    for domain, docs in domains.items():
+        u = [int.from_bytes(hashlib.sha256(f"{seed}:{d}".encode()).digest()[:4], "big") / 2 ** 32 for d in docs]
+        part = np.searchsorted(edges, u, side="right")
+        splits[domain] = {name: [d for d, p in zip(docs, part) if p == i] for i, name in enumerate(SHARES)}
+    return splits
+
+
+def joined(documents):
+    """Documents as one text, each followed by a blank line (as paragraphs in a file)."""
+    return "".join(d + "\n\n" for d in documents)
+
+
+def windows(text, size, stride):
+    """Windows of at most `size` UTF-8 bytes of `text`, one every `stride` bytes (stride = size - 1:
+    every byte but the first is predicted exactly once). A character cut at an edge is left out."""
+    raw = text.encode()
+    return [raw[i:i + size].decode("utf-8", "ignore") for i in range(0, len(raw) - 1, stride)]
+
+
+def random_windows(raw, n, size, rng):
+    """n windows of `size` bytes at random offsets of the UTF-8 bytes `raw`."""
+    return [raw[i:i + size].decode("utf-8", "ignore") for i in rng.integers(0, len(raw) - size + 1, size=n)]
+
+
+def pick(items, n, rng):
+    """At most n of the items, in their order (all of them when there are no more than n)."""
+    return list(items) if len(items) <= n else [items[i] for i in np.sort(rng.choice(len(items), n, replace=False))]
+
+
+class TextTask:
+    """Language modeling for one seed. An example is a window of at most block_size + 1 bytes; the loss
+    and the metric cover every next-byte prediction inside it (bits per byte: one token is one byte).
+    Clients are the domains; the provider's public data is the SHADOW pool, the base models were
+    pretrained on the PRETRAIN text. `is_correct` does not exist: the metric is not accuracy.
+
+    The weak-to-strong and distillation labels (eval.py's w2s, w2s_conf, kd) are the first half of a
+    window followed by the client's TinyLM's own continuation, sampled at temperature 1."""
+    name, metric, higher_is_better = "text", "bits_per_byte", False
+    block_size, label_temperature = 64, 1.0
+    completion_len = block_size - block_size // 2 + 1      # prompt + completion = one whole window
+
+    def __init__(self, seed, text_path=""):
+        self.seed, self.enc, self.text_path = seed, get_tokenizer(), text_path
+        self.splits = split_documents(file_documents(text_path) if text_path else stdlib_documents(), seed)
+        self.domains = list(self.splits)
+        for domain, parts in self.splits.items():
+            sizes = {name: len(joined(docs).encode()) for name, docs in parts.items()}
+            if min(sizes.values()) < 2 * (self.block_size + 1):
+                raise ValueError(f"{'--text_path=' + text_path if text_path else 'the corpus'}: domain {domain!r} "
+                                 f"has {' / '.join(map(str, sizes.values()))} bytes of {' / '.join(sizes)} text: "
+                                 f"expected at least {2 * (self.block_size + 1)} in each (more text, or more "
+                                 f"and shorter paragraphs)")
+        self.shadow_raw = {d: joined(parts["shadow"]).encode() for d, parts in self.splits.items()}
+        pretrain = b"".join(joined(parts["pretrain"]).encode() for parts in self.splits.values())
+        self._pretrain = torch.frombuffer(bytearray(pretrain), dtype=torch.uint8).long()
+
+    def fingerprint(self):
+        """Of the pretraining text, and of the Python version whose documentation it is."""
+        return digest([f"python {sys.version.split()[0]}"] + [d for p in self.splits.values() for d in p["pretrain"]])
+
+    def encode(self, examples):
+        """Windows -> x, y (N, block_size) next-byte pairs and mask (N, block_size): 1 on every predicted
+        byte, 0 on the EOT padding behind a short window."""
+        T = self.block_size
+        tokens = torch.full((len(examples), T + 1), self.enc.eot_token, dtype=torch.long)
+        lengths = torch.zeros(len(examples), dtype=torch.long)
+        for i, example in enumerate(examples):
+            row = self.enc.encode_ordinary(example)
+            if len(row) > T + 1:
+                raise ValueError(f"an example has {len(row)} bytes, more than block_size + 1 = {T + 1}")
+            tokens[i, :len(row)], lengths[i] = torch.tensor(row, dtype=torch.long), len(row)
+        mask = (torch.arange(T)[None, :] < lengths[:, None] - 1).float()
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask
+
+    def pretrain_batch(self, n, rng):
+        """n windows at random offsets of the pretraining text (every domain's PRETRAIN part)."""
+        offsets = torch.from_numpy(rng.integers(0, len(self._pretrain) - self.block_size, size=n))
+        tokens = self._pretrain[offsets[:, None] + torch.arange(self.block_size + 1)]   # (n, block_size + 1)
+        return tokens[:, :-1], tokens[:, 1:], torch.ones(n, self.block_size)
+
+    def shadow_subset(self, k, n, alpha):
+        """(mixture over domains ~ Dirichlet(alpha * uniform), n windows of the SHADOW pool drawn with it)."""
+        rng = np.random.default_rng([self.seed, 1, k])
+        mixture = rng.dirichlet(np.full(len(self.domains), alpha / len(self.domains)))
+        counts = np.bincount(rng.choice(len(self.domains), size=n, p=mixture), minlength=len(self.domains))
+        return mixture, [w for d, c in zip(self.domains, counts)
+                         for w in random_windows(self.shadow_raw[d], c, self.block_size + 1, rng)]
+
+    def public_examples(self, n, rng):
+        """n windows of the SHADOW pool at random offsets (n=None: all of it in consecutive windows)."""
+        raw = b"".join(self.shadow_raw.values())
+        if n is None:
+            return windows(raw.decode(), self.block_size + 1, self.block_size)
+        return random_windows(raw, n, self.block_size + 1, rng)
+
+    def clients(self, n_train, n_test, group_size=1, skew=None):
+        """One client (or a group of group_size members) per domain: its private TRAIN windows (members
+        split them into contiguous parts) and its TEST windows, at most n_train / n_test of them, drawn
+        at random when the domain has more: a domain's own size caps them. `skew` means nothing here."""
+        members, span = [], self.block_size + 1
+        for d, (domain, parts) in enumerate(self.splits.items()):
+            rng = np.random.default_rng([self.seed, 2, d])
+            train, test = (windows(joined(parts[name]), span, span - 1) for name in ("train", "test"))
+            test, mixture = pick(test, n_test, rng), np.eye(len(self.domains))[d].tolist()
+            for j, part in enumerate(np.array_split(np.arange(len(train)), group_size)):
+                members.append({"name": domain if group_size == 1 else f"{domain}/{j}", "group": domain,
+                                "kind": "domain", "index": len(members), "mixture": mixture,
+                                "train": pick([train[i] for i in part], n_train, rng), "test": test})
+        return members
+
+    # relabelling by generation (eval.py's weak baselines)
+    def prompt(self, example):
+        return example[:self.block_size // 2]
+
+    def relabelled(self, prompt, completion):
+        """The prompt followed by a model's continuation, cut to one window (block_size + 1 bytes)."""
+        return (prompt + completion).encode()[:self.block_size + 1].decode("utf-8", "ignore")
+
+
 def make_task(name, seed, text_path=""):
+    """The task object train.py and eval.py work with: "arith" or "text" (text_path: the user's file)."""
     if name == "arith":
         return ArithTask(seed)
-    raise ValueError(f"unknown task {name!r}: expected 'arith'")
+    if name == "text":
+        return TextTask(seed, text_path)
+    raise ValueError(f"unknown task {name!r}: expected 'arith' or 'text'")

@@ -115,6 +115,14 @@ PRESETS = {
                     pretrain_steps_tiny=150, pretrain_steps_llm=250, ft_steps=30, n_train=128,
                     n_shadow=8, n_snapshots=2, snapshot_gap=5, shadow_dp_draws=2, gt_steps=60,
                     gt_eval_every=20, n_test=100),
+    # language modeling on Python's documentation (data.TextTask): windows of 64 bytes, bits per byte
+    "text": Config(preset="text", out="out_text", task="text", pretrain_steps_llm=2500, ft_lr=5e-4, n_train=1024,
+                   n_test=200, n_shadow=40, n_snapshots=2, snapshot_gap=20, shadow_alpha=3.0, val_frac=0.1,
+                   gt_project=False, gt_steps=400, gt_eval_every=200, weak_baselines=False),
+    "text_smoke": Config(preset="text_smoke", out="out_text_smoke", task="text", tiny_model="micro",
+                         llm_model="mini", pretrain_steps_tiny=150, pretrain_steps_llm=250, ft_steps=30,
+                         ft_lr=1e-3, n_train=64, n_test=32, n_shadow=8, n_snapshots=2, snapshot_gap=5,
+                         shadow_alpha=3.0, gt_project=False, gt_steps=60, gt_eval_every=20),
     "gpu": Config(preset="gpu", out="out_gpu", tiny_model="tiny_gpu", llm_model="llm_gpu",
                   pretrain_steps_tiny=6000, pretrain_steps_llm=12000, pretrain_batch=128,
                   n_shadow=128, gt_steps=3000),
@@ -166,6 +174,9 @@ def check_config(cfg):
     """Settings that parse but make no sense fail here, with what was expected."""
     if cfg.experiment not in ("", *EXPERIMENTS):
         raise SystemExit(f"unknown experiment {cfg.experiment!r}: expected one of {', '.join(EXPERIMENTS)}")
+    if cfg.task not in ("arith", "text") or (cfg.text_path and cfg.task != "text"):
+        raise SystemExit(f"--task={cfg.task} --text_path={cfg.text_path}: expected task 'arith' or 'text', and a "
+                         f"text_path only with --task=text (or --preset=text)")
     if cfg.dp_mechanism not in ("sgd", "output"):
         raise SystemExit(f"--dp_mechanism={cfg.dp_mechanism}: expected 'sgd' or 'output'")
     if cfg.dp_epsilon < 0 or not 0 < cfg.dp_delta < 1 or not 0 < cfg.dp_sample_rate <= 1 or cfg.dp_clip <= 0:
