@@ -144,9 +144,16 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
         if len(groups[c["group"]]) > 1:
             M = max(curve)
             updates.update(gradtx_group=curve[M]["gradtx"], ridge_group=curve[M]["ridge"])
-        for name, update in updates.items():
-            scores[name] = score(task, tinylm.set_update(llm, update), test)
-        pooling = {m: {variant: score(task, tinylm.set_update(llm, u), test) for variant, u in point.items()}
+        memo = {}   # many methods give the same update (a translator at its linear map, m = M): score it once
+
+        def score_update(update):
+            key = update.numpy().tobytes()
+            if key not in memo:
+                memo[key] = score(task, tinylm.set_update(llm, update), test)
+            return memo[key]
+
+        scores.update({name: score_update(update) for name, update in updates.items()})
+        pooling = {m: {variant: score_update(u) for variant, u in point.items()}
                    for m, point in curve.items()} if len(groups[c["group"]]) > 1 else {}
         floor, ceiling, base = scores["tinylm_ft"], scores["llm_ft"], scores["llm_base"]
         results.append({

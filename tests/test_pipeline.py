@@ -162,6 +162,11 @@ def test_cache_keys_follow_the_data_and_settings(monkeypatch):
     assert {s for s in before if before[s] != other_shadow[s]} == {"shadow", "shadow_dp", "fit_1"}
     other_fit = train.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--gt_lr=1e-3"]), task)
     assert {s for s in before if before[s] != other_fit[s]} == {"fit_1"}
+    # another privacy level: llm_ft reads no upload, so without weak baselines its fine-tunes are reused
+    strong = [f"--weak_baselines={w}" for w in ("false", "true")]
+    for flag, reused in zip(strong, (True, False)):
+        eps1, eps8 = (train.stage_paths(train.parse_args(TINY_RUN + [flag, f"--dp_epsilon={e}"]), task) for e in (1, 8))
+        assert eps1["clients"] != eps8["clients"] and (eps1["references"] == eps8["references"]) == reused
 
 
 def test_worker_processes_give_the_same_pairs_as_one_process(tmp_path):
