@@ -335,7 +335,7 @@ def ridge_predict(ridge, X):
 
 
 SUBSPACE_SIZES = (0, 4, 8, 16, 32, 64)                     # k = 0: no projection
-RIDGE_LAMBDAS = (1e-1, 1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6)
+RIDGE_LAMBDAS = (1e-3, 1e-2, 1e-1, 1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6)
 
 
 def select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks=SUBSPACE_SIZES, lams=RIDGE_LAMBDAS):
