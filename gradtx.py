@@ -380,16 +380,19 @@ def split_runs(n_runs, val_frac, seed):
     return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 
 
-def functional_criterion(llm, val_sets):
+def functional_criterion(llm, val_sets, measure="loss"):
     """f(pred_updates) = the LLM's mean loss on each held-out run's own shadow data (x, y, mask)
     with that run's predicted update applied. Lower is better. (SPEC §3.4: selection in parameter
-    space keeps a translator that still sits at the mean update.)"""
+    space keeps a translator that still sits at the mean update.) measure="exact_match" scores
+    1 - the share of examples the LLM gets exactly right instead: the loss rewards hedging towards
+    the mean update, which gets no answer right that the mean update does not."""
     def criterion(pred_updates):
-        losses = []
+        values = []
         for update, (x, y, mask) in zip(pred_updates, val_sets):
             tinylm.set_update(llm, update)
-            losses.append(tinylm.loss_of(llm, x, y, mask))
-        return float(np.mean(losses))
+            values.append(tinylm.loss_of(llm, x, y, mask) if measure == "loss"
+                          else 1.0 - tinylm.exact_match_of(llm, x, y, mask))
+        return float(np.mean(values))
     return criterion
 
 

@@ -363,6 +363,18 @@ def loss_of(model, x, y, mask, batch=1024):
     return total / max(count, 1.0)
 
 
+@torch.no_grad()
+def exact_match_of(model, x, y, mask, batch=1024):
+    """Share of examples (N, T) whose every masked target token is the model's argmax under teacher
+    forcing: exactly the examples that greedy decoding completes correctly, from one forward pass."""
+    device, hits = model.wte.weight.device, 0.0
+    for i in range(0, len(x), batch):
+        xb, yb, mb = (t[i:i + batch].to(device) for t in (x, y, mask))
+        right = (model(xb)[0].argmax(-1) == yb) | (mb == 0)               # (B, T)
+        hits += right.all(dim=1).sum().item()
+    return hits / max(len(x), 1)
+
+
 # -----------------------------------------------------------------------------
 # checkpoints: the config travels with the weights; loading never unpickles objects
 

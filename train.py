@@ -94,6 +94,7 @@ class Config:
     gt_project: bool = True      # choose a public subspace for the input (k = 0 allowed; off: raw)
     gt_skip: bool = True         # learn the residual over the ridge map (off: the paper's decoder)
     gt_func_weight: float = 0.0  # weight of an LLM-loss term in training (0: the paper's pure MSE)
+    gt_select: str = "loss"      # model selection by the LLM's "loss" or, for accuracy tasks, "exact_match"
     val_frac: float = 0.25       # share of shadow RUNS held out for model selection
     val_examples: int = 64       # examples of each held-out run the selection criterion scores
     # clients
@@ -179,6 +180,8 @@ def check_config(cfg):
     if cfg.task not in ("arith", "text") or (cfg.text_path and cfg.task != "text"):
         raise SystemExit(f"--task={cfg.task} --text_path={cfg.text_path}: expected task 'arith' or 'text', and a "
                          f"text_path only with --task=text (or --preset=text)")
+    if cfg.gt_select not in ("loss", "exact_match") or (cfg.gt_select == "exact_match" and cfg.task != "arith"):
+        raise SystemExit(f"--gt_select={cfg.gt_select}: expected 'loss', or 'exact_match' for the arith task")
     if cfg.dp_mechanism not in ("sgd", "output"):
         raise SystemExit(f"--dp_mechanism={cfg.dp_mechanism}: expected 'sgd' or 'output'")
     if cfg.dp_epsilon < 0 or not 0 < cfg.dp_delta < 1 or not 0 < cfg.dp_sample_rate <= 1 or cfg.dp_clip <= 0:
@@ -251,8 +254,8 @@ SHADOW_KEYS = FINETUNE_KEYS + ("n_shadow", "n_snapshots", "snapshot_gap", "shado
 DP_KEYS = ("dp_epsilon", "dp_delta", "dp_mechanism", "dp_clip", "dp_sample_rate")
 SHADOW_DP_KEYS = SHADOW_KEYS + DP_KEYS + ("shadow_dp_draws",)
 FIT_KEYS = ("gt_d_model", "gt_layers", "gt_heads", "gt_dropout", "gt_weight_decay", "gt_lr", "gt_steps",
-            "gt_batch", "gt_eval_every", "gt_normalize", "gt_project", "gt_skip", "gt_func_weight", "val_frac",
-            "val_examples")
+            "gt_batch", "gt_eval_every", "gt_normalize", "gt_project", "gt_skip", "gt_func_weight", "gt_select",
+            "val_frac", "val_examples")
 CLIENT_KEYS = FINETUNE_KEYS + DP_KEYS + ("group_size", "skew", "n_test")
 
 
@@ -476,7 +479,8 @@ def fit_stage(cfg, task, tiny, llm, shadow, path, m):
     X_train, Y_train = X.flatten(0, 1), Y.flatten(0, 1)
     X_val, Y_val = (t[:, -1] for t in translator_inputs(cfg, shadow, val_runs, m))   # one input per run
     examples = [task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha)[1] for k in range(cfg.n_shadow)]
-    criterion = gradtx.functional_criterion(llm, [task.encode(examples[k][:cfg.val_examples]) for k in val_runs])
+    criterion = gradtx.functional_criterion(llm, [task.encode(examples[k][:cfg.val_examples]) for k in val_runs],
+                                            cfg.gt_select)
     X_clean = shadow["X"][train_runs].flatten(0, 1)   # the public subspace: clean public updates only
     ks = gradtx.SUBSPACE_SIZES if cfg.gt_project else (0,)
     basis, ridge, k, lam, scores = gradtx.select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks)

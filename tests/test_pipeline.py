@@ -211,6 +211,9 @@ def test_cli_rejects_bad_options():
         train.parse_args(["--dp_epsilon=-1"])
     with pytest.raises(SystemExit, match="shadow_dp_draws"):
         train.parse_args(["--dp_epsilon=1", "--group_size=8", "--shadow_dp_draws=4"])
+    for bad in (["--gt_select=accuracy"], ["--preset=text", "--gt_select=exact_match"]):
+        with pytest.raises(SystemExit, match="gt_select"):
+            train.parse_args(bad)
     cfg = train.parse_args(["--preset", "smoke", "--seed=3", "--gt_normalize=false"])
     assert (cfg.preset, cfg.seed, cfg.gt_normalize, cfg.n_shadow) == ("smoke", 3, False, 8)
 

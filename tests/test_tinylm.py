@@ -529,3 +529,30 @@ def test_lora_finetune_lowers_the_answer_loss_and_leaves_the_base_alone(pretrain
     assert after < before - 0.05, (before, after)
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in base_state.items())
+
+
+def test_exact_match_counts_examples_with_every_masked_token_right():
+    """Oracle: a model whose logits we write by hand -- right everywhere except where we plant
+    mistakes. A mistake on a masked (answer) token loses its example; one outside the mask does not."""
+    task = data.make_task("arith", 0)
+    x, y, mask = task.encode(task.public_examples(40, np.random.default_rng(0)))
+    logits = torch.zeros(*y.shape, task.enc.n_vocab).scatter_(2, y[..., None], 1.0)   # (N, T, V): right
+    for i in range(0, 40, 4):                             # 10 examples: a wrong answer token
+        t = mask[i].nonzero()[-1].item()
+        logits[i, t] = 0.0
+        logits[i, t, (y[i, t] + 1) % task.enc.n_vocab] = 1.0
+    for i in range(1, 40, 4):                             # 10 others: a wrong token in the question
+        logits[i, 0] = 0.0
+        logits[i, 0, (y[i, 0] + 1) % task.enc.n_vocab] = 1.0
+    assert mask[1::4, 0].sum() == 0                       # (the question is never masked)
+
+    class HandWritten(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(1, 1)
+        def forward(self, idx):
+            rows = [next(j for j in range(len(x)) if torch.equal(x[j], r)) for r in idx]
+            return logits[rows], None
+
+    assert tinylm.exact_match_of(HandWritten(), x, y, mask) == pytest.approx(30 / 40)
+    assert tinylm.exact_match_of(HandWritten(), x, y, mask, batch=7) == pytest.approx(30 / 40)
