@@ -24,7 +24,7 @@ DP-SGD needs one gradient per example, and there are two ways to get them here:
 
 Test it:  python -m pytest tests/test_dp.py -q
 Try it:   python -c "import dp; print(dp.compute_epsilon(0.04, 1.5, 2250, 1e-5))"  # 7.329...
-Time it:  python dp.py     # a plain step vs a DP-SGD step on each path, TinyLM and LLM presets
+Time it:  python tools/bench_dp.py   # a plain step vs a DP-SGD step on each path
 """
 
 import math
@@ -365,59 +365,3 @@ def perturb_update(update, epsilon, delta, clip, generator=None):
     clipped = update * (clip / max(norm, clip))  # scale 1 if ||u|| <= C, else norm exactly C
     return clipped + _gaussian(update.shape, sigma, update, generator)
 
-
-# -----------------------------------------------------------------------------
-# benchmark: what privacy costs in compute
-
-
-if __name__ == "__main__":
-    import time
-
-    from tqdm import tqdm
-
-    import data
-    import tinylm
-
-    torch.set_num_threads(1)  # as train.py's fine-tuning workers; steadier on a busy 2-core machine
-    enc = data.get_tokenizer()
-    lines = data.lines_from(data.all_pairs(), data.TASK_MIXTURE, 32, np.random.default_rng(0))
-    x, y, mask = data.encode_lines(lines, enc)  # (32, T) each
-    rounds, warmup = 120, 10
-
-    def median_step_times(preset):
-        """Median seconds of a plain step and of a DP-SGD step on each path. Interleaved: each
-        round times one step of each kind, in a rotating order, so machine load hits all alike."""
-        torch.manual_seed(0)
-        cfg = tinylm.GPTConfig(**{**tinylm.MODEL_PRESETS[preset].__dict__, "vocab_size": enc.n_vocab})
-        model = tinylm.add_lora(tinylm.GPT(cfg))
-        opt = torch.optim.Adam(tinylm.lora_parameters(model), lr=1e-3)
-        g = torch.Generator().manual_seed(0)
-
-        def plain():
-            _, loss = model(x, y, mask)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        def private(per_sample):
-            return lambda: dp_sgd_step(model, opt, x, y, mask, clip=1.0, noise_multiplier=1.0,
-                                       expected_batch_size=32, generator=g, per_sample=per_sample)
-
-        steps = [("plain", plain), ("one pass", private(per_sample_grads_one_pass)),
-                 ("torch.func", private(per_sample_grads))]
-        times = {name: [] for name, _ in steps}
-        for r in tqdm(range(warmup + rounds), desc=preset, leave=False):
-            for name, step in steps[r % 3:] + steps[:r % 3]:
-                t0 = time.perf_counter()
-                step()
-                if r >= warmup:
-                    times[name].append(time.perf_counter() - t0)
-        return {name: float(np.median(t)) for name, t in times.items()}
-
-    print(f"plain step vs DP-SGD step (clip, noise, Adam), LoRA, batch of {len(x)} lines, "
-          f"torch.set_num_threads({torch.get_num_threads()}), median of {rounds} interleaved steps each")
-    for preset in ("tiny", "llm"):
-        t = median_step_times(preset)
-        print(f"{preset:>4} preset: plain {1e3 * t['plain']:5.1f} ms | "
-              f"DP-SGD one pass {1e3 * t['one pass']:5.1f} ms = {t['one pass'] / t['plain']:.2f}x | "
-              f"DP-SGD torch.func {1e3 * t['torch.func']:5.1f} ms = {t['torch.func'] / t['plain']:.2f}x")

@@ -174,8 +174,8 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
         "task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
         "config": asdict(cfg), "provenance": provenance,
         "clients": results, "summary": summary, "privacy": privacy,
-        "translators": {m: {k: log[k] for k in ("k", "ridge_lambda", "ridge_loss", "best_step", "val_loss",
-                                                 "mean_shadow_loss", "true_update_loss")}
+        "translators": {m: {k: log.get(k) for k in ("k", "ridge_lambda", "ridge_loss", "best_step", "val_loss",
+                                                     "mean_shadow_loss", "true_update_loss", "upload_signal")}
                         for m, (_, log) in translators.items()},
         "timing_s": timing,
     }
@@ -277,20 +277,31 @@ def report(results):
             f"{t['llm_finetune_per_run']:.2f} s")
 
 
+def upload_signal(translator):
+    """The mean correlation of a translator's inputs with the clean updates along the top public
+    directions (train.fit_stage); 1 without DP, where the inputs are the clean updates."""
+    signal = translator.get("upload_signal")
+    return 1.0 if signal is None else float(np.mean(signal))
+
+
 def experiment_table(name, runs):
     """One row per run of an experiment: the privacy setting, then skewed clients' gain recovered
     (and PGR) of means per method; the collaboration experiment adds the pooling curve."""
     methods = ["tinylm_dp", "gradtx", "ridge", "gradtx_group", "ridge_group", "mean_shadow", "w2s", "kd"]
     methods = [m for m in methods if any(m in r["summary"]["scores"] for r in runs)]
-    head = ["epsilon", "mechanism", "sigma", "k"] + [f"{m} gain (PGR)" for m in methods]
+    head = ["epsilon", "mechanism", "sigma", "k", "signal"] + [f"{m} gain (PGR)" for m in methods]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         p, s = r["privacy"], r["summary"]["by_kind"].get("skewed", r["summary"])
         row = ["inf" if p["epsilon"] is None else f"{p['epsilon']:g}", p["mechanism"] or "-",
-               f"{p['noise_multiplier']:.2f}", "/".join(str(k) for k in p["subspace_k"].values())]
+               f"{p['noise_multiplier']:.2f}", "/".join(str(k) for k in p["subspace_k"].values()),
+               "/".join(fmt(upload_signal(t)) for t in r["translators"].values())]
         row += [f"{fmt(s['gain_of_means'].get(m))} ({fmt(s['pgr_of_means'].get(m))})" for m in methods]
         lines.append("| " + " | ".join(row) + " |")
-    text = "skewed clients: gain recovered of means (PGR of means), against the NON-private floor and ceiling\n\n"
+    text = ("skewed clients: gain recovered of means (PGR of means), against the NON-private floor and ceiling;\n"
+            "signal: how much the uploads say about the data (correlation with the clean update along the\n"
+            f"top {gradtx.SIGNAL_DIRECTIONS} public directions, their mean; 1: the noise does not matter, 0: nothing "
+            "to translate)\n\n")
     text += "\n".join(lines)
     for r in runs:
         if pooling := pooling_table(r):

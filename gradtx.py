@@ -316,13 +316,35 @@ def project(X, basis):
     ### END SOLUTION
 
 
+SIGNAL_DIRECTIONS = 4   # the top public directions along which train.py measures upload_signal
+
+
+def upload_signal(X_clean, X_noisy, basis):
+    """How much of a noisy upload is signal, along each public direction: the correlation, over
+    shadow runs, between the run's noisy inputs (DP uploads, or means of m of them) and its clean
+    update, both projected on the basis. X_clean (N, n, d), X_noisy (N, P, n, d) -> (k,).
+    1: the noise does not matter; 0: the upload says nothing about the data in that direction
+    (no map can translate it, however it is trained)."""
+    U, mean = basis["U"], basis["mean"]
+    clean = ((X_clean.flatten(1) - mean) @ U)[:, None].expand(-1, X_noisy.shape[1], -1).flatten(0, 1)  # (N*P, k)
+    noisy = (X_noisy.flatten(2) - mean) @ U                                                          # (N, P, k)
+    a, b = clean - clean.mean(0), noisy.flatten(0, 1) - noisy.flatten(0, 1).mean(0)
+    return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0) + 1e-12)
+
+
 def fit_ridge(X, Y, lam):
     """Ridge regression Y ~ X on z-scored, flattened updates, solved in the dual (N << dims):
     pred(x) = z(x) @ keys^T @ values with keys = z(X_train), values = (K + lam I)^-1 z(Y_train)."""
     X, Y = X.flatten(1).double(), Y.flatten(1).double()
     x_mean, x_std, y_mean, y_std = X.mean(0), X.std(0) + 1e-8, Y.mean(0), Y.std(0) + 1e-8
     keys = (X - x_mean) / x_std
-    values = torch.linalg.solve(keys @ keys.T + lam * torch.eye(len(X), dtype=X.dtype), (Y - y_mean) / y_std)
+    # (K + lam I)^-1 through K's eigenvectors, keeping only those with a non-negligible eigenvalue:
+    # the rest meet keys^T's null space, so they add exactly nothing to a prediction -- but with
+    # projected inputs (K has rank k) they hold float round-off scaled by 1 / lam, and at a small
+    # lam that swamped the prediction (measured: 5x its size at lam = 1e-3, 5% at 0.1)
+    eigenvalues, Q = torch.linalg.eigh(keys @ keys.T)
+    kept = eigenvalues > 1e-9 * eigenvalues.max()
+    values = Q[:, kept] @ ((Q[:, kept].T @ ((Y - y_mean) / y_std)) / (eigenvalues[kept, None] + lam))
     return {name: t.float() for name, t in dict(keys=keys, values=values, x_mean=x_mean, x_std=x_std,
                                                  y_mean=y_mean, y_std=y_std).items()}
 

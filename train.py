@@ -486,6 +486,10 @@ def fit_stage(cfg, task, tiny, llm, shadow, path, m):
     X_clean = shadow["X"][train_runs].flatten(0, 1)   # the public subspace: clean public updates only
     ks = gradtx.SUBSPACE_SIZES if cfg.gt_project else (0,)
     basis, ridge, k, lam, scores = gradtx.select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks)
+    signal = None   # a diagnostic: how much of these inputs is signal, could any map translate them?
+    if "X_private" in shadow:
+        top = gradtx.public_basis(X_clean, gradtx.SIGNAL_DIRECTIONS)
+        signal = gradtx.upload_signal(shadow["X"][train_runs, -1], X, top).tolist()
     gcfg = gradtx.GTConfig(*X_train.shape[1:], *Y_train.shape[1:], d_model=cfg.gt_d_model,
                            n_layer=cfg.gt_layers, n_head=cfg.gt_heads, dropout=cfg.gt_dropout,
                            normalize=cfg.gt_normalize, n_basis=k, n_skip=len(X_train) if cfg.gt_skip else 0)
@@ -501,7 +505,7 @@ def fit_stage(cfg, task, tiny, llm, shadow, path, m):
                          cfg.gt_batch, cfg.gt_eval_every, criterion, cfg.seed, func_loss, cfg.gt_func_weight)
     best = min(history, key=lambda h: h[4])
     log = {"history": history, "best_step": best[0], "val_rel_err": best[3], "val_loss": best[4],
-           "k": k, "ridge_lambda": lam, "ridge_loss": scores[(k, lam)], "basis": basis, "ridge": ridge,
+           "k": k, "ridge_lambda": lam, "upload_signal": signal, "ridge_loss": scores[(k, lam)], "basis": basis, "ridge": ridge,
            "mean_shadow_loss": criterion(Y_train.mean(0).expand(len(val_runs), -1, -1)),
            "true_update_loss": criterion(Y_val), "level": m, "seconds": time.time() - t0}
     tinylm.atomic_save(log, path + ".log")
@@ -510,8 +514,12 @@ def fit_stage(cfg, task, tiny, llm, shadow, path, m):
     print(f"fit m={m}   : {len(X_train)} pairs from {len(train_runs)} runs, {len(val_runs)} val runs; "
           f"subspace k={k}, ridge lambda={lam:g}: val loss {log['ridge_loss']:.4f}; translator best step "
           f"{best[0]}: {best[4]:.4f} (mean shadow {log['mean_shadow_loss']:.4f}, true update "
-          f"{log['true_update_loss']:.4f}), {log['seconds']:.1f}s")
+          f"{log['true_update_loss']:.4f}){signal_note(signal)}, {log['seconds']:.1f}s")
     return model, log
+
+
+def signal_note(signal):
+    return "" if signal is None else ", upload signal " + "/".join(f"{c:.2f}" for c in signal)
 
 
 def pool_levels(cfg):

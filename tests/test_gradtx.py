@@ -399,6 +399,22 @@ def test_project_onto_a_hand_made_basis():
     assert gradtx.project(X, None) is X
 
 
+def test_upload_signal_is_the_correlation_with_the_clean_update():
+    # hand-made: on coordinate 0 the signal has std 1 and the noise std 2 -> correlation 1/sqrt(5);
+    # on coordinate 1 the input is the clean value itself -> 1; means of P draws are centred away
+    D, N, P = N_SRC * D_SRC, 4000, 3
+    g = torch.Generator().manual_seed(0)
+    basis = {"mean": torch.full((D,), 5.0), "U": torch.eye(D)[:, :2]}
+    clean = 5.0 + torch.randn(N, D, generator=g)
+    noisy = clean[:, None].repeat(1, P, 1) + 7.0                                 # a constant shift: no matter
+    noisy[..., 0] += 2.0 * torch.randn(N, P, generator=g)
+    signal = gradtx.upload_signal(clean.view(N, N_SRC, D_SRC), noisy.view(N, P, N_SRC, D_SRC), basis)
+    assert signal.shape == (2,)
+    assert abs(signal[0].item() - 5 ** -0.5) < 0.02 and abs(signal[1].item() - 1.0) < 1e-5
+    pure_noise = torch.randn(N, P, N_SRC, D_SRC, generator=g)
+    assert gradtx.upload_signal(clean.view(N, N_SRC, D_SRC), pure_noise, basis).abs().max() < 0.05
+
+
 def test_save_load_round_trip(tmp_path):
     model, path = saved_model(tmp_path)
     loaded = gradtx.load(path, tiny_shape=(N_SRC, D_SRC), llm_shape=[N_TGT, D_TGT])
@@ -477,6 +493,21 @@ def test_ridge_dual_equals_the_primal_solution():
     Zn = (X_new.flatten(1).double() - Xf.mean(0)) / (Xf.std(0) + 1e-8)
     expected = Zn @ W * (Yf.std(0) + 1e-8) + Yf.mean(0)
     torch.testing.assert_close(gradtx.ridge_predict(ridge, X_new).double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_ridge_on_projected_inputs_is_exact_at_a_small_lambda():
+    # projected inputs span k = 3 directions, so K = keys keys^T has rank 3: its null space must not
+    # leak round-off into the prediction. Oracle: the primal solution in float64 on the same inputs.
+    X, Y = random_pairs(40, seed=11)
+    basis = gradtx.public_basis(X, 3)
+    P, P_new = gradtx.project(X, basis), gradtx.project(random_pairs(5, seed=12)[0], basis)
+    Xf, Yf = P.flatten(1).double(), Y.flatten(1).double()
+    x_mean, x_std, y_mean, y_std = Xf.mean(0), Xf.std(0) + 1e-8, Yf.mean(0), Yf.std(0) + 1e-8
+    Xz, Yz = (Xf - x_mean) / x_std, (Yf - y_mean) / y_std
+    W = torch.linalg.solve(Xz.T @ Xz + 1e-3 * torch.eye(Xz.shape[1], dtype=torch.float64), Xz.T @ Yz)
+    expected = (P_new.flatten(1).double() - x_mean) / x_std @ W * y_std + y_mean
+    got = gradtx.ridge_predict(gradtx.fit_ridge(P, Y, lam=1e-3), P_new).double()
+    assert ((got - expected).norm() / (expected - y_mean).norm()).item() < 1e-3
 
 
 def test_untrained_translator_with_skip_path_is_the_ridge_map():

@@ -73,6 +73,10 @@ def test_dp_run_with_groups(dp_group_run):
     sigma = dp.noise_multiplier_for(1.0, 0.0625, 6, 1e-5, train.DP_ORDERS)
     assert (p["epsilon"], p["mechanism"], p["noise_multiplier"], p["steps"]) == (1.0, "sgd", sigma, 6)
     assert set(p["subspace_k"]) == {1, 2}                       # one map per noise level
+    for translator in results["translators"].values():          # the diagnostic: one value per direction
+        assert len(translator["upload_signal"]) == gradtx.SIGNAL_DIRECTIONS
+        assert all(-1 <= c <= 1 for c in translator["upload_signal"])
+    assert "| signal |" in evaluation.experiment_table("dp", [results])
     assert len(results["clients"]) == 5 * 2
     for c in results["clients"]:
         assert {"tinylm_dp", "gradtx_group", "ridge_group"} <= set(c["scores"])
@@ -246,3 +250,21 @@ def test_output_perturbation_run(tmp_path):
     assert (p["epsilon"], p["mechanism"]) == (0.5, "output")
     assert p["noise_multiplier"] == dp.gaussian_sigma(0.5, 1e-5, 1.0)
     assert all("tinylm_dp" in c["scores"] for c in results["clients"])
+
+
+def test_library_modules_import_one_way():
+    """data, dp -> tinylm -> gradtx -> eval -> train: each module imports only modules before it,
+    and only at its top (an import inside a function is how a cycle hides)."""
+    import ast
+    order = ["data", "dp", "tinylm", "gradtx", "eval", "train"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for i, name in enumerate(order):
+        tree = ast.parse(open(os.path.join(root, name + ".py")).read())
+        top = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                targets = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                ours = [t for t in targets if t in order]
+                assert not ours or id(node) in top, f"{name}.py imports {ours} inside a block (line {node.lineno})"
+                for t in ours:
+                    assert order.index(t) < i, f"{name}.py imports {t}.py, which comes after it"

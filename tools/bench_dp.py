@@ -1,0 +1,73 @@
+"""
+tools/bench_dp.py -- how much does privacy cost per step? A plain LoRA step vs a DP-SGD step
+(clip, noise, Adam) on each per-example-gradient path of dp.py, for the TinyLM and LLM presets.
+
+    python tools/bench_dp.py
+
+It lives here, above both, because it needs dp.py (the DP-SGD step) and tinylm.py (the models)
+and tinylm.py already imports dp.py: the library modules import one way only.
+"""
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+import data
+import tinylm
+from dp import dp_sgd_step, per_sample_grads, per_sample_grads_one_pass
+
+
+
+def median_step_times(preset, x, y, mask, n_vocab, rounds=120, warmup=10):
+    """Median seconds of a plain step and of a DP-SGD step on each path. Interleaved: each
+    round times one step of each kind, in a rotating order, so machine load hits all alike."""
+    torch.manual_seed(0)
+    cfg = tinylm.GPTConfig(**{**tinylm.MODEL_PRESETS[preset].__dict__, "vocab_size": n_vocab})
+    model = tinylm.add_lora(tinylm.GPT(cfg))
+    opt = torch.optim.Adam(tinylm.lora_parameters(model), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+
+    def plain():
+        _, loss = model(x, y, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def private(per_sample):
+        return lambda: dp_sgd_step(model, opt, x, y, mask, clip=1.0, noise_multiplier=1.0,
+                                   expected_batch_size=32, generator=g, per_sample=per_sample)
+
+    steps = [("plain", plain), ("one pass", private(per_sample_grads_one_pass)),
+             ("torch.func", private(per_sample_grads))]
+    times = {name: [] for name, _ in steps}
+    for r in tqdm(range(warmup + rounds), desc=preset, leave=False):
+        for name, step in steps[r % 3:] + steps[:r % 3]:
+            t0 = time.perf_counter()
+            step()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+
+def main():
+    torch.set_num_threads(1)  # as train.py's fine-tuning workers; steadier on a busy 2-core machine
+    enc = data.get_tokenizer()
+    lines = data.lines_from(data.all_pairs(), data.TASK_MIXTURE, 32, np.random.default_rng(0))
+    x, y, mask = data.encode_lines(lines, enc)  # (32, T) each
+    print(f"plain step vs DP-SGD step (clip, noise, Adam), LoRA, batch of {len(x)} lines, "
+          f"torch.set_num_threads(1), median of 120 interleaved steps each")
+    for preset in ("tiny", "llm"):
+        t = median_step_times(preset, x, y, mask, enc.n_vocab)
+        print(f"{preset:>4} preset: plain {1e3 * t['plain']:5.1f} ms | "
+              f"DP-SGD one pass {1e3 * t['one pass']:5.1f} ms = {t['one pass'] / t['plain']:.2f}x | "
+              f"DP-SGD torch.func {1e3 * t['torch.func']:5.1f} ms = {t['torch.func'] / t['plain']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
