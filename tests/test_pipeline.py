@@ -149,6 +149,9 @@ def test_cache_keys_follow_the_data_and_settings(monkeypatch):
     cfg = train.parse_args(TINY_RUN + ["--dp_epsilon=1"])
     task = data.make_task("arith", cfg.seed)
     before = train.stage_paths(cfg, task)
+    # the same settings in another cache directory: the same file names (a cache can be moved)
+    moved = train.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--cache=elsewhere/cache"]), task)
+    assert {s: os.path.basename(p) for s, p in moved.items()} == {s: os.path.basename(p) for s, p in before.items()}
     # other client data: only the stages that read it (the clients and their references) change
     real_clients = data.ArithTask.clients
     monkeypatch.setattr(data.ArithTask, "clients", lambda self, *a, **k:
