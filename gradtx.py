@@ -326,9 +326,10 @@ def upload_signal(X_clean, X_noisy, basis):
     1: the noise does not matter; 0: the upload says nothing about the data in that direction
     (no map can translate it, however it is trained)."""
     U, mean = basis["U"], basis["mean"]
-    clean = ((X_clean.flatten(1) - mean) @ U)[:, None].expand(-1, X_noisy.shape[1], -1).flatten(0, 1)  # (N*P, k)
-    noisy = (X_noisy.flatten(2) - mean) @ U                                                          # (N, P, k)
-    a, b = clean - clean.mean(0), noisy.flatten(0, 1) - noisy.flatten(0, 1).mean(0)
+    clean = (X_clean.flatten(1) - mean) @ U                                   # (N, k)
+    clean = clean[:, None].expand(-1, X_noisy.shape[1], -1).flatten(0, 1)    # (N*P, k): one per input
+    noisy = ((X_noisy.flatten(2) - mean) @ U).flatten(0, 1)                   # (N*P, k)
+    a, b = clean - clean.mean(0), noisy - noisy.mean(0)
     return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0) + 1e-12)
 
 

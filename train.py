@@ -507,7 +507,8 @@ def fit_stage(cfg, task, tiny, llm, shadow, path, m):
                          cfg.gt_batch, cfg.gt_eval_every, criterion, cfg.seed, func_loss, cfg.gt_func_weight)
     best = min(history, key=lambda h: h[4])
     log = {"history": history, "best_step": best[0], "val_rel_err": best[3], "val_loss": best[4],
-           "k": k, "ridge_lambda": lam, "upload_signal": signal, "ridge_loss": scores[(k, lam)], "basis": basis, "ridge": ridge,
+           "k": k, "ridge_lambda": lam, "ridge_loss": scores[(k, lam)], "basis": basis, "ridge": ridge,
+           "upload_signal": signal,
            "mean_shadow_loss": criterion(Y_train.mean(0).expand(len(val_runs), -1, -1)),
            "true_update_loss": criterion(Y_val), "level": m, "seconds": time.time() - t0}
     tinylm.atomic_save(log, path + ".log")
