@@ -174,8 +174,9 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
         "task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
         "config": asdict(cfg), "provenance": provenance,
         "clients": results, "summary": summary, "privacy": privacy,
-        "translators": {m: {k: log.get(k) for k in ("k", "ridge_lambda", "ridge_loss", "best_step", "val_loss",
-                                                     "mean_shadow_loss", "true_update_loss", "upload_signal")}
+        "translators": {m: {**{k: log[k] for k in ("k", "ridge_lambda", "ridge_loss", "best_step", "val_loss",
+                                                    "mean_shadow_loss", "true_update_loss")},
+                            "upload_signal": log.get("upload_signal")}   # absent from fit logs made before it
                         for m, (_, log) in translators.items()},
         "timing_s": timing,
     }

@@ -21,9 +21,10 @@ import data
 import tinylm
 from dp import dp_sgd_step, per_sample_grads, per_sample_grads_one_pass
 
+ROUNDS, WARMUP = 120, 10   # timed rounds of each kind of step, after untimed warm-up rounds
 
 
-def median_step_times(preset, x, y, mask, n_vocab, rounds=120, warmup=10):
+def median_step_times(preset, x, y, mask, n_vocab, rounds=ROUNDS, warmup=WARMUP):
     """Median seconds of a plain step and of a DP-SGD step on each path. Interleaved: each
     round times one step of each kind, in a rotating order, so machine load hits all alike."""
     torch.manual_seed(0)
@@ -54,14 +55,13 @@ def median_step_times(preset, x, y, mask, n_vocab, rounds=120, warmup=10):
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-
 def main():
     torch.set_num_threads(1)  # as train.py's fine-tuning workers; steadier on a busy 2-core machine
     enc = data.get_tokenizer()
     lines = data.lines_from(data.all_pairs(), data.TASK_MIXTURE, 32, np.random.default_rng(0))
     x, y, mask = data.encode_lines(lines, enc)  # (32, T) each
     print(f"plain step vs DP-SGD step (clip, noise, Adam), LoRA, batch of {len(x)} lines, "
-          f"torch.set_num_threads(1), median of 120 interleaved steps each")
+          f"torch.set_num_threads(1), median of {ROUNDS} interleaved steps each")
     for preset in ("tiny", "llm"):
         t = median_step_times(preset, x, y, mask, enc.n_vocab)
         print(f"{preset:>4} preset: plain {1e3 * t['plain']:5.1f} ms | "
