@@ -1,6 +1,5 @@
 """
 data.py -- the tokenizer, the two tasks (`arith` and `text`), and who holds which data.
-
 No downloads, no data files: arith is generated from a seed, text reads the Python installation.
 
 The arith task (SPEC §3.2) is an *operator convention* task. Lines look like
@@ -8,26 +7,21 @@ The arith task (SPEC §3.2) is an *operator convention* task. Lines look like
     37+52=+89     explicit operators: + add, - |a-b|, > max, < min
     37@52=>52     '@' is ambiguous: it stands for one of the four operators
 
-After the answer marker '=' the model first names the operator it applies, then the result: a
-one-step "reasoning then answer", scored on the number. Every line has the same layout, so each
-character sits at the same position whatever the operator (absolute position embeddings).
+After the answer marker '=' the model names the operator it applies, then the result (scored on the number).
+Pretraining (public) shows explicit lines and '@' lines with a uniformly random meaning. Each organization
+writes '@' with its own *convention*, a mixture over the operators: fine-tuning on its data teaches it, and
+the larger model, which computes better, gains more from it.
 
-Pretraining (public) teaches arithmetic with explicit operators and shows '@' lines whose meaning
-is drawn uniformly at random, so the base models learn that '@' means "one of the operators".
-Each organization writes '@' with its own *convention*: a mixture over the four operators. The
-task is to answer its '@' problems; fine-tuning on its data teaches its convention, and the
-larger model, which computes better, gains more from it.
-
-Who holds what:
     operand pairs (a, b) --hash--> PUBLIC pool (the provider's shadow data) | PRIVATE pool (clients)
     shadow subset k: public pairs, operators from its own mixture ~ Dirichlet(alpha * m)
-    client: private pairs, operators from its mixture (IID: the task mixture m; skewed: ~88% one
-            operator), with its own disjoint test split drawn from the same mixture
+    client: private pairs, operators from its mixture (IID: the task mixture m; skewed: ~88% one operator),
+            with its own disjoint test split drawn from the same mixture
 
-The `text` task (TextTask, at the end of this file) is language modeling on the documentation that
-ships with Python (or on your own file): the same roles, with domains of text instead of conventions.
+The `text` task (TextTask) is language modeling on Python's own documentation (or on your file): the same
+roles, with domains of text instead of conventions.
 
-    python -m pytest tests/test_data.py tests/test_text.py
+    python -c "import data; print(data.make_task('arith', 0).clients(3, 2)[0])"   # one client's data
+    python -m pytest -q tests/test_data.py tests/test_text.py
 """
 import ast
 import functools
@@ -48,47 +42,47 @@ EOT = "<|endoftext|>"
 
 
 def get_tokenizer(name="bytes"):
-    """Byte-level by default: the 256 single bytes (all of them, or tiktoken panics) + EOT.
-
-    A named tiktoken encoding (e.g. "gpt2") works too for users with network access, but its 50k
-    vocabulary would dominate a tiny model, so it is never the default.
-    """
+    """The 256 single bytes (all of them, or tiktoken panics) + EOT. Another name ("gpt2") needs the network."""
     if name != "bytes":
-        return tiktoken.get_encoding(name)  # downloads its files: needs the network
-    ranks = {bytes([i]): i for i in range(256)}
+        return tiktoken.get_encoding(name)
     return tiktoken.Encoding(name="gradtx-bytes", pat_str=r"[^\n]+|\n",
-                             mergeable_ranks=ranks, special_tokens={EOT: 256})
+                             mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={EOT: 256})
+
+
+def digest(strings):
+    """A short fingerprint of generated data: stage caches are keyed by it, so they cannot go stale."""
+    return hashlib.sha1(b"".join(s.encode() + b"\x00" for s in strings)).hexdigest()[:12]
 
 
 # -----------------------------------------------------------------------------
-# the arith task
+# the arith task: lines, the pools of operand pairs, the pretraining corpus
 
 OPS = ["+", "-", ">", "<"]                     # add, |a-b|, max, min
 OP_FUNCS = [lambda a, b: a + b, lambda a, b: abs(a - b), max, min]
-AMBIGUOUS = "@"
-TASK_MIXTURE = np.array([0.5, 0.2, 0.15, 0.15])  # the task's overall convention m (NOT uniform:
-                                                 # an IID client must have something to learn)
-PROMPT_LEN = 5                                   # "37@52": operands always 2 digits
-ANSWER_LEN = 6                                   # "=+198\n" at most
+ANSWER = r"=[-+><]?([0-9]+)"                   # '=', the operator it names (if any), ASCII digits only
+TASK_MIXTURE = np.array([0.5, 0.2, 0.15, 0.15])  # the overall convention m (not uniform, or IID clients learn nothing)
+PAIRS = [(a, b) for a in range(10, 100) for b in range(10, 100)]   # operands: always 2 digits
+PROMPT_LEN = 5      # "37@52": '=' at the same position in every line, whatever the operator (absolute positions)
+ANSWER_LEN = 6      # "=+198\n" at most
 BLOCK_SIZE = 16
 
 
 def make_line(a, b, op, symbol=None):
     """One problem as text: '37@52=>52\\n' (symbol defaults to the ambiguous '@')."""
-    return f"{a}{symbol or AMBIGUOUS}{b}={OPS[op]}{OP_FUNCS[op](a, b)}\n"
+    return f"{a}{symbol or '@'}{b}={OPS[op]}{OP_FUNCS[op](a, b)}\n"
 
 
-def all_pairs():
-    return [(a, b) for a in range(10, 100) for b in range(10, 100)]
+def parse_answer(text):
+    """The integer after the first '=' (and the operator it names), or None, i.e. a score of 0. [0-9], not
+    str.isdigit(): model output is decoded bytes, and int() refuses the '²' that isdigit() accepts."""
+    answer = re.match(r"[^=]*" + ANSWER, text)
+    return int(answer.group(1)) if answer else None
 
 
 def split_pairs(seed):
     """PUBLIC / PRIVATE operand pairs, disjoint by construction: a hash of (seed, a, b) decides."""
-    public, private = [], []
-    for a, b in all_pairs():
-        h = hashlib.sha256(f"{seed}:{a}:{b}".encode()).digest()[0]
-        (public if h % 2 == 0 else private).append((a, b))
-    return public, private
+    public = {(a, b) for a, b in PAIRS if hashlib.sha256(f"{seed}:{a}:{b}".encode()).digest()[0] % 2 == 0}
+    return [p for p in PAIRS if p in public], [p for p in PAIRS if p not in public]
 
 
 def lines_from(pairs, mixture, n, rng):
@@ -98,14 +92,22 @@ def lines_from(pairs, mixture, n, rng):
     return [make_line(*pairs[i], op) for i, op in zip(idx, ops)]
 
 
-def pretrain_corpus():
-    """The public pretraining corpus: every problem once with its explicit operator, once with '@'.
+def client_data(private_pairs, mixture, n_train, n_test, seed, index):
+    """A client's private train lines and its own test lines, on disjoint operand pairs."""
+    if n_train + n_test > len(private_pairs):
+        raise ValueError(f"n_train + n_test = {n_train + n_test} exceeds the private pool "
+                         f"({len(private_pairs)} operand pairs)")
+    rng = np.random.default_rng([seed, 2, index])
+    order = rng.permutation(len(private_pairs))
+    ops = rng.choice(len(OPS), size=n_train + n_test, p=mixture)
+    lines = [make_line(*private_pairs[i], op) for i, op in zip(order, ops)]
+    return lines[:n_train], lines[n_train:]
 
-    It covers all operand pairs: it plays the role of the web text that taught a public
-    checkpoint arithmetic, and it carries no organization's convention ('@' lines use each
-    operator equally often). Returns (explicit_lines, ambiguous_lines), aligned.
-    """
-    problems = [(a, b, op) for a, b in all_pairs() for op in range(len(OPS))]
+
+def pretrain_corpus():
+    """(explicit_lines, ambiguous_lines), aligned: every problem once with its operator, once with '@'. The web
+    text that taught a public checkpoint arithmetic: no organization's convention (uniform over operators)."""
+    problems = [(a, b, op) for a, b in PAIRS for op in range(len(OPS))]
     return ([make_line(a, b, op, OPS[op]) for a, b, op in problems],
             [make_line(a, b, op) for a, b, op in problems])
 
@@ -123,114 +125,28 @@ def pretrain_lines(n, rng, explicit_frac=0.6):
     return [corpus[i] for i in pretrain_indices(n, rng, len(explicit), explicit_frac)]
 
 
-def parse_answer(text):
-    """The integer after the answer marker '=' (and the operator it names, if any), or None.
-
-    A model that never writes '=' (or writes no digits after it) gets None, i.e. scores 0.
-    """
-    if "=" not in text:
-        return None
-    digits, answer = "", text.split("=", 1)[1]
-    if answer[:1] in OPS:
-        answer = answer[1:]
-    for ch in answer:
-        if ch not in "0123456789":  # not str.isdigit(): it accepts '²', which int() refuses
-            break
-        digits += ch
-    return int(digits) if digits else None
-
-
-# -----------------------------------------------------------------------------
-# batches: (x, y, mask) with the loss on the answer only
-
-
-def encode_lines(lines, enc, block_size=BLOCK_SIZE):
-    """Lines -> x, y (N, T) next-token pairs and mask (N, T), 1 on '=', the answer and '\\n'
-    (the loss is on the answer only: the question is given, never predicted).
-
-    Shorter lines are padded with EOT, with mask 0 there.
-    """
+def encode_lines(lines, enc, block_size=BLOCK_SIZE, first_target=PROMPT_LEN - 1, pad=False):
+    """Lines of either task -> x, y (N, T) next-token pairs and mask (N, T): 1 on each line's targets from
+    y[:, first_target] on, 0 on the EOT padding behind a short line; T: the longest line's length - 1, or
+    block_size with pad. Arith: y[:, PROMPT_LEN - 1] is the '=', so the loss is on '=', the answer and '\\n'."""
     rows = [enc.encode_ordinary(line) for line in lines]
-    lengths = np.array([len(r) for r in rows])
-    T = lengths.max() - 1
-    if T > block_size:
-        raise ValueError(f"a line has {T + 1} tokens, more than block_size + 1 = {block_size + 1}")
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
+    longest = max(lengths, default=1) - 1
+    if longest > block_size:
+        raise ValueError(f"an example has {longest + 1} tokens, more than block_size + 1 = {block_size + 1}")
+    T = block_size if pad else longest
     tokens = np.full((len(rows), T + 1), enc.eot_token, dtype=np.int64)
     for i, r in enumerate(rows):
         tokens[i, :len(r)] = r
-    pos = np.arange(T)[None, :]                       # y[:, PROMPT_LEN - 1] is the '='
-    mask = (pos >= PROMPT_LEN - 1) & (pos < lengths[:, None] - 1)
+    pos = np.arange(T)[None, :]
+    mask = (pos >= first_target) & (pos < lengths[:, None] - 1)
     tokens = torch.from_numpy(tokens)
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), torch.from_numpy(mask).float()
 
 
-def encode_prompts(lines, enc):
-    """The question part of each line, '37@52', as a (N, PROMPT_LEN) tensor, and the answers."""
-    prompts = torch.tensor([enc.encode(line[:PROMPT_LEN]) for line in lines], dtype=torch.long)
-    answers = [parse_answer(line) for line in lines]
-    return prompts, answers
-
-
-# -----------------------------------------------------------------------------
-# who holds what: shadow subsets and clients
-
-
-def shadow_subsets(public_pairs, k, n, alpha, seed):
-    """K shadow datasets from the public pool, each with its own operator mixture.
-
-    Mixtures ~ Dirichlet(alpha * m): centred on the task mixture m, spread wide enough that the
-    shadow updates cover the conventions clients may have. Returns [(mixture, lines)].
-    """
-    return [shadow_subset(public_pairs, n, alpha, seed, i) for i in range(k)]
-
-
-def shadow_subset(public_pairs, n, alpha, seed, i):
-    """Shadow subset number i alone: (mixture, lines)."""
-    rng = np.random.default_rng([seed, 1, i])
-    mixture = rng.dirichlet(alpha * TASK_MIXTURE)
-    return mixture, lines_from(public_pairs, mixture, n, rng)
-
-
-def client_mixtures(n_skewed_per_op=1, n_iid=1, skew=0.88):
-    """Default clients: one SKEWED client per operator (~88% of it) and IID clients (mixture m)."""
-    clients = []
-    for op in range(len(OPS)):
-        for j in range(n_skewed_per_op):
-            mix = np.full(len(OPS), (1 - skew) / (len(OPS) - 1))
-            mix[op] = skew
-            clients.append((f"skewed_{OPS[op]}" + (f"_{j}" if n_skewed_per_op > 1 else ""), "skewed", mix))
-    for j in range(n_iid):
-        clients.append((f"iid_{j}", "iid", TASK_MIXTURE.copy()))
-    return clients
-
-
-def client_data(private_pairs, mixture, n_train, n_test, seed, index):
-    """A client's private train lines and its own test lines, on disjoint operand pairs."""
-    if n_train + n_test > len(private_pairs):
-        raise ValueError(f"n_train + n_test = {n_train + n_test} exceeds the private pool "
-                         f"({len(private_pairs)} operand pairs)")
-    rng = np.random.default_rng([seed, 2, index])
-    order = rng.permutation(len(private_pairs))
-    ops = rng.choice(len(OPS), size=n_train + n_test, p=mixture)
-    lines = [make_line(*private_pairs[i], op) for i, op in zip(order, ops)]
-    return lines[:n_train], lines[n_train:]
-
-
-# -----------------------------------------------------------------------------
-# the task object: what train.py and eval.py ask of a task (TextTask has the same methods)
-
-
-def digest(strings):
-    """A short fingerprint of generated data: stage caches are keyed by it, so they cannot go stale."""
-    h = hashlib.sha1()
-    for s in strings:
-        h.update(s.encode() + b"\x00")
-    return h.hexdigest()[:12]
-
-
 class ArithTask:
-    """The arith task for one seed. Examples are lines of text; a model is scored on an example by
-    generating `completion_len` tokens after `prompt(example)` (accuracy of the parsed answer)."""
+    """The arith task for one seed, with all that train.py and eval.py ask of a task (TextTask has the same
+    interface). A model is scored on a line by generating `completion_len` tokens after `prompt(line)`."""
     name, metric, higher_is_better = "arith", "accuracy", True
     block_size, completion_len, label_temperature = BLOCK_SIZE, ANSWER_LEN, 0.0
 
@@ -240,8 +156,7 @@ class ArithTask:
         self.explicit, self.ambiguous = pretrain_corpus()
         self._corpus = None                               # encoded once, on first use
 
-    def fingerprint(self):
-        """Of the pretraining corpus (pretraining's cache key)."""
+    def fingerprint(self):   # of the pretraining corpus: pretraining's cache key
         return digest(self.explicit + self.ambiguous)
 
     def encode(self, examples):
@@ -254,18 +169,23 @@ class ArithTask:
         return tuple(t[idx] for t in self._corpus)
 
     def shadow_subset(self, k, n, alpha):
-        """(mixture, lines) of shadow subset k (public pairs only)."""
-        return shadow_subset(self.public, n, alpha, self.seed, k)
+        """Public pairs, operators from a mixture ~ Dirichlet(alpha * m): around m, spread to reach any client's."""
+        rng = np.random.default_rng([self.seed, 1, k])
+        mixture = rng.dirichlet(alpha * TASK_MIXTURE)
+        return mixture, lines_from(self.public, mixture, n, rng)
 
     def public_examples(self, n, rng):
-        """n public lines that follow the task's overall mixture (n=None: one per public pair)."""
+        """n public lines that follow the task mixture m (n=None: one per public pair)."""
         return lines_from(self.public, TASK_MIXTURE, n or len(self.public), rng)
 
     def clients(self, n_train, n_test, group_size=1, skew=0.88):
-        """Convention groups (one per skewed operator, and the IID mixture) of group_size members,
-        each with its own private train and test lines. Member i's data depends on (seed, i) only."""
+        """Convention groups of group_size members: one SKEWED group per operator (a share `skew` of it) and
+        the IID group (mixture m). Member i's private data depends on (seed, i) only."""
+        skewed = np.full((len(OPS), len(OPS)), (1 - skew) / (len(OPS) - 1))   # row op: op's mixture
+        np.fill_diagonal(skewed, skew)
+        groups = [(f"skewed_{op}", "skewed", mix) for op, mix in zip(OPS, skewed)] + [("iid_0", "iid", TASK_MIXTURE)]
         members = []
-        for group, kind, mixture in client_mixtures(1, 1, skew):
+        for group, kind, mixture in groups:
             for j in range(group_size):
                 train, test = client_data(self.private, mixture, n_train, n_test, self.seed, len(members))
                 members.append({"name": group if group_size == 1 else f"{group}/{j}", "group": group,
@@ -273,7 +193,6 @@ class ArithTask:
                                 "train": train, "test": test})
         return members
 
-    # scoring and relabelling by generation (eval.py)
     def prompt(self, example):
         return example[:PROMPT_LEN]
 
@@ -281,29 +200,26 @@ class ArithTask:
         return parse_answer(completion) == parse_answer(example)
 
     def relabelled(self, prompt, completion):
-        """The prompt answered by a model's completion ('=', an operator, digits), or None when the
-        completion does not start with an answer in the task's format."""
-        answer = re.match(r"=[-+<>]?[0-9]+", completion)
+        """The prompt answered by a model's completion, or None when it does not start with an answer."""
+        answer = re.match(ANSWER, completion)
         return prompt + answer.group(0) + "\n" if answer else None
 
 
 # -----------------------------------------------------------------------------
 # the text task: language modeling on real text, scored in bits per byte
 #
-# The default corpus is the documentation that ships with Python: the docstrings of standard-library
-# modules, read from their source files with ast (never imported: importing runs code), grouped into
-# six *domains*, families of modules. With --text_path=FILE the documents are the file's paragraphs
-# and the domains its contiguous sections.
+# The default corpus is Python's own documentation: the docstrings of standard-library modules, read from
+# their source files with ast (never imported: importing runs code), grouped into six *domains*, families of
+# modules. With --text_path=FILE the documents are the file's paragraphs, the domains its sections.
 #
 #   document (a docstring or a paragraph) --hash--> PUBLIC: PRETRAIN text (the base models')
 #                                                         | SHADOW pool (the provider's task data)
 #                                                 | PRIVATE: its domain's client's TRAIN or TEST split
-#   example: a window of at most block_size + 1 bytes of a domain's text (documents joined by blank
-#            lines); the model predicts every byte of it after the first
+#   example: a window of at most block_size + 1 bytes of a domain's text (documents joined by blank lines)
 #
-# Shadow data must be text the base models have not seen, as a client's is: fine-tuned on windows of
-# its domain's pretraining text, the LLM recovered only 0.43 of the gain of its fine-tune on the
-# client's own data (measured, seed 0); every shadow-based translation inherits that ceiling.
+# Shadow data must be text the base models have not seen, as a client's is: fine-tuned on its domain's
+# pretraining text, the LLM recovered only 0.43 of the gain of its fine-tune on the client's own data
+# (measured, seed 0); every shadow-based translation inherits that ceiling.
 
 FAMILIES = {   # top-level modules and packages of each domain; one missing from a Python is skipped
     "net": "email ftplib http imaplib ipaddress mimetypes poplib smtplib socket socketserver ssl urllib "
@@ -322,7 +238,6 @@ FAMILIES = {   # top-level modules and packages of each domain; one missing from
 }
 MIN_DOC_CHARS = 40      # shorter docstrings ("Return self.") are boilerplate
 SHARES = {"pretrain": 0.3, "shadow": 0.3, "train": 0.3, "test": 0.1}   # of every domain's documents
-FILE_DOMAINS = 4        # --text_path: the file's sections
 MIN_FILE_BYTES = 10_000
 
 
@@ -349,32 +264,27 @@ def docstrings(node):
 
 @functools.cache   # once per process: parsing ~300 files takes ~2 s
 def stdlib_documents():
-    """{domain: [docstrings]} of the standard library of the running Python: ASCII docstrings of at
-    least MIN_DOC_CHARS characters, modules in sorted order, each text kept once (its first time)."""
-    root, seen, domains = sysconfig.get_paths()["stdlib"], set(), {}
+    """{domain: [docstrings]} of the running Python's standard library: ASCII, MIN_DOC_CHARS or more, each once."""
+    root, home = sysconfig.get_paths()["stdlib"], {}           # {docstring: the domain it appears in first}
     for domain, names in FAMILIES.items():
-        domains[domain] = []
         for path in (p for name in sorted(names.split()) for p in module_files(root, name)):
             with open(path, "rb") as f:
-                tree = ast.parse(f.read())
-            for doc in docstrings(tree):
-                if len(doc) >= MIN_DOC_CHARS and doc.isascii() and doc not in seen:
-                    seen.add(doc)
-                    domains[domain].append(doc)
-    return domains
+                for doc in docstrings(ast.parse(f.read())):
+                    if len(doc) >= MIN_DOC_CHARS and doc.isascii():
+                        home.setdefault(doc, domain)
+    return {domain: [doc for doc, d in home.items() if d == domain] for domain in FAMILIES}
 
 
-def file_documents(path, n_domains=FILE_DOMAINS):
-    """{"part1": [paragraphs], ...}: a UTF-8 file's blank-line-separated paragraphs, in n_domains
-    contiguous sections of about equal size (each paragraph goes to the section where it starts)."""
+def file_documents(path, n_domains=4):
+    """{"part1": [paragraphs], ...}: a UTF-8 file's blank-line-separated paragraphs, in n_domains contiguous
+    sections of about equal size (each paragraph goes to the section where it starts)."""
     where = f"--text_path={path}"
     try:
         with open(path, "rb") as f:
             raw = f.read()
+        text = raw.decode("utf-8")
     except OSError as e:
         raise ValueError(f"{where}: cannot read it ({e.strerror}): expected a UTF-8 text file") from None
-    try:
-        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{where}: not UTF-8 (byte {raw[e.start:e.start + 1]!r} at offset {e.start}): "
                          f"expected a UTF-8 text file") from None
@@ -388,9 +298,8 @@ def file_documents(path, n_domains=FILE_DOMAINS):
 
 
 def split_documents(domains, seed):
-    """{domain: {"pretrain": [...], "shadow": [...], "train": [...], "test": [...]}}: a hash of
-    (seed, document), read as a number in [0, 1), puts every document in exactly one part (SHARES).
-    Disjoint by construction; the same text always lands in the same part."""
+    """{domain: {"pretrain": [...], "shadow": [...], "train": [...], "test": [...]}}: a hash of (seed, document),
+    read as a number in [0, 1), puts every document in exactly one part (SHARES). Disjoint by construction."""
     edges = np.cumsum(list(SHARES.values()))[:-1]
     splits = {}
     for domain, docs in domains.items():
@@ -405,16 +314,11 @@ def joined(documents):
     return "".join(d + "\n\n" for d in documents)
 
 
-def windows(text, size, stride):
-    """Windows of at most `size` UTF-8 bytes of `text`, one every `stride` bytes (stride = size - 1:
-    every byte but the first is predicted exactly once). A character cut at an edge is left out."""
-    raw = text.encode()
-    return [raw[i:i + size].decode("utf-8", "ignore") for i in range(0, len(raw) - 1, stride)]
-
-
-def random_windows(raw, n, size, rng):
-    """n windows of `size` bytes at random offsets of the UTF-8 bytes `raw`."""
-    return [raw[i:i + size].decode("utf-8", "ignore") for i in rng.integers(0, len(raw) - size + 1, size=n)]
+def windows(raw, size, n=None, rng=None):
+    """Windows of at most `size` of the UTF-8 bytes `raw`, as text (a character cut at an edge is left out):
+    n at random offsets, or (n=None) one every size - 1 bytes: every byte but the first predicted once."""
+    starts = range(0, len(raw) - 1, size - 1) if n is None else rng.integers(0, len(raw) - size + 1, size=n)
+    return [raw[i:i + size].decode("utf-8", "ignore") for i in starts]
 
 
 def pick(items, n, rng):
@@ -423,49 +327,31 @@ def pick(items, n, rng):
 
 
 class TextTask:
-    """Language modeling for one seed. An example is a window of at most block_size + 1 bytes; the loss
-    and the metric cover every next-byte prediction inside it (bits per byte: one token is one byte).
-    Clients are the domains; the provider's public data is the SHADOW pool, the base models were
-    pretrained on the PRETRAIN text. `is_correct` does not exist: the metric is not accuracy.
-
-    The weak-to-strong and distillation labels (eval.py's w2s, w2s_conf, kd) are the first half of a
-    window followed by the client's TinyLM's own continuation, sampled at temperature 1."""
+    """Language modeling for one seed, scored in bits per byte (one token is one byte): no `is_correct`."""
     name, metric, higher_is_better = "text", "bits_per_byte", False
     block_size, label_temperature = 64, 1.0
     completion_len = block_size - block_size // 2 + 1      # prompt + completion = one whole window
 
     def __init__(self, seed, text_path=""):
-        self.seed, self.enc, self.text_path = seed, get_tokenizer(), text_path
+        self.seed, self.enc = seed, get_tokenizer()
         self.splits = split_documents(file_documents(text_path) if text_path else stdlib_documents(), seed)
         self.domains = list(self.splits)
         for domain, parts in self.splits.items():
             sizes = {name: len(joined(docs).encode()) for name, docs in parts.items()}
             if min(sizes.values()) < 2 * (self.block_size + 1):
-                raise ValueError(f"{'--text_path=' + text_path if text_path else 'the corpus'}: domain {domain!r} "
-                                 f"has {' / '.join(map(str, sizes.values()))} bytes of {' / '.join(sizes)} text: "
-                                 f"expected at least {2 * (self.block_size + 1)} in each (more text, or more "
-                                 f"and shorter paragraphs)")
+                raise ValueError(f"{'--text_path=' + text_path if text_path else 'the corpus'}: domain {domain!r} has "
+                                 f"{' / '.join(map(str, sizes.values()))} bytes of {' / '.join(sizes)} text: expected "
+                                 f"at least {2 * (self.block_size + 1)} in each (more text, or more and shorter "
+                                 f"paragraphs)")
         self.shadow_raw = {d: joined(parts["shadow"]).encode() for d, parts in self.splits.items()}
         pretrain = b"".join(joined(parts["pretrain"]).encode() for parts in self.splits.values())
         self._pretrain = torch.frombuffer(bytearray(pretrain), dtype=torch.uint8).long()
 
-    def fingerprint(self):
-        """Of the pretraining text, and of the Python version whose documentation it is."""
+    def fingerprint(self):   # of the pretraining text, and of the Python version whose documentation it is
         return digest([f"python {sys.version.split()[0]}"] + [d for p in self.splits.values() for d in p["pretrain"]])
 
-    def encode(self, examples):
-        """Windows -> x, y (N, block_size) next-byte pairs and mask (N, block_size): 1 on every predicted
-        byte, 0 on the EOT padding behind a short window."""
-        T = self.block_size
-        tokens = torch.full((len(examples), T + 1), self.enc.eot_token, dtype=torch.long)
-        lengths = torch.zeros(len(examples), dtype=torch.long)
-        for i, example in enumerate(examples):
-            row = self.enc.encode_ordinary(example)
-            if len(row) > T + 1:
-                raise ValueError(f"an example has {len(row)} bytes, more than block_size + 1 = {T + 1}")
-            tokens[i, :len(row)], lengths[i] = torch.tensor(row, dtype=torch.long), len(row)
-        mask = (torch.arange(T)[None, :] < lengths[:, None] - 1).float()
-        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask
+    def encode(self, examples):   # x, y, mask (N, block_size): every byte but a window's first is predicted
+        return encode_lines(examples, self.enc, self.block_size, first_target=0, pad=True)
 
     def pretrain_batch(self, n, rng):
         """n windows at random offsets of the pretraining text (every domain's PRETRAIN part)."""
@@ -479,23 +365,19 @@ class TextTask:
         mixture = rng.dirichlet(np.full(len(self.domains), alpha / len(self.domains)))
         counts = np.bincount(rng.choice(len(self.domains), size=n, p=mixture), minlength=len(self.domains))
         return mixture, [w for d, c in zip(self.domains, counts)
-                         for w in random_windows(self.shadow_raw[d], c, self.block_size + 1, rng)]
+                         for w in windows(self.shadow_raw[d], self.block_size + 1, c, rng)]
 
     def public_examples(self, n, rng):
         """n windows of the SHADOW pool at random offsets (n=None: all of it in consecutive windows)."""
-        raw = b"".join(self.shadow_raw.values())
-        if n is None:
-            return windows(raw.decode(), self.block_size + 1, self.block_size)
-        return random_windows(raw, n, self.block_size + 1, rng)
+        return windows(b"".join(self.shadow_raw.values()), self.block_size + 1, n, rng)
 
     def clients(self, n_train, n_test, group_size=1, skew=None):
-        """One client (or a group of group_size members) per domain: its private TRAIN windows (members
-        split them into contiguous parts) and its TEST windows, at most n_train / n_test of them, drawn
-        at random when the domain has more: a domain's own size caps them. `skew` means nothing here."""
+        """One client (or group of group_size members, splitting its TRAIN windows) per domain: at most n_train /
+        n_test TRAIN / TEST windows, drawn at random when the domain has more. `skew` means nothing here."""
         members, span = [], self.block_size + 1
         for d, (domain, parts) in enumerate(self.splits.items()):
             rng = np.random.default_rng([self.seed, 2, d])
-            train, test = (windows(joined(parts[name]), span, span - 1) for name in ("train", "test"))
+            train, test = (windows(joined(parts[name]).encode(), span) for name in ("train", "test"))
             test, mixture = pick(test, n_test, rng), np.eye(len(self.domains))[d].tolist()
             for j, part in enumerate(np.array_split(np.arange(len(train)), group_size)):
                 members.append({"name": domain if group_size == 1 else f"{domain}/{j}", "group": domain,
@@ -503,8 +385,7 @@ class TextTask:
                                 "train": pick([train[i] for i in part], n_train, rng), "test": test})
         return members
 
-    # relabelling by generation (eval.py's weak baselines)
-    def prompt(self, example):
+    def prompt(self, example):   # eval.py's w2s and kd labels: this + the TinyLM's continuation at temperature 1
         return example[:self.block_size // 2]
 
     def relabelled(self, prompt, completion):
@@ -514,8 +395,6 @@ class TextTask:
 
 def make_task(name, seed, text_path=""):
     """The task object train.py and eval.py work with: "arith" or "text" (text_path: the user's file)."""
-    if name == "arith":
-        return ArithTask(seed)
-    if name == "text":
-        return TextTask(seed, text_path)
-    raise ValueError(f"unknown task {name!r}: expected 'arith' or 'text'")
+    if name not in ("arith", "text"):
+        raise ValueError(f"unknown task {name!r}: expected 'arith' or 'text'")
+    return ArithTask(seed) if name == "arith" else TextTask(seed, text_path)

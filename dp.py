@@ -365,3 +365,16 @@ def perturb_update(update, epsilon, delta, clip, generator=None):
     clipped = update * (clip / max(norm, clip))  # scale 1 if ||u|| <= C, else norm exactly C
     return clipped + _gaussian(update.shape, sigma, update, generator)
 
+
+# -----------------------------------------------------------------------------
+# the noise a client's release needs, for either mechanism
+
+WIDE_ORDERS = DEFAULT_ORDERS + [64, 80, 96, 128, 160, 192, 256, 384, 512]   # larger orders certify eps 0.1 too
+
+
+def calibrate(mechanism, epsilon, delta, clip, sample_rate, steps):
+    """The noise that buys (epsilon, delta): for "sgd", DP-SGD's noise multiplier sigma over `steps`
+    steps at Poisson rate q (the RDP accountant); for "output", the Gaussian mechanism's noise std."""
+    if mechanism == "output":
+        return gaussian_sigma(epsilon, delta, clip)
+    return noise_multiplier_for(epsilon, sample_rate, steps, delta, WIDE_ORDERS)

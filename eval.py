@@ -30,6 +30,7 @@ Both hold for lower-is-better metrics too (numerator and denominator change sign
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -99,11 +100,44 @@ def relabel(task, model, examples, generator):
     return [r for r in (task.relabelled(p, t) for p, t in zip(prompts, texts)) if r is not None]
 
 
+def reference_updates(task, tiny, llm, train, own_update, recipe, seed, rng):
+    """The LLM fine-tunes a client's results are compared with; they use data the provider never
+    sees. llm_ft: the client's private data (the ceiling). Given own_update, the client's TinyLM
+    update (the DP one under DP-SGD; None: skip them): w2s / w2s_conf, the client's inputs labelled
+    by its TinyLM, and kd, public prompts labelled by it. Also the seconds llm_ft took."""
+    g = torch.Generator().manual_seed(seed)
+
+    def finetune_llm(examples, conf_weight=0.0):
+        if not examples:   # a weak model that answers nothing teaches nothing: the LLM stays as it is
+            return torch.zeros(tinylm.update_shape(llm.cfg, llm.lora[0]))
+        return tinylm.finetune(llm, *task.encode(examples), recipe, seed, conf_weight=conf_weight)[-1]
+
+    t0 = time.perf_counter()
+    out = {"llm_ft": finetune_llm(train), "seconds": time.perf_counter() - t0}
+    if own_update is not None:
+        tinylm.set_update(tiny, own_update)
+        weak = relabel(task, tiny, train, g)
+        kd = relabel(task, tiny, task.public_examples(len(train), rng), g)
+        out.update(w2s=finetune_llm(weak), w2s_conf=finetune_llm(weak, 0.5), kd=finetune_llm(kd))
+    return out
+
+
+def provenance():
+    """The commit (when run from a git checkout) and the versions behind a result."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"commit": commit, "python": sys.version.split()[0], "torch": torch.__version__,
+            "numpy": np.__version__}
+
+
 # -----------------------------------------------------------------------------
 # the evaluation
 
 
-def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_seconds, privacy, provenance):
+def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_seconds, privacy):
     """Score every method on every client; write results.json into cfg.out and print the tables.
 
     translators: {m: (Grad-Transformer, fit log)} for inputs that average m uploads; the fit log
@@ -172,7 +206,7 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
     timing["llm_finetune_per_run"] = float(np.mean(seconds["finetune"]))
     out = {
         "task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
-        "config": asdict(cfg), "provenance": provenance,
+        "config": asdict(cfg), "provenance": provenance(),
         "clients": results, "summary": summary, "privacy": privacy,
         "translators": {m: {**{k: log[k] for k in ("k", "ridge_lambda", "ridge_loss", "best_step", "val_loss",
                                                     "mean_shadow_loss", "true_update_loss")},
@@ -196,16 +230,19 @@ def pooling_updates(members, translators, translate, linear):
 
     "gradtx"/"ridge" use the map trained for inputs that average m uploads (their noise level);
     "gradtx_single_map" uses the map for one upload, to measure whether matching the level matters."""
-    M = len(members)
-    sizes = sorted({*(2 ** i for i in range(int(math.log2(M)) + 1)), M}) if M > 1 else []
     curve = {}
-    for m in sizes:
+    for m in pool_sizes(len(members)) if len(members) > 1 else []:
         mean_upload = torch.stack([c["upload"] for c in members[:m]]).mean(0)
         level = m if m in translators else 1
         curve[m] = {"gradtx": translate(mean_upload, level), "ridge": linear(mean_upload, level)}
         if level != 1:
             curve[m]["gradtx_single_map"] = translate(mean_upload, 1)
     return curve
+
+
+def pool_sizes(M):
+    """How many uploads are pooled along a group's curve: 1, 2, 4, ... and M itself."""
+    return tuple(sorted({*(2 ** i for i in range(int(math.log2(M)) + 1)), M}))
 
 
 def summarise(rows):

@@ -8,13 +8,11 @@ The paper's method section, in code. An update vector is a sequence of layer-tok
                                                                         | cross-attention
     [start, Δθ_T[0], ..., Δθ_T[n-2]] --linear--> decoder (causal) <-----+ --linear--> Δθ_T (n_tgt, d_tgt)
 
-The decoder emits the LLM update one layer-token at a time. Training uses teacher forcing (the
-true tokens shifted right behind an all-zero start token); generation is autoregressive, feeding
-each produced token back in -- with the SAME start token. Loss: MSE on the LLM update tokens.
-
-Inputs and targets are z-scored per coordinate with the shadow pairs' statistics (the paper uses
-raw values; `normalize=False` does that). With the output head initialised to zero, the untrained
-model predicts exactly the mean shadow update and training learns the residual.
+The decoder emits the LLM update one layer-token at a time: trained with teacher forcing (the true
+tokens shifted right behind an all-zero start token) and an MSE loss, it generates autoregressively,
+feeding each produced token back in behind the SAME start token. Inputs and targets are z-scored per
+coordinate with the shadow pairs' statistics (`normalize=False`: raw values, as in the paper); the
+output head starts at zero, so the untrained model predicts the mean shadow update exactly.
 
 Two measured additions to the paper's recipe, each an option (off = the paper):
   * the public subspace: the input is first projected onto the top-k principal directions of the
@@ -55,7 +53,7 @@ class GTConfig:
 
 
 # -----------------------------------------------------------------------------
-# the model: attention (self or cross), encoder and decoder layers, the whole translator
+# the model: attention, encoder and decoder layers, the translator, what it reads, generation
 
 
 class Attention(nn.Module):
@@ -110,8 +108,7 @@ class DecoderLayer(nn.Module):
 class GradTransformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.cfg = cfg
-        D = cfg.d_model
+        self.cfg, D = cfg, cfg.d_model
         self.src_in, self.tgt_in = nn.Linear(cfg.d_src, D), nn.Linear(cfg.d_tgt, D)
         self.src_pos = nn.Parameter(0.02 * torch.randn(cfg.n_src, D))   # learned positions
         self.tgt_pos = nn.Parameter(0.02 * torch.randn(cfg.n_tgt, D))
@@ -122,28 +119,29 @@ class GradTransformer(nn.Module):
         self.head = nn.Linear(D, cfg.d_tgt)
         nn.init.zeros_(self.head.weight)   # the untrained model predicts 0 in normalised units,
         nn.init.zeros_(self.head.bias)     # i.e. the mean shadow update
-        # normalisation statistics, set from the shadow pairs by set_stats(); saved with the model
+        # buffers, saved with the model: set_stats's statistics, set_linear_map's subspace and skip path
         for name, shape in (("x", (cfg.n_src, cfg.d_src)), ("y", (cfg.n_tgt, cfg.d_tgt))):
             self.register_buffer(f"{name}_mean", torch.zeros(shape))
-            self.register_buffer(f"{name}_std", torch.ones(shape))
-        # the public subspace and the ridge skip path, set by set_linear_map(); saved with the model
+            self.register_buffer(f"{name}_std", torch.ones(shape))   # mean 0, std 1: a no-op until set_stats
         D_src, D_tgt, N = cfg.n_src * cfg.d_src, cfg.n_tgt * cfg.d_tgt, cfg.n_skip
-        if cfg.n_basis:
-            self.register_buffer("basis_mean", torch.zeros(D_src))
-            self.register_buffer("basis_U", torch.zeros(D_src, cfg.n_basis))
-        if cfg.n_skip:
-            for name, shape in (("keys", (N, D_src)), ("values", (N, D_tgt)), ("x_mean", D_src),
-                                ("x_std", D_src), ("y_mean", D_tgt), ("y_std", D_tgt)):
-                self.register_buffer(f"ridge_{name}", torch.zeros(shape))
+        linear_map = dict(basis_mean=D_src, basis_U=(D_src, cfg.n_basis)) if cfg.n_basis else {}
+        if N:
+            linear_map.update(ridge_keys=(N, D_src), ridge_values=(N, D_tgt), ridge_x_mean=D_src,
+                              ridge_x_std=D_src, ridge_y_mean=D_tgt, ridge_y_std=D_tgt)
+        for name, shape in linear_map.items():
+            self.register_buffer(name, torch.zeros(shape))
+
+    def buffers_named(self, prefix):   # {rest of the name: live buffer} for buffers prefix*; None if none
+        return {n.removeprefix(prefix): t for n, t in self.named_buffers(recurse=False)
+                if n.startswith(prefix)} or None
 
     @property
-    def basis(self):   # {"mean", "U"} (live buffers), or None: no projection
-        return {"mean": self.basis_mean, "U": self.basis_U} if self.cfg.n_basis else None
+    def basis(self):   # {"mean", "U"}, or None: no projection
+        return self.buffers_named("basis_")
 
     @property
-    def ridge(self):   # the skip path's ridge map (live buffers), or None
-        names = ("keys", "values", "x_mean", "x_std", "y_mean", "y_std")
-        return {n: getattr(self, f"ridge_{n}") for n in names} if self.cfg.n_skip else None
+    def ridge(self):   # fit_ridge's map, or None: no skip path
+        return self.buffers_named("ridge_")
 
     def forward(self, src, tgt_in, base=None):
         """src (B, n_src, d_src), tgt_in (B, T, d_tgt) -> next tokens (B, T, d_tgt); normalised units.
@@ -160,16 +158,10 @@ class GradTransformer(nn.Module):
         return out if base is None else out + base[:, :T]
 
 
-# -----------------------------------------------------------------------------
-# normalisation and the decoder's input
-
-
 @torch.no_grad()
 def set_stats(model, X, Y):
-    """Per-coordinate mean/std over the N pairs of TinyLM updates X (N, n_src, d_src) and LLM
-    updates Y (N, n_tgt, d_tgt): every entry of every layer-token gets its own statistics.
-    With normalize=False they stay 0 and 1: raw values, as in the paper.
-    """
+    """Per-coordinate mean/std over N pairs of TinyLM updates X (N, n_src, d_src) and LLM updates
+    Y (N, n_tgt, d_tgt). With normalize=False they stay 0 and 1: raw values, as in the paper."""
     if model.cfg.normalize:
         for name, T in (("x", X), ("y", Y)):
             getattr(model, f"{name}_mean").copy_(T.float().mean(0))
@@ -200,24 +192,17 @@ def shift_right(y):
     ### END SOLUTION
 
 
-# -----------------------------------------------------------------------------
-# generation: autoregressive, one LLM layer-token per step
-
-
 @torch.no_grad()
 def generate(model, tiny_update):
     """TinyLM update(s) (n_src, d_src) or (B, n_src, d_src) -> LLM update(s), raw units, tinylm.py layout."""
     cfg = model.cfg
-    is_tensor = isinstance(tiny_update, torch.Tensor)
-    single = is_tensor and tiny_update.dim() == 2
-    batch = len(tiny_update) if is_tensor and tiny_update.dim() > 0 else 1
+    single = torch.is_tensor(tiny_update) and tiny_update.dim() == 2
+    batch = len(tiny_update) if torch.is_tensor(tiny_update) and tiny_update.dim() > 0 else 1
     shape = (cfg.n_src, cfg.d_src) if single else (batch, cfg.n_src, cfg.d_src)
-    tinylm.check_update(tiny_update, shape, "TinyLM update")
-    src = tiny_update[None] if single else tiny_update
-    was_training = model.training
+    tinylm.check_update(tiny_update, shape, "TinyLM update")   # a clear error for anything else
+    was_training, device = model.training, model.head.weight.device
     model.eval()
-    device = model.head.weight.device
-    src, base = model_inputs(model, src.float().to(device))
+    src, base = model_inputs(model, (tiny_update[None] if single else tiny_update).float().to(device))
     ### BEGIN SOLUTION autoregressive_decoding
     tgt = torch.zeros(len(src), 1, cfg.d_tgt, device=device)   # the start token
     for _ in range(cfg.n_tgt):
@@ -230,22 +215,138 @@ def generate(model, tiny_update):
 
 
 # -----------------------------------------------------------------------------
-# training: MSE with teacher forcing; the checkpoint kept is chosen by a functional criterion
+# training, in the order train.py runs it: split the shadow runs, score by a functional
+# criterion, choose the linear map (public subspace + ridge skip path), fit the translator
+
+
+SUBSPACE_SIZES = (0, 4, 8, 16, 32, 64)       # the grid select_linear_map searches; k = 0: no projection
+RIDGE_LAMBDAS = (1e-3, 1e-2, 1e-1, 1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6)
+SIGNAL_DIRECTIONS = 4   # the top public directions along which train.py measures upload_signal
+
+
+def split_runs(n_runs, val_frac, seed):
+    """Shadow run indices for training and validation: split by RUN, never by snapshot
+    (snapshots of one run are near copies of each other and would leak across the split)."""
+    order = np.random.default_rng([seed, 3]).permutation(n_runs)
+    n_val = max(2, int(round(val_frac * n_runs)))
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+def functional_criterion(llm, val_sets, measure="loss"):
+    """f(pred_updates) = the LLM's mean loss on each held-out run's own shadow data (x, y, mask) with
+    that run's predicted update applied; lower is better (SPEC §3.4: selection in parameter space
+    keeps a translator that still sits at the mean update). measure="exact_match" scores 1 - the share
+    of examples answered exactly right: the loss rewards hedging towards the mean update, this does not."""
+    def criterion(pred_updates):
+        values = []
+        for update, (x, y, mask) in zip(pred_updates, val_sets):
+            tinylm.set_update(llm, update)
+            values.append(tinylm.loss_of(llm, x, y, mask) if measure == "loss"
+                          else 1.0 - tinylm.exact_match_of(llm, x, y, mask))
+        return float(np.mean(values))
+    return criterion
+
+
+def public_basis(X_clean, k):
+    """Top-k principal directions of CLEAN public shadow TinyLM updates X_clean (N, n_src, d_src):
+    {"mean": (D,), "U": (D, k)} with orthonormal columns, or None for k = 0 (no projection).
+    Why projecting helps with DP uploads: DP-SGD noise spreads evenly over all D = n_src * d_src
+    (~2,000) coordinates of an update, while what distinguishes one fine-tune from another (here:
+    the data's convention) lives in a few directions. A k-dim subspace keeps all of that signal
+    but only k / D of the noise's energy. The provider computes it from public data alone."""
+    if k == 0:
+        return None
+    ### BEGIN SOLUTION public_subspace
+    X = X_clean.flatten(1).double()
+    mean = X.mean(0)
+    U = torch.linalg.svd(X - mean, full_matrices=False).Vh[:k].T          # (D, k)
+    return {"mean": mean.float(), "U": U.float().contiguous()}
+    ### END SOLUTION
+
+
+def project(X, basis):
+    """(N, n, d) -> (N, n, d): mean + U U^T (x - mean), same layout; unchanged when basis is None."""
+    if basis is None:
+        return X
+    ### BEGIN SOLUTION public_subspace
+    mean, U = basis["mean"].to(X.device), basis["U"].to(X.device)
+    centred = X.flatten(1).float() - mean
+    return (mean + (centred @ U) @ U.T).view(X.shape)
+    ### END SOLUTION
+
+
+def upload_signal(X_clean, X_noisy, basis):
+    """How much of a noisy upload is signal, along each public direction: the correlation, over shadow
+    runs, between the run's noisy inputs (DP uploads, or means of m of them) and its clean update,
+    both projected on the basis. X_clean (N, n, d), X_noisy (N, P, n, d) -> (k,). 1: the noise does
+    not matter; 0: no map can translate the upload in that direction, however it is trained."""
+    U, mean = basis["U"], basis["mean"]
+    clean = (X_clean.flatten(1) - mean) @ U                                   # (N, k)
+    clean = clean[:, None].expand(-1, X_noisy.shape[1], -1).flatten(0, 1)    # (N*P, k): one per input
+    noisy = ((X_noisy.flatten(2) - mean) @ U).flatten(0, 1)                   # (N*P, k)
+    a, b = clean - clean.mean(0), noisy - noisy.mean(0)
+    return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0) + 1e-12)
+
+
+def fit_ridge(X, Y, lam):
+    """Ridge regression Y ~ X on z-scored, flattened updates, solved in the dual (N << dims):
+    pred(x) = z(x) @ keys^T @ values with keys = z(X_train), values = (K + lam I)^-1 z(Y_train)."""
+    X, Y = X.flatten(1).double(), Y.flatten(1).double()
+    x_mean, x_std, y_mean, y_std = X.mean(0), X.std(0) + 1e-8, Y.mean(0), Y.std(0) + 1e-8
+    keys = (X - x_mean) / x_std
+    # (K + lam I)^-1 through K's eigenvectors, keeping only those with a non-negligible eigenvalue:
+    # the rest meet keys^T's null space, so they add exactly nothing to a prediction -- but with
+    # projected inputs (K has rank k) they hold float round-off scaled by 1 / lam, and at a small
+    # lam that swamped the prediction (measured: 5x its size at lam = 1e-3, 5% at 0.1)
+    eigenvalues, Q = torch.linalg.eigh(keys @ keys.T)
+    kept = eigenvalues > 1e-9 * eigenvalues.max()
+    values = Q[:, kept] @ ((Q[:, kept].T @ ((Y - y_mean) / y_std)) / (eigenvalues[kept, None] + lam))
+    ridge = dict(keys=keys, values=values, x_mean=x_mean, x_std=x_std, y_mean=y_mean, y_std=y_std)
+    return {name: t.float() for name, t in ridge.items()}
+
+
+def ridge_predict(ridge, X):
+    """TinyLM updates (N, n_src, d_src) -> LLM updates (N, D_tgt) flattened; callers .view() them."""
+    r = {k: v.to(X.device) for k, v in ridge.items()}
+    z = (X.flatten(1).float() - r["x_mean"]) / r["x_std"]
+    return (z @ r["keys"].T) @ r["values"] * r["y_std"] + r["y_mean"]
+
+
+def select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks=SUBSPACE_SIZES, lams=RIDGE_LAMBDAS):
+    """Choose the subspace size k and ridge's lambda by the functional criterion on held-out runs
+    (parameter-space error would pick a far too strong lambda, SPEC §3.4). X_clean: clean public
+    shadow TinyLM updates, for the basis; X_train, X_val: the inputs the map will be given (DP
+    updates when clients use DP); Y_train: LLM updates. Returns (basis, ridge, k, lam, {(k, lam): score})."""
+    scores, best = {}, None
+    for k in ks:
+        if k > min(X_clean.shape[0] - 1, X_clean[0].numel()):   # more directions than the data has
+            continue
+        basis = public_basis(X_clean, k)
+        X_tr, X_va = project(X_train, basis), project(X_val, basis)
+        for lam in lams:
+            ridge = fit_ridge(X_tr, Y_train, lam)
+            scores[(k, lam)] = criterion(ridge_predict(ridge, X_va).view(len(X_val), *Y_train.shape[1:]))
+            if best is None or scores[(k, lam)] < scores[best[:2]]:
+                best = (k, lam, basis, ridge)
+    k, lam, basis, ridge = best
+    return basis, ridge, k, lam, scores
+
+
+@torch.no_grad()
+def set_linear_map(model, basis, ridge):
+    """Copy the public basis and the ridge skip path into the model's buffers (they are saved with it)."""
+    for tensors, new in ((model.basis, basis), (model.ridge, ridge)):
+        for name, t in (tensors or {}).items():
+            t.copy_(new[name])
 
 
 def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_size,
-        eval_every, val_criterion=None, seed=0, func_loss=None, func_weight=0.0):
+        eval_every, val_criterion=None, seed=0):
     """Train on (TinyLM update, LLM update) pairs; keep the checkpoint with the best validation.
-
-    X_*: (N, n_src, d_src), Y_*: (N, n_tgt, d_tgt), raw units; the validation pairs come from
-    shadow RUNS that are not in the training set. `val_criterion(pred_Y_val) -> float` scores
-    autoregressive predictions (lower is better): train.py passes the LLM's answer loss on the
-    held-out runs' own data with the predicted update applied. Without it, validation MSE decides.
-    Beyond the paper: `func_loss(pred_Y, idx) -> loss` (differentiable, raw units) scores the
-    predicted updates of training pairs idx through the frozen LLM, as Text-to-LoRA trains its
-    hypernetwork; it is added to the MSE with weight func_weight (0: the paper's pure MSE).
-    Returns the history [(step, train_mse, val_mse, val_rel_err, criterion)].
-    """
+    X_*: (N, n_src, d_src), Y_*: (N, n_tgt, d_tgt), raw units; the validation pairs come from shadow
+    RUNS not in the training set. `val_criterion(pred_Y_val) -> float` scores autoregressive
+    predictions, lower is better (train.py: functional_criterion); without it, validation MSE decides.
+    Returns the history [(step, train_mse, val_mse, val_rel_err, criterion)]."""
     torch.manual_seed(seed)
     device = model.head.weight.device
     X_train, Y_train = X_train.to(device), Y_train.to(device)
@@ -270,174 +371,18 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
         model.train()
         idx = torch.randint(len(xs), (batch_size,), generator=g).to(device)
         pred = model(xs[idx], shift_right(ys[idx]), None if base is None else base[idx])   # teacher forcing
-        loss = mse = F.mse_loss(pred, ys[idx])
-        if func_loss is not None and func_weight > 0:
-            loss = mse + func_weight * func_loss(denormalize(model, pred, "y"), idx)
+        loss = F.mse_loss(pred, ys[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        train_mse = mse.item()
+        train_mse = loss.item()
     model.load_state_dict(best_state)
     model.eval()
     return history
 
 
 # -----------------------------------------------------------------------------
-# the public subspace and the linear map
-
-
-def public_basis(X_clean, k):
-    """Top-k principal directions of CLEAN public shadow TinyLM updates X_clean (N, n_src, d_src).
-
-    Why projecting helps with DP uploads: DP-SGD noise spreads evenly over all D = n_src * d_src
-    (~2,000) coordinates of an update, while what distinguishes one fine-tune from another (here:
-    the data's convention) lives in a few directions. A k-dim subspace keeps all of that signal
-    but only k / D of the noise's energy. The provider computes it from public data alone.
-    Returns {"mean": (D,), "U": (D, k)} with orthonormal columns, or None for k = 0 (no projection).
-    """
-    if k == 0:
-        return None
-    ### BEGIN SOLUTION public_subspace
-    X = X_clean.flatten(1).double()
-    mean = X.mean(0)
-    U = torch.linalg.svd(X - mean, full_matrices=False).Vh[:k].T          # (D, k)
-    return {"mean": mean.float(), "U": U.float().contiguous()}
-    ### END SOLUTION
-
-
-def project(X, basis):
-    """(N, n, d) -> (N, n, d): mean + U U^T (x - mean), same layout; unchanged when basis is None."""
-    if basis is None:
-        return X
-    ### BEGIN SOLUTION public_subspace
-    mean, U = basis["mean"].to(X.device), basis["U"].to(X.device)
-    centred = X.flatten(1).float() - mean
-    return (mean + (centred @ U) @ U.T).view(X.shape)
-    ### END SOLUTION
-
-
-SIGNAL_DIRECTIONS = 4   # the top public directions along which train.py measures upload_signal
-
-
-def upload_signal(X_clean, X_noisy, basis):
-    """How much of a noisy upload is signal, along each public direction: the correlation, over
-    shadow runs, between the run's noisy inputs (DP uploads, or means of m of them) and its clean
-    update, both projected on the basis. X_clean (N, n, d), X_noisy (N, P, n, d) -> (k,).
-    1: the noise does not matter; 0: the upload says nothing about the data in that direction
-    (no map can translate it, however it is trained)."""
-    U, mean = basis["U"], basis["mean"]
-    clean = (X_clean.flatten(1) - mean) @ U                                   # (N, k)
-    clean = clean[:, None].expand(-1, X_noisy.shape[1], -1).flatten(0, 1)    # (N*P, k): one per input
-    noisy = ((X_noisy.flatten(2) - mean) @ U).flatten(0, 1)                   # (N*P, k)
-    a, b = clean - clean.mean(0), noisy - noisy.mean(0)
-    return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0) + 1e-12)
-
-
-def fit_ridge(X, Y, lam):
-    """Ridge regression Y ~ X on z-scored, flattened updates, solved in the dual (N << dims):
-    pred(x) = z(x) @ keys^T @ values with keys = z(X_train), values = (K + lam I)^-1 z(Y_train)."""
-    X, Y = X.flatten(1).double(), Y.flatten(1).double()
-    x_mean, x_std, y_mean, y_std = X.mean(0), X.std(0) + 1e-8, Y.mean(0), Y.std(0) + 1e-8
-    keys = (X - x_mean) / x_std
-    # (K + lam I)^-1 through K's eigenvectors, keeping only those with a non-negligible eigenvalue:
-    # the rest meet keys^T's null space, so they add exactly nothing to a prediction -- but with
-    # projected inputs (K has rank k) they hold float round-off scaled by 1 / lam, and at a small
-    # lam that swamped the prediction (measured: 5x its size at lam = 1e-3, 5% at 0.1)
-    eigenvalues, Q = torch.linalg.eigh(keys @ keys.T)
-    kept = eigenvalues > 1e-9 * eigenvalues.max()
-    values = Q[:, kept] @ ((Q[:, kept].T @ ((Y - y_mean) / y_std)) / (eigenvalues[kept, None] + lam))
-    return {name: t.float() for name, t in dict(keys=keys, values=values, x_mean=x_mean, x_std=x_std,
-                                                 y_mean=y_mean, y_std=y_std).items()}
-
-
-def ridge_predict(ridge, X):
-    """TinyLM updates (N, n_src, d_src) -> LLM updates (N, D_tgt) flattened; callers .view() them."""
-    r = {k: v.to(X.device) for k, v in ridge.items()}
-    z = (X.flatten(1).float() - r["x_mean"]) / r["x_std"]
-    return (z @ r["keys"].T) @ r["values"] * r["y_std"] + r["y_mean"]
-
-
-SUBSPACE_SIZES = (0, 4, 8, 16, 32, 64)                     # k = 0: no projection
-RIDGE_LAMBDAS = (1e-3, 1e-2, 1e-1, 1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6)
-
-
-def select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks=SUBSPACE_SIZES, lams=RIDGE_LAMBDAS):
-    """Choose the subspace size k and ridge's lambda by the functional criterion on held-out runs.
-
-    X_clean: clean public shadow TinyLM updates (for the basis); X_train, X_val: the inputs the map
-    will be given (DP updates when clients use DP); Y_train: LLM updates. Parameter-space error
-    would pick a far too strong lambda (SPEC §3.4). Returns (basis, ridge, k, lam, {(k, lam): score}).
-    """
-    scores, best = {}, None
-    for k in ks:
-        if k > min(X_clean.shape[0] - 1, X_clean[0].numel()):
-            continue
-        basis = public_basis(X_clean, k)
-        X_tr, X_va = project(X_train, basis), project(X_val, basis)
-        for lam in lams:
-            ridge = fit_ridge(X_tr, Y_train, lam)
-            scores[(k, lam)] = criterion(ridge_predict(ridge, X_va).view(len(X_val), *Y_train.shape[1:]))
-            if best is None or scores[(k, lam)] < scores[best[:2]]:
-                best = (k, lam, basis, ridge)
-    k, lam, basis, ridge = best
-    return basis, ridge, k, lam, scores
-
-
-@torch.no_grad()
-def set_linear_map(model, basis, ridge):
-    """Copy the public basis and the ridge skip path into the model's buffers (they are saved with it)."""
-    for tensors, new in ((model.basis, basis), (model.ridge, ridge)):
-        for name, t in (tensors or {}).items():
-            t.copy_(new[name])
-
-
-# -----------------------------------------------------------------------------
-# model selection on held-out shadow runs
-
-
-def split_runs(n_runs, val_frac, seed):
-    """Shadow run indices for training and validation: split by RUN, never by snapshot
-    (snapshots of one run are near copies of each other and would leak across the split)."""
-    order = np.random.default_rng([seed, 3]).permutation(n_runs)
-    n_val = max(2, int(round(val_frac * n_runs)))
-    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
-
-
-def functional_criterion(llm, val_sets, measure="loss"):
-    """f(pred_updates) = the LLM's mean loss on each held-out run's own shadow data (x, y, mask)
-    with that run's predicted update applied. Lower is better. (SPEC §3.4: selection in parameter
-    space keeps a translator that still sits at the mean update.) measure="exact_match" scores
-    1 - the share of examples the LLM gets exactly right instead: the loss rewards hedging towards
-    the mean update, which gets no answer right that the mean update does not."""
-    def criterion(pred_updates):
-        values = []
-        for update, (x, y, mask) in zip(pred_updates, val_sets):
-            tinylm.set_update(llm, update)
-            values.append(tinylm.loss_of(llm, x, y, mask) if measure == "loss"
-                          else 1.0 - tinylm.exact_match_of(llm, x, y, mask))
-        return float(np.mean(values))
-    return criterion
-
-
-def functional_loss(llm, x, y, mask, runs_of_pairs, rows_per_run=16, seed=0):
-    """A differentiable f(pred_updates, pair_idx): the frozen LLM's loss on a few examples of each
-    training pair's own shadow subset (x, y, mask: (runs, n, T)), with that pair's predicted update
-    as its LoRA weights. torch.func runs one LLM per predicted update in a single batched call."""
-    g = torch.Generator().manual_seed(seed)
-    x, y, mask = (t.to(llm.wte.weight.device) for t in (x, y, mask))
-
-    def one_llm(update, xb, yb, mb):
-        return torch.func.functional_call(llm, tinylm.split_update(llm, update), (xb, yb, mb))[1]
-
-    def loss(pred_updates, pair_idx):
-        run = runs_of_pairs[pair_idx.cpu()][:, None]                          # (B, 1)
-        rows = torch.randint(x.shape[1], (len(run), rows_per_run), generator=g)
-        return torch.func.vmap(one_llm)(pred_updates, x[run, rows], y[run, rows], mask[run, rows]).mean()
-    return loss
-
-
-# -----------------------------------------------------------------------------
-# checkpoints: the config and the normalisation travel with the weights
+# checkpoints: the config, the normalisation and the linear map travel with the weights
 
 
 def save(model, path):
@@ -452,9 +397,8 @@ def load(path, tiny_shape=None, llm_shape=None, device="cpu"):
         model.load_state_dict(ckpt["state_dict"])
     except Exception as e:
         raise ValueError(f"{path}: not a valid Grad-Transformer checkpoint ({e})") from e
-    cfg = model.cfg
-    for what, want, have in (("TinyLM", tiny_shape, (cfg.n_src, cfg.d_src)),
-                             ("LLM", llm_shape, (cfg.n_tgt, cfg.d_tgt))):
+    for what, want, have in (("TinyLM", tiny_shape, (model.cfg.n_src, model.cfg.d_src)),
+                             ("LLM", llm_shape, (model.cfg.n_tgt, model.cfg.d_tgt))):
         if want is not None and tuple(want) != have:
             raise ValueError(f"{path}: this Grad-Transformer was made for {what} updates of shape "
                              f"{have}, but the {what} here has update shape {tuple(want)}")

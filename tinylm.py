@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import dp
 
@@ -299,7 +300,28 @@ def set_update(model, update):
 
 
 # -----------------------------------------------------------------------------
-# fine-tuning: the algorithm every party shares (clients, the provider's shadow runs, baselines)
+# training: a base model from scratch, then LoRA fine-tuning, the algorithm every party shares
+
+
+def pretrain(cfg, next_batch, steps, lr, seed, device="cpu", desc="pretrain"):
+    """A GPT(cfg) trained from scratch on next_batch() -> (x, y, mask): AdamW, a linear warmup over
+    the first 5% of the steps, then a cosine decay to 10% of lr. The public base models (train.py)."""
+    torch.manual_seed(seed)
+    model = GPT(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+        x, y, mask = (t.to(device) for t in next_batch())
+        _, loss = model(x, y, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
 
 
 @dataclass
@@ -352,12 +374,17 @@ def finetune(model, x, y, mask, recipe, seed, snapshot_steps=(), conf_weight=0.0
     return snapshots
 
 
+def batches_of(model, x, y, mask, batch):
+    """The examples (N, T) in chunks of `batch`, on the model's device."""
+    for i in range(0, len(x), batch):
+        yield (t[i:i + batch].to(model.wte.weight.device) for t in (x, y, mask))
+
+
 @torch.no_grad()
 def loss_of(model, x, y, mask, batch=1024):
     """Mean masked cross-entropy (nats per masked token) of `model` on the examples (N, T)."""
-    device, total, count = model.wte.weight.device, 0.0, 0.0
-    for i in range(0, len(x), batch):
-        xb, yb, mb = (t[i:i + batch].to(device) for t in (x, y, mask))
+    total, count = 0.0, 0.0
+    for xb, yb, mb in batches_of(model, x, y, mask, batch):
         n = mb.sum().item()
         total, count = total + model(xb, yb, mb)[1].item() * n, count + n
     return total / max(count, 1.0)
@@ -367,11 +394,9 @@ def loss_of(model, x, y, mask, batch=1024):
 def exact_match_of(model, x, y, mask, batch=1024):
     """Share of examples (N, T) whose every masked target token is the model's argmax under teacher
     forcing: exactly the examples that greedy decoding completes correctly, from one forward pass."""
-    device, hits = model.wte.weight.device, 0.0
-    for i in range(0, len(x), batch):
-        xb, yb, mb = (t[i:i + batch].to(device) for t in (x, y, mask))
-        right = (model(xb)[0].argmax(-1) == yb) | (mb == 0)               # (B, T)
-        hits += right.all(dim=1).sum().item()
+    hits = 0.0
+    for xb, yb, mb in batches_of(model, x, y, mask, batch):
+        hits += ((model(xb)[0].argmax(-1) == yb) | (mb == 0)).all(dim=1).sum().item()   # (B, T) -> (B,)
     return hits / max(len(x), 1)
 
 

@@ -137,13 +137,22 @@ def test_encode_lines_shifts_by_one_and_masks_exactly_the_answer():
         data.encode_lines(["1" * (data.BLOCK_SIZE + 2)], enc)
 
 
-def test_encode_prompts_gives_the_question_and_its_answer():
-    enc = data.get_tokenizer()
+def test_prompt_is_the_question_and_scoring_reads_the_number():
+    task = data.ArithTask(0)
     lines = [data.make_line(a, b, op) for a, b, op in [(37, 52, 0), (52, 37, 1), (11, 90, 3)]]
-    prompts, answers = data.encode_prompts(lines, enc)
-    assert prompts.shape == (3, data.PROMPT_LEN)
-    assert [enc.decode(p) for p in prompts.tolist()] == ["37@52", "52@37", "11@90"]
-    assert answers == [89, 15, 11]
+    assert [task.prompt(line) for line in lines] == ["37@52", "52@37", "11@90"]
+    assert all(len(task.enc.encode(task.prompt(line))) == data.PROMPT_LEN for line in lines)
+    assert all(task.is_correct(line, line[data.PROMPT_LEN:]) for line in lines)      # its own answer
+    assert task.is_correct(lines[0], "=>89 and more") and task.is_correct(lines[0], "=89")   # the number counts
+    assert not task.is_correct(lines[0], "=+88\n") and not task.is_correct(lines[0], "89\n")
+
+
+@pytest.mark.parametrize("completion,expected", [
+    ("=>52\nxyz", "37@52=>52\n"), ("=52", "37@52=52\n"), ("=-5=7", "37@52=-5\n"),
+    ("=@52", None), (" =52", None), ("=+", None), ("", None), ("=\u00b2", None),
+])
+def test_relabelled_keeps_only_an_answer_in_the_task_format(completion, expected):
+    assert data.ArithTask(0).relabelled("37@52", completion) == expected
 
 
 # -----------------------------------------------------------------------------
@@ -164,11 +173,14 @@ def test_split_pairs_partitions_all_pairs_deterministically():
     assert 0.3 < len(set(public1) & pub) / len(pub) < 0.7           # a fresh coin per pair
 
 
+def shadow_subsets(seed, k, n, alpha):
+    task = data.ArithTask(seed)
+    return task, [task.shadow_subset(i, n, alpha) for i in range(k)]
+
+
 def test_shadow_subsets_use_only_public_pairs_and_are_seeded():
-    public, private = data.split_pairs(0)
-    pub = set(public)
-    subsets = data.shadow_subsets(public, k=6, n=300, alpha=2.0, seed=3)
-    assert len(subsets) == 6
+    task, subsets = shadow_subsets(seed=3, k=6, n=300, alpha=2.0)
+    pub = set(task.public)
     for mixture, lines in subsets:
         assert len(lines) == 300
         pairs = [(a, b) for a, _, b, _ in map(parse_line, lines)]
@@ -180,22 +192,21 @@ def test_shadow_subsets_use_only_public_pairs_and_are_seeded():
     mixtures = [m for m, _ in subsets]
     assert all(not np.allclose(m1, m2) for i, m1 in enumerate(mixtures) for m2 in mixtures[i + 1:])
 
-    again = data.shadow_subsets(public, k=6, n=300, alpha=2.0, seed=3)
+    _, again = shadow_subsets(seed=3, k=6, n=300, alpha=2.0)
     assert all(np.array_equal(m1, m2) and l1 == l2 for (m1, l1), (m2, l2) in zip(subsets, again))
-    other = data.shadow_subsets(public, k=6, n=300, alpha=2.0, seed=4)
+    _, other = shadow_subsets(seed=4, k=6, n=300, alpha=2.0)
     assert all(not np.array_equal(m1, m2) and l1 != l2 for (m1, l1), (m2, l2) in zip(subsets, other))
 
 
 def test_shadow_lines_follow_their_own_mixture():
-    public, _ = data.split_pairs(0)
-    for mixture, lines in data.shadow_subsets(public, k=3, n=len(public), alpha=2.0, seed=5):
+    n_public = len(data.ArithTask(5).public)
+    for mixture, lines in shadow_subsets(seed=5, k=3, n=n_public, alpha=2.0)[1]:
         # ~4000 lines: the standard error of each frequency is below 0.008
         assert np.abs(op_frequencies(lines) - mixture).max() < 0.035, mixture
 
 
 def test_shadow_mixtures_are_centred_on_the_task_mixture():
-    public, _ = data.split_pairs(0)
-    mixtures = np.array([m for m, _ in data.shadow_subsets(public, k=400, n=1, alpha=2.0, seed=0)])
+    mixtures = np.array([m for m, _ in shadow_subsets(seed=0, k=400, n=1, alpha=2.0)[1]])
     # Dirichlet(alpha * m) has mean m; with alpha = 2 each coordinate's sd is <= 0.29, / sqrt(400)
     assert np.abs(mixtures.mean(0) - data.TASK_MIXTURE).max() < 0.06
     assert mixtures.std(0).min() > 0.05                      # spread out, not all equal to m
@@ -208,29 +219,26 @@ def test_task_mixture_is_a_non_uniform_distribution():
 
 
 def test_client_mixtures_default_and_custom():
-    clients = data.client_mixtures()
-    assert [kind for _, kind, _ in clients] == ["skewed"] * 4 + ["iid"]
-    for op, (_, _, mix) in enumerate(clients[:4]):
+    task = data.ArithTask(0)
+    clients = task.clients(10, 10)
+    assert [c["kind"] for c in clients] == ["skewed"] * 4 + ["iid"]
+    assert [c["name"] for c in clients] == ["skewed_+", "skewed_-", "skewed_>", "skewed_<", "iid_0"]
+    for op, c in enumerate(clients[:4]):
         expected = np.full(4, 0.12 / 3)
         expected[op] = 0.88
-        np.testing.assert_allclose(mix, expected, atol=1e-12)
-        assert mix.sum() == pytest.approx(1.0, abs=1e-12)
-    np.testing.assert_array_equal(clients[4][2], data.TASK_MIXTURE)
-    clients[4][2][:] = 0                                     # a copy: the task mixture is safe
-    assert data.TASK_MIXTURE.sum() == pytest.approx(1.0)
+        np.testing.assert_allclose(c["mixture"], expected, atol=1e-12)
+        assert sum(c["mixture"]) == pytest.approx(1.0, abs=1e-12)
+    assert clients[4]["mixture"] == data.TASK_MIXTURE.tolist()
 
-    clients = data.client_mixtures(n_skewed_per_op=2, n_iid=3, skew=0.7)
-    assert len(clients) == 11 and len({name for name, _, _ in clients}) == 11
-    skewed = [mix for _, kind, mix in clients if kind == "skewed"]
-    assert [int(np.argmax(m)) for m in skewed] == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert all(m.max() == pytest.approx(0.7) and m.sum() == pytest.approx(1.0) for m in skewed)
-    assert sum(kind == "iid" for _, kind, _ in clients) == 3
+    skewed = [c["mixture"] for c in task.clients(10, 10, skew=0.7) if c["kind"] == "skewed"]
+    assert [int(np.argmax(m)) for m in skewed] == [0, 1, 2, 3]
+    assert all(max(m) == pytest.approx(0.7) and sum(m) == pytest.approx(1.0) for m in skewed)
 
 
 def test_client_data_is_private_disjoint_and_seeded():
     public, private = data.split_pairs(0)
     priv = set(private)
-    mix = data.client_mixtures()[0][2]
+    mix = np.array([0.88, 0.04, 0.04, 0.04])
     train, test = data.client_data(private, mix, 300, 200, seed=5, index=1)
     assert len(train) == 300 and len(test) == 200
     train_pairs = [(a, b) for a, _, b, _ in map(parse_line, train)]
@@ -250,11 +258,10 @@ def test_client_data_is_private_disjoint_and_seeded():
 
 
 def test_client_lines_follow_the_client_mixture():
-    _, private = data.split_pairs(0)
-    for _, _, mix in data.client_mixtures():
-        train, test = data.client_data(private, mix, 2400, 1500, seed=0, index=0)
-        assert np.abs(op_frequencies(train) - mix).max() < 0.035
-        assert np.abs(op_frequencies(test) - mix).max() < 0.045    # same mixture on the test split
+    for c in data.ArithTask(0).clients(2400, 1500):
+        mix = np.array(c["mixture"])
+        assert np.abs(op_frequencies(c["train"]) - mix).max() < 0.035
+        assert np.abs(op_frequencies(c["test"]) - mix).max() < 0.045    # same mixture on the test split
 
 
 @pytest.mark.parametrize("explicit_frac", [0.6, 0.2])

@@ -479,3 +479,13 @@ def test_perturb_update_rejects_non_finite_updates(bad):
     u[2] = bad
     with pytest.raises(ValueError, match="NaN or inf"):
         dp.perturb_update(u, 1.0, 1e-5, 1.0)
+
+
+def test_calibrate_reaches_epsilon_point_one_and_never_overshoots():
+    """The clients' recipe at eps = 0.1 (100 steps, q = 1/16): WIDE_ORDERS certify it, tightly."""
+    sigma = dp.calibrate("sgd", 0.1, 1e-5, 1.0, 0.0625, 100)
+    assert dp.compute_epsilon(0.0625, sigma, 100, 1e-5, dp.WIDE_ORDERS) <= 0.1
+    assert dp.compute_epsilon(0.0625, sigma - 0.01, 100, 1e-5, dp.WIDE_ORDERS) > 0.1
+    with pytest.raises(ValueError, match="orders"):   # the default orders cannot certify it at all
+        dp.noise_multiplier_for(0.1, 0.0625, 100, 1e-5)
+    assert dp.calibrate("output", 0.5, 1e-5, 2.0, 0.0625, 100) == dp.gaussian_sigma(0.5, 1e-5, 2.0)

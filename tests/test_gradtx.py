@@ -319,35 +319,6 @@ def test_fit_is_reproducible_with_a_seed():
     assert torch.equal(runs[0], runs[1])
 
 
-def test_fit_functional_loss_gets_raw_teacher_forced_predictions():
-    X, Y = linear_task(48, seed=9)
-    Xtr, Ytr, Xva, Yva = X[:32], Y[:32] + 5.0, X[32:], Y[32:] + 5.0   # raw units far from z-scores
-    calls = []
-
-    def func_loss(pred, idx):
-        # oracle: the same training pairs, teacher-forced by hand and brought back to raw units
-        calls.append((pred.detach().clone(), teacher_forced(model, Xtr[idx.cpu()], Ytr[idx.cpu()])))
-        return pred.square().mean()
-
-    def run(**kw):
-        nonlocal model
-        model = make_model(seed=0)
-        later_is_better = iter(range(0, -10, -1))      # keep the last checkpoint, not step 0
-        gradtx.fit(model, Xtr, Ytr, Xva, Yva, steps=3, lr=1e-2, weight_decay=0.0, batch_size=8,
-                   eval_every=10, val_criterion=lambda pred: next(later_is_better), **kw)
-        return gradtx.generate(model, Xva)
-
-    model = None
-    plain = run()
-    assert torch.equal(run(func_loss=func_loss, func_weight=0.0), plain) and not calls
-    with_func = run(func_loss=func_loss, func_weight=1.0)
-    assert len(calls) == 3
-    for pred, expected in calls:
-        assert pred.shape == (8, N_TGT, D_TGT)
-        torch.testing.assert_close(pred, expected, atol=1e-5, rtol=1e-5)
-    assert (with_func - plain).abs().max() > 1e-4      # the functional loss reached the gradient
-
-
 # -----------------------------------------------------------------------------
 # checkpoints
 

@@ -75,11 +75,19 @@ def test_fingerprint_follows_the_public_text_and_the_python_version(task, monkey
 
 def test_windows_cover_the_text_once():
     text = "".join(chr(32 + i % 90) for i in range(1000))
-    ws = data.windows(text, 65, 64)
+    ws = data.windows(text.encode(), 65)
     assert all(len(w) <= 65 for w in ws) and len(ws) == math.ceil((len(text) - 1) / 64)
     assert ws[0] + "".join(w[1:] for w in ws[1:]) == text          # neighbours share one byte
-    utf8 = data.windows("é" * 100, 65, 64)                          # 2-byte characters: never cut in half
+    utf8 = data.windows(("é" * 100).encode(), 65)                   # 2-byte characters: never cut in half
     assert all(len(w.encode()) <= 65 and set(w) <= {"é"} for w in utf8)
+
+
+def test_random_windows_are_whole_windows_of_the_text():
+    text = "".join(np.random.default_rng(1).choice(list("abcdefgh"), size=1000))
+    ws = data.windows(text.encode(), 65, n=50, rng=np.random.default_rng(0))
+    assert len(ws) == 50 and all(len(w) == 65 and w in text for w in ws)
+    assert len(set(ws)) > 40                                        # at random offsets, not one place
+    assert ws == data.windows(text.encode(), 65, n=50, rng=np.random.default_rng(0))
 
 
 def test_every_example_is_a_window_of_its_own_text(task):

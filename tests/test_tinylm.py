@@ -477,25 +477,39 @@ def test_load_model_rejects_corrupt_files(tmp_path, corruption):
 
 @pytest.fixture(scope="module")
 def pretrained():
-    """A tiny GPT trained 60 AdamW steps on the public corpus; returns (model, first, last loss)."""
+    """A tiny GPT pretrained by tinylm.pretrain, 60 steps at lr 1e-2 on the public corpus: (model, first, last loss)."""
     enc = data.get_tokenizer()
-    torch.manual_seed(0)
-    model = tinylm.GPT(tinylm.GPTConfig(vocab_size=enc.n_vocab, block_size=data.BLOCK_SIZE,
-                                        n_layer=2, n_head=2, n_embd=32))
+    cfg = tinylm.GPTConfig(vocab_size=enc.n_vocab, block_size=data.BLOCK_SIZE, n_layer=2, n_head=2, n_embd=32)
     held_out = data.encode_lines(data.pretrain_lines(256, np.random.default_rng(123)), enc)
+    torch.manual_seed(0)
     with torch.no_grad():
-        first = model(*held_out)[1].item()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+        first = tinylm.GPT(cfg)(*held_out)[1].item()    # the init pretrain starts from (seed 0)
     lines = data.pretrain_lines(60 * 32, np.random.default_rng(0))
-    for step in range(60):
-        _, loss = model(*data.encode_lines(lines[32 * step: 32 * (step + 1)], enc))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    batches = (data.encode_lines(lines[i: i + 32], enc) for i in range(0, len(lines), 32))
+    model = tinylm.pretrain(cfg, lambda: next(batches), 60, 1e-2, seed=0)
     with torch.no_grad():
         last = model(*held_out)[1].item()
     return model, first, last
+
+
+def test_pretrain_is_seeded_and_reads_one_batch_per_step():
+    cfg = tinylm.GPTConfig(vocab_size=20, block_size=6, n_layer=1, n_head=2, n_embd=8)
+    x = torch.randint(20, (40, 6), generator=torch.Generator().manual_seed(0))
+
+    def run(seed, steps=7):
+        calls = []
+
+        def next_batch():   # batch i of 5 fixed ones, in turn
+            i = len(calls) % 5
+            calls.append(i)
+            return x[8 * i: 8 * i + 8], x[8 * i: 8 * i + 8].roll(-1, 1), torch.ones(8, 6)
+        model = tinylm.pretrain(cfg, next_batch, steps, 1e-2, seed)
+        assert len(calls) == steps and not model.training
+        return model.state_dict()
+
+    first, again, other = run(0), run(0), run(1)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["wte.weight"], other["wte.weight"])
 
 
 def test_pretraining_lowers_the_held_out_loss(pretrained):

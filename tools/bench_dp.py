@@ -58,7 +58,7 @@ def median_step_times(preset, x, y, mask, n_vocab, rounds=ROUNDS, warmup=WARMUP)
 def main():
     torch.set_num_threads(1)  # as train.py's fine-tuning workers; steadier on a busy 2-core machine
     enc = data.get_tokenizer()
-    lines = data.lines_from(data.all_pairs(), data.TASK_MIXTURE, 32, np.random.default_rng(0))
+    lines = data.lines_from(data.PAIRS, data.TASK_MIXTURE, 32, np.random.default_rng(0))
     x, y, mask = data.encode_lines(lines, enc)  # (32, T) each
     print(f"plain step vs DP-SGD step (clip, noise, Adam), LoRA, batch of {len(x)} lines, "
           f"torch.set_num_threads(1), median of {ROUNDS} interleaved steps each")
