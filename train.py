@@ -282,15 +282,15 @@ def fit_stage(cfg, task, tiny, llm, shadow, path, m):
     """The linear map (public subspace k and ridge lambda, chosen by the functional criterion) and
     the Grad-Transformer on top of it, for inputs that average m uploads."""
     if os.path.exists(path):
-        return gradtx.load(path, tinylm.update_shape(tiny.cfg, cfg.lora_rank),
-                           tinylm.update_shape(llm.cfg, cfg.lora_rank), llm.wte.weight.device), load_stage(path + ".log")
+        shapes = [tinylm.update_shape(model.cfg, cfg.lora_rank) for model in (tiny, llm)]
+        return gradtx.load(path, *shapes, llm.wte.weight.device), load_stage(path + ".log")
     t0 = time.time()
     train_runs, val_runs = gradtx.split_runs(cfg.n_shadow, cfg.val_frac, cfg.seed)
     X, Y = translator_inputs(cfg, shadow, train_runs, m)
     X_train, Y_train = X.flatten(0, 1), Y.flatten(0, 1)
     X_val, Y_val = (t[:, -1] for t in translator_inputs(cfg, shadow, val_runs, m))   # one input per run
-    criterion = gradtx.functional_criterion(llm, [task.encode(task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha)[1]
-                                                              [:cfg.val_examples]) for k in val_runs], cfg.gt_select)
+    val_data = [task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha)[1][:cfg.val_examples] for k in val_runs]
+    criterion = gradtx.functional_criterion(llm, [task.encode(examples) for examples in val_data], cfg.gt_select)
     X_clean = shadow["X"][train_runs].flatten(0, 1)   # the public subspace: clean public updates only
     ks = gradtx.SUBSPACE_SIZES if cfg.gt_project else (0,)
     basis, ridge, k, lam, scores = gradtx.select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks)

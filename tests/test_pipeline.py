@@ -104,7 +104,7 @@ def test_shadow_dp_runs_use_exactly_the_clients_recipe(tmp_path, monkeypatch):
     train.client_run(task.clients(cfg.n_train, cfg.n_test)[0])     # the floor, then the upload
     shadow_recipe, client_floor, client_recipe = seen
     assert shadow_recipe == client_recipe == train.recipe(cfg, private=True)
-    assert shadow_recipe.dp_sigma == dp.noise_multiplier_for(2.0, cfg.dp_sample_rate, cfg.ft_steps, 1e-5, dp.WIDE_ORDERS)
+    assert shadow_recipe.dp_sigma == dp.calibrate("sgd", 2.0, 1e-5, cfg.dp_clip, cfg.dp_sample_rate, cfg.ft_steps)
     assert client_floor.dp_sigma == 0.0                          # the PGR floor is the non-private TinyLM
 
 
