@@ -301,6 +301,7 @@ def fit_stage(cfg, task, tiny, llm, shadow, path, m):
     gcfg = gradtx.GTConfig(*X_train.shape[1:], *Y_train.shape[1:], d_model=cfg.gt_d_model,
                            n_layer=cfg.gt_layers, n_head=cfg.gt_heads, dropout=cfg.gt_dropout,
                            normalize=cfg.gt_normalize, n_basis=k, n_skip=len(X_train) if cfg.gt_skip else 0)
+    torch.manual_seed(cfg.seed)   # the translator's init: seeded here, not by whatever ran before in this process
     model = gradtx.GradTransformer(gcfg).to(llm.wte.weight.device)
     gradtx.set_linear_map(model, basis, ridge if cfg.gt_skip else None)
     history = gradtx.fit(model, X_train, Y_train, X_val, Y_val, cfg.gt_steps, cfg.gt_lr, cfg.gt_weight_decay,

@@ -120,6 +120,23 @@ def test_pooled_upload_is_the_elementwise_mean():
     assert [m for m, _ in seen] == [1, 2, 1, 4, 1, 5, 1]       # each level's own map, then the single map
 
 
+def test_fit_stage_does_not_depend_on_what_ran_before_in_the_process(tmp_path):
+    """torch seeds its global generator differently in every process, and a run from a cache skips
+    the pretraining that used to seed it: the fit stage must seed the translator's init itself, or
+    a cached run and a fresh one fit different translators (found: the DP sweep did not reproduce)."""
+    cfg = train.parse_args(TINY_RUN + [f"--out={tmp_path}"])
+    task = data.make_task("arith", cfg.seed)
+    paths = train.stage_paths(cfg, task)
+    tiny, llm = train.base_models(cfg, task, paths, "cpu")
+    shadow = train.shadow_stages(cfg, task, tiny, llm, paths, "cpu")
+    states = []
+    for history in (1, 2):
+        torch.manual_seed(history)   # two different histories of the global generator
+        model, _ = train.fit_stage(cfg, task, tiny, llm, shadow, str(tmp_path / f"fit{history}.pt"), 1)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 def test_interrupted_stage_resumes_to_the_same_pairs(tmp_path, monkeypatch):
     cfg = train.parse_args(TINY_RUN + [f"--out={tmp_path}", "--n_shadow=9"])
     task = data.make_task("arith", cfg.seed)
