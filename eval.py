@@ -210,7 +210,9 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
         "clients": results, "summary": summary, "privacy": privacy,
         "translators": {m: {**{k: log[k] for k in ("k", "ridge_lambda", "ridge_loss", "best_step", "val_loss",
                                                     "mean_shadow_loss", "true_update_loss")},
-                            "upload_signal": log.get("upload_signal")}   # absent from fit logs made before it
+                            "upload_signal": log.get("upload_signal"),   # absent from fit logs made before it
+                            "history": [dict(zip(("step", "train_mse", "val_mse", "val_rel_err", "criterion"), h))
+                                        for h in log["history"]]}   # the fit curve (tools/plots.py)
                         for m, (_, log) in translators.items()},
         "timing_s": timing,
     }
