@@ -1,0 +1,96 @@
+"""The documentation speaks of the project alone: no pointers to documents outside the repository
+(a spec's sections, issue numbers, notes of how it was built), and every relative link in
+README.md, RESULTS.md and EXERCISES.md leads to a file, and a heading, that exists."""
+import os
+import re
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = ["README.md", "RESULTS.md", "EXERCISES.md"]
+OUTSIDE = re.compile(r"\bSPEC\b|§\s?\d|\b[Ii]ssues? #?\d+|\b[Ss]essions?\b|DEVELOPERS\.md|STYLE\.md")
+
+
+def python_files(root):
+    """Every tracked *.py file (every *.py file outside git, e.g. in a student copy), relative to root."""
+    try:
+        done = subprocess.run(["git", "ls-files", "*.py"], cwd=root, capture_output=True, text=True, timeout=30)
+        if done.returncode == 0 and done.stdout.strip():
+            return done.stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "out", "__"))]   # git, caches, runs
+        found += [os.path.relpath(os.path.join(folder, f), root).replace(os.sep, "/") for f in files if f.endswith(".py")]
+    return sorted(found)
+
+
+def outside_references(paths, root=ROOT, comments_only=()):
+    """'file:line: text' for each line that points outside the repository; for the files in
+    comments_only (test code, where pytest's own words may match) only what follows a '#'."""
+    found = []
+    for path in paths:
+        with open(os.path.join(root, path), encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                text = line.partition("#")[2] if path in comments_only else line
+                if OUTSIDE.search(text):
+                    found.append(f"{path}:{number}: {line.strip()}")
+    return found
+
+
+def test_the_docs_and_the_code_speak_of_the_project_alone():
+    code = [p for p in python_files(ROOT) if p != "tests/test_docs.py"]   # (this file names the patterns)
+    tests = [p for p in code if p.startswith("tests/")]
+    found = outside_references([d for d in DOCS if os.path.exists(os.path.join(ROOT, d))] + code,
+                               comments_only=tests)
+    assert not found, "references to documents outside the repository:\n" + "\n".join(found)
+
+
+def test_the_checker_finds_a_spec_section_and_an_issue_number(tmp_path):
+    (tmp_path / "notes.md").write_text("A clean line.\nAs SPEC §3 asks.\nFixes issue 12.\n")
+    (tmp_path / "test_x.py").write_text('scope = "session"  # pytest words in code pass\n# see Issue #4\n')
+    assert outside_references(["notes.md", "test_x.py"], tmp_path, comments_only=["test_x.py"]) == [
+        "notes.md:2: As SPEC §3 asks.", "notes.md:3: Fixes issue 12.", "test_x.py:2: # see Issue #4"]
+
+
+# -----------------------------------------------------------------------------
+# relative links
+
+
+def anchors(path):
+    """The anchors GitHub gives a markdown file's headings (lower case, punctuation dropped, spaces
+    to hyphens; a repeated heading gets -1, -2, ...), skipping fenced code."""
+    seen, fenced = {}, False
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("```"):
+                fenced = not fenced
+            elif not fenced and (m := re.match(r"#{1,6} (.+)", line)):
+                slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+                seen[slug] = seen.get(slug, -1) + 1
+                yield slug if seen[slug] == 0 else f"{slug}-{seen[slug]}"
+
+
+def broken_links(doc, root=ROOT):
+    broken = []
+    with open(os.path.join(root, doc), encoding="utf-8") as f:
+        text = re.sub(r"```.*?```", "", f.read(), flags=re.S)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):       # http:, https:, mailto: are not ours to check
+            continue
+        file, _, anchor = target.partition("#")
+        path = os.path.join(root, os.path.dirname(doc), file or doc)
+        if not os.path.exists(path) or (anchor and anchor not in set(anchors(path))):
+            broken.append(f"{doc}: ({target})")
+    return broken
+
+
+def test_every_relative_link_in_the_docs_leads_somewhere():
+    assert [link for doc in DOCS for link in broken_links(doc)] == []
+
+
+def test_the_link_checker_finds_a_missing_file_and_a_missing_heading(tmp_path):
+    (tmp_path / "A.md").write_text("# Top: the start\n```\n# not a heading\n```\n"
+                                   "[ok](#top-the-start) [ok](A.md#top-the-start) [web](https://x.org/#y)\n"
+                                   "[gone](B.md) [no heading](#not-a-heading)\n")
+    assert broken_links("A.md", tmp_path) == ["A.md: (B.md)", "A.md: (#not-a-heading)"]
