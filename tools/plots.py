@@ -56,6 +56,18 @@ def eps_label(eps):
     return "no DP" if eps is None else f"ε = {eps:g}"
 
 
+def log_x(ax, ticks=None, base=10):
+    """A log x axis with plain numbers (1, 8, 100) instead of powers, at `ticks` if given."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    ax.set_xscale("log", base=base)
+    if ticks:
+        ax.set_xticks(sorted(set(ticks)))
+    else:
+        ax.xaxis.set_major_locator(LogLocator(base=base, subs=(1, 2, 5)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 # -----------------------------------------------------------------------------
 # one figure each
 
@@ -79,7 +91,7 @@ def plot_fit(plt, results, title):
 
 def plot_dp(plt, runs):
     """Skewed clients' gain recovered (of means) vs epsilon, a panel per mechanism; no DP dashed."""
-    mechanisms = sorted({r["privacy"]["mechanism"] for r in runs.values() if r["privacy"]["epsilon"]})
+    mechanisms = sorted({r["privacy"]["mechanism"] for r in runs.values() if r["privacy"]["epsilon"]}, reverse=True)
     fig, axes = plt.subplots(1, len(mechanisms), figsize=(SIZE[0] * 1.5, SIZE[1]), sharey=True, squeeze=False)
     no_dp = [r for r in runs.values() if r["privacy"]["epsilon"] is None]
     for ax, mech in zip(axes[0], mechanisms):
@@ -92,8 +104,8 @@ def plot_dp(plt, runs):
                 ax.plot(*zip(*points), "o-", color=COLORS[method], label=method)
             if no_dp and skewed(no_dp[0])["gain_of_means"].get(method) is not None:
                 ax.axhline(skewed(no_dp[0])["gain_of_means"][method], color=COLORS[method], ls="--", lw=0.8)
-        ax.set_xscale("log")
-        ax.set(xlabel="ε (δ = 1e-5)", title=f"DP mechanism: {mech}")
+        log_x(ax, [r["privacy"]["epsilon"] for r in rows])
+        ax.set(xlabel="ε (δ = 1e-5)", title={"sgd": "DP-SGD", "output": "output perturbation"}.get(mech, mech))
     axes[0][0].set_ylabel("gain recovered, skewed clients\n(dashed: no DP)")
     axes[0][0].legend(fontsize=7)
     return fig
@@ -104,15 +116,17 @@ def plot_pooling(plt, runs):
     kinds = sorted({k for r in runs.values() for k, s in r["summary"]["by_kind"].items() if "pooling_gain_of_means" in s})
     fig, axes = plt.subplots(1, len(kinds), figsize=(SIZE[0] * 1.5, SIZE[1]), sharey=True, squeeze=False)
     for ax, kind in zip(axes[0], kinds):
+        sizes = []
         for r in sorted(runs.values(), key=lambda r: r["privacy"]["epsilon"] or 0):
             curve = r["summary"]["by_kind"][kind].get("pooling_gain_of_means", {})
             style = "-" if r["privacy"]["epsilon"] is None else "--"
             for variant in ("gradtx", "ridge", "gradtx_single_map"):
                 points = [(int(m), p[variant]) for m, p in curve.items() if p.get(variant) is not None]
+                sizes += [m for m, _ in points]
                 if points:
                     ax.plot(*zip(*sorted(points)), "o" + style, color=COLORS[variant],
                             label=f"{variant}, {eps_label(r['privacy']['epsilon'])}")
-        ax.set_xscale("log", base=2)
+        log_x(ax, sizes, base=2)
         ax.set(xlabel="pooled uploads m", title=f"{kind} clients")
     axes[0][0].set_ylabel("gain recovered (of means)")
     axes[0][0].legend(fontsize=7)
@@ -134,7 +148,7 @@ def plot_frontier(plt, frontier):
                 ax.plot([p[0] for p in chosen], [p[1] for p in chosen], marker, color=COLORS[method],
                         mfc="none" if pooled else COLORS[method], ls="none")
     ax.axhline(0.5, color="black", ls=":", lw=0.8)
-    ax.set_xscale("log")
+    log_x(ax)
     ax.set(xlabel="N·ε·√m  (examples per client x epsilon x sqrt(pooled uploads))",
            ylabel="gain recovered, skewed clients", title="the privacy frontier (squares: pooled, m > 1)")
     ax.legend(fontsize=7)
@@ -144,7 +158,7 @@ def plot_frontier(plt, frontier):
 def plot_shadow_count(plt, data):
     """Gain vs the number K of shadow subsets, one panel per privacy level."""
     levels = sorted({r["epsilon"] for r in data["rows"]}, key=lambda e: -math.inf if e is None else -e)
-    fig, axes = plt.subplots(1, len(levels), figsize=(min(SIZE[0] * len(levels), 12), SIZE[1]), sharey=True,
+    fig, axes = plt.subplots(1, len(levels), figsize=(min(4.5 * len(levels), 12), SIZE[1]), sharey=True,
                              squeeze=False)
     for ax, eps in zip(axes[0], levels):
         rows = [r for r in data["rows"] if r["epsilon"] == eps]
