@@ -4,7 +4,7 @@ tools/plots.py -- the figures: PNG files drawn from the JSON files that finished
     python tools/plots.py --out=out                          # a run's figures, into out/figures/
     python tools/plots.py --out=out_dp --figures=figures     # an experiment's, into figures/
 
-It draws whatever it finds in --out (RESULTS.md says what each shows):
+It draws whatever it finds in --out:
   results.json        fit.png: the translator's training curve, the functional criterion on held-out
                       shadow runs vs step, against its linear map (ridge), the mean shadow update and
                       the true update. An experiment's runs (subfolders) each get fit_<run>.png.
