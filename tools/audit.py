@@ -94,24 +94,23 @@ def canary_finetune(model, x, y, mask, recipe, seed, expected_batch, directions=
     recipe.dp_sigma, 0 allowed) on the records (N, T) and the gradient canaries `directions` (n, D):
     each joins a step with probability q, gradient 2C * u (clipped to C * u). Returns the final update."""
     q, C = recipe.dp_sample_rate, recipe.dp_clip
-    tinylm.set_update(model, torch.zeros(tinylm.update_shape(model.cfg, model.lora[0])))
+    shape = tinylm.update_shape(model.cfg, model.lora[0])
+    tinylm.set_update(model, torch.zeros(shape))
     opt = torch.optim.Adam(tinylm.lora_parameters(model), lr=recipe.lr)
     g = torch.Generator().manual_seed(seed)
-    shape = tinylm.update_shape(model.cfg, model.lora[0])
+    per_sample, canary_grads = dp.per_sample_grads_one_pass, None
+    if directions is not None:   # every canary's gradient in the LoRA parameters' shapes: {name: (n, *shape)}
+        parts = [tinylm.split_update(model, (2 * C * u).view(shape)) for u in directions]
+        canary_grads = {name: torch.stack([p[name] for p in parts]) for name in parts[0]} if parts else None
     model.train()
     for _ in range(recipe.steps):
         idx = dp.poisson_sample(len(x), q, g)
-        rows = {}
-        if directions is not None:
-            sampled = directions[dp.poisson_sample(len(directions), q, g)]           # (B_c, D)
-            # {name: (B_c, *param.shape)}: each canary's gradient in the LoRA parameters' shapes
-            parts = [tinylm.split_update(model, (2 * C * u).view(shape)) for u in sampled]
-            rows = {n: torch.stack([p[n] for p in parts]) if parts else None for n in
-                    tinylm.split_update(model, torch.zeros(shape))}
+        if canary_grads is not None:
+            sampled = dp.poisson_sample(len(directions), q, g)
 
-        def per_sample(model, xb, yb, mb):   # the records' gradients, then the canaries' rows
-            grads = dp.per_sample_grads_one_pass(model, xb, yb, mb)
-            return {n: torch.cat([g_n, rows[n]]) if rows.get(n) is not None else g_n for n, g_n in grads.items()}
+            def per_sample(model, xb, yb, mb):   # the records' gradients (B, ...), then the sampled canaries'
+                grads = dp.per_sample_grads_one_pass(model, xb, yb, mb)
+                return {name: torch.cat([g_n, canary_grads[name][sampled]]) for name, g_n in grads.items()}
 
         dp.dp_sgd_step(model, opt, x[idx], y[idx], mask[idx], C, recipe.dp_sigma, expected_batch, g, per_sample)
     model.eval()
