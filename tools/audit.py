@@ -1,0 +1,315 @@
+"""
+tools/audit.py -- an empirical privacy audit of the client's upload, from ONE fine-tune per setting,
+after Steinke, Nasr and Jagielski 2023, "Privacy Auditing with One (1) Training Run"; and what DP
+does not hide: the client's convention.
+
+    python tools/audit.py --out=out_audit --cache=out    # the default preset, its cached TinyLM pretraining
+    python tools/audit.py --help
+
+The auditor plants m canaries, each in the client's training independently with probability 1/2, and
+sees only what the provider sees: the uploaded update vector, the public base TinyLM and the recipe.
+It scores every canary, guesses "in" for the highest scores and "out" for the lowest, and turns the
+number of right guesses into a 95% lower bound on epsilon (dp.one_run_audit). Two kinds of canary:
+
+  gradient (white-box)  a fixed random unit direction u in the update-vector space (orthonormal
+                        across canaries). An included canary joins each step's batch like a record
+                        (Poisson, rate q) with gradient 2C*u, which per-example clipping makes C*u.
+                        Score: -<upload, u> (descent moves against the gradient).
+  input (black-box)     a record '37@52=>142' with a random, unlearnable result on an operand pair
+                        no one else uses. Score: how much more likely the TinyLM rebuilt from the
+                        upload makes its answer than the base TinyLM does (log-likelihood difference).
+
+Settings: no DP, DP-SGD at each epsilon, output perturbation (dp.perturb_update) at eps 8. Without
+DP-SGD a gradient canary can only enter through a per-example-clipped step, so "no DP" and the clean
+run under output perturbation train those with clipped, Poisson-sampled, noise-free steps; input
+canaries there ride the ordinary recipe (tinylm.finetune). Every DP-SGD step here divides by the
+fixed q * (n_train + m/2), never by a count that depends on who is in.
+
+It lives in tools/ because it needs train.py (the config, the cache, the DP recipe) and dp.py.
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+import data
+import dp
+import tinylm
+import train
+from config.presets import PRESETS
+
+
+@dataclass
+class AuditConfig:
+    out: str = "out_audit"            # audit.json and convention.json go here
+    cache: str = ""                   # where train.py cached the pretrained TinyLM ("" = --out)
+    preset: str = "cpu"               # train.py's preset: model sizes and the recipe
+    seed: int = 0
+    canaries: int = 1000              # m
+    ks: str = "10,20,50,100,200,500"  # k guesses "in" and k "out"; the best k pays a union bound
+    confidence: float = 0.95
+    audit_delta: float = 1e-5         # the delta of the (eps, delta) the audit tries to refute
+    epsilons: str = "0,8,1,0.3"       # DP-SGD settings audited (0 = no DP)
+    output_epsilons: str = "8"        # output-perturbation settings audited
+    leak_clients: int = 10            # uploads per operator in the convention measurement
+    leak_epsilons: str = "0,1,0.3"
+    leak_prompts: int = 256           # '@' prompts the convention guess reads
+    threads: int = 1                  # torch threads (these matrices are small)
+
+
+def parse_args(argv):
+    """--key=value over AuditConfig's fields; --help lists them."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__ + "\noptions:")
+        for f in fields(AuditConfig):
+            print(f"  --{f.name}={getattr(AuditConfig(), f.name)}  ({f.type.__name__})")
+        sys.exit(0)
+    cfg, types = AuditConfig(), {f.name: f.type for f in fields(AuditConfig)}
+    for a in argv:
+        key, _, value = a.removeprefix("--").partition("=")
+        if not a.startswith("--") or key not in types or not a.count("="):
+            raise SystemExit(f"bad argument {a!r}: expected --key=value with key one of {', '.join(types)}")
+        cfg = replace(cfg, **{key: types[key](value)})
+    return cfg
+
+
+def floats(text):
+    return [float(t) for t in text.split(",") if t.strip()]
+
+
+# -----------------------------------------------------------------------------
+# training with canaries: tinylm.finetune's DP-SGD branch, plus gradient canaries in each batch
+
+
+def canary_finetune(model, x, y, mask, recipe, seed, expected_batch, directions=None):
+    """Fine-tune the LoRA of `model` from zero with Poisson-sampled, per-example-clipped steps (noise
+    recipe.dp_sigma, 0 allowed) on the records (N, T) and the gradient canaries `directions` (n, D):
+    each joins a step with probability q, gradient 2C * u (clipped to C * u). Returns the final update."""
+    q, C = recipe.dp_sample_rate, recipe.dp_clip
+    shape = tinylm.update_shape(model.cfg, model.lora[0])
+    tinylm.set_update(model, torch.zeros(shape))
+    opt = torch.optim.Adam(tinylm.lora_parameters(model), lr=recipe.lr)
+    g = torch.Generator().manual_seed(seed)
+    per_sample, canary_grads = dp.per_sample_grads_one_pass, None
+    if directions is not None:   # every canary's gradient in the LoRA parameters' shapes: {name: (n, *shape)}
+        parts = [tinylm.split_update(model, (2 * C * u).view(shape)) for u in directions]
+        canary_grads = {name: torch.stack([p[name] for p in parts]) for name in parts[0]} if parts else None
+    model.train()
+    for _ in range(recipe.steps):
+        idx = dp.poisson_sample(len(x), q, g)
+        if canary_grads is not None:
+            sampled = dp.poisson_sample(len(directions), q, g)
+
+            def per_sample(model, xb, yb, mb):   # the records' gradients (B, ...), then the sampled canaries'
+                grads = dp.per_sample_grads_one_pass(model, xb, yb, mb)
+                return {name: torch.cat([g_n, canary_grads[name][sampled]]) for name, g_n in grads.items()}
+
+        dp.dp_sgd_step(model, opt, x[idx], y[idx], mask[idx], C, recipe.dp_sigma, expected_batch, g, per_sample)
+    model.eval()
+    return tinylm.get_update(model)
+
+
+def random_directions(m, shape, seed):
+    """m orthonormal directions (m, D) of the update-vector space (QR of a Gaussian matrix), m <= D."""
+    D = math.prod(shape)
+    if m > D:
+        raise ValueError(f"canaries={m} gradient canaries need m <= D = {D} for orthonormal directions")
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(D, m, generator=g))                           # (D, m)
+    return Q.T.contiguous()
+
+
+def input_canaries(task, client_train, m, rng):
+    """m lines 'a@b=<op><r>' on distinct private operand pairs the client's data does not use, with
+    a random operator and a result r in [0, 198] that none of the four operators gives."""
+    used = {tuple(int(t) for t in line[:data.PROMPT_LEN].split("@")) for line in client_train}
+    free = [p for p in task.private if p not in used]
+    lines = []
+    for i in rng.permutation(len(free))[:m]:
+        a, b = free[i]
+        right = {f(a, b) for f in data.OP_FUNCS}
+        result = int(rng.choice([r for r in range(199) if r not in right]))
+        lines.append(f"{a}@{b}={data.OPS[rng.integers(4)]}{result}\n")
+    return lines
+
+
+@torch.no_grad()
+def answer_log_likelihood(model, x, y, mask):
+    """(N,) log-likelihood of each line's answer (the tokens after '=': operator, digits, newline)."""
+    logits, _ = model(x)
+    logp = logits.log_softmax(-1).gather(-1, y[..., None]).squeeze(-1)              # (N, T)
+    answer = mask.clone()
+    answer[:, :data.PROMPT_LEN] = 0                                                  # not the '=' itself
+    return (logp * answer).sum(1)
+
+
+def auc(scores, included):
+    """P[an included canary outscores an excluded one] (ties count 1/2): the Mann-Whitney AUC."""
+    s_in, s_out = scores[included][:, None], scores[~included][None, :]
+    return float((s_in > s_out).mean() + 0.5 * (s_in == s_out).mean())
+
+
+# -----------------------------------------------------------------------------
+# one audited setting: one fine-tune with the canaries, the scores, the bound
+
+
+def audit_setting(cfg, acfg, tiny, x, y, mask, epsilon, mechanism, kind, canaries, included, seed):
+    """One row of the table: the client trains once with its included canaries, the auditor scores
+    all m from the upload alone. cfg: train.py's Config; epsilon 0: no DP."""
+    private = replace(cfg, dp_epsilon=epsilon, dp_mechanism=mechanism or "sgd")
+    sgd = epsilon > 0 and mechanism == "sgd"
+    recipe = train.recipe(private, private=sgd)   # dp_sigma 0 unless DP-SGD
+    m = len(included)
+    expected_batch = recipe.dp_sample_rate * (len(x) + m / 2)   # fixed: never the realised count
+    if kind == "gradient":
+        update = canary_finetune(tiny, x, y, mask, recipe, seed, expected_batch, canaries[torch.from_numpy(included)])
+        scores = -(canaries @ update.flatten()).numpy()
+    else:
+        cx, cy, cm = canaries
+        keep = torch.from_numpy(included)
+        xs, ys, ms = (torch.cat([t, c[keep]]) for t, c in ((x, cx), (y, cy), (mask, cm)))
+        if sgd:
+            update = canary_finetune(tiny, xs, ys, ms, recipe, seed, expected_batch)
+        else:
+            update = tinylm.finetune(tiny, xs, ys, ms, recipe, seed)[-1]
+    if mechanism == "output":
+        update = train.perturb(private, update, seed)
+        if kind == "gradient":
+            scores = -(canaries @ update.flatten()).numpy()
+    if kind == "input":
+        tinylm.set_update(tiny, torch.zeros_like(update))
+        base = answer_log_likelihood(tiny, cx, cy, cm)
+        tinylm.set_update(tiny, update)
+        scores = (answer_log_likelihood(tiny, cx, cy, cm) - base).numpy()
+    ks = tuple(int(k) for k in acfg.ks.split(",") if 2 * int(k) <= m)
+    result = dp.one_run_audit(scores, included, ks, acfg.confidence, acfg.audit_delta)
+    return {"epsilon": epsilon or None, "mechanism": mechanism if epsilon else None, "canaries": kind, "m": m,
+            **result, "auc": auc(scores, included), "sigma": recipe.dp_sigma if sgd else
+            (train.noise_multiplier(private) if mechanism == "output" else 0.0), "update_norm": update.norm().item()}
+
+
+# -----------------------------------------------------------------------------
+# what DP does not hide: the client's convention, from one upload
+
+
+@torch.no_grad()
+def operator_preference(model, prompts):
+    """(4,) mean log-probability of each operator symbol right after '=' on '@' prompts (N, T)."""
+    logits, _ = model(prompts)
+    logp = logits[:, data.PROMPT_LEN, :].log_softmax(-1)                            # (N, vocab): after '='
+    return logp[:, [ord(op) for op in data.OPS]].mean(0)
+
+
+def convention_leak(cfg, acfg, task, tiny):
+    """How often the provider names a skewed client's favoured operator from its upload alone: the
+    operator whose log-probability after '=' the upload raises most over the base TinyLM."""
+    rng = np.random.default_rng([acfg.seed, 8])
+    prompts = [line[:data.PROMPT_LEN + 1] for line in task.public_examples(acfg.leak_prompts, rng)]  # '37@52='
+    px = torch.tensor([list(p.encode()) for p in prompts])                          # (N, PROMPT_LEN + 1)
+    tinylm.set_update(tiny, torch.zeros(tinylm.update_shape(tiny.cfg, tiny.lora[0])))
+    base = operator_preference(tiny, px)
+    skewed = np.full((4, 4), (1 - cfg.skew) / 3)
+    np.fill_diagonal(skewed, cfg.skew)
+    rows = []
+    for eps in floats(acfg.leak_epsilons):
+        t0, private = time.time(), replace(cfg, dp_epsilon=eps, dp_mechanism="sgd")
+        hits = np.zeros(4, dtype=int)
+        for op, j in tqdm([(op, j) for op in range(4) for j in range(acfg.leak_clients)], desc=f"convention eps={eps:g}",
+                          leave=False):
+            index = 10_000 + 100 * op + j   # clients of their own: no canaries, not train.py's
+            lines, _ = data.client_data(task.private, skewed[op], cfg.n_train, 0, acfg.seed, index)
+            x, y, mask = task.encode(lines)
+            seed = 5_000_011 * acfg.seed + index
+            if eps > 0:
+                upload = train.private_upload(private, tiny, x, y, mask, seed, None)
+            else:
+                upload = tinylm.finetune(tiny, x, y, mask, train.recipe(cfg), seed)[-1]
+            tinylm.set_update(tiny, upload)
+            hits[op] += int((operator_preference(tiny, px) - base).argmax()) == op
+        n = 4 * acfg.leak_clients
+        rows.append({"epsilon": eps or None, "clients": n, "named_right": int(hits.sum()), "rate": hits.sum() / n,
+                     "per_operator": dict(zip(data.OPS, (hits / acfg.leak_clients).tolist())), "chance": 0.25})
+        print(f"convention: eps={'inf' if not eps else f'{eps:g}'}: the favoured operator named right for "
+              f"{hits.sum()}/{n} uploads ({time.time() - t0:.1f}s)", flush=True)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+
+
+def table(rows):
+    lines = ["| DP | canaries | m | ε (theory) | ε_lb (95%) | ε_lb / ε | best k | right / guesses | AUC | ε_lb max |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        dp_name = "none" if r["epsilon"] is None else f"{'DP-SGD' if r['mechanism'] == 'sgd' else 'output'}"
+        eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:g}"
+        ratio = "" if r["epsilon"] is None else f"{r['eps_lb'] / r['epsilon']:.2f}"
+        lines.append(f"| {dp_name} | {r['canaries']} | {r['m']} | {eps} | {r['eps_lb']:.2f} | {ratio} | {r['k']} | "
+                     f"{r['correct']} / {r['guesses']} | {r['auc']:.3f} | {r['eps_lb_max']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    acfg = parse_args(argv)
+    torch.set_num_threads(acfg.threads)
+    t_start = time.time()
+    cfg = replace(PRESETS[acfg.preset], seed=acfg.seed, out=acfg.out, cache=acfg.cache, device="cpu")
+    os.makedirs(acfg.out, exist_ok=True)
+    task = data.make_task(cfg.task, cfg.seed)
+    if cfg.task != "arith":
+        raise SystemExit("the audit's canaries and the convention measurement are for the arith task")
+    paths = train.stage_paths(cfg, task)
+    if os.path.exists(paths["pretrain_tiny"]):
+        tiny = tinylm.add_lora(tinylm.load_model(paths["pretrain_tiny"]).eval(), cfg.lora_rank, cfg.lora_alpha,
+                               cfg.lora_seed)
+    else:   # pretrain (and cache) the base models as train.py would
+        tiny, _ = train.base_models(cfg, task, paths, "cpu")
+    client = task.clients(cfg.n_train, cfg.n_test, 1, cfg.skew)[-1]   # the IID client: task mixture m
+    m = acfg.canaries
+    rng = np.random.default_rng([acfg.seed, 7])
+    included = rng.random(m) < 0.5                                     # (m,) who is in: the secret
+    directions = random_directions(m, tinylm.update_shape(tiny.cfg, cfg.lora_rank), acfg.seed)
+    lines = input_canaries(task, client["train"], m, rng)
+    encoded = data.encode_lines(lines, task.enc, pad=True)
+    x, y, mask = data.encode_lines(client["train"], task.enc, pad=True)   # same T as the canaries
+    print(f"audit: preset {acfg.preset}, seed {acfg.seed}, client {client['name']} ({len(x)} records), "
+          f"m={m} canaries of each kind ({included.sum()} in), e.g. {lines[0].strip()!r}", flush=True)
+
+    settings = [(eps, "sgd" if eps else None) for eps in floats(acfg.epsilons)]
+    settings += [(eps, "output") for eps in floats(acfg.output_epsilons)]
+    rows = []
+    for eps, mech in settings:
+        for kind, canaries in (("gradient", directions), ("input", encoded)):
+            t0 = time.time()
+            row = audit_setting(cfg, acfg, tiny, x, y, mask, eps, mech, kind, canaries, included,
+                                6_000_007 * acfg.seed + len(rows))
+            row["seconds"] = time.time() - t0
+            rows.append(row)
+            print(f"audit: {mech or 'no DP'} eps={'inf' if not eps else f'{eps:g}'}, {kind} canaries: "
+                  f"eps_lb {row['eps_lb']:.2f} ({row['correct']}/{row['guesses']} right at k={row['k']}), "
+                  f"AUC {row['auc']:.3f}, {row['seconds']:.1f}s", flush=True)
+    with open(os.path.join(acfg.out, "audit.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    leak = convention_leak(cfg, acfg, task, tiny)
+    with open(os.path.join(acfg.out, "convention.json"), "w") as f:
+        json.dump(leak, f, indent=1)
+    print(f"\none-run audit, {m} canaries of each kind, {acfg.confidence:.0%} confidence, delta={acfg.audit_delta:g}"
+          f" -> {acfg.out}/audit.json\n\n{table(rows)}\n")
+    print("| DP | uploads | favoured operator named right | chance |\n|---|---:|---:|---:|")
+    for r in leak:
+        print(f"| {'none' if r['epsilon'] is None else 'DP-SGD ε=' + format(r['epsilon'], 'g')} | {r['clients']} | "
+              f"{r['rate']:.0%} | 25% |")
+    print(f"\ntotal {time.time() - t_start:.1f}s", flush=True)
+    return rows, leak
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
