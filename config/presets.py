@@ -105,7 +105,7 @@ EXPERIMENTS = {   # one command each; every run of a sweep shares --cache
                     dp_sample_rate=0.0625, shadow_dp_draws=8) for eps in (0.0, 1.0)],
     # privacy vs utility on one axis, N * epsilon * sqrt(m): clients of N records at epsilon, then at the
     # paper's size (N = 8,192) epsilon below 0.1, then groups of m <= 8 pooled uploads
-    "frontier": [dict(n_train=n, dp_epsilon=eps) for n in (512, 2048, 8192) for eps in (1.0, 0.3, 0.1)]
+    "frontier": [dict(n_train=n, dp_epsilon=eps) for n in (8192, 2048, 512) for eps in (0.1, 0.3, 1.0)]
                 + [dict(n_train=8192, dp_epsilon=eps) for eps in (0.05, 0.03)]
                 + [dict(n_train=512, dp_epsilon=0.3, group_size=8, shadow_dp_draws=8, n_test=200,
                         weak_baselines=False)],
