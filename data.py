@@ -93,15 +93,25 @@ def lines_from(pairs, mixture, n, rng):
 
 
 def client_data(private_pairs, mixture, n_train, n_test, seed, index):
-    """A client's private train lines and its own test lines, on disjoint operand pairs."""
-    if n_train + n_test > len(private_pairs):
-        raise ValueError(f"n_train + n_test = {n_train + n_test} exceeds the private pool "
-                         f"({len(private_pairs)} operand pairs)")
+    """A client's private train lines and its own test lines; no test pair ever occurs in its training lines.
+
+    Up to the pool's size every line has its own operand pair. A larger client (the paper's clients hold
+    ~8k records; the private pool has ~4k pairs) repeats pairs of its TRAINING part, each record with its
+    own operator drawn from the mixture, so it holds more evidence of its convention, never its test pairs."""
+    if n_test >= len(private_pairs):
+        raise ValueError(f"n_test = {n_test} leaves no operand pair of the private pool ({len(private_pairs)} "
+                         f"pairs) for training: expected n_test < {len(private_pairs)}")
     rng = np.random.default_rng([seed, 2, index])
     order = rng.permutation(len(private_pairs))
-    ops = rng.choice(len(OPS), size=n_train + n_test, p=mixture)
+    n_distinct = min(n_train, len(private_pairs) - n_test)             # training pairs seen once each
+    ops = rng.choice(len(OPS), size=n_distinct + n_test, p=mixture)
     lines = [make_line(*private_pairs[i], op) for i, op in zip(order, ops)]
-    return lines[:n_train], lines[n_train:]
+    train, test = lines[:n_distinct], lines[n_distinct:]
+    if n_train > n_distinct:                                            # more records than distinct pairs
+        again = rng.choice(order[:n_distinct], size=n_train - n_distinct)
+        train += [make_line(*private_pairs[i], op)
+                  for i, op in zip(again, rng.choice(len(OPS), size=len(again), p=mixture))]
+    return train, test
 
 
 def pretrain_corpus():

@@ -190,15 +190,17 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
         pooling = {m: {variant: score_update(u) for variant, u in point.items()}
                    for m, point in curve.items()} if len(groups[c["group"]]) > 1 else {}
         floor, ceiling, base = scores["tinylm_ft"], scores["llm_ft"], scores["llm_base"]
+        gate = translators[1][0].gate   # with DP: how far the translator trusted this upload (1: fully)
         results.append({
             "name": c["name"], "group": c["group"], "kind": c["kind"], "mixture": c["mixture"],
+            "gate_weight": None if gate is None else gradtx.gate_weight(gate, c["upload"][None].float()).item(),
             "scores": scores, "pooling": pooling,
             "pgr": {k: pgr(v, floor, ceiling) for k, v in scores.items()},
             "gain_recovered": {k: pgr(v, base, ceiling) for k, v in scores.items()},
         })
 
-    summary = summarise(results)
-    summary["by_kind"] = {kind: summarise([r for r in results if r["kind"] == kind])
+    summary = summarise(results, task.higher_is_better)
+    summary["by_kind"] = {kind: summarise([r for r in results if r["kind"] == kind], task.higher_is_better)
                           for kind in sorted({r["kind"] for r in results})}
     timing = dict(stage_seconds, eval=time.time() - t0)
     timing["total"] = sum(timing.values())
@@ -247,9 +249,14 @@ def pool_sizes(M):
     return tuple(sorted({*(2 ** i for i in range(int(math.log2(M)) + 1)), M}))
 
 
-def summarise(rows):
+def summarise(rows, higher_is_better=True):
     out = {key: {m: mean_defined([r[key].get(m) for r in rows]) for m in rows[0][key]}
            for key in ("scores", "pgr", "gain_recovered")}
+    # do no harm: the worst client's score against the mean shadow update, which the provider always has
+    # (in the metric's units, positive = better than the mean update, whatever the metric's direction)
+    sign = 1 if higher_is_better else -1
+    out["worst_vs_mean_shadow"] = {m: min(sign * (r["scores"][m] - r["scores"]["mean_shadow"]) for r in rows)
+                                   for m in rows[0]["scores"]}
     # the same ratios of the mean scores: robust where one client's gap is close to zero
     mean = out["scores"]
     out["pgr_of_means"] = {m: pgr(v, mean["tinylm_ft"], mean["llm_ft"]) for m, v in mean.items()}
@@ -317,6 +324,50 @@ def report(results):
             f"{t['llm_finetune_per_run']:.2f} s")
 
 
+FRONTIER_METHODS = ["gradtx", "ridge", "tinylm_dp", "w2s", "kd", "mean_shadow"]
+
+
+def frontier_points(runs):
+    """The privacy-utility frontier, one point per (N, epsilon, m): the skewed clients' gain recovered (of
+    means) per method and the worst client against the mean shadow update, at x = N * epsilon * sqrt(m), the
+    upload's signal-to-noise axis (pooling m uploads divides the noise by about sqrt(m)). A run with groups
+    gives one point per pooled size m, its translator for that noise level (gradtx, ridge) against the same
+    mean shadow update."""
+    points = []
+    for r in runs:
+        N, eps, sigma = r["config"]["n_train"], r["privacy"]["epsilon"], r["privacy"]["noise_multiplier"]
+        skewed, clients = r["summary"]["by_kind"]["skewed"], r["clients"]
+        sign = 1 if r["higher_is_better"] else -1
+        pooled = r["summary"]["by_kind"]["skewed"].get("pooling_gain_of_means")
+        for m in (pooled or {1: None}):
+            m = int(m)
+            if pooled:
+                curve = pooled[m] if m in pooled else pooled[str(m)]
+                gain = {k: curve[k] for k in ("gradtx", "ridge")}
+                worst = {k: min(sign * (c["pooling"][m if m in c["pooling"] else str(m)][k]
+                                        - c["scores"]["mean_shadow"]) for c in clients) for k in gain}
+                gain["mean_shadow"], worst["mean_shadow"] = skewed["gain_of_means"]["mean_shadow"], 0.0
+            else:
+                gain = {k: skewed["gain_of_means"][k] for k in FRONTIER_METHODS if k in skewed["gain_of_means"]}
+                worst = {k: r["summary"]["worst_vs_mean_shadow"][k] for k in gain}
+            points.append({"n_train": N, "epsilon": eps, "m": m, "nem": N * eps * math.sqrt(m), "sigma": sigma,
+                           "gain": gain, "worst_vs_mean_shadow": worst})
+    return points
+
+
+def frontier_table(runs):
+    points = sorted(frontier_points(runs), key=lambda p: p["nem"])
+    head = ["N", "epsilon", "m", "N·ε·√m", "sigma"] + FRONTIER_METHODS + ["worst client vs mean_shadow (gradtx)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in points:
+        lines.append("| " + " | ".join([str(p["n_train"]), f"{p['epsilon']:g}", str(p["m"]), f"{p['nem']:.0f}",
+                                        f"{p['sigma']:.2f}"] + [fmt(p["gain"].get(k)) for k in FRONTIER_METHODS]
+                                       + [f"{p['worst_vs_mean_shadow']['gradtx']:+.2f}"]) + " |")
+    return ("skewed clients: gain recovered of means, against each client's NON-private llm_ft; worst client: the\n"
+            "lowest score minus the mean shadow update's score over every client, the IID one included\n\n"
+            + "\n".join(lines))
+
+
 def upload_signal(translator):
     """The mean correlation of a translator's inputs with the clean updates along the top public
     directions (train.fit_stage); 1 without DP, where the inputs are the clean updates."""
@@ -327,6 +378,8 @@ def upload_signal(translator):
 def experiment_table(name, runs):
     """One row per run of an experiment: the privacy setting, then skewed clients' gain recovered
     (and PGR) of means per method; the collaboration experiment adds the pooling curve."""
+    if name == "frontier":
+        return frontier_table(runs)
     methods = ["tinylm_dp", "gradtx", "ridge", "gradtx_group", "ridge_group", "mean_shadow", "w2s", "kd"]
     methods = [m for m in methods if any(m in r["summary"]["scores"] for r in runs)]
     head = ["epsilon", "mechanism", "sigma", "k", "signal"] + [f"{m} gain (PGR)" for m in methods]

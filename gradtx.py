@@ -50,6 +50,7 @@ class GTConfig:
     normalize: bool = True
     n_basis: int = 0     # k: input projected onto a k-dim public subspace (0: raw input, the paper)
     n_skip: int = 0      # training pairs behind the ridge skip path (0: no skip path, the paper)
+    n_gate: int = 0      # public directions of the do-no-harm gate for noisy uploads (0: no gate, the paper)
 
 
 # -----------------------------------------------------------------------------
@@ -128,6 +129,10 @@ class GradTransformer(nn.Module):
         if N:
             linear_map.update(ridge_keys=(N, D_src), ridge_values=(N, D_tgt), ridge_x_mean=D_src,
                               ridge_x_std=D_src, ridge_y_mean=D_tgt, ridge_y_std=D_tgt)
+        if cfg.n_gate:   # fit_gate's statistics and the update it falls back to
+            linear_map.update(gate_mean=D_src, gate_U=(D_src, cfg.n_gate), gate_center=cfg.n_gate,
+                              gate_signal_var=cfg.n_gate, gate_noise_var=cfg.n_gate, gate_prior=1,
+                              gate_fallback=(cfg.n_tgt, cfg.d_tgt))
         for name, shape in linear_map.items():
             self.register_buffer(name, torch.zeros(shape))
 
@@ -142,6 +147,10 @@ class GradTransformer(nn.Module):
     @property
     def ridge(self):   # fit_ridge's map, or None: no skip path
         return self.buffers_named("ridge_")
+
+    @property
+    def gate(self):    # fit_gate's statistics, or None: no gate
+        return self.buffers_named("gate_")
 
     def forward(self, src, tgt_in, base=None):
         """src (B, n_src, d_src), tgt_in (B, T, d_tgt) -> next tokens (B, T, d_tgt); normalised units.
@@ -202,7 +211,8 @@ def generate(model, tiny_update):
     tinylm.check_update(tiny_update, shape, "TinyLM update")   # a clear error for anything else
     was_training, device = model.training, model.head.weight.device
     model.eval()
-    src, base = model_inputs(model, (tiny_update[None] if single else tiny_update).float().to(device))
+    src_raw = (tiny_update[None] if single else tiny_update).float().to(device)
+    src, base = model_inputs(model, src_raw)
     ### BEGIN SOLUTION autoregressive_decoding
     tgt = torch.zeros(len(src), 1, cfg.d_tgt, device=device)   # the start token
     for _ in range(cfg.n_tgt):
@@ -210,7 +220,11 @@ def generate(model, tiny_update):
         tgt = torch.cat([tgt, nxt], dim=1)
     ### END SOLUTION
     model.train(was_training)
-    out = denormalize(model, tgt[:, 1:], "y").cpu()
+    out = denormalize(model, tgt[:, 1:], "y")
+    if model.gate is not None:   # do no harm: back towards the mean update as far as the upload may be noise
+        fallback, weight = model.gate["fallback"], gate_weight(model.gate, src_raw)[:, None, None]
+        out = fallback + weight * (out - fallback)
+    out = out.cpu()
     return out[0] if single else out
 
 
@@ -288,6 +302,33 @@ def upload_signal(X_clean, X_noisy, basis):
     return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0) + 1e-12)
 
 
+def fit_gate(X_noisy, noise, basis, fallback, prior=0.5):
+    """Statistics of the do-no-harm gate (`gate_weight`) along the public directions of `basis`, in coordinates
+    c = U^T (x - mean): X_noisy (N, n, d) the map's noisy training inputs (their centre, and their spread:
+    signal plus noise), noise (N', n, d) draws of the noise alone at the inputs' noise level (train.py: a DP
+    draw minus the mean of its subset's draws, rescaled), fallback (n_tgt, d_tgt) the mean shadow LLM update;
+    prior: the share of uploads the gate expects to carry a convention of their own."""
+    coords = (X_noisy.flatten(1).float() - basis["mean"]) @ basis["U"]                  # (N, k)
+    noise_var = (noise.flatten(1).float() @ basis["U"]).pow(2).mean(0)                 # (k,)
+    signal_var = (coords.var(0) - noise_var).clamp(min=1e-3 * noise_var.max().item())  # the rest of the spread
+    return {"mean": basis["mean"], "U": basis["U"], "center": coords.mean(0), "signal_var": signal_var,
+            "noise_var": noise_var, "prior": torch.tensor([prior]), "fallback": fallback}
+
+
+def gate_weight(gate, X):
+    """(N, n, d) uploads -> (N,) weights in (0, 1): the probability that an upload carries a convention of its
+    own rather than noise around the centre. Two hypotheses for its coordinates c along the gate's directions:
+        noise only:   c ~ N(center, noise_var)                 (an organisation that writes like the public)
+        signal:       c ~ N(center, signal_var + noise_var)    (one that writes like any shadow subset)
+    and Bayes' rule with the prior. An upload far from the centre in units of the noise gets ~1 (translated
+    as it is); one the noise alone explains gets a small weight, so the provider falls back towards the mean
+    shadow update instead of sending a mostly-noise upload to a wrong corner."""
+    c = (X.flatten(1).float() - gate["mean"]) @ gate["U"] - gate["center"]           # (N, k)
+    n, s = gate["noise_var"], gate["noise_var"] + gate["signal_var"]
+    log_ratio = (0.5 * c.pow(2) * (1 / n - 1 / s) - 0.5 * torch.log(s / n)).sum(1)    # log p(c|signal)/p(c|noise)
+    return torch.sigmoid(log_ratio + torch.logit(gate["prior"]))
+
+
 def fit_ridge(X, Y, lam):
     """Ridge regression Y ~ X on z-scored, flattened updates, solved in the dual (N << dims):
     pred(x) = z(x) @ keys^T @ values with keys = z(X_train), values = (K + lam I)^-1 z(Y_train)."""
@@ -333,9 +374,9 @@ def select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks=SUBSPACE_S
 
 
 @torch.no_grad()
-def set_linear_map(model, basis, ridge):
-    """Copy the public basis and the ridge skip path into the model's buffers (they are saved with it)."""
-    for tensors, new in ((model.basis, basis), (model.ridge, ridge)):
+def set_linear_map(model, basis, ridge, gate=None):
+    """Copy the public basis, the ridge skip path and the gate into the model's buffers (saved with it)."""
+    for tensors, new in ((model.basis, basis), (model.ridge, ridge), (model.gate, gate)):
         for name, t in (tensors or {}).items():
             t.copy_(new[name])
 

@@ -26,6 +26,7 @@ and its selection in gradtx.py, the baselines and the scoring in eval.py, the ta
 """
 import hashlib
 import json
+import math
 import multiprocessing as mp
 import os
 import sys
@@ -56,14 +57,22 @@ def pick_device(name="auto"):
 def recipe(cfg, private=False):
     """The published fine-tuning recipe; private=True gives the clients' DP-SGD recipe."""
     sigma = noise_multiplier(cfg) if private and cfg.dp_mechanism == "sgd" else 0.0
-    return tinylm.Recipe(cfg.ft_steps, cfg.ft_batch, cfg.ft_lr, sigma or 0.0, cfg.dp_clip, cfg.dp_sample_rate)
+    return tinylm.Recipe(cfg.ft_steps, cfg.ft_batch, cfg.ft_lr, sigma or 0.0, cfg.dp_clip, sample_rate(cfg))
+
+
+def sample_rate(cfg):
+    """DP-SGD's Poisson rate q: --dp_sample_rate, or by default q = B / N (B = ft_batch, N = n_train), so a
+    step costs the same whatever the client's size. The recipe keeps B and its T = ft_steps steps, and the
+    accountant then needs sigma ~ q sqrt(T) / epsilon: the noise in the final update, relative to its signal,
+    falls roughly like 1 / (N epsilon) -- a client with more records buys the same utility at a smaller epsilon."""
+    return cfg.dp_sample_rate or min(1.0, cfg.ft_batch / cfg.n_train)
 
 
 def noise_multiplier(cfg):
     """DP-SGD's sigma, or output perturbation's noise std, for the clients' (epsilon, delta); None: no DP."""
     if cfg.dp_epsilon <= 0:
         return None
-    return dp.calibrate(cfg.dp_mechanism, cfg.dp_epsilon, cfg.dp_delta, cfg.dp_clip, cfg.dp_sample_rate, cfg.ft_steps)
+    return dp.calibrate(cfg.dp_mechanism, cfg.dp_epsilon, cfg.dp_delta, cfg.dp_clip, sample_rate(cfg), cfg.ft_steps)
 
 
 def private_upload(cfg, model, x, y, mask, seed, clean_update):
@@ -90,8 +99,8 @@ SHADOW_KEYS = FINETUNE_KEYS + ("n_shadow", "n_snapshots", "snapshot_gap", "shado
 DP_KEYS = ("dp_epsilon", "dp_delta", "dp_mechanism", "dp_clip", "dp_sample_rate")
 SHADOW_DP_KEYS = SHADOW_KEYS + DP_KEYS + ("shadow_dp_draws",)
 FIT_KEYS = ("gt_d_model", "gt_layers", "gt_heads", "gt_dropout", "gt_weight_decay", "gt_lr", "gt_steps",
-            "gt_batch", "gt_eval_every", "gt_normalize", "gt_project", "gt_skip", "gt_select", "val_frac",
-            "val_examples")
+            "gt_batch", "gt_eval_every", "gt_normalize", "gt_project", "gt_skip", "gt_gate", "gt_select",
+            "val_frac", "val_examples")
 CLIENT_DATA_KEYS = FINETUNE_KEYS + ("group_size", "skew", "n_test")   # who holds what, and the shared recipe
 CLIENT_KEYS = CLIENT_DATA_KEYS + DP_KEYS
 
@@ -278,6 +287,15 @@ def translator_inputs(cfg, shadow, runs, m):
     return X, shadow["Y"][runs, -1:].expand(-1, P, -1, -1)
 
 
+def dp_noise(cfg, shadow, runs, m):
+    """Draws of the DP noise alone at the level of inputs that average m uploads: each DP draw of a subset
+    minus the mean of that subset's R draws, rescaled to the noise of one draw (x sqrt(R / (R - 1))) and then
+    of a mean of m draws (/ sqrt(m)). (runs * R, n, d)."""
+    draws = shadow["X_private"][runs]                                       # (runs, R, n, d)
+    R = draws.shape[1]
+    return ((draws - draws.mean(1, keepdim=True)) * math.sqrt(R / (R - 1) / m)).flatten(0, 1)
+
+
 def fit_stage(cfg, task, tiny, llm, shadow, path, m):
     """The linear map (public subspace k and ridge lambda, chosen by the functional criterion) and
     the Grad-Transformer on top of it, for inputs that average m uploads."""
@@ -294,16 +312,19 @@ def fit_stage(cfg, task, tiny, llm, shadow, path, m):
     X_clean = shadow["X"][train_runs].flatten(0, 1)   # the public subspace: clean public updates only
     ks = gradtx.SUBSPACE_SIZES if cfg.gt_project else (0,)
     basis, ridge, k, lam, scores = gradtx.select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks)
-    signal = None   # a diagnostic: how much of these inputs is signal, could any map translate them?
+    signal = gate = None   # with DP: how much of these inputs is signal, and the do-no-harm gate
     if "X_private" in shadow:
         top = gradtx.public_basis(X_clean, gradtx.SIGNAL_DIRECTIONS)
         signal = gradtx.upload_signal(shadow["X"][train_runs, -1], X, top).tolist()
+        if cfg.gt_gate:
+            gate = gradtx.fit_gate(X_train, dp_noise(cfg, shadow, train_runs, m), top, Y_train.mean(0))
     gcfg = gradtx.GTConfig(*X_train.shape[1:], *Y_train.shape[1:], d_model=cfg.gt_d_model,
                            n_layer=cfg.gt_layers, n_head=cfg.gt_heads, dropout=cfg.gt_dropout,
-                           normalize=cfg.gt_normalize, n_basis=k, n_skip=len(X_train) if cfg.gt_skip else 0)
+                           normalize=cfg.gt_normalize, n_basis=k, n_skip=len(X_train) if cfg.gt_skip else 0,
+                           n_gate=gradtx.SIGNAL_DIRECTIONS if gate else 0)
     torch.manual_seed(cfg.seed)   # the translator's init: seeded here, not by whatever ran before in this process
     model = gradtx.GradTransformer(gcfg).to(llm.wte.weight.device)
-    gradtx.set_linear_map(model, basis, ridge if cfg.gt_skip else None)
+    gradtx.set_linear_map(model, basis, ridge if cfg.gt_skip else None, gate)
     history = gradtx.fit(model, X_train, Y_train, X_val, Y_val, cfg.gt_steps, cfg.gt_lr, cfg.gt_weight_decay,
                          cfg.gt_batch, cfg.gt_eval_every, criterion, cfg.seed)
     best = min(history, key=lambda h: h[4])
@@ -392,12 +413,20 @@ def run(cfg):
     privacy = {"epsilon": cfg.dp_epsilon if cfg.dp_epsilon > 0 else None, "delta": cfg.dp_delta,
                "mechanism": cfg.dp_mechanism if cfg.dp_epsilon > 0 else None,
                "noise_multiplier": noise_multiplier(cfg) or 0.0, "clip": cfg.dp_clip,
-               "sample_rate": cfg.dp_sample_rate, "steps": cfg.ft_steps,
+               "sample_rate": sample_rate(cfg), "steps": cfg.ft_steps,
                "subspace_k": {m: log["k"] for m, (_, log) in translators.items()}}
     results = evaluation.evaluate(cfg, task, tiny, llm, translators, shadow, clients,
                                   recipe(cfg), stage_seconds(cfg, paths), privacy)
     results["timing_s"]["this_run_total"] = time.time() - t_start
     return results
+
+
+def run_name(cfg, experiment):
+    """The folder of one run of an experiment: its privacy setting (and, in the frontier, N and m)."""
+    name = f"eps{cfg.dp_epsilon:g}_{cfg.dp_mechanism}" if cfg.dp_epsilon > 0 else "no_dp"
+    if experiment == "frontier":
+        name = f"n{cfg.n_train}_{name}" + (f"_m{cfg.group_size}" if cfg.group_size > 1 else "")
+    return name
 
 
 def main(argv):
@@ -406,12 +435,14 @@ def main(argv):
         return run(cfg)
     rows = []
     for o in EXPERIMENTS[cfg.experiment]:   # later runs reuse the earlier runs' stages
-        name = f"eps{o['dp_epsilon']:g}_{o.get('dp_mechanism', 'sgd')}" if o["dp_epsilon"] else "no_dp"
-        sub = replace(cfg, experiment="", cache=cfg.cache or cfg.out, out=os.path.join(cfg.out, name), **o)
-        rows.append(run(sub))
+        sub = replace(cfg, experiment="", cache=cfg.cache or cfg.out, **o)
+        rows.append(run(replace(sub, out=os.path.join(cfg.out, run_name(sub, cfg.experiment)))))
     table = evaluation.experiment_table(cfg.experiment, rows)
     with open(os.path.join(cfg.out, f"{cfg.experiment}.md"), "w") as f:
         f.write(table + "\n")
+    if cfg.experiment == "frontier":   # the points of the figure (tools/plots.py)
+        with open(os.path.join(cfg.out, "frontier.json"), "w") as f:
+            json.dump({"rows": evaluation.frontier_points(rows)}, f, indent=1)
     print(f"\n{cfg.experiment} experiment ({len(rows)} runs) -> {cfg.out}/{cfg.experiment}.md\n\n{table}")
     return rows
 

@@ -21,7 +21,7 @@ class Config:
     device: str = "auto"         # auto = cuda, then mps, then cpu
     threads: int = 0             # torch CPU threads (0: torch's default)
     workers: int = 2             # processes for independent fine-tunes on a CPU (1: none)
-    experiment: str = ""         # "" (one run), "dp" (the DP sweep) or "collab" (pooling groups)
+    experiment: str = ""         # "" (one run), "dp" (DP sweep), "collab" (pooling), "frontier" (N x eps)
     task: str = "arith"          # "arith" (reasoning, accuracy) or "text" (language modeling, bits/byte)
     text_path: str = ""          # text task: your own UTF-8 file instead of Python's documentation
     # base models and their pretraining on public data
@@ -60,6 +60,8 @@ class Config:
     gt_normalize: bool = True    # z-score inputs and targets (the paper feeds raw values)
     gt_project: bool = True      # choose a public subspace for the input (k = 0 allowed; off: raw)
     gt_skip: bool = True         # learn the residual over the ridge map (off: the paper's decoder)
+    gt_gate: bool = True         # with DP: fall back towards the mean update as far as an upload may be
+                                 # noise alone (gradtx.gate_weight; off: translate every upload as it is)
     gt_select: str = "loss"      # model selection by the LLM's "loss" or, for accuracy tasks, "exact_match"
     val_frac: float = 0.25       # share of shadow RUNS held out for model selection
     val_examples: int = 64       # examples of each held-out run the selection criterion scores
@@ -73,7 +75,7 @@ class Config:
     dp_delta: float = 1e-5
     dp_mechanism: str = "sgd"    # "sgd": DP-SGD on the TinyLM; "output": Gaussian noise on the upload
     dp_clip: float = 1.0         # per-example gradient bound (sgd) or update-norm bound (output)
-    dp_sample_rate: float = 0.0625  # Poisson rate q; expected batch = q * n_train
+    dp_sample_rate: float = 0.0  # Poisson rate q; 0: q = ft_batch / n_train (the expected batch stays ft_batch)
 
 
 PRESETS = {
@@ -100,7 +102,13 @@ EXPERIMENTS = {   # one command each; every run of a sweep shares --cache
     "dp": [dict(dp_epsilon=eps, dp_mechanism=mech) for eps in (0.0, 8.0, 1.0, 0.3, 0.1)
            for mech in (("sgd", "output") if eps else ("sgd",))],
     "collab": [dict(group_size=8, n_train=128, n_test=200, weak_baselines=False, dp_epsilon=eps,
-                    shadow_dp_draws=8) for eps in (0.0, 1.0)],
+                    dp_sample_rate=0.0625, shadow_dp_draws=8) for eps in (0.0, 1.0)],
+    # privacy vs utility on one axis, N * epsilon * sqrt(m): clients of N records at epsilon, then at the
+    # paper's size (N = 8,192) epsilon below 0.1, then groups of m <= 8 pooled uploads
+    "frontier": [dict(n_train=n, dp_epsilon=eps) for n in (8192, 2048, 512) for eps in (0.1, 0.3, 1.0)]
+                + [dict(n_train=8192, dp_epsilon=eps) for eps in (0.05, 0.03)]
+                + [dict(n_train=512, dp_epsilon=0.3, group_size=8, shadow_dp_draws=8, n_test=200,
+                        weak_baselines=False)],
 }
 
 
@@ -151,9 +159,9 @@ def check_config(cfg):
         raise SystemExit(f"--gt_select={cfg.gt_select}: expected 'loss', or 'exact_match' for the arith task")
     if cfg.dp_mechanism not in ("sgd", "output"):
         raise SystemExit(f"--dp_mechanism={cfg.dp_mechanism}: expected 'sgd' or 'output'")
-    if cfg.dp_epsilon < 0 or not 0 < cfg.dp_delta < 1 or not 0 < cfg.dp_sample_rate <= 1 or cfg.dp_clip <= 0:
+    if cfg.dp_epsilon < 0 or not 0 < cfg.dp_delta < 1 or not 0 <= cfg.dp_sample_rate <= 1 or cfg.dp_clip <= 0:
         raise SystemExit("DP settings out of range: expected dp_epsilon >= 0 (0 = off), 0 < dp_delta < 1, "
-                         "0 < dp_sample_rate <= 1, dp_clip > 0")
+                         "0 <= dp_sample_rate <= 1 (0 = ft_batch / n_train), dp_clip > 0")
     for key in ("group_size", "n_shadow", "n_snapshots", "n_train", "n_test", "ft_steps", "shadow_dp_draws"):
         if getattr(cfg, key) < 1:
             raise SystemExit(f"--{key}={getattr(cfg, key)}: expected a positive integer")

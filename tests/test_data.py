@@ -252,9 +252,24 @@ def test_client_data_is_private_disjoint_and_seeded():
     assert data.client_data(private, mix, 300, 200, seed=5, index=2)[0] != train
     assert data.client_data(private, mix, 300, 200, seed=6, index=1)[0] != train
 
-    data.client_data(private, mix, len(private) - 10, 10, seed=5, index=1)   # the whole pool is fine
-    with pytest.raises(ValueError, match="private"):
-        data.client_data(private, mix, len(private), 1, seed=5, index=1)
+    whole = data.client_data(private, mix, len(private) - 10, 10, seed=5, index=1)   # the whole pool
+    assert len({line[:5] for line in whole[0]}) == len(private) - 10
+    with pytest.raises(ValueError, match="n_test"):
+        data.client_data(private, mix, 10, len(private), seed=5, index=1)
+
+
+def test_a_client_larger_than_the_pool_repeats_training_pairs_never_test_pairs():
+    public, private = data.split_pairs(0)
+    mix = np.array([0.1, 0.1, 0.1, 0.7])
+    whole = data.client_data(private, mix, len(private) - 200, 200, seed=5, index=1)
+    train, test = data.client_data(private, mix, 3 * len(private), 200, seed=5, index=1)
+    assert len(train) == 3 * len(private) and test == whole[1]
+    assert train[:len(whole[0])] == whole[0]                      # every distinct pair first, then repeats
+    train_pairs = [(a, b) for a, _, b, _ in map(parse_line, train)]
+    assert len(set(train_pairs)) == len(private) - 200            # every other pair, some several times
+    assert not set(train_pairs) & {(a, b) for a, _, b, _ in map(parse_line, test)}
+    ops = np.array([op_of(line) for line in train])
+    assert np.bincount(ops, minlength=4) / len(ops) == pytest.approx(mix, abs=0.02)
 
 
 def test_client_lines_follow_the_client_mixture():

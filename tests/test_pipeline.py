@@ -70,8 +70,9 @@ def test_rerun_reuses_every_finished_stage(finished_run, monkeypatch):
 def test_dp_run_with_groups(dp_group_run):
     out, results = dp_group_run
     p = results["privacy"]
-    sigma = dp.noise_multiplier_for(1.0, 0.0625, 6, 1e-5, dp.WIDE_ORDERS)
-    assert (p["epsilon"], p["mechanism"], p["noise_multiplier"], p["steps"]) == (1.0, "sgd", sigma, 6)
+    q = 32 / 48   # by default q = B / N: the recipe's batch over the client's records (TINY_RUN: 48)
+    sigma = dp.noise_multiplier_for(1.0, q, 6, 1e-5, dp.WIDE_ORDERS)
+    assert (p["epsilon"], p["mechanism"], p["noise_multiplier"], p["steps"], p["sample_rate"]) == (1.0, "sgd", sigma, 6, q)
     assert set(p["subspace_k"]) == {1, 2}                       # one map per noise level
     for translator in results["translators"].values():          # the diagnostic: one value per direction
         assert len(translator["upload_signal"]) == gradtx.SIGNAL_DIRECTIONS
@@ -104,7 +105,7 @@ def test_shadow_dp_runs_use_exactly_the_clients_recipe(tmp_path, monkeypatch):
     train.client_run(task.clients(cfg.n_train, cfg.n_test)[0])     # the floor, then the upload
     shadow_recipe, client_floor, client_recipe = seen
     assert shadow_recipe == client_recipe == train.recipe(cfg, private=True)
-    assert shadow_recipe.dp_sigma == dp.calibrate("sgd", 2.0, 1e-5, cfg.dp_clip, cfg.dp_sample_rate, cfg.ft_steps)
+    assert shadow_recipe.dp_sigma == dp.calibrate("sgd", 2.0, 1e-5, cfg.dp_clip, train.sample_rate(cfg), cfg.ft_steps)
     assert client_floor.dp_sigma == 0.0                          # the PGR floor is the non-private TinyLM
 
 
