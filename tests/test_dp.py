@@ -444,8 +444,8 @@ def test_accountant_rejects_bad_arguments(call, name):
 # output perturbation
 
 
-def test_gaussian_sigma_formula():
-    assert dp.gaussian_sigma(0.1, 1e-5, 2.0) == pytest.approx(2.0 * math.sqrt(2 * math.log(1.25e5)) / 0.1)
+def test_gaussian_sigma_formula():   # sensitivity 2C: two clipped updates in the C-ball are up to 2C apart
+    assert dp.gaussian_sigma(0.1, 1e-5, 2.0) == pytest.approx(2 * 2.0 * math.sqrt(2 * math.log(1.25e5)) / 0.1)
 
 
 def test_perturb_update_clips_to_C_and_adds_noise_of_the_right_std():
