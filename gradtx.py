@@ -354,7 +354,7 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
     (xs, base), ys = model_inputs(model, X_train), normalize(model, Y_train, "y")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
-    history, best, best_state, train_mse = [], float("inf"), None, float("nan")
+    history, best, best_state, train_loss = [], float("inf"), None, None
     for step in (bar := tqdm(range(steps + 1), desc="fit grad-transformer", leave=False)):
         if step % eval_every == 0 or step == steps:
             pred = generate(model, X_val)
@@ -362,6 +362,7 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
                                  normalize(model, Y_val.to(device), "y")).item()
             rel = ((pred - Y_val).flatten(1).norm(dim=1) / Y_val.flatten(1).norm(dim=1)).mean().item()
             crit = val_criterion(pred) if val_criterion else val_mse
+            train_mse = float("nan") if train_loss is None else train_loss.item()   # read here only: no sync per step
             history.append((step, train_mse, val_mse, rel, crit))
             if crit < best:
                 best, best_state = crit, {k: v.clone() for k, v in model.state_dict().items()}
@@ -369,13 +370,13 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
         if step == steps:
             break
         model.train()
-        idx = torch.randint(len(xs), (batch_size,), generator=g).to(device)
+        idx = torch.randint(len(xs), (batch_size,), generator=g).to(device, non_blocking=True)
         pred = model(xs[idx], shift_right(ys[idx]), None if base is None else base[idx])   # teacher forcing
         loss = F.mse_loss(pred, ys[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        train_mse = loss.item()
+        train_loss = loss.detach()
     model.load_state_dict(best_state)
     model.eval()
     return history
