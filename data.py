@@ -2,7 +2,7 @@
 data.py -- the tokenizer, the two tasks (`arith` and `text`), and who holds which data.
 No downloads, no data files: arith is generated from a seed, text reads the Python installation.
 
-The arith task (SPEC §3.2) is an *operator convention* task. Lines look like
+The arith task is an *operator convention* task. Lines look like
 
     37+52=+89     explicit operators: + add, - |a-b|, > max, < min
     37@52=>52     '@' is ambiguous: it stands for one of the four operators

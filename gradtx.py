@@ -234,7 +234,7 @@ def split_runs(n_runs, val_frac, seed):
 
 def functional_criterion(llm, val_sets, measure="loss"):
     """f(pred_updates) = the LLM's mean loss on each held-out run's own shadow data (x, y, mask) with
-    that run's predicted update applied; lower is better (SPEC §3.4: selection in parameter space
+    that run's predicted update applied; lower is better (selection in parameter space
     keeps a translator that still sits at the mean update). measure="exact_match" scores 1 - the share
     of examples answered exactly right: the loss rewards hedging towards the mean update, this does not."""
     def criterion(pred_updates):
@@ -329,7 +329,7 @@ def ridge_predict(ridge, X):
 
 def select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks=SUBSPACE_SIZES, lams=RIDGE_LAMBDAS):
     """Choose the subspace size k and ridge's lambda by the functional criterion on held-out runs
-    (parameter-space error would pick a far too strong lambda, SPEC §3.4). X_clean: clean public
+    (parameter-space error would pick a far too strong lambda). X_clean: clean public
     shadow TinyLM updates, for the basis; X_train, X_val: the inputs the map will be given (DP
     updates when clients use DP); Y_train: LLM updates. Returns (basis, ridge, k, lam, {(k, lam): score})."""
     scores, best = {}, None

@@ -39,7 +39,7 @@ class GPTConfig:
     n_embd: int = 64
 
 
-# Sizes. "tiny" and "llm" are the CPU defaults (SPEC §6: ~27% vs ~73% arithmetic after
+# Sizes. "tiny" and "llm" are the CPU defaults (~27% vs ~73% arithmetic after
 # pretraining); the *_gpu sizes are for one GPU; "micro"/"mini" keep the smoke test fast.
 MODEL_PRESETS = {
     "micro": GPTConfig(n_layer=1, n_head=2, n_embd=32),
@@ -328,7 +328,7 @@ def pretrain(cfg, next_batch, steps, lr, seed, device="cpu", desc="pretrain"):
 @dataclass
 class Recipe:
     """How a LoRA fine-tune runs. The provider publishes it and the clients' and the shadow runs'
-    fine-tunes follow it exactly -- DP settings included (SPEC §3.5): a translator must be trained on
+    fine-tunes follow it exactly -- DP settings included: a translator must be trained on
     updates made the way the uploads it will read were made."""
     steps: int = 100
     batch: int = 32              # without DP; with DP the batch is Poisson-sampled at rate q

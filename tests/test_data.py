@@ -215,7 +215,7 @@ def test_shadow_mixtures_are_centred_on_the_task_mixture():
 def test_task_mixture_is_a_non_uniform_distribution():
     m = data.TASK_MIXTURE
     assert m.shape == (4,) and (m > 0).all() and m.sum() == pytest.approx(1.0)
-    assert m.max() - m.min() > 0.1    # SPEC §3.2: a uniform mixture leaves IID clients nothing to learn
+    assert m.max() - m.min() > 0.1    # a uniform mixture leaves IID clients nothing to learn
 
 
 def test_client_mixtures_default_and_custom():

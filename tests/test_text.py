@@ -44,7 +44,7 @@ def test_corpus_is_deterministic_ascii_and_big_enough(task):
     assert len(docs) == len(set(docs)) > 1000                      # each text once
     assert all(d.isascii() and len(d) >= data.MIN_DOC_CHARS for d in docs)
     assert 0.8e6 < sum(map(len, docs)) < 1.5e6                     # ~1 MB of documentation
-    for domain, parts in task.splits.items():                      # SPEC §6: >= ~20 KB each
+    for domain, parts in task.splits.items():                      # >= ~20 KB each
         assert len(data.joined(parts["train"])) > 20_000, domain
 
 

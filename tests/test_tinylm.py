@@ -304,7 +304,7 @@ def test_set_update_refuses_bad_input(bad, error, match):
 
 
 def test_update_io_on_a_model_without_lora_is_refused_clearly():
-    # SPEC §5: fail early with a message saying what is wrong (here: no LoRA adapters yet)
+    # fail early with a message saying what is wrong (here: no LoRA adapters yet)
     model = tiny_gpt()
     u = torch.zeros(tinylm.update_shape(model.cfg, RANK))
     with pytest.raises((TypeError, ValueError), match=r"(?i)lora"):
@@ -524,7 +524,7 @@ def test_lora_finetune_lowers_the_answer_loss_and_leaves_the_base_alone(pretrain
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     tinylm.add_lora(model, rank=4, alpha=8.0, seed=LORA_SEED)
     _, private = data.split_pairs(0)
-    skewed = np.array([0.88, 0.04, 0.04, 0.04])     # mostly '+', the easiest operator (SPEC §6)
+    skewed = np.array([0.88, 0.04, 0.04, 0.04])     # mostly '+', the easiest operator
     train, test = data.client_data(private, skewed, 256, 256, seed=0, index=0)
     xtr, ytr, mtr = data.encode_lines(train, enc)
     held_out = data.encode_lines(test, enc)
