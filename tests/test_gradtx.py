@@ -519,7 +519,8 @@ def test_select_linear_map_equals_a_search_that_refits_ridge_at_every_lambda():
     for k in ks:
         basis = gradtx.public_basis(X, k)
         for lam in lams:
-            pred = gradtx.ridge_predict(gradtx.fit_ridge(gradtx.project(X, basis), Y, lam), gradtx.project(X_val, basis))
+            ridge = gradtx.fit_ridge(gradtx.project(X, basis), Y, lam)
+            pred = gradtx.ridge_predict(ridge, gradtx.project(X_val, basis))
             expected[(k, lam)] = (criterion(pred), pred)
     best = min(expected, key=lambda key: expected[key][0])
     basis, ridge, k, lam, scores = gradtx.select_linear_map(X, X, Y, X_val, criterion, ks, lams)
