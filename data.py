@@ -164,7 +164,7 @@ class ArithTask:
         self.seed, self.enc = seed, get_tokenizer()
         self.public, self.private = split_pairs(seed)
         self.explicit, self.ambiguous = pretrain_corpus()
-        self._corpus = None                               # encoded once, on first use
+        self._corpus = {}                                 # {device: the encoded corpus}, made on first use
 
     def fingerprint(self):   # of the pretraining corpus: pretraining's cache key
         return digest(self.explicit + self.ambiguous)
@@ -172,11 +172,12 @@ class ArithTask:
     def encode(self, examples):
         return encode_lines(examples, self.enc)
 
-    def pretrain_batch(self, n, rng):
-        if self._corpus is None:
-            self._corpus = self.encode(self.explicit + self.ambiguous)       # 3 x (2 * n_problems, T)
-        idx = torch.from_numpy(pretrain_indices(n, rng, len(self.explicit)))
-        return tuple(t[idx] for t in self._corpus)
+    def pretrain_batch(self, n, rng, device="cpu"):
+        """n pretraining lines, on `device`: the corpus goes there once, then only the indices travel."""
+        if str(device) not in self._corpus:   # 3 x (2 * n_problems, T)
+            self._corpus[str(device)] = tuple(t.to(device) for t in self.encode(self.explicit + self.ambiguous))
+        idx = torch.from_numpy(pretrain_indices(n, rng, len(self.explicit))).to(device, non_blocking=True)
+        return tuple(t[idx] for t in self._corpus[str(device)])
 
     def shadow_subset(self, k, n, alpha):
         """Public pairs, operators from a mixture ~ Dirichlet(alpha * m): around m, spread to reach any client's."""
@@ -363,11 +364,14 @@ class TextTask:
     def encode(self, examples):   # x, y, mask (N, block_size): every byte but a window's first is predicted
         return encode_lines(examples, self.enc, self.block_size, first_target=0, pad=True)
 
-    def pretrain_batch(self, n, rng):
-        """n windows at random offsets of the pretraining text (every domain's PRETRAIN part)."""
+    def pretrain_batch(self, n, rng, device="cpu"):
+        """n windows at random offsets of the pretraining text (every domain's PRETRAIN part), on `device`:
+        the text goes there once, then only the offsets travel."""
+        self._pretrain = self._pretrain.to(device)   # moved on the first call, a no-op after that
         offsets = torch.from_numpy(rng.integers(0, len(self._pretrain) - self.block_size, size=n))
-        tokens = self._pretrain[offsets[:, None] + torch.arange(self.block_size + 1)]   # (n, block_size + 1)
-        return tokens[:, :-1], tokens[:, 1:], torch.ones(n, self.block_size)
+        window = offsets.to(device, non_blocking=True)[:, None] + torch.arange(self.block_size + 1, device=device)
+        tokens = self._pretrain[window]                                                 # (n, block_size + 1)
+        return tokens[:, :-1], tokens[:, 1:], torch.ones(n, self.block_size, device=device)
 
     def shadow_subset(self, k, n, alpha):
         """(mixture over domains ~ Dirichlet(alpha * uniform), n windows of the SHADOW pool drawn with it)."""

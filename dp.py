@@ -141,8 +141,9 @@ def dp_sgd_step(model, optimizer, x, y, mask, clip, noise_multiplier, expected_b
 
     g = ( sum_i g_i * min(1, C / (||g_i|| + 1e-6))  +  N(0, (sigma*C)^2 I) ) / (q*N)
     Writes g into p.grad of every trainable parameter and calls optimizer.step().
-    Returns the mean per-example gradient norm before clipping (nan for an empty batch),
-    which is what one looks at to choose C.
+    Returns the mean per-example gradient norm before clipping (nan for an empty batch), which is
+    what one looks at to choose C, as a 0-dim tensor on the model's device: .item() it when needed
+    (reading it every step would make a GPU wait for each step to finish).
     `per_sample` computes the per-example gradients: `per_sample_grads_one_pass` (LoRA models,
     one backward) or `per_sample_grads` (torch.func, any model); both give the same numbers.
     """
@@ -172,7 +173,7 @@ def dp_sgd_step(model, optimizer, x, y, mask, clip, noise_multiplier, expected_b
     for p, g_p in zip(params.values(), g.split([p.numel() for p in params.values()])):
         p.grad = g_p.view_as(p).to(p.dtype)
     optimizer.step()
-    return norms.mean().item()
+    return norms.mean()
 
 
 def _gaussian(shape, std, like, generator):
@@ -180,7 +181,7 @@ def _gaussian(shape, std, like, generator):
     gives the same noise whatever device the model is on), returned on `like`'s device."""
     device = generator.device if generator is not None else like.device
     noise = torch.randn(shape, generator=generator, device=device, dtype=like.dtype)
-    return (noise * std).to(like.device)
+    return (noise * std).to(like.device, non_blocking=True)
 
 
 # -----------------------------------------------------------------------------

@@ -122,15 +122,20 @@ def reference_updates(task, tiny, llm, train, own_update, recipe, seed, rng):
     return out
 
 
-def provenance():
-    """The commit (when run from a git checkout) and the versions behind a result."""
+def provenance(device="cpu"):
+    """The commit (when run from a git checkout), the versions and the machine behind a result. Float
+    kernels differ between devices, and between CPUs (the vector instructions torch uses, its thread
+    count): a score may move in its last digits from one machine to another."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
+    device = torch.device(device)
     return {"commit": commit, "python": sys.version.split()[0], "torch": torch.__version__,
-            "numpy": np.__version__}
+            "numpy": np.__version__, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
 
 
 # -----------------------------------------------------------------------------
@@ -208,7 +213,7 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
     timing["llm_finetune_per_run"] = float(np.mean(seconds["finetune"]))
     out = {
         "task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
-        "config": asdict(cfg), "provenance": provenance(),
+        "config": asdict(cfg), "provenance": provenance(llm.wte.weight.device),
         "clients": results, "summary": summary, "privacy": privacy,
         "translators": {m: {**{k: log[k] for k in ("k", "ridge_lambda", "ridge_loss", "best_step", "val_loss",
                                                     "mean_shadow_loss", "true_update_loss")},
@@ -222,7 +227,7 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
     with open(path + ".tmp", "w") as f:
         json.dump(out, f, indent=1)
     os.replace(path + ".tmp", path)
-    print(f"eval      : {len(results)} clients, {time.time() - t0:.1f}s -> {path}\n")
+    print(f"eval      : {len(results)} clients, {time.time() - t0:.1f}s -> {path}\n", flush=True)
     print(report(out))
     return out
 

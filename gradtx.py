@@ -332,6 +332,12 @@ def gate_weight(gate, X):
 def fit_ridge(X, Y, lam):
     """Ridge regression Y ~ X on z-scored, flattened updates, solved in the dual (N << dims):
     pred(x) = z(x) @ keys^T @ values with keys = z(X_train), values = (K + lam I)^-1 z(Y_train)."""
+    return ridge_at(ridge_factors(X, Y), lam)
+
+
+def ridge_factors(X, Y):
+    """Everything fit_ridge computes before lambda enters: the z-scoring, K = keys keys^T = Q diag(e) Q^T
+    and Q^T z(Y). A search over lambda computes it once; each lambda then only rescales (`ridge_at`)."""
     X, Y = X.flatten(1).double(), Y.flatten(1).double()
     x_mean, x_std, y_mean, y_std = X.mean(0), X.std(0) + 1e-8, Y.mean(0), Y.std(0) + 1e-8
     keys = (X - x_mean) / x_std
@@ -341,8 +347,17 @@ def fit_ridge(X, Y, lam):
     # lam that swamped the prediction (measured: 5x its size at lam = 1e-3, 5% at 0.1)
     eigenvalues, Q = torch.linalg.eigh(keys @ keys.T)
     kept = eigenvalues > 1e-9 * eigenvalues.max()
-    values = Q[:, kept] @ ((Q[:, kept].T @ ((Y - y_mean) / y_std)) / (eigenvalues[kept, None] + lam))
-    ridge = dict(keys=keys, values=values, x_mean=x_mean, x_std=x_std, y_mean=y_mean, y_std=y_std)
+    Q, eigenvalues = Q[:, kept], eigenvalues[kept]                        # (N, r), (r,)
+    return dict(keys=keys, Q=Q, eigenvalues=eigenvalues, Qt_y=Q.T @ ((Y - y_mean) / y_std),   # (r, D_tgt)
+                x_mean=x_mean, x_std=x_std, y_mean=y_mean, y_std=y_std)
+
+
+def ridge_at(factors, lam):
+    """fit_ridge's map at one lambda: values = Q diag(1 / (e + lam)) Q^T z(Y) = (K + lam I)^-1 z(Y)."""
+    f = factors
+    values = f["Q"] @ (f["Qt_y"] / (f["eigenvalues"][:, None] + lam))                   # (N, D_tgt)
+    ridge = dict(keys=f["keys"], values=values, x_mean=f["x_mean"], x_std=f["x_std"], y_mean=f["y_mean"],
+                 y_std=f["y_std"])
     return {name: t.float() for name, t in ridge.items()}
 
 
@@ -364,8 +379,9 @@ def select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks=SUBSPACE_S
             continue
         basis = public_basis(X_clean, k)
         X_tr, X_va = project(X_train, basis), project(X_val, basis)
+        factors = ridge_factors(X_tr, Y_train)   # once per k: the same map as fit_ridge(X_tr, Y_train, lam)
         for lam in lams:
-            ridge = fit_ridge(X_tr, Y_train, lam)
+            ridge = ridge_at(factors, lam)
             scores[(k, lam)] = criterion(ridge_predict(ridge, X_va).view(len(X_val), *Y_train.shape[1:]))
             if best is None or scores[(k, lam)] < scores[best[:2]]:
                 best = (k, lam, basis, ridge)
@@ -395,7 +411,7 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
     (xs, base), ys = model_inputs(model, X_train), normalize(model, Y_train, "y")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
-    history, best, best_state, train_mse = [], float("inf"), None, float("nan")
+    history, best, best_state, train_loss = [], float("inf"), None, None
     for step in (bar := tqdm(range(steps + 1), desc="fit grad-transformer", leave=False)):
         if step % eval_every == 0 or step == steps:
             pred = generate(model, X_val)
@@ -403,6 +419,7 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
                                  normalize(model, Y_val.to(device), "y")).item()
             rel = ((pred - Y_val).flatten(1).norm(dim=1) / Y_val.flatten(1).norm(dim=1)).mean().item()
             crit = val_criterion(pred) if val_criterion else val_mse
+            train_mse = float("nan") if train_loss is None else train_loss.item()   # read here only: no sync per step
             history.append((step, train_mse, val_mse, rel, crit))
             if crit < best:
                 best, best_state = crit, {k: v.clone() for k, v in model.state_dict().items()}
@@ -410,13 +427,13 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
         if step == steps:
             break
         model.train()
-        idx = torch.randint(len(xs), (batch_size,), generator=g).to(device)
+        idx = torch.randint(len(xs), (batch_size,), generator=g).to(device, non_blocking=True)
         pred = model(xs[idx], shift_right(ys[idx]), None if base is None else base[idx])   # teacher forcing
         loss = F.mse_loss(pred, ys[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        train_mse = loss.item()
+        train_loss = loss.detach()
     model.load_state_dict(best_state)
     model.eval()
     return history

@@ -105,12 +105,16 @@ CLIENT_DATA_KEYS = FINETUNE_KEYS + ("group_size", "skew", "n_test")   # who hold
 CLIENT_KEYS = CLIENT_DATA_KEYS + DP_KEYS
 
 
-def stage_paths(cfg, task, levels=(1,)):
+def stage_paths(cfg, task, levels=(1,), device="cpu"):
     """{stage: file} for this configuration. Each key hashes the stage's settings, the files of the
-    stages it reads and a fingerprint of the data it is given: it cannot go stale."""
+    stages it reads and a fingerprint of the data it is given: it cannot go stale. A GPU's float kernels
+    give other numbers than a CPU's, so the device type counts too -- but only when it is not "cpu": a
+    CPU stage's key is what it always was, and a CUDA- or MPS-made stage gets a file of its own."""
+    made_on = [] if torch.device(device).type == "cpu" else [torch.device(device).type]
+
     def path(stage, keys, *inputs):   # an input stage counts by its file name: a cache can be moved
         inputs = [os.path.basename(i) if isinstance(i, str) else i for i in inputs]
-        blob = json.dumps([stage, {k: getattr(cfg, k) for k in keys}, inputs], sort_keys=True)
+        blob = json.dumps([stage, {k: getattr(cfg, k) for k in keys}, inputs] + made_on, sort_keys=True)
         return os.path.join(cfg.cache or cfg.out, f"{stage}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}.pt")
     shadow_data = data.digest(e for k in range(cfg.n_shadow)
                               for e in task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha)[1])
@@ -131,9 +135,20 @@ def stage_paths(cfg, task, levels=(1,)):
     return p
 
 
-def load_stage(path):
-    """A finished stage's output, or None. Stage files hold only tensors and plain values."""
-    return torch.load(path, weights_only=True) if os.path.exists(path) else None
+def load_stage(path, load=lambda path: torch.load(path, weights_only=True)):
+    """load(path) of a finished stage's file (stage files hold only tensors and plain values), or None:
+    not made yet, or unreadable. A file cut short (a full disk, an interrupted copy) is reported in one
+    line and moved aside to <path>.unreadable, and the stage that made it runs again."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return load(path)
+    except Exception as e:   # torch's own error names no file; ours names it, in one line
+        cause = e.__cause__ or e
+        reason = f"{type(cause).__name__}: {str(cause).strip()}".splitlines()[0].split(". ")[0]
+        print(f"cache: {path} is unreadable ({reason}): recomputing it", flush=True)
+        os.replace(path, path + ".unreadable")
+        return None
 
 
 def record_seconds(cfg, path, seconds):
@@ -164,18 +179,19 @@ def base_models(cfg, task, paths, device):
     for who, size, steps, lr in (("tiny", cfg.tiny_model, cfg.pretrain_steps_tiny, cfg.pretrain_lr_tiny),
                                  ("llm", cfg.llm_model, cfg.pretrain_steps_llm, cfg.pretrain_lr_llm)):
         path = paths[f"pretrain_{who}"]
-        if not os.path.exists(path):
+        model = load_stage(path, lambda path: tinylm.load_model(path, device))
+        if model is None:
             t0, seed = time.time(), cfg.seed + (0 if who == "tiny" else 1)
             shape = replace(tinylm.MODEL_PRESETS[size], vocab_size=task.enc.n_vocab, block_size=task.block_size)
             rng = np.random.default_rng([seed, 0])   # the public data's batches
-            model = tinylm.pretrain(shape, lambda: task.pretrain_batch(cfg.pretrain_batch, rng), steps, lr, seed,
-                                    device, f"pretrain {who}")
+            model = tinylm.pretrain(shape, lambda: task.pretrain_batch(cfg.pretrain_batch, rng, device), steps, lr,
+                                    seed, device, f"pretrain {who}")
             tinylm.save_model(model, path)
             record_seconds(cfg, path, time.time() - t0)
             print(f"pretrain  : {who} ({size}), {sum(p.numel() for p in model.parameters()):,} "
-                  f"params, {steps} steps, {time.time() - t0:.1f}s -> {path}")
-        models[who] = tinylm.add_lora(tinylm.load_model(path, device).eval(), cfg.lora_rank,
-                                      cfg.lora_alpha, cfg.lora_seed)
+                  f"params, {steps} steps, {time.time() - t0:.1f}s -> {path}", flush=True)
+            model = tinylm.load_model(path, device)   # from the file, exactly as a later run gets it
+        models[who] = tinylm.add_lora(model.eval(), cfg.lora_rank, cfg.lora_alpha, cfg.lora_seed)
     return models["tiny"], models["llm"]
 
 
@@ -255,7 +271,7 @@ def shadow_stages(cfg, task, tiny, llm, paths, device):
                      device, task, tiny, llm, paths)
     shadow = {"X": torch.stack([x for x, _ in runs]), "Y": torch.stack([y for _, y in runs])}
     print(f"shadow    : {cfg.n_shadow} runs x {cfg.n_snapshots} snapshots = {cfg.n_shadow * cfg.n_snapshots} "
-          f"pairs, {time.time() - t0:.1f}s -> {paths['shadow']}")
+          f"pairs, {time.time() - t0:.1f}s -> {paths['shadow']}", flush=True)
     if "shadow_dp" in paths:
         t0 = time.time()
         items = [(k, r) for k in range(cfg.n_shadow) for r in range(cfg.shadow_dp_draws)]
@@ -266,7 +282,7 @@ def shadow_stages(cfg, task, tiny, llm, paths, device):
                               task, tiny, llm, paths)
         shadow["X_private"] = torch.stack(draws).view(cfg.n_shadow, cfg.shadow_dp_draws, *draws[0].shape)
         print(f"shadow_dp : {len(items)} TinyLM runs with the clients' DP recipe ({cfg.dp_mechanism}, "
-              f"eps={cfg.dp_epsilon}), {time.time() - t0:.1f}s -> {paths['shadow_dp']}")
+              f"eps={cfg.dp_epsilon}), {time.time() - t0:.1f}s -> {paths['shadow_dp']}", flush=True)
     return shadow
 
 
@@ -299,9 +315,11 @@ def dp_noise(cfg, shadow, runs, m):
 def fit_stage(cfg, task, tiny, llm, shadow, path, m):
     """The linear map (public subspace k and ridge lambda, chosen by the functional criterion) and
     the Grad-Transformer on top of it, for inputs that average m uploads."""
-    if os.path.exists(path):
-        shapes = [tinylm.update_shape(model.cfg, cfg.lora_rank) for model in (tiny, llm)]
-        return gradtx.load(path, *shapes, llm.wte.weight.device), load_stage(path + ".log")
+    shapes = [tinylm.update_shape(model.cfg, cfg.lora_rank) for model in (tiny, llm)]
+    model = load_stage(path, lambda path: gradtx.load(path, *shapes, llm.wte.weight.device))
+    log = load_stage(path + ".log") if model is not None else None
+    if log is not None:
+        return model, log
     t0 = time.time()
     train_runs, val_runs = gradtx.split_runs(cfg.n_shadow, cfg.val_frac, cfg.seed)
     X, Y = translator_inputs(cfg, shadow, train_runs, m)
@@ -340,7 +358,7 @@ def fit_stage(cfg, task, tiny, llm, shadow, path, m):
     print(f"fit m={m}   : {len(X_train)} pairs from {len(train_runs)} runs, {len(val_runs)} val runs; "
           f"subspace k={k}, ridge lambda={lam:g}: val loss {log['ridge_loss']:.4f}; translator best step "
           f"{best[0]}: {best[4]:.4f} (mean shadow {log['mean_shadow_loss']:.4f}, true update "
-          f"{log['true_update_loss']:.4f}){note}, {log['seconds']:.1f}s")
+          f"{log['true_update_loss']:.4f}){note}, {log['seconds']:.1f}s", flush=True)
     return model, log
 
 
@@ -386,7 +404,8 @@ def clients_stage(cfg, task, tiny, llm, paths, device):
         c["references"] = refs
     sigma = noise_multiplier(cfg)
     note = f", DP ({cfg.dp_mechanism}) eps={cfg.dp_epsilon} sigma={sigma:.3f}" if sigma else ""
-    print(f"clients   : {len(clients)} clients fine-tuned their TinyLM{note}, {time.time() - t0:.1f}s")
+    print(f"clients   : {len(clients)} clients fine-tuned their TinyLM{note}, {time.time() - t0:.1f}s",
+          flush=True)
     return clients
 
 
@@ -396,6 +415,9 @@ def clients_stage(cfg, task, tiny, llm, paths, device):
 
 def run(cfg):
     device = pick_device(cfg.device)
+    if torch.device(device).type == "cuda":   # before the first CUDA work: cuBLAS reads it when it starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)   # the same numbers from run to run
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out, exist_ok=True)
@@ -405,7 +427,7 @@ def run(cfg):
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1)
     task = data.make_task(cfg.task, cfg.seed, cfg.text_path)
-    paths = stage_paths(cfg, task, pool_levels(cfg))
+    paths = stage_paths(cfg, task, pool_levels(cfg), device)
     tiny, llm = base_models(cfg, task, paths, device)
     shadow = shadow_stages(cfg, task, tiny, llm, paths, device)
     translators = {m: fit_stage(cfg, task, tiny, llm, shadow, paths[f"fit_{m}"], m) for m in pool_levels(cfg)}

@@ -9,8 +9,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# every stage of the protocol at a toy size: seconds, not minutes (the numbers mean nothing)
-TINY_RUN = ["--preset=smoke", "--tiny_model=micro", "--llm_model=micro", "--pretrain_steps_tiny=20",
+# every stage of the protocol at a toy size: seconds, not minutes (the numbers mean nothing); on the
+# CPU even where there is a GPU (tests/test_cuda.py runs it there)
+TINY_RUN = ["--preset=smoke", "--device=cpu", "--tiny_model=micro", "--llm_model=micro", "--pretrain_steps_tiny=20",
             "--pretrain_steps_llm=20", "--ft_steps=6", "--n_train=48", "--n_shadow=6",
             "--n_snapshots=2", "--snapshot_gap=2", "--gt_steps=4", "--gt_eval_every=2",
             "--n_test=24", "--threads=1", "--workers=1"]

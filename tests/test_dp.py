@@ -181,7 +181,7 @@ def test_both_paths_give_the_same_dp_step():
         norm = dp.dp_sgd_step(model, sgd(model), x, y, mask, clip=0.05, noise_multiplier=0.7,
                               expected_batch_size=8.0, generator=torch.Generator().manual_seed(0),
                               per_sample=per_sample)
-        updates.append((flat_params(model) - before, norm))
+        updates.append((flat_params(model) - before, norm.item()))   # a 0-dim tensor: no sync per step
     (u1, norm1), (u2, norm2) = updates
     assert norm1 > 0.05  # some examples were clipped
     assert (u1 - u2).abs().max() <= 1e-12 and norm1 == pytest.approx(norm2, abs=1e-12)
@@ -252,7 +252,7 @@ def step_with_given_grads(grads, clip, sigma, expected, seed=0):
     x = torch.zeros(len(grads), 1, dtype=torch.long)  # only len(x) matters
     norm = dp.dp_sgd_step(model, sgd(model), x, x, x, clip=clip, noise_multiplier=sigma, expected_batch_size=expected,
                           generator=torch.Generator().manual_seed(seed), per_sample=lambda *_: {"w": grads})
-    return -model.w.detach(), norm  # SGD at lr 1 from 0: minus the privatised gradient
+    return -model.w.detach(), norm.item()  # SGD at lr 1 from 0: minus the privatised gradient
 
 
 @pytest.mark.clip_and_noise

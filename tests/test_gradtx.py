@@ -504,3 +504,27 @@ def test_select_linear_map_takes_what_the_criterion_prefers():
     _, _, k, lam, scores = gradtx.select_linear_map(X[:16], X[:16], Y[:16], X[16:], criterion,
                                                     ks=(0, 2, 4), lams=(1.0, 10.0, 100.0))
     assert (k, lam) == (4, 10.0) and len(scores) == 9
+
+
+def test_select_linear_map_equals_a_search_that_refits_ridge_at_every_lambda():
+    # select_linear_map factors each k's solve once and only rescales it per lambda; the oracle is the
+    # plain search, fit_ridge from scratch at every (k, lambda) (fit_ridge itself: the primal test above)
+    X, Y = random_pairs(24, seed=8)
+    X_val = random_pairs(4, seed=9)[0]
+    basis = gradtx.public_basis(X, 2)   # the criterion prefers what (k, lambda) = (2, 1) predicts
+    target = gradtx.ridge_predict(gradtx.fit_ridge(gradtx.project(X, basis), Y, 1.0), gradtx.project(X_val, basis))
+    criterion = lambda pred: (pred.flatten(1).double() - target.double()).norm().item()  # noqa: E731
+    ks, lams = (0, 2, 5), (1e-3, 1e-1, 1.0, 10.0, 1e3)
+    expected = {}
+    for k in ks:
+        basis = gradtx.public_basis(X, k)
+        for lam in lams:
+            ridge = gradtx.fit_ridge(gradtx.project(X, basis), Y, lam)
+            pred = gradtx.ridge_predict(ridge, gradtx.project(X_val, basis))
+            expected[(k, lam)] = (criterion(pred), pred)
+    best = min(expected, key=lambda key: expected[key][0])
+    basis, ridge, k, lam, scores = gradtx.select_linear_map(X, X, Y, X_val, criterion, ks, lams)
+    assert (k, lam) == best == (2, 1.0)
+    assert scores == pytest.approx({key: score for key, (score, _) in expected.items()}, abs=1e-6)
+    torch.testing.assert_close(gradtx.ridge_predict(ridge, gradtx.project(X_val, basis)), expected[best][1],
+                               atol=1e-6, rtol=0)

@@ -3,6 +3,7 @@ cache (resuming, keys that cannot go stale), worker processes, the CLI, PGR on h
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -163,6 +164,27 @@ def test_interrupted_stage_resumes_to_the_same_pairs(tmp_path, monkeypatch):
     assert not os.path.exists(partial)
 
 
+def test_a_cut_short_stage_file_is_recomputed(finished_run, tmp_path, capsys):
+    """A cached file cut short (a full disk, an interrupted copy) is named in one line, moved aside and
+    made again: the run ends with the same scores instead of torch's error about a zip archive."""
+    out, first = finished_run
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cut = {"shadow-": 0.5, "pretrain_llm-": 0.01}   # a copy of the finished run's cache, two files cut short
+    for name in os.listdir(out):
+        blob = open(os.path.join(out, name), "rb").read()
+        keep = next((share for stage, share in cut.items() if name.startswith(stage) and name.endswith(".pt")), 1)
+        (cache / name).write_bytes(blob[:int(keep * len(blob))])
+    capsys.readouterr()
+    again = train.main(TINY_RUN + [f"--out={tmp_path / 'out'}", f"--cache={cache}"])
+    printed = capsys.readouterr().out
+    for stage in cut:
+        [line] = [text for text in printed.splitlines() if text.startswith("cache: ") and f"/{stage}" in text]
+        bad = re.fullmatch(r"cache: (\S+) is unreadable \(.+\): recomputing it", line).group(1)
+        assert os.path.exists(bad + ".unreadable")      # moved aside, not lost
+    assert again["clients"] == first["clients"] and again["summary"] == first["summary"]
+
+
 def test_cache_keys_follow_the_data_and_settings(monkeypatch):
     cfg = train.parse_args(TINY_RUN + ["--dp_epsilon=1"])
     task = data.make_task("arith", cfg.seed)
@@ -170,6 +192,13 @@ def test_cache_keys_follow_the_data_and_settings(monkeypatch):
     # the same settings in another cache directory: the same file names (a cache can be moved)
     moved = train.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--cache=elsewhere/cache"]), task)
     assert {s: os.path.basename(p) for s, p in moved.items()} == {s: os.path.basename(p) for s, p in before.items()}
+    # the device type counts, except "cpu": a CPU stage keeps the key it had before the device counted
+    # (the smoke preset's TinyLM, as every cache made so far names it), a GPU-made stage gets its own
+    assert train.stage_paths(cfg, task, device="cpu") == before
+    smoke = train.stage_paths(train.parse_args(["--preset=smoke"]), task)
+    assert os.path.basename(smoke["pretrain_tiny"]) == "pretrain_tiny-cf292e8bb6.pt"
+    on_gpu = train.stage_paths(cfg, task, device="cuda:0")
+    assert all(on_gpu[s] != before[s] for s in before) and on_gpu == train.stage_paths(cfg, task, device="cuda")
     # other client data: only the stages that read it (the clients and their references) change
     real_clients = data.ArithTask.clients
     monkeypatch.setattr(data.ArithTask, "clients", lambda self, *a, **k:
@@ -208,10 +237,10 @@ def test_worker_processes_give_the_same_pairs_as_one_process(tmp_path):
 
 def test_gpu_preset_shapes_run_on_cpu(tmp_path):
     """The gpu preset's model sizes, end to end with toy step counts: the code path, not the quality."""
-    results = train.main(["--preset=gpu", f"--out={tmp_path}", "--pretrain_steps_tiny=2", "--pretrain_steps_llm=2",
-                          "--pretrain_batch=8", "--ft_steps=3", "--n_train=16", "--n_shadow=4", "--n_snapshots=1",
-                          "--gt_steps=1", "--gt_eval_every=1", "--n_test=8", "--workers=1", "--threads=1",
-                          "--weak_baselines=false"])
+    results = train.main(["--preset=gpu", "--device=cpu", f"--out={tmp_path}", "--pretrain_steps_tiny=2",
+                          "--pretrain_steps_llm=2", "--pretrain_batch=8", "--ft_steps=3", "--n_train=16",
+                          "--n_shadow=4", "--n_snapshots=1", "--gt_steps=1", "--gt_eval_every=1", "--n_test=8",
+                          "--workers=1", "--threads=1", "--weak_baselines=false"])
     llm_cfg = tinylm.MODEL_PRESETS["llm_gpu"]
     assert results["config"]["llm_model"] == "llm_gpu"
     fit = torch.load(next(p for p in (tmp_path / f for f in os.listdir(tmp_path)) if p.name.startswith("fit-")

@@ -2,7 +2,8 @@
 tools/bench_dp.py -- how much does privacy cost per step? A plain LoRA step vs a DP-SGD step
 (clip, noise, Adam) on each per-example-gradient path of dp.py, for the TinyLM and LLM presets.
 
-    python tools/bench_dp.py
+    python tools/bench_dp.py                  # on the CPU, one thread
+    python tools/bench_dp.py --device=cuda    # on a GPU
 
 It lives here, above both, because it needs dp.py (the DP-SGD step) and tinylm.py (the models)
 and tinylm.py already imports dp.py: the library modules import one way only.
@@ -24,14 +25,22 @@ from dp import dp_sgd_step, per_sample_grads, per_sample_grads_one_pass
 ROUNDS, WARMUP = 120, 10   # timed rounds of each kind of step, after untimed warm-up rounds
 
 
-def median_step_times(preset, x, y, mask, n_vocab, rounds=ROUNDS, warmup=WARMUP):
+def clock(device):
+    """Seconds now -- on a GPU once the work queued so far is done: its kernels run asynchronously."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def median_step_times(preset, x, y, mask, n_vocab, device="cpu", rounds=ROUNDS, warmup=WARMUP):
     """Median seconds of a plain step and of a DP-SGD step on each path. Interleaved: each
     round times one step of each kind, in a rotating order, so machine load hits all alike."""
     torch.manual_seed(0)
     cfg = tinylm.GPTConfig(**{**tinylm.MODEL_PRESETS[preset].__dict__, "vocab_size": n_vocab})
-    model = tinylm.add_lora(tinylm.GPT(cfg))
+    model = tinylm.add_lora(tinylm.GPT(cfg).to(device))
+    x, y, mask = x.to(device), y.to(device), mask.to(device)
     opt = torch.optim.Adam(tinylm.lora_parameters(model), lr=1e-3)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(0)   # on the CPU, as in training: the noise is drawn there
 
     def plain():
         _, loss = model(x, y, mask)
@@ -48,26 +57,27 @@ def median_step_times(preset, x, y, mask, n_vocab, rounds=ROUNDS, warmup=WARMUP)
     times = {name: [] for name, _ in steps}
     for r in tqdm(range(warmup + rounds), desc=preset, leave=False):
         for name, step in steps[r % 3:] + steps[:r % 3]:
-            t0 = time.perf_counter()
+            t0 = clock(device)
             step()
             if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock(device) - t0)
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def main():
+def main(argv):
+    device = argv[0].removeprefix("--device=") if argv else "cpu"
     torch.set_num_threads(1)  # as train.py's fine-tuning workers; steadier on a busy 2-core machine
     enc = data.get_tokenizer()
     lines = data.lines_from(data.PAIRS, data.TASK_MIXTURE, 32, np.random.default_rng(0))
     x, y, mask = data.encode_lines(lines, enc)  # (32, T) each
     print(f"plain step vs DP-SGD step (clip, noise, Adam), LoRA, batch of {len(x)} lines, "
-          f"torch.set_num_threads(1), median of {ROUNDS} interleaved steps each")
+          f"torch.set_num_threads(1), device {device}, median of {ROUNDS} interleaved steps each")
     for preset in ("tiny", "llm"):
-        t = median_step_times(preset, x, y, mask, enc.n_vocab)
+        t = median_step_times(preset, x, y, mask, enc.n_vocab, device)
         print(f"{preset:>4} preset: plain {1e3 * t['plain']:5.1f} ms | "
               f"DP-SGD one pass {1e3 * t['one pass']:5.1f} ms = {t['one pass'] / t['plain']:.2f}x | "
               f"DP-SGD torch.func {1e3 * t['torch.func']:5.1f} ms = {t['torch.func'] / t['plain']:.2f}x")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
