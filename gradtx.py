@@ -235,6 +235,7 @@ def generate(model, tiny_update):
 
 SUBSPACE_SIZES = (0, 4, 8, 16, 32, 64)       # the grid select_linear_map searches; k = 0: no projection
 RIDGE_LAMBDAS = (1e-3, 1e-2, 1e-1, 1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6)
+SELECTION = "simplest within one standard error"   # how a map and a checkpoint are chosen (a cache key)
 SIGNAL_DIRECTIONS = 4   # the top public directions along which train.py measures upload_signal
 
 
@@ -247,9 +248,9 @@ def split_runs(n_runs, val_frac, seed):
 
 
 def functional_criterion(llm, val_sets, measure="loss"):
-    """f(pred_updates) = the LLM's mean loss on each held-out run's own shadow data (x, y, mask) with
-    that run's predicted update applied; lower is better (selection in parameter space
-    keeps a translator that still sits at the mean update). measure="exact_match" scores 1 - the share
+    """f(pred_updates) = (n_runs,) the LLM's loss on each held-out run's own shadow data (x, y, mask) with
+    that run's predicted update applied; lower is better, and its mean is the score (selection in parameter
+    space keeps a translator that still sits at the mean update). measure="exact_match" scores 1 - the share
     of examples answered exactly right: the loss rewards hedging towards the mean update, this does not."""
     def criterion(pred_updates):
         values = []
@@ -257,8 +258,22 @@ def functional_criterion(llm, val_sets, measure="loss"):
             tinylm.set_update(llm, update)
             values.append(tinylm.loss_of(llm, x, y, mask) if measure == "loss"
                           else 1.0 - tinylm.exact_match_of(llm, x, y, mask))
-        return float(np.mean(values))
+        return np.array(values)
     return criterion
+
+
+def simplest_within_one_se(scores):
+    """The first candidate (`scores` lists them simplest first) that is not clearly worse than the best:
+    its per-run scores (lower is better) exceed the best candidate's by at most one standard error of the
+    paired difference. The one-standard-error rule (Breiman et al. 1984): a dozen held-out runs rank
+    candidates only up to noise, and a noise-fitted pick (a larger subspace, a weaker ridge, a later
+    checkpoint) is what breaks when DP noise is strong. A scalar score has no spread: then the best wins."""
+    values = {c: np.atleast_1d(np.asarray(v, dtype=float)) for c, v in scores.items()}
+    best = min(values, key=lambda c: values[c].mean())
+    for c, v in values.items():
+        d = v - values[best]
+        if d.mean() <= (d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0):
+            return c
 
 
 def public_basis(X_clean, k):
@@ -370,10 +385,12 @@ def ridge_predict(ridge, X):
 
 def select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks=SUBSPACE_SIZES, lams=RIDGE_LAMBDAS):
     """Choose the subspace size k and ridge's lambda by the functional criterion on held-out runs
-    (parameter-space error would pick a far too strong lambda). X_clean: clean public
-    shadow TinyLM updates, for the basis; X_train, X_val: the inputs the map will be given (DP
-    updates when clients use DP); Y_train: LLM updates. Returns (basis, ridge, k, lam, {(k, lam): score})."""
-    scores, best = {}, None
+    (parameter-space error would pick a far too strong lambda): the simplest map within one standard
+    error of the best (`simplest_within_one_se`; fewer directions first -- k = 0, the raw input, has the
+    most -- then a stronger ridge). X_clean: clean public shadow TinyLM updates, for the basis; X_train,
+    X_val: the inputs the map will be given (DP updates when clients use DP); Y_train: LLM updates.
+    Returns (basis, ridge, k, lam, {(k, lam): mean score})."""
+    scores, maps = {}, {}
     for k in ks:
         if k > min(X_clean.shape[0] - 1, X_clean[0].numel()):   # more directions than the data has
             continue
@@ -383,10 +400,10 @@ def select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks=SUBSPACE_S
         for lam in lams:
             ridge = ridge_at(factors, lam)
             scores[(k, lam)] = criterion(ridge_predict(ridge, X_va).view(len(X_val), *Y_train.shape[1:]))
-            if best is None or scores[(k, lam)] < scores[best[:2]]:
-                best = (k, lam, basis, ridge)
-    k, lam, basis, ridge = best
-    return basis, ridge, k, lam, scores
+            maps[(k, lam)] = (basis, ridge)
+    simplest_first = sorted(scores, key=lambda c: (c[0] or math.inf, -c[1]))
+    k, lam = simplest_within_one_se({c: scores[c] for c in simplest_first})
+    return *maps[(k, lam)], k, lam, {c: float(np.mean(v)) for c, v in scores.items()}
 
 
 @torch.no_grad()
@@ -401,9 +418,11 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
         eval_every, val_criterion=None, seed=0):
     """Train on (TinyLM update, LLM update) pairs; keep the checkpoint with the best validation.
     X_*: (N, n_src, d_src), Y_*: (N, n_tgt, d_tgt), raw units; the validation pairs come from shadow
-    RUNS not in the training set. `val_criterion(pred_Y_val) -> float` scores autoregressive
+    RUNS not in the training set. `val_criterion(pred_Y_val) -> (n_val,) or float` scores autoregressive
     predictions, lower is better (train.py: functional_criterion); without it, validation MSE decides.
-    Returns the history [(step, train_mse, val_mse, val_rel_err, criterion)]."""
+    The checkpoint kept is the earliest within one standard error of the best (`simplest_within_one_se`):
+    step 0, the linear map, unless training beats it by more than the held-out runs' noise.
+    Returns {"history": [(step, train_mse, val_mse, val_rel_err, criterion)], "best_step": step kept}."""
     torch.manual_seed(seed)
     device = model.head.weight.device
     X_train, Y_train = X_train.to(device), Y_train.to(device)
@@ -411,18 +430,18 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
     (xs, base), ys = model_inputs(model, X_train), normalize(model, Y_train, "y")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
-    history, best, best_state, train_loss = [], float("inf"), None, None
+    history, per_run, states, train_loss = [], {}, {}, None
     for step in (bar := tqdm(range(steps + 1), desc="fit grad-transformer", leave=False)):
         if step % eval_every == 0 or step == steps:
             pred = generate(model, X_val)
-            val_mse = F.mse_loss(normalize(model, pred.to(device), "y"),
-                                 normalize(model, Y_val.to(device), "y")).item()
+            errors = (normalize(model, pred.to(device), "y") - normalize(model, Y_val.to(device), "y")).pow(2)
+            val_mse = errors.mean().item()
             rel = ((pred - Y_val).flatten(1).norm(dim=1) / Y_val.flatten(1).norm(dim=1)).mean().item()
-            crit = val_criterion(pred) if val_criterion else val_mse
+            per_run[step] = val_criterion(pred) if val_criterion else errors.flatten(1).mean(1).cpu().numpy()
+            crit = float(np.mean(per_run[step]))
             train_mse = float("nan") if train_loss is None else train_loss.item()   # read here only: no sync per step
             history.append((step, train_mse, val_mse, rel, crit))
-            if crit < best:
-                best, best_state = crit, {k: v.clone() for k, v in model.state_dict().items()}
+            states[step] = {k: v.clone() for k, v in model.state_dict().items()}
             bar.set_postfix(val=f"{crit:.4f}")
         if step == steps:
             break
@@ -434,9 +453,10 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
         loss.backward()
         opt.step()
         train_loss = loss.detach()
-    model.load_state_dict(best_state)
+    best_step = simplest_within_one_se(per_run)   # earliest first: dicts keep their order
+    model.load_state_dict(states[best_step])
     model.eval()
-    return history
+    return {"history": history, "best_step": best_step}
 
 
 # -----------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def stage_paths(cfg, task, levels=(1,), device="cpu"):
     if cfg.dp_epsilon > 0:
         p["shadow_dp"] = inputs = path("shadow_dp", SHADOW_DP_KEYS, p["shadow"])
     for m in levels:   # one translator per noise level: inputs that average m uploads
-        p[f"fit_{m}"] = path("fit", FIT_KEYS, inputs, m, gradtx.SUBSPACE_SIZES, gradtx.RIDGE_LAMBDAS)
+        p[f"fit_{m}"] = path("fit", FIT_KEYS, inputs, m, gradtx.SUBSPACE_SIZES, gradtx.RIDGE_LAMBDAS, gradtx.SELECTION)
     p["clients"] = path("clients", CLIENT_KEYS, p["pretrain_tiny"], client_data)
     # llm_ft reads only the clients' data; the weak baselines also read their uploads (the clients stage)
     p["references"] = path("references", CLIENT_DATA_KEYS + ("seed", "weak_baselines"),
@@ -343,14 +343,15 @@ def fit_stage(cfg, task, tiny, llm, shadow, path, m):
     torch.manual_seed(cfg.seed)   # the translator's init: seeded here, not by whatever ran before in this process
     model = gradtx.GradTransformer(gcfg).to(llm.wte.weight.device)
     gradtx.set_linear_map(model, basis, ridge if cfg.gt_skip else None, gate)
-    history = gradtx.fit(model, X_train, Y_train, X_val, Y_val, cfg.gt_steps, cfg.gt_lr, cfg.gt_weight_decay,
-                         cfg.gt_batch, cfg.gt_eval_every, criterion, cfg.seed)
-    best = min(history, key=lambda h: h[4])
+    fitted = gradtx.fit(model, X_train, Y_train, X_val, Y_val, cfg.gt_steps, cfg.gt_lr, cfg.gt_weight_decay,
+                        cfg.gt_batch, cfg.gt_eval_every, criterion, cfg.seed)
+    history = fitted["history"]
+    best = next(h for h in history if h[0] == fitted["best_step"])
     log = {"history": history, "best_step": best[0], "val_rel_err": best[3], "val_loss": best[4],
            "k": k, "ridge_lambda": lam, "ridge_loss": scores[(k, lam)], "basis": basis, "ridge": ridge,
            "upload_signal": signal,
-           "mean_shadow_loss": criterion(Y_train.mean(0).expand(len(val_runs), -1, -1)),
-           "true_update_loss": criterion(Y_val), "level": m, "seconds": time.time() - t0}
+           "mean_shadow_loss": float(np.mean(criterion(Y_train.mean(0).expand(len(val_runs), -1, -1)))),
+           "true_update_loss": float(np.mean(criterion(Y_val))), "level": m, "seconds": time.time() - t0}
     tinylm.atomic_save(log, path + ".log")
     gradtx.save(model, path)  # last: its presence marks the stage done
     record_seconds(cfg, path, log["seconds"])

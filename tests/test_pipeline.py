@@ -91,6 +91,25 @@ def test_dp_run_with_groups(dp_group_run):
         assert first["pooling"][2]["gradtx"] == first["scores"]["gradtx_group"]
         assert second["pooling"][2]["gradtx"] == second["scores"]["gradtx_group"]
     assert "pooling_gain_of_means" in results["summary"]["by_kind"]["skewed"]
+    for c in results["clients"]:   # the do-no-harm gate says how far each upload was trusted
+        assert 0 < c["gate_weight"] < 1
+    worst = results["summary"]["worst_vs_mean_shadow"]
+    assert worst["mean_shadow"] == 0 and worst["gradtx"] == min(
+        c["scores"]["gradtx"] - c["scores"]["mean_shadow"] for c in results["clients"])
+
+
+def test_frontier_points_and_table(dp_group_run):
+    _, results = dp_group_run
+    points = evaluation.frontier_points([results])   # a run with groups of 2: one point per pooled size
+    assert [p["m"] for p in points] == [1, 2] and all(p["n_train"] == 48 and p["epsilon"] == 1.0 for p in points)
+    assert points[1]["nem"] == pytest.approx(48 * 1.0 * math.sqrt(2))
+    skewed = results["summary"]["by_kind"]["skewed"]
+    assert points[1]["gain"]["gradtx"] == skewed["pooling_gain_of_means"][2]["gradtx"]
+    assert points[0]["gain"]["mean_shadow"] == skewed["gain_of_means"]["mean_shadow"]
+    table = evaluation.experiment_table("frontier", [results])
+    assert table.count("\n| 48 | 1 |") == 2
+    cfg = train.parse_args(TINY_RUN + ["--dp_epsilon=0.3", "--group_size=2"])
+    assert train.run_name(cfg, "frontier") == "n48_eps0.3_sgd_m2" and train.run_name(cfg, "dp") == "eps0.3_sgd"
 
 
 def test_shadow_dp_runs_use_exactly_the_clients_recipe(tmp_path, monkeypatch):
