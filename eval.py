@@ -145,7 +145,7 @@ def provenance(device="cpu"):
 def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_seconds, privacy):
     """Score every method on every client; write results.json into cfg.out and print the tables.
 
-    translators: {m: (Grad-Transformer, fit log)} for inputs that average m uploads; the fit log
+    translators: {m: gradtx.Translator(model, log)} for inputs that average m uploads; the fit log
     holds the selected linear map (basis, ridge) that is the `ridge` baseline."""
     t0, seconds = time.time(), {"generate": [], "finetune": []}
     llm_shape = tuple(shadow["Y"].shape[2:])
@@ -155,12 +155,12 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
 
     def translate(upload, m=1):        # the Grad-Transformer trained for inputs that average m uploads
         start = time.perf_counter()
-        update = gradtx.generate(translators[m][0], upload)
+        update = gradtx.generate(translators[m].model, upload)
         seconds["generate"].append(time.perf_counter() - start)
         return update
 
     def linear(upload, m=1):           # the selected linear map alone
-        log = translators[m][1]
+        log = translators[m].log
         return gradtx.ridge_predict(log["ridge"], gradtx.project(upload[None], log["basis"])).view(llm_shape)
 
     shared = {"llm_base": torch.zeros(llm_shape), "mean_shadow": mean_update,
@@ -195,7 +195,7 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
         pooling = {m: {variant: score_update(u) for variant, u in point.items()}
                    for m, point in curve.items()} if len(groups[c["group"]]) > 1 else {}
         floor, ceiling, base = scores["tinylm_ft"], scores["llm_ft"], scores["llm_base"]
-        gate = translators[1][0].gate   # with DP: how far the translator trusted this upload (1: fully)
+        gate = translators[1].model.gate   # with DP: how far the translator trusted this upload (1: fully)
         results.append({
             "name": c["name"], "group": c["group"], "kind": c["kind"], "mixture": c["mixture"],
             "gate_weight": None if gate is None else gradtx.gate_weight(gate, c["upload"][None].float()).item(),
@@ -215,12 +215,7 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
         "task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
         "config": asdict(cfg), "provenance": provenance(llm.wte.weight.device),
         "clients": results, "summary": summary, "privacy": privacy,
-        "translators": {m: {**{k: log[k] for k in ("k", "ridge_lambda", "ridge_loss", "best_step", "val_loss",
-                                                    "mean_shadow_loss", "true_update_loss")},
-                            "upload_signal": log.get("upload_signal"),   # absent from fit logs made before it
-                            "history": [dict(zip(("step", "train_mse", "val_mse", "val_rel_err", "criterion"), h))
-                                        for h in log["history"]]}   # the fit curve (tools/plots.py)
-                        for m, (_, log) in translators.items()},
+        "translators": {m: translator_summary(t.log) for m, t in translators.items()},
         "timing_s": timing,
     }
     path = os.path.join(cfg.out, "results.json")
@@ -230,6 +225,15 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
     print(f"eval      : {len(results)} clients, {time.time() - t0:.1f}s -> {path}\n", flush=True)
     print(report(out))
     return out
+
+
+def translator_summary(log):
+    """What results.json keeps of a fit log: the selection, the losses and the fit curve."""
+    keys = ("k", "ridge_lambda", "ridge_loss", "best_step", "val_loss", "mean_shadow_loss",
+            "true_update_loss")
+    return {**{k: log[k] for k in keys},
+            "upload_signal": log.get("upload_signal"),   # absent from fit logs made before it
+            "history": log["history"]}                   # the fit curve (tools/plots.py)
 
 
 def pooling_updates(members, translators, translate, linear):

@@ -27,6 +27,7 @@ The translator is selected on held-out shadow RUNS by a functional criterion (`s
 """
 import math
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -58,7 +59,8 @@ class GTConfig:
 
 
 class Attention(nn.Module):
-    """Multi-head attention of queries x over a context (x itself, or the encoder's output)."""
+    """Multi-head attention of queries x over a context (x itself, or the encoder's output).
+    Not tinylm.SelfAttention: that one is causal self-attention only, with LoRA on q and v."""
 
     def __init__(self, d_model, n_head):
         super().__init__()
@@ -414,6 +416,12 @@ def set_linear_map(model, basis, ridge, gate=None):
             t.copy_(new[name])
 
 
+class Translator(NamedTuple):
+    """A fitted Grad-Transformer and its fit log (train.fit_stage), for one noise level."""
+    model: GradTransformer
+    log: dict
+
+
 def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_size,
         eval_every, val_criterion=None, seed=0):
     """Train on (TinyLM update, LLM update) pairs; keep the checkpoint with the best validation.
@@ -422,7 +430,8 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
     predictions, lower is better (train.py: functional_criterion); without it, validation MSE decides.
     The checkpoint kept is the earliest within one standard error of the best (`simplest_within_one_se`):
     step 0, the linear map, unless training beats it by more than the held-out runs' noise.
-    Returns {"history": [(step, train_mse, val_mse, val_rel_err, criterion)], "best_step": step kept}."""
+    Returns {"history": [{"step", "train_mse", "val_mse", "val_rel_err", "criterion"}],
+    "best_step": step kept}."""
     torch.manual_seed(seed)
     device = model.head.weight.device
     X_train, Y_train = X_train.to(device), Y_train.to(device)
@@ -440,7 +449,8 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
             per_run[step] = val_criterion(pred) if val_criterion else errors.flatten(1).mean(1).cpu().numpy()
             crit = float(np.mean(per_run[step]))
             train_mse = float("nan") if train_loss is None else train_loss.item()   # read here only: no sync per step
-            history.append((step, train_mse, val_mse, rel, crit))
+            history.append({"step": step, "train_mse": train_mse, "val_mse": val_mse,
+                            "val_rel_err": rel, "criterion": crit})
             states[step] = {k: v.clone() for k, v in model.state_dict().items()}
             bar.set_postfix(val=f"{crit:.4f}")
         if step == steps:

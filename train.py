@@ -318,8 +318,10 @@ def fit_stage(cfg, task, tiny, llm, shadow, path, m):
     shapes = [tinylm.update_shape(model.cfg, cfg.lora_rank) for model in (tiny, llm)]
     model = load_stage(path, lambda path: gradtx.load(path, *shapes, llm.wte.weight.device))
     log = load_stage(path + ".log") if model is not None else None
-    if log is not None:
-        return model, log
+    if log is not None:   # a log cached before history entries had names holds tuples
+        names = ("step", "train_mse", "val_mse", "val_rel_err", "criterion")
+        log["history"] = [h if isinstance(h, dict) else dict(zip(names, h)) for h in log["history"]]
+        return gradtx.Translator(model, log)
     t0 = time.time()
     train_runs, val_runs = gradtx.split_runs(cfg.n_shadow, cfg.val_frac, cfg.seed)
     X, Y = translator_inputs(cfg, shadow, train_runs, m)
@@ -346,8 +348,9 @@ def fit_stage(cfg, task, tiny, llm, shadow, path, m):
     fitted = gradtx.fit(model, X_train, Y_train, X_val, Y_val, cfg.gt_steps, cfg.gt_lr, cfg.gt_weight_decay,
                         cfg.gt_batch, cfg.gt_eval_every, criterion, cfg.seed)
     history = fitted["history"]
-    best = next(h for h in history if h[0] == fitted["best_step"])
-    log = {"history": history, "best_step": best[0], "val_rel_err": best[3], "val_loss": best[4],
+    best = next(h for h in history if h["step"] == fitted["best_step"])
+    log = {"history": history, "best_step": best["step"], "val_rel_err": best["val_rel_err"],
+           "val_loss": best["criterion"],
            "k": k, "ridge_lambda": lam, "ridge_loss": scores[(k, lam)], "basis": basis, "ridge": ridge,
            "upload_signal": signal,
            "mean_shadow_loss": float(np.mean(criterion(Y_train.mean(0).expand(len(val_runs), -1, -1)))),
@@ -358,9 +361,9 @@ def fit_stage(cfg, task, tiny, llm, shadow, path, m):
     note = "" if signal is None else ", upload signal " + "/".join(f"{c:.2f}" for c in signal)
     print(f"fit m={m}   : {len(X_train)} pairs from {len(train_runs)} runs, {len(val_runs)} val runs; "
           f"subspace k={k}, ridge lambda={lam:g}: val loss {log['ridge_loss']:.4f}; translator best step "
-          f"{best[0]}: {best[4]:.4f} (mean shadow {log['mean_shadow_loss']:.4f}, true update "
+          f"{best['step']}: {best['criterion']:.4f} (mean shadow {log['mean_shadow_loss']:.4f}, true update "
           f"{log['true_update_loss']:.4f}){note}, {log['seconds']:.1f}s", flush=True)
-    return model, log
+    return gradtx.Translator(model, log)
 
 
 def pool_levels(cfg):
@@ -437,7 +440,7 @@ def run(cfg):
                "mechanism": cfg.dp_mechanism if cfg.dp_epsilon > 0 else None,
                "noise_multiplier": noise_multiplier(cfg) or 0.0, "clip": cfg.dp_clip,
                "sample_rate": sample_rate(cfg), "steps": cfg.ft_steps,
-               "subspace_k": {m: log["k"] for m, (_, log) in translators.items()}}
+               "subspace_k": {m: t.log["k"] for m, t in translators.items()}}
     results = evaluation.evaluate(cfg, task, tiny, llm, translators, shadow, clients,
                                   recipe(cfg), stage_seconds(cfg, paths), privacy)
     results["timing_s"]["this_run_total"] = time.time() - t_start
