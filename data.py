@@ -36,6 +36,29 @@ import tiktoken
 import torch
 
 # -----------------------------------------------------------------------------
+# random streams: each kind of draw has a stream of its own, so changing one stage never moves
+# another's draws. numpy draws come from [seed, stream, *index]; a fine-tuning run takes one
+# integer torch seed: a large prime times the seed, plus its weighted indices.
+
+STREAMS = {"pretrain batches": 0, "shadow subset": 1, "client data": 2, "run split": 3,
+           "public examples": 4, "audit canaries": 7, "audit prompts": 8}
+RUN_SEEDS = {"shadow run": (1_000_003, 1), "client run": (2_000_003, 1),
+             "shadow DP draw": (3_000_017, 1_009, 1), "audit client": (5_000_011, 1),
+             "audit setting": (6_000_007, 1)}
+
+
+def stream(seed, name, *index):
+    """The numpy Generator of one stream, e.g. stream(seed, "shadow subset", k)."""
+    return np.random.default_rng([seed, STREAMS[name], *index])
+
+
+def run_seed(seed, name, *index):
+    """The torch seed of one run, e.g. run_seed(seed, "shadow DP draw", k, r) = 3_000_017 * seed
+    + 1_009 * k + r."""
+    scale, *weights = RUN_SEEDS[name]
+    return scale * seed + sum(w * i for w, i in zip(weights, index))
+
+# -----------------------------------------------------------------------------
 # tokenizer: a tiktoken Encoding built from our own ranks (no network, tiny vocabulary)
 
 EOT = "<|endoftext|>"
@@ -101,7 +124,7 @@ def client_data(private_pairs, mixture, n_train, n_test, seed, index):
     if n_test >= len(private_pairs):
         raise ValueError(f"n_test = {n_test} leaves no operand pair of the private pool ({len(private_pairs)} "
                          f"pairs) for training: expected n_test < {len(private_pairs)}")
-    rng = np.random.default_rng([seed, 2, index])
+    rng = stream(seed, "client data", index)
     order = rng.permutation(len(private_pairs))
     n_distinct = min(n_train, len(private_pairs) - n_test)             # training pairs seen once each
     ops = rng.choice(len(OPS), size=n_distinct + n_test, p=mixture)
@@ -181,7 +204,7 @@ class ArithTask:
 
     def shadow_subset(self, k, n, alpha):
         """Public pairs, operators from a mixture ~ Dirichlet(alpha * m): around m, spread to reach any client's."""
-        rng = np.random.default_rng([self.seed, 1, k])
+        rng = stream(self.seed, "shadow subset", k)
         mixture = rng.dirichlet(alpha * TASK_MIXTURE)
         return mixture, lines_from(self.public, mixture, n, rng)
 
@@ -375,7 +398,7 @@ class TextTask:
 
     def shadow_subset(self, k, n, alpha):
         """(mixture over domains ~ Dirichlet(alpha * uniform), n windows of the SHADOW pool drawn with it)."""
-        rng = np.random.default_rng([self.seed, 1, k])
+        rng = stream(self.seed, "shadow subset", k)
         mixture = rng.dirichlet(np.full(len(self.domains), alpha / len(self.domains)))
         counts = np.bincount(rng.choice(len(self.domains), size=n, p=mixture), minlength=len(self.domains))
         return mixture, [w for d, c in zip(self.domains, counts)
@@ -390,7 +413,7 @@ class TextTask:
         n_test TRAIN / TEST windows, drawn at random when the domain has more. `skew` means nothing here."""
         members, span = [], self.block_size + 1
         for d, (domain, parts) in enumerate(self.splits.items()):
-            rng = np.random.default_rng([self.seed, 2, d])
+            rng = stream(self.seed, "client data", d)
             train, test = (windows(joined(parts[name]).encode(), span) for name in ("train", "test"))
             test, mixture = pick(test, n_test, rng), np.eye(len(self.domains))[d].tolist()
             for j, part in enumerate(np.array_split(np.arange(len(train)), group_size)):

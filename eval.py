@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import data
 import gradtx
 import tinylm
 
@@ -151,7 +152,7 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
     llm_shape = tuple(shadow["Y"].shape[2:])
     train_runs, _ = gradtx.split_runs(cfg.n_shadow, cfg.val_frac, cfg.seed)
     mean_update = shadow["Y"][train_runs].flatten(0, 1).mean(0)
-    rng = np.random.default_rng([cfg.seed, 4])
+    rng = data.stream(cfg.seed, "public examples")
 
     def translate(upload, m=1):        # the Grad-Transformer trained for inputs that average m uploads
         start = time.perf_counter()

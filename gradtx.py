@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import data
 import tinylm
 
 
@@ -244,7 +245,7 @@ SIGNAL_DIRECTIONS = 4   # the top public directions along which train.py measure
 def split_runs(n_runs, val_frac, seed):
     """Shadow run indices for training and validation: split by RUN, never by snapshot
     (snapshots of one run are near copies of each other and would leak across the split)."""
-    order = np.random.default_rng([seed, 3]).permutation(n_runs)
+    order = data.stream(seed, "run split").permutation(n_runs)
     n_val = max(2, int(round(val_frac * n_runs)))
     return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 

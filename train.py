@@ -183,7 +183,7 @@ def base_models(cfg, task, paths, device):
         if model is None:
             t0, seed = time.time(), cfg.seed + (0 if who == "tiny" else 1)
             shape = replace(tinylm.MODEL_PRESETS[size], vocab_size=task.enc.n_vocab, block_size=task.block_size)
-            rng = np.random.default_rng([seed, 0])   # the public data's batches
+            rng = data.stream(seed, "pretrain batches")   # the public data's batches
             model = tinylm.pretrain(shape, lambda: task.pretrain_batch(cfg.pretrain_batch, rng, device), steps, lr,
                                     seed, device, f"pretrain {who}")
             tinylm.save_model(model, path)
@@ -249,7 +249,7 @@ def shadow_run(k):
     order (same seed); the snapshots at the same steps form the pairs. Runs in a worker."""
     cfg, task = _worker["cfg"], _worker["task"]
     x, y, mask = task.encode(task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha)[1])
-    seed, clean = 1_000_003 * cfg.seed + k, recipe(cfg)
+    seed, clean = data.run_seed(cfg.seed, "shadow run", k), recipe(cfg)
     steps = [cfg.ft_steps - i * cfg.snapshot_gap for i in reversed(range(cfg.n_snapshots))]   # S, the last one final
     return (torch.stack(tinylm.finetune(_worker["tiny"], x, y, mask, clean, seed, steps)),
             torch.stack(tinylm.finetune(_worker["llm"], x, y, mask, clean, seed, steps)))
@@ -260,7 +260,7 @@ def shadow_dp_run(item):
     provider re-creates exactly what a client would upload from these data). Runs in a worker."""
     (k, r), cfg, task = item, _worker["cfg"], _worker["task"]
     x, y, mask = task.encode(task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha)[1])
-    return private_upload(cfg, _worker["tiny"], x, y, mask, 3_000_017 * cfg.seed + 1_009 * k + r, None)
+    return private_upload(cfg, _worker["tiny"], x, y, mask, data.run_seed(cfg.seed, "shadow DP draw", k, r), None)
 
 
 def shadow_stages(cfg, task, tiny, llm, paths, device):
@@ -276,7 +276,7 @@ def shadow_stages(cfg, task, tiny, llm, paths, device):
         t0 = time.time()
         items = [(k, r) for k in range(cfg.n_shadow) for r in range(cfg.shadow_dp_draws)]
         if cfg.dp_mechanism == "output":   # the clean run's final update IS the recipe's update: add noise
-            draws = [perturb(cfg, shadow["X"][k, -1], 3_000_017 * cfg.seed + 1_009 * k + r) for k, r in items]
+            draws = [perturb(cfg, shadow["X"][k, -1], data.run_seed(cfg.seed, "shadow DP draw", k, r)) for k, r in items]
         else:
             draws = run_stage(cfg, paths["shadow_dp"], "shadow DP draws", shadow_dp_run, items, device,
                               task, tiny, llm, paths)
@@ -379,7 +379,7 @@ def client_run(c):
     """One client: its non-private TinyLM update (the PGR floor, never uploaded) and its upload."""
     cfg, tiny = _worker["cfg"], _worker["tiny"]
     x, y, mask = _worker["task"].encode(c["train"])
-    seed = 2_000_003 * cfg.seed + c["index"]
+    seed = data.run_seed(cfg.seed, "client run", c["index"])
     floor = tinylm.finetune(tiny, x, y, mask, recipe(cfg), seed)[-1]
     if cfg.dp_epsilon <= 0:
         return floor, floor
@@ -392,8 +392,8 @@ def reference_run(c):
     cfg = _worker["cfg"]
     own = (c["upload"] if cfg.dp_epsilon > 0 else c["floor_update"]) if cfg.weak_baselines else None
     return evaluation.reference_updates(_worker["task"], _worker["tiny"], _worker["llm"], c["train"], own,
-                                        recipe(cfg), 2_000_003 * cfg.seed + c["index"],
-                                        np.random.default_rng([cfg.seed, 4, c["index"]]))
+                                        recipe(cfg), data.run_seed(cfg.seed, "client run", c["index"]),
+                                        data.stream(cfg.seed, "public examples", c["index"]))
 
 
 def clients_stage(cfg, task, tiny, llm, paths, device):

@@ -324,3 +324,13 @@ def test_convention_groups_give_every_member_its_own_disjoint_data():
         assert train | test <= private                   # and holds private pairs only
     assert members[0]["train"] != members[1]["train"]     # members of a group hold different data
     assert task.clients(100, 50, group_size=1)[0]["train"] == members[0]["train"]   # member 0 = the single client
+
+
+def test_streams_keep_the_seeds_every_cached_stage_was_made_with():
+    """The named streams are the numbers written out before they had names: a cached stage stays valid."""
+    assert data.run_seed(7, "shadow run", 3) == 1_000_003 * 7 + 3
+    assert data.run_seed(7, "client run", 5) == 2_000_003 * 7 + 5
+    assert data.run_seed(7, "shadow DP draw", 3, 2) == 3_000_017 * 7 + 1_009 * 3 + 2
+    for name, key in (("client data", [7, 2, 5]), ("public examples", [7, 4]), ("run split", [7, 3])):
+        index = key[2:]
+        assert data.stream(7, name, *index).integers(1 << 30) == np.random.default_rng(key).integers(1 << 30)

@@ -211,7 +211,7 @@ def operator_preference(model, prompts):
 def convention_leak(cfg, acfg, task, tiny):
     """How often the provider names a skewed client's favoured operator from its upload alone: the
     operator whose log-probability after '=' the upload raises most over the base TinyLM."""
-    rng = np.random.default_rng([acfg.seed, 8])
+    rng = data.stream(acfg.seed, "audit prompts")
     prompts = [line[:data.PROMPT_LEN + 1] for line in task.public_examples(acfg.leak_prompts, rng)]  # '37@52='
     px = torch.tensor([list(p.encode()) for p in prompts])                          # (N, PROMPT_LEN + 1)
     tinylm.set_update(tiny, torch.zeros(tinylm.update_shape(tiny.cfg, tiny.lora[0])))
@@ -227,7 +227,7 @@ def convention_leak(cfg, acfg, task, tiny):
             index = 10_000 + 100 * op + j   # clients of their own: no canaries, not train.py's
             lines, _ = data.client_data(task.private, skewed[op], cfg.n_train, 0, acfg.seed, index)
             x, y, mask = task.encode(lines)
-            seed = 5_000_011 * acfg.seed + index
+            seed = data.run_seed(acfg.seed, "audit client", index)
             if eps > 0:
                 upload = train.private_upload(private, tiny, x, y, mask, seed, None)
             else:
@@ -274,7 +274,7 @@ def main(argv):
         tiny, _ = train.base_models(cfg, task, paths, "cpu")
     client = task.clients(cfg.n_train, cfg.n_test, 1, cfg.skew)[-1]   # the IID client: task mixture m
     m = acfg.canaries
-    rng = np.random.default_rng([acfg.seed, 7])
+    rng = data.stream(acfg.seed, "audit canaries")
     included = rng.random(m) < 0.5                                     # (m,) who is in: the secret
     directions = random_directions(m, tinylm.update_shape(tiny.cfg, cfg.lora_rank), acfg.seed)
     lines = input_canaries(task, client["train"], m, rng)
@@ -290,7 +290,7 @@ def main(argv):
         for kind, canaries in (("gradient", directions), ("input", encoded)):
             t0 = time.time()
             row = audit_setting(cfg, acfg, tiny, x, y, mask, eps, mech, kind, canaries, included,
-                                6_000_007 * acfg.seed + len(rows))
+                                data.run_seed(acfg.seed, "audit setting", len(rows)))
             row["seconds"] = time.time() - t0
             rows.append(row)
             print(f"audit: {mech or 'no DP'} eps={'inf' if not eps else f'{eps:g}'}, {kind} canaries: "
