@@ -7,20 +7,20 @@ The arith task is an *operator convention* task. Lines look like
     37+52=+89     explicit operators: + add, - |a-b|, > max, < min
     37@52=>52     '@' is ambiguous: it stands for one of the four operators
 
-After the answer marker '=' the model names the operator it applies, then the result (scored on the number).
-Pretraining (public) shows explicit lines and '@' lines with a uniformly random meaning. Each organization
-writes '@' with its own *convention*, a mixture over the operators: fine-tuning on its data teaches it, and
-the larger model, which computes better, gains more from it.
+After the answer marker '=' the model names the operator it applies, then the result (scored on the
+number). Pretraining (public) shows explicit lines and '@' lines with a uniformly random meaning.
+Each organization writes '@' with its own *convention*, a mixture over the operators: fine-tuning on
+its data teaches it, and the larger model, which computes better, gains more from it.
 
     operand pairs (a, b) --hash--> PUBLIC pool (the provider's shadow data) | PRIVATE pool (clients)
     shadow subset k: public pairs, operators from its own mixture ~ Dirichlet(alpha * m)
-    client: private pairs, operators from its mixture (IID: the task mixture m; skewed: ~88% one operator),
-            with its own disjoint test split drawn from the same mixture
+    client: private pairs, operators from its mixture (IID: the task mixture m; skewed: ~88% one
+            operator), with its own disjoint test split drawn from the same mixture
 
-The `text` task (TextTask) is language modeling on Python's own documentation (or on your file): the same
-roles, with domains of text instead of conventions.
+The `text` task (TextTask) is language modeling on Python's own documentation (or on your file): the
+same roles, with domains of text instead of conventions.
 
-    python -c "import data; print(data.make_task('arith', 0).clients(3, 2)[0])"   # one client's data
+    python -c "import data; print(data.make_task('arith', 0).clients(3, 2)[0])"  # a client
     python -m pytest -q tests/test_data.py tests/test_text.py
 """
 import ast
@@ -65,15 +65,18 @@ EOT = "<|endoftext|>"
 
 
 def get_tokenizer(name="bytes"):
-    """The 256 single bytes (all of them, or tiktoken panics) + EOT. Another name ("gpt2") needs the network."""
+    """The 256 single bytes (all of them, or tiktoken panics) + EOT. Another name ("gpt2") needs the
+    network."""
     if name != "bytes":
         return tiktoken.get_encoding(name)
     return tiktoken.Encoding(name="gradtx-bytes", pat_str=r"[^\n]+|\n",
-                             mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={EOT: 256})
+                             mergeable_ranks={bytes([i]): i for i in range(256)},
+                             special_tokens={EOT: 256})
 
 
 def digest(strings):
-    """A short fingerprint of generated data: stage caches are keyed by it, so they cannot go stale."""
+    """A short fingerprint of generated data: stage caches are keyed by it, so they cannot go
+    stale."""
     return hashlib.sha1(b"".join(s.encode() + b"\x00" for s in strings)).hexdigest()[:12]
 
 
@@ -82,10 +85,13 @@ def digest(strings):
 
 OPS = ["+", "-", ">", "<"]                     # add, |a-b|, max, min
 OP_FUNCS = [lambda a, b: a + b, lambda a, b: abs(a - b), max, min]
-ANSWER = r"=[-+><]?([0-9]+)"                   # '=', the operator it names (if any), ASCII digits only
-TASK_MIXTURE = np.array([0.5, 0.2, 0.15, 0.15])  # the overall convention m (not uniform, or IID clients learn nothing)
+# '=', the operator it names (if any), ASCII digits only
+ANSWER = r"=[-+><]?([0-9]+)"
+# the overall convention m (not uniform, or IID clients learn nothing)
+TASK_MIXTURE = np.array([0.5, 0.2, 0.15, 0.15])
 PAIRS = [(a, b) for a in range(10, 100) for b in range(10, 100)]   # operands: always 2 digits
-PROMPT_LEN = 5      # "37@52": '=' at the same position in every line, whatever the operator (absolute positions)
+# "37@52": '=' at the same position in every line, whatever the operator (absolute positions)
+PROMPT_LEN = 5
 ANSWER_LEN = 6      # "=+198\n" at most
 BLOCK_SIZE = 16
 
@@ -96,15 +102,17 @@ def make_line(a, b, op, symbol=None):
 
 
 def parse_answer(text):
-    """The integer after the first '=' (and the operator it names), or None, i.e. a score of 0. [0-9], not
-    str.isdigit(): model output is decoded bytes, and int() refuses the '²' that isdigit() accepts."""
+    """The integer after the first '=' (and the operator it names), or None, i.e. a score of 0.
+    [0-9], not str.isdigit(): model output is decoded bytes, and int() refuses the '²' that
+    isdigit() accepts."""
     answer = re.match(r"[^=]*" + ANSWER, text)
     return int(answer.group(1)) if answer else None
 
 
 def split_pairs(seed):
     """PUBLIC / PRIVATE operand pairs, disjoint by construction: a hash of (seed, a, b) decides."""
-    public = {(a, b) for a, b in PAIRS if hashlib.sha256(f"{seed}:{a}:{b}".encode()).digest()[0] % 2 == 0}
+    public = {(a, b) for a,
+              b in PAIRS if hashlib.sha256(f"{seed}:{a}:{b}".encode()).digest()[0] % 2 == 0}
     return [p for p in PAIRS if p in public], [p for p in PAIRS if p not in public]
 
 
@@ -116,21 +124,26 @@ def lines_from(pairs, mixture, n, rng):
 
 
 def client_data(private_pairs, mixture, n_train, n_test, seed, index):
-    """A client's private train lines and its own test lines; no test pair ever occurs in its training lines.
+    """A client's private train lines and its own test lines; no test pair ever occurs in its
+    training lines.
 
-    Up to the pool's size every line has its own operand pair. A larger client (the paper's clients hold
-    ~8k records; the private pool has ~4k pairs) repeats pairs of its TRAINING part, each record with its
-    own operator drawn from the mixture, so it holds more evidence of its convention, never its test pairs."""
+    Up to the pool's size every line has its own operand pair. A larger client (the paper's clients
+    hold ~8k records; the private pool has ~4k pairs) repeats pairs of its TRAINING part, each
+    record with its own operator drawn from the mixture, so it holds more evidence of its
+    convention, never its test pairs."""
     if n_test >= len(private_pairs):
-        raise ValueError(f"n_test = {n_test} leaves no operand pair of the private pool ({len(private_pairs)} "
-                         f"pairs) for training: expected n_test < {len(private_pairs)}")
+        raise ValueError(f"n_test = {n_test} leaves no operand pair of the private pool "
+                         f"({len(private_pairs)} pairs) for training: expected n_test < "
+                         f"{len(private_pairs)}")
     rng = stream(seed, "client data", index)
     order = rng.permutation(len(private_pairs))
-    n_distinct = min(n_train, len(private_pairs) - n_test)             # training pairs seen once each
+    # training pairs seen once each
+    n_distinct = min(n_train, len(private_pairs) - n_test)
     ops = rng.choice(len(OPS), size=n_distinct + n_test, p=mixture)
     lines = [make_line(*private_pairs[i], op) for i, op in zip(order, ops)]
     train, test = lines[:n_distinct], lines[n_distinct:]
-    if n_train > n_distinct:                                            # more records than distinct pairs
+    # more records than distinct pairs
+    if n_train > n_distinct:
         again = rng.choice(order[:n_distinct], size=n_train - n_distinct)
         train += [make_line(*private_pairs[i], op)
                   for i, op in zip(again, rng.choice(len(OPS), size=len(again), p=mixture))]
@@ -138,15 +151,17 @@ def client_data(private_pairs, mixture, n_train, n_test, seed, index):
 
 
 def pretrain_corpus():
-    """(explicit_lines, ambiguous_lines), aligned: every problem once with its operator, once with '@'. The web
-    text that taught a public checkpoint arithmetic: no organization's convention (uniform over operators)."""
+    """(explicit_lines, ambiguous_lines), aligned: every problem once with its operator, once with
+    '@'. The web text that taught a public checkpoint arithmetic: no organization's convention
+    (uniform over operators)."""
     problems = [(a, b, op) for a, b in PAIRS for op in range(len(OPS))]
     return ([make_line(a, b, op, OPS[op]) for a, b, op in problems],
             [make_line(a, b, op) for a, b, op in problems])
 
 
 def pretrain_indices(n, rng, n_problems, explicit_frac=0.6):
-    """n random line indices into explicit_lines + ambiguous_lines: explicit with prob explicit_frac."""
+    """n random line indices into explicit_lines + ambiguous_lines: explicit with prob
+    explicit_frac."""
     idx = rng.integers(n_problems, size=n)
     return np.where(rng.random(n) < explicit_frac, idx, n_problems + idx)
 
@@ -159,14 +174,16 @@ def pretrain_lines(n, rng, explicit_frac=0.6):
 
 
 def encode_lines(lines, enc, block_size=BLOCK_SIZE, first_target=PROMPT_LEN - 1, pad=False):
-    """Lines of either task -> x, y (N, T) next-token pairs and mask (N, T): 1 on each line's targets from
-    y[:, first_target] on, 0 on the EOT padding behind a short line; T: the longest line's length - 1, or
-    block_size with pad. Arith: y[:, PROMPT_LEN - 1] is the '=', so the loss is on '=', the answer and '\\n'."""
+    """Lines of either task -> x, y (N, T) next-token pairs and mask (N, T): 1 on each line's
+    targets from y[:, first_target] on, 0 on the EOT padding behind a short line; T: the longest
+    line's length - 1, or block_size with pad. Arith: y[:, PROMPT_LEN - 1] is the '=', so the loss
+    is on '=', the answer and '\\n'."""
     rows = [enc.encode_ordinary(line) for line in lines]
     lengths = np.array([len(r) for r in rows], dtype=np.int64)
     longest = max(lengths, default=1) - 1
     if longest > block_size:
-        raise ValueError(f"an example has {longest + 1} tokens, more than block_size + 1 = {block_size + 1}")
+        raise ValueError(f"an example has {longest + 1} tokens, more than block_size + 1 = "
+                         f"{block_size + 1}")
     T = block_size if pad else longest
     tokens = np.full((len(rows), T + 1), enc.eot_token, dtype=np.int64)
     for i, r in enumerate(rows):
@@ -178,8 +195,9 @@ def encode_lines(lines, enc, block_size=BLOCK_SIZE, first_target=PROMPT_LEN - 1,
 
 
 class ArithTask:
-    """The arith task for one seed, with all that train.py and eval.py ask of a task (TextTask has the same
-    interface). A model is scored on a line by generating `completion_len` tokens after `prompt(line)`."""
+    """The arith task for one seed, with all that train.py and eval.py ask of a task (TextTask has
+    the same interface). A model is scored on a line by generating `completion_len` tokens after
+    `prompt(line)`."""
     name, metric, higher_is_better = "arith", "accuracy", True
     block_size, completion_len, label_temperature = BLOCK_SIZE, ANSWER_LEN, 0.0
 
@@ -187,7 +205,8 @@ class ArithTask:
         self.seed, self.enc = seed, get_tokenizer()
         self.public, self.private = split_pairs(seed)
         self.explicit, self.ambiguous = pretrain_corpus()
-        self._corpus = {}                                 # {device: the encoded corpus}, made on first use
+        # {device: the encoded corpus}, made on first use
+        self._corpus = {}
 
     def fingerprint(self):   # of the pretraining corpus: pretraining's cache key
         return digest(self.explicit + self.ambiguous)
@@ -196,14 +215,18 @@ class ArithTask:
         return encode_lines(examples, self.enc)
 
     def pretrain_batch(self, n, rng, device="cpu"):
-        """n pretraining lines, on `device`: the corpus goes there once, then only the indices travel."""
+        """n pretraining lines, on `device`: the corpus goes there once, then only the indices
+        travel."""
         if str(device) not in self._corpus:   # 3 x (2 * n_problems, T)
-            self._corpus[str(device)] = tuple(t.to(device) for t in self.encode(self.explicit + self.ambiguous))
-        idx = torch.from_numpy(pretrain_indices(n, rng, len(self.explicit))).to(device, non_blocking=True)
+            self._corpus[str(device)] = tuple(t.to(device)
+                                              for t in self.encode(self.explicit + self.ambiguous))
+        idx = torch.from_numpy(pretrain_indices(n, rng, len(self.explicit))).to(device,
+                                                                                non_blocking=True)
         return tuple(t[idx] for t in self._corpus[str(device)])
 
     def shadow_subset(self, k, n, alpha):
-        """Public pairs, operators from a mixture ~ Dirichlet(alpha * m): around m, spread to reach any client's."""
+        """Public pairs, operators from a mixture ~ Dirichlet(alpha * m): around m, spread to reach
+        any client's."""
         rng = stream(self.seed, "shadow subset", k)
         mixture = rng.dirichlet(alpha * TASK_MIXTURE)
         return mixture, lines_from(self.public, mixture, n, rng)
@@ -213,18 +236,20 @@ class ArithTask:
         return lines_from(self.public, TASK_MIXTURE, n or len(self.public), rng)
 
     def clients(self, n_train, n_test, group_size=1, skew=0.88):
-        """Convention groups of group_size members: one SKEWED group per operator (a share `skew` of it) and
-        the IID group (mixture m). Member i's private data depends on (seed, i) only."""
+        """Convention groups of group_size members: one SKEWED group per operator (a share `skew` of
+        it) and the IID group (mixture m). Member i's private data depends on (seed, i) only."""
         skewed = np.full((len(OPS), len(OPS)), (1 - skew) / (len(OPS) - 1))   # row op: op's mixture
         np.fill_diagonal(skewed, skew)
-        groups = [(f"skewed_{op}", "skewed", mix) for op, mix in zip(OPS, skewed)] + [("iid_0", "iid", TASK_MIXTURE)]
+        groups = [(f"skewed_{op}", "skewed", mix) for op,
+                  mix in zip(OPS, skewed)] + [("iid_0", "iid", TASK_MIXTURE)]
         members = []
         for group, kind, mixture in groups:
             for j in range(group_size):
-                train, test = client_data(self.private, mixture, n_train, n_test, self.seed, len(members))
-                members.append({"name": group if group_size == 1 else f"{group}/{j}", "group": group,
-                                "kind": kind, "index": len(members), "mixture": mixture.tolist(),
-                                "train": train, "test": test})
+                train, test = client_data(self.private, mixture, n_train, n_test, self.seed,
+                                          len(members))
+                members.append({"name": group if group_size == 1 else f"{group}/{j}",
+                                "group": group, "kind": kind, "index": len(members),
+                                "mixture": mixture.tolist(), "train": train, "test": test})
         return members
 
     def prompt(self, example):
@@ -234,7 +259,8 @@ class ArithTask:
         return parse_answer(completion) == parse_answer(example)
 
     def relabelled(self, prompt, completion):
-        """The prompt answered by a model's completion, or None when it does not start with an answer."""
+        """The prompt answered by a model's completion, or None when it does not start with an
+        answer."""
         answer = re.match(ANSWER, completion)
         return prompt + answer.group(0) + "\n" if answer else None
 
@@ -242,33 +268,38 @@ class ArithTask:
 # -----------------------------------------------------------------------------
 # the text task: language modeling on real text, scored in bits per byte
 #
-# The default corpus is Python's own documentation: the docstrings of standard-library modules, read from
-# their source files with ast (never imported: importing runs code), grouped into six *domains*, families of
-# modules. With --text_path=FILE the documents are the file's paragraphs, the domains its sections.
+# The default corpus is Python's own documentation: the docstrings of standard-library modules, read
+# from their source files with ast (never imported: importing runs code), grouped into six
+# *domains*, families of modules. With --text_path=FILE the documents are the file's paragraphs, the
+# domains its sections.
 #
 #   document (a docstring or a paragraph) --hash--> PUBLIC: PRETRAIN text (the base models')
 #                                                         | SHADOW pool (the provider's task data)
-#                                                 | PRIVATE: its domain's client's TRAIN or TEST split
-#   example: a window of at most block_size + 1 bytes of a domain's text (documents joined by blank lines)
+#                                                 | PRIVATE: its domain's client's TRAIN or TEST
+# split
+#   example: a window of at most block_size + 1 bytes of a domain's text (documents joined by blank
+# lines)
 #
-# Shadow data must be text the base models have not seen, as a client's is: fine-tuned on its domain's
-# pretraining text, the LLM recovered only 0.43 of the gain of its fine-tune on the client's own data
-# (measured, seed 0); every shadow-based translation inherits that ceiling.
+# Shadow data must be text the base models have not seen, as a client's is: fine-tuned on its
+# domain's pretraining text, the LLM recovered only 0.43 of the gain of its fine-tune on the
+# client's own data (measured, seed 0); every shadow-based translation inherits that ceiling.
 
 FAMILIES = {   # top-level modules and packages of each domain; one missing from a Python is skipped
-    "net": "email ftplib http imaplib ipaddress mimetypes poplib smtplib socket socketserver ssl urllib "
-           "webbrowser wsgiref xmlrpc",
-    "concurrency": "_threading_local asyncio concurrent contextvars multiprocessing queue sched selectors "
-                   "signal subprocess threading",
-    "devtools": "ast bdb cProfile code codeop compileall dis doctest importlib inspect modulefinder pdb pkgutil "
-                "profile pstats py_compile pyclbr pydoc runpy symtable tabnanny timeit tokenize trace "
-                "traceback tracemalloc unittest zipimport",
-    "text": "argparse cmd codecs difflib fnmatch getopt gettext glob html locale optparse pprint re reprlib "
-            "rlcompleter shlex string stringprep textwrap xml",
-    "data": "_collections_abc abc base64 bisect bz2 collections configparser copy copyreg csv dataclasses dbm "
-            "enum filecmp fileinput functools graphlib gzip hashlib heapq hmac json lzma operator os pathlib "
-            "pickle pickletools plistlib shelve shutil sqlite3 tarfile tempfile tomllib types uuid weakref zipfile",
-    "numbers": "_pydecimal _strptime calendar colorsys datetime fractions numbers random secrets statistics zoneinfo",
+    "net": "email ftplib http imaplib ipaddress mimetypes poplib smtplib socket socketserver ssl "
+           "urllib webbrowser wsgiref xmlrpc",
+    "concurrency": "_threading_local asyncio concurrent contextvars multiprocessing queue sched "
+                   "selectors signal subprocess threading",
+    "devtools": "ast bdb cProfile code codeop compileall dis doctest importlib inspect "
+                "modulefinder pdb pkgutil profile pstats py_compile pyclbr pydoc runpy symtable "
+                "tabnanny timeit tokenize trace traceback tracemalloc unittest zipimport",
+    "text": "argparse cmd codecs difflib fnmatch getopt gettext glob html locale optparse pprint "
+            "re reprlib rlcompleter shlex string stringprep textwrap xml",
+    "data": "_collections_abc abc base64 bisect bz2 collections configparser copy copyreg csv "
+            "dataclasses dbm enum filecmp fileinput functools graphlib gzip hashlib heapq hmac "
+            "json lzma operator os pathlib pickle pickletools plistlib shelve shutil sqlite3 "
+            "tarfile tempfile tomllib types uuid weakref zipfile",
+    "numbers": "_pydecimal _strptime calendar colorsys datetime fractions numbers random secrets "
+               "statistics zoneinfo",
 }
 MIN_DOC_CHARS = 40      # shorter docstrings ("Return self.") are boilerplate
 SHARES = {"pretrain": 0.3, "shadow": 0.3, "train": 0.3, "test": 0.1}   # of every domain's documents
@@ -298,8 +329,10 @@ def docstrings(node):
 
 @functools.cache   # once per process: parsing ~300 files takes ~2 s
 def stdlib_documents():
-    """{domain: [docstrings]} of the running Python's standard library: ASCII, MIN_DOC_CHARS or more, each once."""
-    root, home = sysconfig.get_paths()["stdlib"], {}           # {docstring: the domain it appears in first}
+    """{domain: [docstrings]} of the running Python's standard library: ASCII, MIN_DOC_CHARS or
+    more, each once."""
+    # {docstring: the domain it appears in first}
+    root, home = sysconfig.get_paths()["stdlib"], {}
     for domain, names in FAMILIES.items():
         for path in (p for name in sorted(names.split()) for p in module_files(root, name)):
             with open(path, "rb") as f:
@@ -310,36 +343,43 @@ def stdlib_documents():
 
 
 def file_documents(path, n_domains=4):
-    """{"part1": [paragraphs], ...}: a UTF-8 file's blank-line-separated paragraphs, in n_domains contiguous
-    sections of about equal size (each paragraph goes to the section where it starts)."""
+    """{"part1": [paragraphs], ...}: a UTF-8 file's blank-line-separated paragraphs, in n_domains
+    contiguous sections of about equal size (each paragraph goes to the section where it starts)."""
     where = f"--text_path={path}"
     try:
         with open(path, "rb") as f:
             raw = f.read()
         text = raw.decode("utf-8")
     except OSError as e:
-        raise ValueError(f"{where}: cannot read it ({e.strerror}): expected a UTF-8 text file") from None
+        raise ValueError(f"{where}: cannot read it ({e.strerror}): "
+                         "expected a UTF-8 text file") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{where}: not UTF-8 (byte {raw[e.start:e.start + 1]!r} at offset {e.start}): "
-                         f"expected a UTF-8 text file") from None
-    paragraphs = [p.strip() for p in re.split(r"\n[ \t\r]*\n", text.replace("\r\n", "\n")) if p.strip()]
+        raise ValueError(f"{where}: not UTF-8 (byte {raw[e.start:e.start + 1]!r} at offset "
+                         f"{e.start}): expected a UTF-8 text file") from None
+    paragraphs = [p.strip()
+                  for p in re.split(r"\n[ \t\r]*\n", text.replace("\r\n", "\n")) if p.strip()]
     sizes = np.array([len(p.encode()) + 2 for p in paragraphs], dtype=np.int64)   # + the blank line
     if sizes.sum() < MIN_FILE_BYTES:
-        raise ValueError(f"{where}: {sizes.sum():,} bytes of text in {len(paragraphs)} paragraphs: expected at "
-                         f"least {MIN_FILE_BYTES:,} (fine-tuning gains need ~20 KB of private text per section)")
+        raise ValueError(f"{where}: {sizes.sum():,} bytes of text in {len(paragraphs)} paragraphs: "
+                         f"expected at least {MIN_FILE_BYTES:,} (fine-tuning gains need ~20 KB of "
+                         "private text per section)")
     section = (np.cumsum(sizes) - sizes) * n_domains // sizes.sum()
-    return {f"part{i + 1}": [p for p, s in zip(paragraphs, section) if s == i] for i in range(n_domains)}
+    return {f"part{i + 1}": [p for p, s in zip(paragraphs, section) if s == i]
+            for i in range(n_domains)}
 
 
 def split_documents(domains, seed):
-    """{domain: {"pretrain": [...], "shadow": [...], "train": [...], "test": [...]}}: a hash of (seed, document),
-    read as a number in [0, 1), puts every document in exactly one part (SHARES). Disjoint by construction."""
+    """{domain: {"pretrain": [...], "shadow": [...], "train": [...], "test": [...]}}: a hash of
+    (seed, document), read as a number in [0, 1), puts every document in exactly one part (SHARES).
+    Disjoint by construction."""
     edges = np.cumsum(list(SHARES.values()))[:-1]
     splits = {}
     for domain, docs in domains.items():
-        u = [int.from_bytes(hashlib.sha256(f"{seed}:{d}".encode()).digest()[:4], "big") / 2 ** 32 for d in docs]
+        u = [int.from_bytes(hashlib.sha256(f"{seed}:{d}".encode()).digest()[:4], "big") / 2 ** 32
+             for d in docs]
         part = np.searchsorted(edges, u, side="right")
-        splits[domain] = {name: [d for d, p in zip(docs, part) if p == i] for i, name in enumerate(SHARES)}
+        splits[domain] = {name: [d for d, p in zip(docs, part) if p == i] for i,
+                          name in enumerate(SHARES)}
     return splits
 
 
@@ -349,89 +389,111 @@ def joined(documents):
 
 
 def windows(raw, size, n=None, rng=None):
-    """Windows of at most `size` of the UTF-8 bytes `raw`, as text (a character cut at an edge is left out):
-    n at random offsets, or (n=None) one every size - 1 bytes: every byte but the first predicted once."""
-    starts = range(0, len(raw) - 1, size - 1) if n is None else rng.integers(0, len(raw) - size + 1, size=n)
+    """Windows of at most `size` of the UTF-8 bytes `raw`, as text (a character cut at an edge is
+    left out): n at random offsets, or (n=None) one every size - 1 bytes: every byte but the first
+    predicted once."""
+    starts = range(0, len(raw) - 1, size - 1) if n is None else rng.integers(0, len(raw) - size + 1,
+                                                                             size=n)
     return [raw[i:i + size].decode("utf-8", "ignore") for i in starts]
 
 
 def pick(items, n, rng):
     """At most n of the items, in their order (all of them when there are no more than n)."""
-    return list(items) if len(items) <= n else [items[i] for i in np.sort(rng.choice(len(items), n, replace=False))]
+    return list(items) if len(items) <= n else [items[i]
+                                                for i in np.sort(rng.choice(len(items), n,
+                                                                            replace=False))]
 
 
 class TextTask:
-    """Language modeling for one seed, scored in bits per byte (one token is one byte): no `is_correct`."""
+    """Language modeling for one seed, scored in bits per byte (one token is one byte): no
+    `is_correct`."""
     name, metric, higher_is_better = "text", "bits_per_byte", False
     block_size, label_temperature = 64, 1.0
     completion_len = block_size - block_size // 2 + 1      # prompt + completion = one whole window
 
     def __init__(self, seed, text_path=""):
         self.seed, self.enc = seed, get_tokenizer()
-        self.splits = split_documents(file_documents(text_path) if text_path else stdlib_documents(), seed)
+        documents = file_documents(text_path) if text_path else stdlib_documents()
+        self.splits = split_documents(documents, seed)
         self.domains = list(self.splits)
         for domain, parts in self.splits.items():
             sizes = {name: len(joined(docs).encode()) for name, docs in parts.items()}
             if min(sizes.values()) < 2 * (self.block_size + 1):
-                raise ValueError(f"{'--text_path=' + text_path if text_path else 'the corpus'}: domain {domain!r} has "
-                                 f"{' / '.join(map(str, sizes.values()))} bytes of {' / '.join(sizes)} text: expected "
-                                 f"at least {2 * (self.block_size + 1)} in each (more text, or more and shorter "
-                                 f"paragraphs)")
+                raise ValueError(f"{'--text_path=' + text_path if text_path else 'the corpus'}: "
+                                 f"domain {domain!r} has {' / '.join(map(str, sizes.values()))} "
+                                 f"bytes of {' / '.join(sizes)} text: expected at least "
+                                 f"{2 * (self.block_size + 1)} in each (more text, or "
+                                 "more and shorter paragraphs)")
         self.shadow_raw = {d: joined(parts["shadow"]).encode() for d, parts in self.splits.items()}
         pretrain = b"".join(joined(parts["pretrain"]).encode() for parts in self.splits.values())
         self._pretrain = torch.frombuffer(bytearray(pretrain), dtype=torch.uint8).long()
 
-    def fingerprint(self):   # of the pretraining text, and of the Python version whose documentation it is
-        return digest([f"python {sys.version.split()[0]}"] + [d for p in self.splits.values() for d in p["pretrain"]])
+    # of the pretraining text, and of the Python version whose documentation it is
+    def fingerprint(self):
+        return digest([f"python {sys.version.split()[0]}"]
+                      + [d for p in self.splits.values() for d in p["pretrain"]])
 
-    def encode(self, examples):   # x, y, mask (N, block_size): every byte but a window's first is predicted
+    # x, y, mask (N, block_size): every byte but a window's first is predicted
+    def encode(self, examples):
         return encode_lines(examples, self.enc, self.block_size, first_target=0, pad=True)
 
     def pretrain_batch(self, n, rng, device="cpu"):
-        """n windows at random offsets of the pretraining text (every domain's PRETRAIN part), on `device`:
-        the text goes there once, then only the offsets travel."""
+        """n windows at random offsets of the pretraining text (every domain's PRETRAIN part), on
+        `device`: the text goes there once, then only the offsets travel."""
         self._pretrain = self._pretrain.to(device)   # moved on the first call, a no-op after that
         offsets = torch.from_numpy(rng.integers(0, len(self._pretrain) - self.block_size, size=n))
-        window = offsets.to(device, non_blocking=True)[:, None] + torch.arange(self.block_size + 1, device=device)
-        tokens = self._pretrain[window]                                                 # (n, block_size + 1)
+        window = offsets.to(device, non_blocking=True)[:, None] + torch.arange(self.block_size + 1,
+                                                                               device=device)
+        # (n, block_size + 1)
+        tokens = self._pretrain[window]
         return tokens[:, :-1], tokens[:, 1:], torch.ones(n, self.block_size, device=device)
 
     def shadow_subset(self, k, n, alpha):
-        """(mixture over domains ~ Dirichlet(alpha * uniform), n windows of the SHADOW pool drawn with it)."""
+        """(mixture over domains ~ Dirichlet(alpha * uniform), n windows of the SHADOW pool drawn
+        with it)."""
         rng = stream(self.seed, "shadow subset", k)
         mixture = rng.dirichlet(np.full(len(self.domains), alpha / len(self.domains)))
-        counts = np.bincount(rng.choice(len(self.domains), size=n, p=mixture), minlength=len(self.domains))
+        counts = np.bincount(rng.choice(len(self.domains), size=n, p=mixture),
+                             minlength=len(self.domains))
         return mixture, [w for d, c in zip(self.domains, counts)
                          for w in windows(self.shadow_raw[d], self.block_size + 1, c, rng)]
 
     def public_examples(self, n, rng):
-        """n windows of the SHADOW pool at random offsets (n=None: all of it in consecutive windows)."""
+        """n windows of the SHADOW pool at random offsets (n=None: all of it in consecutive
+        windows)."""
         return windows(b"".join(self.shadow_raw.values()), self.block_size + 1, n, rng)
 
     def clients(self, n_train, n_test, group_size=1, skew=None):
-        """One client (or group of group_size members, splitting its TRAIN windows) per domain: at most n_train /
-        n_test TRAIN / TEST windows, drawn at random when the domain has more. `skew` means nothing here."""
+        """One client (or group of group_size members, splitting its TRAIN windows) per domain: at
+        most n_train / n_test TRAIN / TEST windows, drawn at random when the domain has more. `skew`
+        means nothing here."""
         members, span = [], self.block_size + 1
         for d, (domain, parts) in enumerate(self.splits.items()):
             rng = stream(self.seed, "client data", d)
-            train, test = (windows(joined(parts[name]).encode(), span) for name in ("train", "test"))
+            train, test = (windows(joined(parts[name]).encode(), span)
+                           for name in ("train", "test"))
             test, mixture = pick(test, n_test, rng), np.eye(len(self.domains))[d].tolist()
             for j, part in enumerate(np.array_split(np.arange(len(train)), group_size)):
-                members.append({"name": domain if group_size == 1 else f"{domain}/{j}", "group": domain,
-                                "kind": "domain", "index": len(members), "mixture": mixture,
-                                "train": pick([train[i] for i in part], n_train, rng), "test": test})
+                members.append({"name": domain if group_size == 1 else f"{domain}/{j}",
+                                "group": domain, "kind": "domain", "index": len(members),
+                                "mixture": mixture,
+                                "train": pick([train[i] for i in part], n_train, rng),
+                                "test": test})
         return members
 
-    def prompt(self, example):   # eval.py's w2s and kd labels: this + the TinyLM's continuation at temperature 1
+    # eval.py's w2s and kd labels: this + the TinyLM's continuation at temperature 1
+    def prompt(self, example):
         return example[:self.block_size // 2]
 
     def relabelled(self, prompt, completion):
-        """The prompt followed by a model's continuation, cut to one window (block_size + 1 bytes)."""
+        """The prompt followed by a model's continuation, cut to one window (block_size + 1
+        bytes)."""
         return (prompt + completion).encode()[:self.block_size + 1].decode("utf-8", "ignore")
 
 
 def make_task(name, seed, text_path=""):
-    """The task object train.py and eval.py work with: "arith" or "text" (text_path: the user's file)."""
+    """The task object train.py and eval.py work with: "arith" or "text" (text_path: the user's
+    file)."""
     if name not in ("arith", "text"):
         raise ValueError(f"unknown task {name!r}: expected 'arith' or 'text'")
     return ArithTask(seed) if name == "arith" else TextTask(seed, text_path)

@@ -69,7 +69,8 @@ def per_sample_grads(model, x, y, mask):
     if len(x) == 0:  # vmap cannot map over an empty batch
         return {n: p.new_zeros((0, *p.shape)) for n, p in trainable.items()}
     # randomness="different": dropout, if any, draws its own mask for each example
-    return vmap(grad(example_loss), in_dims=(None, 0, 0, 0), randomness="different")(trainable, x, y, mask)
+    return vmap(grad(example_loss), in_dims=(None, 0, 0, 0), randomness="different")(trainable, x,
+                                                                                     y, mask)
 
 
 def per_example_losses(logits, y, mask):
@@ -104,8 +105,9 @@ def per_sample_grads_one_pass(model, x, y, mask):
               if hasattr(m, "per_example_grads") and any(p.requires_grad for p in m.parameters())}
     covered = {f"{name}.{p}" for name, m in layers.items() for p, _ in m.named_parameters()}
     if missing := sorted(set(trainable) - covered):
-        raise ValueError(f"trainable parameters {missing} are in no layer with per_example_grads(); "
-                         f"use dp_sgd_step(..., per_sample=dp.per_sample_grads) for this model")
+        raise ValueError(f"trainable parameters {missing} are in no layer with "
+                         "per_example_grads(); use dp_sgd_step(..., "
+                         "per_sample=dp.per_sample_grads) for this model")
     if len(x) == 0:
         return {n: p.new_zeros((0, *p.shape)) for n, p in trainable.items()}
 
@@ -135,8 +137,8 @@ def per_sample_grads_one_pass(model, x, y, mask):
     return {n: grads[n] for n in trainable}
 
 
-def dp_sgd_step(model, optimizer, x, y, mask, clip, noise_multiplier, expected_batch_size, generator=None,
-                per_sample=per_sample_grads_one_pass):
+def dp_sgd_step(model, optimizer, x, y, mask, clip, noise_multiplier, expected_batch_size,
+                generator=None, per_sample=per_sample_grads_one_pass):
     """One DP-SGD step on an already Poisson-sampled batch (B may be 0: then the step is noise).
 
     g = ( sum_i g_i * min(1, C / (||g_i|| + 1e-6))  +  N(0, (sigma*C)^2 I) ) / (q*N)
@@ -213,7 +215,8 @@ def _log_erfc(x):
     if x < 25:  # math.erfc is accurate until it underflows (erfc(27) ~ 1e-319)
         return math.log(math.erfc(x))
     # Laurent series of the tail: erfc(x) ~ exp(-x^2 - .5/x^2 + .625/x^4 ...) / (x sqrt(pi))
-    return -math.log(math.pi) / 2 - math.log(x) - x**2 - 0.5 * x**-2 + 0.625 * x**-4 - 37 / 24 * x**-6 + 353 / 64 * x**-8
+    return (-math.log(math.pi) / 2 - math.log(x) - x**2 - 0.5 * x**-2 + 0.625 * x**-4
+            - 37 / 24 * x**-6 + 353 / 64 * x**-8)
 
 
 def _log_a_int(q, sigma, alpha):
@@ -232,7 +235,8 @@ def _log_a_frac(q, sigma, alpha):
     terms drop below e^-30. The binomial coefficient changes sign once i > alpha + 1."""
     log_a0, log_a1 = -math.inf, -math.inf
     z0 = sigma**2 * math.log(1 / q - 1) + 0.5
-    log_coef, sign = 0.0, 1.0  # binom(alpha, 0) = 1, then updated by the ratio (alpha - i) / (i + 1)
+    # binom(alpha, 0) = 1, then updated by the ratio (alpha - i) / (i + 1)
+    log_coef, sign = 0.0, 1.0
     i = 0
     while True:
         j = alpha - i
@@ -314,14 +318,16 @@ def noise_multiplier_for(target_epsilon, sample_rate, steps, delta, orders=None,
     # with the default orders (largest 63); larger orders push this floor down
     floor, _ = rdp_to_epsilon(orders, np.zeros(len(orders)), delta)
     if target_epsilon <= floor:
-        raise ValueError(f"target_epsilon={target_epsilon} is below {floor:.4f}, the smallest epsilon these "
-                         f"orders can certify at delta={delta}; pass larger orders (e.g. up to 512)")
+        raise ValueError(f"target_epsilon={target_epsilon} is below {floor:.4f}, the smallest "
+                         f"epsilon these orders can certify at delta={delta}; "
+                         "pass larger orders (e.g. up to 512)")
     eps = lambda sigma: compute_epsilon(sample_rate, sigma, steps, delta, orders)  # noqa: E731
     lo, hi = 0.0, 1.0  # invariant: eps(lo) > target >= eps(hi) (sigma -> 0 gives eps -> inf)
     while eps(hi) > target_epsilon:
         lo, hi = hi, 2 * hi
         if hi > 1e6:
-            raise ValueError(f"target_epsilon={target_epsilon} is out of reach for {steps} steps at rate {sample_rate}")
+            raise ValueError(f"target_epsilon={target_epsilon} is out of reach for {steps} steps "
+                             f"at rate {sample_rate}")
     while hi - lo > tol:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if eps(mid) > target_epsilon else (lo, mid)
@@ -348,11 +354,12 @@ def _check_delta(delta):
 
 
 def gaussian_sigma(epsilon, delta, clip):
-    """Noise std of the Gaussian mechanism for the clipped update: 2C * sqrt(2 ln(1.25/delta)) / epsilon.
-    The L2 sensitivity is 2C, not C: every dataset's clipped update lies in the ball of radius C, so two
-    neighbouring datasets' updates can point opposite ways, 2C apart. (The paper's code, and the formula it
-    is usually quoted with, use C: at the noise that buys epsilon = 8 that way, the guarantee is ~19.)
-    (Dwork & Roth, Thm A.1; the proof covers epsilon < 1, the paper's code uses 0.1.)"""
+    """Noise std of the Gaussian mechanism for the clipped update: 2C * sqrt(2 ln(1.25/delta)) /
+    epsilon. The L2 sensitivity is 2C, not C: every dataset's clipped update lies in the ball of
+    radius C, so two neighbouring datasets' updates can point opposite ways, 2C apart. (The paper's
+    code, and the formula it is usually quoted with, use C: at the noise that buys epsilon = 8 that
+    way, the guarantee is ~19.) (Dwork & Roth, Thm A.1; the proof covers epsilon < 1, the paper's
+    code uses 0.1.)"""
     if not epsilon > 0:
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
     _check_delta(delta)
@@ -362,7 +369,8 @@ def gaussian_sigma(epsilon, delta, clip):
 
 
 def perturb_update(update, epsilon, delta, clip, generator=None):
-    """Clip the whole update's L2 norm to C (sensitivity 2C, `gaussian_sigma`), then add Gaussian noise."""
+    """Clip the whole update's L2 norm to C (sensitivity 2C, `gaussian_sigma`), then add Gaussian
+    noise."""
     sigma = gaussian_sigma(epsilon, delta, clip)
     if not torch.isfinite(update).all():
         raise ValueError("update contains NaN or inf values; expected a finite update vector")
@@ -374,12 +382,14 @@ def perturb_update(update, epsilon, delta, clip, generator=None):
 # -----------------------------------------------------------------------------
 # the noise a client's release needs, for either mechanism
 
-WIDE_ORDERS = DEFAULT_ORDERS + [64, 80, 96, 128, 160, 192, 256, 384, 512]   # larger orders certify eps 0.1 too
+# larger orders certify eps 0.1 too
+WIDE_ORDERS = DEFAULT_ORDERS + [64, 80, 96, 128, 160, 192, 256, 384, 512]
 
 
 def calibrate(mechanism, epsilon, delta, clip, sample_rate, steps):
     """The noise that buys (epsilon, delta): for "sgd", DP-SGD's noise multiplier sigma over `steps`
-    steps at Poisson rate q (the RDP accountant); for "output", the Gaussian mechanism's noise std."""
+    steps at Poisson rate q (the RDP accountant); for "output", the Gaussian mechanism's noise
+    std."""
     if mechanism == "output":
         return gaussian_sigma(epsilon, delta, clip)
     return noise_multiplier_for(epsilon, sample_rate, steps, delta, WIDE_ORDERS)
@@ -388,10 +398,11 @@ def calibrate(mechanism, epsilon, delta, clip, sample_rate, steps):
 # -----------------------------------------------------------------------------
 # auditing: a lower bound on epsilon from guesses
 # Steinke, Nasr and Jagielski 2023, "Privacy Auditing with One (1) Training Run": m canaries, each
-# included in the training data independently with probability 1/2. From the output alone the auditor
-# guesses "in" or "out" for r of them (abstaining on the rest) and v guesses are right. Were the
-# mechanism (eps, 0)-DP, the number right would be dominated by Binomial(r, p), p = e^eps / (1 + e^eps):
-# no better than randomized response. A v so large that this tail is below 5% refutes that eps.
+# included in the training data independently with probability 1/2. From the output alone the
+# auditor guesses "in" or "out" for r of them (abstaining on the rest) and v guesses are right. Were
+# the mechanism (eps, 0)-DP, the number right would be dominated by Binomial(r, p), p = e^eps / (1 +
+# e^eps): no better than randomized response. A v so large that this tail is below 5% refutes that
+# eps.
 
 
 def audit_p_value(guesses, correct, epsilon, delta=0.0, canaries=None):
@@ -414,8 +425,10 @@ def audit_p_value(guesses, correct, epsilon, delta=0.0, canaries=None):
     if not 0 <= delta < 1:
         raise ValueError(f"delta must be in [0, 1), got {delta}")
     if delta > 0 and not (isinstance(canaries, (int, np.integer)) and canaries >= r):
-        raise ValueError(f"canaries (m) must be an integer >= guesses={r} when delta > 0, got {canaries!r}")
-    log_p, log_1mp = -math.log1p(math.exp(-epsilon)), -math.log1p(math.exp(epsilon))   # log p, log(1-p)
+        raise ValueError(f"canaries (m) must be an integer >= guesses={r} when delta > 0, got "
+                         f"{canaries!r}")
+    # log p, log(1-p)
+    log_p, log_1mp = -math.log1p(math.exp(-epsilon)), -math.log1p(math.exp(epsilon))
     log_pmf = np.array([math.lgamma(r + 1) - math.lgamma(i + 1) - math.lgamma(r - i + 1)
                         + i * log_p + (r - i) * log_1mp for i in range(r + 1)])   # (r+1,)
     pmf = np.exp(log_pmf)
@@ -428,10 +441,10 @@ def audit_p_value(guesses, correct, epsilon, delta=0.0, canaries=None):
 
 
 def epsilon_lower_bound(guesses, correct, confidence=0.95, delta=0.0, canaries=None):
-    """The largest epsilon that r guesses with v right refute at this confidence: the largest eps with
-    audit_p_value(r, v, eps) < 1 - confidence, by bisection (the p-value grows with eps). 0 when even
-    eps = 0 is not refuted. All r right, delta = 0: the closed form eps = log(p / (1 - p)) with
-    p = (1 - confidence)^(1/r)."""
+    """The largest epsilon that r guesses with v right refute at this confidence: the largest eps
+    with audit_p_value(r, v, eps) < 1 - confidence, by bisection (the p-value grows with eps). 0
+    when even eps = 0 is not refuted. All r right, delta = 0: the closed form eps = log(p / (1 - p))
+    with p = (1 - confidence)^(1/r)."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     level = 1 - confidence
@@ -449,15 +462,15 @@ def epsilon_lower_bound(guesses, correct, confidence=0.95, delta=0.0, canaries=N
 
 def one_run_audit(scores, included, ks=(10, 20, 50, 100, 200, 500), confidence=0.95, delta=0.0):
     """The one-run audit from the canaries' scores (m,) and who was really in (m,) bool: for each k,
-    guess "in" for the k highest scores and "out" for the k lowest, abstain on the rest; the bound is
-    the best over ks, each k at confidence 1 - (1 - confidence) / len(ks) (a union bound: choosing
-    the best k afterwards costs that). eps_lb_max: what all guesses right at the largest k would give.
-    Returns {"eps_lb", "k", "guesses", "correct", "eps_lb_max"}."""
+    guess "in" for the k highest scores and "out" for the k lowest, abstain on the rest; the bound
+    is the best over ks, each k at confidence 1 - (1 - confidence) / len(ks) (a union bound:
+    choosing the best k afterwards costs that). eps_lb_max: what all guesses right at the largest k
+    would give. Returns {"eps_lb", "k", "guesses", "correct", "eps_lb_max"}."""
     scores, included = np.asarray(scores, dtype=float), np.asarray(included, dtype=bool)
     m = len(scores)
     if scores.ndim != 1 or included.shape != scores.shape or m == 0:
-        raise ValueError(f"scores and included must be 1-D of the same length > 0, got {scores.shape} "
-                         f"and {included.shape}")
+        raise ValueError(f"scores and included must be 1-D of the same length > 0, got "
+                         f"{scores.shape} and {included.shape}")
     if not ks or any(not 0 < 2 * k <= m for k in ks):
         raise ValueError(f"ks must be non-empty with 0 < 2k <= m = {m} each, got {ks}")
     each = 1 - (1 - confidence) / len(ks)

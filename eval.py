@@ -5,7 +5,8 @@ eval.py -- scoring: the task's metric, PGR and gain recovered, honest baselines,
     python eval.py --out=out        # print the tables of a finished run (or experiment) again
 
 Every method gives the LLM (or, for the floor, the TinyLM) one update vector, scored on each
-client's own test split (arith: accuracy of the parsed answer; text: bits per byte, lower is better):
+client's own test split (arith: accuracy of the parsed answer; text: bits per byte, lower is
+better):
 
     llm_base      the LLM with no update
     tinylm_ft     TinyLM fine-tuned on the client's private data, no DP          P_S, the floor
@@ -43,8 +44,8 @@ import data
 import gradtx
 import tinylm
 
-METHODS = ["llm_base", "tinylm_ft", "tinylm_dp", "llm_ft", "gradtx", "gradtx_group", "ridge", "ridge_group",
-           "mean_shadow", "public_llm", "w2s", "w2s_conf", "kd"]
+METHODS = ["llm_base", "tinylm_ft", "tinylm_dp", "llm_ft", "gradtx", "gradtx_group", "ridge",
+           "ridge_group", "mean_shadow", "public_llm", "w2s", "w2s_conf", "kd"]
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -60,7 +61,8 @@ def completions(task, model, prompts, n_tokens, temperature=0.0, generator=None,
     for length, rows in by_length.items():
         for j in range(0, len(rows), batch):
             chunk = rows[j:j + batch]
-            idx = torch.tensor([enc.encode_ordinary(prompts[i]) for i in chunk], device=model.wte.weight.device)
+            idx = torch.tensor([enc.encode_ordinary(prompts[i]) for i in chunk],
+                               device=model.wte.weight.device)
             gen = model.generate(idx, n_tokens, temperature, generator)[:, length:].tolist()
             for i, row in zip(chunk, gen):
                 out[i] = enc.decode([t for t in row if t < 256])
@@ -74,16 +76,20 @@ def accuracy(task, model, examples):
 
 
 def bits_per_byte(task, model, examples):
-    """Held-out cross-entropy in bits per byte: the tokenizer is byte-level, so one token = one byte."""
+    """Held-out cross-entropy in bits per byte: the tokenizer is byte-level, so one token = one
+    byte."""
     return tinylm.loss_of(model, *task.encode(examples)) / math.log(2)
 
 
 def score(task, model, examples):
-    return accuracy(task, model, examples) if task.metric == "accuracy" else bits_per_byte(task, model, examples)
+    return accuracy(task, model, examples) if task.metric == "accuracy" else bits_per_byte(task,
+                                                                                           model,
+                                                                                           examples)
 
 
 def pgr(p_method, p_floor, p_ceiling):
-    """Performance gap recovered; None when floor and ceiling coincide (undefined), never clipped."""
+    """Performance gap recovered; None when floor and ceiling coincide (undefined), never
+    clipped."""
     gap = p_ceiling - p_floor
     return None if abs(gap) < 1e-12 else (p_method - p_floor) / gap
 
@@ -97,7 +103,8 @@ def relabel(task, model, examples, generator):
     """Each example's prompt completed by `model` (arith: its greedy answer; text: a sampled
     continuation); examples it gives no usable answer to are dropped."""
     prompts = [task.prompt(e) for e in examples]
-    texts = completions(task, model, prompts, task.completion_len, task.label_temperature, generator)
+    texts = completions(task, model, prompts, task.completion_len, task.label_temperature,
+                        generator)
     return [r for r in (task.relabelled(p, t) for p, t in zip(prompts, texts)) if r is not None]
 
 
@@ -109,9 +116,11 @@ def reference_updates(task, tiny, llm, train, own_update, recipe, seed, rng):
     g = torch.Generator().manual_seed(seed)
 
     def finetune_llm(examples, conf_weight=0.0):
-        if not examples:   # a weak model that answers nothing teaches nothing: the LLM stays as it is
+        # a weak model that answers nothing teaches nothing: the LLM stays as it is
+        if not examples:
             return torch.zeros(tinylm.update_shape(llm.cfg, llm.lora[0]))
-        return tinylm.finetune(llm, *task.encode(examples), recipe, seed, conf_weight=conf_weight)[-1]
+        return tinylm.finetune(llm, *task.encode(examples), recipe, seed,
+                               conf_weight=conf_weight)[-1]
 
     t0 = time.perf_counter()
     out = {"llm_ft": finetune_llm(train), "seconds": time.perf_counter() - t0}
@@ -124,19 +133,21 @@ def reference_updates(task, tiny, llm, train, own_update, recipe, seed, rng):
 
 
 def provenance(device="cpu"):
-    """The commit (when run from a git checkout), the versions and the machine behind a result. Float
-    kernels differ between devices, and between CPUs (the vector instructions torch uses, its thread
-    count): a score may move in its last digits from one machine to another."""
+    """The commit (when run from a git checkout), the versions and the machine behind a result.
+    Float kernels differ between devices, and between CPUs (the vector instructions torch uses, its
+    thread count): a score may move in its last digits from one machine to another."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        here = os.path.dirname(os.path.abspath(__file__))
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, cwd=here).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
     device = torch.device(device)
     return {"commit": commit, "python": sys.version.split()[0], "torch": torch.__version__,
             "numpy": np.__version__, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads()}
 
 
 # -----------------------------------------------------------------------------
@@ -154,7 +165,8 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
     mean_update = shadow["Y"][train_runs].flatten(0, 1).mean(0)
     rng = data.stream(cfg.seed, "public examples")
 
-    def translate(upload, m=1):        # the Grad-Transformer trained for inputs that average m uploads
+    # the Grad-Transformer trained for inputs that average m uploads
+    def translate(upload, m=1):
         start = time.perf_counter()
         update = gradtx.generate(translators[m].model, upload)
         seconds["generate"].append(time.perf_counter() - start)
@@ -162,14 +174,17 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
 
     def linear(upload, m=1):           # the selected linear map alone
         log = translators[m].log
-        return gradtx.ridge_predict(log["ridge"], gradtx.project(upload[None], log["basis"])).view(llm_shape)
+        return gradtx.ridge_predict(log["ridge"],
+                                    gradtx.project(upload[None], log["basis"])).view(llm_shape)
 
     shared = {"llm_base": torch.zeros(llm_shape), "mean_shadow": mean_update,
-              "public_llm": tinylm.finetune(llm, *task.encode(task.public_examples(None, rng)), recipe, cfg.seed)[-1]}
+              "public_llm": tinylm.finetune(llm, *task.encode(task.public_examples(None, rng)),
+                                            recipe, cfg.seed)[-1]}
     groups = {}
     for c in clients:
         groups.setdefault(c["group"], []).append(c)
-    pooled = {name: pooling_updates(members, translators, translate, linear) for name, members in groups.items()}
+    pooled = {name: pooling_updates(members, translators, translate, linear) for name,
+              members in groups.items()}
 
     results = []
     for c in tqdm(clients, desc="evaluate clients", leave=False):
@@ -184,7 +199,8 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
         if len(groups[c["group"]]) > 1:
             M = max(curve)
             updates.update(gradtx_group=curve[M]["gradtx"], ridge_group=curve[M]["ridge"])
-        memo = {}   # many methods give the same update (a translator at its linear map, m = M): score it once
+        # many methods give the same update (a translator at its linear map, m = M): score it once
+        memo = {}
 
         def score_update(update):
             key = update.numpy().tobytes()
@@ -196,17 +212,20 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
         pooling = {m: {variant: score_update(u) for variant, u in point.items()}
                    for m, point in curve.items()} if len(groups[c["group"]]) > 1 else {}
         floor, ceiling, base = scores["tinylm_ft"], scores["llm_ft"], scores["llm_base"]
-        gate = translators[1].model.gate   # with DP: how far the translator trusted this upload (1: fully)
+        # with DP: how far the translator trusted this upload (1: fully)
+        gate = translators[1].model.gate
         results.append({
             "name": c["name"], "group": c["group"], "kind": c["kind"], "mixture": c["mixture"],
-            "gate_weight": None if gate is None else gradtx.gate_weight(gate, c["upload"][None].float()).item(),
+            "gate_weight": (None if gate is None
+                            else gradtx.gate_weight(gate, c["upload"][None].float()).item()),
             "scores": scores, "pooling": pooling,
             "pgr": {k: pgr(v, floor, ceiling) for k, v in scores.items()},
             "gain_recovered": {k: pgr(v, base, ceiling) for k, v in scores.items()},
         })
 
     summary = summarise(results, task.higher_is_better)
-    summary["by_kind"] = {kind: summarise([r for r in results if r["kind"] == kind], task.higher_is_better)
+    summary["by_kind"] = {kind: summarise([r for r in results if r["kind"] == kind],
+                                          task.higher_is_better)
                           for kind in sorted({r["kind"] for r in results})}
     timing = dict(stage_seconds, eval=time.time() - t0)
     timing["total"] = sum(timing.values())
@@ -239,11 +258,13 @@ def translator_summary(log):
 
 def pooling_updates(members, translators, translate, linear):
     """The paper's multi-organization setting: the element-wise mean of the first m uploads of a
-    convention group, translated once, for m = 1, 2, 4, ..., M. Each member keeps its own (eps, delta)
-    guarantee: the mean is post-processing of the members' DP releases and touches no private data.
+    convention group, translated once, for m = 1, 2, 4, ..., M. Each member keeps its own (eps,
+    delta) guarantee: the mean is post-processing of the members' DP releases and touches no private
+    data.
 
     "gradtx"/"ridge" use the map trained for inputs that average m uploads (their noise level);
-    "gradtx_single_map" uses the map for one upload, to measure whether matching the level matters."""
+    "gradtx_single_map" uses the map for one upload, to measure whether matching the level
+    matters."""
     curve = {}
     for m in pool_sizes(len(members)) if len(members) > 1 else []:
         mean_upload = torch.stack([c["upload"] for c in members[:m]]).mean(0)
@@ -262,10 +283,12 @@ def pool_sizes(M):
 def summarise(rows, higher_is_better=True):
     out = {key: {m: mean_defined([r[key].get(m) for r in rows]) for m in rows[0][key]}
            for key in ("scores", "pgr", "gain_recovered")}
-    # do no harm: the worst client's score against the mean shadow update, which the provider always has
-    # (in the metric's units, positive = better than the mean update, whatever the metric's direction)
+    # do no harm: the worst client's score against the mean shadow update, which the provider always
+    # has (in the metric's units, positive = better than the mean update, whatever the metric's
+    # direction)
     sign = 1 if higher_is_better else -1
-    out["worst_vs_mean_shadow"] = {m: min(sign * (r["scores"][m] - r["scores"]["mean_shadow"]) for r in rows)
+    out["worst_vs_mean_shadow"] = {m: min(sign * (r["scores"][m] - r["scores"]["mean_shadow"])
+                                          for r in rows)
                                    for m in rows[0]["scores"]}
     # the same ratios of the mean scores: robust where one client's gap is close to zero
     mean = out["scores"]
@@ -273,7 +296,8 @@ def summarise(rows, higher_is_better=True):
     out["gain_of_means"] = {m: pgr(v, mean["llm_base"], mean["llm_ft"]) for m, v in mean.items()}
     if rows[0]["pooling"]:
         out["pooling_gain_of_means"] = {
-            m: {variant: pgr(float(np.mean([r["pooling"][m][variant] for r in rows])), mean["llm_base"], mean["llm_ft"])
+            m: {variant: pgr(float(np.mean([r["pooling"][m][variant] for r in rows])),
+                             mean["llm_base"], mean["llm_ft"])
                 for variant in point} for m, point in rows[0]["pooling"].items()}
     return out
 
@@ -292,16 +316,19 @@ def results_table(results):
     """Markdown: one row per method, the score per convention group (mean over its members), then
     PGR and gain recovered as the mean of per-client ratios and as the ratio of the mean scores."""
     clients, summary = results["clients"], results["summary"]
-    skewed = summary["by_kind"].get("skewed")   # arith's skewed clients: where the upload must speak
+    # arith's skewed clients: where the upload must speak
+    skewed = summary["by_kind"].get("skewed")
     groups = list(dict.fromkeys(c["group"] for c in clients))
     head = (["method"] + groups + ["mean PGR", "mean gain", "PGR of means", "gain of means"]
             + (["skewed: gain of means"] if skewed else []))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in ordered(clients[0]["scores"]):
-        per_group = [mean_defined([c["scores"][m] for c in clients if c["group"] == g]) for g in groups]
+        per_group = [mean_defined([c["scores"][m] for c in clients if c["group"] == g])
+                     for g in groups]
         row = ([m] + [fmt(v) for v in per_group]
-               + [fmt(summary["pgr"][m]), fmt(summary["gain_recovered"][m]), fmt(summary["pgr_of_means"][m]),
-                  fmt(summary["gain_of_means"][m])] + ([fmt(skewed["gain_of_means"][m])] if skewed else []))
+               + [fmt(summary["pgr"][m]), fmt(summary["gain_recovered"][m]),
+                  fmt(summary["pgr_of_means"][m]), fmt(summary["gain_of_means"][m])]
+               + ([fmt(skewed["gain_of_means"][m])] if skewed else []))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -312,12 +339,14 @@ def pooling_table(results):
     if not all("pooling_gain_of_means" in s for s in by_kind.values()):
         return ""
     sizes = list(next(iter(by_kind.values()))["pooling_gain_of_means"])
-    lines = ["| kind | map | " + " | ".join(f"m={m}" for m in sizes) + " |", "|---|---|" + "---|" * len(sizes)]
+    lines = ["| kind | map | " + " | ".join(f"m={m}" for m in sizes) + " |", "|---|---|"
+             + "---|" * len(sizes)]
     for kind, s in by_kind.items():
         curve = s["pooling_gain_of_means"]
         for variant in ("gradtx", "ridge", "gradtx_single_map"):
             if any(variant in curve[m] for m in sizes):
-                lines.append(f"| {kind} | {variant} | " + " | ".join(fmt(curve[m].get(variant)) for m in sizes) + " |")
+                lines.append(f"| {kind} | {variant} | "
+                             + " | ".join(fmt(curve[m].get(variant)) for m in sizes) + " |")
     return "\n".join(lines)
 
 
@@ -325,27 +354,30 @@ def report(results):
     t = results["timing_s"]
     text = results_table(results)
     if pooling := pooling_table(results):
-        text += "\n\npooling curve: gain recovered (of means) vs number of pooled uploads m\n\n" + pooling
+        text += ("\n\npooling curve: gain recovered (of means) vs number of pooled uploads m\n\n"
+                 + pooling)
     unit = "" if results["metric"] == "accuracy" else f" ({results['metric']}, lower is better)"
     return (text + f"\n\nscores: {results['metric']}{unit}; time (s): "
-            + ", ".join(f"{k} {t[k]:.0f}" for k in ("pretrain", "shadow", "fit", "clients", "references", "eval",
+            + ", ".join(f"{k} {t[k]:.0f}"
+                        for k in ("pretrain", "shadow", "fit", "clients", "references", "eval",
                                                      "total") if k in t)
-            + f"; one translation {1e3 * t['gradtx_generate_per_update']:.1f} ms vs one LLM fine-tune "
-            f"{t['llm_finetune_per_run']:.2f} s")
+            + f"; one translation {1e3 * t['gradtx_generate_per_update']:.1f} ms vs one LLM "
+            f"fine-tune {t['llm_finetune_per_run']:.2f} s")
 
 
 FRONTIER_METHODS = ["gradtx", "ridge", "tinylm_dp", "w2s", "kd", "mean_shadow"]
 
 
 def frontier_points(runs):
-    """The privacy-utility frontier, one point per (N, epsilon, m): the skewed clients' gain recovered (of
-    means) per method and the worst client against the mean shadow update, at x = N * epsilon * sqrt(m), the
-    upload's signal-to-noise axis (pooling m uploads divides the noise by about sqrt(m)). A run with groups
-    gives one point per pooled size m, its translator for that noise level (gradtx, ridge) against the same
-    mean shadow update."""
+    """The privacy-utility frontier, one point per (N, epsilon, m): the skewed clients' gain
+    recovered (of means) per method and the worst client against the mean shadow update, at x = N *
+    epsilon * sqrt(m), the upload's signal-to-noise axis (pooling m uploads divides the noise by
+    about sqrt(m)). A run with groups gives one point per pooled size m, its translator for that
+    noise level (gradtx, ridge) against the same mean shadow update."""
     points = []
     for r in runs:
-        N, eps, sigma = r["config"]["n_train"], r["privacy"]["epsilon"], r["privacy"]["noise_multiplier"]
+        N, eps = r["config"]["n_train"], r["privacy"]["epsilon"]
+        sigma = r["privacy"]["noise_multiplier"]
         skewed, clients = r["summary"]["by_kind"]["skewed"], r["clients"]
         sign = 1 if r["higher_is_better"] else -1
         pooled = r["summary"]["by_kind"]["skewed"].get("pooling_gain_of_means")
@@ -355,26 +387,35 @@ def frontier_points(runs):
                 curve = pooled[m] if m in pooled else pooled[str(m)]
                 gain = {k: curve[k] for k in ("gradtx", "ridge")}
                 worst = {k: min(sign * (c["pooling"][m if m in c["pooling"] else str(m)][k]
-                                        - c["scores"]["mean_shadow"]) for c in clients) for k in gain}
-                gain["mean_shadow"], worst["mean_shadow"] = skewed["gain_of_means"]["mean_shadow"], 0.0
+                                        - c["scores"]["mean_shadow"]) for c in clients)
+                         for k in gain}
+                gain["mean_shadow"] = skewed["gain_of_means"]["mean_shadow"]
+                worst["mean_shadow"] = 0.0
             else:
-                gain = {k: skewed["gain_of_means"][k] for k in FRONTIER_METHODS if k in skewed["gain_of_means"]}
+                gain = {k: skewed["gain_of_means"][k]
+                        for k in FRONTIER_METHODS if k in skewed["gain_of_means"]}
                 worst = {k: r["summary"]["worst_vs_mean_shadow"][k] for k in gain}
-            points.append({"n_train": N, "epsilon": eps, "m": m, "nem": N * eps * math.sqrt(m), "sigma": sigma,
-                           "gain": gain, "worst_vs_mean_shadow": worst})
+            points.append({"n_train": N, "epsilon": eps, "m": m, "nem": N * eps * math.sqrt(m),
+                           "sigma": sigma, "gain": gain, "worst_vs_mean_shadow": worst})
     return points
 
 
 def frontier_table(runs):
     points = sorted(frontier_points(runs), key=lambda p: p["nem"])
-    head = ["N", "epsilon", "m", "N·ε·√m", "sigma"] + FRONTIER_METHODS + ["worst client vs mean_shadow (gradtx)"]
+    head = ["N", "epsilon", "m", "N·ε·√m",
+            "sigma"] + FRONTIER_METHODS + ["worst client vs mean_shadow (gradtx)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in points:
-        lines.append("| " + " | ".join([str(p["n_train"]), f"{p['epsilon']:g}", str(p["m"]), f"{p['nem']:.0f}",
-                                        f"{p['sigma']:.2f}"] + [fmt(p["gain"].get(k)) for k in FRONTIER_METHODS]
+        lines.append("| "
+                     + " | ".join([str(p["n_train"]), f"{p['epsilon']:g}", str(p["m"]),
+                                   f"{p['nem']:.0f}",
+                                        f"{p['sigma']:.2f}"]
+                                  + [fmt(p["gain"].get(k)) for k in FRONTIER_METHODS]
                                        + [f"{p['worst_vs_mean_shadow']['gradtx']:+.2f}"]) + " |")
-    return ("skewed clients: gain recovered of means, against each client's NON-private llm_ft; worst client: the\n"
-            "lowest score minus the mean shadow update's score over every client, the IID one included\n\n"
+    return ("skewed clients: gain recovered of means, against each client's NON-private llm_ft; "
+            "worst client: the\n"
+            "lowest score minus the mean shadow update's score over every client, the IID one "
+            "included\n\n"
             + "\n".join(lines))
 
 
@@ -390,7 +431,8 @@ def experiment_table(name, runs):
     (and PGR) of means per method; the collaboration experiment adds the pooling curve."""
     if name == "frontier":
         return frontier_table(runs)
-    methods = ["tinylm_dp", "gradtx", "ridge", "gradtx_group", "ridge_group", "mean_shadow", "w2s", "kd"]
+    methods = ["tinylm_dp", "gradtx", "ridge", "gradtx_group", "ridge_group", "mean_shadow", "w2s",
+               "kd"]
     methods = [m for m in methods if any(m in r["summary"]["scores"] for r in runs)]
     head = ["epsilon", "mechanism", "sigma", "k", "signal"] + [f"{m} gain (PGR)" for m in methods]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -399,12 +441,15 @@ def experiment_table(name, runs):
         row = ["inf" if p["epsilon"] is None else f"{p['epsilon']:g}", p["mechanism"] or "-",
                f"{p['noise_multiplier']:.2f}", "/".join(str(k) for k in p["subspace_k"].values()),
                "/".join(fmt(upload_signal(t)) for t in r["translators"].values())]
-        row += [f"{fmt(s['gain_of_means'].get(m))} ({fmt(s['pgr_of_means'].get(m))})" for m in methods]
+        row += [f"{fmt(s['gain_of_means'].get(m))} ({fmt(s['pgr_of_means'].get(m))})"
+                for m in methods]
         lines.append("| " + " | ".join(row) + " |")
-    text = ("skewed clients: gain recovered of means (PGR of means), against the NON-private floor and ceiling;\n"
-            "signal: how much the uploads say about the data (correlation with the clean update along the\n"
-            f"top {gradtx.SIGNAL_DIRECTIONS} public directions, their mean; 1: the noise does not matter, 0: nothing "
-            "to translate)\n\n")
+    text = ("skewed clients: gain recovered of means (PGR of means), against the NON-private floor "
+            "and ceiling;\n"
+            "signal: how much the uploads say about the data (correlation with the clean update "
+            "along the\n"
+            f"top {gradtx.SIGNAL_DIRECTIONS} public directions, their mean; 1: the noise does not "
+            "matter, 0: nothing to translate)\n\n")
     text += "\n".join(lines)
     for r in runs:
         if pooling := pooling_table(r):
@@ -419,6 +464,7 @@ if __name__ == "__main__":
         raise SystemExit("usage: python eval.py --out=DIR   (DIR: the --out of a train.py run)")
     path = os.path.join(outs[0], "results.json")
     if not os.path.exists(path):
-        raise SystemExit(f"{path} not found: expected the --out directory of a finished train.py run")
+        raise SystemExit(f"{path} not found: expected the --out directory of a finished train.py "
+                         "run")
     with open(path) as f:
         print(report(json.load(f)))

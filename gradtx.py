@@ -4,9 +4,9 @@ gradtx.py -- the Grad-Transformer: translate a TinyLM update into an LLM update.
 The paper's method section, in code. An update vector is a sequence of layer-tokens
 (tinylm.py: one token per transformer layer). The Grad-Transformer is an encoder-decoder:
 
-    TinyLM update Δθ_S  (n_src, d_src) --linear--> encoder  ------------+
-                                                                        | cross-attention
-    [start, Δθ_T[0], ..., Δθ_T[n-2]] --linear--> decoder (causal) <-----+ --linear--> Δθ_T (n_tgt, d_tgt)
+    TinyLM update Δθ_S  (n_src, d_src) --linear--> encoder  -------+
+                                                                   | cross-attention
+    [start, Δθ_T[0], ..., Δθ_T[n-2]] --linear--> decoder (causal) <+ --linear--> Δθ_T (n_tgt, d_tgt)
 
 The decoder emits the LLM update one layer-token at a time: trained with teacher forcing (the true
 tokens shifted right behind an all-zero start token) and an MSE loss, it generates autoregressively,
@@ -52,7 +52,8 @@ class GTConfig:
     normalize: bool = True
     n_basis: int = 0     # k: input projected onto a k-dim public subspace (0: raw input, the paper)
     n_skip: int = 0      # training pairs behind the ridge skip path (0: no skip path, the paper)
-    n_gate: int = 0      # public directions of the do-no-harm gate for noisy uploads (0: no gate, the paper)
+    # public directions of the do-no-harm gate for noisy uploads (0: no gate, the paper)
+    n_gate: int = 0
 
 
 # -----------------------------------------------------------------------------
@@ -123,10 +124,12 @@ class GradTransformer(nn.Module):
         self.head = nn.Linear(D, cfg.d_tgt)
         nn.init.zeros_(self.head.weight)   # the untrained model predicts 0 in normalised units,
         nn.init.zeros_(self.head.bias)     # i.e. the mean shadow update
-        # buffers, saved with the model: set_stats's statistics, set_linear_map's subspace and skip path
+        # buffers, saved with the model: set_stats's statistics, set_linear_map's subspace and skip
+        # path
         for name, shape in (("x", (cfg.n_src, cfg.d_src)), ("y", (cfg.n_tgt, cfg.d_tgt))):
             self.register_buffer(f"{name}_mean", torch.zeros(shape))
-            self.register_buffer(f"{name}_std", torch.ones(shape))   # mean 0, std 1: a no-op until set_stats
+            # mean 0, std 1: a no-op until set_stats
+            self.register_buffer(f"{name}_std", torch.ones(shape))
         D_src, D_tgt, N = cfg.n_src * cfg.d_src, cfg.n_tgt * cfg.d_tgt, cfg.n_skip
         linear_map = dict(basis_mean=D_src, basis_U=(D_src, cfg.n_basis)) if cfg.n_basis else {}
         if N:
@@ -139,7 +142,8 @@ class GradTransformer(nn.Module):
         for name, shape in linear_map.items():
             self.register_buffer(name, torch.zeros(shape))
 
-    def buffers_named(self, prefix):   # {rest of the name: live buffer} for buffers prefix*; None if none
+    # {rest of the name: live buffer} for buffers prefix*; None if none
+    def buffers_named(self, prefix):
         return {n.removeprefix(prefix): t for n, t in self.named_buffers(recurse=False)
                 if n.startswith(prefix)} or None
 
@@ -156,8 +160,9 @@ class GradTransformer(nn.Module):
         return self.buffers_named("gate_")
 
     def forward(self, src, tgt_in, base=None):
-        """src (B, n_src, d_src), tgt_in (B, T, d_tgt) -> next tokens (B, T, d_tgt); normalised units.
-        base (B, n_tgt, d_tgt): the skip path's prediction, to which the decoder adds its residual."""
+        """src (B, n_src, d_src), tgt_in (B, T, d_tgt) -> next tokens (B, T, d_tgt); normalised
+        units. base (B, n_tgt, d_tgt): the skip path's prediction, to which the decoder adds its
+        residual."""
         memory = self.drop(self.src_in(src) + self.src_pos)                 # (B, n_src, D)
         for layer in self.encoder:
             memory = layer(memory)
@@ -198,7 +203,8 @@ def model_inputs(model, X):
 
 
 def shift_right(y):
-    """(B, T, d) -> (B, T, d): an all-zero start token, then y[:, :-1]. Used in training AND generation."""
+    """(B, T, d) -> (B, T, d): an all-zero start token, then y[:, :-1]. Used in training AND
+    generation."""
     ### BEGIN SOLUTION autoregressive_decoding
     return torch.cat([torch.zeros_like(y[:, :1]), y[:, :-1]], dim=1)
     ### END SOLUTION
@@ -206,7 +212,8 @@ def shift_right(y):
 
 @torch.no_grad()
 def generate(model, tiny_update):
-    """TinyLM update(s) (n_src, d_src) or (B, n_src, d_src) -> LLM update(s), raw units, tinylm.py layout."""
+    """TinyLM update(s) (n_src, d_src) or (B, n_src, d_src) -> LLM update(s), raw units, tinylm.py
+    layout."""
     cfg = model.cfg
     single = torch.is_tensor(tiny_update) and tiny_update.dim() == 2
     batch = len(tiny_update) if torch.is_tensor(tiny_update) and tiny_update.dim() > 0 else 1
@@ -224,7 +231,8 @@ def generate(model, tiny_update):
     ### END SOLUTION
     model.train(was_training)
     out = denormalize(model, tgt[:, 1:], "y")
-    if model.gate is not None:   # do no harm: back towards the mean update as far as the upload may be noise
+    # do no harm: back towards the mean update as far as the upload may be noise
+    if model.gate is not None:
         fallback, weight = model.gate["fallback"], gate_weight(model.gate, src_raw)[:, None, None]
         out = fallback + weight * (out - fallback)
     out = out.cpu()
@@ -236,9 +244,11 @@ def generate(model, tiny_update):
 # criterion, choose the linear map (public subspace + ridge skip path), fit the translator
 
 
-SUBSPACE_SIZES = (0, 4, 8, 16, 32, 64)       # the grid select_linear_map searches; k = 0: no projection
+# the grid select_linear_map searches; k = 0: no projection
+SUBSPACE_SIZES = (0, 4, 8, 16, 32, 64)
 RIDGE_LAMBDAS = (1e-3, 1e-2, 1e-1, 1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6)
-SELECTION = "simplest within one standard error"   # how a map and a checkpoint are chosen (a cache key)
+# how a map and a checkpoint are chosen (a cache key)
+SELECTION = "simplest within one standard error"
 SIGNAL_DIRECTIONS = 4   # the top public directions along which train.py measures upload_signal
 
 
@@ -251,10 +261,11 @@ def split_runs(n_runs, val_frac, seed):
 
 
 def functional_criterion(llm, val_sets, measure="loss"):
-    """f(pred_updates) = (n_runs,) the LLM's loss on each held-out run's own shadow data (x, y, mask) with
-    that run's predicted update applied; lower is better, and its mean is the score (selection in parameter
-    space keeps a translator that still sits at the mean update). measure="exact_match" scores 1 - the share
-    of examples answered exactly right: the loss rewards hedging towards the mean update, this does not."""
+    """f(pred_updates) = (n_runs,) the LLM's loss on each held-out run's own shadow data (x, y,
+    mask) with that run's predicted update applied; lower is better, and its mean is the score
+    (selection in parameter space keeps a translator that still sits at the mean update).
+    measure="exact_match" scores 1 - the share of examples answered exactly right: the loss rewards
+    hedging towards the mean update, this does not."""
     def criterion(pred_updates):
         values = []
         for update, (x, y, mask) in zip(pred_updates, val_sets):
@@ -266,11 +277,12 @@ def functional_criterion(llm, val_sets, measure="loss"):
 
 
 def simplest_within_one_se(scores):
-    """The first candidate (`scores` lists them simplest first) that is not clearly worse than the best:
-    its per-run scores (lower is better) exceed the best candidate's by at most one standard error of the
-    paired difference. The one-standard-error rule (Breiman et al. 1984): a dozen held-out runs rank
-    candidates only up to noise, and a noise-fitted pick (a larger subspace, a weaker ridge, a later
-    checkpoint) is what breaks when DP noise is strong. A scalar score has no spread: then the best wins."""
+    """The first candidate (`scores` lists them simplest first) that is not clearly worse than the
+    best: its per-run scores (lower is better) exceed the best candidate's by at most one standard
+    error of the paired difference. The one-standard-error rule (Breiman et al. 1984): a dozen
+    held-out runs rank candidates only up to noise, and a noise-fitted pick (a larger subspace, a
+    weaker ridge, a later checkpoint) is what breaks when DP noise is strong. A scalar score has no
+    spread: then the best wins."""
     values = {c: np.atleast_1d(np.asarray(v, dtype=float)) for c, v in scores.items()}
     best = min(values, key=lambda c: values[c].mean())
     for c, v in values.items():
@@ -297,7 +309,8 @@ def public_basis(X_clean, k):
 
 
 def project(X, basis):
-    """(N, n, d) -> (N, n, d): mean + U U^T (x - mean), same layout; unchanged when basis is None."""
+    """(N, n, d) -> (N, n, d): mean + U U^T (x - mean), same layout; unchanged when basis is
+    None."""
     if basis is None:
         return X
     ### BEGIN SOLUTION public_subspace
@@ -308,42 +321,51 @@ def project(X, basis):
 
 
 def upload_signal(X_clean, X_noisy, basis):
-    """How much of a noisy upload is signal, along each public direction: the correlation, over shadow
-    runs, between the run's noisy inputs (DP uploads, or means of m of them) and its clean update,
-    both projected on the basis. X_clean (N, n, d), X_noisy (N, P, n, d) -> (k,). 1: the noise does
-    not matter; 0: no map can translate the upload in that direction, however it is trained."""
+    """How much of a noisy upload is signal, along each public direction: the correlation, over
+    shadow runs, between the run's noisy inputs (DP uploads, or means of m of them) and its clean
+    update, both projected on the basis. X_clean (N, n, d), X_noisy (N, P, n, d) -> (k,). 1: the
+    noise does not matter; 0: no map can translate the upload in that direction, however it is
+    trained."""
     U, mean = basis["U"], basis["mean"]
     clean = (X_clean.flatten(1) - mean) @ U                                   # (N, k)
-    clean = clean[:, None].expand(-1, X_noisy.shape[1], -1).flatten(0, 1)    # (N*P, k): one per input
+    # (N*P, k): one per input
+    clean = clean[:, None].expand(-1, X_noisy.shape[1], -1).flatten(0, 1)
     noisy = ((X_noisy.flatten(2) - mean) @ U).flatten(0, 1)                   # (N*P, k)
     a, b = clean - clean.mean(0), noisy - noisy.mean(0)
     return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0) + 1e-12)
 
 
 def fit_gate(X_noisy, noise, basis, fallback, prior=0.5):
-    """Statistics of the do-no-harm gate (`gate_weight`) along the public directions of `basis`, in coordinates
-    c = U^T (x - mean): X_noisy (N, n, d) the map's noisy training inputs (their centre, and their spread:
-    signal plus noise), noise (N', n, d) draws of the noise alone at the inputs' noise level (train.py: a DP
-    draw minus the mean of its subset's draws, rescaled), fallback (n_tgt, d_tgt) the mean shadow LLM update;
-    prior: the share of uploads the gate expects to carry a convention of their own."""
+    """Statistics of the do-no-harm gate (`gate_weight`) along the public directions of `basis`, in
+    coordinates c = U^T (x - mean): X_noisy (N, n, d) the map's noisy training inputs (their centre,
+    and their spread: signal plus noise), noise (N', n, d) draws of the noise alone at the inputs'
+    noise level (train.py: a DP draw minus the mean of its subset's draws, rescaled), fallback
+    (n_tgt, d_tgt) the mean shadow LLM update; prior: the share of uploads the gate expects to carry
+    a convention of their own."""
     coords = (X_noisy.flatten(1).float() - basis["mean"]) @ basis["U"]                  # (N, k)
     noise_var = (noise.flatten(1).float() @ basis["U"]).pow(2).mean(0)                 # (k,)
-    signal_var = (coords.var(0) - noise_var).clamp(min=1e-3 * noise_var.max().item())  # the rest of the spread
-    return {"mean": basis["mean"], "U": basis["U"], "center": coords.mean(0), "signal_var": signal_var,
-            "noise_var": noise_var, "prior": torch.tensor([prior]), "fallback": fallback}
+    # the rest of the spread
+    signal_var = (coords.var(0) - noise_var).clamp(min=1e-3 * noise_var.max().item())
+    return {"mean": basis["mean"], "U": basis["U"], "center": coords.mean(0),
+            "signal_var": signal_var, "noise_var": noise_var, "prior": torch.tensor([prior]),
+            "fallback": fallback}
 
 
 def gate_weight(gate, X):
-    """(N, n, d) uploads -> (N,) weights in (0, 1): the probability that an upload carries a convention of its
-    own rather than noise around the centre. Two hypotheses for its coordinates c along the gate's directions:
-        noise only:   c ~ N(center, noise_var)                 (an organisation that writes like the public)
-        signal:       c ~ N(center, signal_var + noise_var)    (one that writes like any shadow subset)
-    and Bayes' rule with the prior. An upload far from the centre in units of the noise gets ~1 (translated
-    as it is); one the noise alone explains gets a small weight, so the provider falls back towards the mean
-    shadow update instead of sending a mostly-noise upload to a wrong corner."""
+    """(N, n, d) uploads -> (N,) weights in (0, 1): the probability that an upload carries a
+    convention of its own rather than noise around the centre. Two hypotheses for its coordinates c
+    along the gate's directions:
+        noise only:   c ~ N(center, noise_var)                 (an organisation that writes like the
+        public) signal:       c ~ N(center, signal_var + noise_var)    (one that writes like any
+        shadow subset)
+    and Bayes' rule with the prior. An upload far from the centre in units of the noise gets ~1
+    (translated as it is); one the noise alone explains gets a small weight, so the provider falls
+    back towards the mean shadow update instead of sending a mostly-noise upload to a wrong
+    corner."""
     c = (X.flatten(1).float() - gate["mean"]) @ gate["U"] - gate["center"]           # (N, k)
     n, s = gate["noise_var"], gate["noise_var"] + gate["signal_var"]
-    log_ratio = (0.5 * c.pow(2) * (1 / n - 1 / s) - 0.5 * torch.log(s / n)).sum(1)    # log p(c|signal)/p(c|noise)
+    # log p(c|signal)/p(c|noise)
+    log_ratio = (0.5 * c.pow(2) * (1 / n - 1 / s) - 0.5 * torch.log(s / n)).sum(1)
     return torch.sigmoid(log_ratio + torch.logit(gate["prior"]))
 
 
@@ -354,8 +376,9 @@ def fit_ridge(X, Y, lam):
 
 
 def ridge_factors(X, Y):
-    """Everything fit_ridge computes before lambda enters: the z-scoring, K = keys keys^T = Q diag(e) Q^T
-    and Q^T z(Y). A search over lambda computes it once; each lambda then only rescales (`ridge_at`)."""
+    """Everything fit_ridge computes before lambda enters: the z-scoring, K = keys keys^T = Q
+    diag(e) Q^T and Q^T z(Y). A search over lambda computes it once; each lambda then only rescales
+    (`ridge_at`)."""
     X, Y = X.flatten(1).double(), Y.flatten(1).double()
     x_mean, x_std, y_mean, y_std = X.mean(0), X.std(0) + 1e-8, Y.mean(0), Y.std(0) + 1e-8
     keys = (X - x_mean) / x_std
@@ -366,43 +389,49 @@ def ridge_factors(X, Y):
     eigenvalues, Q = torch.linalg.eigh(keys @ keys.T)
     kept = eigenvalues > 1e-9 * eigenvalues.max()
     Q, eigenvalues = Q[:, kept], eigenvalues[kept]                        # (N, r), (r,)
-    return dict(keys=keys, Q=Q, eigenvalues=eigenvalues, Qt_y=Q.T @ ((Y - y_mean) / y_std),   # (r, D_tgt)
+    # (r, D_tgt)
+    return dict(keys=keys, Q=Q, eigenvalues=eigenvalues, Qt_y=Q.T @ ((Y - y_mean) / y_std),
                 x_mean=x_mean, x_std=x_std, y_mean=y_mean, y_std=y_std)
 
 
 def ridge_at(factors, lam):
-    """fit_ridge's map at one lambda: values = Q diag(1 / (e + lam)) Q^T z(Y) = (K + lam I)^-1 z(Y)."""
+    """fit_ridge's map at one lambda: values = Q diag(1 / (e + lam)) Q^T z(Y) = (K + lam I)^-1
+    z(Y)."""
     f = factors
     values = f["Q"] @ (f["Qt_y"] / (f["eigenvalues"][:, None] + lam))                   # (N, D_tgt)
-    ridge = dict(keys=f["keys"], values=values, x_mean=f["x_mean"], x_std=f["x_std"], y_mean=f["y_mean"],
-                 y_std=f["y_std"])
+    ridge = dict(keys=f["keys"], values=values, x_mean=f["x_mean"], x_std=f["x_std"],
+                 y_mean=f["y_mean"], y_std=f["y_std"])
     return {name: t.float() for name, t in ridge.items()}
 
 
 def ridge_predict(ridge, X):
-    """TinyLM updates (N, n_src, d_src) -> LLM updates (N, D_tgt) flattened; callers .view() them."""
+    """TinyLM updates (N, n_src, d_src) -> LLM updates (N, D_tgt) flattened; callers .view()
+    them."""
     r = {k: v.to(X.device) for k, v in ridge.items()}
     z = (X.flatten(1).float() - r["x_mean"]) / r["x_std"]
     return (z @ r["keys"].T) @ r["values"] * r["y_std"] + r["y_mean"]
 
 
-def select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks=SUBSPACE_SIZES, lams=RIDGE_LAMBDAS):
+def select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks=SUBSPACE_SIZES,
+                      lams=RIDGE_LAMBDAS):
     """Choose the subspace size k and ridge's lambda by the functional criterion on held-out runs
     (parameter-space error would pick a far too strong lambda): the simplest map within one standard
-    error of the best (`simplest_within_one_se`; fewer directions first -- k = 0, the raw input, has the
-    most -- then a stronger ridge). X_clean: clean public shadow TinyLM updates, for the basis; X_train,
-    X_val: the inputs the map will be given (DP updates when clients use DP); Y_train: LLM updates.
-    Returns (basis, ridge, k, lam, {(k, lam): mean score})."""
+    error of the best (`simplest_within_one_se`; fewer directions first -- k = 0, the raw input, has
+    the most -- then a stronger ridge). X_clean: clean public shadow TinyLM updates, for the basis;
+    X_train, X_val: the inputs the map will be given (DP updates when clients use DP); Y_train: LLM
+    updates. Returns (basis, ridge, k, lam, {(k, lam): mean score})."""
     scores, maps = {}, {}
     for k in ks:
         if k > min(X_clean.shape[0] - 1, X_clean[0].numel()):   # more directions than the data has
             continue
         basis = public_basis(X_clean, k)
         X_tr, X_va = project(X_train, basis), project(X_val, basis)
-        factors = ridge_factors(X_tr, Y_train)   # once per k: the same map as fit_ridge(X_tr, Y_train, lam)
+        # once per k: the same map as fit_ridge(X_tr, Y_train, lam)
+        factors = ridge_factors(X_tr, Y_train)
         for lam in lams:
             ridge = ridge_at(factors, lam)
-            scores[(k, lam)] = criterion(ridge_predict(ridge, X_va).view(len(X_val), *Y_train.shape[1:]))
+            scores[(k, lam)] = criterion(ridge_predict(ridge, X_va).view(len(X_val),
+                                                                         *Y_train.shape[1:]))
             maps[(k, lam)] = (basis, ridge)
     simplest_first = sorted(scores, key=lambda c: (c[0] or math.inf, -c[1]))
     k, lam = simplest_within_one_se({c: scores[c] for c in simplest_first})
@@ -411,7 +440,8 @@ def select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks=SUBSPACE_S
 
 @torch.no_grad()
 def set_linear_map(model, basis, ridge, gate=None):
-    """Copy the public basis, the ridge skip path and the gate into the model's buffers (saved with it)."""
+    """Copy the public basis, the ridge skip path and the gate into the model's buffers (saved with
+    it)."""
     for tensors, new in ((model.basis, basis), (model.ridge, ridge), (model.gate, gate)):
         for name, t in (tensors or {}).items():
             t.copy_(new[name])
@@ -427,12 +457,12 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
         eval_every, val_criterion=None, seed=0):
     """Train on (TinyLM update, LLM update) pairs; keep the checkpoint with the best validation.
     X_*: (N, n_src, d_src), Y_*: (N, n_tgt, d_tgt), raw units; the validation pairs come from shadow
-    RUNS not in the training set. `val_criterion(pred_Y_val) -> (n_val,) or float` scores autoregressive
-    predictions, lower is better (train.py: functional_criterion); without it, validation MSE decides.
-    The checkpoint kept is the earliest within one standard error of the best (`simplest_within_one_se`):
-    step 0, the linear map, unless training beats it by more than the held-out runs' noise.
-    Returns {"history": [{"step", "train_mse", "val_mse", "val_rel_err", "criterion"}],
-    "best_step": step kept}."""
+    RUNS not in the training set. `val_criterion(pred_Y_val) -> (n_val,) or float` scores
+    autoregressive predictions, lower is better (train.py: functional_criterion); without it,
+    validation MSE decides. The checkpoint kept is the earliest within one standard error of the
+    best (`simplest_within_one_se`): step 0, the linear map, unless training beats it by more than
+    the held-out runs' noise. Returns {"history": [{"step", "train_mse", "val_mse", "val_rel_err",
+    "criterion"}], "best_step": step kept}."""
     torch.manual_seed(seed)
     device = model.head.weight.device
     X_train, Y_train = X_train.to(device), Y_train.to(device)
@@ -444,12 +474,16 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
     for step in (bar := tqdm(range(steps + 1), desc="fit grad-transformer", leave=False)):
         if step % eval_every == 0 or step == steps:
             pred = generate(model, X_val)
-            errors = (normalize(model, pred.to(device), "y") - normalize(model, Y_val.to(device), "y")).pow(2)
+            errors = (normalize(model, pred.to(device), "y") - normalize(model, Y_val.to(device),
+                                                                         "y")).pow(2)
             val_mse = errors.mean().item()
-            rel = ((pred - Y_val).flatten(1).norm(dim=1) / Y_val.flatten(1).norm(dim=1)).mean().item()
-            per_run[step] = val_criterion(pred) if val_criterion else errors.flatten(1).mean(1).cpu().numpy()
+            rel = ((pred - Y_val).flatten(1).norm(dim=1)
+                   / Y_val.flatten(1).norm(dim=1)).mean().item()
+            per_run[step] = (val_criterion(pred) if val_criterion
+                             else errors.flatten(1).mean(1).cpu().numpy())
             crit = float(np.mean(per_run[step]))
-            train_mse = float("nan") if train_loss is None else train_loss.item()   # read here only: no sync per step
+            # read here only: no sync per step
+            train_mse = float("nan") if train_loss is None else train_loss.item()
             history.append({"step": step, "train_mse": train_mse, "val_mse": val_mse,
                             "val_rel_err": rel, "criterion": crit})
             states[step] = {k: v.clone() for k, v in model.state_dict().items()}
@@ -458,7 +492,8 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
             break
         model.train()
         idx = torch.randint(len(xs), (batch_size,), generator=g).to(device, non_blocking=True)
-        pred = model(xs[idx], shift_right(ys[idx]), None if base is None else base[idx])   # teacher forcing
+        # teacher forcing
+        pred = model(xs[idx], shift_right(ys[idx]), None if base is None else base[idx])
         loss = F.mse_loss(pred, ys[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -199,7 +199,8 @@ class GPT(nn.Module):
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
                 probs = (logits / temperature).softmax(dim=-1)
-                # drawn on the CPU, where the (CPU) generator lives: a GPU run draws as a CPU run does
+                # drawn on the CPU, where the (CPU) generator lives: a GPU run draws as a CPU run
+                # does
                 nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(idx.device)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
@@ -262,7 +263,8 @@ def get_update(model):
 def check_update(update, shape, what="update vector"):
     """Refuse anything that is not a finite floating tensor of the expected shape."""
     if not isinstance(update, torch.Tensor):
-        raise TypeError(f"{what}: expected a torch.Tensor of shape {tuple(shape)}, got {type(update).__name__}")
+        raise TypeError(f"{what}: expected a torch.Tensor of shape {tuple(shape)}, got "
+                        f"{type(update).__name__}")
     if tuple(update.shape) != tuple(shape):
         raise ValueError(f"{what}: expected shape {tuple(shape)}, got {tuple(update.shape)}")
     if not update.is_floating_point():
@@ -306,14 +308,16 @@ def set_update(model, update):
 
 def pretrain(cfg, next_batch, steps, lr, seed, device="cpu", desc="pretrain"):
     """A GPT(cfg) trained from scratch on next_batch() -> (x, y, mask): AdamW, a linear warmup over
-    the first 5% of the steps, then a cosine decay to 10% of lr. The public base models (train.py)."""
+    the first 5% of the steps, then a cosine decay to 10% of lr. The public base models
+    (train.py)."""
     torch.manual_seed(seed)
     model = GPT(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
     for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+            cosine = 0.55 + 0.45 * math.cos(math.pi * step / steps)   # decays to 0.1 of lr
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) * cosine
         x, y, mask = (t.to(device) for t in next_batch())   # a no-op for a batch made on the device
         _, loss = model(x, y, mask)
         opt.zero_grad(set_to_none=True)
@@ -364,7 +368,8 @@ def finetune(model, x, y, mask, recipe, seed, snapshot_steps=(), conf_weight=0.0
             idx = torch.randint(len(x), (recipe.batch,), generator=g).to(device, non_blocking=True)
             logits, loss = model(x[idx], y[idx], mask[idx])
             if conf_weight > 0:  # Burns et al. 2023: also fit the model's own hardened predictions,
-                # so the strong model may overrule weak labels; the weight warms up over 20% of steps
+                # so the strong model may overrule weak labels; the weight warms up over 20% of
+                # steps
                 w = conf_weight * min(1.0, step / (0.2 * recipe.steps))
                 own = masked_cross_entropy(logits, logits.argmax(-1).detach(), mask[idx])
                 loss = (1 - w) * loss + w * own
@@ -396,10 +401,12 @@ def loss_of(model, x, y, mask, batch=1024):
 @torch.no_grad()
 def exact_match_of(model, x, y, mask, batch=1024):
     """Share of examples (N, T) whose every masked target token is the model's argmax under teacher
-    forcing: exactly the examples that greedy decoding completes correctly, from one forward pass."""
+    forcing: exactly the examples that greedy decoding completes correctly, from one forward
+    pass."""
     hits = 0.0
     for xb, yb, mb in batches_of(model, x, y, mask, batch):
-        hits += ((model(xb)[0].argmax(-1) == yb) | (mb == 0)).all(dim=1).sum().item()   # (B, T) -> (B,)
+        # (B, T) -> (B,)
+        hits += ((model(xb)[0].argmax(-1) == yb) | (mb == 0)).all(dim=1).sum().item()
     return hits / max(len(x), 1)
 
 

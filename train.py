@@ -5,7 +5,7 @@ train.py -- the whole Grad-Transformer protocol, stage by stage, cached on disk.
     python train.py --preset smoke      # a tiny run of every stage, well under a minute
     python train.py --dp_epsilon=1      # clients fine-tune with DP-SGD at epsilon = 1 (delta 1e-5)
     python train.py --experiment=dp     # the DP sweep: epsilon in {inf, 8, 1, 0.3, 0.1}, one table
-    python train.py --experiment=collab # groups of 8 small clients pool their uploads, with and without DP
+    python train.py --experiment=collab # groups of 8 clients pool uploads, with and without DP
     python train.py --preset text       # language modeling on the docs that ship with Python
     python train.py --help              # every option (config/presets.py: each default and why)
 
@@ -51,28 +51,34 @@ from config.presets import EXPERIMENTS, parse_args   # every setting, its defaul
 def pick_device(name="auto"):
     if name != "auto":
         return name
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def recipe(cfg, private=False):
     """The published fine-tuning recipe; private=True gives the clients' DP-SGD recipe."""
     sigma = noise_multiplier(cfg) if private and cfg.dp_mechanism == "sgd" else 0.0
-    return tinylm.Recipe(cfg.ft_steps, cfg.ft_batch, cfg.ft_lr, sigma or 0.0, cfg.dp_clip, sample_rate(cfg))
+    return tinylm.Recipe(cfg.ft_steps, cfg.ft_batch, cfg.ft_lr, sigma or 0.0, cfg.dp_clip,
+                         sample_rate(cfg))
 
 
 def sample_rate(cfg):
-    """DP-SGD's Poisson rate q: --dp_sample_rate, or by default q = B / N (B = ft_batch, N = n_train), so a
-    step costs the same whatever the client's size. The recipe keeps B and its T = ft_steps steps, and the
-    accountant then needs sigma ~ q sqrt(T) / epsilon: the noise in the final update, relative to its signal,
-    falls roughly like 1 / (N epsilon) -- a client with more records buys the same utility at a smaller epsilon."""
+    """DP-SGD's Poisson rate q: --dp_sample_rate, or by default q = B / N (B = ft_batch, N =
+    n_train), so a step costs the same whatever the client's size. The recipe keeps B and its T =
+    ft_steps steps, and the accountant then needs sigma ~ q sqrt(T) / epsilon: the noise in the
+    final update, relative to its signal, falls roughly like 1 / (N epsilon) -- a client with more
+    records buys the same utility at a smaller epsilon."""
     return cfg.dp_sample_rate or min(1.0, cfg.ft_batch / cfg.n_train)
 
 
 def noise_multiplier(cfg):
-    """DP-SGD's sigma, or output perturbation's noise std, for the clients' (epsilon, delta); None: no DP."""
+    """DP-SGD's sigma, or output perturbation's noise std, for the clients' (epsilon, delta); None:
+    no DP."""
     if cfg.dp_epsilon <= 0:
         return None
-    return dp.calibrate(cfg.dp_mechanism, cfg.dp_epsilon, cfg.dp_delta, cfg.dp_clip, sample_rate(cfg), cfg.ft_steps)
+    return dp.calibrate(cfg.dp_mechanism, cfg.dp_epsilon, cfg.dp_delta, cfg.dp_clip,
+                        sample_rate(cfg), cfg.ft_steps)
 
 
 def private_upload(cfg, model, x, y, mask, seed, clean_update):
@@ -92,33 +98,40 @@ def perturb(cfg, update, seed):
 # -----------------------------------------------------------------------------
 # the cache: a stage's file name is a hash of its settings, its inputs' keys and its data
 
-TINY_KEYS = ("task", "seed", "tiny_model", "pretrain_steps_tiny", "pretrain_batch", "pretrain_lr_tiny")
+TINY_KEYS = ("task", "seed", "tiny_model", "pretrain_steps_tiny", "pretrain_batch",
+             "pretrain_lr_tiny")
 LLM_KEYS = ("task", "seed", "llm_model", "pretrain_steps_llm", "pretrain_batch", "pretrain_lr_llm")
 FINETUNE_KEYS = ("lora_rank", "lora_alpha", "lora_seed", "ft_steps", "ft_batch", "ft_lr", "n_train")
 SHADOW_KEYS = FINETUNE_KEYS + ("n_shadow", "n_snapshots", "snapshot_gap", "shadow_alpha")
 DP_KEYS = ("dp_epsilon", "dp_delta", "dp_mechanism", "dp_clip", "dp_sample_rate")
 SHADOW_DP_KEYS = SHADOW_KEYS + DP_KEYS + ("shadow_dp_draws",)
-FIT_KEYS = ("gt_d_model", "gt_layers", "gt_heads", "gt_dropout", "gt_weight_decay", "gt_lr", "gt_steps",
-            "gt_batch", "gt_eval_every", "gt_normalize", "gt_project", "gt_skip", "gt_gate", "gt_select",
-            "val_frac", "val_examples")
-CLIENT_DATA_KEYS = FINETUNE_KEYS + ("group_size", "skew", "n_test")   # who holds what, and the shared recipe
+FIT_KEYS = ("gt_d_model", "gt_layers", "gt_heads", "gt_dropout", "gt_weight_decay", "gt_lr",
+            "gt_steps", "gt_batch", "gt_eval_every", "gt_normalize", "gt_project", "gt_skip",
+            "gt_gate", "gt_select", "val_frac", "val_examples")
+# who holds what, and the shared recipe
+CLIENT_DATA_KEYS = FINETUNE_KEYS + ("group_size", "skew", "n_test")
 CLIENT_KEYS = CLIENT_DATA_KEYS + DP_KEYS
 
 
 def stage_paths(cfg, task, levels=(1,), device="cpu"):
     """{stage: file} for this configuration. Each key hashes the stage's settings, the files of the
-    stages it reads and a fingerprint of the data it is given: it cannot go stale. A GPU's float kernels
-    give other numbers than a CPU's, so the device type counts too -- but only when it is not "cpu": a
-    CPU stage's key is what it always was, and a CUDA- or MPS-made stage gets a file of its own."""
+    stages it reads and a fingerprint of the data it is given: it cannot go stale. A GPU's float
+    kernels give other numbers than a CPU's, so the device type counts too -- but only when it is
+    not "cpu": a CPU stage's key is what it always was, and a CUDA- or MPS-made stage gets a file of
+    its own."""
     made_on = [] if torch.device(device).type == "cpu" else [torch.device(device).type]
 
     def path(stage, keys, *inputs):   # an input stage counts by its file name: a cache can be moved
         inputs = [os.path.basename(i) if isinstance(i, str) else i for i in inputs]
-        blob = json.dumps([stage, {k: getattr(cfg, k) for k in keys}, inputs] + made_on, sort_keys=True)
-        return os.path.join(cfg.cache or cfg.out, f"{stage}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}.pt")
+        blob = json.dumps([stage, {k: getattr(cfg, k) for k in keys}, inputs] + made_on,
+                          sort_keys=True)
+        return os.path.join(cfg.cache or cfg.out,
+                            f"{stage}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}.pt")
     shadow_data = data.digest(e for k in range(cfg.n_shadow)
                               for e in task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha)[1])
-    client_data = data.digest(e for c in task.clients(cfg.n_train, cfg.n_test, cfg.group_size, cfg.skew)
+    client_data = data.digest(e
+                              for c in task.clients(cfg.n_train, cfg.n_test, cfg.group_size,
+                                                    cfg.skew)
                               for e in c["train"] + c["test"])
     p = {"pretrain_tiny": path("pretrain_tiny", TINY_KEYS, task.fingerprint()),
          "pretrain_llm": path("pretrain_llm", LLM_KEYS, task.fingerprint())}
@@ -127,18 +140,21 @@ def stage_paths(cfg, task, levels=(1,), device="cpu"):
     if cfg.dp_epsilon > 0:
         p["shadow_dp"] = inputs = path("shadow_dp", SHADOW_DP_KEYS, p["shadow"])
     for m in levels:   # one translator per noise level: inputs that average m uploads
-        p[f"fit_{m}"] = path("fit", FIT_KEYS, inputs, m, gradtx.SUBSPACE_SIZES, gradtx.RIDGE_LAMBDAS, gradtx.SELECTION)
+        p[f"fit_{m}"] = path("fit", FIT_KEYS, inputs, m, gradtx.SUBSPACE_SIZES,
+                             gradtx.RIDGE_LAMBDAS, gradtx.SELECTION)
     p["clients"] = path("clients", CLIENT_KEYS, p["pretrain_tiny"], client_data)
-    # llm_ft reads only the clients' data; the weak baselines also read their uploads (the clients stage)
+    # llm_ft reads only the clients' data; the weak baselines also read their uploads (the clients
+    # stage)
     p["references"] = path("references", CLIENT_DATA_KEYS + ("seed", "weak_baselines"),
                            p["pretrain_llm"], p["clients"] if cfg.weak_baselines else client_data)
     return p
 
 
 def load_stage(path, load=lambda path: torch.load(path, weights_only=True)):
-    """load(path) of a finished stage's file (stage files hold only tensors and plain values), or None:
-    not made yet, or unreadable. A file cut short (a full disk, an interrupted copy) is reported in one
-    line and moved aside to <path>.unreadable, and the stage that made it runs again."""
+    """load(path) of a finished stage's file (stage files hold only tensors and plain values), or
+    None: not made yet, or unreadable. A file cut short (a full disk, an interrupted copy) is
+    reported in one line and moved aside to <path>.unreadable, and the stage that made it runs
+    again."""
     if not os.path.exists(path):
         return None
     try:
@@ -162,10 +178,12 @@ def record_seconds(cfg, path, seconds):
 
 
 def stage_seconds(cfg, paths):
-    """{pretrain, shadow, fit, clients, references}: seconds each stage of this configuration took."""
+    """{pretrain, shadow, fit, clients, references}: seconds each stage of this configuration
+    took."""
     timing_path = os.path.join(cfg.cache or cfg.out, "timing.json")
     timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {}
-    return {stage: sum(timing.get(os.path.basename(p), 0.0) for s, p in paths.items() if s.startswith(stage))
+    return {stage: sum(timing.get(os.path.basename(p), 0.0) for s,
+                       p in paths.items() if s.startswith(stage))
             for stage in ("pretrain", "shadow", "fit", "clients", "references")}
 
 
@@ -176,21 +194,26 @@ def stage_seconds(cfg, paths):
 def base_models(cfg, task, paths, device):
     """Both base models with LoRA attached, pretraining (and caching) whichever is missing."""
     models = {}
-    for who, size, steps, lr in (("tiny", cfg.tiny_model, cfg.pretrain_steps_tiny, cfg.pretrain_lr_tiny),
-                                 ("llm", cfg.llm_model, cfg.pretrain_steps_llm, cfg.pretrain_lr_llm)):
+    for who, size, steps, lr in (("tiny", cfg.tiny_model, cfg.pretrain_steps_tiny,
+                                  cfg.pretrain_lr_tiny),
+                                 ("llm", cfg.llm_model, cfg.pretrain_steps_llm,
+                                  cfg.pretrain_lr_llm)):
         path = paths[f"pretrain_{who}"]
         model = load_stage(path, lambda path: tinylm.load_model(path, device))
         if model is None:
             t0, seed = time.time(), cfg.seed + (0 if who == "tiny" else 1)
-            shape = replace(tinylm.MODEL_PRESETS[size], vocab_size=task.enc.n_vocab, block_size=task.block_size)
+            shape = replace(tinylm.MODEL_PRESETS[size], vocab_size=task.enc.n_vocab,
+                            block_size=task.block_size)
             rng = data.stream(seed, "pretrain batches")   # the public data's batches
-            model = tinylm.pretrain(shape, lambda: task.pretrain_batch(cfg.pretrain_batch, rng, device), steps, lr,
-                                    seed, device, f"pretrain {who}")
+            model = tinylm.pretrain(shape,
+                                    lambda: task.pretrain_batch(cfg.pretrain_batch, rng, device),
+                                    steps, lr, seed, device, f"pretrain {who}")
             tinylm.save_model(model, path)
             record_seconds(cfg, path, time.time() - t0)
             print(f"pretrain  : {who} ({size}), {sum(p.numel() for p in model.parameters()):,} "
                   f"params, {steps} steps, {time.time() - t0:.1f}s -> {path}", flush=True)
-            model = tinylm.load_model(path, device)   # from the file, exactly as a later run gets it
+            # from the file, exactly as a later run gets it
+            model = tinylm.load_model(path, device)
         models[who] = tinylm.add_lora(model.eval(), cfg.lora_rank, cfg.lora_alpha, cfg.lora_seed)
     return models["tiny"], models["llm"]
 
@@ -210,7 +233,8 @@ def _init_worker(cfg, paths, device):
 
 
 def worker_map(cfg, fn, items, device, task, tiny, llm, paths):
-    """map(fn, items), in order, in cfg.workers processes (in this one when workers <= 1 or on a GPU)."""
+    """map(fn, items), in order, in cfg.workers processes (in this one when workers <= 1 or on a
+    GPU)."""
     if cfg.workers <= 1 or device != "cpu" or len(items) <= 1:
         _worker.update(cfg=cfg, task=task, tiny=tiny, llm=llm)
         yield from map(fn, items)
@@ -227,8 +251,9 @@ def run_stage(cfg, path, desc, fn, items, device, task, tiny, llm, paths):
     partial = path.replace(".pt", ".partial.pt")
     state = load_stage(partial) or {"results": [], "seconds": 0.0}
     t0, todo = time.time() - state["seconds"], items[len(state["results"]):]
-    for i, result in enumerate(tqdm(worker_map(cfg, fn, todo, device, task, tiny, llm, paths), desc=desc,
-                                    leave=False, initial=len(state["results"]), total=len(items))):
+    for i, result in enumerate(tqdm(worker_map(cfg, fn, todo, device, task, tiny, llm, paths),
+                                    desc=desc, leave=False, initial=len(state["results"]),
+                                    total=len(items))):
         state["results"].append(result)
         if (i + 1) % 8 == 0:
             state["seconds"] = time.time() - t0
@@ -250,7 +275,8 @@ def shadow_run(k):
     cfg, task = _worker["cfg"], _worker["task"]
     x, y, mask = task.encode(task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha)[1])
     seed, clean = data.run_seed(cfg.seed, "shadow run", k), recipe(cfg)
-    steps = [cfg.ft_steps - i * cfg.snapshot_gap for i in reversed(range(cfg.n_snapshots))]   # S, the last one final
+    # S, the last one final
+    steps = [cfg.ft_steps - i * cfg.snapshot_gap for i in reversed(range(cfg.n_snapshots))]
     return (torch.stack(tinylm.finetune(_worker["tiny"], x, y, mask, clean, seed, steps)),
             torch.stack(tinylm.finetune(_worker["llm"], x, y, mask, clean, seed, steps)))
 
@@ -260,7 +286,8 @@ def shadow_dp_run(item):
     provider re-creates exactly what a client would upload from these data). Runs in a worker."""
     (k, r), cfg, task = item, _worker["cfg"], _worker["task"]
     x, y, mask = task.encode(task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha)[1])
-    return private_upload(cfg, _worker["tiny"], x, y, mask, data.run_seed(cfg.seed, "shadow DP draw", k, r), None)
+    return private_upload(cfg, _worker["tiny"], x, y, mask,
+                          data.run_seed(cfg.seed, "shadow DP draw", k, r), None)
 
 
 def shadow_stages(cfg, task, tiny, llm, paths, device):
@@ -270,19 +297,24 @@ def shadow_stages(cfg, task, tiny, llm, paths, device):
     runs = run_stage(cfg, paths["shadow"], "shadow runs", shadow_run, list(range(cfg.n_shadow)),
                      device, task, tiny, llm, paths)
     shadow = {"X": torch.stack([x for x, _ in runs]), "Y": torch.stack([y for _, y in runs])}
-    print(f"shadow    : {cfg.n_shadow} runs x {cfg.n_snapshots} snapshots = {cfg.n_shadow * cfg.n_snapshots} "
-          f"pairs, {time.time() - t0:.1f}s -> {paths['shadow']}", flush=True)
+    print(f"shadow    : {cfg.n_shadow} runs x {cfg.n_snapshots} snapshots = "
+          f"{cfg.n_shadow * cfg.n_snapshots} pairs, {time.time() - t0:.1f}s -> "
+          f"{paths['shadow']}", flush=True)
     if "shadow_dp" in paths:
         t0 = time.time()
         items = [(k, r) for k in range(cfg.n_shadow) for r in range(cfg.shadow_dp_draws)]
-        if cfg.dp_mechanism == "output":   # the clean run's final update IS the recipe's update: add noise
-            draws = [perturb(cfg, shadow["X"][k, -1], data.run_seed(cfg.seed, "shadow DP draw", k, r)) for k, r in items]
+        # the clean run's final update IS the recipe's update: add noise
+        if cfg.dp_mechanism == "output":
+            draws = [perturb(cfg, shadow["X"][k, -1],
+                             data.run_seed(cfg.seed, "shadow DP draw", k, r)) for k, r in items]
         else:
-            draws = run_stage(cfg, paths["shadow_dp"], "shadow DP draws", shadow_dp_run, items, device,
-                              task, tiny, llm, paths)
-        shadow["X_private"] = torch.stack(draws).view(cfg.n_shadow, cfg.shadow_dp_draws, *draws[0].shape)
-        print(f"shadow_dp : {len(items)} TinyLM runs with the clients' DP recipe ({cfg.dp_mechanism}, "
-              f"eps={cfg.dp_epsilon}), {time.time() - t0:.1f}s -> {paths['shadow_dp']}", flush=True)
+            draws = run_stage(cfg, paths["shadow_dp"], "shadow DP draws", shadow_dp_run, items,
+                              device, task, tiny, llm, paths)
+        shadow["X_private"] = torch.stack(draws).view(cfg.n_shadow, cfg.shadow_dp_draws,
+                                                      *draws[0].shape)
+        print(f"shadow_dp : {len(items)} TinyLM runs with the clients' DP recipe "
+              f"({cfg.dp_mechanism}, eps={cfg.dp_epsilon}), {time.time() - t0:.1f}s -> "
+              f"{paths['shadow_dp']}", flush=True)
     return shadow
 
 
@@ -291,11 +323,13 @@ def shadow_stages(cfg, task, tiny, llm, paths, device):
 
 
 def translator_inputs(cfg, shadow, runs, m):
-    """The shadow pairs a map for level-m inputs learns from: X (runs, P, n_src, d_src), Y (runs, P, ...).
+    """The shadow pairs a map for level-m inputs learns from: X (runs, P, n_src, d_src), Y (runs, P,
+    ...).
 
     Without DP: the S clean snapshots of each run. With DP the inputs must carry the noise of the
     uploads they stand for: means of m DP draws of one subset (the mean of m uploads is ~sqrt(m)
-    less noisy than one), P = R // m disjoint means per subset, each paired with the final LLM update."""
+    less noisy than one), P = R // m disjoint means per subset, each paired with the final LLM
+    update."""
     if "X_private" not in shadow:
         return shadow["X"][runs], shadow["Y"][runs]
     P = cfg.shadow_dp_draws // m
@@ -304,9 +338,9 @@ def translator_inputs(cfg, shadow, runs, m):
 
 
 def dp_noise(cfg, shadow, runs, m):
-    """Draws of the DP noise alone at the level of inputs that average m uploads: each DP draw of a subset
-    minus the mean of that subset's R draws, rescaled to the noise of one draw (x sqrt(R / (R - 1))) and then
-    of a mean of m draws (/ sqrt(m)). (runs * R, n, d)."""
+    """Draws of the DP noise alone at the level of inputs that average m uploads: each DP draw of a
+    subset minus the mean of that subset's R draws, rescaled to the noise of one draw (x sqrt(R / (R
+    - 1))) and then of a mean of m draws (/ sqrt(m)). (runs * R, n, d)."""
     draws = shadow["X_private"][runs]                                       # (runs, R, n, d)
     R = draws.shape[1]
     return ((draws - draws.mean(1, keepdim=True)) * math.sqrt(R / (R - 1) / m)).flatten(0, 1)
@@ -326,49 +360,62 @@ def fit_stage(cfg, task, tiny, llm, shadow, path, m):
     train_runs, val_runs = gradtx.split_runs(cfg.n_shadow, cfg.val_frac, cfg.seed)
     X, Y = translator_inputs(cfg, shadow, train_runs, m)
     X_train, Y_train = X.flatten(0, 1), Y.flatten(0, 1)
-    X_val, Y_val = (t[:, -1] for t in translator_inputs(cfg, shadow, val_runs, m))   # one input per run
-    val_data = [task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha)[1][:cfg.val_examples] for k in val_runs]
-    criterion = gradtx.functional_criterion(llm, [task.encode(examples) for examples in val_data], cfg.gt_select)
-    X_clean = shadow["X"][train_runs].flatten(0, 1)   # the public subspace: clean public updates only
+    # one input per run
+    X_val, Y_val = (t[:, -1] for t in translator_inputs(cfg, shadow, val_runs, m))
+    val_data = [task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha)[1][:cfg.val_examples]
+                for k in val_runs]
+    criterion = gradtx.functional_criterion(llm, [task.encode(examples) for examples in val_data],
+                                            cfg.gt_select)
+    # the public subspace: clean public updates only
+    X_clean = shadow["X"][train_runs].flatten(0, 1)
     ks = gradtx.SUBSPACE_SIZES if cfg.gt_project else (0,)
-    basis, ridge, k, lam, scores = gradtx.select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks)
+    basis, ridge, k, lam, scores = gradtx.select_linear_map(X_clean, X_train, Y_train, X_val,
+                                                            criterion, ks)
     signal = gate = None   # with DP: how much of these inputs is signal, and the do-no-harm gate
     if "X_private" in shadow:
         top = gradtx.public_basis(X_clean, gradtx.SIGNAL_DIRECTIONS)
         signal = gradtx.upload_signal(shadow["X"][train_runs, -1], X, top).tolist()
         if cfg.gt_gate:
-            gate = gradtx.fit_gate(X_train, dp_noise(cfg, shadow, train_runs, m), top, Y_train.mean(0))
+            gate = gradtx.fit_gate(X_train, dp_noise(cfg, shadow, train_runs, m), top,
+                                   Y_train.mean(0))
     gcfg = gradtx.GTConfig(*X_train.shape[1:], *Y_train.shape[1:], d_model=cfg.gt_d_model,
                            n_layer=cfg.gt_layers, n_head=cfg.gt_heads, dropout=cfg.gt_dropout,
-                           normalize=cfg.gt_normalize, n_basis=k, n_skip=len(X_train) if cfg.gt_skip else 0,
+                           normalize=cfg.gt_normalize, n_basis=k,
+                           n_skip=len(X_train) if cfg.gt_skip else 0,
                            n_gate=gradtx.SIGNAL_DIRECTIONS if gate else 0)
-    torch.manual_seed(cfg.seed)   # the translator's init: seeded here, not by whatever ran before in this process
+    # the translator's init: seeded here, not by whatever ran before in this process
+    torch.manual_seed(cfg.seed)
     model = gradtx.GradTransformer(gcfg).to(llm.wte.weight.device)
     gradtx.set_linear_map(model, basis, ridge if cfg.gt_skip else None, gate)
-    fitted = gradtx.fit(model, X_train, Y_train, X_val, Y_val, cfg.gt_steps, cfg.gt_lr, cfg.gt_weight_decay,
-                        cfg.gt_batch, cfg.gt_eval_every, criterion, cfg.seed)
+    fitted = gradtx.fit(model, X_train, Y_train, X_val, Y_val, cfg.gt_steps, cfg.gt_lr,
+                        cfg.gt_weight_decay, cfg.gt_batch, cfg.gt_eval_every, criterion, cfg.seed)
     history = fitted["history"]
     best = next(h for h in history if h["step"] == fitted["best_step"])
     log = {"history": history, "best_step": best["step"], "val_rel_err": best["val_rel_err"],
            "val_loss": best["criterion"],
-           "k": k, "ridge_lambda": lam, "ridge_loss": scores[(k, lam)], "basis": basis, "ridge": ridge,
-           "upload_signal": signal,
-           "mean_shadow_loss": float(np.mean(criterion(Y_train.mean(0).expand(len(val_runs), -1, -1)))),
-           "true_update_loss": float(np.mean(criterion(Y_val))), "level": m, "seconds": time.time() - t0}
+           "k": k, "ridge_lambda": lam, "ridge_loss": scores[(k, lam)], "basis": basis,
+           "ridge": ridge, "upload_signal": signal,
+           "mean_shadow_loss": float(np.mean(criterion(Y_train.mean(0).expand(len(val_runs), -1,
+                                                                              -1)))),
+           "true_update_loss": float(np.mean(criterion(Y_val))), "level": m,
+           "seconds": time.time() - t0}
     tinylm.atomic_save(log, path + ".log")
     gradtx.save(model, path)  # last: its presence marks the stage done
     record_seconds(cfg, path, log["seconds"])
     note = "" if signal is None else ", upload signal " + "/".join(f"{c:.2f}" for c in signal)
-    print(f"fit m={m}   : {len(X_train)} pairs from {len(train_runs)} runs, {len(val_runs)} val runs; "
-          f"subspace k={k}, ridge lambda={lam:g}: val loss {log['ridge_loss']:.4f}; translator best step "
-          f"{best['step']}: {best['criterion']:.4f} (mean shadow {log['mean_shadow_loss']:.4f}, true update "
-          f"{log['true_update_loss']:.4f}){note}, {log['seconds']:.1f}s", flush=True)
+    print(f"fit m={m}   : {len(X_train)} pairs from {len(train_runs)} runs, {len(val_runs)} val "
+          f"runs; subspace k={k}, ridge lambda={lam:g}: val loss {log['ridge_loss']:.4f}; "
+          f"translator best step {best['step']}: {best['criterion']:.4f} (mean shadow "
+          f"{log['mean_shadow_loss']:.4f}, true update {log['true_update_loss']:.4f}){note}, "
+          f"{log['seconds']:.1f}s", flush=True)
     return gradtx.Translator(model, log)
 
 
 def pool_levels(cfg):
     """Noise levels that need their own translator: 1 (one upload) and, for groups, 2, 4, ..., M."""
-    return (1,) if cfg.dp_epsilon <= 0 or cfg.group_size == 1 else evaluation.pool_sizes(cfg.group_size)
+    if cfg.dp_epsilon <= 0 or cfg.group_size == 1:
+        return (1,)
+    return evaluation.pool_sizes(cfg.group_size)
 
 
 # -----------------------------------------------------------------------------
@@ -391,24 +438,27 @@ def reference_run(c):
     baselines use the TinyLM the provider could rebuild: the upload under DP, else the floor."""
     cfg = _worker["cfg"]
     own = (c["upload"] if cfg.dp_epsilon > 0 else c["floor_update"]) if cfg.weak_baselines else None
-    return evaluation.reference_updates(_worker["task"], _worker["tiny"], _worker["llm"], c["train"], own,
-                                        recipe(cfg), data.run_seed(cfg.seed, "client run", c["index"]),
+    return evaluation.reference_updates(_worker["task"], _worker["tiny"], _worker["llm"],
+                                        c["train"], own, recipe(cfg),
+                                        data.run_seed(cfg.seed, "client run", c["index"]),
                                         data.stream(cfg.seed, "public examples", c["index"]))
 
 
 def clients_stage(cfg, task, tiny, llm, paths, device):
     t0 = time.time()
     clients = task.clients(cfg.n_train, cfg.n_test, cfg.group_size, cfg.skew)
-    runs = run_stage(cfg, paths["clients"], "clients", client_run, clients, device, task, tiny, llm, paths)
+    runs = run_stage(cfg, paths["clients"], "clients", client_run, clients, device, task, tiny, llm,
+                     paths)
     for c, (floor, upload) in zip(clients, runs):
         c.update(floor_update=floor, upload=upload)
-    references = run_stage(cfg, paths["references"], "reference fine-tunes", reference_run, clients, device,
-                           task, tiny, llm, paths)
+    references = run_stage(cfg, paths["references"], "reference fine-tunes", reference_run, clients,
+                           device, task, tiny, llm, paths)
     for c, refs in zip(clients, references):
         c["references"] = refs
     sigma = noise_multiplier(cfg)
     note = f", DP ({cfg.dp_mechanism}) eps={cfg.dp_epsilon} sigma={sigma:.3f}" if sigma else ""
-    print(f"clients   : {len(clients)} clients fine-tuned their TinyLM{note}, {time.time() - t0:.1f}s",
+    print(f"clients   : {len(clients)} clients fine-tuned their TinyLM{note}, "
+          f"{time.time() - t0:.1f}s",
           flush=True)
     return clients
 
@@ -419,22 +469,26 @@ def clients_stage(cfg, task, tiny, llm, paths, device):
 
 def run(cfg):
     device = pick_device(cfg.device)
-    if torch.device(device).type == "cuda":   # before the first CUDA work: cuBLAS reads it when it starts
+    # before the first CUDA work: cuBLAS reads it when it starts
+    if torch.device(device).type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)   # the same numbers from run to run
+        # the same numbers from run to run
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out, exist_ok=True)
     os.makedirs(cfg.cache or cfg.out, exist_ok=True)
     t_start = time.time()
-    print(f"gradtx: preset {cfg.preset}, task {cfg.task}, seed {cfg.seed}, device {device}, out {cfg.out}")
+    print(f"gradtx: preset {cfg.preset}, task {cfg.task}, seed {cfg.seed}, device {device}, out "
+          f"{cfg.out}")
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1)
     task = data.make_task(cfg.task, cfg.seed, cfg.text_path)
     paths = stage_paths(cfg, task, pool_levels(cfg), device)
     tiny, llm = base_models(cfg, task, paths, device)
     shadow = shadow_stages(cfg, task, tiny, llm, paths, device)
-    translators = {m: fit_stage(cfg, task, tiny, llm, shadow, paths[f"fit_{m}"], m) for m in pool_levels(cfg)}
+    translators = {m: fit_stage(cfg, task, tiny, llm, shadow, paths[f"fit_{m}"], m)
+                   for m in pool_levels(cfg)}
     clients = clients_stage(cfg, task, tiny, llm, paths, device)
     privacy = {"epsilon": cfg.dp_epsilon if cfg.dp_epsilon > 0 else None, "delta": cfg.dp_delta,
                "mechanism": cfg.dp_mechanism if cfg.dp_epsilon > 0 else None,
@@ -448,7 +502,8 @@ def run(cfg):
 
 
 def run_name(cfg, experiment):
-    """The folder of one run of an experiment: its privacy setting (and, in the frontier, N and m)."""
+    """The folder of one run of an experiment: its privacy setting (and, in the frontier, N and
+    m)."""
     name = f"eps{cfg.dp_epsilon:g}_{cfg.dp_mechanism}" if cfg.dp_epsilon > 0 else "no_dp"
     if experiment == "frontier":
         name = f"n{cfg.n_train}_{name}" + (f"_m{cfg.group_size}" if cfg.group_size > 1 else "")
@@ -469,7 +524,8 @@ def main(argv):
     if cfg.experiment == "frontier":   # the points of the figure (tools/plots.py)
         with open(os.path.join(cfg.out, "frontier.json"), "w") as f:
             json.dump({"rows": evaluation.frontier_points(rows)}, f, indent=1)
-    print(f"\n{cfg.experiment} experiment ({len(rows)} runs) -> {cfg.out}/{cfg.experiment}.md\n\n{table}")
+    print(f"\n{cfg.experiment} experiment ({len(rows)} runs) -> "
+          f"{cfg.out}/{cfg.experiment}.md\n\n{table}")
     return rows
 
 

@@ -16,13 +16,16 @@ from dataclasses import dataclass, fields, replace
 class Config:
     preset: str = "cpu"
     out: str = "out"             # where results.json goes (and, by default, the stage cache)
-    cache: str = ""              # where finished stages are cached ("" = --out); share it between runs
+    # where finished stages are cached ("" = --out); share it between runs
+    cache: str = ""
     seed: int = 0                # changes the data split, shadow subsets, clients and inits
     device: str = "auto"         # auto = cuda, then mps, then cpu
     threads: int = 0             # torch CPU threads (0: torch's default)
     workers: int = 2             # processes for independent fine-tunes on a CPU (1: none)
-    experiment: str = ""         # "" (one run), "dp" (DP sweep), "collab" (pooling), "frontier" (N x eps)
-    task: str = "arith"          # "arith" (reasoning, accuracy) or "text" (language modeling, bits/byte)
+    # "" (one run), "dp" (DP sweep), "collab" (pooling), "frontier" (N x eps)
+    experiment: str = ""
+    # "arith" (reasoning, accuracy) or "text" (language modeling, bits/byte)
+    task: str = "arith"
     text_path: str = ""          # text task: your own UTF-8 file instead of Python's documentation
     # base models and their pretraining on public data
     tiny_model: str = "tiny"
@@ -44,7 +47,8 @@ class Config:
     n_shadow: int = 48           # K shadow subsets (more cost time and translate no better)
     n_snapshots: int = 4         # S snapshots per run, along the tail
     snapshot_gap: int = 10       # steps between snapshots (the last one is the final update)
-    shadow_alpha: float = 0.5    # shadow mixtures ~ Dirichlet(shadow_alpha * m): many near-pure conventions,
+    # shadow mixtures ~ Dirichlet(shadow_alpha * m): many near-pure conventions,
+    shadow_alpha: float = 0.5
                                  # so the shadow updates reach the corners where skewed clients sit
     shadow_dp_draws: int = 4     # R: DP TinyLM runs per shadow subset (with DP only)
     # Grad-Transformer
@@ -60,9 +64,12 @@ class Config:
     gt_normalize: bool = True    # z-score inputs and targets (the paper feeds raw values)
     gt_project: bool = True      # choose a public subspace for the input (k = 0 allowed; off: raw)
     gt_skip: bool = True         # learn the residual over the ridge map (off: the paper's decoder)
-    gt_gate: bool = True         # with DP: fall back towards the mean update as far as an upload may be
-                                 # noise alone (gradtx.gate_weight; off: translate every upload as it is)
-    gt_select: str = "loss"      # model selection by the LLM's "loss" or, for accuracy tasks, "exact_match"
+    # with DP: fall back towards the mean update as far as an upload may be
+    gt_gate: bool = True
+                                 # noise alone (gradtx.gate_weight; off: translate every upload as
+                                 # it is)
+    # model selection by the LLM's "loss" or, for accuracy tasks, "exact_match"
+    gt_select: str = "loss"
     val_frac: float = 0.25       # share of shadow RUNS held out for model selection
     val_examples: int = 64       # examples of each held-out run the selection criterion scores
     # clients
@@ -73,9 +80,11 @@ class Config:
     # differential privacy (off when dp_epsilon is 0)
     dp_epsilon: float = 0.0
     dp_delta: float = 1e-5
-    dp_mechanism: str = "sgd"    # "sgd": DP-SGD on the TinyLM; "output": Gaussian noise on the upload
+    # "sgd": DP-SGD on the TinyLM; "output": Gaussian noise on the upload
+    dp_mechanism: str = "sgd"
     dp_clip: float = 1.0         # per-example gradient bound (sgd) or update-norm bound (output)
-    dp_sample_rate: float = 0.0  # Poisson rate q; 0: q = ft_batch / n_train (the expected batch stays ft_batch)
+    # Poisson rate q; 0: q = ft_batch / n_train (the expected batch stays ft_batch)
+    dp_sample_rate: float = 0.0
 
 
 PRESETS = {
@@ -84,16 +93,17 @@ PRESETS = {
                     pretrain_steps_tiny=150, pretrain_steps_llm=250, ft_steps=30, n_train=128,
                     n_shadow=8, n_snapshots=2, snapshot_gap=5, shadow_dp_draws=2, gt_steps=60,
                     gt_eval_every=20, n_test=100),
-    # language modeling on Python's documentation (data.TextTask): windows of 64 bytes, bits per byte;
-    # pretraining sized so the LLM does not over-fit its ~270 KB of text
-    "text": Config(preset="text", out="out_text", task="text", pretrain_steps_tiny=1000, pretrain_steps_llm=1500,
-                   ft_lr=5e-4, n_train=1024, n_test=200, n_shadow=32, n_snapshots=2, snapshot_gap=20,
-                   shadow_alpha=3.0, val_frac=0.125, gt_project=False, gt_steps=400, gt_eval_every=200,
-                   weak_baselines=False),
+    # language modeling on Python's documentation (data.TextTask): windows of 64 bytes, bits per
+    # byte; pretraining sized so the LLM does not over-fit its ~270 KB of text
+    "text": Config(preset="text", out="out_text", task="text", pretrain_steps_tiny=1000,
+                   pretrain_steps_llm=1500, ft_lr=5e-4, n_train=1024, n_test=200, n_shadow=32,
+                   n_snapshots=2, snapshot_gap=20, shadow_alpha=3.0, val_frac=0.125,
+                   gt_project=False, gt_steps=400, gt_eval_every=200, weak_baselines=False),
     "text_smoke": Config(preset="text_smoke", out="out_text_smoke", task="text", tiny_model="micro",
-                         llm_model="mini", pretrain_steps_tiny=150, pretrain_steps_llm=250, ft_steps=30,
-                         ft_lr=1e-3, n_train=64, n_test=32, n_shadow=8, n_snapshots=2, snapshot_gap=5,
-                         shadow_alpha=3.0, gt_project=False, gt_steps=60, gt_eval_every=20),
+                         llm_model="mini", pretrain_steps_tiny=150, pretrain_steps_llm=250,
+                         ft_steps=30, ft_lr=1e-3, n_train=64, n_test=32, n_shadow=8, n_snapshots=2,
+                         snapshot_gap=5, shadow_alpha=3.0, gt_project=False, gt_steps=60,
+                         gt_eval_every=20),
     "gpu": Config(preset="gpu", out="out_gpu", tiny_model="tiny_gpu", llm_model="llm_gpu",
                   pretrain_steps_tiny=6000, pretrain_steps_llm=12000, pretrain_batch=128,
                   n_shadow=128, gt_steps=3000),
@@ -103,9 +113,10 @@ EXPERIMENTS = {   # one command each; every run of a sweep shares --cache
            for mech in (("sgd", "output") if eps else ("sgd",))],
     "collab": [dict(group_size=8, n_train=128, n_test=200, weak_baselines=False, dp_epsilon=eps,
                     dp_sample_rate=0.0625, shadow_dp_draws=8) for eps in (0.0, 1.0)],
-    # privacy vs utility on one axis, N * epsilon * sqrt(m): clients of N records at epsilon, then at the
-    # paper's size (N = 8,192) epsilon below 0.1, then groups of m <= 8 pooled uploads
-    "frontier": [dict(n_train=n, dp_epsilon=eps) for n in (8192, 2048, 512) for eps in (0.1, 0.3, 1.0)]
+    # privacy vs utility on one axis, N * epsilon * sqrt(m): clients of N records at epsilon, then
+    # at the paper's size (N = 8,192) epsilon below 0.1, then groups of m <= 8 pooled uploads
+    "frontier": [dict(n_train=n, dp_epsilon=eps) for n in (8192, 2048, 512)
+                 for eps in (0.1, 0.3, 1.0)]
                 + [dict(n_train=8192, dp_epsilon=eps) for eps in (0.05, 0.03)]
                 + [dict(n_train=512, dp_epsilon=0.3, group_size=8, shadow_dp_draws=8, n_test=200,
                         weak_baselines=False)],
@@ -113,8 +124,8 @@ EXPERIMENTS = {   # one command each; every run of a sweep shares --cache
 
 
 def parse_args(argv, usage=""):
-    """--preset=NAME sets the defaults, then --key=value (or --key value) overrides any Config field.
-    --help prints `usage` (train.py's docstring) and every option."""
+    """--preset=NAME sets the defaults, then --key=value (or --key value) overrides any Config
+    field. --help prints `usage` (train.py's docstring) and every option."""
     if any(a in ("-h", "--help") for a in argv):
         print(usage + "\noptions (default preset shown):")
         for f in fields(Config):
@@ -151,22 +162,30 @@ def parse_args(argv, usage=""):
 def check_config(cfg):
     """Settings that parse but make no sense fail here, with what was expected."""
     if cfg.experiment not in ("", *EXPERIMENTS):
-        raise SystemExit(f"unknown experiment {cfg.experiment!r}: expected one of {', '.join(EXPERIMENTS)}")
+        raise SystemExit(f"unknown experiment {cfg.experiment!r}: expected one of "
+                         f"{', '.join(EXPERIMENTS)}")
     if cfg.task not in ("arith", "text") or (cfg.text_path and cfg.task != "text"):
-        raise SystemExit(f"--task={cfg.task} --text_path={cfg.text_path}: expected task 'arith' or 'text', and a "
-                         f"text_path only with --task=text (or --preset=text)")
-    if cfg.gt_select not in ("loss", "exact_match") or (cfg.gt_select == "exact_match" and cfg.task != "arith"):
-        raise SystemExit(f"--gt_select={cfg.gt_select}: expected 'loss', or 'exact_match' for the arith task")
+        raise SystemExit(f"--task={cfg.task} --text_path={cfg.text_path}: expected task 'arith' or "
+                         "'text', and a text_path only with --task=text (or --preset=text)")
+    if cfg.gt_select not in ("loss", "exact_match") or (cfg.gt_select == "exact_match"
+                                                        and cfg.task != "arith"):
+        raise SystemExit(f"--gt_select={cfg.gt_select}: expected 'loss', or 'exact_match' for the "
+                         "arith task")
     if cfg.dp_mechanism not in ("sgd", "output"):
         raise SystemExit(f"--dp_mechanism={cfg.dp_mechanism}: expected 'sgd' or 'output'")
-    if cfg.dp_epsilon < 0 or not 0 < cfg.dp_delta < 1 or not 0 <= cfg.dp_sample_rate <= 1 or cfg.dp_clip <= 0:
-        raise SystemExit("DP settings out of range: expected dp_epsilon >= 0 (0 = off), 0 < dp_delta < 1, "
-                         "0 <= dp_sample_rate <= 1 (0 = ft_batch / n_train), dp_clip > 0")
-    for key in ("group_size", "n_shadow", "n_snapshots", "n_train", "n_test", "ft_steps", "shadow_dp_draws"):
+    if (cfg.dp_epsilon < 0 or not 0 < cfg.dp_delta < 1 or not 0 <= cfg.dp_sample_rate <= 1
+            or cfg.dp_clip <= 0):
+        raise SystemExit("DP settings out of range: expected dp_epsilon >= 0 (0 = off), "
+                         "0 < dp_delta < 1, 0 <= dp_sample_rate <= 1 (0 = ft_batch / n_train), "
+                         "dp_clip > 0")
+    for key in ("group_size", "n_shadow", "n_snapshots", "n_train", "n_test", "ft_steps",
+                "shadow_dp_draws"):
         if getattr(cfg, key) < 1:
             raise SystemExit(f"--{key}={getattr(cfg, key)}: expected a positive integer")
     if cfg.snapshot_gap * (cfg.n_snapshots - 1) >= cfg.ft_steps:
-        raise SystemExit(f"snapshots reach before step 1: expected snapshot_gap * (n_snapshots - 1) < ft_steps")
+        raise SystemExit(f"snapshots reach before step 1: expected snapshot_gap * (n_snapshots - "
+                         "1) < ft_steps")
     if cfg.dp_epsilon > 0 and cfg.shadow_dp_draws < cfg.group_size:
-        raise SystemExit(f"--shadow_dp_draws={cfg.shadow_dp_draws} < --group_size={cfg.group_size}: the map for "
-                         f"a group's mean upload is trained on means of group_size DP draws per shadow subset")
+        raise SystemExit(f"--shadow_dp_draws={cfg.shadow_dp_draws} < "
+                         f"--group_size={cfg.group_size}: the map for a group's mean upload is "
+                         "trained on means of group_size DP draws per shadow subset")

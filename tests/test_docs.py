@@ -94,3 +94,29 @@ def test_the_link_checker_finds_a_missing_file_and_a_missing_heading(tmp_path):
                                    "[ok](#top-the-start) [ok](A.md#top-the-start) [web](https://x.org/#y)\n"
                                    "[gone](B.md) [no heading](#not-a-heading)\n")
     assert broken_links("A.md", tmp_path) == ["A.md: (B.md)", "A.md: (#not-a-heading)"]
+
+
+# -----------------------------------------------------------------------------
+# line length: the modules and tools read in a narrow window, or side by side
+
+
+def long_lines(paths, root=ROOT, limit=100):
+    """'file:line: N characters' for each line of paths longer than limit."""
+    found = []
+    for path in paths:
+        with open(os.path.join(root, path), encoding="utf-8") as f:
+            found += [f"{path}:{number}: {len(line)} characters"
+                      for number, line in enumerate((line.rstrip("\n") for line in f), 1)
+                      if len(line) > limit]
+    return found
+
+
+def test_no_line_of_the_modules_or_tools_is_over_100_characters():
+    code = [p for p in python_files(ROOT) if not p.startswith("tests/")]
+    found = long_lines(code)
+    assert code and not found, "\n".join(found)
+
+
+def test_the_length_checker_counts_characters_not_bytes(tmp_path):
+    (tmp_path / "x.py").write_text("ε" * 100 + "\n" + "x" * 101 + "\n", encoding="utf-8")
+    assert long_lines(["x.py"], tmp_path) == ["x.py:2: 101 characters"]

@@ -3,7 +3,7 @@ tools/audit.py -- an empirical privacy audit of the client's upload, from ONE fi
 after Steinke, Nasr and Jagielski 2023, "Privacy Auditing with One (1) Training Run"; and what DP
 does not hide: the client's convention.
 
-    python tools/audit.py --out=out_audit --cache=out    # the default preset, its cached TinyLM pretraining
+    python tools/audit.py --out=out_audit --cache=out  # default preset, cached TinyLM pretraining
     python tools/audit.py --help
 
 The auditor plants m canaries, each in the client's training independently with probability 1/2, and
@@ -17,7 +17,8 @@ number of right guesses into a 95% lower bound on epsilon (dp.one_run_audit). Tw
                         Score: -<upload, u> (descent moves against the gradient).
   input (black-box)     a record '37@52=>142' with a random, unlearnable result on an operand pair
                         no one else uses. Score: how much more likely the TinyLM rebuilt from the
-                        upload makes its answer than the base TinyLM does (log-likelihood difference).
+                        upload makes its answer than the base TinyLM does (log-likelihood
+                        difference).
 
 Settings: no DP, DP-SGD at each epsilon, output perturbation (dp.perturb_update) at eps 8. Without
 DP-SGD a gradient canary can only enter through a per-example-clipped step, so "no DP" and the clean
@@ -38,7 +39,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+# the repository root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data
 import dp
@@ -76,7 +78,8 @@ def parse_args(argv):
     for a in argv:
         key, _, value = a.removeprefix("--").partition("=")
         if not a.startswith("--") or key not in types or not a.count("="):
-            raise SystemExit(f"bad argument {a!r}: expected --key=value with key one of {', '.join(types)}")
+            raise SystemExit(f"bad argument {a!r}: expected --key=value with key one of "
+                             f"{', '.join(types)}")
         cfg = replace(cfg, **{key: types[key](value)})
     return cfg
 
@@ -90,38 +93,46 @@ def floats(text):
 
 
 def canary_finetune(model, x, y, mask, recipe, seed, expected_batch, directions=None):
-    """Fine-tune the LoRA of `model` from zero with Poisson-sampled, per-example-clipped steps (noise
-    recipe.dp_sigma, 0 allowed) on the records (N, T) and the gradient canaries `directions` (n, D):
-    each joins a step with probability q, gradient 2C * u (clipped to C * u). Returns the final update."""
+    """Fine-tune the LoRA of `model` from zero with Poisson-sampled, per-example-clipped steps
+    (noise recipe.dp_sigma, 0 allowed) on the records (N, T) and the gradient canaries `directions`
+    (n, D): each joins a step with probability q, gradient 2C * u (clipped to C * u). Returns the
+    final update."""
     q, C = recipe.dp_sample_rate, recipe.dp_clip
     shape = tinylm.update_shape(model.cfg, model.lora[0])
     tinylm.set_update(model, torch.zeros(shape))
     opt = torch.optim.Adam(tinylm.lora_parameters(model), lr=recipe.lr)
     g = torch.Generator().manual_seed(seed)
     per_sample, canary_grads = dp.per_sample_grads_one_pass, None
-    if directions is not None:   # every canary's gradient in the LoRA parameters' shapes: {name: (n, *shape)}
+    # every canary's gradient in the LoRA parameters' shapes: {name: (n, *shape)}
+    if directions is not None:
         parts = [tinylm.split_update(model, (2 * C * u).view(shape)) for u in directions]
-        canary_grads = {name: torch.stack([p[name] for p in parts]) for name in parts[0]} if parts else None
+        canary_grads = {name: torch.stack([p[name] for p in parts])
+                        for name in parts[0]} if parts else None
     model.train()
     for _ in range(recipe.steps):
         idx = dp.poisson_sample(len(x), q, g)
         if canary_grads is not None:
             sampled = dp.poisson_sample(len(directions), q, g)
 
-            def per_sample(model, xb, yb, mb):   # the records' gradients (B, ...), then the sampled canaries'
+            # the records' gradients (B, ...), then the sampled canaries'
+            def per_sample(model, xb, yb, mb):
                 grads = dp.per_sample_grads_one_pass(model, xb, yb, mb)
-                return {name: torch.cat([g_n, canary_grads[name][sampled]]) for name, g_n in grads.items()}
+                return {name: torch.cat([g_n, canary_grads[name][sampled]]) for name,
+                        g_n in grads.items()}
 
-        dp.dp_sgd_step(model, opt, x[idx], y[idx], mask[idx], C, recipe.dp_sigma, expected_batch, g, per_sample)
+        dp.dp_sgd_step(model, opt, x[idx], y[idx], mask[idx], C, recipe.dp_sigma, expected_batch, g,
+                       per_sample)
     model.eval()
     return tinylm.get_update(model)
 
 
 def random_directions(m, shape, seed):
-    """m orthonormal directions (m, D) of the update-vector space (QR of a Gaussian matrix), m <= D."""
+    """m orthonormal directions (m, D) of the update-vector space (QR of a Gaussian matrix), m <=
+    D."""
     D = math.prod(shape)
     if m > D:
-        raise ValueError(f"canaries={m} gradient canaries need m <= D = {D} for orthonormal directions")
+        raise ValueError(f"canaries={m} gradient canaries need m <= D = {D} for orthonormal "
+                         "directions")
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(D, m, generator=g))                           # (D, m)
     return Q.T.contiguous()
@@ -143,11 +154,13 @@ def input_canaries(task, client_train, m, rng):
 
 @torch.no_grad()
 def answer_log_likelihood(model, x, y, mask):
-    """(N,) log-likelihood of each line's answer (the tokens after '=': operator, digits, newline)."""
+    """(N,) log-likelihood of each line's answer (the tokens after '=': operator, digits,
+    newline)."""
     logits, _ = model(x)
     logp = logits.log_softmax(-1).gather(-1, y[..., None]).squeeze(-1)              # (N, T)
     answer = mask.clone()
-    answer[:, :data.PROMPT_LEN] = 0                                                  # not the '=' itself
+    # not the '=' itself
+    answer[:, :data.PROMPT_LEN] = 0
     return (logp * answer).sum(1)
 
 
@@ -170,7 +183,8 @@ def audit_setting(cfg, acfg, tiny, x, y, mask, epsilon, mechanism, kind, canarie
     m = len(included)
     expected_batch = recipe.dp_sample_rate * (len(x) + m / 2)   # fixed: never the realised count
     if kind == "gradient":
-        update = canary_finetune(tiny, x, y, mask, recipe, seed, expected_batch, canaries[torch.from_numpy(included)])
+        update = canary_finetune(tiny, x, y, mask, recipe, seed, expected_batch,
+                                 canaries[torch.from_numpy(included)])
         scores = -(canaries @ update.flatten()).numpy()
     else:
         cx, cy, cm = canaries
@@ -191,9 +205,11 @@ def audit_setting(cfg, acfg, tiny, x, y, mask, epsilon, mechanism, kind, canarie
         scores = (answer_log_likelihood(tiny, cx, cy, cm) - base).numpy()
     ks = tuple(int(k) for k in acfg.ks.split(",") if 2 * int(k) <= m)
     result = dp.one_run_audit(scores, included, ks, acfg.confidence, acfg.audit_delta)
-    return {"epsilon": epsilon or None, "mechanism": mechanism if epsilon else None, "canaries": kind, "m": m,
-            **result, "auc": auc(scores, included), "sigma": recipe.dp_sigma if sgd else
-            (train.noise_multiplier(private) if mechanism == "output" else 0.0), "update_norm": update.norm().item()}
+    return {"epsilon": epsilon or None, "mechanism": mechanism if epsilon else None,
+            "canaries": kind, "m": m, **result, "auc": auc(scores, included),
+            "sigma": recipe.dp_sigma if sgd else
+            (train.noise_multiplier(private) if mechanism == "output" else 0.0),
+            "update_norm": update.norm().item()}
 
 
 # -----------------------------------------------------------------------------
@@ -204,7 +220,8 @@ def audit_setting(cfg, acfg, tiny, x, y, mask, epsilon, mechanism, kind, canarie
 def operator_preference(model, prompts):
     """(4,) mean log-probability of each operator symbol right after '=' on '@' prompts (N, T)."""
     logits, _ = model(prompts)
-    logp = logits[:, data.PROMPT_LEN, :].log_softmax(-1)                            # (N, vocab): after '='
+    # (N, vocab): after '='
+    logp = logits[:, data.PROMPT_LEN, :].log_softmax(-1)
     return logp[:, [ord(op) for op in data.OPS]].mean(0)
 
 
@@ -212,8 +229,10 @@ def convention_leak(cfg, acfg, task, tiny):
     """How often the provider names a skewed client's favoured operator from its upload alone: the
     operator whose log-probability after '=' the upload raises most over the base TinyLM."""
     rng = data.stream(acfg.seed, "audit prompts")
-    prompts = [line[:data.PROMPT_LEN + 1] for line in task.public_examples(acfg.leak_prompts, rng)]  # '37@52='
-    px = torch.tensor([list(p.encode()) for p in prompts])                          # (N, PROMPT_LEN + 1)
+    # '37@52='
+    prompts = [line[:data.PROMPT_LEN + 1] for line in task.public_examples(acfg.leak_prompts, rng)]
+    # (N, PROMPT_LEN + 1)
+    px = torch.tensor([list(p.encode()) for p in prompts])
     tinylm.set_update(tiny, torch.zeros(tinylm.update_shape(tiny.cfg, tiny.lora[0])))
     base = operator_preference(tiny, px)
     skewed = np.full((4, 4), (1 - cfg.skew) / 3)
@@ -222,8 +241,8 @@ def convention_leak(cfg, acfg, task, tiny):
     for eps in floats(acfg.leak_epsilons):
         t0, private = time.time(), replace(cfg, dp_epsilon=eps, dp_mechanism="sgd")
         hits = np.zeros(4, dtype=int)
-        for op, j in tqdm([(op, j) for op in range(4) for j in range(acfg.leak_clients)], desc=f"convention eps={eps:g}",
-                          leave=False):
+        for op, j in tqdm([(op, j) for op in range(4) for j in range(acfg.leak_clients)],
+                          desc=f"convention eps={eps:g}", leave=False):
             index = 10_000 + 100 * op + j   # clients of their own: no canaries, not train.py's
             lines, _ = data.client_data(task.private, skewed[op], cfg.n_train, 0, acfg.seed, index)
             x, y, mask = task.encode(lines)
@@ -235,10 +254,12 @@ def convention_leak(cfg, acfg, task, tiny):
             tinylm.set_update(tiny, upload)
             hits[op] += int((operator_preference(tiny, px) - base).argmax()) == op
         n = 4 * acfg.leak_clients
-        rows.append({"epsilon": eps or None, "clients": n, "named_right": int(hits.sum()), "rate": hits.sum() / n,
-                     "per_operator": dict(zip(data.OPS, (hits / acfg.leak_clients).tolist())), "chance": 0.25})
-        print(f"convention: eps={'inf' if not eps else f'{eps:g}'}: the favoured operator named right for "
-              f"{hits.sum()}/{n} uploads ({time.time() - t0:.1f}s)", flush=True)
+        rows.append({"epsilon": eps or None, "clients": n, "named_right": int(hits.sum()),
+                     "rate": hits.sum() / n,
+                     "per_operator": dict(zip(data.OPS, (hits / acfg.leak_clients).tolist())),
+                     "chance": 0.25})
+        print(f"convention: eps={'inf' if not eps else f'{eps:g}'}: the favoured operator named "
+              f"right for {hits.sum()}/{n} uploads ({time.time() - t0:.1f}s)", flush=True)
     return rows
 
 
@@ -246,14 +267,17 @@ def convention_leak(cfg, acfg, task, tiny):
 
 
 def table(rows):
-    lines = ["| DP | canaries | m | ε (theory) | ε_lb (95%) | ε_lb / ε | best k | right / guesses | AUC | ε_lb max |",
+    lines = ["| DP | canaries | m | ε (theory) | ε_lb (95%) | ε_lb / ε | best k | right / guesses "
+             "| AUC | ε_lb max |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        dp_name = "none" if r["epsilon"] is None else f"{'DP-SGD' if r['mechanism'] == 'sgd' else 'output'}"
+        dp_name = ("none" if r["epsilon"] is None
+                   else "DP-SGD" if r["mechanism"] == "sgd" else "output")
         eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:g}"
         ratio = "" if r["epsilon"] is None else f"{r['eps_lb'] / r['epsilon']:.2f}"
-        lines.append(f"| {dp_name} | {r['canaries']} | {r['m']} | {eps} | {r['eps_lb']:.2f} | {ratio} | {r['k']} | "
-                     f"{r['correct']} / {r['guesses']} | {r['auc']:.3f} | {r['eps_lb_max']:.2f} |")
+        lines.append(f"| {dp_name} | {r['canaries']} | {r['m']} | {eps} | {r['eps_lb']:.2f} | "
+                     f"{ratio} | {r['k']} | {r['correct']} / {r['guesses']} | {r['auc']:.3f} | "
+                     f"{r['eps_lb_max']:.2f} |")
     return "\n".join(lines)
 
 
@@ -261,18 +285,21 @@ def main(argv):
     acfg = parse_args(argv)
     torch.set_num_threads(acfg.threads)
     t_start = time.time()
-    cfg = replace(PRESETS[acfg.preset], seed=acfg.seed, out=acfg.out, cache=acfg.cache, device="cpu")
+    cfg = replace(PRESETS[acfg.preset], seed=acfg.seed, out=acfg.out, cache=acfg.cache,
+                  device="cpu")
     os.makedirs(acfg.out, exist_ok=True)
     task = data.make_task(cfg.task, cfg.seed)
     if cfg.task != "arith":
-        raise SystemExit("the audit's canaries and the convention measurement are for the arith task")
+        raise SystemExit("the audit's canaries and the convention measurement are for the arith "
+                         "task")
     paths = train.stage_paths(cfg, task)
     if os.path.exists(paths["pretrain_tiny"]):
-        tiny = tinylm.add_lora(tinylm.load_model(paths["pretrain_tiny"]).eval(), cfg.lora_rank, cfg.lora_alpha,
-                               cfg.lora_seed)
+        tiny = tinylm.add_lora(tinylm.load_model(paths["pretrain_tiny"]).eval(), cfg.lora_rank,
+                               cfg.lora_alpha, cfg.lora_seed)
     else:   # pretrain (and cache) the base models as train.py would
         tiny, _ = train.base_models(cfg, task, paths, "cpu")
-    client = task.clients(cfg.n_train, cfg.n_test, 1, cfg.skew)[-1]   # the IID client: task mixture m
+    # the IID client: task mixture m
+    client = task.clients(cfg.n_train, cfg.n_test, 1, cfg.skew)[-1]
     m = acfg.canaries
     rng = data.stream(acfg.seed, "audit canaries")
     included = rng.random(m) < 0.5                                     # (m,) who is in: the secret
@@ -280,8 +307,9 @@ def main(argv):
     lines = input_canaries(task, client["train"], m, rng)
     encoded = data.encode_lines(lines, task.enc, pad=True)
     x, y, mask = data.encode_lines(client["train"], task.enc, pad=True)   # same T as the canaries
-    print(f"audit: preset {acfg.preset}, seed {acfg.seed}, client {client['name']} ({len(x)} records), "
-          f"m={m} canaries of each kind ({included.sum()} in), e.g. {lines[0].strip()!r}", flush=True)
+    print(f"audit: preset {acfg.preset}, seed {acfg.seed}, client {client['name']} ({len(x)} "
+          f"records), m={m} canaries of each kind ({included.sum()} in), e.g. {lines[0].strip()!r}",
+          flush=True)
 
     settings = [(eps, "sgd" if eps else None) for eps in floats(acfg.epsilons)]
     settings += [(eps, "output") for eps in floats(acfg.output_epsilons)]
@@ -293,20 +321,21 @@ def main(argv):
                                 data.run_seed(acfg.seed, "audit setting", len(rows)))
             row["seconds"] = time.time() - t0
             rows.append(row)
-            print(f"audit: {mech or 'no DP'} eps={'inf' if not eps else f'{eps:g}'}, {kind} canaries: "
-                  f"eps_lb {row['eps_lb']:.2f} ({row['correct']}/{row['guesses']} right at k={row['k']}), "
-                  f"AUC {row['auc']:.3f}, {row['seconds']:.1f}s", flush=True)
+            print(f"audit: {mech or 'no DP'} eps={'inf' if not eps else f'{eps:g}'}, {kind} "
+                  f"canaries: eps_lb {row['eps_lb']:.2f} ({row['correct']}/{row['guesses']} right "
+                  f"at k={row['k']}), AUC {row['auc']:.3f}, {row['seconds']:.1f}s", flush=True)
     with open(os.path.join(acfg.out, "audit.json"), "w") as f:
         json.dump(rows, f, indent=1)
     leak = convention_leak(cfg, acfg, task, tiny)
     with open(os.path.join(acfg.out, "convention.json"), "w") as f:
         json.dump(leak, f, indent=1)
-    print(f"\none-run audit, {m} canaries of each kind, {acfg.confidence:.0%} confidence, delta={acfg.audit_delta:g}"
+    print(f"\none-run audit, {m} canaries of each kind, {acfg.confidence:.0%} confidence, "
+          f"delta={acfg.audit_delta:g}"
           f" -> {acfg.out}/audit.json\n\n{table(rows)}\n")
     print("| DP | uploads | favoured operator named right | chance |\n|---|---:|---:|---:|")
     for r in leak:
-        print(f"| {'none' if r['epsilon'] is None else 'DP-SGD ε=' + format(r['epsilon'], 'g')} | {r['clients']} | "
-              f"{r['rate']:.0%} | 25% |")
+        print(f"| {'none' if r['epsilon'] is None else 'DP-SGD ε=' + format(r['epsilon'], 'g')} | "
+              f"{r['clients']} | {r['rate']:.0%} | 25% |")
     print(f"\ntotal {time.time() - t_start:.1f}s", flush=True)
     return rows, leak
 

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+# the repository root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data
 import tinylm
@@ -26,7 +27,8 @@ ROUNDS, WARMUP = 120, 10   # timed rounds of each kind of step, after untimed wa
 
 
 def clock(device):
-    """Seconds now -- on a GPU once the work queued so far is done: its kernels run asynchronously."""
+    """Seconds now -- on a GPU once the work queued so far is done: its kernels run
+    asynchronously."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter()
@@ -75,8 +77,9 @@ def main(argv):
     for preset in ("tiny", "llm"):
         t = median_step_times(preset, x, y, mask, enc.n_vocab, device)
         print(f"{preset:>4} preset: plain {1e3 * t['plain']:5.1f} ms | "
-              f"DP-SGD one pass {1e3 * t['one pass']:5.1f} ms = {t['one pass'] / t['plain']:.2f}x | "
-              f"DP-SGD torch.func {1e3 * t['torch.func']:5.1f} ms = {t['torch.func'] / t['plain']:.2f}x")
+              f"DP-SGD one pass {1e3 * t['one pass']:5.1f} ms = {t['one pass'] / t['plain']:.2f}x "
+              f"| DP-SGD torch.func {1e3 * t['torch.func']:5.1f} ms = "
+              f"{t['torch.func'] / t['plain']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -40,28 +40,39 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXERCISES = {
     "masked_cross_entropy": ("easy", "mean token cross-entropy over the positions where mask is 1 "
                                      "(every position when mask is None; an empty mask gives 0)"),
-    "lora_forward": ("easy", "the low-rank delta (alpha/r) * x (A0 + dA)^T B^T, shape (B, T, n_out)"),
-    "rdp_to_epsilon": ("easy", "the docstring's conversion at every order, then the smallest epsilon "
+    "lora_forward": ("easy",
+                     "the low-rank delta (alpha/r) * x (A0 + dA)^T B^T, shape (B, T, n_out)"),
+    "rdp_to_epsilon": ("easy",
+                       "the docstring's conversion at every order, then the smallest epsilon "
                                "and its order"),
     "update_vector": ("medium", "one token per layer: q.dA, q.B, v.dA, v.B flattened side by side "
                                 "(get_update), and cut back into those shapes (split_update)"),
     "causal_attention": ("medium", "split q, k, v into heads, softmax(q k^T / sqrt(head_dim)) with "
-                                   "future positions masked, att @ v, heads merged back into y (B, T, C)"),
-    "autoregressive_decoding": ("medium", "shift_right: an all-zero token, then y[:, :-1]; generate: tgt starts "
-                                          "as that token, then append the model's last output n_tgt times"),
-    "public_subspace": ("medium", "public_basis: the mean and the top-k right singular vectors of the "
+                                   "future positions masked, att @ v, heads merged back into y (B, "
+                         "T, C)"),
+    "autoregressive_decoding": ("medium",
+                                "shift_right: an all-zero token, then y[:, :-1]; generate: tgt "
+                                "starts "
+                                          "as that token, then append the model's last output "
+                                "n_tgt times"),
+    "public_subspace": ("medium",
+                        "public_basis: the mean and the top-k right singular vectors of the "
                                   "centred flat updates; project: mean + U U^T (x - mean)"),
-    "clip_and_noise": ("medium", "norms (B,) of the rows of flat; g (D,): the rows clipped to norm <= clip, "
-                                 "summed, plus _gaussian noise of std sigma*clip, over the expected batch size"),
+    "clip_and_noise": ("medium",
+                       "norms (B,) of the rows of flat; g (D,): the rows clipped to norm <= clip, "
+                                 "summed, plus _gaussian noise of std sigma*clip, over the "
+                       "expected batch size"),
     "per_example_grads": ("hard", "per example, sum over its tokens: dA = s (B^T g_t) x_t^T, "
                                   "B = s g_t h_t^T with h_t = A x_t; one batched matmul each"),
-    "rdp_step": ("hard", "log of sum_i binom(alpha, i) q^i (1-q)^(alpha-i) exp((i^2 - i) / (2 sigma^2)), "
+    "rdp_step": ("hard",
+                 "log of sum_i binom(alpha, i) q^i (1-q)^(alpha-i) exp((i^2 - i) / (2 sigma^2)), "
                          "in log space (_log_add): the terms overflow a float"),
 }
 
 BEGIN = re.compile(r"^(\s*)### BEGIN SOLUTION (\w+)\s*$")
 END = re.compile(r"^(\s*)### END SOLUTION\s*$")
-BLANK = re.compile(r'^(\s+)raise NotImplementedError\("exercise (\w+):')  # a block already blank (student copy)
+# a block already blank (student copy)
+BLANK = re.compile(r'^(\s+)raise NotImplementedError\("exercise (\w+):')
 
 
 def blank_line(name, indent):
@@ -78,7 +89,8 @@ def repo_files(root):
     """The repository's files, relative to root: tracked and untracked-but-not-ignored (git), or,
     outside git, everything except .git, caches and out*/ run folders."""
     try:
-        out = subprocess.run(["git", "-C", root, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        out = subprocess.run(["git", "-C", root, "ls-files", "-z", "--cached", "--others",
+                              "--exclude-standard"],
                              capture_output=True, check=True).stdout.decode()
         files = sorted({f for f in out.split("\0") if f})
     except (OSError, subprocess.CalledProcessError):
@@ -86,20 +98,24 @@ def repo_files(root):
         for d, dirs, names in os.walk(root):
             dirs[:] = sorted(x for x in dirs if x not in (".git", "__pycache__", ".pytest_cache")
                              and not (d == root and x.startswith("out")))
-            files += [os.path.relpath(os.path.join(d, n), root) for n in sorted(names) if not n.endswith(".pyc")]
+            files += [os.path.relpath(os.path.join(d, n), root)
+                      for n in sorted(names) if not n.endswith(".pyc")]
     return [f for f in files if os.path.isfile(os.path.join(root, f))]
 
 
 def find_blocks(path, lines):
-    """[(name, first line, last line, indent)] of the marked blocks in one file (0-based, inclusive)."""
+    """[(name, first line, last line, indent)] of the marked blocks in one file (0-based,
+    inclusive)."""
     blocks, open_block = [], None
     for i, line in enumerate(lines):
         where = f"{path}:{i + 1}"
         if m := BEGIN.match(line):
             if open_block:
-                raise SystemExit(f"{where}: BEGIN SOLUTION inside the block opened at line {open_block[1] + 1}")
+                raise SystemExit(f"{where}: BEGIN SOLUTION inside the block opened at line "
+                                 f"{open_block[1] + 1}")
             if m.group(2) not in EXERCISES:
-                raise SystemExit(f"{where}: unknown exercise {m.group(2)!r}; add it to EXERCISES in {__file__}")
+                raise SystemExit(f"{where}: unknown exercise {m.group(2)!r}; add it to EXERCISES "
+                                 f"in {__file__}")
             if not m.group(1):
                 raise SystemExit(f"{where}: markers go inside function bodies, not at module level")
             open_block = (m.group(2), i, m.group(1))
@@ -107,11 +123,13 @@ def find_blocks(path, lines):
             blocks.append((m.group(2), i, i, m.group(1)))
         elif m := END.match(line):
             if not open_block or m.group(1) != open_block[2]:
-                raise SystemExit(f"{where}: END SOLUTION without a BEGIN SOLUTION at the same indentation")
+                raise SystemExit(f"{where}: END SOLUTION without a BEGIN SOLUTION at the same "
+                                 "indentation")
             blocks.append((open_block[0], open_block[1], i, open_block[2]))
             open_block = None
     if open_block:
-        raise SystemExit(f"{path}:{open_block[1] + 1}: BEGIN SOLUTION {open_block[0]} is never closed")
+        raise SystemExit(f"{path}:{open_block[1] + 1}: BEGIN SOLUTION {open_block[0]} is never "
+                         "closed")
     return blocks
 
 
@@ -119,7 +137,8 @@ def scan(root):
     """{path: (lines, blocks)} for every Python file with marked blocks (this tool excepted)."""
     found = {}
     for path in repo_files(root):
-        if path.endswith(".py") and os.path.abspath(os.path.join(root, path)) != os.path.abspath(__file__):
+        full = os.path.join(root, path)
+        if path.endswith(".py") and os.path.abspath(full) != os.path.abspath(__file__):
             with open(os.path.join(root, path), encoding="utf-8") as f:
                 lines = f.readlines()
             if blocks := find_blocks(path, lines):
@@ -131,7 +150,8 @@ def scan(root):
 
 
 def enclosing_function(lines, i):
-    """'Class.method' or 'function' around line i, from the nearest less-indented def/class lines."""
+    """'Class.method' or 'function' around line i, from the nearest less-indented def/class
+    lines."""
     names, indent = [], len(lines[i]) - len(lines[i].lstrip())
     for line in reversed(lines[:i]):
         m = re.match(r"(\s*)(?:async\s+)?(def|class)\s+(\w+)", line)
@@ -156,7 +176,8 @@ def blanked(lines, blocks, names):
 
 
 def write_copy(root, out, names, found=None):
-    """Copy the repository to `out` with the exercises in `names` blank; refuse to write in the repo."""
+    """Copy the repository to `out` with the exercises in `names` blank; refuse to write in the
+    repo."""
     root, out = os.path.realpath(root), os.path.realpath(out)
     if out == root or out.startswith(root + os.sep):
         raise SystemExit(f"refusing to write into the repository itself: {out}")
@@ -201,7 +222,8 @@ def list_exercises(found):
 def run_pytest(cwd, xml, marker_expr=None, paths=()):
     """{test id: (outcome, message)} of one pytest run; outcome is passed, failed or skipped."""
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *paths]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
+           *paths]
     cmd += ["-m", marker_expr] if marker_expr else []
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode not in (0, 1, 5) or not os.path.exists(xml):  # 5: no test selected
@@ -240,10 +262,13 @@ def run_everything(root, names):
     with tempfile.TemporaryDirectory() as tmp:
         student = write_copy(root, os.path.join(tmp, "student"), set(names), found)
         jobs = [("student", student, None, []),   # (what, folder, marker expression, test files)
-                ("original", root, " or ".join(names), sorted({f for fs in files.values() for f in fs}))]
-        jobs += [(n, write_copy(root, os.path.join(tmp, n), set(names) - {n}, found), n, files[n]) for n in names]
+                ("original", root, " or ".join(names),
+                 sorted({f for fs in files.values() for f in fs}))]
+        jobs += [(n, write_copy(root, os.path.join(tmp, n), set(names) - {n}, found), n, files[n])
+                 for n in names]
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            futures = {what: pool.submit(run_pytest, cwd, os.path.join(tmp, f"{what}.xml"), expr, paths)
+            futures = {what: pool.submit(run_pytest, cwd, os.path.join(tmp, f"{what}.xml"), expr,
+                                         paths)
                        for what, cwd, expr, paths in jobs}
             return {what: f.result() for what, f in futures.items()}
 
@@ -261,7 +286,8 @@ def check(root):
     student, original = runs["student"], runs["original"]
     passes = {t for t, (o, _) in original.items() if o == "passed"}
 
-    print(f"{'exercise':<24} {'tests':>5}  pass on the original  pass alone  fail on the student copy")
+    print(f"{'exercise':<24} {'tests':>5}  pass on the original  pass alone  fail on the student "
+          "copy")
     for n in names:
         alone = runs[n]
         fails = {t for t, (o, msg) in student.items() if o == "failed" and f"exercise {n}:" in msg}
@@ -272,22 +298,26 @@ def check(root):
                 problems.append(f"{n}: {t} does not pass on the original "
                                 f"({describe(*original.get(t, ('missing', '')))})")
             if o != "passed":
-                problems.append(f"{n}: with only {n} filled in, {t} does not pass ({describe(o, msg)})")
+                problems.append(f"{n}: with only {n} filled in, {t} does not pass "
+                                f"({describe(o, msg)})")
             if t not in fails:
-                problems.append(f"{n}: {t} does not fail with exercise {n}'s error on the student copy "
-                                f"({describe(*student.get(t, ('missing', '')))})")
+                problems.append(f"{n}: {t} does not fail with exercise {n}'s error on the student "
+                                f"copy ({describe(*student.get(t, ('missing', '')))})")
         print(f"{n:<24} {len(alone):>5}  {len(set(alone) & passes):>20}  "
               f"{sum(o == 'passed' for o, _ in alone.values()):>10}  {len(set(alone) & fails):>24}")
 
     marked = {t for n in names for t in runs[n]}
     others = {t: r for t, r in student.items() if t not in marked}
     skips = {t: msg for t, (o, msg) in others.items() if o == "skipped"}
-    for t, (o, msg) in others.items():   # a skip for what this machine lacks is not the student copy's doing
-        if o == "failed" or (o == "skipped" and not msg.startswith(("needs exercise ", "needs a CUDA GPU"))):
-            problems.append(f"the student copy breaks {t}, which no exercise marks ({describe(o, msg)})")
+    # a skip for what this machine lacks is not the student copy's doing
+    for t, (o, msg) in others.items():
+        if o == "failed" or (o == "skipped"
+                             and not msg.startswith(("needs exercise ", "needs a CUDA GPU"))):
+            problems.append(f"the student copy breaks {t}, which no exercise marks "
+                            f"({describe(o, msg)})")
     reasons = sorted({msg.splitlines()[0] for msg in skips.values()})
-    print(f"\nthe other tests on the student copy (every exercise blank): {len(others) - len(skips)} pass, "
-          f"{len(skips)} skip ({'; '.join(reasons) or 'none'})")
+    print(f"\nthe other tests on the student copy (every exercise blank): "
+          f"{len(others) - len(skips)} pass, {len(skips)} skip ({'; '.join(reasons) or 'none'})")
     for p in problems:
         print(f"FAIL {p}")
     print(f"\n--check: {len(names)} exercises, {len(problems)} problems, {time.time() - t0:.0f}s")
@@ -295,19 +325,23 @@ def check(root):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="gradtx exercises: list them, write a student copy, check them.")
+    parser = argparse.ArgumentParser(description="gradtx exercises: list them, write a student "
+                                     "copy, check them.")
     parser.add_argument("--list", action="store_true",
                         help="print the exercises with their file, difficulty and check command")
-    parser.add_argument("--out", metavar="DIR", help="write a student copy of the repository to DIR (new or empty)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="write a student copy of the repository to DIR (new or empty)")
     parser.add_argument("--only", metavar="A,B", help="with --out: blank only these exercises")
-    parser.add_argument("--check", action="store_true", help="verify every exercise on a student copy in a temp dir")
+    parser.add_argument("--check", action="store_true",
+                        help="verify every exercise on a student copy in a temp dir")
     args = parser.parse_args(argv)
     if sum(map(bool, (args.list, args.out, args.check))) != 1 or (args.only and not args.out):
         parser.error("give exactly one of --list, --out DIR [--only A,B], --check")
     if args.list:
         list_exercises(scan(ROOT))
     elif args.out:
-        names = set(EXERCISES) if args.only is None else {n.strip() for n in args.only.split(",") if n.strip()}
+        names = (set(EXERCISES) if args.only is None
+                 else {n.strip() for n in args.only.split(",") if n.strip()})
         if unknown := names - set(EXERCISES):
             parser.error(f"unknown exercise(s) {', '.join(sorted(unknown))}; --list shows them")
         out = write_copy(ROOT, args.out, names)

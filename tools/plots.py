@@ -6,10 +6,11 @@ tools/plots.py -- the figures: PNG files drawn from the JSON files that finished
 
 It draws whatever it finds in --out:
   results.json        fit.png: the translator's training curve, the functional criterion on held-out
-                      shadow runs vs step, against its linear map (ridge), the mean shadow update and
-                      the true update. An experiment's runs (subfolders) each get fit_<run>.png.
+                      shadow runs vs step, against its linear map (ridge), the mean shadow update
+                      and the true update. An experiment's runs (subfolders) each get fit_<run>.png.
   dp.md               dp.png: gain recovered on the skewed clients vs epsilon, one line per method,
-                      one panel per DP mechanism; no DP is the dashed line (train.py --experiment=dp)
+                      one panel per DP mechanism; no DP is the dashed line (train.py
+                      --experiment=dp)
   collab.md           pooling.png: gain recovered vs the number m of pooled uploads, with and
                       without DP, one panel per kind of client (train.py --experiment=collab)
   frontier.json       frontier.png: gain vs N·ε·√m (examples x epsilon x sqrt(pooled uploads)), one
@@ -27,8 +28,8 @@ import os
 import sys
 
 METHODS = ["gradtx", "ridge", "mean_shadow", "tinylm_dp", "w2s", "kd"]   # the lines, in this order
-COLORS = {"gradtx": "C0", "ridge": "C1", "mean_shadow": "C7", "tinylm_dp": "C2", "w2s": "C3", "kd": "C4",
-          "gradtx_single_map": "C5"}
+COLORS = {"gradtx": "C0", "ridge": "C1", "mean_shadow": "C7", "tinylm_dp": "C2", "w2s": "C3",
+          "kd": "C4", "gradtx_single_map": "C5"}
 SIZE, DPI = (6, 4), 100
 
 
@@ -38,7 +39,8 @@ def load(path):
 
 
 def runs_of(folder):
-    """{subfolder name: results} for the runs of an experiment (train.py writes one folder per run)."""
+    """{subfolder name: results} for the runs of an experiment (train.py writes one folder per
+    run)."""
     runs = {}
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name, "results.json")
@@ -73,39 +75,47 @@ def log_x(ax, ticks=None, base=10):
 
 
 def plot_fit(plt, results, title):
-    """The functional criterion of each translator vs its training step, with the levels it is judged by."""
+    """The functional criterion of each translator vs its training step, with the levels it is
+    judged by."""
     fig, ax = plt.subplots(figsize=SIZE)
     for i, (m, t) in enumerate(sorted(results["translators"].items(), key=lambda kv: int(kv[0]))):
         color, tag = f"C{i}", "" if len(results["translators"]) == 1 else f" (m = {m})"
         steps = [h["step"] for h in t["history"]]
-        ax.plot(steps, [h["criterion"] for h in t["history"]], "o-", color=color, label="translator" + tag)
+        ax.plot(steps, [h["criterion"] for h in t["history"]], "o-", color=color,
+                label="translator" + tag)
         ax.axhline(t["ridge_loss"], color=color, ls="--", label=f"ridge map, k = {t['k']}" + tag)
     t = next(iter(results["translators"].values()))
     ax.axhline(t["mean_shadow_loss"], color="gray", ls=":", label="mean shadow update")
     ax.axhline(t["true_update_loss"], color="black", ls="-.", label="true update")
-    ax.set(xlabel="translator training step", ylabel="criterion: LLM loss on held-out runs (lower is better)",
-           title=title)
+    ax.set(xlabel="translator training step",
+           ylabel="criterion: LLM loss on held-out runs (lower is better)", title=title)
     ax.legend(fontsize=7)
     return fig
 
 
 def plot_dp(plt, runs):
     """Skewed clients' gain recovered (of means) vs epsilon, a panel per mechanism; no DP dashed."""
-    mechanisms = sorted({r["privacy"]["mechanism"] for r in runs.values() if r["privacy"]["epsilon"]}, reverse=True)
-    fig, axes = plt.subplots(1, len(mechanisms), figsize=(SIZE[0] * 1.5, SIZE[1]), sharey=True, squeeze=False)
+    mechanisms = sorted({r["privacy"]["mechanism"]
+                         for r in runs.values() if r["privacy"]["epsilon"]}, reverse=True)
+    fig, axes = plt.subplots(1, len(mechanisms), figsize=(SIZE[0] * 1.5, SIZE[1]), sharey=True,
+                             squeeze=False)
     no_dp = [r for r in runs.values() if r["privacy"]["epsilon"] is None]
     for ax, mech in zip(axes[0], mechanisms):
-        rows = sorted((r for r in runs.values() if r["privacy"]["mechanism"] == mech and r["privacy"]["epsilon"]),
+        rows = sorted((r for r in runs.values() if r["privacy"]["mechanism"] == mech
+                       and r["privacy"]["epsilon"]),
                       key=lambda r: r["privacy"]["epsilon"])
         for method in METHODS:
-            points = [(r["privacy"]["epsilon"], skewed(r)["gain_of_means"].get(method)) for r in rows]
+            points = [(r["privacy"]["epsilon"], skewed(r)["gain_of_means"].get(method))
+                      for r in rows]
             points = [(e, g) for e, g in points if g is not None]
             if points:
                 ax.plot(*zip(*points), "o-", color=COLORS[method], label=method)
             if no_dp and skewed(no_dp[0])["gain_of_means"].get(method) is not None:
-                ax.axhline(skewed(no_dp[0])["gain_of_means"][method], color=COLORS[method], ls="--", lw=0.8)
+                ax.axhline(skewed(no_dp[0])["gain_of_means"][method], color=COLORS[method], ls="--",
+                           lw=0.8)
         log_x(ax, [r["privacy"]["epsilon"] for r in rows])
-        ax.set(xlabel="ε (δ = 1e-5)", title={"sgd": "DP-SGD", "output": "output perturbation"}.get(mech, mech))
+        ax.set(xlabel="ε (δ = 1e-5)",
+               title={"sgd": "DP-SGD", "output": "output perturbation"}.get(mech, mech))
     axes[0][0].set_ylabel("gain recovered, skewed clients\n(dashed: no DP)")
     axes[0][0].legend(fontsize=7)
     return fig
@@ -113,15 +123,18 @@ def plot_dp(plt, runs):
 
 def plot_pooling(plt, runs):
     """Gain recovered (of means) vs the number m of pooled uploads, a panel per kind of client."""
-    kinds = sorted({k for r in runs.values() for k, s in r["summary"]["by_kind"].items() if "pooling_gain_of_means" in s})
-    fig, axes = plt.subplots(1, len(kinds), figsize=(SIZE[0] * 1.5, SIZE[1]), sharey=True, squeeze=False)
+    kinds = sorted({k for r in runs.values() for k,
+                    s in r["summary"]["by_kind"].items() if "pooling_gain_of_means" in s})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(SIZE[0] * 1.5, SIZE[1]), sharey=True,
+                             squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         sizes = []
         for r in sorted(runs.values(), key=lambda r: r["privacy"]["epsilon"] or 0):
             curve = r["summary"]["by_kind"][kind].get("pooling_gain_of_means", {})
             style = "-" if r["privacy"]["epsilon"] is None else "--"
             for variant in ("gradtx", "ridge", "gradtx_single_map"):
-                points = [(int(m), p[variant]) for m, p in curve.items() if p.get(variant) is not None]
+                points = [(int(m), p[variant]) for m,
+                          p in curve.items() if p.get(variant) is not None]
                 sizes += [m for m, _ in points]
                 if points:
                     ax.plot(*zip(*sorted(points)), "o" + style, color=COLORS[variant],
@@ -138,28 +151,32 @@ def plot_frontier(plt, frontier):
     fig, ax = plt.subplots(figsize=SIZE)
     rows = sorted(frontier["rows"], key=lambda r: r["nem"])
     for method in ["gradtx", "ridge", "tinylm_dp", "w2s", "kd", "mean_shadow"]:
-        points = [(r["nem"], r["gain"][method], r["m"]) for r in rows if r["gain"].get(method) is not None]
+        points = [(r["nem"], r["gain"][method], r["m"])
+                  for r in rows if r["gain"].get(method) is not None]
         if not points:
             continue
-        ax.plot([p[0] for p in points], [p[1] for p in points], "-", color=COLORS[method], label=method)
+        ax.plot([p[0] for p in points], [p[1] for p in points], "-", color=COLORS[method],
+                label=method)
         for marker, pooled in (("o", False), ("s", True)):
             chosen = [p for p in points if (p[2] > 1) == pooled]
             if chosen:
-                ax.plot([p[0] for p in chosen], [p[1] for p in chosen], marker, color=COLORS[method],
-                        mfc="none" if pooled else COLORS[method], ls="none")
+                ax.plot([p[0] for p in chosen], [p[1] for p in chosen], marker,
+                        color=COLORS[method], mfc="none" if pooled else COLORS[method], ls="none")
     ax.axhline(0.5, color="black", ls=":", lw=0.8)
     log_x(ax)
     ax.set(xlabel="N·ε·√m  (examples per client x epsilon x sqrt(pooled uploads))",
-           ylabel="gain recovered, skewed clients", title="the privacy frontier (squares: pooled, m > 1)")
+           ylabel="gain recovered, skewed clients",
+           title="the privacy frontier (squares: pooled, m > 1)")
     ax.legend(fontsize=7)
     return fig
 
 
 def plot_shadow_count(plt, data):
     """Gain vs the number K of shadow subsets, one panel per privacy level."""
-    levels = sorted({r["epsilon"] for r in data["rows"]}, key=lambda e: -math.inf if e is None else -e)
-    fig, axes = plt.subplots(1, len(levels), figsize=(min(4.5 * len(levels), 12), SIZE[1]), sharey=True,
-                             squeeze=False)
+    levels = sorted({r["epsilon"] for r in data["rows"]},
+                    key=lambda e: -math.inf if e is None else -e)
+    fig, axes = plt.subplots(1, len(levels), figsize=(min(4.5 * len(levels), 12), SIZE[1]),
+                             sharey=True, squeeze=False)
     for ax, eps in zip(axes[0], levels):
         rows = [r for r in data["rows"] if r["epsilon"] == eps]
         for method in dict.fromkeys(r["method"] for r in rows):
@@ -183,14 +200,16 @@ def figures_for(out):
         found.append(("fit.png", lambda plt: plot_fit(plt, results, f"translator fit: {out}")))
     runs = runs_of(out)
     for name, r in runs.items():
-        found.append((f"fit_{name}.png", lambda plt, r=r, name=name: plot_fit(plt, r, f"translator fit: {name}")))
+        found.append((f"fit_{name}.png", lambda plt, r=r,
+                      name=name: plot_fit(plt, r, f"translator fit: {name}")))
     if os.path.isfile(os.path.join(out, "dp.md")) and runs:
         found.append(("dp.png", lambda plt: plot_dp(plt, runs)))
     if os.path.isfile(os.path.join(out, "collab.md")) and runs:
         found.append(("pooling.png", lambda plt: plot_pooling(plt, runs)))
     for name, draw in (("frontier", plot_frontier), ("shadow_count", plot_shadow_count)):
         if os.path.isfile(os.path.join(out, f"{name}.json")):
-            found.append((f"{name}.png", lambda plt, path=os.path.join(out, f"{name}.json"), draw=draw:
+            found.append((f"{name}.png", lambda plt, path=os.path.join(out, f"{name}.json"),
+                          draw=draw:
                           draw(plt, load(path))))
     return found
 
@@ -202,7 +221,8 @@ def import_pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("tools/plots.py needs matplotlib, an optional extra of gradtx: pip install matplotlib", file=sys.stderr)
+        print("tools/plots.py needs matplotlib, an optional extra of gradtx: "
+              "pip install matplotlib", file=sys.stderr)
         raise SystemExit(2)
     return plt
 
@@ -210,22 +230,26 @@ def import_pyplot():
 def main(argv):
     parser = argparse.ArgumentParser(description="PNG figures from finished gradtx runs.")
     parser.add_argument("--out", required=True, help="a run's or an experiment's --out folder")
-    parser.add_argument("--figures", default="", help="where the PNG files go (default: OUT/figures)")
+    parser.add_argument("--figures", default="",
+                        help="where the PNG files go (default: OUT/figures)")
     args = parser.parse_args(argv)
     plt = import_pyplot()
     if not os.path.isdir(args.out):
-        raise SystemExit(f"{args.out} is not a folder: expected the --out of a finished train.py run")
+        raise SystemExit(f"{args.out} is not a folder: expected the --out of a finished train.py "
+                         "run")
     found = figures_for(args.out)
     if not found:
-        raise SystemExit(f"nothing to draw in {args.out}: expected results.json, an experiment's dp.md or "
-                         f"collab.md with its runs' folders, frontier.json or shadow_count.json")
+        raise SystemExit(f"nothing to draw in {args.out}: expected results.json, an experiment's "
+                         "dp.md or collab.md with its runs' folders, frontier.json or "
+                         "shadow_count.json")
     folder = args.figures or os.path.join(args.out, "figures")
     os.makedirs(folder, exist_ok=True)
     written = []
     for name, draw in found:
         try:
             fig = draw(plt)
-        except (KeyError, TypeError, ValueError) as e:   # e.g. a results.json made before it kept the fit history
+        # e.g. a results.json made before it kept the fit history
+        except (KeyError, TypeError, ValueError) as e:
             print(f"{name}: skipped, its JSON lacks what it needs ({type(e).__name__}: {e})")
             continue
         fig.tight_layout()
