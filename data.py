@@ -111,8 +111,8 @@ def parse_answer(text):
 
 def split_pairs(seed):
     """PUBLIC / PRIVATE operand pairs, disjoint by construction: a hash of (seed, a, b) decides."""
-    public = {(a, b) for a,
-              b in PAIRS if hashlib.sha256(f"{seed}:{a}:{b}".encode()).digest()[0] % 2 == 0}
+    public = {(a, b) for a, b in PAIRS
+              if hashlib.sha256(f"{seed}:{a}:{b}".encode()).digest()[0] % 2 == 0}
     return [p for p in PAIRS if p in public], [p for p in PAIRS if p not in public]
 
 
@@ -220,8 +220,8 @@ class ArithTask:
         if str(device) not in self._corpus:   # 3 x (2 * n_problems, T)
             self._corpus[str(device)] = tuple(t.to(device)
                                               for t in self.encode(self.explicit + self.ambiguous))
-        idx = torch.from_numpy(pretrain_indices(n, rng, len(self.explicit))).to(device,
-                                                                                non_blocking=True)
+        idx = torch.from_numpy(pretrain_indices(n, rng, len(self.explicit)))
+        idx = idx.to(device, non_blocking=True)
         return tuple(t[idx] for t in self._corpus[str(device)])
 
     def shadow_subset(self, k, n, alpha):
@@ -240,8 +240,8 @@ class ArithTask:
         it) and the IID group (mixture m). Member i's private data depends on (seed, i) only."""
         skewed = np.full((len(OPS), len(OPS)), (1 - skew) / (len(OPS) - 1))   # row op: op's mixture
         np.fill_diagonal(skewed, skew)
-        groups = [(f"skewed_{op}", "skewed", mix) for op,
-                  mix in zip(OPS, skewed)] + [("iid_0", "iid", TASK_MIXTURE)]
+        groups = ([(f"skewed_{op}", "skewed", mix) for op, mix in zip(OPS, skewed)]
+                  + [("iid_0", "iid", TASK_MIXTURE)])
         members = []
         for group, kind, mixture in groups:
             for j in range(group_size):
@@ -378,8 +378,8 @@ def split_documents(domains, seed):
         u = [int.from_bytes(hashlib.sha256(f"{seed}:{d}".encode()).digest()[:4], "big") / 2 ** 32
              for d in docs]
         part = np.searchsorted(edges, u, side="right")
-        splits[domain] = {name: [d for d, p in zip(docs, part) if p == i] for i,
-                          name in enumerate(SHARES)}
+        splits[domain] = {name: [d for d, p in zip(docs, part) if p == i]
+                          for i, name in enumerate(SHARES)}
     return splits
 
 
@@ -392,16 +392,16 @@ def windows(raw, size, n=None, rng=None):
     """Windows of at most `size` of the UTF-8 bytes `raw`, as text (a character cut at an edge is
     left out): n at random offsets, or (n=None) one every size - 1 bytes: every byte but the first
     predicted once."""
-    starts = range(0, len(raw) - 1, size - 1) if n is None else rng.integers(0, len(raw) - size + 1,
-                                                                             size=n)
+    starts = (range(0, len(raw) - 1, size - 1) if n is None
+              else rng.integers(0, len(raw) - size + 1, size=n))
     return [raw[i:i + size].decode("utf-8", "ignore") for i in starts]
 
 
 def pick(items, n, rng):
     """At most n of the items, in their order (all of them when there are no more than n)."""
-    return list(items) if len(items) <= n else [items[i]
-                                                for i in np.sort(rng.choice(len(items), n,
-                                                                            replace=False))]
+    if len(items) <= n:
+        return list(items)
+    return [items[i] for i in np.sort(rng.choice(len(items), n, replace=False))]
 
 
 class TextTask:
@@ -442,8 +442,8 @@ class TextTask:
         `device`: the text goes there once, then only the offsets travel."""
         self._pretrain = self._pretrain.to(device)   # moved on the first call, a no-op after that
         offsets = torch.from_numpy(rng.integers(0, len(self._pretrain) - self.block_size, size=n))
-        window = offsets.to(device, non_blocking=True)[:, None] + torch.arange(self.block_size + 1,
-                                                                               device=device)
+        window = (offsets.to(device, non_blocking=True)[:, None]
+                  + torch.arange(self.block_size + 1, device=device))
         # (n, block_size + 1)
         tokens = self._pretrain[window]
         return tokens[:, :-1], tokens[:, 1:], torch.ones(n, self.block_size, device=device)

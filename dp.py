@@ -69,8 +69,8 @@ def per_sample_grads(model, x, y, mask):
     if len(x) == 0:  # vmap cannot map over an empty batch
         return {n: p.new_zeros((0, *p.shape)) for n, p in trainable.items()}
     # randomness="different": dropout, if any, draws its own mask for each example
-    return vmap(grad(example_loss), in_dims=(None, 0, 0, 0), randomness="different")(trainable, x,
-                                                                                     y, mask)
+    per_example = vmap(grad(example_loss), in_dims=(None, 0, 0, 0), randomness="different")
+    return per_example(trainable, x, y, mask)
 
 
 def per_example_losses(logits, y, mask):

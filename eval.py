@@ -82,9 +82,9 @@ def bits_per_byte(task, model, examples):
 
 
 def score(task, model, examples):
-    return accuracy(task, model, examples) if task.metric == "accuracy" else bits_per_byte(task,
-                                                                                           model,
-                                                                                           examples)
+    if task.metric == "accuracy":
+        return accuracy(task, model, examples)
+    return bits_per_byte(task, model, examples)
 
 
 def pgr(p_method, p_floor, p_ceiling):
@@ -183,8 +183,8 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
     groups = {}
     for c in clients:
         groups.setdefault(c["group"], []).append(c)
-    pooled = {name: pooling_updates(members, translators, translate, linear) for name,
-              members in groups.items()}
+    pooled = {name: pooling_updates(members, translators, translate, linear)
+              for name, members in groups.items()}
 
     results = []
     for c in tqdm(clients, desc="evaluate clients", leave=False):

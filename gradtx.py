@@ -430,8 +430,8 @@ def select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks=SUBSPACE_S
         factors = ridge_factors(X_tr, Y_train)
         for lam in lams:
             ridge = ridge_at(factors, lam)
-            scores[(k, lam)] = criterion(ridge_predict(ridge, X_va).view(len(X_val),
-                                                                         *Y_train.shape[1:]))
+            pred = ridge_predict(ridge, X_va).view(len(X_val), *Y_train.shape[1:])
+            scores[(k, lam)] = criterion(pred)
             maps[(k, lam)] = (basis, ridge)
     simplest_first = sorted(scores, key=lambda c: (c[0] or math.inf, -c[1]))
     k, lam = simplest_within_one_se({c: scores[c] for c in simplest_first})

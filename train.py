@@ -182,8 +182,8 @@ def stage_seconds(cfg, paths):
     took."""
     timing_path = os.path.join(cfg.cache or cfg.out, "timing.json")
     timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {}
-    return {stage: sum(timing.get(os.path.basename(p), 0.0) for s,
-                       p in paths.items() if s.startswith(stage))
+    return {stage: sum(timing.get(os.path.basename(p), 0.0)
+                       for s, p in paths.items() if s.startswith(stage))
             for stage in ("pretrain", "shadow", "fit", "clients", "references")}
 
 
@@ -395,8 +395,8 @@ def fit_stage(cfg, task, tiny, llm, shadow, path, m):
            "val_loss": best["criterion"],
            "k": k, "ridge_lambda": lam, "ridge_loss": scores[(k, lam)], "basis": basis,
            "ridge": ridge, "upload_signal": signal,
-           "mean_shadow_loss": float(np.mean(criterion(Y_train.mean(0).expand(len(val_runs), -1,
-                                                                              -1)))),
+           "mean_shadow_loss": float(np.mean(criterion(
+               Y_train.mean(0).expand(len(val_runs), -1, -1)))),
            "true_update_loss": float(np.mean(criterion(Y_val))), "level": m,
            "seconds": time.time() - t0}
     tinylm.atomic_save(log, path + ".log")

@@ -117,8 +117,8 @@ def canary_finetune(model, x, y, mask, recipe, seed, expected_batch, directions=
             # the records' gradients (B, ...), then the sampled canaries'
             def per_sample(model, xb, yb, mb):
                 grads = dp.per_sample_grads_one_pass(model, xb, yb, mb)
-                return {name: torch.cat([g_n, canary_grads[name][sampled]]) for name,
-                        g_n in grads.items()}
+                return {name: torch.cat([g_n, canary_grads[name][sampled]])
+                        for name, g_n in grads.items()}
 
         dp.dp_sgd_step(model, opt, x[idx], y[idx], mask[idx], C, recipe.dp_sigma, expected_batch, g,
                        per_sample)

@@ -48,8 +48,8 @@ EXERCISES = {
     "update_vector": ("medium", "one token per layer: q.dA, q.B, v.dA, v.B flattened side by side "
                                 "(get_update), and cut back into those shapes (split_update)"),
     "causal_attention": ("medium", "split q, k, v into heads, softmax(q k^T / sqrt(head_dim)) with "
-                                   "future positions masked, att @ v, heads merged back into y (B, "
-                         "T, C)"),
+                                   "future positions masked, att @ v, heads merged back into "
+                                   "y (B, T, C)"),
     "autoregressive_decoding": ("medium",
                                 "shift_right: an all-zero token, then y[:, :-1]; generate: tgt "
                                 "starts "

@@ -123,8 +123,8 @@ def plot_dp(plt, runs):
 
 def plot_pooling(plt, runs):
     """Gain recovered (of means) vs the number m of pooled uploads, a panel per kind of client."""
-    kinds = sorted({k for r in runs.values() for k,
-                    s in r["summary"]["by_kind"].items() if "pooling_gain_of_means" in s})
+    kinds = sorted({k for r in runs.values() for k, s in r["summary"]["by_kind"].items()
+                    if "pooling_gain_of_means" in s})
     fig, axes = plt.subplots(1, len(kinds), figsize=(SIZE[0] * 1.5, SIZE[1]), sharey=True,
                              squeeze=False)
     for ax, kind in zip(axes[0], kinds):
@@ -133,8 +133,8 @@ def plot_pooling(plt, runs):
             curve = r["summary"]["by_kind"][kind].get("pooling_gain_of_means", {})
             style = "-" if r["privacy"]["epsilon"] is None else "--"
             for variant in ("gradtx", "ridge", "gradtx_single_map"):
-                points = [(int(m), p[variant]) for m,
-                          p in curve.items() if p.get(variant) is not None]
+                points = [(int(m), p[variant]) for m, p in curve.items()
+                          if p.get(variant) is not None]
                 sizes += [m for m, _ in points]
                 if points:
                     ax.plot(*zip(*sorted(points)), "o" + style, color=COLORS[variant],
