@@ -53,7 +53,8 @@ def test_draws_a_png_for_every_kind_of_json(tmp_path):
     for name, eps in (("no_dp", None), ("eps1_sgd", 1.0)):
         write(tmp_path / "collab" / name / "results.json", results(eps, eps and "sgd", pooling=True))
 
-    assert plots.main([f"--out={tmp_path / 'run'}"]) == ["fit.png", "frontier.png", "shadow_count.png"]
+    assert plots.main([f"--out={tmp_path / 'run'}"]) == ["fit.png", "frontier.png", "frontier_by_size.png",
+                                                         "shadow_count.png"]
     figures = tmp_path / "figures"
     assert set(plots.main([f"--out={tmp_path / 'dp'}", f"--figures={figures}"])) == {
         "dp.png", "fit_no_dp.png", "fit_eps8_sgd.png", "fit_eps1_sgd.png", "fit_eps1_output.png"}

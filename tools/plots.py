@@ -14,7 +14,9 @@ It draws whatever it finds in --out:
   collab.md           pooling.png: gain recovered vs the number m of pooled uploads, with and
                       without DP, one panel per kind of client (train.py --experiment=collab)
   frontier.json       frontier.png: gain vs N·ε·√m (examples x epsilon x sqrt(pooled uploads)), one
-                      line per method; pooled points (m > 1) are squares
+                      line per method; pooled points (m > 1) are squares. frontier_by_size.png: gain
+                      vs epsilon, a panel per client size N (the DP sweep at each size); and
+                      pooling.png from its runs with groups (train.py --experiment=frontier)
   shadow_count.json   shadow_count.png: gain vs the number K of shadow subsets, one panel per
                       privacy level
 
@@ -171,6 +173,26 @@ def plot_frontier(plt, frontier):
     return fig
 
 
+def plot_frontier_by_size(plt, frontier):
+    """The DP sweep at each client size: gain vs epsilon (log axis), one panel per N, m = 1."""
+    sizes = sorted({r["n_train"] for r in frontier["rows"] if r["m"] == 1})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(min(4 * len(sizes), 12), SIZE[1]),
+                             sharey=True, squeeze=False)
+    for ax, n in zip(axes[0], sizes):
+        rows = sorted((r for r in frontier["rows"] if r["n_train"] == n and r["m"] == 1),
+                      key=lambda r: r["epsilon"])
+        for method in ["gradtx", "ridge", "tinylm_dp", "w2s", "kd", "mean_shadow"]:
+            points = [(r["epsilon"], r["gain"][method]) for r in rows
+                      if r["gain"].get(method) is not None]
+            if points:
+                ax.plot(*zip(*points), "o-", color=COLORS[method], label=method)
+        log_x(ax, [r["epsilon"] for r in rows])
+        ax.set(xlabel="ε (δ = 1e-5)", title=f"clients of N = {n:,} records")
+    axes[0][0].set_ylabel("gain recovered, skewed clients")
+    axes[0][0].legend(fontsize=7)
+    return fig
+
+
 def plot_shadow_count(plt, data):
     """Gain vs the number K of shadow subsets, one panel per privacy level."""
     levels = sorted({r["epsilon"] for r in data["rows"]},
@@ -206,11 +228,14 @@ def figures_for(out):
         found.append(("dp.png", lambda plt: plot_dp(plt, runs)))
     if os.path.isfile(os.path.join(out, "collab.md")) and runs:
         found.append(("pooling.png", lambda plt: plot_pooling(plt, runs)))
-    for name, draw in (("frontier", plot_frontier), ("shadow_count", plot_shadow_count)):
-        if os.path.isfile(os.path.join(out, f"{name}.json")):
-            found.append((f"{name}.png", lambda plt, path=os.path.join(out, f"{name}.json"),
-                          draw=draw:
-                          draw(plt, load(path))))
+    for name, draw in (("frontier", plot_frontier), ("frontier_by_size", plot_frontier_by_size),
+                       ("shadow_count", plot_shadow_count)):
+        path = os.path.join(out, f"{name.split('_by_')[0]}.json")
+        if os.path.isfile(path):
+            found.append((f"{name}.png", lambda plt, path=path, draw=draw: draw(plt, load(path))))
+    pooled = {name: r for name, r in runs.items() if "pooling_gain_of_means" in skewed(r)}
+    if os.path.isfile(os.path.join(out, "frontier.json")) and pooled:   # its runs with groups
+        found.append(("pooling.png", lambda plt: plot_pooling(plt, pooled)))
     return found
 
 
