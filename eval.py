@@ -396,6 +396,7 @@ def frontier_points(runs):
                         for k in FRONTIER_METHODS if k in skewed["gain_of_means"]}
                 worst = {k: r["summary"]["worst_vs_mean_shadow"][k] for k in gain}
             points.append({"n_train": N, "epsilon": eps, "m": m, "nem": N * eps * math.sqrt(m),
+                           "group_size": r["config"]["group_size"],
                            "sigma": sigma, "gain": gain, "worst_vs_mean_shadow": worst})
     return points
 
@@ -458,13 +459,41 @@ def experiment_table(name, runs):
     return text
 
 
+def write_experiment(name, runs, out):
+    """An experiment's table into `out/<name>.md` (and the frontier's points into `frontier.json`,
+    which tools/plots.py draws); returns the table."""
+    table = experiment_table(name, runs)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(table + "\n")
+    if name == "frontier":
+        with open(os.path.join(out, "frontier.json"), "w") as f:
+            json.dump({"rows": frontier_points(runs)}, f, indent=1)
+    return table
+
+
+def load_runs(out):
+    """The results of an experiment's runs: one subfolder of `out` each, in name order."""
+    paths = sorted(os.path.join(out, d, "results.json") for d in os.listdir(out))
+    runs = []
+    for path in (p for p in paths if os.path.exists(p)):
+        with open(path) as f:
+            runs.append(json.load(f))
+    return runs
+
+
 if __name__ == "__main__":
     outs = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--out=")]
     if len(outs) != 1 or len(sys.argv) != 2:
-        raise SystemExit("usage: python eval.py --out=DIR   (DIR: the --out of a train.py run)")
+        raise SystemExit("usage: python eval.py --out=DIR   (DIR: the --out of a train.py run or "
+                         "experiment)")
     path = os.path.join(outs[0], "results.json")
-    if not os.path.exists(path):
+    experiments = [n for n in ("dp", "collab", "frontier")
+                   if os.path.exists(os.path.join(outs[0], f"{n}.md"))]
+    if os.path.exists(path):
+        with open(path) as f:
+            print(report(json.load(f)))
+    elif experiments:   # an experiment: its table (and the frontier's points) again, from its runs
+        print(write_experiment(experiments[0], load_runs(outs[0]), outs[0]))
+    else:
         raise SystemExit(f"{path} not found: expected the --out directory of a finished train.py "
-                         "run")
-    with open(path) as f:
-        print(report(json.load(f)))
+                         "run or experiment")

@@ -518,12 +518,7 @@ def main(argv):
     for o in EXPERIMENTS[cfg.experiment]:   # later runs reuse the earlier runs' stages
         sub = replace(cfg, experiment="", cache=cfg.cache or cfg.out, **o)
         rows.append(run(replace(sub, out=os.path.join(cfg.out, run_name(sub, cfg.experiment)))))
-    table = evaluation.experiment_table(cfg.experiment, rows)
-    with open(os.path.join(cfg.out, f"{cfg.experiment}.md"), "w") as f:
-        f.write(table + "\n")
-    if cfg.experiment == "frontier":   # the points of the figure (tools/plots.py)
-        with open(os.path.join(cfg.out, "frontier.json"), "w") as f:
-            json.dump({"rows": evaluation.frontier_points(rows)}, f, indent=1)
+    table = evaluation.write_experiment(cfg.experiment, rows, cfg.out)
     print(f"\n{cfg.experiment} experiment ({len(rows)} runs) -> "
           f"{cfg.out}/{cfg.experiment}.md\n\n{table}")
     return rows

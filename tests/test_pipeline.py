@@ -4,6 +4,9 @@ import json
 import math
 import os
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -108,6 +111,7 @@ def test_frontier_points_and_table(dp_group_run):
     assert points[0]["gain"]["mean_shadow"] == skewed["gain_of_means"]["mean_shadow"]
     table = evaluation.experiment_table("frontier", [results])
     assert table.count("\n| 48 | 1 |") == 2
+    assert all(p["group_size"] == 2 for p in points)
     cfg = train.parse_args(TINY_RUN + ["--dp_epsilon=0.3", "--group_size=2"])
     assert train.run_name(cfg, "frontier") == "n48_eps0.3_sgd_m2" and train.run_name(cfg, "dp") == "eps0.3_sgd"
 
@@ -332,3 +336,16 @@ def test_library_modules_import_one_way():
                 assert not ours or id(node) in top, f"{name}.py imports {ours} inside a block (line {node.lineno})"
                 for t in ours:
                     assert order.index(t) < i, f"{name}.py imports {t}.py, which comes after it"
+
+
+def test_eval_rebuilds_an_experiments_table_and_points_from_its_runs(dp_group_run, tmp_path):
+    out, results = dp_group_run
+    os.makedirs(tmp_path / "n48_eps1_sgd_m2")
+    shutil.copy(os.path.join(out, "results.json"), tmp_path / "n48_eps1_sgd_m2" / "results.json")
+    table = evaluation.write_experiment("frontier", [results], str(tmp_path))
+    points = json.load(open(tmp_path / "frontier.json"))["rows"]
+    os.remove(tmp_path / "frontier.json")
+    shown = subprocess.run([sys.executable, "eval.py", f"--out={tmp_path}"], capture_output=True, text=True,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True)
+    assert shown.stdout.strip() == table.strip()
+    assert json.load(open(tmp_path / "frontier.json"))["rows"] == points

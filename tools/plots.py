@@ -149,11 +149,11 @@ def plot_pooling(plt, runs):
 
 
 def plot_frontier(plt, frontier):
-    """Gain vs N·ε·√m on a log axis, one line per method; pooled points (m > 1) drawn as squares."""
+    """Gain vs N·ε·√m on a log axis, one line per method; points of groups drawn as squares."""
     fig, ax = plt.subplots(figsize=SIZE)
     rows = sorted(frontier["rows"], key=lambda r: r["nem"])
     for method in ["gradtx", "ridge", "tinylm_dp", "w2s", "kd", "mean_shadow"]:
-        points = [(r["nem"], r["gain"][method], r["m"])
+        points = [(r["nem"], r["gain"][method], r.get("group_size", r["m"]))
                   for r in rows if r["gain"].get(method) is not None]
         if not points:
             continue
@@ -168,19 +168,19 @@ def plot_frontier(plt, frontier):
     log_x(ax)
     ax.set(xlabel="N·ε·√m  (examples per client x epsilon x sqrt(pooled uploads))",
            ylabel="gain recovered, skewed clients",
-           title="the privacy frontier (squares: pooled, m > 1)")
+           title="the privacy frontier (squares: groups pooling m uploads)")
     ax.legend(fontsize=7)
     return fig
 
 
 def plot_frontier_by_size(plt, frontier):
     """The DP sweep at each client size: gain vs epsilon (log axis), one panel per N, m = 1."""
-    sizes = sorted({r["n_train"] for r in frontier["rows"] if r["m"] == 1})
+    single = [r for r in frontier["rows"] if r.get("group_size", 1) == 1]   # no pooled runs
+    sizes = sorted({r["n_train"] for r in single})
     fig, axes = plt.subplots(1, len(sizes), figsize=(min(4 * len(sizes), 12), SIZE[1]),
                              sharey=True, squeeze=False)
     for ax, n in zip(axes[0], sizes):
-        rows = sorted((r for r in frontier["rows"] if r["n_train"] == n and r["m"] == 1),
-                      key=lambda r: r["epsilon"])
+        rows = sorted((r for r in single if r["n_train"] == n), key=lambda r: r["epsilon"])
         for method in ["gradtx", "ridge", "tinylm_dp", "w2s", "kd", "mean_shadow"]:
             points = [(r["epsilon"], r["gain"][method]) for r in rows
                       if r["gain"].get(method) is not None]
@@ -219,7 +219,8 @@ def figures_for(out):
     found = []
     if os.path.isfile(os.path.join(out, "results.json")):
         results = load(os.path.join(out, "results.json"))
-        found.append(("fit.png", lambda plt: plot_fit(plt, results, f"translator fit: {out}")))
+        title = f"translator fit: {os.path.basename(os.path.normpath(out))}"
+        found.append(("fit.png", lambda plt: plot_fit(plt, results, title)))
     runs = runs_of(out)
     for name, r in runs.items():
         found.append((f"fit_{name}.png", lambda plt, r=r,
