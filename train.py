@@ -352,9 +352,7 @@ def fit_stage(cfg, task, tiny, llm, shadow, path, m):
     shapes = [tinylm.update_shape(model.cfg, cfg.lora_rank) for model in (tiny, llm)]
     model = load_stage(path, lambda path: gradtx.load(path, *shapes, llm.wte.weight.device))
     log = load_stage(path + ".log") if model is not None else None
-    if log is not None:   # a log cached before history entries had names holds tuples
-        names = ("step", "train_mse", "val_mse", "val_rel_err", "criterion")
-        log["history"] = [h if isinstance(h, dict) else dict(zip(names, h)) for h in log["history"]]
+    if log is not None:
         return gradtx.Translator(model, log)
     t0 = time.time()
     train_runs, val_runs = gradtx.split_runs(cfg.n_shadow, cfg.val_frac, cfg.seed)
