@@ -14,14 +14,17 @@ feeding each produced token back in behind the SAME start token. Inputs and targ
 coordinate with the shadow pairs' statistics (`normalize=False`: raw values, as in the paper); the
 output head starts at zero, so the untrained model predicts the mean shadow update exactly.
 
-Two measured additions to the paper's recipe, each an option (off = the paper):
+Three measured additions to the paper's recipe, each an option (off = the paper):
   * the public subspace: the input is first projected onto the top-k principal directions of the
     clean public shadow TinyLM updates -- what makes DP uploads translatable (`public_basis`);
   * a linear skip path: the decoder learns the residual over a ridge map fit on the same pairs,
     so a translator selected by the functional criterion is never worse than the linear map on
-    the held-out runs (`fit_ridge`, `select_linear_map`).
+    the held-out runs (`fit_ridge`, `select_linear_map`);
+  * a do-no-harm gate for DP uploads: an upload the noise alone could explain is translated back
+    towards the mean shadow update (`fit_gate`, `gate_weight`).
 The translator is selected on held-out shadow RUNS by a functional criterion (`split_runs`,
-`functional_criterion`): the LLM's loss with the predicted update applied.
+`functional_criterion`): the LLM's loss with the predicted update applied, and of the candidates
+the simplest that is within one standard error of the best (`simplest_within_one_se`).
 
     python -m pytest tests/test_gradtx.py
 """
