@@ -358,9 +358,8 @@ def gate_weight(gate, X):
     """(N, n, d) uploads -> (N,) weights in (0, 1): the probability that an upload carries a
     convention of its own rather than noise around the centre. Two hypotheses for its coordinates c
     along the gate's directions:
-        noise only:   c ~ N(center, noise_var)                 (an organisation that writes like the
-        public) signal:       c ~ N(center, signal_var + noise_var)    (one that writes like any
-        shadow subset)
+        noise only:  c ~ N(center, noise_var)               (writes like the public does)
+        signal:      c ~ N(center, signal_var + noise_var)  (writes like any shadow subset)
     and Bayes' rule with the prior. An upload far from the centre in units of the noise gets ~1
     (translated as it is); one the noise alone explains gets a small weight, so the provider falls
     back towards the mean shadow update instead of sending a mostly-noise upload to a wrong

@@ -2,10 +2,12 @@
 train.py -- the whole Grad-Transformer protocol, stage by stage, cached on disk.
 
     python train.py                     # default (cpu) preset: the whole protocol on a laptop CPU
-    python train.py --preset smoke      # a tiny run of every stage, well under a minute
+    python train.py --preset smoke      # a tiny run of every stage, a minute or two
     python train.py --dp_epsilon=1      # clients fine-tune with DP-SGD at epsilon = 1 (delta 1e-5)
     python train.py --experiment=dp     # the DP sweep: epsilon in {inf, 8, 1, 0.3, 0.1}, one table
     python train.py --experiment=collab # groups of 8 clients pool uploads, with and without DP
+    python train.py --experiment=frontier   # N x epsilon x pooling: the privacy-utility frontier
+    python train.py --n_train=8192 --dp_epsilon=0.1   # the paper's regime: 8k-record clients
     python train.py --preset text       # language modeling on the docs that ship with Python
     python train.py --help              # every option (config/presets.py: each default and why)
 
