@@ -380,7 +380,7 @@ def frontier_points(runs):
         sigma = r["privacy"]["noise_multiplier"]
         skewed, clients = r["summary"]["by_kind"]["skewed"], r["clients"]
         sign = 1 if r["higher_is_better"] else -1
-        pooled = r["summary"]["by_kind"]["skewed"].get("pooling_gain_of_means")
+        pooled = skewed.get("pooling_gain_of_means")
         for m in (pooled or {1: None}):
             m = int(m)
             if pooled:
@@ -403,16 +403,14 @@ def frontier_points(runs):
 
 def frontier_table(runs):
     points = sorted(frontier_points(runs), key=lambda p: p["nem"])
-    head = ["N", "epsilon", "m", "N·ε·√m",
-            "sigma"] + FRONTIER_METHODS + ["worst client vs mean_shadow (gradtx)"]
+    head = (["N", "epsilon", "m", "N·ε·√m", "sigma"] + FRONTIER_METHODS
+            + ["worst client vs mean_shadow (gradtx)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in points:
-        lines.append("| "
-                     + " | ".join([str(p["n_train"]), f"{p['epsilon']:g}", str(p["m"]),
-                                   f"{p['nem']:.0f}",
-                                        f"{p['sigma']:.2f}"]
-                                  + [fmt(p["gain"].get(k)) for k in FRONTIER_METHODS]
-                                       + [f"{p['worst_vs_mean_shadow']['gradtx']:+.2f}"]) + " |")
+        row = ([str(p["n_train"]), f"{p['epsilon']:g}", str(p["m"]), f"{p['nem']:.0f}",
+                f"{p['sigma']:.2f}"] + [fmt(p["gain"].get(k)) for k in FRONTIER_METHODS]
+               + [f"{p['worst_vs_mean_shadow']['gradtx']:+.2f}"])
+        lines.append("| " + " | ".join(row) + " |")
     return ("skewed clients: gain recovered of means, against each client's NON-private llm_ft; "
             "worst client: the\n"
             "lowest score minus the mean shadow update's score over every client, the IID one "

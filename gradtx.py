@@ -488,7 +488,9 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
             train_mse = float("nan") if train_loss is None else train_loss.item()
             history.append({"step": step, "train_mse": train_mse, "val_mse": val_mse,
                             "val_rel_err": rel, "criterion": crit})
-            states[step] = {k: v.clone() for k, v in model.state_dict().items()}
+            # the weights only: the buffers (statistics, subspace, skip path, gate) do not train,
+            # and the skip path's keys and values are the size of the training set
+            states[step] = {n: p.detach().clone() for n, p in model.named_parameters()}
             bar.set_postfix(val=f"{crit:.4f}")
         if step == steps:
             break
@@ -502,7 +504,7 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
         opt.step()
         train_loss = loss.detach()
     best_step = simplest_within_one_se(per_run)   # earliest first: dicts keep their order
-    model.load_state_dict(states[best_step])
+    model.load_state_dict(states[best_step], strict=False)
     model.eval()
     return {"history": history, "best_step": best_step}
 
