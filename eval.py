@@ -161,7 +161,7 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
     holds the selected linear map (basis, ridge) that is the `ridge` baseline."""
     t0, seconds = time.time(), {"generate": [], "finetune": []}
     llm_shape = tuple(shadow["Y"].shape[2:])
-    train_runs, _ = gradtx.split_runs(cfg.n_shadow, cfg.val_frac, cfg.seed)
+    train_runs, _ = gradtx.split_runs(cfg.fit_shadow or cfg.n_shadow, cfg.val_frac, cfg.seed)
     mean_update = shadow["Y"][train_runs].flatten(0, 1).mean(0)
     rng = data.stream(cfg.seed, "public examples")
 
@@ -250,8 +250,8 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
 def translator_summary(log):
     """What results.json keeps of a fit log: the selection, the losses and the fit curve."""
     keys = ("k", "ridge_lambda", "ridge_loss", "best_step", "val_loss", "mean_shadow_loss",
-            "true_update_loss")
-    return {**{k: log[k] for k in keys},
+            "true_update_loss", "seconds")
+    return {**{k: log[k] for k in keys}, "linear_seconds": log.get("linear_seconds"),
             "upload_signal": log.get("upload_signal"),   # absent from fit logs made before it
             "history": log["history"]}                   # the fit curve (tools/plots.py)
 
@@ -418,6 +418,81 @@ def frontier_table(runs):
             + "\n".join(lines))
 
 
+SHADOW_COUNT_METHODS = ["gradtx_paper", "gradtx", "ridge", "mean_shadow"]
+
+
+def shadow_count_rows(runs):
+    """The shadow-count curve, one row per (privacy level, K, method[, init]): the skewed clients'
+    gain recovered (of means), per client too, and the provider's bill for it -- its shadow
+    fine-tunes and seconds: this prefix's share of the curation (K of the n_shadow subsets) plus the
+    fit. A run fits one translator on the first K subsets: the paper's (gt_skip off) or this
+    project's (with its linear map, `ridge`, and `mean_shadow`, reported from init 0). Where several
+    inits were fitted, "gradtx_best_init" is the one the held-out criterion picks, billed for all of
+    them."""
+    rows = []
+    for r in runs:
+        c, eps, timing = r["config"], r["privacy"]["epsilon"], r["timing_s"]
+        K = c["fit_shadow"] or c["n_shadow"]
+        fit = next(iter(r["translators"].values()))     # one noise level: single uploads
+        curation = timing["shadow"] * K / c["n_shadow"]
+        skewed = [cl for cl in r["clients"] if cl["kind"] == "skewed"]
+        level = {"K": K, "epsilon": eps, "n_train": c["n_train"],
+                 "shadow_finetunes": K * (2 + (c["shadow_dp_draws"] if eps else 0)),
+                 "llm_finetune_seconds": timing["llm_finetune_per_run"]}
+        paper = not c["gt_skip"]
+        methods = {("gradtx_paper" if paper else "gradtx"): ("gradtx", fit["seconds"])}
+        if not paper and c["gt_init"] == 0:
+            methods.update(ridge=("ridge", fit["linear_seconds"]), mean_shadow=("mean_shadow", 0.0))
+        for method, (key, fit_seconds) in methods.items():
+            rows.append(dict(level, method=method, init=c["gt_init"] if key == "gradtx" else None,
+                             val_loss=fit["val_loss"] if key == "gradtx" else None,
+                             skewed_gain=r["summary"]["by_kind"]["skewed"]["gain_of_means"][key],
+                             clients={cl["name"]: cl["gain_recovered"][key] for cl in skewed},
+                             curation_seconds=curation, fit_seconds=fit_seconds,
+                             seconds=curation + fit_seconds))
+    inits = {}
+    for row in rows:
+        if row["method"] == "gradtx":
+            inits.setdefault((row["n_train"], row["epsilon"], row["K"]), []).append(row)
+    for tried in (t for t in inits.values() if len(t) > 1):
+        best = min(tried, key=lambda row: row["val_loss"])
+        fit_seconds = sum(row["fit_seconds"] for row in tried)
+        rows.append(dict(best, method="gradtx_best_init", fit_seconds=fit_seconds,
+                         seconds=best["curation_seconds"] + fit_seconds))
+    return rows
+
+
+def shadow_count_table(rows):
+    """Markdown: per privacy level, one line per K: each method's skewed gain, the spread over the
+    translator's inits, and the provider's bill (gradtx) in seconds and in LLM fine-tunes."""
+    lines = []
+    for n_train, eps in dict.fromkeys((r["n_train"], r["epsilon"]) for r in rows):
+        level = [r for r in rows if (r["n_train"], r["epsilon"]) == (n_train, eps)]
+        Ks = sorted({r["K"] for r in level})
+        multi = any(r["method"] == "gradtx_best_init" for r in level)
+        head = (["K", "shadow fine-tunes"] + SHADOW_COUNT_METHODS
+                + (["gradtx over inits (min-max)", "gradtx_best_init"] if multi else [])
+                + ["provider s (gradtx)", "= LLM fine-tunes"])
+        lines += [f"\n{'no DP' if eps is None else f'DP-SGD eps = {eps:g}'}, clients of "
+                  f"{n_train} records:\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for K in Ks:
+            at = {r["method"]: r for r in level if r["K"] == K and r["init"] in (0, None)}
+            ours = at["gradtx"]
+            row = ([str(K), str(ours["shadow_finetunes"])]
+                   + [fmt(at[m]["skewed_gain"] if m in at else None) for m in SHADOW_COUNT_METHODS])
+            if multi:
+                spread = [r["skewed_gain"] for r in level if r["K"] == K and r["method"] == "gradtx"
+                          and r["skewed_gain"] is not None]
+                best = next(r for r in level if r["K"] == K and r["method"] == "gradtx_best_init")
+                row += [f"{fmt(min(spread, default=None))}-{fmt(max(spread, default=None))}",
+                        fmt(best["skewed_gain"])]
+            row += [f"{ours['seconds']:.0f}", f"{ours['seconds'] / ours['llm_finetune_seconds']:.0f}"]
+            lines.append("| " + " | ".join(row) + " |")
+    return ("skewed clients: gain recovered of means; the provider's bill: its share of the "
+            "shadow curation\n(K of the curated subsets) plus the fit, in seconds and in LLM "
+            "fine-tunes of one client's size\n" + "\n".join(lines))
+
+
 def upload_signal(translator):
     """The mean correlation of a translator's inputs with the clean updates along the top public
     directions (train.fit_stage); 1 without DP, where the inputs are the clean updates."""
@@ -430,6 +505,8 @@ def experiment_table(name, runs):
     (and PGR) of means per method; the collaboration experiment adds the pooling curve."""
     if name == "frontier":
         return frontier_table(runs)
+    if name == "shadow_count":
+        return shadow_count_table(shadow_count_rows(runs))
     methods = ["tinylm_dp", "gradtx", "ridge", "gradtx_group", "ridge_group", "mean_shadow", "w2s",
                "kd"]
     methods = [m for m in methods if any(m in r["summary"]["scores"] for r in runs)]
@@ -463,9 +540,10 @@ def write_experiment(name, runs, out):
     table = experiment_table(name, runs)
     with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(table + "\n")
-    if name == "frontier":
-        with open(os.path.join(out, "frontier.json"), "w") as f:
-            json.dump({"rows": frontier_points(runs)}, f, indent=1)
+    points = {"frontier": frontier_points, "shadow_count": shadow_count_rows}
+    if name in points:   # the figure's data (tools/plots.py)
+        with open(os.path.join(out, f"{name}.json"), "w") as f:
+            json.dump({"rows": points[name](runs)}, f, indent=1)
     return table
 
 
@@ -485,7 +563,7 @@ if __name__ == "__main__":
         raise SystemExit("usage: python eval.py --out=DIR   (DIR: the --out of a train.py run or "
                          "experiment)")
     path = os.path.join(outs[0], "results.json")
-    experiments = [n for n in ("dp", "collab", "frontier")
+    experiments = [n for n in ("dp", "collab", "frontier", "shadow_count")
                    if os.path.exists(os.path.join(outs[0], f"{n}.md"))]
     if os.path.exists(path):
         with open(path) as f:

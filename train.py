@@ -7,6 +7,7 @@ train.py -- the whole Grad-Transformer protocol, stage by stage, cached on disk.
     python train.py --experiment=dp     # the DP sweep: epsilon in {inf, 8, 1, 0.3, 0.1}, one table
     python train.py --experiment=collab # groups of 8 clients pool uploads, with and without DP
     python train.py --experiment=frontier   # N x epsilon x pooling: the privacy-utility frontier
+    python train.py --experiment=shadow_count   # K shadow subsets: translator vs linear map vs paper
     python train.py --n_train=8192 --dp_epsilon=0.1   # the paper's regime: 8k-record clients
     python train.py --preset text       # language modeling on the docs that ship with Python
     python train.py --help              # every option (config/presets.py: each default and why)
@@ -109,7 +110,7 @@ DP_KEYS = ("dp_epsilon", "dp_delta", "dp_mechanism", "dp_clip", "dp_sample_rate"
 SHADOW_DP_KEYS = SHADOW_KEYS + DP_KEYS + ("shadow_dp_draws",)
 FIT_KEYS = ("gt_d_model", "gt_layers", "gt_heads", "gt_dropout", "gt_weight_decay", "gt_lr",
             "gt_steps", "gt_batch", "gt_eval_every", "gt_normalize", "gt_project", "gt_skip",
-            "gt_gate", "gt_select", "val_frac", "val_examples")
+            "gt_gate", "gt_init", "gt_select", "val_frac", "val_examples", "fit_shadow")
 # who holds what, and the shared recipe
 CLIENT_DATA_KEYS = FINETUNE_KEYS + ("group_size", "skew", "n_test")
 CLIENT_KEYS = CLIENT_DATA_KEYS + DP_KEYS
@@ -357,7 +358,8 @@ def fit_stage(cfg, task, tiny, llm, shadow, path, m):
     if log is not None:
         return gradtx.Translator(model, log)
     t0 = time.time()
-    train_runs, val_runs = gradtx.split_runs(cfg.n_shadow, cfg.val_frac, cfg.seed)
+    # the first fit_shadow of the curated subsets (all by default)
+    train_runs, val_runs = gradtx.split_runs(cfg.fit_shadow or cfg.n_shadow, cfg.val_frac, cfg.seed)
     X, Y = translator_inputs(cfg, shadow, train_runs, m)
     X_train, Y_train = X.flatten(0, 1), Y.flatten(0, 1)
     # one input per run
@@ -371,6 +373,7 @@ def fit_stage(cfg, task, tiny, llm, shadow, path, m):
     ks = gradtx.SUBSPACE_SIZES if cfg.gt_project else (0,)
     basis, ridge, k, lam, scores = gradtx.select_linear_map(X_clean, X_train, Y_train, X_val,
                                                             criterion, ks)
+    linear_seconds = time.time() - t0
     signal = gate = None   # with DP: how much of these inputs is signal, and the do-no-harm gate
     if "X_private" in shadow:
         top = gradtx.public_basis(X_clean, gradtx.SIGNAL_DIRECTIONS)
@@ -384,7 +387,7 @@ def fit_stage(cfg, task, tiny, llm, shadow, path, m):
                            n_skip=len(X_train) if cfg.gt_skip else 0,
                            n_gate=gradtx.SIGNAL_DIRECTIONS if gate else 0)
     # the translator's init: seeded here, not by whatever ran before in this process
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + cfg.gt_init)
     model = gradtx.GradTransformer(gcfg).to(llm.wte.weight.device)
     gradtx.set_linear_map(model, basis, ridge if cfg.gt_skip else None, gate)
     fitted = gradtx.fit(model, X_train, Y_train, X_val, Y_val, cfg.gt_steps, cfg.gt_lr,
@@ -398,7 +401,7 @@ def fit_stage(cfg, task, tiny, llm, shadow, path, m):
            "mean_shadow_loss": float(np.mean(criterion(
                Y_train.mean(0).expand(len(val_runs), -1, -1)))),
            "true_update_loss": float(np.mean(criterion(Y_val))), "level": m,
-           "seconds": time.time() - t0}
+           "linear_seconds": linear_seconds, "seconds": time.time() - t0}
     tinylm.atomic_save(log, path + ".log")
     gradtx.save(model, path)  # last: its presence marks the stage done
     record_seconds(cfg, path, log["seconds"])
@@ -507,6 +510,9 @@ def run_name(cfg, experiment):
     name = f"eps{cfg.dp_epsilon:g}_{cfg.dp_mechanism}" if cfg.dp_epsilon > 0 else "no_dp"
     if experiment == "frontier":
         name = f"n{cfg.n_train}_{name}" + (f"_m{cfg.group_size}" if cfg.group_size > 1 else "")
+    if experiment == "shadow_count":
+        translator = "paper" if not cfg.gt_skip else f"gradtx_init{cfg.gt_init}"
+        name = f"n{cfg.n_train}_{name}_K{cfg.fit_shadow:03d}_{translator}"
     return name
 
 

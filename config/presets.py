@@ -22,7 +22,7 @@ class Config:
     device: str = "auto"         # auto = cuda, then mps, then cpu
     threads: int = 0             # torch CPU threads (0: torch's default)
     workers: int = 2             # processes for independent fine-tunes on a CPU (1: none)
-    # "" (one run), "dp" (DP sweep), "collab" (pooling), "frontier" (N x eps)
+    # "" (one run), "dp" (DP sweep), "collab" (pooling), "frontier" (N x eps), "shadow_count"
     experiment: str = ""
     # "arith" (reasoning, accuracy) or "text" (language modeling, bits/byte)
     task: str = "arith"
@@ -45,6 +45,7 @@ class Config:
     n_train: int = 512           # examples per shadow subset and per client
     # shadow curation
     n_shadow: int = 48           # K shadow subsets (more cost time and translate no better)
+    fit_shadow: int = 0          # fit on the first K of the n_shadow subsets (0: all of them)
     n_snapshots: int = 4         # S snapshots per run, along the tail
     snapshot_gap: int = 10       # steps between snapshots (the last one is the final update)
     # shadow mixtures ~ Dirichlet(shadow_alpha * m): many near-pure conventions,
@@ -68,6 +69,7 @@ class Config:
     gt_gate: bool = True
                                  # noise alone (gradtx.gate_weight; off: translate every upload as
                                  # it is)
+    gt_init: int = 0             # the translator's init is drawn from seed + gt_init
     # model selection by the LLM's "loss" or, for accuracy tasks, "exact_match"
     gt_select: str = "loss"
     val_frac: float = 0.25       # share of shadow RUNS held out for model selection
@@ -108,6 +110,26 @@ PRESETS = {
                   pretrain_steps_tiny=6000, pretrain_steps_llm=12000, pretrain_batch=128,
                   n_shadow=128, gt_steps=3000),
 }
+# the translator as the paper publishes it: raw values in and out, no public subspace, no skip path
+# over the linear map, no gate
+PAPER_TRANSLATOR = dict(gt_normalize=False, gt_project=False, gt_skip=False, gt_gate=False)
+SHADOW_COUNTS = (12, 24, 48, 96, 192)
+# (privacy level, inits of this project's translator): no DP; DP-SGD at epsilon = 1; and high
+# noise, where the translator's residual moves off its linear map by an amount that depends on its
+# init
+SHADOW_COUNT_LEVELS = ((dict(), 1), (dict(dp_epsilon=1.0), 1),
+                       (dict(n_train=3072, dp_epsilon=0.1), 3))
+
+
+def shadow_count_runs(counts, levels):
+    """The shadow-count experiment: per privacy level the largest K is curated once (n_shadow) and
+    each run fits on the first K of it (fit_shadow), the paper's translator and this project's (with
+    `inits` inits of it); its linear map and the mean shadow update come with the latter."""
+    return [dict(n_shadow=max(counts), fit_shadow=K, weak_baselines=False, **level, **translator)
+            for level, inits in levels for K in counts
+            for translator in [PAPER_TRANSLATOR] + [dict(gt_init=i) for i in range(inits)]]
+
+
 EXPERIMENTS = {   # one command each; every run of a sweep shares --cache
     "dp": [dict(dp_epsilon=eps, dp_mechanism=mech) for eps in (0.0, 8.0, 1.0, 0.3, 0.1)
            for mech in (("sgd", "output") if eps else ("sgd",))],
@@ -120,6 +142,8 @@ EXPERIMENTS = {   # one command each; every run of a sweep shares --cache
                 + [dict(n_train=8192, dp_epsilon=eps) for eps in (0.05, 0.03)]
                 + [dict(n_train=512, dp_epsilon=0.3, group_size=8, shadow_dp_draws=8, n_test=200,
                         weak_baselines=False)],
+    # how many shadow subsets the provider needs, and whether the translator beats its linear map
+    "shadow_count": shadow_count_runs(SHADOW_COUNTS, SHADOW_COUNT_LEVELS),
 }
 
 
@@ -178,6 +202,9 @@ def check_config(cfg):
         raise SystemExit("DP settings out of range: expected dp_epsilon >= 0 (0 = off), "
                          "0 < dp_delta < 1, 0 <= dp_sample_rate <= 1 (0 = ft_batch / n_train), "
                          "dp_clip > 0")
+    if not 0 <= cfg.fit_shadow <= cfg.n_shadow or 0 < cfg.fit_shadow < 4:
+        raise SystemExit(f"--fit_shadow={cfg.fit_shadow}: expected 0 (all) or 4 to n_shadow "
+                         f"({cfg.n_shadow}) subsets")
     for key in ("group_size", "n_shadow", "n_snapshots", "n_train", "n_test", "ft_steps",
                 "shadow_dp_draws"):
         if getattr(cfg, key) < 1:

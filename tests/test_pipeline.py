@@ -349,3 +349,36 @@ def test_eval_rebuilds_an_experiments_table_and_points_from_its_runs(dp_group_ru
                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True)
     assert shown.stdout.strip() == table.strip()
     assert json.load(open(tmp_path / "frontier.json"))["rows"] == points
+
+
+def test_shadow_count_curates_once_and_fits_on_prefixes(tmp_path, monkeypatch):
+    """The experiment curates the largest K once per data size and fits on its prefixes: a fit on
+    the first 4 of 6 curated subsets is the very fit a provider with only those 4 would make."""
+    from config.presets import shadow_count_runs
+    monkeypatch.setitem(train.EXPERIMENTS, "shadow_count",
+                        shadow_count_runs((4, 6), ((dict(), 1), (dict(dp_epsilon=1.0), 2))))
+    curated, real_run = [], train.shadow_run
+    monkeypatch.setattr(train, "shadow_run", lambda k: curated.append(k) or real_run(k))
+    out = tmp_path / "sc"
+    runs = train.main(TINY_RUN + [f"--out={out}", "--experiment=shadow_count", "--shadow_dp_draws=2"])
+    assert curated == list(range(6))              # one curation of the largest K, for both levels
+    assert len(runs) == 2 * 2 + 2 * 3
+    rows = json.load(open(out / "shadow_count.json"))["rows"]
+    assert {(r["K"], r["epsilon"]) for r in rows} == {(K, e) for K in (4, 6) for e in (None, 1.0)}
+    no_dp = {r["method"] for r in rows if r["epsilon"] is None}
+    assert no_dp == {"gradtx_paper", "gradtx", "ridge", "mean_shadow"}
+    for K in (4, 6):   # at the DP level two inits, and the one the held-out criterion picks
+        inits = [r for r in rows if (r["K"], r["epsilon"], r["method"]) == (K, 1.0, "gradtx")]
+        best = next(r for r in rows if (r["K"], r["epsilon"], r["method"]) == (K, 1.0, "gradtx_best_init"))
+        assert sorted(r["init"] for r in inits) == [0, 1]
+        assert best["val_loss"] == min(r["val_loss"] for r in inits)
+        assert best["seconds"] == pytest.approx(best["curation_seconds"] + sum(r["fit_seconds"] for r in inits))
+        assert best["shadow_finetunes"] == K * (2 + 2)
+    assert "gradtx over inits" in (out / "shadow_count.md").read_text()
+    # the oracle: curating only the first 4 subsets gives the same translations
+    alone = train.main(TINY_RUN + [f"--out={tmp_path / 'four'}", "--n_shadow=4", "--weak_baselines=false"])
+    prefix = next(r for r in runs if r["config"]["fit_shadow"] == 4 and r["config"]["gt_skip"]
+                  and r["privacy"]["epsilon"] is None)
+    for a, b in zip(alone["clients"], prefix["clients"]):
+        assert {m: a["scores"][m] for m in ("gradtx", "ridge", "mean_shadow")} == {
+            m: b["scores"][m] for m in ("gradtx", "ridge", "mean_shadow")}
