@@ -486,7 +486,8 @@ def shadow_count_table(rows):
                 best = next(r for r in level if r["K"] == K and r["method"] == "gradtx_best_init")
                 row += [f"{fmt(min(spread, default=None))}-{fmt(max(spread, default=None))}",
                         fmt(best["skewed_gain"])]
-            row += [f"{ours['seconds']:.0f}", f"{ours['seconds'] / ours['llm_finetune_seconds']:.0f}"]
+            bill = ours["seconds"]
+            row += [f"{bill:.0f}", f"{bill / ours['llm_finetune_seconds']:.0f}"]
             lines.append("| " + " | ".join(row) + " |")
     return ("skewed clients: gain recovered of means; the provider's bill: its share of the "
             "shadow curation\n(K of the curated subsets) plus the fit, in seconds and in LLM "

@@ -7,7 +7,7 @@ train.py -- the whole Grad-Transformer protocol, stage by stage, cached on disk.
     python train.py --experiment=dp     # the DP sweep: epsilon in {inf, 8, 1, 0.3, 0.1}, one table
     python train.py --experiment=collab # groups of 8 clients pool uploads, with and without DP
     python train.py --experiment=frontier   # N x epsilon x pooling: the privacy-utility frontier
-    python train.py --experiment=shadow_count   # K shadow subsets: translator vs linear map vs paper
+    python train.py --experiment=shadow_count   # K shadow subsets: translator, linear map, paper
     python train.py --n_train=8192 --dp_epsilon=0.1   # the paper's regime: 8k-record clients
     python train.py --preset text       # language modeling on the docs that ship with Python
     python train.py --help              # every option (config/presets.py: each default and why)
