@@ -1,6 +1,7 @@
 """
 data.py -- the tokenizer, the two tasks (`arith` and `text`), and who holds which data.
-No downloads, no data files: arith is generated from a seed, text reads the Python installation.
+No downloads, no data files: arith is generated from a seed, text reads the Python installation's
+standard library (its source files and the language reference that pydoc shows).
 
 The arith task is an *operator convention* task. Lines look like
 
@@ -17,8 +18,9 @@ its data teaches it, and the larger model, which computes better, gains more fro
     client: private pairs, operators from its mixture (IID: the task mixture m; skewed: ~88% one
             operator), with its own disjoint test split drawn from the same mixture
 
-The `text` task (TextTask) is language modeling on Python's own documentation (or on your file): the
-same roles, with domains of text instead of conventions.
+The `text` task (TextTask) is language modeling on kinds of text -- code, comments, the language
+reference -- rare in the base models' general prose (or on the sections of your file): the same
+roles, with a kind of text instead of a convention.
 
     python -c "import data; print(data.make_task('arith', 0).clients(3, 2)[0])"  # a client
     python -m pytest -q tests/test_data.py tests/test_text.py
@@ -26,10 +28,12 @@ same roles, with domains of text instead of conventions.
 import ast
 import functools
 import hashlib
+import io
 import os
 import re
-import sys
 import sysconfig
+import tokenize
+from typing import NamedTuple
 
 import numpy as np
 import tiktoken
@@ -268,42 +272,58 @@ class ArithTask:
 # -----------------------------------------------------------------------------
 # the text task: language modeling on real text, scored in bits per byte
 #
-# The default corpus is Python's own documentation: the docstrings of standard-library modules, read
-# from their source files with ast (never imported: importing runs code), grouped into six
-# *domains*, families of modules. With --text_path=FILE the documents are the file's paragraphs, the
-# domains its sections.
+# Organizations differ in the KIND of text they hold (a hospital's notes, a law firm's contracts, a
+# software company's code), and a public model's corpus under-represents each of them: it is mostly
+# general prose. The default corpus plays that out with what ships with every CPython, read from
+# the standard library's source files with ast and tokenize (never imported: importing runs code):
 #
-#   document (a docstring or a paragraph) --hash--> PUBLIC: PRETRAIN text (the base models')
-#                                                         | SHADOW pool (the provider's task data)
-#                                                 | PRIVATE: its domain's client's TRAIN or TEST
-# split
-#   example: a window of at most block_size + 1 bytes of a domain's text (documents joined by blank
-# lines)
+#   general prose  the docstrings of the modules in MODULES: all of it is public PRETRAIN text
+#   client kinds   "code"      each function and method of CODE_MODULES, docstrings and comments
+#                              taken out
+#                  "comments"  each block of consecutive comment lines of MODULES
+#                  "reference" each paragraph of the language reference (pydoc_data/topics.py, the
+#                              text `help()` shows)
 #
-# Shadow data must be text the base models have not seen, as a client's is: fine-tuned on its
-# domain's pretraining text, the LLM recovered only 0.43 of the gain of its fine-tune on the
-# client's own data (measured, seed 0); every shadow-based translation inherits that ceiling.
+#   document of a kind --hash order--> PUBLIC: PRETRAIN (KIND_SHARES: 5%, so the kind is rare in
+#                                              what the base models learn from) | SHADOW pool
+#                                      PRIVATE: the kind's client's TRAIN | TEST
+#   example: a window of at most block_size + 1 bytes of a kind's text (documents joined by blank
+#            lines)
+#
+# With --text_path=FILE the kinds are the file's four sections (file_corpus), and the base models
+# learn from each section's share of it (FILE_SHARES): the upload has something to carry when the
+# sections differ.
 
-FAMILIES = {   # top-level modules and packages of each domain; one missing from a Python is skipped
-    "net": "email ftplib http imaplib ipaddress mimetypes poplib smtplib socket socketserver ssl "
-           "urllib webbrowser wsgiref xmlrpc",
-    "concurrency": "_threading_local asyncio concurrent contextvars multiprocessing queue sched "
-                   "selectors signal subprocess threading",
-    "devtools": "ast bdb cProfile code codeop compileall dis doctest importlib inspect "
-                "modulefinder pdb pkgutil profile pstats py_compile pyclbr pydoc runpy symtable "
-                "tabnanny timeit tokenize trace traceback tracemalloc unittest zipimport",
-    "text": "argparse cmd codecs difflib fnmatch getopt gettext glob html locale optparse pprint "
-            "re reprlib rlcompleter shlex string stringprep textwrap xml",
-    "data": "_collections_abc abc base64 bisect bz2 collections configparser copy copyreg csv "
-            "dataclasses dbm enum filecmp fileinput functools graphlib gzip hashlib heapq hmac "
-            "json lzma operator os pathlib pickle pickletools plistlib shelve shutil sqlite3 "
-            "tarfile tempfile tomllib types uuid weakref zipfile",
-    "numbers": "_pydecimal _strptime calendar colorsys datetime fractions numbers random secrets "
-               "statistics zoneinfo",
-}
-MIN_DOC_CHARS = 40      # shorter docstrings ("Return self.") are boilerplate
-SHARES = {"pretrain": 0.3, "shadow": 0.3, "train": 0.3, "test": 0.1}   # of every domain's documents
+MODULES = ("_collections_abc _pydecimal _strptime _threading_local abc argparse ast asyncio base64 "
+           "bdb bisect bz2 calendar cmd code codecs codeop collections colorsys compileall "
+           "concurrent configparser contextvars copy copyreg cProfile csv dataclasses datetime dbm "
+           "difflib dis doctest email enum filecmp fileinput fnmatch fractions ftplib functools "
+           "getopt gettext glob graphlib gzip hashlib heapq hmac html http imaplib importlib "
+           "inspect ipaddress json locale lzma mimetypes modulefinder multiprocessing numbers "
+           "operator optparse os pathlib pdb pickle pickletools pkgutil plistlib poplib pprint "
+           "profile pstats py_compile pyclbr pydoc queue random re reprlib rlcompleter runpy "
+           "sched secrets selectors shelve shlex shutil signal smtplib socket socketserver sqlite3 "
+           "ssl statistics string stringprep subprocess symtable tabnanny tarfile tempfile "
+           "textwrap threading timeit tokenize tomllib trace traceback tracemalloc types "
+           "unittest urllib uuid weakref webbrowser wsgiref xml xmlrpc zipfile zipimport "
+           "zoneinfo").split()
+# the code kind: a third of the modules, so that each kind holds about half a megabyte
+CODE_MODULES = ("_collections_abc _pydecimal abc base64 bisect bz2 collections configparser copy "
+                "csv dataclasses dbm enum filecmp fileinput functools graphlib gzip hashlib heapq "
+                "json lzma operator os pathlib pickle shelve shutil tarfile tempfile types uuid "
+                "weakref zipfile").split()
+MIN_DOC_CHARS = 40      # shorter documents ("Return self.", "# noqa") are boilerplate
+MIN_KIND_BYTES = 200_000   # less: a distribution left part of the standard library out
+KIND_SHARES = {"pretrain": 0.05, "shadow": 0.4, "train": 0.4, "test": 0.15}   # of a kind's documents
+FILE_SHARES = {"pretrain": 0.3, "shadow": 0.3, "train": 0.3, "test": 0.1}     # of a file's pieces
 MIN_FILE_BYTES = 10_000
+PIECE_BYTES = 512       # a user's file is cut into pieces of at most this many bytes
+
+
+class Corpus(NamedTuple):
+    general: list      # documents that are only ever public pretraining text
+    kinds: dict        # {kind: [documents]}: one client each, split by `shares`
+    shares: dict       # {"pretrain", "shadow", "train", "test"}: the share of each kind's documents
 
 
 def module_files(root, name):
@@ -317,70 +337,195 @@ def module_files(root, name):
     return files
 
 
-def docstrings(node):
-    """The docstrings of a module and of every class and function in it, in source order."""
+def docstring_nodes(node):
+    """(owner, docstring expression) of a module and of every class and function in it, in source
+    order."""
     if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-        if doc := ast.get_docstring(node):
-            yield doc
+        if ast.get_docstring(node) is not None:
+            yield node, node.body[0]
     for child in ast.iter_child_nodes(node):
         if isinstance(child, ast.stmt):   # classes and functions are statements, possibly nested
-            yield from docstrings(child)
+            yield from docstring_nodes(child)
 
 
-@functools.cache   # once per process: parsing ~300 files takes ~2 s
-def stdlib_documents():
-    """{domain: [docstrings]} of the running Python's standard library: ASCII, MIN_DOC_CHARS or
-    more, each once."""
-    # {docstring: the domain it appears in first}
-    root, home = sysconfig.get_paths()["stdlib"], {}
-    for domain, names in FAMILIES.items():
-        for path in (p for name in sorted(names.split()) for p in module_files(root, name)):
-            with open(path, "rb") as f:
-                for doc in docstrings(ast.parse(f.read())):
-                    if len(doc) >= MIN_DOC_CHARS and doc.isascii():
-                        home.setdefault(doc, domain)
-    return {domain: [doc for doc, d in home.items() if d == domain] for domain in FAMILIES}
+def functions(tree):
+    """Module-level functions, and the methods of module-level classes, in source order."""
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node
+        elif isinstance(node, ast.ClassDef):
+            yield from (n for n in node.body if isinstance(n, (ast.FunctionDef,
+                                                               ast.AsyncFunctionDef)))
 
 
-def file_documents(path, n_domains=4):
-    """{"part1": [paragraphs], ...}: a UTF-8 file's blank-line-separated paragraphs, in n_domains
-    contiguous sections of about equal size (each paragraph goes to the section where it starts)."""
+def comments(source):
+    """{line number: column} of every comment of a Python source (bytes), read with tokenize."""
+    found = {}
+    for token in tokenize.tokenize(io.BytesIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            found[token.start[0]] = token.start[1]
+    return found
+
+
+def comment_blocks(lines, found):
+    """Runs of consecutive lines that hold nothing but a comment, each as one text, unindented."""
+    blocks, run = [], []
+    for number in sorted(found):
+        line = lines[number - 1]
+        if line[:found[number]].strip():          # a comment after code: not a comment line
+            continue
+        if run and number != run[-1][0] + 1:
+            blocks.append(run)
+            run = []
+        run.append((number, line.strip()))
+    return ["\n".join(text for _, text in run) for run in blocks + [run] if run]
+
+
+def code_text(lines, node, docstring_lines, found):
+    """A function's source lines, its docstrings' lines and every comment taken out."""
+    first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+    kept = []
+    for number in range(first, node.end_lineno + 1):
+        line = lines[number - 1]
+        if number in docstring_lines:
+            continue
+        if number in found:
+            line = line[:found[number]].rstrip()
+        if line.strip():
+            kept.append(line)
+    return "\n".join(kept)
+
+
+def keep(text):
+    return len(text) >= MIN_DOC_CHARS and text.isascii()
+
+
+@functools.cache   # once per process: reading ~300 files takes a few seconds
+def stdlib_corpus():
+    """The default corpus (see above), from the running Python's standard library: each document
+    once, ASCII, MIN_DOC_CHARS or more. A kind under MIN_KIND_BYTES (a distribution that leaves out
+    part of the library) stops here with what is missing."""
+    root, seen = sysconfig.get_paths()["stdlib"], set()
+    general, kinds = [], {"code": [], "comments": [], "reference": []}
+
+    def add(documents, text):
+        if keep(text) and text not in seen:
+            seen.add(text)
+            documents.append(text)
+
+    for path in (p for name in sorted(MODULES) for p in module_files(root, name)):
+        with open(path, "rb") as f:
+            source = f.read()
+        tree, lines = ast.parse(source), source.decode("utf-8").splitlines()
+        docstring_lines = set()
+        for owner, node in docstring_nodes(tree):
+            add(general, ast.get_docstring(owner))
+            docstring_lines.update(range(node.lineno, node.end_lineno + 1))
+        found = comments(source)
+        for block in comment_blocks(lines, found):
+            add(kinds["comments"], block)
+        if os.path.splitext(os.path.relpath(path, root))[0].split(os.sep)[0] in CODE_MODULES:
+            for node in functions(tree):
+                add(kinds["code"], code_text(lines, node, docstring_lines, found))
+    for topic in reference_topics(root).values():
+        for paragraph in re.split(r"\n[ \t]*\n", topic):
+            add(kinds["reference"], paragraph.strip("\n"))
+    for kind, documents in kinds.items():
+        size = sum(map(len, documents))
+        if size < MIN_KIND_BYTES:
+            raise ValueError(f"the default text corpus: only {size:,} bytes of {kind!r} text in "
+                             f"{root}: expected at least {MIN_KIND_BYTES:,} (a full standard "
+                             "library; or give your own file with --text_path)")
+    return Corpus(general, kinds, KIND_SHARES)
+
+
+def reference_topics(root):
+    """{topic: text} of the language reference that pydoc shows, read from pydoc_data/topics.py
+    with ast (a dict literal), never imported."""
+    path = os.path.join(root, "pydoc_data", "topics.py")
+    if not os.path.isfile(path):
+        raise ValueError(f"the default text corpus needs {path}, which this Python's distribution "
+                         "leaves out: expected a full standard library (or give your own file "
+                         "with --text_path)")
+    with open(path, "rb") as f:
+        assignment = ast.parse(f.read()).body[-1]
+    return ast.literal_eval(assignment.value)
+
+
+def read_text_file(path):
+    """The file's text, or a ValueError naming what is wrong with it."""
     where = f"--text_path={path}"
     try:
         with open(path, "rb") as f:
             raw = f.read()
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8").replace("\r\n", "\n")
     except OSError as e:
         raise ValueError(f"{where}: cannot read it ({e.strerror}): "
                          "expected a UTF-8 text file") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{where}: not UTF-8 (byte {raw[e.start:e.start + 1]!r} at offset "
                          f"{e.start}): expected a UTF-8 text file") from None
-    paragraphs = [p.strip()
-                  for p in re.split(r"\n[ \t\r]*\n", text.replace("\r\n", "\n")) if p.strip()]
-    sizes = np.array([len(p.encode()) + 2 for p in paragraphs], dtype=np.int64)   # + the blank line
+
+
+def pieces(text, size=PIECE_BYTES, separators=("\n\n", "\n", " ")):
+    """`text` cut into pieces of at most `size` UTF-8 bytes: at blank lines where it can, else at
+    line breaks, else at spaces, else between characters; neighbouring short parts packed together
+    up to `size`. Any file, however its paragraphs run (one huge one, many tiny ones, no blank lines
+    at all), gives pieces of a few hundred bytes."""
+    text = text.strip()
+    if len(text.encode()) <= size:
+        return [text] if text else []
+    if not separators:        # one long word: by characters (4 UTF-8 bytes at most each)
+        return [text[i:i + size // 4] for i in range(0, len(text), size // 4)]
+    sep, finer = separators[0], separators[1:]
+    packed = []
+    for unit in (u for part in text.split(sep) for u in pieces(part, size, finer)):
+        if packed and len((packed[-1] + sep + unit).encode()) <= size:
+            packed[-1] += sep + unit
+        else:
+            packed.append(unit)
+    return packed
+
+
+def file_corpus(path, n_sections=4):
+    """A UTF-8 file as a corpus: its pieces (see `pieces`) in n_sections contiguous sections of
+    about equal size (each piece goes to the section where it starts), one client each."""
+    chunks = pieces(read_text_file(path))
+    sizes = np.array([len(c.encode()) + 2 for c in chunks], dtype=np.int64)   # + the blank line
     if sizes.sum() < MIN_FILE_BYTES:
-        raise ValueError(f"{where}: {sizes.sum():,} bytes of text in {len(paragraphs)} paragraphs: "
-                         f"expected at least {MIN_FILE_BYTES:,} (fine-tuning gains need ~20 KB of "
-                         "private text per section)")
-    section = (np.cumsum(sizes) - sizes) * n_domains // sizes.sum()
-    return {f"part{i + 1}": [p for p, s in zip(paragraphs, section) if s == i]
-            for i in range(n_domains)}
+        raise ValueError(f"--text_path={path}: {max(0, sizes.sum() - 2 * len(chunks)):,} bytes of "
+                         f"text: expected at least {MIN_FILE_BYTES:,} (fine-tuning gains need "
+                         "~20 KB of private text per section)")
+    section = (np.cumsum(sizes) - sizes) * n_sections // sizes.sum()
+    kinds = {f"part{i + 1}": [c for c, s in zip(chunks, section) if s == i]
+             for i in range(n_sections)}
+    return Corpus([], kinds, FILE_SHARES)
 
 
-def split_documents(domains, seed):
-    """{domain: {"pretrain": [...], "shadow": [...], "train": [...], "test": [...]}}: a hash of
-    (seed, document), read as a number in [0, 1), puts every document in exactly one part (SHARES).
-    Disjoint by construction."""
-    edges = np.cumsum(list(SHARES.values()))[:-1]
+def split_documents(kinds, seed, shares=FILE_SHARES):
+    """{kind: {"pretrain": [...], "shadow": [...], "train": [...], "test": [...]}}: each kind's
+    documents in the order of a hash of (seed, document), cut into consecutive runs in proportion
+    to `shares` (at least one document each): disjoint by construction, and the seed decides."""
     splits = {}
-    for domain, docs in domains.items():
-        u = [int.from_bytes(hashlib.sha256(f"{seed}:{d}".encode()).digest()[:4], "big") / 2 ** 32
-             for d in docs]
-        part = np.searchsorted(edges, u, side="right")
-        splits[domain] = {name: [d for d, p in zip(docs, part) if p == i]
-                          for i, name in enumerate(SHARES)}
+    for kind, docs in kinds.items():
+        order = sorted(docs, key=lambda d: hashlib.sha256(f"{seed}:{d}".encode()).digest())
+        counts = quotas(len(order), list(shares.values()))
+        ends = np.cumsum(counts)
+        splits[kind] = {name: order[end - n:end] for name, n, end in zip(shares, counts, ends)}
     return splits
+
+
+def quotas(n, shares):
+    """n split in proportion to shares, in whole numbers that add up to n (largest remainders
+    first), each at least 1 when n allows."""
+    exact = np.array(shares) * n / sum(shares)
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(counts - exact, kind="stable")[:n - counts.sum()]:
+        counts[i] += 1
+    while n >= len(shares) and (counts == 0).any():    # take one from the largest part
+        counts[np.argmax(counts)] -= 1
+        counts[np.argmin(counts)] += 1
+    return counts.tolist()
 
 
 def joined(documents):
@@ -406,40 +551,43 @@ def pick(items, n, rng):
 
 class TextTask:
     """Language modeling for one seed, scored in bits per byte (one token is one byte): no
-    `is_correct`."""
+    `is_correct`. Its domains are the corpus's kinds of text (or your file's sections), one client
+    each."""
     name, metric, higher_is_better = "text", "bits_per_byte", False
     block_size, label_temperature = 64, 1.0
     completion_len = block_size - block_size // 2 + 1      # prompt + completion = one whole window
 
     def __init__(self, seed, text_path=""):
         self.seed, self.enc = seed, get_tokenizer()
-        documents = file_documents(text_path) if text_path else stdlib_documents()
-        self.splits = split_documents(documents, seed)
+        corpus = file_corpus(text_path) if text_path else stdlib_corpus()
+        self.splits = split_documents(corpus.kinds, seed, corpus.shares)
         self.domains = list(self.splits)
         for domain, parts in self.splits.items():
             sizes = {name: len(joined(docs).encode()) for name, docs in parts.items()}
             if min(sizes.values()) < 2 * (self.block_size + 1):
                 raise ValueError(f"{'--text_path=' + text_path if text_path else 'the corpus'}: "
-                                 f"domain {domain!r} has {' / '.join(map(str, sizes.values()))} "
+                                 f"{domain!r} has {' / '.join(map(str, sizes.values()))} "
                                  f"bytes of {' / '.join(sizes)} text: expected at least "
-                                 f"{2 * (self.block_size + 1)} in each (more text, or "
-                                 "more and shorter paragraphs)")
+                                 f"{2 * (self.block_size + 1)} in each (a longer file)")
         self.shadow_raw = {d: joined(parts["shadow"]).encode() for d, parts in self.splits.items()}
-        pretrain = b"".join(joined(parts["pretrain"]).encode() for parts in self.splits.values())
+        # what the base models learn from: the general prose, and each kind's small public share
+        self.pretrain_documents = corpus.general + [d for parts in self.splits.values()
+                                                    for d in parts["pretrain"]]
+        pretrain = joined(self.pretrain_documents).encode()
         self._pretrain = torch.frombuffer(bytearray(pretrain), dtype=torch.uint8).long()
 
-    # of the pretraining text, and of the Python version whose documentation it is
+    # of exactly the text the base models are pretrained on: pretraining's cache key
     def fingerprint(self):
-        return digest([f"python {sys.version.split()[0]}"]
-                      + [d for p in self.splits.values() for d in p["pretrain"]])
+        return digest(self.pretrain_documents)
 
     # x, y, mask (N, block_size): every byte but a window's first is predicted
     def encode(self, examples):
         return encode_lines(examples, self.enc, self.block_size, first_target=0, pad=True)
 
     def pretrain_batch(self, n, rng, device="cpu"):
-        """n windows at random offsets of the pretraining text (every domain's PRETRAIN part), on
-        `device`: the text goes there once, then only the offsets travel."""
+        """n windows at random offsets of the pretraining text (the general prose and every
+        domain's PRETRAIN part), on `device`: the text goes there once, then only the offsets
+        travel."""
         self._pretrain = self._pretrain.to(device)   # moved on the first call, a no-op after that
         offsets = torch.from_numpy(rng.integers(0, len(self._pretrain) - self.block_size, size=n))
         window = (offsets.to(device, non_blocking=True)[:, None]

@@ -486,7 +486,7 @@ def run(cfg):
           f"{cfg.out}")
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1)
-    task = data.make_task(cfg.task, cfg.seed, cfg.text_path)
+    task = load_task(cfg)
     paths = stage_paths(cfg, task, pool_levels(cfg), device)
     tiny, llm = base_models(cfg, task, paths, device)
     shadow = shadow_stages(cfg, task, tiny, llm, paths, device)
@@ -502,6 +502,16 @@ def run(cfg):
                                   recipe(cfg), stage_seconds(cfg, paths), privacy)
     results["timing_s"]["this_run_total"] = time.time() - t_start
     return results
+
+
+def load_task(cfg):
+    """The task; a text file that cannot work (unreadable, not UTF-8, too short) ends the run with
+    one line saying what is wrong and exit code 2, not a traceback."""
+    try:
+        return data.make_task(cfg.task, cfg.seed, cfg.text_path)
+    except ValueError as e:
+        print(f"gradtx: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
 
 
 def run_name(cfg, experiment):

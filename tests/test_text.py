@@ -8,6 +8,8 @@ Run:  python -m pytest tests/test_text.py -q
 """
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -37,36 +39,78 @@ def user_text(n_paragraphs=400):
 
 
 def test_corpus_is_deterministic_ascii_and_big_enough(task):
-    domains = data.stdlib_documents()
-    assert list(domains) == list(data.FAMILIES)
-    assert data.stdlib_documents.__wrapped__() == domains          # built again from scratch: the same
-    docs = [d for ds in domains.values() for d in ds]
-    assert len(docs) == len(set(docs)) > 1000                      # each text once
+    corpus = data.stdlib_corpus()
+    assert list(corpus.kinds) == ["code", "comments", "reference"] and corpus.shares == data.KIND_SHARES
+    assert data.stdlib_corpus.__wrapped__() == corpus                # built again from scratch: the same
+    docs = corpus.general + [d for ds in corpus.kinds.values() for d in ds]
+    assert len(docs) == len(set(docs)) > 10_000                      # each text once
     assert all(d.isascii() and len(d) >= data.MIN_DOC_CHARS for d in docs)
-    assert 0.8e6 < sum(map(len, docs)) < 1.5e6                     # ~1 MB of documentation
-    for domain, parts in task.splits.items():                      # >= ~20 KB each
-        assert len(data.joined(parts["train"])) > 20_000, domain
+    assert 0.8e6 < sum(map(len, corpus.general)) < 1.5e6             # ~1 MB of docstrings
+    for kind, documents in corpus.kinds.items():                     # ~0.3-0.7 MB each
+        assert sum(map(len, documents)) >= data.MIN_KIND_BYTES, kind
+        assert len(data.joined(task.splits[kind]["train"])) > 60_000, kind
+
+
+def test_each_kind_is_what_it_says(task):
+    corpus = data.stdlib_corpus()
+    for block in corpus.kinds["comments"]:                           # comment lines and nothing else
+        assert all(line.startswith("#") for line in block.splitlines()), block
+    long_docstrings = [d for d in corpus.general if len(d) > 300][:50]
+    for code in corpus.kinds["code"]:                                # code without comments or docstrings
+        assert not any(line.lstrip().startswith("#") for line in code.splitlines()), code
+        assert code.lstrip().startswith(("def ", "async def ", "@")), code
+    code = "\n".join(corpus.kinds["code"])
+    assert not any(d in code for d in long_docstrings)
+    root = data.sysconfig.get_paths()["stdlib"]
+    topics = "\n".join(data.reference_topics(root).values())
+    assert all(p in topics for p in corpus.kinds["reference"][::25])   # the language reference's text
+
+
+def test_a_python_without_part_of_its_library_fails_clearly(monkeypatch, tmp_path):
+    monkeypatch.setattr(data.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    with pytest.raises(ValueError, match="pydoc_data.topics.py, which this Python's distribution leaves out"):
+        data.stdlib_corpus.__wrapped__()
+    (tmp_path / "pydoc_data").mkdir()
+    (tmp_path / "pydoc_data" / "topics.py").write_text("topics = {'x': 'A paragraph of the reference.'}\n")
+    with pytest.raises(ValueError, match="only 0 bytes of 'code' text"):
+        data.stdlib_corpus.__wrapped__()
 
 
 def test_split_is_disjoint_complete_and_seeded(task):
-    domains = data.stdlib_documents()
-    for domain, docs in domains.items():
-        parts = [set(task.splits[domain][name]) for name in data.SHARES]
-        assert sum(map(len, parts)) == len(set().union(*parts)) == len(docs)   # no document in two parts
-        assert set().union(*parts) == set(docs)
-    n_docs = sum(map(len, domains.values()))
-    for name, share in data.SHARES.items():                                    # a fair draw per document
-        assert abs(sum(len(p[name]) for p in task.splits.values()) / n_docs - share) < 0.03, name
-    other = data.split_documents(domains, 1)
-    assert set(other["net"]["shadow"]) != set(task.splits["net"]["shadow"])    # the seed decides
-    assert data.split_documents(domains, 0) == task.splits
+    kinds = data.stdlib_corpus().kinds
+    for kind, docs in kinds.items():
+        parts = [task.splits[kind][name] for name in data.KIND_SHARES]
+        assert sorted(sum(parts, [])) == sorted(docs)                              # each document once
+        assert [len(p) for p in parts] == data.quotas(len(docs), list(data.KIND_SHARES.values()))
+    other = data.split_documents(kinds, 1, data.KIND_SHARES)
+    assert set(other["code"]["shadow"]) != set(task.splits["code"]["shadow"])    # the seed decides
+    assert data.split_documents(kinds, 0, data.KIND_SHARES) == task.splits
 
 
-def test_fingerprint_follows_the_public_text_and_the_python_version(task, monkeypatch):
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 7, 10, 101, 5000])
+def test_quotas_add_up_follow_the_shares_and_leave_no_part_empty(n):
+    shares = [0.3, 0.3, 0.3, 0.1]
+    counts = data.quotas(n, shares)
+    assert sum(counts) == n and all(c >= 0 for c in counts)
+    if n >= 4:
+        assert min(counts) >= 1
+    if n >= 10:
+        assert all(abs(c - s * n) < 1 for c, s in zip(counts, shares))
+
+
+def test_fingerprint_covers_exactly_the_pretraining_text(task, monkeypatch):
     fp = task.fingerprint()
     assert fp == data.make_task("text", 0).fingerprint() != data.make_task("text", 1).fingerprint()
-    monkeypatch.setattr(data.sys, "version", "9.99.0 (made up)")
-    assert task.fingerprint() != fp
+    assert fp == data.digest(task.pretrain_documents)
+    pretrained = set(task.pretrain_documents)
+    assert set(data.stdlib_corpus().general) <= pretrained                    # all the general prose
+    for kind, parts in task.splits.items():                                   # and only PRETRAIN parts
+        assert set(parts["pretrain"]) <= pretrained
+        assert not pretrained & set(parts["shadow"] + parts["train"] + parts["test"]), kind
+    corpus = data.stdlib_corpus()
+    edited = corpus._replace(general=corpus.general[:-1] + [corpus.general[-1] + " (edited)"])
+    monkeypatch.setattr(data, "stdlib_corpus", lambda: edited)
+    assert data.make_task("text", 0).fingerprint() != fp                     # a change re-runs pretraining
 
 
 # -----------------------------------------------------------------------------
@@ -93,7 +137,8 @@ def test_random_windows_are_whole_windows_of_the_text():
 def test_every_example_is_a_window_of_its_own_text(task):
     T = task.block_size
     clients = task.clients(n_train=100_000, n_test=100, group_size=1)
-    assert [c["name"] for c in clients] == task.domains and {c["kind"] for c in clients} == {"domain"}
+    assert [c["name"] for c in clients] == task.domains == ["code", "comments", "reference"]
+    assert {c["kind"] for c in clients} == {"domain"}
     private = {d: [data.joined(task.splits[d][name]) for name in ("train", "test")] for d in task.domains}
     for c in clients:
         train_text, test_text = private[c["group"]]
@@ -102,18 +147,18 @@ def test_every_example_is_a_window_of_its_own_text(task):
         assert all(w in train_text for w in c["train"]) and all(w in test_text for w in c["test"])
         assert c["mixture"] == np.eye(len(task.domains))[c["index"]].tolist()
     capped = task.clients(n_train=50, n_test=20)
-    assert [len(c["train"]) for c in capped] == [50] * 6 and [len(c["test"]) for c in capped] == [20] * 6
+    assert [len(c["train"]) for c in capped] == [50] * 3 and [len(c["test"]) for c in capped] == [20] * 3
     pair = task.clients(n_train=100_000, n_test=10, group_size=2)
-    assert [c["name"] for c in pair[:2]] == ["net/0", "net/1"]
+    assert [c["name"] for c in pair[:2]] == ["code/0", "code/1"]
     assert pair[0]["train"] + pair[1]["train"] == clients[0]["train"]     # members split their domain
 
 
 def test_shadow_subsets_follow_their_mixture_over_the_shadow_pool(task):
     pool = {d: data.joined(task.splits[d]["shadow"]) for d in task.domains}
     mixture, examples = task.shadow_subset(3, 3000, alpha=3.0)
-    assert mixture.shape == (6,) and abs(mixture.sum() - 1) < 1e-9
+    assert mixture.shape == (3,) and abs(mixture.sum() - 1) < 1e-9
     assert all(len(w.encode()) == task.block_size + 1 for w in examples)
-    found = np.zeros(6)
+    found = np.zeros(3)
     for w in examples[::10]:                                      # 300 of them: substring search is slow
         homes = [i for i, d in enumerate(task.domains) if w in pool[d]]
         assert homes                      # (not "and w not in private": docstrings share sentences)
@@ -137,7 +182,7 @@ def test_encode_masks_exactly_the_predicted_bytes(task):
 
 def test_pretrain_batch_is_shifted_pretraining_text(task):
     x, y, mask = task.pretrain_batch(8, np.random.default_rng(0))
-    text = "".join(data.joined(p["pretrain"]) for p in task.splits.values()).encode()
+    text = data.joined(task.pretrain_documents).encode()
     for xr, yr in zip(x.tolist(), y.tolist()):
         assert xr[1:] == yr[:-1] and bytes(xr + yr[-1:]) in text
     assert mask.shape == x.shape and (mask == 1).all()
@@ -181,18 +226,47 @@ def test_bits_per_byte_matches_a_loop_over_positions(task):
 # --text_path: the user's own file
 
 
-def test_text_path_reads_paragraphs_into_contiguous_sections(tmp_path):
+def test_text_path_reads_pieces_into_contiguous_sections(tmp_path):
     path = tmp_path / "mine.txt"
     path.write_text(user_text(), encoding="utf-8")
-    sections = data.file_documents(str(path))
-    assert list(sections) == ["part1", "part2", "part3", "part4"]
-    flat = [p for ps in sections.values() for p in ps]
-    assert flat == [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]  # all, in order
-    sizes = [len(data.joined(ps).encode()) for ps in sections.values()]
-    assert max(sizes) - min(sizes) < 0.02 * sum(sizes)                  # about equal parts
+    corpus = data.file_corpus(str(path))
+    assert list(corpus.kinds) == ["part1", "part2", "part3", "part4"] and corpus.general == []
+    flat = [p for ps in corpus.kinds.values() for p in ps]
+    assert "\n\n".join(flat) == path.read_text(encoding="utf-8").strip()   # all of it, in order
+    assert all(len(p.encode()) <= data.PIECE_BYTES for p in flat)
+    sizes = [len(data.joined(ps).encode()) for ps in corpus.kinds.values()]
+    assert max(sizes) - min(sizes) < 0.05 * sum(sizes)                  # about equal parts
     task = data.make_task("text", 0, str(path))
     assert task.domains == ["part1", "part2", "part3", "part4"]
     assert any(not w.isascii() for c in task.clients(1000, 1000) for w in c["train"])
+
+
+def squeeze(text):
+    return "".join(text.split())
+
+
+@pytest.mark.parametrize("text", [
+    "one single paragraph without blank lines " * 1000,                        # one huge paragraph
+    "\n".join(f"line {i}: no blank line anywhere in this file" for i in range(400)),
+    "\n\n".join(f"tiny {i}" for i in range(2000)),                              # many tiny paragraphs
+    "x" * 3000 + "\n\n" + "é" * 6000 + "\n\n" + "word " * 2000,                  # words longer than a piece
+])
+def test_any_utf8_file_of_the_minimum_size_runs(tmp_path, text):
+    path = tmp_path / "any.txt"
+    path.write_text(text, encoding="utf-8")
+    chunks = data.pieces(text)
+    assert squeeze("".join(chunks)) == squeeze(text)                     # nothing lost, nothing added
+    assert all(0 < len(c.encode()) <= data.PIECE_BYTES for c in chunks)
+    task = data.make_task("text", 0, str(path))                          # every part big enough
+    assert all(len(c["test"]) > 0 and len(c["train"]) > 0 for c in task.clients(100, 100))
+
+
+def test_a_real_license_file_runs():
+    path = os.path.join(data.sysconfig.get_paths()["stdlib"], "LICENSE.txt")
+    if not os.path.isfile(path):
+        pytest.skip("this Python ships no LICENSE.txt")
+    task = data.make_task("text", 0, path)                               # ~14 KB of very uneven paragraphs
+    assert len(task.domains) == 4
 
 
 @pytest.mark.parametrize("content, message", [
@@ -201,7 +275,6 @@ def test_text_path_reads_paragraphs_into_contiguous_sections(tmp_path):
     (b"\n\n   \n", "0 bytes"),
     ("é".encode("latin-1") * 20_000, "not UTF-8"),
     (b"short paragraph\n\n" * 100, "expected at least 10,000"),
-    (b"one single paragraph without blank lines " * 1000, "bytes of pretrain / shadow / train / test"),
 ])
 def test_bad_text_files_are_rejected_clearly(tmp_path, content, message):
     path = tmp_path / "bad.txt"
@@ -210,6 +283,18 @@ def test_bad_text_files_are_rejected_clearly(tmp_path, content, message):
     with pytest.raises(ValueError, match=message) as err:
         data.make_task("text", 0, str(path))
     assert "--text_path=" in str(err.value) and "expected" in str(err.value)
+
+
+def test_cli_says_what_is_wrong_with_a_file_in_one_line_and_exits_2(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("far too short\n")
+    done = subprocess.run([sys.executable, "train.py", "--preset=text_smoke", f"--text_path={path}",
+                           f"--out={tmp_path / 'out'}"], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"gradtx: --text_path={path}: 13 bytes of text: expected at least 10,000 (fine-tuning gains "
+        "need ~20 KB of private text per section)"]
 
 
 def test_cli_refuses_a_text_path_without_the_text_task():
@@ -235,7 +320,7 @@ def check_text_results(results, domains):
 
 def test_text_protocol_end_to_end(tmp_path):
     results = train.main(TINY_RUN + ["--task=text", "--shadow_alpha=3", f"--out={tmp_path}"])
-    check_text_results(results, list(data.FAMILIES))
+    check_text_results(results, ["code", "comments", "reference"])
 
 
 def test_text_path_end_to_end(tmp_path):

@@ -18,7 +18,8 @@ It draws whatever it finds in --out:
                       vs epsilon, a panel per client size N (the DP sweep at each size); and
                       pooling.png from its runs with groups (train.py --experiment=frontier)
   shadow_count.json   shadow_count.png: gain vs the number K of shadow subsets, one panel per
-                      privacy level
+                      privacy level, and the provider's bill (seconds, shadow fine-tunes) below it
+                      (train.py --experiment=shadow_count)
 
 matplotlib is an optional extra (pip install matplotlib): nothing else in gradtx imports it, and
 this file imports it only inside main(). Otherwise standard library only.
@@ -31,7 +32,7 @@ import sys
 
 METHODS = ["gradtx", "ridge", "mean_shadow", "tinylm_dp", "w2s", "kd"]   # the lines, in this order
 COLORS = {"gradtx": "C0", "ridge": "C1", "mean_shadow": "C7", "tinylm_dp": "C2", "w2s": "C3",
-          "kd": "C4", "gradtx_single_map": "C5"}
+          "kd": "C4", "gradtx_single_map": "C5", "gradtx_paper": "C6", "gradtx_best_init": "C9"}
 SIZE, DPI = (6, 4), 100
 
 
@@ -194,19 +195,43 @@ def plot_frontier_by_size(plt, frontier):
 
 
 def plot_shadow_count(plt, data):
-    """Gain vs the number K of shadow subsets, one panel per privacy level."""
-    levels = sorted({r["epsilon"] for r in data["rows"]},
-                    key=lambda e: -math.inf if e is None else -e)
-    fig, axes = plt.subplots(1, len(levels), figsize=(min(4.5 * len(levels), 12), SIZE[1]),
-                             sharey=True, squeeze=False)
-    for ax, eps in zip(axes[0], levels):
-        rows = [r for r in data["rows"] if r["epsilon"] == eps]
-        for method in dict.fromkeys(r["method"] for r in rows):
-            points = sorted((r["K"], r["skewed_gain"]) for r in rows if r["method"] == method)
-            ax.plot(*zip(*points), "o-", color=COLORS.get(method), label=method)
-        ax.set(xlabel="shadow subsets K", title=eps_label(eps))
+    """Top: gain vs the number K of shadow subsets, one panel per privacy level, one line per method
+    (a translator fitted from several inits: its first init, and the band they span). Bottom: the
+    provider's bill on the same axis, seconds for curation and fit (and, dotted on the right axis,
+    its shadow fine-tunes)."""
+    rows = [r for r in data["rows"] if r["skewed_gain"] is not None]
+    levels = list(dict.fromkeys((r.get("n_train"), r["epsilon"]) for r in rows))
+    fig, axes = plt.subplots(2, len(levels), figsize=(min(4.5 * len(levels), 13), 6.5),
+                             sharex=True, sharey="row", squeeze=False,
+                             gridspec_kw={"height_ratios": [2, 1]})
+    for (n_train, eps), top, bottom in zip(levels, axes[0], axes[1]):
+        at = [r for r in rows if (r.get("n_train"), r["epsilon"]) == (n_train, eps)]
+        for method in dict.fromkeys(r["method"] for r in at):
+            mine = [r for r in at if r["method"] == method]
+            first = sorted((r["K"], r["skewed_gain"], r["seconds"]) for r in mine
+                           if r.get("init") in (0, None))
+            Ks, gains, seconds = zip(*first)
+            style = "s--" if method == "gradtx_best_init" else "o-"
+            top.plot(Ks, gains, style, color=COLORS.get(method), label=method)
+            if len({r.get("init") for r in mine}) > 1:      # the spread over inits
+                spread = [[r["skewed_gain"] for r in mine if r["K"] == K] for K in Ks]
+                top.fill_between(Ks, [min(g) for g in spread], [max(g) for g in spread],
+                                 color=COLORS.get(method), alpha=0.2, label=f"{method}, inits")
+            if method in ("gradtx", "gradtx_paper", "ridge"):
+                bottom.plot(Ks, seconds, style, color=COLORS.get(method), label=method)
+        finetunes = sorted({(r["K"], r["shadow_finetunes"]) for r in at if "shadow_finetunes" in r})
+        if finetunes:
+            twin = bottom.twinx()
+            twin.plot(*zip(*finetunes), "k:", label="shadow fine-tunes")
+            twin.set_ylabel("shadow fine-tunes", fontsize=8)
+        top.set(title=eps_label(eps) + (f", N = {n_train:,}" if n_train else ""))
+        top.set_xscale("log", base=2)
+        Ks = sorted({r["K"] for r in at})
+        bottom.set(xlabel="shadow subsets K", xticks=Ks, xticklabels=[str(K) for K in Ks])
     axes[0][0].set_ylabel("gain recovered, skewed clients")
+    axes[1][0].set_ylabel("provider's seconds")
     axes[0][0].legend(fontsize=7)
+    axes[1][0].legend(fontsize=7)
     return fig
 
 
@@ -222,7 +247,8 @@ def figures_for(out):
         title = f"translator fit: {os.path.basename(os.path.normpath(out))}"
         found.append(("fit.png", lambda plt: plot_fit(plt, results, title)))
     runs = runs_of(out)
-    for name, r in runs.items():
+    # (the shadow-count experiment's dozens of runs: its one figure says it)
+    for name, r in ({} if os.path.isfile(os.path.join(out, "shadow_count.json")) else runs).items():
         found.append((f"fit_{name}.png", lambda plt, r=r,
                       name=name: plot_fit(plt, r, f"translator fit: {name}")))
     if os.path.isfile(os.path.join(out, "dp.md")) and runs:
