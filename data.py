@@ -314,7 +314,8 @@ CODE_MODULES = ("_collections_abc _pydecimal abc base64 bisect bz2 collections c
                 "weakref zipfile").split()
 MIN_DOC_CHARS = 40      # shorter documents ("Return self.", "# noqa") are boilerplate
 MIN_KIND_BYTES = 200_000   # less: a distribution left part of the standard library out
-KIND_SHARES = {"pretrain": 0.05, "shadow": 0.4, "train": 0.4, "test": 0.15}   # of a kind's documents
+# of a kind's documents
+KIND_SHARES = {"pretrain": 0.05, "shadow": 0.4, "train": 0.4, "test": 0.15}
 FILE_SHARES = {"pretrain": 0.3, "shadow": 0.3, "train": 0.3, "test": 0.1}     # of a file's pieces
 MIN_FILE_BYTES = 10_000
 PIECE_BYTES = 512       # a user's file is cut into pieces of at most this many bytes
