@@ -604,8 +604,11 @@ class TextTask:
         mixture = rng.dirichlet(np.full(len(self.domains), alpha / len(self.domains)))
         counts = np.bincount(rng.choice(len(self.domains), size=n, p=mixture),
                              minlength=len(self.domains))
-        return mixture, [w for d, c in zip(self.domains, counts)
-                         for w in windows(self.shadow_raw[d], self.block_size + 1, c, rng)]
+        examples = [w for d, c in zip(self.domains, counts)
+                    for w in windows(self.shadow_raw[d], self.block_size + 1, c, rng)]
+        # shuffled: any first few (the selection criterion scores the first val_examples) follow the
+        # mixture too, not the first domain
+        return mixture, [examples[i] for i in rng.permutation(n)]
 
     def public_examples(self, n, rng):
         """n windows of the SHADOW pool at random offsets (n=None: all of it in consecutive

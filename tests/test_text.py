@@ -164,6 +164,10 @@ def test_shadow_subsets_follow_their_mixture_over_the_shadow_pool(task):
         assert homes                      # (not "and w not in private": docstrings share sentences)
         found[homes[0]] += 1
     assert np.abs(found / found.sum() - mixture).max() < 0.1
+    first = np.zeros(3)                                           # in any order: the first ones too
+    for w in examples[:100]:
+        first[next(i for i, d in enumerate(task.domains) if w in pool[d])] += 1
+    assert np.abs(first / 100 - mixture).max() < 0.15
     again, same = task.shadow_subset(3, 3000, alpha=3.0)
     assert (again == mixture).all() and same == examples
 
