@@ -364,7 +364,8 @@ def gate_weight(gate, X):
     (translated as it is); one the noise alone explains gets a small weight, so the provider falls
     back towards the mean shadow update instead of sending a mostly-noise upload to a wrong
     corner."""
-    c = (X.flatten(1).float() - gate["mean"]) @ gate["U"] - gate["center"]           # (N, k)
+    X = X.flatten(1).float().to(gate["mean"].device)          # an upload held on the CPU, too
+    c = (X - gate["mean"]) @ gate["U"] - gate["center"]                               # (N, k)
     n, s = gate["noise_var"], gate["noise_var"] + gate["signal_var"]
     # log p(c|signal)/p(c|noise)
     log_ratio = (0.5 * c.pow(2) * (1 / n - 1 / s) - 0.5 * torch.log(s / n)).sum(1)
