@@ -9,7 +9,7 @@ train.py -- the whole Grad-Transformer protocol, stage by stage, cached on disk.
     python train.py --experiment=frontier   # N x epsilon x pooling: the privacy-utility frontier
     python train.py --experiment=shadow_count   # K shadow subsets: translator, linear map, paper
     python train.py --n_train=8192 --dp_epsilon=0.1   # the paper's regime: 8k-record clients
-    python train.py --preset text       # language modeling on the docs that ship with Python
+    python train.py --preset text       # language modeling on code, comments and reference text
     python train.py --help              # every option (config/presets.py: each default and why)
 
 Stages (each writes its output atomically into --cache, default --out, and is skipped when there):
