@@ -325,6 +325,9 @@ def check_text_results(results, domains):
 def test_text_protocol_end_to_end(tmp_path):
     results = train.main(TINY_RUN + ["--task=text", "--shadow_alpha=3", f"--out={tmp_path}"])
     check_text_results(results, ["code", "comments", "reference"])
+    head, _, llm_base, *_ = evaluation.results_table(results).splitlines()
+    assert head.startswith("| method | gain of means | code: gain | comments: gain | reference: gain | code: bpb")
+    assert llm_base.startswith("| llm_base | ") and "| 0.00 | 0.00 | 0.00 |" in llm_base   # its own gain: none
 
 
 def test_text_path_end_to_end(tmp_path):
