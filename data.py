@@ -312,7 +312,7 @@ CODE_MODULES = ("_collections_abc _pydecimal abc base64 bisect bz2 collections c
                 "csv dataclasses dbm enum filecmp fileinput functools graphlib gzip hashlib heapq "
                 "json lzma operator os pathlib pickle shelve shutil tarfile tempfile types uuid "
                 "weakref zipfile").split()
-MIN_DOC_CHARS = 40      # shorter documents ("Return self.", "# noqa") are boilerplate
+MIN_DOC_CHARS = 40      # shorter documents are boilerplate
 MIN_KIND_BYTES = 200_000   # less: a distribution left part of the standard library out
 # of a kind's documents
 KIND_SHARES = {"pretrain": 0.05, "shadow": 0.4, "train": 0.4, "test": 0.15}
@@ -398,6 +398,7 @@ def code_text(lines, node, docstring_lines, found):
 
 
 def keep(text):
+    """ASCII and long enough: shorter texts ("Return self.", "# noqa") are boilerplate."""
     return len(text) >= MIN_DOC_CHARS and text.isascii()
 
 
