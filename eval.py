@@ -487,7 +487,9 @@ def shadow_count_table(rows):
     """Markdown: per privacy level, one line per K: each method's skewed gain, the spread over the
     translator's inits, and the provider's bill (gradtx) in seconds and in LLM fine-tunes."""
     lines = []
-    for n_train, eps in dict.fromkeys((r["n_train"], r["epsilon"]) for r in rows):
+    levels = sorted({(r["n_train"], r["epsilon"]) for r in rows},   # no DP first, then by epsilon
+                    key=lambda level: (level[1] is not None, -(level[1] or 0), level[0]))
+    for n_train, eps in levels:
         level = [r for r in rows if (r["n_train"], r["epsilon"]) == (n_train, eps)]
         Ks = sorted({r["K"] for r in level})
         multi = any(r["method"] == "gradtx_best_init" for r in level)
