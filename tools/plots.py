@@ -224,6 +224,8 @@ def plot_shadow_count(plt, data):
             twin = bottom.twinx()
             twin.plot(*zip(*finetunes), "k:", label="shadow fine-tunes")
             twin.set_ylabel("shadow fine-tunes", fontsize=8)
+        if any(r["method"] == "gradtx_best_init" for r in at):   # lines the first panel lacks
+            top.legend(fontsize=7)
         top.set(title=eps_label(eps) + (f", N = {n_train:,}" if n_train else ""))
         top.set_xscale("log", base=2)
         Ks = sorted({r["K"] for r in at})
