@@ -288,6 +288,10 @@ def test_cli_rejects_bad_options():
         train.parse_args(["--dp_epsilon=-1"])
     with pytest.raises(SystemExit, match="shadow_dp_draws"):
         train.parse_args(["--dp_epsilon=1", "--group_size=8", "--shadow_dp_draws=4"])
+    for bad in (["--fit_shadow=60"], ["--fit_shadow=2"], ["--fit_shadow=-1"]):   # default n_shadow: 48
+        with pytest.raises(SystemExit, match="fit_shadow"):
+            train.parse_args(bad)
+    assert train.parse_args(["--n_shadow=192", "--fit_shadow=12"]).fit_shadow == 12
     for bad in (["--gt_select=accuracy"], ["--preset=text", "--gt_select=exact_match"]):
         with pytest.raises(SystemExit, match="gt_select"):
             train.parse_args(bad)
