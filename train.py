@@ -228,9 +228,8 @@ def base_models(cfg, task, paths, device):
 _worker = {}   # what a worker process holds: the config, the task, both base models with LoRA
 
 
-def _init_worker(cfg, paths, device):
+def _init_worker(cfg, paths, device, task):
     torch.set_num_threads(1)
-    task = data.make_task(cfg.task, cfg.seed, cfg.text_path)
     tiny, llm = base_models(cfg, task, paths, device)   # the cached checkpoints
     _worker.update(cfg=cfg, task=task, tiny=tiny, llm=llm)
 
@@ -242,7 +241,8 @@ def worker_map(cfg, fn, items, device, task, tiny, llm, paths):
         _worker.update(cfg=cfg, task=task, tiny=tiny, llm=llm)
         yield from map(fn, items)
         return
-    with mp.get_context("spawn").Pool(cfg.workers, _init_worker, (cfg, paths, device)) as pool:
+    # the task travels pickled: rebuilding the text corpus in every worker costs seconds
+    with mp.get_context("spawn").Pool(cfg.workers, _init_worker, (cfg, paths, device, task)) as pool:
         yield from pool.imap(fn, items)
 
 

@@ -98,8 +98,8 @@ PRESETS = {
     # language modeling on kinds of text from Python's standard library (data.TextTask): windows of
     # 64 bytes, bits per byte; near-pure shadow subsets (Dirichlet(0.4 / 3) per kind), so that the
     # translator sees what each kind's update looks like alone
-    "text": Config(preset="text", out="out_text", task="text", pretrain_steps_tiny=700,
-                   pretrain_steps_llm=900, ft_lr=5e-4, n_train=1024, n_test=200, n_shadow=32,
+    "text": Config(preset="text", out="out_text", task="text", pretrain_steps_tiny=600,
+                   pretrain_steps_llm=750, ft_lr=5e-4, n_train=1024, n_test=200, n_shadow=32,
                    n_snapshots=2, snapshot_gap=20, shadow_alpha=0.4, val_frac=0.125,
                    gt_project=False, gt_steps=400, gt_eval_every=200, weak_baselines=False),
     "text_smoke": Config(preset="text_smoke", out="out_text_smoke", task="text", tiny_model="micro",
