@@ -242,7 +242,8 @@ def worker_map(cfg, fn, items, device, task, tiny, llm, paths):
         yield from map(fn, items)
         return
     # the task travels pickled: rebuilding the text corpus in every worker costs seconds
-    with mp.get_context("spawn").Pool(cfg.workers, _init_worker, (cfg, paths, device, task)) as pool:
+    context = mp.get_context("spawn")
+    with context.Pool(cfg.workers, _init_worker, (cfg, paths, device, task)) as pool:
         yield from pool.imap(fn, items)
 
 
