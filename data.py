@@ -415,7 +415,7 @@ def stdlib_corpus():
             seen.add(text)
             documents.append(text)
 
-    for path in (p for name in sorted(MODULES) for p in module_files(root, name)):
+    for name, path in ((name, p) for name in sorted(MODULES) for p in module_files(root, name)):
         with open(path, "rb") as f:
             source = f.read()
         tree, lines = ast.parse(source), source.decode("utf-8").splitlines()
@@ -426,7 +426,7 @@ def stdlib_corpus():
         found = comments(source)
         for block in comment_blocks(lines, found):
             add(kinds["comments"], block)
-        if os.path.splitext(os.path.relpath(path, root))[0].split(os.sep)[0] in CODE_MODULES:
+        if name in CODE_MODULES:
             for node in functions(tree):
                 add(kinds["code"], code_text(lines, node, docstring_lines, found))
     for topic in reference_topics(root).values():
@@ -504,7 +504,7 @@ def file_corpus(path, n_sections=4):
     return Corpus([], kinds, FILE_SHARES)
 
 
-def split_documents(kinds, seed, shares=FILE_SHARES):
+def split_documents(kinds, seed, shares):
     """{kind: {"pretrain": [...], "shadow": [...], "train": [...], "test": [...]}}: each kind's
     documents in the order of a hash of (seed, document), cut into consecutive runs in proportion
     to `shares` (at least one document each): disjoint by construction, and the seed decides."""
