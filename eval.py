@@ -154,6 +154,12 @@ def provenance(device="cpu"):
 # the evaluation
 
 
+def fit_runs(cfg):
+    """(train, validation) shadow runs of a configuration's fit: the first fit_shadow of the
+    n_shadow curated subsets (all of them by default), split by run (gradtx.split_runs)."""
+    return gradtx.split_runs(cfg.fit_shadow or cfg.n_shadow, cfg.val_frac, cfg.seed)
+
+
 def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_seconds, privacy):
     """Score every method on every client; write results.json into cfg.out and print the tables.
 
@@ -161,7 +167,7 @@ def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_s
     holds the selected linear map (basis, ridge) that is the `ridge` baseline."""
     t0, seconds = time.time(), {"generate": [], "finetune": []}
     llm_shape = tuple(shadow["Y"].shape[2:])
-    train_runs, _ = gradtx.split_runs(cfg.fit_shadow or cfg.n_shadow, cfg.val_frac, cfg.seed)
+    train_runs, _ = fit_runs(cfg)
     mean_update = shadow["Y"][train_runs].flatten(0, 1).mean(0)
     rng = data.stream(cfg.seed, "public examples")
 

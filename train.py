@@ -359,8 +359,7 @@ def fit_stage(cfg, task, tiny, llm, shadow, path, m):
     if log is not None:
         return gradtx.Translator(model, log)
     t0 = time.time()
-    # the first fit_shadow of the curated subsets (all by default)
-    train_runs, val_runs = gradtx.split_runs(cfg.fit_shadow or cfg.n_shadow, cfg.val_frac, cfg.seed)
+    train_runs, val_runs = evaluation.fit_runs(cfg)
     X, Y = translator_inputs(cfg, shadow, train_runs, m)
     X_train, Y_train = X.flatten(0, 1), Y.flatten(0, 1)
     # one input per run
