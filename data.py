@@ -1,7 +1,7 @@
 """
 data.py -- the tokenizer, the two tasks (`arith` and `text`), and who holds which data.
-No downloads, no data files: arith is generated from a seed, text reads the Python installation's
-standard library (its source files and the language reference that pydoc shows).
+No downloads, no data files: arith is generated from a seed; the text task splits a corpus of kinds
+of text that experiments/text.py reads from the Python installation (or from your file).
 
 The arith task is an *operator convention* task. Lines look like
 
@@ -25,14 +25,8 @@ roles, with a kind of text instead of a convention.
     python -c "import data; print(data.make_task('arith', 0).clients(3, 2)[0])"  # a client
     python -m pytest -q tests/test_data.py tests/test_text.py
 """
-import ast
-import functools
 import hashlib
-import io
-import os
 import re
-import sysconfig
-import tokenize
 from typing import NamedTuple
 
 import numpy as np
@@ -198,6 +192,13 @@ def encode_lines(lines, enc, block_size=BLOCK_SIZE, first_target=PROMPT_LEN - 1,
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), torch.from_numpy(mask).float()
 
 
+class Subset(NamedTuple):
+    """A shadow subset: the mixture it was drawn with (operators, or kinds of text) and its
+    examples."""
+    mixture: np.ndarray
+    examples: list
+
+
 class ArithTask:
     """The arith task for one seed, with all that train.py and eval.py ask of a task (TextTask has
     the same interface). A model is scored on a line by generating `completion_len` tokens after
@@ -229,11 +230,11 @@ class ArithTask:
         return tuple(t[idx] for t in self._corpus[str(device)])
 
     def shadow_subset(self, k, n, alpha):
-        """Public pairs, operators from a mixture ~ Dirichlet(alpha * m): around m, spread to reach
-        any client's."""
+        """A Subset of public pairs, operators from a mixture ~ Dirichlet(alpha * m): around m,
+        spread to reach any client's."""
         rng = stream(self.seed, "shadow subset", k)
         mixture = rng.dirichlet(alpha * TASK_MIXTURE)
-        return mixture, lines_from(self.public, mixture, n, rng)
+        return Subset(mixture, lines_from(self.public, mixture, n, rng))
 
     def public_examples(self, n, rng):
         """n public lines that follow the task mixture m (n=None: one per public pair)."""
@@ -270,238 +271,25 @@ class ArithTask:
 
 
 # -----------------------------------------------------------------------------
-# the text task: language modeling on real text, scored in bits per byte
+# the text task: language modeling on kinds of text, scored in bits per byte
 #
 # Organizations differ in the KIND of text they hold (a hospital's notes, a law firm's contracts, a
-# software company's code), and a public model's corpus under-represents each of them: it is mostly
-# general prose. The default corpus plays that out with what ships with every CPython, read from
-# the standard library's source files with ast and tokenize (never imported: importing runs code):
+# software company's code), and a public model's corpus under-represents each of them. A Corpus
+# holds general prose (public pretraining text only) and documents of each kind; experiments/text.py
+# builds one from the Python standard library (code, comments, the language reference) or from
+# your file. Each kind is one client:
 #
-#   general prose  the docstrings of the modules in MODULES: all of it is public PRETRAIN text
-#   client kinds   "code"      each function and method of CODE_MODULES, docstrings and comments
-#                              taken out
-#                  "comments"  each block of consecutive comment lines of MODULES
-#                  "reference" each paragraph of the language reference (pydoc_data/topics.py, the
-#                              text `help()` shows)
-#
-#   document of a kind --hash order--> PUBLIC: PRETRAIN (KIND_SHARES: 5%, so the kind is rare in
-#                                              what the base models learn from) | SHADOW pool
+#   document of a kind --hash order--> PUBLIC: PRETRAIN (a small share: the kind stays rare in what
+#                                              the base models learn from) | SHADOW pool
 #                                      PRIVATE: the kind's client's TRAIN | TEST
 #   example: a window of at most block_size + 1 bytes of a kind's text (documents joined by blank
 #            lines)
-#
-# With --text_path=FILE the kinds are the file's four sections (file_corpus), and the base models
-# learn from each section's share of it (FILE_SHARES): the upload has something to carry when the
-# sections differ.
-
-MODULES = ("_collections_abc _pydecimal _strptime _threading_local abc argparse ast asyncio base64 "
-           "bdb bisect bz2 calendar cmd code codecs codeop collections colorsys compileall "
-           "concurrent configparser contextvars copy copyreg cProfile csv dataclasses datetime dbm "
-           "difflib dis doctest email enum filecmp fileinput fnmatch fractions ftplib functools "
-           "getopt gettext glob graphlib gzip hashlib heapq hmac html http imaplib importlib "
-           "inspect ipaddress json locale lzma mimetypes modulefinder multiprocessing numbers "
-           "operator optparse os pathlib pdb pickle pickletools pkgutil plistlib poplib pprint "
-           "profile pstats py_compile pyclbr pydoc queue random re reprlib rlcompleter runpy "
-           "sched secrets selectors shelve shlex shutil signal smtplib socket socketserver sqlite3 "
-           "ssl statistics string stringprep subprocess symtable tabnanny tarfile tempfile "
-           "textwrap threading timeit tokenize tomllib trace traceback tracemalloc types "
-           "unittest urllib uuid weakref webbrowser wsgiref xml xmlrpc zipfile zipimport "
-           "zoneinfo").split()
-# the code kind: 34 of the modules, so that it holds about as much text as the comments
-CODE_MODULES = ("_collections_abc _pydecimal abc base64 bisect bz2 collections configparser copy "
-                "csv dataclasses dbm enum filecmp fileinput functools graphlib gzip hashlib heapq "
-                "json lzma operator os pathlib pickle shelve shutil tarfile tempfile types uuid "
-                "weakref zipfile").split()
-MIN_DOC_CHARS = 40      # shorter documents are boilerplate
-MIN_KIND_BYTES = 200_000   # less: a distribution left part of the standard library out
-# of a kind's documents
-KIND_SHARES = {"pretrain": 0.05, "shadow": 0.4, "train": 0.4, "test": 0.15}
-FILE_SHARES = {"pretrain": 0.3, "shadow": 0.3, "train": 0.3, "test": 0.1}     # of a file's pieces
-MIN_FILE_BYTES = 10_000
-PIECE_BYTES = 512       # a user's file is cut into pieces of at most this many bytes
 
 
 class Corpus(NamedTuple):
     general: list      # documents that are only ever public pretraining text
     kinds: dict        # {kind: [documents]}: one client each, split by `shares`
     shares: dict       # {"pretrain", "shadow", "train", "test"}: the share of each kind's documents
-
-
-def module_files(root, name):
-    """The source files of a top-level module or package, in sorted order, test folders left out."""
-    if os.path.isfile(path := os.path.join(root, name + ".py")):
-        return [path]
-    files = []
-    for folder, subfolders, names in os.walk(os.path.join(root, name)):
-        subfolders[:] = sorted(d for d in subfolders if d not in ("test", "tests", "__pycache__"))
-        files += [os.path.join(folder, f) for f in sorted(names) if f.endswith(".py")]
-    return files
-
-
-def docstring_nodes(node):
-    """(owner, docstring expression) of a module and of every class and function in it, in source
-    order."""
-    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-        if ast.get_docstring(node) is not None:
-            yield node, node.body[0]
-    for child in ast.iter_child_nodes(node):
-        if isinstance(child, ast.stmt):   # classes and functions are statements, possibly nested
-            yield from docstring_nodes(child)
-
-
-def functions(tree):
-    """Module-level functions, and the methods of module-level classes, in source order."""
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            yield node
-        elif isinstance(node, ast.ClassDef):
-            yield from (n for n in node.body if isinstance(n, (ast.FunctionDef,
-                                                               ast.AsyncFunctionDef)))
-
-
-def comments(source):
-    """{line number: column} of every comment of a Python source (bytes), read with tokenize."""
-    found = {}
-    for token in tokenize.tokenize(io.BytesIO(source).readline):
-        if token.type == tokenize.COMMENT:
-            found[token.start[0]] = token.start[1]
-    return found
-
-
-def comment_blocks(lines, found):
-    """Runs of consecutive lines that hold nothing but a comment, each as one text, unindented."""
-    blocks, run = [], []
-    for number in sorted(found):
-        line = lines[number - 1]
-        if line[:found[number]].strip():          # a comment after code: not a comment line
-            continue
-        if run and number != run[-1][0] + 1:
-            blocks.append(run)
-            run = []
-        run.append((number, line.strip()))
-    return ["\n".join(text for _, text in run) for run in blocks + [run] if run]
-
-
-def code_text(lines, node, docstring_lines, found):
-    """A function's source lines, its docstrings' lines and every comment taken out."""
-    first = min([node.lineno] + [d.lineno for d in node.decorator_list])
-    kept = []
-    for number in range(first, node.end_lineno + 1):
-        line = lines[number - 1]
-        if number in docstring_lines:
-            continue
-        if number in found:
-            line = line[:found[number]].rstrip()
-        if line.strip():
-            kept.append(line)
-    return "\n".join(kept)
-
-
-def keep(text):
-    """ASCII and long enough: shorter texts ("Return self.", "# noqa") are boilerplate."""
-    return len(text) >= MIN_DOC_CHARS and text.isascii()
-
-
-@functools.cache   # once per process: reading ~300 files takes a few seconds
-def stdlib_corpus():
-    """The default corpus (see above), from the running Python's standard library: each document
-    once, ASCII, MIN_DOC_CHARS or more. A kind under MIN_KIND_BYTES (a distribution that leaves out
-    part of the library) stops here with what is missing."""
-    root, seen = sysconfig.get_paths()["stdlib"], set()
-    general, kinds = [], {"code": [], "comments": [], "reference": []}
-
-    def add(documents, text):
-        if keep(text) and text not in seen:
-            seen.add(text)
-            documents.append(text)
-
-    for name, path in ((name, p) for name in sorted(MODULES) for p in module_files(root, name)):
-        with open(path, "rb") as f:
-            source = f.read()
-        tree, lines = ast.parse(source), source.decode("utf-8").splitlines()
-        docstring_lines = set()
-        for owner, node in docstring_nodes(tree):
-            add(general, ast.get_docstring(owner))
-            docstring_lines.update(range(node.lineno, node.end_lineno + 1))
-        found = comments(source)
-        for block in comment_blocks(lines, found):
-            add(kinds["comments"], block)
-        if name in CODE_MODULES:
-            for node in functions(tree):
-                add(kinds["code"], code_text(lines, node, docstring_lines, found))
-    for topic in reference_topics(root).values():
-        for paragraph in re.split(r"\n[ \t]*\n", topic):
-            add(kinds["reference"], paragraph.strip("\n"))
-    for kind, documents in kinds.items():
-        size = sum(map(len, documents))
-        if size < MIN_KIND_BYTES:
-            raise ValueError(f"the default text corpus: only {size:,} bytes of {kind!r} text in "
-                             f"{root}: expected at least {MIN_KIND_BYTES:,} (a full standard "
-                             "library; or give your own file with --text_path)")
-    return Corpus(general, kinds, KIND_SHARES)
-
-
-def reference_topics(root):
-    """{topic: text} of the language reference that pydoc shows, read from pydoc_data/topics.py
-    with ast (a dict literal), never imported."""
-    path = os.path.join(root, "pydoc_data", "topics.py")
-    if not os.path.isfile(path):
-        raise ValueError(f"the default text corpus needs {path}, which this Python's distribution "
-                         "leaves out: expected a full standard library (or give your own file "
-                         "with --text_path)")
-    with open(path, "rb") as f:
-        assignment = ast.parse(f.read()).body[-1]
-    return ast.literal_eval(assignment.value)
-
-
-def read_text_file(path):
-    """The file's text, or a ValueError naming what is wrong with it."""
-    where = f"--text_path={path}"
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        return raw.decode("utf-8").replace("\r\n", "\n")
-    except OSError as e:
-        raise ValueError(f"{where}: cannot read it ({e.strerror}): "
-                         "expected a UTF-8 text file") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{where}: not UTF-8 (byte {raw[e.start:e.start + 1]!r} at offset "
-                         f"{e.start}): expected a UTF-8 text file") from None
-
-
-def pieces(text, size=PIECE_BYTES, separators=("\n\n", "\n", " ")):
-    """`text` cut into pieces of at most `size` UTF-8 bytes: at blank lines where it can, else at
-    line breaks, else at spaces, else between characters; neighbouring short parts packed together
-    up to `size`. Any file, however its paragraphs run (one huge one, many tiny ones, no blank lines
-    at all), gives pieces of a few hundred bytes."""
-    text = text.strip()
-    if len(text.encode()) <= size:
-        return [text] if text else []
-    if not separators:        # one long word: by characters (4 UTF-8 bytes at most each)
-        return [text[i:i + size // 4] for i in range(0, len(text), size // 4)]
-    sep, finer = separators[0], separators[1:]
-    packed = []
-    for unit in (u for part in text.split(sep) for u in pieces(part, size, finer)):
-        if packed and len((packed[-1] + sep + unit).encode()) <= size:
-            packed[-1] += sep + unit
-        else:
-            packed.append(unit)
-    return packed
-
-
-def file_corpus(path, n_sections=4):
-    """A UTF-8 file as a corpus: its pieces (see `pieces`) in n_sections contiguous sections of
-    about equal size (each piece goes to the section where it starts), one client each."""
-    chunks = pieces(read_text_file(path))
-    sizes = np.array([len(c.encode()) + 2 for c in chunks], dtype=np.int64)   # + the blank line
-    if sizes.sum() < MIN_FILE_BYTES:
-        raise ValueError(f"--text_path={path}: {max(0, sizes.sum() - 2 * len(chunks)):,} bytes of "
-                         f"text: expected at least {MIN_FILE_BYTES:,} (fine-tuning gains need "
-                         "~20 KB of private text per section)")
-    section = (np.cumsum(sizes) - sizes) * n_sections // sizes.sum()
-    kinds = {f"part{i + 1}": [c for c, s in zip(chunks, section) if s == i]
-             for i in range(n_sections)}
-    return Corpus([], kinds, FILE_SHARES)
 
 
 def split_documents(kinds, seed, shares):
@@ -559,15 +347,15 @@ class TextTask:
     block_size, label_temperature = 64, 1.0
     completion_len = block_size - block_size // 2 + 1      # prompt + completion = one whole window
 
-    def __init__(self, seed, text_path=""):
+    def __init__(self, seed, corpus, source="the corpus"):
+        """corpus: a Corpus (experiments/text.py builds them); source names it in errors."""
         self.seed, self.enc = seed, get_tokenizer()
-        corpus = file_corpus(text_path) if text_path else stdlib_corpus()
         self.splits = split_documents(corpus.kinds, seed, corpus.shares)
         self.domains = list(self.splits)
         for domain, parts in self.splits.items():
             sizes = {name: len(joined(docs).encode()) for name, docs in parts.items()}
             if min(sizes.values()) < 2 * (self.block_size + 1):
-                raise ValueError(f"{'--text_path=' + text_path if text_path else 'the corpus'}: "
+                raise ValueError(f"{source}: "
                                  f"{domain!r} has {' / '.join(map(str, sizes.values()))} "
                                  f"bytes of {' / '.join(sizes)} text: expected at least "
                                  f"{2 * (self.block_size + 1)} in each (a longer file)")
@@ -599,8 +387,8 @@ class TextTask:
         return tokens[:, :-1], tokens[:, 1:], torch.ones(n, self.block_size, device=device)
 
     def shadow_subset(self, k, n, alpha):
-        """(mixture over domains ~ Dirichlet(alpha * uniform), n windows of the SHADOW pool drawn
-        with it)."""
+        """A Subset: a mixture over domains ~ Dirichlet(alpha * uniform) and n windows of the SHADOW
+        pool drawn with it."""
         rng = stream(self.seed, "shadow subset", k)
         mixture = rng.dirichlet(np.full(len(self.domains), alpha / len(self.domains)))
         counts = np.bincount(rng.choice(len(self.domains), size=n, p=mixture),
@@ -609,7 +397,7 @@ class TextTask:
                     for w in windows(self.shadow_raw[d], self.block_size + 1, c, rng)]
         # shuffled: any first few (the selection criterion scores the first val_examples) follow the
         # mixture too, not the first domain
-        return mixture, [examples[i] for i in rng.permutation(n)]
+        return Subset(mixture, [examples[i] for i in rng.permutation(n)])
 
     def public_examples(self, n, rng):
         """n windows of the SHADOW pool at random offsets (n=None: all of it in consecutive
@@ -644,9 +432,9 @@ class TextTask:
         return (prompt + completion).encode()[:self.block_size + 1].decode("utf-8", "ignore")
 
 
-def make_task(name, seed, text_path=""):
-    """The task object train.py and eval.py work with: "arith" or "text" (text_path: the user's
-    file)."""
-    if name not in ("arith", "text"):
-        raise ValueError(f"unknown task {name!r}: expected 'arith' or 'text'")
-    return ArithTask(seed) if name == "arith" else TextTask(seed, text_path)
+def make_task(name, seed):
+    """The task object train.py and eval.py work with. The text task needs a corpus:
+    experiments/text.py builds it, then data.TextTask(seed, corpus)."""
+    if name != "arith":
+        raise ValueError(f"unknown task {name!r}: expected 'arith' (the text task: TextTask)")
+    return ArithTask(seed)

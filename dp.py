@@ -25,7 +25,7 @@ DP-SGD needs one gradient per example, and there are two ways to get them here:
 Test it:  python -m pytest tests/test_dp.py -q
 Try it:   python -c "import dp; print(dp.compute_epsilon(0.04, 1.5, 2250, 1e-5))"  # 7.329...
 Time it:  python tools/bench_dp.py   # a plain step vs a DP-SGD step on each path
-Audit it: python tools/audit.py      # an empirical lower bound on epsilon from one fine-tune
+Audit it: python experiments/audit.py   # an empirical lower bound on epsilon from one fine-tune
 """
 
 import math
@@ -396,90 +396,55 @@ def calibrate(mechanism, epsilon, delta, clip, sample_rate, steps):
 
 
 # -----------------------------------------------------------------------------
-# auditing: a lower bound on epsilon from guesses
-# Steinke, Nasr and Jagielski 2023, "Privacy Auditing with One (1) Training Run": m canaries, each
-# included in the training data independently with probability 1/2. From the output alone the
-# auditor guesses "in" or "out" for r of them (abstaining on the rest) and v guesses are right. Were
-# the mechanism (eps, 0)-DP, the number right would be dominated by Binomial(r, p), p = e^eps / (1 +
-# e^eps): no better than randomized response. A v so large that this tail is below 5% refutes that
-# eps.
+# (c) what a noisy upload still says: its signal along public directions, and the do-no-harm
+# gate that falls back to the mean shadow update where the noise alone could explain an upload
+# (gradtx.generate applies it)
 
 
-def audit_p_value(guesses, correct, epsilon, delta=0.0, canaries=None):
-    """An upper bound on P[at least v of r guesses right] for an (epsilon, delta)-DP mechanism
-    (Steinke et al. 2023, Thm. 3.1 and its Algorithm 2 with delta > 0; m = canaries):
-
-        P[W >= v] <= beta + 2 m delta alpha,       p = e^eps / (1 + e^eps)
-        beta  = P[Binomial(r, p) >= v]
-        alpha = max over i = 1..v of  P[v - i <= Binomial(r, p) < v] / i
-
-    delta = 0 leaves beta, the pure-DP theorem. Summed in log space (r may be thousands).
-    """
-    r, v = guesses, correct
-    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0:
-        raise ValueError(f"guesses must be a non-negative integer, got {guesses!r}")
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v <= r:
-        raise ValueError(f"correct must be an integer in [0, guesses={r}], got {correct!r}")
-    if not epsilon >= 0:
-        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
-    if not 0 <= delta < 1:
-        raise ValueError(f"delta must be in [0, 1), got {delta}")
-    if delta > 0 and not (isinstance(canaries, (int, np.integer)) and canaries >= r):
-        raise ValueError(f"canaries (m) must be an integer >= guesses={r} when delta > 0, got "
-                         f"{canaries!r}")
-    # log p, log(1-p)
-    log_p, log_1mp = -math.log1p(math.exp(-epsilon)), -math.log1p(math.exp(epsilon))
-    log_pmf = np.array([math.lgamma(r + 1) - math.lgamma(i + 1) - math.lgamma(r - i + 1)
-                        + i * log_p + (r - i) * log_1mp for i in range(r + 1)])   # (r+1,)
-    pmf = np.exp(log_pmf)
-    beta = float(np.exp(np.logaddexp.reduce(log_pmf[v:]))) if v <= r else 0.0
-    if delta == 0 or v == 0:
-        return min(1.0, beta)
-    below = np.cumsum(pmf[v - 1::-1])            # below[i-1] = P[v - i <= Binomial < v], i = 1..v
-    alpha = float(np.max(below / np.arange(1, v + 1)))
-    return min(1.0, beta + 2 * canaries * delta * alpha)
+def fit_gate(X_noisy, noise, basis, fallback, prior=0.5):
+    """Statistics of the do-no-harm gate (`gate_weight`) along the public directions of `basis`, in
+    coordinates c = U^T (x - mean): X_noisy (N, n, d) the map's noisy training inputs (their centre,
+    and their spread: signal plus noise), noise (N', n, d) draws of the noise alone at the inputs'
+    noise level (train.py: a DP draw minus the mean of its subset's draws, rescaled), fallback
+    (n_tgt, d_tgt) the mean shadow LLM update; prior: the share of uploads the gate expects to carry
+    a convention of their own."""
+    coords = (X_noisy.flatten(1).float() - basis["mean"]) @ basis["U"]                  # (N, k)
+    noise_var = (noise.flatten(1).float() @ basis["U"]).pow(2).mean(0)                 # (k,)
+    # the rest of the spread
+    signal_var = (coords.var(0) - noise_var).clamp(min=1e-3 * noise_var.max().item())
+    return {"mean": basis["mean"], "U": basis["U"], "center": coords.mean(0),
+            "signal_var": signal_var, "noise_var": noise_var, "prior": torch.tensor([prior]),
+            "fallback": fallback}
 
 
-def epsilon_lower_bound(guesses, correct, confidence=0.95, delta=0.0, canaries=None):
-    """The largest epsilon that r guesses with v right refute at this confidence: the largest eps
-    with audit_p_value(r, v, eps) < 1 - confidence, by bisection (the p-value grows with eps). 0
-    when even eps = 0 is not refuted. All r right, delta = 0: the closed form eps = log(p / (1 - p))
-    with p = (1 - confidence)^(1/r)."""
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    level = 1 - confidence
-    p_value = lambda eps: audit_p_value(guesses, correct, eps, delta, canaries)  # noqa: E731
-    if p_value(0.0) >= level:
-        return 0.0
-    lo, hi = 0.0, 1.0   # invariant: p_value(lo) < level <= p_value(hi)
-    while p_value(hi) < level:
-        lo, hi = hi, 2 * hi
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if p_value(mid) < level else (lo, mid)
-    return lo
+def gate_weight(gate, X):
+    """(N, n, d) uploads -> (N,) weights in (0, 1): the probability that an upload carries a
+    convention of its own rather than noise around the centre. Two hypotheses for its coordinates c
+    along the gate's directions:
+        noise only:  c ~ N(center, noise_var)               (writes like the public does)
+        signal:      c ~ N(center, signal_var + noise_var)  (writes like any shadow subset)
+    and Bayes' rule with the prior. An upload far from the centre in units of the noise gets ~1
+    (translated as it is); one the noise alone explains gets a small weight, so the provider falls
+    back towards the mean shadow update instead of sending a mostly-noise upload to a wrong
+    corner."""
+    X = X.flatten(1).float().to(gate["mean"].device)          # an upload held on the CPU, too
+    c = (X - gate["mean"]) @ gate["U"] - gate["center"]                               # (N, k)
+    n, s = gate["noise_var"], gate["noise_var"] + gate["signal_var"]
+    # log p(c|signal)/p(c|noise)
+    log_ratio = (0.5 * c.pow(2) * (1 / n - 1 / s) - 0.5 * torch.log(s / n)).sum(1)
+    return torch.sigmoid(log_ratio + torch.logit(gate["prior"]))
 
 
-def one_run_audit(scores, included, ks=(10, 20, 50, 100, 200, 500), confidence=0.95, delta=0.0):
-    """The one-run audit from the canaries' scores (m,) and who was really in (m,) bool: for each k,
-    guess "in" for the k highest scores and "out" for the k lowest, abstain on the rest; the bound
-    is the best over ks, each k at confidence 1 - (1 - confidence) / len(ks) (a union bound:
-    choosing the best k afterwards costs that). eps_lb_max: what all guesses right at the largest k
-    would give. Returns {"eps_lb", "k", "guesses", "correct", "eps_lb_max"}."""
-    scores, included = np.asarray(scores, dtype=float), np.asarray(included, dtype=bool)
-    m = len(scores)
-    if scores.ndim != 1 or included.shape != scores.shape or m == 0:
-        raise ValueError(f"scores and included must be 1-D of the same length > 0, got "
-                         f"{scores.shape} and {included.shape}")
-    if not ks or any(not 0 < 2 * k <= m for k in ks):
-        raise ValueError(f"ks must be non-empty with 0 < 2k <= m = {m} each, got {ks}")
-    each = 1 - (1 - confidence) / len(ks)
-    order = np.argsort(-scores, kind="stable")   # highest score first
-    best = {"eps_lb": 0.0, "k": None, "guesses": 0, "correct": 0}
-    for k in ks:
-        v = int(included[order[:k]].sum() + (~included[order[-k:]]).sum())
-        eps = epsilon_lower_bound(2 * k, v, each, delta, m)
-        if best["k"] is None or eps > best["eps_lb"]:
-            best = {"eps_lb": eps, "k": k, "guesses": 2 * k, "correct": v}
-    best["eps_lb_max"] = epsilon_lower_bound(2 * max(ks), 2 * max(ks), each, delta, m)
-    return best
+def upload_signal(X_clean, X_noisy, basis):
+    """How much of a noisy upload is signal, along each public direction: the correlation, over
+    shadow runs, between the run's noisy inputs (DP uploads, or means of m of them) and its clean
+    update, both projected on the basis. X_clean (N, n, d), X_noisy (N, P, n, d) -> (k,). 1: the
+    noise does not matter; 0: no map can translate the upload in that direction, however it is
+    trained."""
+    U, mean = basis["U"], basis["mean"]
+    clean = (X_clean.flatten(1) - mean) @ U                                   # (N, k)
+    # (N*P, k): one per input
+    clean = clean[:, None].expand(-1, X_noisy.shape[1], -1).flatten(0, 1)
+    noisy = ((X_noisy.flatten(2) - mean) @ U).flatten(0, 1)                   # (N*P, k)
+    a, b = clean - clean.mean(0), noisy - noisy.mean(0)
+    return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0) + 1e-12)

@@ -21,7 +21,7 @@ Three measured additions to the paper's recipe, each an option (off = the paper)
     so a translator selected by the functional criterion is never worse than the linear map on
     the held-out runs (`fit_ridge`, `select_linear_map`);
   * a do-no-harm gate for DP uploads: an upload the noise alone could explain is translated back
-    towards the mean shadow update (`fit_gate`, `gate_weight`).
+    towards the mean shadow update (dp.py: `fit_gate`, `gate_weight`).
 The translator is selected on held-out shadow RUNS by a functional criterion (`split_runs`,
 `functional_criterion`): the LLM's loss with the predicted update applied, and of the candidates
 the simplest that is within one standard error of the best (`simplest_within_one_se`).
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import dp
 import tinylm
 
 
@@ -60,7 +61,7 @@ class GTConfig:
 
 
 # -----------------------------------------------------------------------------
-# the model: attention, encoder and decoder layers, the translator, what it reads, generation
+# the paper's translator: attention, encoder and decoder layers, the model
 
 
 class Attention(nn.Module):
@@ -127,23 +128,11 @@ class GradTransformer(nn.Module):
         self.head = nn.Linear(D, cfg.d_tgt)
         nn.init.zeros_(self.head.weight)   # the untrained model predicts 0 in normalised units,
         nn.init.zeros_(self.head.bias)     # i.e. the mean shadow update
-        # buffers, saved with the model: set_stats's statistics, set_linear_map's subspace and skip
-        # path
+        # per-coordinate statistics (set_stats): mean 0, std 1 is a no-op until they are set
         for name, shape in (("x", (cfg.n_src, cfg.d_src)), ("y", (cfg.n_tgt, cfg.d_tgt))):
             self.register_buffer(f"{name}_mean", torch.zeros(shape))
-            # mean 0, std 1: a no-op until set_stats
             self.register_buffer(f"{name}_std", torch.ones(shape))
-        D_src, D_tgt, N = cfg.n_src * cfg.d_src, cfg.n_tgt * cfg.d_tgt, cfg.n_skip
-        linear_map = dict(basis_mean=D_src, basis_U=(D_src, cfg.n_basis)) if cfg.n_basis else {}
-        if N:
-            linear_map.update(ridge_keys=(N, D_src), ridge_values=(N, D_tgt), ridge_x_mean=D_src,
-                              ridge_x_std=D_src, ridge_y_mean=D_tgt, ridge_y_std=D_tgt)
-        if cfg.n_gate:   # fit_gate's statistics and the update it falls back to
-            linear_map.update(gate_mean=D_src, gate_U=(D_src, cfg.n_gate), gate_center=cfg.n_gate,
-                              gate_signal_var=cfg.n_gate, gate_noise_var=cfg.n_gate, gate_prior=1,
-                              gate_fallback=(cfg.n_tgt, cfg.d_tgt))
-        for name, shape in linear_map.items():
-            self.register_buffer(name, torch.zeros(shape))
+        register_additions(self, cfg)   # this project's additions, below; none in the paper's
 
     # {rest of the name: live buffer} for buffers prefix*; None if none
     def buffers_named(self, prefix):
@@ -178,6 +167,10 @@ class GradTransformer(nn.Module):
         return out if base is None else out + base[:, :T]
 
 
+# -----------------------------------------------------------------------------
+# what the model reads and writes: z-scores, teacher forcing, autoregressive generation
+
+
 @torch.no_grad()
 def set_stats(model, X, Y):
     """Per-coordinate mean/std over N pairs of TinyLM updates X (N, n_src, d_src) and LLM updates
@@ -210,7 +203,14 @@ def shift_right(y):
     generation."""
     ### BEGIN SOLUTION autoregressive_decoding
     return torch.cat([torch.zeros_like(y[:, :1]), y[:, :-1]], dim=1)
-    ### END SOLUTION
+
+
+def teacher_forcing_loss(model, src, tgt, base=None):
+    """The paper's training objective on a batch of pairs, in normalised units: the decoder reads
+    the true LLM tokens tgt (B, n_tgt, d_tgt) shifted right behind the start token, predicts every
+    next token at once, and pays their mean squared error. base: the skip path's prediction."""
+    pred = model(src, shift_right(tgt), base)                       # (B, n_tgt, d_tgt)
+    return F.mse_loss(pred, tgt)
 
 
 @torch.no_grad()
@@ -236,218 +236,14 @@ def generate(model, tiny_update):
     out = denormalize(model, tgt[:, 1:], "y")
     # do no harm: back towards the mean update as far as the upload may be noise
     if model.gate is not None:
-        fallback, weight = model.gate["fallback"], gate_weight(model.gate, src_raw)[:, None, None]
+        fallback, weight = model.gate["fallback"], dp.gate_weight(model.gate, src_raw)[:, None, None]
         out = fallback + weight * (out - fallback)
     out = out.cpu()
     return out[0] if single else out
 
 
 # -----------------------------------------------------------------------------
-# training, in the order train.py runs it: split the shadow runs, score by a functional
-# criterion, choose the linear map (public subspace + ridge skip path), fit the translator
-
-
-# the grid select_linear_map searches; k = 0: no projection
-SUBSPACE_SIZES = (0, 4, 8, 16, 32, 64)
-RIDGE_LAMBDAS = (1e-3, 1e-2, 1e-1, 1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6)
-# how a map and a checkpoint are chosen (a cache key)
-SELECTION = "simplest within one standard error"
-SIGNAL_DIRECTIONS = 4   # the top public directions along which train.py measures upload_signal
-
-
-def split_runs(n_runs, val_frac, seed):
-    """Shadow run indices for training and validation: split by RUN, never by snapshot
-    (snapshots of one run are near copies of each other and would leak across the split)."""
-    order = data.stream(seed, "run split").permutation(n_runs)
-    n_val = max(2, int(round(val_frac * n_runs)))
-    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
-
-
-def functional_criterion(llm, val_sets, measure="loss"):
-    """f(pred_updates) = (n_runs,) the LLM's loss on each held-out run's own shadow data (x, y,
-    mask) with that run's predicted update applied; lower is better, and its mean is the score
-    (selection in parameter space keeps a translator that still sits at the mean update).
-    measure="exact_match" scores 1 - the share of examples answered exactly right: the loss rewards
-    hedging towards the mean update, this does not."""
-    def criterion(pred_updates):
-        values = []
-        for update, (x, y, mask) in zip(pred_updates, val_sets):
-            tinylm.set_update(llm, update)
-            values.append(tinylm.loss_of(llm, x, y, mask) if measure == "loss"
-                          else 1.0 - tinylm.exact_match_of(llm, x, y, mask))
-        return np.array(values)
-    return criterion
-
-
-def simplest_within_one_se(scores):
-    """The first candidate (`scores` lists them simplest first) that is not clearly worse than the
-    best: its per-run scores (lower is better) exceed the best candidate's by at most one standard
-    error of the paired difference. The one-standard-error rule (Breiman et al. 1984): a dozen
-    held-out runs rank candidates only up to noise, and a noise-fitted pick (a larger subspace, a
-    weaker ridge, a later checkpoint) is what breaks when DP noise is strong. A scalar score has no
-    spread: then the best wins."""
-    values = {c: np.atleast_1d(np.asarray(v, dtype=float)) for c, v in scores.items()}
-    best = min(values, key=lambda c: values[c].mean())
-    for c, v in values.items():
-        d = v - values[best]
-        if d.mean() <= (d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0):
-            return c
-
-
-def public_basis(X_clean, k):
-    """Top-k principal directions of CLEAN public shadow TinyLM updates X_clean (N, n_src, d_src):
-    {"mean": (D,), "U": (D, k)} with orthonormal columns, or None for k = 0 (no projection).
-    Why projecting helps with DP uploads: DP-SGD noise spreads evenly over all D = n_src * d_src
-    (~2,000) coordinates of an update, while what distinguishes one fine-tune from another (here:
-    the data's convention) lives in a few directions. A k-dim subspace keeps all of that signal
-    but only k / D of the noise's energy. The provider computes it from public data alone."""
-    if k == 0:
-        return None
-    ### BEGIN SOLUTION public_subspace
-    X = X_clean.flatten(1).double()
-    mean = X.mean(0)
-    U = torch.linalg.svd(X - mean, full_matrices=False).Vh[:k].T          # (D, k)
-    return {"mean": mean.float(), "U": U.float().contiguous()}
-    ### END SOLUTION
-
-
-def project(X, basis):
-    """(N, n, d) -> (N, n, d): mean + U U^T (x - mean), same layout; unchanged when basis is
-    None."""
-    if basis is None:
-        return X
-    ### BEGIN SOLUTION public_subspace
-    mean, U = basis["mean"].to(X.device), basis["U"].to(X.device)
-    centred = X.flatten(1).float() - mean
-    return (mean + (centred @ U) @ U.T).view(X.shape)
-    ### END SOLUTION
-
-
-def upload_signal(X_clean, X_noisy, basis):
-    """How much of a noisy upload is signal, along each public direction: the correlation, over
-    shadow runs, between the run's noisy inputs (DP uploads, or means of m of them) and its clean
-    update, both projected on the basis. X_clean (N, n, d), X_noisy (N, P, n, d) -> (k,). 1: the
-    noise does not matter; 0: no map can translate the upload in that direction, however it is
-    trained."""
-    U, mean = basis["U"], basis["mean"]
-    clean = (X_clean.flatten(1) - mean) @ U                                   # (N, k)
-    # (N*P, k): one per input
-    clean = clean[:, None].expand(-1, X_noisy.shape[1], -1).flatten(0, 1)
-    noisy = ((X_noisy.flatten(2) - mean) @ U).flatten(0, 1)                   # (N*P, k)
-    a, b = clean - clean.mean(0), noisy - noisy.mean(0)
-    return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0) + 1e-12)
-
-
-def fit_gate(X_noisy, noise, basis, fallback, prior=0.5):
-    """Statistics of the do-no-harm gate (`gate_weight`) along the public directions of `basis`, in
-    coordinates c = U^T (x - mean): X_noisy (N, n, d) the map's noisy training inputs (their centre,
-    and their spread: signal plus noise), noise (N', n, d) draws of the noise alone at the inputs'
-    noise level (train.py: a DP draw minus the mean of its subset's draws, rescaled), fallback
-    (n_tgt, d_tgt) the mean shadow LLM update; prior: the share of uploads the gate expects to carry
-    a convention of their own."""
-    coords = (X_noisy.flatten(1).float() - basis["mean"]) @ basis["U"]                  # (N, k)
-    noise_var = (noise.flatten(1).float() @ basis["U"]).pow(2).mean(0)                 # (k,)
-    # the rest of the spread
-    signal_var = (coords.var(0) - noise_var).clamp(min=1e-3 * noise_var.max().item())
-    return {"mean": basis["mean"], "U": basis["U"], "center": coords.mean(0),
-            "signal_var": signal_var, "noise_var": noise_var, "prior": torch.tensor([prior]),
-            "fallback": fallback}
-
-
-def gate_weight(gate, X):
-    """(N, n, d) uploads -> (N,) weights in (0, 1): the probability that an upload carries a
-    convention of its own rather than noise around the centre. Two hypotheses for its coordinates c
-    along the gate's directions:
-        noise only:  c ~ N(center, noise_var)               (writes like the public does)
-        signal:      c ~ N(center, signal_var + noise_var)  (writes like any shadow subset)
-    and Bayes' rule with the prior. An upload far from the centre in units of the noise gets ~1
-    (translated as it is); one the noise alone explains gets a small weight, so the provider falls
-    back towards the mean shadow update instead of sending a mostly-noise upload to a wrong
-    corner."""
-    X = X.flatten(1).float().to(gate["mean"].device)          # an upload held on the CPU, too
-    c = (X - gate["mean"]) @ gate["U"] - gate["center"]                               # (N, k)
-    n, s = gate["noise_var"], gate["noise_var"] + gate["signal_var"]
-    # log p(c|signal)/p(c|noise)
-    log_ratio = (0.5 * c.pow(2) * (1 / n - 1 / s) - 0.5 * torch.log(s / n)).sum(1)
-    return torch.sigmoid(log_ratio + torch.logit(gate["prior"]))
-
-
-def fit_ridge(X, Y, lam):
-    """Ridge regression Y ~ X on z-scored, flattened updates, solved in the dual (N << dims):
-    pred(x) = z(x) @ keys^T @ values with keys = z(X_train), values = (K + lam I)^-1 z(Y_train)."""
-    return ridge_at(ridge_factors(X, Y), lam)
-
-
-def ridge_factors(X, Y):
-    """Everything fit_ridge computes before lambda enters: the z-scoring, K = keys keys^T = Q
-    diag(e) Q^T and Q^T z(Y). A search over lambda computes it once; each lambda then only rescales
-    (`ridge_at`)."""
-    X, Y = X.flatten(1).double(), Y.flatten(1).double()
-    x_mean, x_std, y_mean, y_std = X.mean(0), X.std(0) + 1e-8, Y.mean(0), Y.std(0) + 1e-8
-    keys = (X - x_mean) / x_std
-    # (K + lam I)^-1 through K's eigenvectors, keeping only those with a non-negligible eigenvalue:
-    # the rest meet keys^T's null space, so they add exactly nothing to a prediction -- but with
-    # projected inputs (K has rank k) they hold float round-off scaled by 1 / lam, and at a small
-    # lam that swamped the prediction (measured: 5x its size at lam = 1e-3, 5% at 0.1)
-    eigenvalues, Q = torch.linalg.eigh(keys @ keys.T)
-    kept = eigenvalues > 1e-9 * eigenvalues.max()
-    Q, eigenvalues = Q[:, kept], eigenvalues[kept]                        # (N, r), (r,)
-    # (r, D_tgt)
-    return dict(keys=keys, Q=Q, eigenvalues=eigenvalues, Qt_y=Q.T @ ((Y - y_mean) / y_std),
-                x_mean=x_mean, x_std=x_std, y_mean=y_mean, y_std=y_std)
-
-
-def ridge_at(factors, lam):
-    """fit_ridge's map at one lambda: values = Q diag(1 / (e + lam)) Q^T z(Y) = (K + lam I)^-1
-    z(Y)."""
-    f = factors
-    values = f["Q"] @ (f["Qt_y"] / (f["eigenvalues"][:, None] + lam))                   # (N, D_tgt)
-    ridge = dict(keys=f["keys"], values=values, x_mean=f["x_mean"], x_std=f["x_std"],
-                 y_mean=f["y_mean"], y_std=f["y_std"])
-    return {name: t.float() for name, t in ridge.items()}
-
-
-def ridge_predict(ridge, X):
-    """TinyLM updates (N, n_src, d_src) -> LLM updates (N, D_tgt) flattened; callers .view()
-    them."""
-    r = {k: v.to(X.device) for k, v in ridge.items()}
-    z = (X.flatten(1).float() - r["x_mean"]) / r["x_std"]
-    return (z @ r["keys"].T) @ r["values"] * r["y_std"] + r["y_mean"]
-
-
-def select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks=SUBSPACE_SIZES,
-                      lams=RIDGE_LAMBDAS):
-    """Choose the subspace size k and ridge's lambda by the functional criterion on held-out runs
-    (parameter-space error would pick a far too strong lambda): the simplest map within one standard
-    error of the best (`simplest_within_one_se`; fewer directions first -- k = 0, the raw input, has
-    the most -- then a stronger ridge). X_clean: clean public shadow TinyLM updates, for the basis;
-    X_train, X_val: the inputs the map will be given (DP updates when clients use DP); Y_train: LLM
-    updates. Returns (basis, ridge, k, lam, {(k, lam): mean score})."""
-    scores, maps = {}, {}
-    for k in ks:
-        if k > min(X_clean.shape[0] - 1, X_clean[0].numel()):   # more directions than the data has
-            continue
-        basis = public_basis(X_clean, k)
-        X_tr, X_va = project(X_train, basis), project(X_val, basis)
-        # once per k: the same map as fit_ridge(X_tr, Y_train, lam)
-        factors = ridge_factors(X_tr, Y_train)
-        for lam in lams:
-            ridge = ridge_at(factors, lam)
-            pred = ridge_predict(ridge, X_va).view(len(X_val), *Y_train.shape[1:])
-            scores[(k, lam)] = criterion(pred)
-            maps[(k, lam)] = (basis, ridge)
-    simplest_first = sorted(scores, key=lambda c: (c[0] or math.inf, -c[1]))
-    k, lam = simplest_within_one_se({c: scores[c] for c in simplest_first})
-    return *maps[(k, lam)], k, lam, {c: float(np.mean(v)) for c, v in scores.items()}
-
-
-@torch.no_grad()
-def set_linear_map(model, basis, ridge, gate=None):
-    """Copy the public basis, the ridge skip path and the gate into the model's buffers (saved with
-    it)."""
-    for tensors, new in ((model.basis, basis), (model.ridge, ridge), (model.gate, gate)):
-        for name, t in (tensors or {}).items():
-            t.copy_(new[name])
+# training on shadow pairs, and checkpoints (the config and the buffers travel with the weights)
 
 
 class Translator(NamedTuple):
@@ -510,10 +306,6 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
     return {"history": history, "best_step": best_step}
 
 
-# -----------------------------------------------------------------------------
-# checkpoints: the config, the normalisation and the linear map travel with the weights
-
-
 def save(model, path):
     tinylm.atomic_save({"config": asdict(model.cfg), "state_dict": model.state_dict()}, path)
 
@@ -532,3 +324,195 @@ def load(path, tiny_shape=None, llm_shape=None, device="cpu"):
             raise ValueError(f"{path}: this Grad-Transformer was made for {what} updates of shape "
                              f"{have}, but the {what} here has update shape {tuple(want)}")
     return model.to(device).eval()
+
+
+# -----------------------------------------------------------------------------
+# this project's additions (each an option; off = the paper): selection on held-out runs by
+# the LLM's loss, the public subspace, the ridge skip path, the do-no-harm gate
+
+
+def register_additions(model, cfg):
+    """The buffers of this project's additions, saved with the model and filled by
+    `set_linear_map`: the public basis (cfg.n_basis), the ridge skip path (cfg.n_skip training
+    pairs) and the gate (cfg.n_gate directions). The paper's translator (all three 0) has none."""
+    D_src, D_tgt, N = cfg.n_src * cfg.d_src, cfg.n_tgt * cfg.d_tgt, cfg.n_skip
+    shapes = dict(basis_mean=D_src, basis_U=(D_src, cfg.n_basis)) if cfg.n_basis else {}
+    if N:
+        shapes.update(ridge_keys=(N, D_src), ridge_values=(N, D_tgt), ridge_x_mean=D_src,
+                      ridge_x_std=D_src, ridge_y_mean=D_tgt, ridge_y_std=D_tgt)
+    if cfg.n_gate:   # fit_gate's statistics and the update it falls back to
+        shapes.update(gate_mean=D_src, gate_U=(D_src, cfg.n_gate), gate_center=cfg.n_gate,
+                      gate_signal_var=cfg.n_gate, gate_noise_var=cfg.n_gate, gate_prior=1,
+                      gate_fallback=(cfg.n_tgt, cfg.d_tgt))
+    for name, shape in shapes.items():
+        model.register_buffer(name, torch.zeros(shape))
+
+
+# the grid select_linear_map searches; k = 0: no projection
+SUBSPACE_SIZES = (0, 4, 8, 16, 32, 64)
+RIDGE_LAMBDAS = (1e-3, 1e-2, 1e-1, 1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6)
+# how a map and a checkpoint are chosen (a cache key)
+SELECTION = "simplest within one standard error"
+SIGNAL_DIRECTIONS = 4   # the top public directions along which train.py measures upload_signal
+
+
+def split_runs(n_runs, val_frac, seed):
+    """Shadow run indices for training and validation: split by RUN, never by snapshot
+    (snapshots of one run are near copies of each other and would leak across the split)."""
+    order = data.stream(seed, "run split").permutation(n_runs)
+    n_val = max(2, int(round(val_frac * n_runs)))
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+def functional_criterion(llm, val_sets, measure="loss"):
+    """f(pred_updates) = (n_runs,) the LLM's loss on each held-out run's own shadow data (x, y,
+    mask) with that run's predicted update applied; lower is better, and its mean is the score
+    (selection in parameter space keeps a translator that still sits at the mean update).
+    measure="exact_match" scores 1 - the share of examples answered exactly right: the loss rewards
+    hedging towards the mean update, this does not."""
+    def criterion(pred_updates):
+        values = []
+        for update, (x, y, mask) in zip(pred_updates, val_sets):
+            tinylm.set_update(llm, update)
+            values.append(tinylm.loss_of(llm, x, y, mask) if measure == "loss"
+                          else 1.0 - tinylm.exact_match_of(llm, x, y, mask))
+        return np.array(values)
+    return criterion
+
+
+def simplest_within_one_se(scores):
+    """The first candidate (`scores` lists them simplest first) that is not clearly worse than the
+    best: its per-run scores (lower is better) exceed the best candidate's by at most one standard
+    error of the paired difference. The one-standard-error rule (Breiman et al. 1984): a dozen
+    held-out runs rank candidates only up to noise, and a noise-fitted pick (a larger subspace, a
+    weaker ridge, a later checkpoint) is what breaks when DP noise is strong. A scalar score has no
+    spread: then the best wins."""
+    values = {c: np.atleast_1d(np.asarray(v, dtype=float)) for c, v in scores.items()}
+    best = min(values, key=lambda c: values[c].mean())
+    for c, v in values.items():
+        d = v - values[best]
+        if d.mean() <= (d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0):
+            return c
+
+
+# -----------------------------------------------------------------------------
+# the public subspace: PCA of clean public TinyLM updates, which keeps DP noise out
+
+
+def public_basis(X_clean, k):
+    """Top-k principal directions of CLEAN public shadow TinyLM updates X_clean (N, n_src, d_src):
+    {"mean": (D,), "U": (D, k)} with orthonormal columns, or None for k = 0 (no projection).
+    Why projecting helps with DP uploads: DP-SGD noise spreads evenly over all D = n_src * d_src
+    (~2,000) coordinates of an update, while what distinguishes one fine-tune from another (here:
+    the data's convention) lives in a few directions. A k-dim subspace keeps all of that signal
+    but only k / D of the noise's energy. The provider computes it from public data alone."""
+    if k == 0:
+        return None
+    ### BEGIN SOLUTION public_subspace
+    X = X_clean.flatten(1).double()
+    mean = X.mean(0)
+    U = torch.linalg.svd(X - mean, full_matrices=False).Vh[:k].T          # (D, k)
+    return {"mean": mean.float(), "U": U.float().contiguous()}
+
+
+def project(X, basis):
+    """(N, n, d) -> (N, n, d): mean + U U^T (x - mean), same layout; unchanged when basis is
+    None."""
+    if basis is None:
+        return X
+    ### BEGIN SOLUTION public_subspace
+    mean, U = basis["mean"].to(X.device), basis["U"].to(X.device)
+    centred = X.flatten(1).float() - mean
+    return (mean + (centred @ U) @ U.T).view(X.shape)
+
+
+# -----------------------------------------------------------------------------
+# the ridge skip path: a linear map fit in the dual, one factorisation for every lambda
+
+
+def fit_ridge(X, Y, lam):
+    """Ridge regression Y ~ X on z-scored, flattened updates, solved in the dual (N << dims):
+    pred(x) = z(x) @ keys^T @ values with keys = z(X_train), values = (K + lam I)^-1 z(Y_train)."""
+    return ridge_at(ridge_factors(X, Y), lam)
+
+
+def ridge_factors(X, Y):
+    """Everything fit_ridge computes before lambda enters: the z-scoring, K = keys keys^T = Q
+    diag(e) Q^T and Q^T z(Y). A search over lambda computes it once; each lambda then only rescales
+    (`ridge_at`)."""
+    X, Y = X.flatten(1).double(), Y.flatten(1).double()
+    x_mean, x_std, y_mean, y_std = X.mean(0), X.std(0) + 1e-8, Y.mean(0), Y.std(0) + 1e-8
+    keys = (X - x_mean) / x_std
+    # (K + lam I)^-1 through K's eigenvectors, keeping only those with a non-negligible eigenvalue:
+    # the rest meet keys^T's null space, so they add exactly nothing to a prediction -- but with
+    # projected inputs (K has rank k) they hold float round-off scaled by 1 / lam, and at a small
+    # lam that swamped the prediction (measured: 5x its size at lam = 1e-3, 5% at 0.1)
+    eigenvalues, Q = torch.linalg.eigh(keys @ keys.T)
+    kept = eigenvalues > 1e-9 * eigenvalues.max()
+    Q, eigenvalues = Q[:, kept], eigenvalues[kept]                        # (N, r), (r,)
+    # (r, D_tgt)
+    return dict(keys=keys, Q=Q, eigenvalues=eigenvalues, Qt_y=Q.T @ ((Y - y_mean) / y_std),
+                x_mean=x_mean, x_std=x_std, y_mean=y_mean, y_std=y_std)
+
+
+def ridge_at(factors, lam):
+    """fit_ridge's map at one lambda: values = Q diag(1 / (e + lam)) Q^T z(Y) = (K + lam I)^-1
+    z(Y)."""
+    f = factors
+    values = f["Q"] @ (f["Qt_y"] / (f["eigenvalues"][:, None] + lam))                   # (N, D_tgt)
+    ridge = dict(keys=f["keys"], values=values, x_mean=f["x_mean"], x_std=f["x_std"],
+                 y_mean=f["y_mean"], y_std=f["y_std"])
+    return {name: t.float() for name, t in ridge.items()}
+
+
+def ridge_predict(ridge, X):
+    """TinyLM updates (N, n_src, d_src) -> LLM updates (N, D_tgt) flattened; callers .view()
+    them."""
+    r = {k: v.to(X.device) for k, v in ridge.items()}
+    z = (X.flatten(1).float() - r["x_mean"]) / r["x_std"]
+    return (z @ r["keys"].T) @ r["values"] * r["y_std"] + r["y_mean"]
+
+
+class LinearMap(NamedTuple):
+    """What `select_linear_map` chooses: the public basis (None: raw input), the ridge map, its
+    subspace size k and lambda, and every candidate's mean held-out score {(k, lambda): score}."""
+    basis: dict
+    ridge: dict
+    k: int
+    lam: float
+    scores: dict
+
+
+def select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks=SUBSPACE_SIZES,
+                      lams=RIDGE_LAMBDAS):
+    """Choose the subspace size k and ridge's lambda by the functional criterion on held-out runs
+    (parameter-space error would pick a far too strong lambda): the simplest map within one standard
+    error of the best (`simplest_within_one_se`; fewer directions first -- k = 0, the raw input, has
+    the most -- then a stronger ridge). X_clean: clean public shadow TinyLM updates, for the basis;
+    X_train, X_val: the inputs the map will be given (DP updates when clients use DP); Y_train: LLM
+    updates. Returns a LinearMap."""
+    scores, maps = {}, {}
+    for k in ks:
+        if k > min(X_clean.shape[0] - 1, X_clean[0].numel()):   # more directions than the data has
+            continue
+        basis = public_basis(X_clean, k)
+        X_tr, X_va = project(X_train, basis), project(X_val, basis)
+        # once per k: the same map as fit_ridge(X_tr, Y_train, lam)
+        factors = ridge_factors(X_tr, Y_train)
+        for lam in lams:
+            ridge = ridge_at(factors, lam)
+            pred = ridge_predict(ridge, X_va).view(len(X_val), *Y_train.shape[1:])
+            scores[(k, lam)] = criterion(pred)
+            maps[(k, lam)] = (basis, ridge)
+    simplest_first = sorted(scores, key=lambda c: (c[0] or math.inf, -c[1]))
+    k, lam = simplest_within_one_se({c: scores[c] for c in simplest_first})
+    return LinearMap(*maps[(k, lam)], k, lam, {c: float(np.mean(v)) for c, v in scores.items()})
+
+
+@torch.no_grad()
+def set_linear_map(model, basis, ridge, gate=None):
+    """Copy the public basis, the ridge skip path and the gate into the model's buffers (saved with
+    it)."""
+    for tensors, new in ((model.basis, basis), (model.ridge, ridge), (model.gate, gate)):
+        for name, t in (tensors or {}).items():
+            t.copy_(new[name])

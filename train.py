@@ -4,13 +4,10 @@ train.py -- the whole Grad-Transformer protocol, stage by stage, cached on disk.
     python train.py                     # default (cpu) preset: the whole protocol on a laptop CPU
     python train.py --preset smoke      # a tiny run of every stage, a minute or two
     python train.py --dp_epsilon=1      # clients fine-tune with DP-SGD at epsilon = 1 (delta 1e-5)
-    python train.py --experiment=dp     # the DP sweep: epsilon in {inf, 8, 1, 0.3, 0.1}, one table
-    python train.py --experiment=collab # groups of 8 clients pool uploads, with and without DP
-    python train.py --experiment=frontier   # N x epsilon x pooling: the privacy-utility frontier
-    python train.py --experiment=shadow_count   # K shadow subsets: translator, linear map, paper
     python train.py --n_train=8192 --dp_epsilon=0.1   # the paper's regime: 8k-record clients
-    python train.py --preset text       # language modeling on code, comments and reference text
     python train.py --help              # every option (config/presets.py: each default and why)
+
+Experiments run this protocol many times (experiments/: sweeps, the text task, the audit).
 
 Stages (each writes its output atomically into --cache, default --out, and is skipped when there):
   1. pretrain    both public base models (TinyLM and LLM) on the task's public pretraining data
@@ -19,13 +16,11 @@ Stages (each writes its output atomically into --cache, default --out, and is sk
   2b. shadow_dp  with DP: R more TinyLM runs per subset made with the clients' published DP recipe
   3. fit         per noise level, the linear map (public subspace + ridge) and the Grad-Transformer
   4. clients     each client fine-tunes its TinyLM on its private data (with DP if asked) and
-                 uploads only its update vector
+                 uploads only its update vector; the LLM fine-tunes it is compared with
   5. eval        the provider translates each upload (and each group's mean upload); eval.py scores
                  it against the baselines and writes results.json
 A stage's cache key covers its settings, the keys of the stages it reads, and a fingerprint of the
 data it is given, so a change of either re-runs it and everything after it, and nothing else.
-Where the pieces live: training loops in tinylm.py (pretrain, finetune), DP in dp.py, the translator
-and its selection in gradtx.py, the baselines and the scoring in eval.py, the tasks in data.py.
 """
 import hashlib
 import json
@@ -45,10 +40,297 @@ import dp
 import eval as evaluation
 import gradtx
 import tinylm
-from config.presets import EXPERIMENTS, parse_args   # every setting, its default and why
+from config.presets import parse_args   # every setting, its default and why
+
+
 
 # -----------------------------------------------------------------------------
-# the device, the recipe and the privacy it buys
+# the protocol: five stages, each cached (the stages follow in order)
+
+
+def run(cfg, task=None):
+    """The protocol end to end for one configuration; returns results.json's contents. task: a
+    task object built elsewhere (experiments/text.py); by default cfg.task's from data.py."""
+    device, t_start = setup(cfg), time.time()
+    print(f"gradtx: preset {cfg.preset}, task {cfg.task}, seed {cfg.seed}, device {device}, out "
+          f"{cfg.out}")
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(asdict(cfg), f, indent=1)
+    task = task or load_task(cfg)
+    paths = stage_paths(cfg, task, pool_levels(cfg), device)
+    tiny, llm = base_models(cfg, task, paths, device)
+    shadow = shadow_stages(cfg, task, tiny, llm, paths, device)
+    translators = {m: fit_stage(cfg, task, tiny, llm, shadow, paths[f"fit_{m}"], m)
+                   for m in pool_levels(cfg)}
+    clients = clients_stage(cfg, task, tiny, llm, paths, device)
+    privacy = {"epsilon": cfg.dp_epsilon if cfg.dp_epsilon > 0 else None, "delta": cfg.dp_delta,
+               "mechanism": cfg.dp_mechanism if cfg.dp_epsilon > 0 else None,
+               "noise_multiplier": noise_multiplier(cfg) or 0.0, "clip": cfg.dp_clip,
+               "sample_rate": sample_rate(cfg), "steps": cfg.ft_steps,
+               "subspace_k": {m: t.log["k"] for m, t in translators.items()}}
+    results = evaluation.evaluate(cfg, task, tiny, llm, translators, shadow, clients,
+                                  recipe(cfg), stage_seconds(cfg, paths), privacy)
+    results["timing_s"]["this_run_total"] = time.time() - t_start
+    return results
+
+
+def setup(cfg):
+    """The device (picked at run time), threads and output folders of a run."""
+    device = pick_device(cfg.device)
+    if torch.device(device).type == "cuda":
+        # the same numbers from run to run; cuBLAS reads its setting when it starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    os.makedirs(cfg.out, exist_ok=True)
+    os.makedirs(cfg.cache or cfg.out, exist_ok=True)
+    return device
+
+
+def load_task(cfg):
+    """cfg.task's task from data.py. The text task's corpus is an experiment's
+    (experiments/text.py builds it and passes the task to `run`)."""
+    if cfg.task != "arith":
+        raise SystemExit(f"--task={cfg.task}: the text task runs from its own command: "
+                         "python experiments/text.py (--help for its options)")
+    return data.make_task(cfg.task, cfg.seed)
+
+
+# -----------------------------------------------------------------------------
+# stage 1: pretraining the public base models
+
+
+def base_models(cfg, task, paths, device):
+    """Both base models with LoRA attached, pretraining (and caching) whichever is missing."""
+    models = {}
+    for who, size, steps, lr in (("tiny", cfg.tiny_model, cfg.pretrain_steps_tiny,
+                                  cfg.pretrain_lr_tiny),
+                                 ("llm", cfg.llm_model, cfg.pretrain_steps_llm,
+                                  cfg.pretrain_lr_llm)):
+        path = paths[f"pretrain_{who}"]
+        model = load_stage(path, lambda path: tinylm.load_model(path, device))
+        if model is None:
+            t0, seed = time.time(), cfg.seed + (0 if who == "tiny" else 1)
+            shape = replace(tinylm.MODEL_PRESETS[size], vocab_size=task.enc.n_vocab,
+                            block_size=task.block_size)
+            rng = data.stream(seed, "pretrain batches")   # the public data's batches
+            model = tinylm.pretrain(shape,
+                                    lambda: task.pretrain_batch(cfg.pretrain_batch, rng, device),
+                                    steps, lr, seed, device, f"pretrain {who}")
+            tinylm.save_model(model, path)
+            record_seconds(cfg, path, time.time() - t0)
+            print(f"pretrain  : {who} ({size}), {sum(p.numel() for p in model.parameters()):,} "
+                  f"params, {steps} steps, {time.time() - t0:.1f}s -> {path}", flush=True)
+            # from the file, exactly as a later run gets it
+            model = tinylm.load_model(path, device)
+        models[who] = tinylm.add_lora(model.eval(), cfg.lora_rank, cfg.lora_alpha, cfg.lora_seed)
+    return models["tiny"], models["llm"]
+
+
+# -----------------------------------------------------------------------------
+# stage 2: shadow curation -- (TinyLM update, LLM update) pairs from public data
+
+
+def shadow_run(k):
+    """Shadow run k: fine-tune both models on subset k from the same LoRA init and the same batch
+    order (same seed); the snapshots at the same steps form the pairs. Runs in a worker."""
+    cfg, task = _worker["cfg"], _worker["task"]
+    x, y, mask = task.encode(task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha).examples)
+    seed, clean = data.run_seed(cfg.seed, "shadow run", k), recipe(cfg)
+    # S, the last one final
+    steps = [cfg.ft_steps - i * cfg.snapshot_gap for i in reversed(range(cfg.n_snapshots))]
+    return (torch.stack(tinylm.finetune(_worker["tiny"], x, y, mask, clean, seed, steps)),
+            torch.stack(tinylm.finetune(_worker["llm"], x, y, mask, clean, seed, steps)))
+
+
+def shadow_dp_run(item):
+    """Draw r of shadow subset k: the TinyLM fine-tuned with the clients' own DP recipe (the
+    provider re-creates exactly what a client would upload from these data). Runs in a worker."""
+    (k, r), cfg, task = item, _worker["cfg"], _worker["task"]
+    x, y, mask = task.encode(task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha).examples)
+    return private_upload(cfg, _worker["tiny"], x, y, mask,
+                          data.run_seed(cfg.seed, "shadow DP draw", k, r), None)
+
+
+def shadow_stages(cfg, task, tiny, llm, paths, device):
+    """{"X": (K, S, ...) clean TinyLM snapshots, "Y": (K, S, ...) LLM snapshots,
+    "X_private": (K, R, ...) final TinyLM updates made as the clients make theirs (DP only)}."""
+    t0 = time.time()
+    runs = run_stage(cfg, paths["shadow"], "shadow runs", shadow_run, list(range(cfg.n_shadow)),
+                     device, task, tiny, llm, paths)
+    shadow = {"X": torch.stack([x for x, _ in runs]), "Y": torch.stack([y for _, y in runs])}
+    print(f"shadow    : {cfg.n_shadow} runs x {cfg.n_snapshots} snapshots = "
+          f"{cfg.n_shadow * cfg.n_snapshots} pairs, {time.time() - t0:.1f}s -> "
+          f"{paths['shadow']}", flush=True)
+    if "shadow_dp" in paths:
+        t0 = time.time()
+        items = [(k, r) for k in range(cfg.n_shadow) for r in range(cfg.shadow_dp_draws)]
+        # the clean run's final update IS the recipe's update: add noise
+        if cfg.dp_mechanism == "output":
+            draws = [perturb(cfg, shadow["X"][k, -1],
+                             data.run_seed(cfg.seed, "shadow DP draw", k, r)) for k, r in items]
+        else:
+            draws = run_stage(cfg, paths["shadow_dp"], "shadow DP draws", shadow_dp_run, items,
+                              device, task, tiny, llm, paths)
+        shadow["X_private"] = torch.stack(draws).view(cfg.n_shadow, cfg.shadow_dp_draws,
+                                                      *draws[0].shape)
+        print(f"shadow_dp : {len(items)} TinyLM runs with the clients' DP recipe "
+              f"({cfg.dp_mechanism}, eps={cfg.dp_epsilon}), {time.time() - t0:.1f}s -> "
+              f"{paths['shadow_dp']}", flush=True)
+    return shadow
+
+
+# -----------------------------------------------------------------------------
+# stage 3: per noise level, the linear map and the Grad-Transformer, selected on held-out RUNS
+
+
+def pool_levels(cfg):
+    """Noise levels that need their own translator: 1 (one upload) and, for groups, 2, 4, ..., M."""
+    if cfg.dp_epsilon <= 0 or cfg.group_size == 1:
+        return (1,)
+    return evaluation.pool_sizes(cfg.group_size)
+
+
+def translator_inputs(cfg, shadow, runs, m):
+    """The shadow pairs a map for level-m inputs learns from: X (runs, P, n_src, d_src), Y (runs, P,
+    ...).
+
+    Without DP: the S clean snapshots of each run. With DP the inputs must carry the noise of the
+    uploads they stand for: means of m DP draws of one subset (the mean of m uploads is ~sqrt(m)
+    less noisy than one), P = R // m disjoint means per subset, each paired with the final LLM
+    update."""
+    if "X_private" not in shadow:
+        return shadow["X"][runs], shadow["Y"][runs]
+    P = cfg.shadow_dp_draws // m
+    X = shadow["X_private"][runs, :P * m].unflatten(1, (P, m)).mean(2)
+    return X, shadow["Y"][runs, -1:].expand(-1, P, -1, -1)
+
+
+def dp_noise(cfg, shadow, runs, m):
+    """Draws of the DP noise alone at the level of inputs that average m uploads: each DP draw of a
+    subset minus the mean of that subset's R draws, rescaled to the noise of one draw (x sqrt(R / (R
+    - 1))) and then of a mean of m draws (/ sqrt(m)). (runs * R, n, d)."""
+    draws = shadow["X_private"][runs]                                       # (runs, R, n, d)
+    R = draws.shape[1]
+    return ((draws - draws.mean(1, keepdim=True)) * math.sqrt(R / (R - 1) / m)).flatten(0, 1)
+
+
+def fit_stage(cfg, task, tiny, llm, shadow, path, m):
+    """The linear map and the Grad-Transformer on top of it for inputs that average m uploads:
+    loaded from `path` when cached, else fitted (`fit_translator`) and saved."""
+    shapes = [tinylm.update_shape(model.cfg, cfg.lora_rank) for model in (tiny, llm)]
+    model = load_stage(path, lambda path: gradtx.load(path, *shapes, llm.wte.weight.device))
+    log = load_stage(path + ".log") if model is not None else None
+    if log is not None:
+        return gradtx.Translator(model, log)
+    translator = fit_translator(cfg, task, llm, shadow, m)
+    tinylm.atomic_save(translator.log, path + ".log")
+    gradtx.save(translator.model, path)  # last: its presence marks the stage done
+    record_seconds(cfg, path, translator.log["seconds"])
+    return translator
+
+
+def fit_translator(cfg, task, llm, shadow, m):
+    """Choose the linear map (public subspace k and ridge lambda) by the functional criterion on
+    held-out runs, then train the Grad-Transformer with it as its skip path. Its log keeps the
+    selection, the losses and the linear map itself (the `ridge` baseline)."""
+    t0 = time.time()
+    train_runs, val_runs = evaluation.fit_runs(cfg)
+    X, Y = translator_inputs(cfg, shadow, train_runs, m)
+    X_train, Y_train = X.flatten(0, 1), Y.flatten(0, 1)
+    X_val, Y_val = (t[:, -1] for t in translator_inputs(cfg, shadow, val_runs, m))  # one per run
+    val_data = [task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha).examples[:cfg.val_examples]
+                for k in val_runs]
+    criterion = gradtx.functional_criterion(llm, [task.encode(examples) for examples in val_data],
+                                            cfg.gt_select)
+    X_clean = shadow["X"][train_runs].flatten(0, 1)   # the public subspace: clean updates only
+    ks = gradtx.SUBSPACE_SIZES if cfg.gt_project else (0,)
+    linear = gradtx.select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks)
+    linear_seconds = time.time() - t0
+    signal = gate = None   # with DP: how much of these inputs is signal, and the do-no-harm gate
+    if "X_private" in shadow:
+        top = gradtx.public_basis(X_clean, gradtx.SIGNAL_DIRECTIONS)
+        signal = dp.upload_signal(shadow["X"][train_runs, -1], X, top).tolist()
+        if cfg.gt_gate:
+            gate = dp.fit_gate(X_train, dp_noise(cfg, shadow, train_runs, m), top,
+                               Y_train.mean(0))
+    (n_src, d_src), (n_tgt, d_tgt) = X_train.shape[1:], Y_train.shape[1:]
+    gcfg = gradtx.GTConfig(n_src, d_src, n_tgt, d_tgt, d_model=cfg.gt_d_model,
+                           n_layer=cfg.gt_layers, n_head=cfg.gt_heads, dropout=cfg.gt_dropout,
+                           normalize=cfg.gt_normalize, n_basis=linear.k,
+                           n_skip=len(X_train) if cfg.gt_skip else 0,
+                           n_gate=gradtx.SIGNAL_DIRECTIONS if gate else 0)
+    torch.manual_seed(cfg.seed + cfg.gt_init)   # the init: not whatever ran before in the process
+    model = gradtx.GradTransformer(gcfg).to(llm.wte.weight.device)
+    gradtx.set_linear_map(model, linear.basis, linear.ridge if cfg.gt_skip else None, gate)
+    fitted = gradtx.fit(model, X_train, Y_train, X_val, Y_val, cfg.gt_steps, cfg.gt_lr,
+                        cfg.gt_weight_decay, cfg.gt_batch, cfg.gt_eval_every, criterion, cfg.seed)
+    best = next(h for h in fitted["history"] if h["step"] == fitted["best_step"])
+    mean_shadow = Y_train.mean(0).expand(len(val_runs), -1, -1)
+    log = {"history": fitted["history"], "best_step": best["step"],
+           "val_rel_err": best["val_rel_err"], "val_loss": best["criterion"],
+           "k": linear.k, "ridge_lambda": linear.lam, "ridge_loss": linear.scores[(linear.k, linear.lam)],
+           "basis": linear.basis, "ridge": linear.ridge, "upload_signal": signal,
+           "mean_shadow_loss": float(np.mean(criterion(mean_shadow))),
+           "true_update_loss": float(np.mean(criterion(Y_val))), "level": m,
+           "linear_seconds": linear_seconds, "seconds": time.time() - t0}
+    note = "" if signal is None else ", upload signal " + "/".join(f"{c:.2f}" for c in signal)
+    print(f"fit m={m}   : {len(X_train)} pairs from {len(train_runs)} runs, {len(val_runs)} val "
+          f"runs; subspace k={linear.k}, ridge lambda={linear.lam:g}: val loss "
+          f"{log['ridge_loss']:.4f}; translator best step {best['step']}: {best['criterion']:.4f} "
+          f"(mean shadow {log['mean_shadow_loss']:.4f}, true update "
+          f"{log['true_update_loss']:.4f}){note}, {log['seconds']:.1f}s", flush=True)
+    return gradtx.Translator(model, log)
+
+
+# -----------------------------------------------------------------------------
+# stage 4: clients fine-tune their TinyLM on private data and upload only the update
+
+
+def client_run(c):
+    """One client: its non-private TinyLM update (the PGR floor, never uploaded) and its upload."""
+    cfg, tiny = _worker["cfg"], _worker["tiny"]
+    x, y, mask = _worker["task"].encode(c["train"])
+    seed = data.run_seed(cfg.seed, "client run", c["index"])
+    floor = tinylm.finetune(tiny, x, y, mask, recipe(cfg), seed)[-1]
+    if cfg.dp_epsilon <= 0:
+        return floor, floor
+    return floor, private_upload(cfg, tiny, x, y, mask, seed, floor)
+
+
+def reference_run(c):
+    """The LLM fine-tunes a client's results are compared with (eval.reference_updates). The weak
+    baselines use the TinyLM the provider could rebuild: the upload under DP, else the floor."""
+    cfg = _worker["cfg"]
+    own = (c["upload"] if cfg.dp_epsilon > 0 else c["floor_update"]) if cfg.weak_baselines else None
+    return evaluation.reference_updates(_worker["task"], _worker["tiny"], _worker["llm"],
+                                        c["train"], own, recipe(cfg),
+                                        data.run_seed(cfg.seed, "client run", c["index"]),
+                                        data.stream(cfg.seed, "public examples", c["index"]))
+
+
+def clients_stage(cfg, task, tiny, llm, paths, device):
+    t0 = time.time()
+    clients = task.clients(cfg.n_train, cfg.n_test, cfg.group_size, cfg.skew)
+    runs = run_stage(cfg, paths["clients"], "clients", client_run, clients, device, task, tiny, llm,
+                     paths)
+    for c, (floor, upload) in zip(clients, runs):
+        c.update(floor_update=floor, upload=upload)
+    references = run_stage(cfg, paths["references"], "reference fine-tunes", reference_run, clients,
+                           device, task, tiny, llm, paths)
+    for c, refs in zip(clients, references):
+        c["references"] = refs
+    sigma = noise_multiplier(cfg)
+    note = f", DP ({cfg.dp_mechanism}) eps={cfg.dp_epsilon} sigma={sigma:.3f}" if sigma else ""
+    print(f"clients   : {len(clients)} clients fine-tuned their TinyLM{note}, "
+          f"{time.time() - t0:.1f}s",
+          flush=True)
+    return clients
+
+
+# -----------------------------------------------------------------------------
+# the published recipe, and the privacy it buys
 
 
 def pick_device(name="auto"):
@@ -101,6 +383,7 @@ def perturb(cfg, update, seed):
 # -----------------------------------------------------------------------------
 # the cache: a stage's file name is a hash of its settings, its inputs' keys and its data
 
+
 TINY_KEYS = ("task", "seed", "tiny_model", "pretrain_steps_tiny", "pretrain_batch",
              "pretrain_lr_tiny")
 LLM_KEYS = ("task", "seed", "llm_model", "pretrain_steps_llm", "pretrain_batch", "pretrain_lr_llm")
@@ -131,7 +414,7 @@ def stage_paths(cfg, task, levels=(1,), device="cpu"):
         return os.path.join(cfg.cache or cfg.out,
                             f"{stage}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}.pt")
     shadow_data = data.digest(e for k in range(cfg.n_shadow)
-                              for e in task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha)[1])
+                              for e in task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha).examples)
     client_data = data.digest(e
                               for c in task.clients(cfg.n_train, cfg.n_test, cfg.group_size,
                                                     cfg.skew)
@@ -191,39 +474,9 @@ def stage_seconds(cfg, paths):
 
 
 # -----------------------------------------------------------------------------
-# stage 1: pretraining the public base models
-
-
-def base_models(cfg, task, paths, device):
-    """Both base models with LoRA attached, pretraining (and caching) whichever is missing."""
-    models = {}
-    for who, size, steps, lr in (("tiny", cfg.tiny_model, cfg.pretrain_steps_tiny,
-                                  cfg.pretrain_lr_tiny),
-                                 ("llm", cfg.llm_model, cfg.pretrain_steps_llm,
-                                  cfg.pretrain_lr_llm)):
-        path = paths[f"pretrain_{who}"]
-        model = load_stage(path, lambda path: tinylm.load_model(path, device))
-        if model is None:
-            t0, seed = time.time(), cfg.seed + (0 if who == "tiny" else 1)
-            shape = replace(tinylm.MODEL_PRESETS[size], vocab_size=task.enc.n_vocab,
-                            block_size=task.block_size)
-            rng = data.stream(seed, "pretrain batches")   # the public data's batches
-            model = tinylm.pretrain(shape,
-                                    lambda: task.pretrain_batch(cfg.pretrain_batch, rng, device),
-                                    steps, lr, seed, device, f"pretrain {who}")
-            tinylm.save_model(model, path)
-            record_seconds(cfg, path, time.time() - t0)
-            print(f"pretrain  : {who} ({size}), {sum(p.numel() for p in model.parameters()):,} "
-                  f"params, {steps} steps, {time.time() - t0:.1f}s -> {path}", flush=True)
-            # from the file, exactly as a later run gets it
-            model = tinylm.load_model(path, device)
-        models[who] = tinylm.add_lora(model.eval(), cfg.lora_rank, cfg.lora_alpha, cfg.lora_seed)
-    return models["tiny"], models["llm"]
-
-
-# -----------------------------------------------------------------------------
 # independent fine-tunes side by side: on a CPU, two single-threaded processes get through about
-# 1.7x the work of one process with two threads (measured: these small matrices leave cores idle)
+# 1.7x the work of one process with two threads (these small matrices leave cores idle)
+
 
 _worker = {}   # what a worker process holds: the config, the task, both base models with LoRA
 
@@ -269,275 +522,12 @@ def run_stage(cfg, path, desc, fn, items, device, task, tiny, llm, paths):
     return state["results"]
 
 
-# -----------------------------------------------------------------------------
-# stage 2: shadow curation -- (TinyLM update, LLM update) pairs from public data
-
-
-def shadow_run(k):
-    """Shadow run k: fine-tune both models on subset k from the same LoRA init and the same batch
-    order (same seed); the snapshots at the same steps form the pairs. Runs in a worker."""
-    cfg, task = _worker["cfg"], _worker["task"]
-    x, y, mask = task.encode(task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha)[1])
-    seed, clean = data.run_seed(cfg.seed, "shadow run", k), recipe(cfg)
-    # S, the last one final
-    steps = [cfg.ft_steps - i * cfg.snapshot_gap for i in reversed(range(cfg.n_snapshots))]
-    return (torch.stack(tinylm.finetune(_worker["tiny"], x, y, mask, clean, seed, steps)),
-            torch.stack(tinylm.finetune(_worker["llm"], x, y, mask, clean, seed, steps)))
-
-
-def shadow_dp_run(item):
-    """Draw r of shadow subset k: the TinyLM fine-tuned with the clients' own DP recipe (the
-    provider re-creates exactly what a client would upload from these data). Runs in a worker."""
-    (k, r), cfg, task = item, _worker["cfg"], _worker["task"]
-    x, y, mask = task.encode(task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha)[1])
-    return private_upload(cfg, _worker["tiny"], x, y, mask,
-                          data.run_seed(cfg.seed, "shadow DP draw", k, r), None)
-
-
-def shadow_stages(cfg, task, tiny, llm, paths, device):
-    """{"X": (K, S, ...) clean TinyLM snapshots, "Y": (K, S, ...) LLM snapshots,
-    "X_private": (K, R, ...) final TinyLM updates made as the clients make theirs (DP only)}."""
-    t0 = time.time()
-    runs = run_stage(cfg, paths["shadow"], "shadow runs", shadow_run, list(range(cfg.n_shadow)),
-                     device, task, tiny, llm, paths)
-    shadow = {"X": torch.stack([x for x, _ in runs]), "Y": torch.stack([y for _, y in runs])}
-    print(f"shadow    : {cfg.n_shadow} runs x {cfg.n_snapshots} snapshots = "
-          f"{cfg.n_shadow * cfg.n_snapshots} pairs, {time.time() - t0:.1f}s -> "
-          f"{paths['shadow']}", flush=True)
-    if "shadow_dp" in paths:
-        t0 = time.time()
-        items = [(k, r) for k in range(cfg.n_shadow) for r in range(cfg.shadow_dp_draws)]
-        # the clean run's final update IS the recipe's update: add noise
-        if cfg.dp_mechanism == "output":
-            draws = [perturb(cfg, shadow["X"][k, -1],
-                             data.run_seed(cfg.seed, "shadow DP draw", k, r)) for k, r in items]
-        else:
-            draws = run_stage(cfg, paths["shadow_dp"], "shadow DP draws", shadow_dp_run, items,
-                              device, task, tiny, llm, paths)
-        shadow["X_private"] = torch.stack(draws).view(cfg.n_shadow, cfg.shadow_dp_draws,
-                                                      *draws[0].shape)
-        print(f"shadow_dp : {len(items)} TinyLM runs with the clients' DP recipe "
-              f"({cfg.dp_mechanism}, eps={cfg.dp_epsilon}), {time.time() - t0:.1f}s -> "
-              f"{paths['shadow_dp']}", flush=True)
-    return shadow
-
-
-# -----------------------------------------------------------------------------
-# stage 3: per noise level, the linear map and the Grad-Transformer, selected on held-out RUNS
-
-
-def translator_inputs(cfg, shadow, runs, m):
-    """The shadow pairs a map for level-m inputs learns from: X (runs, P, n_src, d_src), Y (runs, P,
-    ...).
-
-    Without DP: the S clean snapshots of each run. With DP the inputs must carry the noise of the
-    uploads they stand for: means of m DP draws of one subset (the mean of m uploads is ~sqrt(m)
-    less noisy than one), P = R // m disjoint means per subset, each paired with the final LLM
-    update."""
-    if "X_private" not in shadow:
-        return shadow["X"][runs], shadow["Y"][runs]
-    P = cfg.shadow_dp_draws // m
-    X = shadow["X_private"][runs, :P * m].unflatten(1, (P, m)).mean(2)
-    return X, shadow["Y"][runs, -1:].expand(-1, P, -1, -1)
-
-
-def dp_noise(cfg, shadow, runs, m):
-    """Draws of the DP noise alone at the level of inputs that average m uploads: each DP draw of a
-    subset minus the mean of that subset's R draws, rescaled to the noise of one draw (x sqrt(R / (R
-    - 1))) and then of a mean of m draws (/ sqrt(m)). (runs * R, n, d)."""
-    draws = shadow["X_private"][runs]                                       # (runs, R, n, d)
-    R = draws.shape[1]
-    return ((draws - draws.mean(1, keepdim=True)) * math.sqrt(R / (R - 1) / m)).flatten(0, 1)
-
-
-def fit_stage(cfg, task, tiny, llm, shadow, path, m):
-    """The linear map (public subspace k and ridge lambda, chosen by the functional criterion) and
-    the Grad-Transformer on top of it, for inputs that average m uploads."""
-    shapes = [tinylm.update_shape(model.cfg, cfg.lora_rank) for model in (tiny, llm)]
-    model = load_stage(path, lambda path: gradtx.load(path, *shapes, llm.wte.weight.device))
-    log = load_stage(path + ".log") if model is not None else None
-    if log is not None:
-        return gradtx.Translator(model, log)
-    t0 = time.time()
-    train_runs, val_runs = evaluation.fit_runs(cfg)
-    X, Y = translator_inputs(cfg, shadow, train_runs, m)
-    X_train, Y_train = X.flatten(0, 1), Y.flatten(0, 1)
-    # one input per run
-    X_val, Y_val = (t[:, -1] for t in translator_inputs(cfg, shadow, val_runs, m))
-    val_data = [task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha)[1][:cfg.val_examples]
-                for k in val_runs]
-    criterion = gradtx.functional_criterion(llm, [task.encode(examples) for examples in val_data],
-                                            cfg.gt_select)
-    # the public subspace: clean public updates only
-    X_clean = shadow["X"][train_runs].flatten(0, 1)
-    ks = gradtx.SUBSPACE_SIZES if cfg.gt_project else (0,)
-    basis, ridge, k, lam, scores = gradtx.select_linear_map(X_clean, X_train, Y_train, X_val,
-                                                            criterion, ks)
-    linear_seconds = time.time() - t0
-    signal = gate = None   # with DP: how much of these inputs is signal, and the do-no-harm gate
-    if "X_private" in shadow:
-        top = gradtx.public_basis(X_clean, gradtx.SIGNAL_DIRECTIONS)
-        signal = gradtx.upload_signal(shadow["X"][train_runs, -1], X, top).tolist()
-        if cfg.gt_gate:
-            gate = gradtx.fit_gate(X_train, dp_noise(cfg, shadow, train_runs, m), top,
-                                   Y_train.mean(0))
-    gcfg = gradtx.GTConfig(*X_train.shape[1:], *Y_train.shape[1:], d_model=cfg.gt_d_model,
-                           n_layer=cfg.gt_layers, n_head=cfg.gt_heads, dropout=cfg.gt_dropout,
-                           normalize=cfg.gt_normalize, n_basis=k,
-                           n_skip=len(X_train) if cfg.gt_skip else 0,
-                           n_gate=gradtx.SIGNAL_DIRECTIONS if gate else 0)
-    # the translator's init: seeded here, not by whatever ran before in this process
-    torch.manual_seed(cfg.seed + cfg.gt_init)
-    model = gradtx.GradTransformer(gcfg).to(llm.wte.weight.device)
-    gradtx.set_linear_map(model, basis, ridge if cfg.gt_skip else None, gate)
-    fitted = gradtx.fit(model, X_train, Y_train, X_val, Y_val, cfg.gt_steps, cfg.gt_lr,
-                        cfg.gt_weight_decay, cfg.gt_batch, cfg.gt_eval_every, criterion, cfg.seed)
-    history = fitted["history"]
-    best = next(h for h in history if h["step"] == fitted["best_step"])
-    log = {"history": history, "best_step": best["step"], "val_rel_err": best["val_rel_err"],
-           "val_loss": best["criterion"],
-           "k": k, "ridge_lambda": lam, "ridge_loss": scores[(k, lam)], "basis": basis,
-           "ridge": ridge, "upload_signal": signal,
-           "mean_shadow_loss": float(np.mean(criterion(
-               Y_train.mean(0).expand(len(val_runs), -1, -1)))),
-           "true_update_loss": float(np.mean(criterion(Y_val))), "level": m,
-           "linear_seconds": linear_seconds, "seconds": time.time() - t0}
-    tinylm.atomic_save(log, path + ".log")
-    gradtx.save(model, path)  # last: its presence marks the stage done
-    record_seconds(cfg, path, log["seconds"])
-    note = "" if signal is None else ", upload signal " + "/".join(f"{c:.2f}" for c in signal)
-    print(f"fit m={m}   : {len(X_train)} pairs from {len(train_runs)} runs, {len(val_runs)} val "
-          f"runs; subspace k={k}, ridge lambda={lam:g}: val loss {log['ridge_loss']:.4f}; "
-          f"translator best step {best['step']}: {best['criterion']:.4f} (mean shadow "
-          f"{log['mean_shadow_loss']:.4f}, true update {log['true_update_loss']:.4f}){note}, "
-          f"{log['seconds']:.1f}s", flush=True)
-    return gradtx.Translator(model, log)
-
-
-def pool_levels(cfg):
-    """Noise levels that need their own translator: 1 (one upload) and, for groups, 2, 4, ..., M."""
-    if cfg.dp_epsilon <= 0 or cfg.group_size == 1:
-        return (1,)
-    return evaluation.pool_sizes(cfg.group_size)
-
-
-# -----------------------------------------------------------------------------
-# stage 4: clients fine-tune their TinyLM on private data and upload only the update
-
-
-def client_run(c):
-    """One client: its non-private TinyLM update (the PGR floor, never uploaded) and its upload."""
-    cfg, tiny = _worker["cfg"], _worker["tiny"]
-    x, y, mask = _worker["task"].encode(c["train"])
-    seed = data.run_seed(cfg.seed, "client run", c["index"])
-    floor = tinylm.finetune(tiny, x, y, mask, recipe(cfg), seed)[-1]
-    if cfg.dp_epsilon <= 0:
-        return floor, floor
-    return floor, private_upload(cfg, tiny, x, y, mask, seed, floor)
-
-
-def reference_run(c):
-    """The LLM fine-tunes a client's results are compared with (eval.reference_updates). The weak
-    baselines use the TinyLM the provider could rebuild: the upload under DP, else the floor."""
-    cfg = _worker["cfg"]
-    own = (c["upload"] if cfg.dp_epsilon > 0 else c["floor_update"]) if cfg.weak_baselines else None
-    return evaluation.reference_updates(_worker["task"], _worker["tiny"], _worker["llm"],
-                                        c["train"], own, recipe(cfg),
-                                        data.run_seed(cfg.seed, "client run", c["index"]),
-                                        data.stream(cfg.seed, "public examples", c["index"]))
-
-
-def clients_stage(cfg, task, tiny, llm, paths, device):
-    t0 = time.time()
-    clients = task.clients(cfg.n_train, cfg.n_test, cfg.group_size, cfg.skew)
-    runs = run_stage(cfg, paths["clients"], "clients", client_run, clients, device, task, tiny, llm,
-                     paths)
-    for c, (floor, upload) in zip(clients, runs):
-        c.update(floor_update=floor, upload=upload)
-    references = run_stage(cfg, paths["references"], "reference fine-tunes", reference_run, clients,
-                           device, task, tiny, llm, paths)
-    for c, refs in zip(clients, references):
-        c["references"] = refs
-    sigma = noise_multiplier(cfg)
-    note = f", DP ({cfg.dp_mechanism}) eps={cfg.dp_epsilon} sigma={sigma:.3f}" if sigma else ""
-    print(f"clients   : {len(clients)} clients fine-tuned their TinyLM{note}, "
-          f"{time.time() - t0:.1f}s",
-          flush=True)
-    return clients
-
-
-# -----------------------------------------------------------------------------
-# the pipeline, and the experiments that run it several times
-
-
-def run(cfg):
-    device = pick_device(cfg.device)
-    # before the first CUDA work: cuBLAS reads it when it starts
-    if torch.device(device).type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        # the same numbers from run to run
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    os.makedirs(cfg.out, exist_ok=True)
-    os.makedirs(cfg.cache or cfg.out, exist_ok=True)
-    t_start = time.time()
-    print(f"gradtx: preset {cfg.preset}, task {cfg.task}, seed {cfg.seed}, device {device}, out "
-          f"{cfg.out}")
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=1)
-    task = load_task(cfg)
-    paths = stage_paths(cfg, task, pool_levels(cfg), device)
-    tiny, llm = base_models(cfg, task, paths, device)
-    shadow = shadow_stages(cfg, task, tiny, llm, paths, device)
-    translators = {m: fit_stage(cfg, task, tiny, llm, shadow, paths[f"fit_{m}"], m)
-                   for m in pool_levels(cfg)}
-    clients = clients_stage(cfg, task, tiny, llm, paths, device)
-    privacy = {"epsilon": cfg.dp_epsilon if cfg.dp_epsilon > 0 else None, "delta": cfg.dp_delta,
-               "mechanism": cfg.dp_mechanism if cfg.dp_epsilon > 0 else None,
-               "noise_multiplier": noise_multiplier(cfg) or 0.0, "clip": cfg.dp_clip,
-               "sample_rate": sample_rate(cfg), "steps": cfg.ft_steps,
-               "subspace_k": {m: t.log["k"] for m, t in translators.items()}}
-    results = evaluation.evaluate(cfg, task, tiny, llm, translators, shadow, clients,
-                                  recipe(cfg), stage_seconds(cfg, paths), privacy)
-    results["timing_s"]["this_run_total"] = time.time() - t_start
-    return results
-
-
-def load_task(cfg):
-    """The task; a text file that cannot work (unreadable, not UTF-8, too short) ends the run with
-    one line saying what is wrong and exit code 2, not a traceback."""
-    try:
-        return data.make_task(cfg.task, cfg.seed, cfg.text_path)
-    except ValueError as e:
-        print(f"gradtx: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
-
-
-def run_name(cfg, experiment):
-    """The folder of one run of an experiment: its privacy setting (and, in the frontier, N and
-    m)."""
-    name = f"eps{cfg.dp_epsilon:g}_{cfg.dp_mechanism}" if cfg.dp_epsilon > 0 else "no_dp"
-    if experiment == "frontier":
-        name = f"n{cfg.n_train}_{name}" + (f"_m{cfg.group_size}" if cfg.group_size > 1 else "")
-    if experiment == "shadow_count":
-        translator = "paper" if not cfg.gt_skip else f"gradtx_init{cfg.gt_init}"
-        name = f"n{cfg.n_train}_{name}_K{cfg.fit_shadow:03d}_{translator}"
-    return name
-
-
 def main(argv):
     cfg = parse_args(argv, __doc__)
-    if not cfg.experiment:
-        return run(cfg)
-    rows = []
-    for o in EXPERIMENTS[cfg.experiment]:   # later runs reuse the earlier runs' stages
-        sub = replace(cfg, experiment="", cache=cfg.cache or cfg.out, **o)
-        rows.append(run(replace(sub, out=os.path.join(cfg.out, run_name(sub, cfg.experiment)))))
-    table = evaluation.write_experiment(cfg.experiment, rows, cfg.out)
-    print(f"\n{cfg.experiment} experiment ({len(rows)} runs) -> "
-          f"{cfg.out}/{cfg.experiment}.md\n\n{table}")
-    return rows
+    if cfg.experiment:
+        raise SystemExit(f"--experiment={cfg.experiment}: experiments run from their own "
+                         f"command: python experiments/sweep.py --experiment={cfg.experiment}")
+    return run(cfg)
 
 
 if __name__ == "__main__":

@@ -152,11 +152,20 @@ def parse_args(argv, usage=""):
     """--preset=NAME sets the defaults, then --key=value (or --key value) overrides any Config
     field. --help prints `usage` (train.py's docstring) and every option."""
     if any(a in ("-h", "--help") for a in argv):
-        print(usage + "\noptions (default preset shown):")
-        for f in fields(Config):
-            print(f"  --{f.name}={getattr(Config(), f.name)}  ({f.type.__name__})")
+        print_help(usage, Config())
         print(f"presets: {', '.join(PRESETS)}; experiments: {', '.join(EXPERIMENTS)}")
         sys.exit(0)
+    pairs = option_pairs(argv)
+    preset = dict(pairs).get("preset", "cpu")
+    if preset not in PRESETS:
+        raise SystemExit(f"unknown preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    cfg = override(PRESETS[preset], pairs)
+    check_config(cfg)
+    return cfg
+
+
+def option_pairs(argv):
+    """["--a=1", "--b", "2"] -> [("a", "1"), ("b", "2")]: both spellings, as argparse accepts."""
     pairs, args = [], list(argv)
     while args:
         a = args.pop(0)
@@ -166,11 +175,13 @@ def parse_args(argv, usage=""):
             if not args:
                 raise SystemExit(f"option {a} has no value: expected {a}=VALUE")
             a = a + "=" + args.pop(0)
-        pairs.append(a[2:].split("=", 1))
-    preset = dict(pairs).get("preset", "cpu")
-    if preset not in PRESETS:
-        raise SystemExit(f"unknown preset {preset!r}: expected one of {', '.join(PRESETS)}")
-    cfg, types = PRESETS[preset], {f.name: f.type for f in fields(Config)}
+        pairs.append(tuple(a[2:].split("=", 1)))
+    return pairs
+
+
+def override(cfg, pairs):
+    """A copy of the dataclass `cfg` with each (key, value) parsed to its field's type."""
+    types = {f.name: f.type for f in fields(cfg)}
     for key, value in pairs:
         if key not in types:
             raise SystemExit(f"unknown option --{key} (see --help for the list)")
@@ -180,8 +191,13 @@ def parse_args(argv, usage=""):
         except (KeyError, ValueError):
             raise SystemExit(f"--{key}={value}: expected a {typ.__name__}")
         cfg = replace(cfg, **{key: value})
-    check_config(cfg)
     return cfg
+
+
+def print_help(usage, defaults):
+    print(usage + "\noptions (defaults shown):")
+    for f in fields(defaults):
+        print(f"  --{f.name}={getattr(defaults, f.name)}  ({f.type.__name__})")
 
 
 def check_config(cfg):

@@ -1,10 +1,9 @@
-"""Tests for the one-run privacy audit: dp.py's bound (against a brute-force binomial tail, the
-closed form for all-right guesses, the paper's delta term summed term by term) and tools/audit.py's
+"""Tests for the one-run privacy audit: the bound (against a brute-force binomial tail, the
+closed form for all-right guesses, the paper's delta term summed term by term) and experiments/audit.py's
 gradient canaries, which must catch a DP-SGD with its noise switched off and pass a correct one.
 
 Run:  python -m pytest tests/test_audit.py -q
 """
-import importlib.util
 import itertools
 import math
 import os
@@ -18,9 +17,7 @@ import dp
 import tinylm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("audit", os.path.join(ROOT, "tools", "audit.py"))
-audit = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(audit)
+from experiments import audit  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -37,7 +34,7 @@ def brute_force_tail(r, v, eps):
 
 @pytest.mark.parametrize("r,v,eps", [(1, 1, 0.0), (6, 4, 0.5), (8, 8, 2.0), (10, 3, 1.0), (10, 0, 3.0)])
 def test_pure_dp_p_value_is_the_binomial_tail(r, v, eps):
-    assert dp.audit_p_value(r, v, eps) == pytest.approx(brute_force_tail(r, v, eps), rel=1e-9)
+    assert audit.audit_p_value(r, v, eps) == pytest.approx(brute_force_tail(r, v, eps), rel=1e-9)
 
 
 def test_delta_term_follows_the_paper_term_by_term():
@@ -46,34 +43,34 @@ def test_delta_term_follows_the_paper_term_by_term():
     pmf = [math.comb(r, i) * p**i * (1 - p)**(r - i) for i in range(r + 1)]
     beta = sum(pmf[v:])
     alpha = max(sum(pmf[v - i:v]) / i for i in range(1, v + 1))
-    assert dp.audit_p_value(r, v, eps, delta, m) == pytest.approx(beta + 2 * m * delta * alpha, rel=1e-9)
+    assert audit.audit_p_value(r, v, eps, delta, m) == pytest.approx(beta + 2 * m * delta * alpha, rel=1e-9)
     # delta > 0 can only weaken the bound
-    assert dp.epsilon_lower_bound(r, v, 0.95, delta, m) < dp.epsilon_lower_bound(r, v, 0.95)
+    assert audit.epsilon_lower_bound(r, v, 0.95, delta, m) < audit.epsilon_lower_bound(r, v, 0.95)
 
 
 @pytest.mark.parametrize("r,confidence", [(20, 0.95), (200, 0.99), (1000, 0.95)])
 def test_all_right_gives_the_closed_form(r, confidence):
     p = (1 - confidence) ** (1 / r)   # p^r = 1 - confidence: the largest p this outcome refutes
-    assert dp.epsilon_lower_bound(r, r, confidence) == pytest.approx(math.log(p / (1 - p)), rel=1e-8)
+    assert audit.epsilon_lower_bound(r, r, confidence) == pytest.approx(math.log(p / (1 - p)), rel=1e-8)
 
 
 def test_bound_grows_with_the_right_guesses_and_is_zero_at_chance():
-    bounds = [dp.epsilon_lower_bound(100, v) for v in range(101)]
+    bounds = [audit.epsilon_lower_bound(100, v) for v in range(101)]
     assert all(b2 >= b1 for b1, b2 in zip(bounds, bounds[1:]))
     assert bounds[50] == bounds[58] == 0.0 and bounds[70] > 0   # 58 of 100: p-value ~0.067 at eps = 0
     # at the bound itself the p-value is 5%: eps_lb is refuted, a little more is not
-    assert dp.audit_p_value(100, 80, bounds[80]) == pytest.approx(0.05, abs=1e-6)
+    assert audit.audit_p_value(100, 80, bounds[80]) == pytest.approx(0.05, abs=1e-6)
 
 
 @pytest.mark.parametrize("call,name", [
-    (lambda: dp.audit_p_value(-1, 0, 1.0), "guesses"),
-    (lambda: dp.audit_p_value(5, 6, 1.0), "correct"),
-    (lambda: dp.audit_p_value(5, 3, -1.0), "epsilon"),
-    (lambda: dp.audit_p_value(5, 3, 1.0, 1.5), "delta"),
-    (lambda: dp.audit_p_value(5, 3, 1.0, 1e-5), "canaries"),
-    (lambda: dp.epsilon_lower_bound(5, 3, confidence=1.0), "confidence"),
-    (lambda: dp.one_run_audit(np.zeros(10), np.ones(10, bool), ks=(6,)), "ks"),
-    (lambda: dp.one_run_audit(np.zeros(10), np.ones(9, bool)), "scores"),
+    (lambda: audit.audit_p_value(-1, 0, 1.0), "guesses"),
+    (lambda: audit.audit_p_value(5, 6, 1.0), "correct"),
+    (lambda: audit.audit_p_value(5, 3, -1.0), "epsilon"),
+    (lambda: audit.audit_p_value(5, 3, 1.0, 1.5), "delta"),
+    (lambda: audit.audit_p_value(5, 3, 1.0, 1e-5), "canaries"),
+    (lambda: audit.epsilon_lower_bound(5, 3, confidence=1.0), "confidence"),
+    (lambda: audit.one_run_audit(np.zeros(10), np.ones(10, bool), ks=(6,)), "ks"),
+    (lambda: audit.one_run_audit(np.zeros(10), np.ones(9, bool)), "scores"),
 ])
 def test_invalid_arguments_name_themselves(call, name):
     with pytest.raises(ValueError, match=name):
@@ -83,10 +80,10 @@ def test_invalid_arguments_name_themselves(call, name):
 def test_one_run_audit_perfect_scores_reach_the_maximum_and_noise_does_not():
     rng = np.random.default_rng(0)
     included = rng.permutation(1000) < 500   # exactly half in: all 1000 guesses can be right
-    perfect = dp.one_run_audit(included + 0.1 * rng.random(1000), included, delta=1e-5)
+    perfect = audit.one_run_audit(included + 0.1 * rng.random(1000), included, delta=1e-5)
     assert perfect["eps_lb"] == perfect["eps_lb_max"] and perfect["k"] == 500
     assert perfect["correct"] == perfect["guesses"] == 1000
-    blind = dp.one_run_audit(rng.random(1000), included, delta=1e-5)   # scores that know nothing
+    blind = audit.one_run_audit(rng.random(1000), included, delta=1e-5)   # scores that know nothing
     assert blind["eps_lb"] < 0.5
 
 
@@ -110,7 +107,7 @@ def toy_audit(noise_multiplier):
     update = audit.canary_finetune(model, x, y, mask, recipe, seed=3, expected_batch=RATE * (64 + M / 2),
                                    directions=directions[torch.from_numpy(included)])
     scores = -(directions @ update.flatten()).numpy()
-    return dp.one_run_audit(scores, included, KS, 0.95, 1e-5)
+    return audit.one_run_audit(scores, included, KS, 0.95, 1e-5)
 
 
 def test_audit_catches_broken_dp_sgd_without_noise():

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import dp  # noqa: E402
 import gradtx  # noqa: E402
 
 N_SRC, D_SRC, N_TGT, D_TGT = 2, 12, 3, 16
@@ -412,11 +413,11 @@ def test_upload_signal_is_the_correlation_with_the_clean_update():
     clean = 5.0 + torch.randn(N, D, generator=g)
     noisy = clean[:, None].repeat(1, P, 1) + 7.0                                 # a constant shift: no matter
     noisy[..., 0] += 2.0 * torch.randn(N, P, generator=g)
-    signal = gradtx.upload_signal(clean.view(N, N_SRC, D_SRC), noisy.view(N, P, N_SRC, D_SRC), basis)
+    signal = dp.upload_signal(clean.view(N, N_SRC, D_SRC), noisy.view(N, P, N_SRC, D_SRC), basis)
     assert signal.shape == (2,)
     assert abs(signal[0].item() - 5 ** -0.5) < 0.02 and abs(signal[1].item() - 1.0) < 1e-5
     pure_noise = torch.randn(N, P, N_SRC, D_SRC, generator=g)
-    assert gradtx.upload_signal(clean.view(N, N_SRC, D_SRC), pure_noise, basis).abs().max() < 0.05
+    assert dp.upload_signal(clean.view(N, N_SRC, D_SRC), pure_noise, basis).abs().max() < 0.05
 
 
 def test_save_load_round_trip(tmp_path):
@@ -577,9 +578,9 @@ def test_gate_weight_is_bayes_rule_between_noise_and_signal():
     X[1, 0, 0], X[2, 0, 0] = 4.0, -4.0
     # at the centre: N(0; 0, 4) / N(0; 0, 1) = 1/2, so p = (1/2) / (1/2 + 1) = 1/3; at 4: exp(6) / 2
     expected = torch.tensor([1 / 3, math.exp(6) / 2 / (math.exp(6) / 2 + 1), math.exp(6) / 2 / (math.exp(6) / 2 + 1)])
-    torch.testing.assert_close(gradtx.gate_weight(gate, X), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(dp.gate_weight(gate, X), expected, atol=1e-6, rtol=0)
     gate["prior"] = torch.tensor([0.9])   # a prior that expects signal moves the centre's weight up: 9/11
-    assert gradtx.gate_weight(gate, X)[0].item() == pytest.approx(0.5 * 9 / (0.5 * 9 + 1))
+    assert dp.gate_weight(gate, X)[0].item() == pytest.approx(0.5 * 9 / (0.5 * 9 + 1))
 
 
 def test_fit_gate_splits_the_spread_into_signal_and_noise():
@@ -588,7 +589,7 @@ def test_fit_gate_splits_the_spread_into_signal_and_noise():
     direction = basis["U"][:, 0].view(N_SRC, D_SRC)
     signal = 2.0 * torch.randn(4000, 1, 1, generator=g) * direction          # variance 4 along the first direction
     noise = 0.1 * torch.randn(4000, N_SRC, D_SRC, generator=g)                # variance 0.01 per coordinate
-    gate = gradtx.fit_gate(basis["mean"].view(N_SRC, D_SRC) + signal + noise, noise, basis, torch.zeros(N_TGT, D_TGT))
+    gate = dp.fit_gate(basis["mean"].view(N_SRC, D_SRC) + signal + noise, noise, basis, torch.zeros(N_TGT, D_TGT))
     assert gate["noise_var"].tolist() == pytest.approx([0.01, 0.01], rel=0.1)
     assert gate["signal_var"][0].item() == pytest.approx(4.0, rel=0.1) and gate["signal_var"][1].item() < 0.002
 
@@ -605,7 +606,7 @@ def test_generate_falls_back_to_the_mean_update_as_far_as_the_gate_says():
     gate = {"mean": torch.zeros(N_SRC * D_SRC), "U": U, "center": torch.zeros(1), "signal_var": torch.tensor([3.0]),
             "noise_var": torch.tensor([1.0]), "prior": torch.tensor([0.5]), "fallback": fallback}
     gradtx.set_linear_map(model, None, None, gate)
-    weight = gradtx.gate_weight(model.gate, X)[:, None, None]
+    weight = dp.gate_weight(model.gate, X)[:, None, None]
     open_gate = gradtx.GradTransformer(replace(cfg, n_gate=0)).eval()
     open_gate.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("gate_")})
     ungated = gradtx.generate(open_gate, X)

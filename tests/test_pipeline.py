@@ -18,6 +18,7 @@ import eval as evaluation
 import gradtx
 import tinylm
 import train
+from experiments import sweep
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def test_dp_run_with_groups(dp_group_run):
     for translator in results["translators"].values():          # the diagnostic: one value per direction
         assert len(translator["upload_signal"]) == gradtx.SIGNAL_DIRECTIONS
         assert all(-1 <= c <= 1 for c in translator["upload_signal"])
-    assert "| signal |" in evaluation.experiment_table("dp", [results])
+    assert "| signal |" in sweep.experiment_table("dp", [results])
     assert len(results["clients"]) == 5 * 2
     for c in results["clients"]:
         assert {"tinylm_dp", "gradtx_group", "ridge_group"} <= set(c["scores"])
@@ -103,17 +104,17 @@ def test_dp_run_with_groups(dp_group_run):
 
 def test_frontier_points_and_table(dp_group_run):
     _, results = dp_group_run
-    points = evaluation.frontier_points([results])   # a run with groups of 2: one point per pooled size
+    points = sweep.frontier_points([results])   # a run with groups of 2: one point per pooled size
     assert [p["m"] for p in points] == [1, 2] and all(p["n_train"] == 48 and p["epsilon"] == 1.0 for p in points)
     assert points[1]["nem"] == pytest.approx(48 * 1.0 * math.sqrt(2))
     skewed = results["summary"]["by_kind"]["skewed"]
     assert points[1]["gain"]["gradtx"] == skewed["pooling_gain_of_means"][2]["gradtx"]
     assert points[0]["gain"]["mean_shadow"] == skewed["gain_of_means"]["mean_shadow"]
-    table = evaluation.experiment_table("frontier", [results])
+    table = sweep.experiment_table("frontier", [results])
     assert table.count("\n| 48 | 1 |") == 2
     assert all(p["group_size"] == 2 for p in points)
     cfg = train.parse_args(TINY_RUN + ["--dp_epsilon=0.3", "--group_size=2"])
-    assert train.run_name(cfg, "frontier") == "n48_eps0.3_sgd_m2" and train.run_name(cfg, "dp") == "eps0.3_sgd"
+    assert sweep.run_name(cfg, "frontier") == "n48_eps0.3_sgd_m2" and sweep.run_name(cfg, "dp") == "eps0.3_sgd"
 
 
 def test_shadow_dp_runs_use_exactly_the_clients_recipe(tmp_path, monkeypatch):
@@ -137,8 +138,13 @@ def test_pooled_upload_is_the_elementwise_mean():
     uploads = [torch.full((2, 3), float(i)) for i in range(5)]
     members = [{"upload": u} for u in uploads]
     seen = []
-    curve = evaluation.pooling_updates(members, {1: None, 2: None, 4: None, 5: None},
-                                       lambda u, m=1: seen.append((m, u)) or u, lambda u, m=1: u)
+
+    class Provider:   # a stand-in that records which map translates what
+        translators = {1: None, 2: None, 4: None, 5: None}
+        translate = staticmethod(lambda u, m=1: seen.append((m, u)) or u)
+        linear = staticmethod(lambda u, m=1: u)
+
+    curve = evaluation.pooling_updates(members, Provider())
     assert list(curve) == [1, 2, 4, 5]
     for m in curve:
         torch.testing.assert_close(curve[m]["gradtx"], torch.stack(uploads[:m]).mean(0))
@@ -346,10 +352,10 @@ def test_eval_rebuilds_an_experiments_table_and_points_from_its_runs(dp_group_ru
     out, results = dp_group_run
     os.makedirs(tmp_path / "n48_eps1_sgd_m2")
     shutil.copy(os.path.join(out, "results.json"), tmp_path / "n48_eps1_sgd_m2" / "results.json")
-    table = evaluation.write_experiment("frontier", [results], str(tmp_path))
+    table = sweep.write_experiment("frontier", [results], str(tmp_path))
     points = json.load(open(tmp_path / "frontier.json"))["rows"]
     os.remove(tmp_path / "frontier.json")
-    shown = subprocess.run([sys.executable, "eval.py", f"--out={tmp_path}"], capture_output=True, text=True,
+    shown = subprocess.run([sys.executable, "experiments/sweep.py", "--tables", f"--out={tmp_path}"], capture_output=True, text=True,
                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True)
     assert shown.stdout.strip() == table.strip()
     assert json.load(open(tmp_path / "frontier.json"))["rows"] == points
@@ -359,12 +365,12 @@ def test_shadow_count_curates_once_and_fits_on_prefixes(tmp_path, monkeypatch):
     """The experiment curates the largest K once per data size and fits on its prefixes: a fit on
     the first 4 of 6 curated subsets is the very fit a provider with only those 4 would make."""
     from config.presets import shadow_count_runs
-    monkeypatch.setitem(train.EXPERIMENTS, "shadow_count",
+    monkeypatch.setitem(sweep.EXPERIMENTS, "shadow_count",
                         shadow_count_runs((4, 6), ((dict(), 1), (dict(dp_epsilon=1.0), 2))))
     curated, real_run = [], train.shadow_run
     monkeypatch.setattr(train, "shadow_run", lambda k: curated.append(k) or real_run(k))
     out = tmp_path / "sc"
-    runs = train.main(TINY_RUN + [f"--out={out}", "--experiment=shadow_count", "--shadow_dp_draws=2"])
+    runs = sweep.main(TINY_RUN + [f"--out={out}", "--experiment=shadow_count", "--shadow_dp_draws=2"])
     assert curated == list(range(6))              # one curation of the largest K, for both levels
     assert len(runs) == 2 * 2 + 2 * 3
     rows = json.load(open(out / "shadow_count.json"))["rows"]

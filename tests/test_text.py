@@ -20,11 +20,12 @@ import data
 import eval as evaluation
 import tinylm
 import train
+from experiments import text as text_experiment
 
 
 @pytest.fixture(scope="module")
 def task():
-    return data.make_task("text", 0)
+    return text_experiment.make_text_task(0)
 
 
 def user_text(n_paragraphs=400):
@@ -39,20 +40,20 @@ def user_text(n_paragraphs=400):
 
 
 def test_corpus_is_deterministic_ascii_and_big_enough(task):
-    corpus = data.stdlib_corpus()
-    assert list(corpus.kinds) == ["code", "comments", "reference"] and corpus.shares == data.KIND_SHARES
-    assert data.stdlib_corpus.__wrapped__() == corpus                # built again from scratch: the same
+    corpus = text_experiment.stdlib_corpus()
+    assert list(corpus.kinds) == ["code", "comments", "reference"] and corpus.shares == text_experiment.KIND_SHARES
+    assert text_experiment.stdlib_corpus.__wrapped__() == corpus                # built again from scratch: the same
     docs = corpus.general + [d for ds in corpus.kinds.values() for d in ds]
     assert len(docs) == len(set(docs)) > 10_000                      # each text once
-    assert all(d.isascii() and len(d) >= data.MIN_DOC_CHARS for d in docs)
+    assert all(d.isascii() and len(d) >= text_experiment.MIN_DOC_CHARS for d in docs)
     assert 0.8e6 < sum(map(len, corpus.general)) < 1.5e6             # ~1 MB of docstrings
     for kind, documents in corpus.kinds.items():                     # ~0.3-0.7 MB each
-        assert sum(map(len, documents)) >= data.MIN_KIND_BYTES, kind
+        assert sum(map(len, documents)) >= text_experiment.MIN_KIND_BYTES, kind
         assert len(data.joined(task.splits[kind]["train"])) > 60_000, kind
 
 
 def test_each_kind_is_what_it_says(task):
-    corpus = data.stdlib_corpus()
+    corpus = text_experiment.stdlib_corpus()
     for block in corpus.kinds["comments"]:                           # comment lines and nothing else
         assert all(line.startswith("#") for line in block.splitlines()), block
     long_docstrings = [d for d in corpus.general if len(d) > 300][:50]
@@ -61,30 +62,30 @@ def test_each_kind_is_what_it_says(task):
         assert code.lstrip().startswith(("def ", "async def ", "@")), code
     code = "\n".join(corpus.kinds["code"])
     assert not any(d in code for d in long_docstrings)
-    root = data.sysconfig.get_paths()["stdlib"]
-    topics = "\n".join(data.reference_topics(root).values())
+    root = text_experiment.sysconfig.get_paths()["stdlib"]
+    topics = "\n".join(text_experiment.reference_topics(root).values())
     assert all(p in topics for p in corpus.kinds["reference"][::25])   # the language reference's text
 
 
 def test_a_python_without_part_of_its_library_fails_clearly(monkeypatch, tmp_path):
-    monkeypatch.setattr(data.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    monkeypatch.setattr(text_experiment.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
     with pytest.raises(ValueError, match="pydoc_data.topics.py, which this Python's distribution leaves out"):
-        data.stdlib_corpus.__wrapped__()
+        text_experiment.stdlib_corpus.__wrapped__()
     (tmp_path / "pydoc_data").mkdir()
     (tmp_path / "pydoc_data" / "topics.py").write_text("topics = {'x': 'A paragraph of the reference.'}\n")
     with pytest.raises(ValueError, match="only 0 bytes of 'code' text"):
-        data.stdlib_corpus.__wrapped__()
+        text_experiment.stdlib_corpus.__wrapped__()
 
 
 def test_split_is_disjoint_complete_and_seeded(task):
-    kinds = data.stdlib_corpus().kinds
+    kinds = text_experiment.stdlib_corpus().kinds
     for kind, docs in kinds.items():
-        parts = [task.splits[kind][name] for name in data.KIND_SHARES]
+        parts = [task.splits[kind][name] for name in text_experiment.KIND_SHARES]
         assert sorted(sum(parts, [])) == sorted(docs)                              # each document once
-        assert [len(p) for p in parts] == data.quotas(len(docs), list(data.KIND_SHARES.values()))
-    other = data.split_documents(kinds, 1, data.KIND_SHARES)
+        assert [len(p) for p in parts] == data.quotas(len(docs), list(text_experiment.KIND_SHARES.values()))
+    other = data.split_documents(kinds, 1, text_experiment.KIND_SHARES)
     assert set(other["code"]["shadow"]) != set(task.splits["code"]["shadow"])    # the seed decides
-    assert data.split_documents(kinds, 0, data.KIND_SHARES) == task.splits
+    assert data.split_documents(kinds, 0, text_experiment.KIND_SHARES) == task.splits
 
 
 @pytest.mark.parametrize("n", [0, 1, 3, 4, 7, 10, 101, 5000])
@@ -100,17 +101,17 @@ def test_quotas_add_up_follow_the_shares_and_leave_no_part_empty(n):
 
 def test_fingerprint_covers_exactly_the_pretraining_text(task, monkeypatch):
     fp = task.fingerprint()
-    assert fp == data.make_task("text", 0).fingerprint() != data.make_task("text", 1).fingerprint()
+    assert fp == text_experiment.make_text_task(0).fingerprint() != text_experiment.make_text_task(1).fingerprint()
     assert fp == data.digest(task.pretrain_documents)
     pretrained = set(task.pretrain_documents)
-    assert set(data.stdlib_corpus().general) <= pretrained                    # all the general prose
+    assert set(text_experiment.stdlib_corpus().general) <= pretrained                    # all the general prose
     for kind, parts in task.splits.items():                                   # and only PRETRAIN parts
         assert set(parts["pretrain"]) <= pretrained
         assert not pretrained & set(parts["shadow"] + parts["train"] + parts["test"]), kind
-    corpus = data.stdlib_corpus()
+    corpus = text_experiment.stdlib_corpus()
     edited = corpus._replace(general=corpus.general[:-1] + [corpus.general[-1] + " (edited)"])
-    monkeypatch.setattr(data, "stdlib_corpus", lambda: edited)
-    assert data.make_task("text", 0).fingerprint() != fp                     # a change re-runs pretraining
+    monkeypatch.setattr(text_experiment, "stdlib_corpus", lambda: edited)
+    assert text_experiment.make_text_task(0).fingerprint() != fp                     # a change re-runs pretraining
 
 
 # -----------------------------------------------------------------------------
@@ -233,14 +234,14 @@ def test_bits_per_byte_matches_a_loop_over_positions(task):
 def test_text_path_reads_pieces_into_contiguous_sections(tmp_path):
     path = tmp_path / "mine.txt"
     path.write_text(user_text(), encoding="utf-8")
-    corpus = data.file_corpus(str(path))
+    corpus = text_experiment.file_corpus(str(path))
     assert list(corpus.kinds) == ["part1", "part2", "part3", "part4"] and corpus.general == []
     flat = [p for ps in corpus.kinds.values() for p in ps]
     assert "\n\n".join(flat) == path.read_text(encoding="utf-8").strip()   # all of it, in order
-    assert all(len(p.encode()) <= data.PIECE_BYTES for p in flat)
+    assert all(len(p.encode()) <= text_experiment.PIECE_BYTES for p in flat)
     sizes = [len(data.joined(ps).encode()) for ps in corpus.kinds.values()]
     assert max(sizes) - min(sizes) < 0.05 * sum(sizes)                  # about equal parts
-    task = data.make_task("text", 0, str(path))
+    task = text_experiment.make_text_task(0, str(path))
     assert task.domains == ["part1", "part2", "part3", "part4"]
     assert any(not w.isascii() for c in task.clients(1000, 1000) for w in c["train"])
 
@@ -258,18 +259,18 @@ def squeeze(text):
 def test_any_utf8_file_of_the_minimum_size_runs(tmp_path, text):
     path = tmp_path / "any.txt"
     path.write_text(text, encoding="utf-8")
-    chunks = data.pieces(text)
+    chunks = text_experiment.pieces(text)
     assert squeeze("".join(chunks)) == squeeze(text)                     # nothing lost, nothing added
-    assert all(0 < len(c.encode()) <= data.PIECE_BYTES for c in chunks)
-    task = data.make_task("text", 0, str(path))                          # every part big enough
+    assert all(0 < len(c.encode()) <= text_experiment.PIECE_BYTES for c in chunks)
+    task = text_experiment.make_text_task(0, str(path))                          # every part big enough
     assert all(len(c["test"]) > 0 and len(c["train"]) > 0 for c in task.clients(100, 100))
 
 
 def test_a_real_license_file_runs():
-    path = os.path.join(data.sysconfig.get_paths()["stdlib"], "LICENSE.txt")
+    path = os.path.join(text_experiment.sysconfig.get_paths()["stdlib"], "LICENSE.txt")
     if not os.path.isfile(path):
         pytest.skip("this Python ships no LICENSE.txt")
-    task = data.make_task("text", 0, path)                               # ~14 KB of very uneven paragraphs
+    task = text_experiment.make_text_task(0, path)                               # ~14 KB of very uneven paragraphs
     assert len(task.domains) == 4
 
 
@@ -285,14 +286,14 @@ def test_bad_text_files_are_rejected_clearly(tmp_path, content, message):
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(ValueError, match=message) as err:
-        data.make_task("text", 0, str(path))
+        text_experiment.make_text_task(0, str(path))
     assert "--text_path=" in str(err.value) and "expected" in str(err.value)
 
 
 def test_cli_says_what_is_wrong_with_a_file_in_one_line_and_exits_2(tmp_path):
     path = tmp_path / "short.txt"
     path.write_text("far too short\n")
-    done = subprocess.run([sys.executable, "train.py", "--preset=text_smoke", f"--text_path={path}",
+    done = subprocess.run([sys.executable, "experiments/text.py", "--preset=text_smoke", f"--text_path={path}",
                            f"--out={tmp_path / 'out'}"], capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 2
@@ -323,7 +324,7 @@ def check_text_results(results, domains):
 
 
 def test_text_protocol_end_to_end(tmp_path):
-    results = train.main(TINY_RUN + ["--task=text", "--shadow_alpha=3", f"--out={tmp_path}"])
+    results = text_experiment.main(TINY_RUN + ["--shadow_alpha=3", f"--out={tmp_path}"])
     check_text_results(results, ["code", "comments", "reference"])
     head, _, llm_base, *_ = evaluation.results_table(results).splitlines()
     assert head.startswith("| method | gain of means | code: gain | comments: gain | reference: gain | code: bpb")
@@ -333,6 +334,6 @@ def test_text_protocol_end_to_end(tmp_path):
 def test_text_path_end_to_end(tmp_path):
     path = tmp_path / "mine.txt"
     path.write_text(user_text(), encoding="utf-8")
-    results = train.main(TINY_RUN + ["--task=text", f"--text_path={path}", f"--out={tmp_path / 'run'}"])
+    results = text_experiment.main(TINY_RUN + [f"--text_path={path}", f"--out={tmp_path / 'run'}"])
     check_text_results(results, ["part1", "part2", "part3", "part4"])
     assert results["config"]["text_path"] == str(path)

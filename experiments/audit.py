@@ -1,15 +1,15 @@
 """
-tools/audit.py -- an empirical privacy audit of the client's upload, from ONE fine-tune per setting,
+experiments/audit.py -- an empirical privacy audit of the client's upload, from ONE fine-tune per setting,
 after Steinke, Nasr and Jagielski 2023, "Privacy Auditing with One (1) Training Run"; and what DP
 does not hide: the client's convention.
 
-    python tools/audit.py --out=out_audit --cache=out  # default preset, cached TinyLM pretraining
-    python tools/audit.py --help
+    python experiments/audit.py --out=out_audit --cache=out  # default preset, cached TinyLM pretraining
+    python experiments/audit.py --help
 
 The auditor plants m canaries, each in the client's training independently with probability 1/2, and
 sees only what the provider sees: the uploaded update vector, the public base TinyLM and the recipe.
 It scores every canary, guesses "in" for the highest scores and "out" for the lowest, and turns the
-number of right guesses into a 95% lower bound on epsilon (dp.one_run_audit). Two kinds of canary:
+number of right guesses into a 95% lower bound on epsilon (`one_run_audit`, below). Two kinds of canary:
 
   gradient (white-box)  a fixed random unit direction u in the update-vector space (orthonormal
                         across canaries). An included canary joins each step's batch like a record
@@ -26,14 +26,15 @@ run under output perturbation train those with clipped, Poisson-sampled, noise-f
 canaries there ride the ordinary recipe (tinylm.finetune). Every DP-SGD step here divides by the
 fixed q * (n_train + m/2), never by a count that depends on who is in.
 
-It lives in tools/ because it needs train.py (the config, the cache, the DP recipe) and dp.py.
+An experiment: it uses train.py (the config, the cache, the DP recipe) and dp.py, and nothing in
+the method imports it. Test it: python -m pytest tests/test_audit.py -q
 """
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ import data
 import dp
 import tinylm
 import train
-from config.presets import PRESETS
+from config.presets import PRESETS, option_pairs, override, print_help
 
 
 @dataclass
@@ -68,24 +69,106 @@ class AuditConfig:
 
 
 def parse_args(argv):
-    """--key=value over AuditConfig's fields; --help lists them."""
+    """--key=value (or --key value) over AuditConfig's fields, as train.py parses; --help lists
+    them."""
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__ + "\noptions:")
-        for f in fields(AuditConfig):
-            print(f"  --{f.name}={getattr(AuditConfig(), f.name)}  ({f.type.__name__})")
+        print_help(__doc__, AuditConfig())
         sys.exit(0)
-    cfg, types = AuditConfig(), {f.name: f.type for f in fields(AuditConfig)}
-    for a in argv:
-        key, _, value = a.removeprefix("--").partition("=")
-        if not a.startswith("--") or key not in types or not a.count("="):
-            raise SystemExit(f"bad argument {a!r}: expected --key=value with key one of "
-                             f"{', '.join(types)}")
-        cfg = replace(cfg, **{key: types[key](value)})
-    return cfg
+    return override(AuditConfig(), option_pairs(argv))
 
 
 def floats(text):
     return [float(t) for t in text.split(",") if t.strip()]
+
+
+# -----------------------------------------------------------------------------
+# auditing: a lower bound on epsilon from guesses
+# Steinke, Nasr and Jagielski 2023, "Privacy Auditing with One (1) Training Run": m canaries, each
+# included in the training data independently with probability 1/2. From the output alone the
+# auditor guesses "in" or "out" for r of them (abstaining on the rest) and v guesses are right. Were
+# the mechanism (eps, 0)-DP, the number right would be dominated by Binomial(r, p), p = e^eps / (1 +
+# e^eps): no better than randomized response. A v so large that this tail is below 5% refutes that
+# eps.
+
+
+def audit_p_value(guesses, correct, epsilon, delta=0.0, canaries=None):
+    """An upper bound on P[at least v of r guesses right] for an (epsilon, delta)-DP mechanism
+    (Steinke et al. 2023, Thm. 3.1 and its Algorithm 2 with delta > 0; m = canaries):
+
+        P[W >= v] <= beta + 2 m delta alpha,       p = e^eps / (1 + e^eps)
+        beta  = P[Binomial(r, p) >= v]
+        alpha = max over i = 1..v of  P[v - i <= Binomial(r, p) < v] / i
+
+    delta = 0 leaves beta, the pure-DP theorem. Summed in log space (r may be thousands).
+    """
+    r, v = guesses, correct
+    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0:
+        raise ValueError(f"guesses must be a non-negative integer, got {guesses!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v <= r:
+        raise ValueError(f"correct must be an integer in [0, guesses={r}], got {correct!r}")
+    if not epsilon >= 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+    if not 0 <= delta < 1:
+        raise ValueError(f"delta must be in [0, 1), got {delta}")
+    if delta > 0 and not (isinstance(canaries, (int, np.integer)) and canaries >= r):
+        raise ValueError(f"canaries (m) must be an integer >= guesses={r} when delta > 0, got "
+                         f"{canaries!r}")
+    # log p, log(1-p)
+    log_p, log_1mp = -math.log1p(math.exp(-epsilon)), -math.log1p(math.exp(epsilon))
+    log_pmf = np.array([math.lgamma(r + 1) - math.lgamma(i + 1) - math.lgamma(r - i + 1)
+                        + i * log_p + (r - i) * log_1mp for i in range(r + 1)])   # (r+1,)
+    pmf = np.exp(log_pmf)
+    beta = float(np.exp(np.logaddexp.reduce(log_pmf[v:]))) if v <= r else 0.0
+    if delta == 0 or v == 0:
+        return min(1.0, beta)
+    below = np.cumsum(pmf[v - 1::-1])            # below[i-1] = P[v - i <= Binomial < v], i = 1..v
+    alpha = float(np.max(below / np.arange(1, v + 1)))
+    return min(1.0, beta + 2 * canaries * delta * alpha)
+
+
+def epsilon_lower_bound(guesses, correct, confidence=0.95, delta=0.0, canaries=None):
+    """The largest epsilon that r guesses with v right refute at this confidence: the largest eps
+    with audit_p_value(r, v, eps) < 1 - confidence, by bisection (the p-value grows with eps). 0
+    when even eps = 0 is not refuted. All r right, delta = 0: the closed form eps = log(p / (1 - p))
+    with p = (1 - confidence)^(1/r)."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    level = 1 - confidence
+    p_value = lambda eps: audit_p_value(guesses, correct, eps, delta, canaries)  # noqa: E731
+    if p_value(0.0) >= level:
+        return 0.0
+    lo, hi = 0.0, 1.0   # invariant: p_value(lo) < level <= p_value(hi)
+    while p_value(hi) < level:
+        lo, hi = hi, 2 * hi
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if p_value(mid) < level else (lo, mid)
+    return lo
+
+
+def one_run_audit(scores, included, ks=(10, 20, 50, 100, 200, 500), confidence=0.95, delta=0.0):
+    """The one-run audit from the canaries' scores (m,) and who was really in (m,) bool: for each k,
+    guess "in" for the k highest scores and "out" for the k lowest, abstain on the rest; the bound
+    is the best over ks, each k at confidence 1 - (1 - confidence) / len(ks) (a union bound:
+    choosing the best k afterwards costs that). eps_lb_max: what all guesses right at the largest k
+    would give. Returns {"eps_lb", "k", "guesses", "correct", "eps_lb_max"}."""
+    scores, included = np.asarray(scores, dtype=float), np.asarray(included, dtype=bool)
+    m = len(scores)
+    if scores.ndim != 1 or included.shape != scores.shape or m == 0:
+        raise ValueError(f"scores and included must be 1-D of the same length > 0, got "
+                         f"{scores.shape} and {included.shape}")
+    if not ks or any(not 0 < 2 * k <= m for k in ks):
+        raise ValueError(f"ks must be non-empty with 0 < 2k <= m = {m} each, got {ks}")
+    each = 1 - (1 - confidence) / len(ks)
+    order = np.argsort(-scores, kind="stable")   # highest score first
+    best = {"eps_lb": 0.0, "k": None, "guesses": 0, "correct": 0}
+    for k in ks:
+        v = int(included[order[:k]].sum() + (~included[order[-k:]]).sum())
+        eps = epsilon_lower_bound(2 * k, v, each, delta, m)
+        if best["k"] is None or eps > best["eps_lb"]:
+            best = {"eps_lb": eps, "k": k, "guesses": 2 * k, "correct": v}
+    best["eps_lb_max"] = epsilon_lower_bound(2 * max(ks), 2 * max(ks), each, delta, m)
+    return best
 
 
 # -----------------------------------------------------------------------------
@@ -204,7 +287,7 @@ def audit_setting(cfg, acfg, tiny, x, y, mask, epsilon, mechanism, kind, canarie
         tinylm.set_update(tiny, update)
         scores = (answer_log_likelihood(tiny, cx, cy, cm) - base).numpy()
     ks = tuple(int(k) for k in acfg.ks.split(",") if 2 * int(k) <= m)
-    result = dp.one_run_audit(scores, included, ks, acfg.confidence, acfg.audit_delta)
+    result = one_run_audit(scores, included, ks, acfg.confidence, acfg.audit_delta)
     return {"epsilon": epsilon or None, "mechanism": mechanism if epsilon else None,
             "canaries": kind, "m": m, **result, "auc": auc(scores, included),
             "sigma": recipe.dp_sigma if sgd else

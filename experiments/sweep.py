@@ -1,0 +1,268 @@
+"""
+experiments/sweep.py -- the experiments that run the protocol (train.run) many times, and their
+tables. Every run of a sweep shares --cache, so later runs reuse the earlier runs' stages.
+
+    python experiments/sweep.py --experiment=dp --cache=out        # the DP sweep (epsilon, mechanism)
+    python experiments/sweep.py --experiment=collab --cache=out    # groups of 8 pool their uploads
+    python experiments/sweep.py --experiment=frontier --cache=out  # N x epsilon x pooling
+    python experiments/sweep.py --experiment=shadow_count --cache=out   # K shadow subsets
+    python experiments/sweep.py --tables --out=DIR     # an experiment's table again, from its runs
+    python experiments/sweep.py --help                 # every option (as train.py's)
+
+Each run writes DIR/<run name>/results.json; the experiment writes DIR/<experiment>.md (and the
+frontier's and shadow count's points, DIR/<experiment>.json, which tools/plots.py draws).
+"""
+import json
+import math
+import os
+import sys
+from dataclasses import replace
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
+
+import gradtx  # noqa: E402
+import train  # noqa: E402
+from config.presets import EXPERIMENTS, parse_args  # noqa: E402
+from eval import fmt, markdown_table, pooling_table  # noqa: E402
+
+
+def main(argv):
+    """Run an experiment (--experiment=NAME) and write its table; or, with --tables, rebuild the
+    table of a finished one in --out from its runs."""
+    if "--tables" in argv:
+        argv = [a for a in argv if a != "--tables"]
+        out = parse_args(argv, __doc__).out
+        found = [n for n in EXPERIMENTS if os.path.exists(os.path.join(out, f"{n}.md"))]
+        if not found:
+            raise SystemExit(f"no experiment's table in {out}: expected the --out of a finished "
+                             "experiment")
+        table = write_experiment(found[0], load_runs(out), out)
+        print(table)
+        return table
+    cfg = parse_args(argv, __doc__)
+    if not cfg.experiment:
+        raise SystemExit(f"expected --experiment=NAME, one of {', '.join(EXPERIMENTS)}")
+    rows = []
+    for o in EXPERIMENTS[cfg.experiment]:   # later runs reuse the earlier runs' stages
+        sub = replace(cfg, experiment="", cache=cfg.cache or cfg.out, **o)
+        rows.append(train.run(replace(sub, out=os.path.join(cfg.out,
+                                                            run_name(sub, cfg.experiment)))))
+    table = write_experiment(cfg.experiment, rows, cfg.out)
+    print(f"\n{cfg.experiment} experiment ({len(rows)} runs) -> "
+          f"{cfg.out}/{cfg.experiment}.md\n\n{table}")
+    return rows
+
+
+def run_name(cfg, experiment):
+    """The folder of one run of an experiment: its privacy setting (and, in the frontier, N and
+    m)."""
+    name = f"eps{cfg.dp_epsilon:g}_{cfg.dp_mechanism}" if cfg.dp_epsilon > 0 else "no_dp"
+    if experiment == "frontier":
+        name = f"n{cfg.n_train}_{name}" + (f"_m{cfg.group_size}" if cfg.group_size > 1 else "")
+    if experiment == "shadow_count":
+        translator = "paper" if not cfg.gt_skip else f"gradtx_init{cfg.gt_init}"
+        name = f"n{cfg.n_train}_{name}_K{cfg.fit_shadow:03d}_{translator}"
+    return name
+
+
+FRONTIER_METHODS = ["gradtx", "ridge", "tinylm_dp", "w2s", "kd", "mean_shadow"]
+
+
+def frontier_points(runs):
+    """The privacy-utility frontier, one point per (N, epsilon, m): the skewed clients' gain
+    recovered (of means) per method and the worst client against the mean shadow update, at x = N *
+    epsilon * sqrt(m), the upload's signal-to-noise axis (pooling m uploads divides the noise by
+    about sqrt(m)). A run with groups gives one point per pooled size m, its translator for that
+    noise level (gradtx, ridge) against the same mean shadow update."""
+    points = []
+    for r in runs:
+        N, eps = r["config"]["n_train"], r["privacy"]["epsilon"]
+        sigma = r["privacy"]["noise_multiplier"]
+        skewed, clients = r["summary"]["by_kind"]["skewed"], r["clients"]
+        sign = 1 if r["higher_is_better"] else -1
+        pooled = skewed.get("pooling_gain_of_means")
+        for m in (pooled or {1: None}):
+            m = int(m)
+            if pooled:
+                curve = pooled[m] if m in pooled else pooled[str(m)]
+                gain = {k: curve[k] for k in ("gradtx", "ridge")}
+                worst = {k: min(sign * (c["pooling"][m if m in c["pooling"] else str(m)][k]
+                                        - c["scores"]["mean_shadow"]) for c in clients)
+                         for k in gain}
+                gain["mean_shadow"] = skewed["gain_of_means"]["mean_shadow"]
+                worst["mean_shadow"] = 0.0
+            else:
+                gain = {k: skewed["gain_of_means"][k]
+                        for k in FRONTIER_METHODS if k in skewed["gain_of_means"]}
+                worst = {k: r["summary"]["worst_vs_mean_shadow"][k] for k in gain}
+            points.append({"n_train": N, "epsilon": eps, "m": m, "nem": N * eps * math.sqrt(m),
+                           "group_size": r["config"]["group_size"],
+                           "sigma": sigma, "gain": gain, "worst_vs_mean_shadow": worst})
+    return points
+
+
+def frontier_table(runs):
+    points = sorted(frontier_points(runs), key=lambda p: p["nem"])
+    head = (["N", "epsilon", "m", "N·ε·√m", "sigma"] + FRONTIER_METHODS
+            + ["worst client vs mean_shadow (gradtx)"])
+    rows = []
+    for p in points:
+        row = ([str(p["n_train"]), f"{p['epsilon']:g}", str(p["m"]), f"{p['nem']:.0f}",
+                f"{p['sigma']:.2f}"] + [fmt(p["gain"].get(k)) for k in FRONTIER_METHODS]
+               + [f"{p['worst_vs_mean_shadow']['gradtx']:+.2f}"])
+        rows.append(row)
+    return ("skewed clients: gain recovered of means, against each client's NON-private llm_ft; "
+            "worst client: the\n"
+            "lowest score minus the mean shadow update's score over every client, the IID one "
+            "included\n\n"
+            + markdown_table(head, rows))
+
+
+SHADOW_COUNT_METHODS = ["gradtx_paper", "gradtx", "ridge", "mean_shadow"]
+
+
+def shadow_count_rows(runs):
+    """The shadow-count curve, one row per (privacy level, K, method[, init]): the skewed clients'
+    gain recovered (of means), per client too, and the provider's bill for it -- its shadow
+    fine-tunes and seconds: this prefix's share of the curation (K of the n_shadow subsets) plus the
+    fit. A run fits one translator on the first K subsets: the paper's (gt_skip off) or this
+    project's (with its linear map, `ridge`, and `mean_shadow`, reported from init 0). Where several
+    inits were fitted, "gradtx_best_init" is the one the held-out criterion picks, billed for all of
+    them."""
+    rows = []
+    for r in runs:
+        c, eps, timing = r["config"], r["privacy"]["epsilon"], r["timing_s"]
+        K = c["fit_shadow"] or c["n_shadow"]
+        fit = next(iter(r["translators"].values()))     # one noise level: single uploads
+        curation = timing["shadow"] * K / c["n_shadow"]
+        skewed = [cl for cl in r["clients"] if cl["kind"] == "skewed"]
+        level = {"K": K, "epsilon": eps, "n_train": c["n_train"],
+                 "shadow_finetunes": K * (2 + (c["shadow_dp_draws"] if eps else 0)),
+                 "llm_finetune_seconds": timing["llm_finetune_per_run"]}
+        paper = not c["gt_skip"]
+        methods = {("gradtx_paper" if paper else "gradtx"): ("gradtx", fit["seconds"])}
+        if not paper and c["gt_init"] == 0:
+            methods.update(ridge=("ridge", fit["linear_seconds"]), mean_shadow=("mean_shadow", 0.0))
+        for method, (key, fit_seconds) in methods.items():
+            rows.append(dict(level, method=method, init=c["gt_init"] if key == "gradtx" else None,
+                             val_loss=fit["val_loss"] if key == "gradtx" else None,
+                             skewed_gain=r["summary"]["by_kind"]["skewed"]["gain_of_means"][key],
+                             clients={cl["name"]: cl["gain_recovered"][key] for cl in skewed},
+                             curation_seconds=curation, fit_seconds=fit_seconds,
+                             seconds=curation + fit_seconds))
+    inits = {}
+    for row in rows:
+        if row["method"] == "gradtx":
+            inits.setdefault((row["n_train"], row["epsilon"], row["K"]), []).append(row)
+    for tried in (t for t in inits.values() if len(t) > 1):
+        best = min(tried, key=lambda row: row["val_loss"])
+        fit_seconds = sum(row["fit_seconds"] for row in tried)
+        rows.append(dict(best, method="gradtx_best_init", fit_seconds=fit_seconds,
+                         seconds=best["curation_seconds"] + fit_seconds))
+    return rows
+
+
+def shadow_count_table(rows):
+    """Markdown: per privacy level, one line per K: each method's skewed gain, the spread over the
+    translator's inits, and the provider's bill (gradtx) in seconds and in LLM fine-tunes."""
+    lines = []
+    levels = sorted({(r["n_train"], r["epsilon"]) for r in rows},   # no DP first, then by epsilon
+                    key=lambda level: (level[1] is not None, -(level[1] or 0), level[0]))
+    for n_train, eps in levels:
+        level = [r for r in rows if (r["n_train"], r["epsilon"]) == (n_train, eps)]
+        Ks = sorted({r["K"] for r in level})
+        multi = any(r["method"] == "gradtx_best_init" for r in level)
+        head = (["K", "shadow fine-tunes"] + SHADOW_COUNT_METHODS
+                + (["gradtx over inits (min-max)", "gradtx_best_init"] if multi else [])
+                + ["provider s (gradtx)", "= LLM fine-tunes"])
+        lines.append(f"\n{'no DP' if eps is None else f'DP-SGD eps = {eps:g}'}, clients of "
+                     f"{n_train} records:\n")
+        table = []
+        for K in Ks:
+            at = {r["method"]: r for r in level if r["K"] == K and r["init"] in (0, None)}
+            ours = at["gradtx"]
+            row = ([str(K), str(ours["shadow_finetunes"])]
+                   + [fmt(at[m]["skewed_gain"] if m in at else None) for m in SHADOW_COUNT_METHODS])
+            if multi:
+                spread = [r["skewed_gain"] for r in level if r["K"] == K and r["method"] == "gradtx"
+                          and r["skewed_gain"] is not None]
+                best = next(r for r in level if r["K"] == K and r["method"] == "gradtx_best_init")
+                row += [f"{fmt(min(spread, default=None))}-{fmt(max(spread, default=None))}",
+                        fmt(best["skewed_gain"])]
+            bill = ours["seconds"]
+            row += [f"{bill:.0f}", f"{bill / ours['llm_finetune_seconds']:.0f}"]
+            table.append(row)
+        lines.append(markdown_table(head, table))
+    return ("skewed clients: gain recovered of means; the provider's bill: its share of the "
+            "shadow curation\n(K of the curated subsets) plus the fit, in seconds and in LLM "
+            "fine-tunes of one client's size\n" + "\n".join(lines))
+
+
+def mean_upload_signal(translator):
+    """The mean correlation of a translator's inputs with the clean updates along the top public
+    directions (train.fit_stage); 1 without DP, where the inputs are the clean updates."""
+    signal = translator.get("upload_signal")
+    return 1.0 if signal is None else float(np.mean(signal))
+
+
+def experiment_table(name, runs):
+    """One row per run of an experiment: the privacy setting, then skewed clients' gain recovered
+    (and PGR) of means per method; the collaboration experiment adds the pooling curve."""
+    if name == "frontier":
+        return frontier_table(runs)
+    if name == "shadow_count":
+        return shadow_count_table(shadow_count_rows(runs))
+    methods = ["tinylm_dp", "gradtx", "ridge", "gradtx_group", "ridge_group", "mean_shadow", "w2s",
+               "kd"]
+    methods = [m for m in methods if any(m in r["summary"]["scores"] for r in runs)]
+    head = ["epsilon", "mechanism", "sigma", "k", "signal"] + [f"{m} gain (PGR)" for m in methods]
+    rows = []
+    for r in runs:
+        p, s = r["privacy"], r["summary"]["by_kind"].get("skewed", r["summary"])
+        row = ["inf" if p["epsilon"] is None else f"{p['epsilon']:g}", p["mechanism"] or "-",
+               f"{p['noise_multiplier']:.2f}", "/".join(str(k) for k in p["subspace_k"].values()),
+               "/".join(fmt(mean_upload_signal(t)) for t in r["translators"].values())]
+        row += [f"{fmt(s['gain_of_means'].get(m))} ({fmt(s['pgr_of_means'].get(m))})"
+                for m in methods]
+        rows.append(row)
+    text = ("skewed clients: gain recovered of means (PGR of means), against the NON-private floor "
+            "and ceiling;\n"
+            "signal: how much the uploads say about the data (correlation with the clean update "
+            "along the\n"
+            f"top {gradtx.SIGNAL_DIRECTIONS} public directions, their mean; 1: the noise does not "
+            "matter, 0: nothing to translate)\n\n")
+    text += markdown_table(head, rows)
+    for r in runs:
+        if pooling := pooling_table(r):
+            eps = r["privacy"]["epsilon"]
+            text += f"\n\npooling curve at epsilon = {'inf' if eps is None else eps}:\n\n" + pooling
+    return text
+
+
+def write_experiment(name, runs, out):
+    """An experiment's table into `out/<name>.md` (and the frontier's points into `frontier.json`,
+    which tools/plots.py draws); returns the table."""
+    table = experiment_table(name, runs)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(table + "\n")
+    points = {"frontier": frontier_points, "shadow_count": shadow_count_rows}
+    if name in points:   # the figure's data (tools/plots.py)
+        with open(os.path.join(out, f"{name}.json"), "w") as f:
+            json.dump({"rows": points[name](runs)}, f, indent=1)
+    return table
+
+
+def load_runs(out):
+    """The results of an experiment's runs: one subfolder of `out` each, in name order."""
+    paths = sorted(os.path.join(out, d, "results.json") for d in os.listdir(out))
+    runs = []
+    for path in (p for p in paths if os.path.exists(p)):
+        with open(path) as f:
+            runs.append(json.load(f))
+    return runs
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,283 @@
+"""
+experiments/text.py -- the text task: language modeling on kinds of text a public model rarely sees,
+scored in bits per byte. This file builds the corpus (data.TextTask splits it into who holds what)
+and runs the whole protocol on it (train.run).
+
+    python experiments/text.py                         # code, comments and the language reference
+    python experiments/text.py --preset=text_smoke     # every stage at toy size, under a minute
+    python experiments/text.py --text_path=my.txt      # your own UTF-8 text, in four sections
+    python experiments/text.py --help                  # every option (the text preset's defaults)
+
+A file that cannot work (unreadable, not UTF-8, too short) ends the run with one line saying what is
+wrong and exit code 2.
+"""
+import ast
+import functools
+import io
+import os
+import re
+import sys
+import sysconfig
+import tokenize
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
+
+import train  # noqa: E402
+from config.presets import parse_args  # noqa: E402
+from data import Corpus, TextTask  # noqa: E402
+
+
+def make_text_task(seed, text_path=""):
+    """The text task for one seed: on the standard library's kinds of text, or on your file's
+    sections. A ValueError says what is wrong with a file that cannot work."""
+    if text_path:
+        return TextTask(seed, file_corpus(text_path), f"--text_path={text_path}")
+    return TextTask(seed, stdlib_corpus())
+
+
+def main(argv):
+    # the text preset by default; any preset's sizes (--preset=...) with the text task
+    cfg = parse_args(["--preset=text"] + list(argv) + ["--task=text"], __doc__)
+    try:
+        task = make_text_task(cfg.seed, cfg.text_path)
+    except ValueError as e:
+        print(f"gradtx: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    return train.run(cfg, task)
+
+
+# -----------------------------------------------------------------------------
+# the default corpus: kinds of text from the Python standard library
+#
+# Organizations differ in the KIND of text they hold (a hospital's notes, a law firm's contracts, a
+# software company's code), and a public model's corpus under-represents each of them: it is mostly
+# general prose. The default corpus plays that out with what ships with every CPython, read from
+# the standard library's source files with ast and tokenize (never imported: importing runs code):
+#
+#   general prose  the docstrings of the modules in MODULES: all of it is public PRETRAIN text
+#   client kinds   "code"      each function and method of CODE_MODULES, docstrings and comments
+#                              taken out
+#                  "comments"  each block of consecutive comment lines of MODULES
+#                  "reference" each paragraph of the language reference (pydoc_data/topics.py, the
+#                              text `help()` shows)
+#
+#   document of a kind --hash order--> PUBLIC: PRETRAIN (KIND_SHARES: 5%, so the kind is rare in
+#                                              what the base models learn from) | SHADOW pool
+#                                      PRIVATE: the kind's client's TRAIN | TEST
+#   example: a window of at most block_size + 1 bytes of a kind's text (documents joined by blank
+#            lines)
+#
+# With --text_path=FILE the kinds are the file's four sections (file_corpus), and the base models
+# learn from each section's share of it (FILE_SHARES): the upload has something to carry when the
+# sections differ.
+
+MODULES = ("_collections_abc _pydecimal _strptime _threading_local abc argparse ast asyncio base64 "
+           "bdb bisect bz2 calendar cmd code codecs codeop collections colorsys compileall "
+           "concurrent configparser contextvars copy copyreg cProfile csv dataclasses datetime dbm "
+           "difflib dis doctest email enum filecmp fileinput fnmatch fractions ftplib functools "
+           "getopt gettext glob graphlib gzip hashlib heapq hmac html http imaplib importlib "
+           "inspect ipaddress json locale lzma mimetypes modulefinder multiprocessing numbers "
+           "operator optparse os pathlib pdb pickle pickletools pkgutil plistlib poplib pprint "
+           "profile pstats py_compile pyclbr pydoc queue random re reprlib rlcompleter runpy "
+           "sched secrets selectors shelve shlex shutil signal smtplib socket socketserver sqlite3 "
+           "ssl statistics string stringprep subprocess symtable tabnanny tarfile tempfile "
+           "textwrap threading timeit tokenize tomllib trace traceback tracemalloc types "
+           "unittest urllib uuid weakref webbrowser wsgiref xml xmlrpc zipfile zipimport "
+           "zoneinfo").split()
+# the code kind: 34 of the modules, so that it holds about as much text as the comments
+CODE_MODULES = ("_collections_abc _pydecimal abc base64 bisect bz2 collections configparser copy "
+                "csv dataclasses dbm enum filecmp fileinput functools graphlib gzip hashlib heapq "
+                "json lzma operator os pathlib pickle shelve shutil tarfile tempfile types uuid "
+                "weakref zipfile").split()
+MIN_DOC_CHARS = 40      # shorter documents are boilerplate
+MIN_KIND_BYTES = 200_000   # less: a distribution left part of the standard library out
+# of a kind's documents
+KIND_SHARES = {"pretrain": 0.05, "shadow": 0.4, "train": 0.4, "test": 0.15}
+FILE_SHARES = {"pretrain": 0.3, "shadow": 0.3, "train": 0.3, "test": 0.1}     # of a file's pieces
+MIN_FILE_BYTES = 10_000
+PIECE_BYTES = 512       # a user's file is cut into pieces of at most this many bytes
+
+
+
+
+def module_files(root, name):
+    """The source files of a top-level module or package, in sorted order, test folders left out."""
+    if os.path.isfile(path := os.path.join(root, name + ".py")):
+        return [path]
+    files = []
+    for folder, subfolders, names in os.walk(os.path.join(root, name)):
+        subfolders[:] = sorted(d for d in subfolders if d not in ("test", "tests", "__pycache__"))
+        files += [os.path.join(folder, f) for f in sorted(names) if f.endswith(".py")]
+    return files
+
+
+def docstring_nodes(node):
+    """(owner, docstring expression) of a module and of every class and function in it, in source
+    order."""
+    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        if ast.get_docstring(node) is not None:
+            yield node, node.body[0]
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.stmt):   # classes and functions are statements, possibly nested
+            yield from docstring_nodes(child)
+
+
+def functions(tree):
+    """Module-level functions, and the methods of module-level classes, in source order."""
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node
+        elif isinstance(node, ast.ClassDef):
+            yield from (n for n in node.body if isinstance(n, (ast.FunctionDef,
+                                                               ast.AsyncFunctionDef)))
+
+
+def comments(source):
+    """{line number: column} of every comment of a Python source (bytes), read with tokenize."""
+    found = {}
+    for token in tokenize.tokenize(io.BytesIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            found[token.start[0]] = token.start[1]
+    return found
+
+
+def comment_blocks(lines, found):
+    """Runs of consecutive lines that hold nothing but a comment, each as one text, unindented."""
+    blocks, run = [], []
+    for number in sorted(found):
+        line = lines[number - 1]
+        if line[:found[number]].strip():          # a comment after code: not a comment line
+            continue
+        if run and number != run[-1][0] + 1:
+            blocks.append(run)
+            run = []
+        run.append((number, line.strip()))
+    return ["\n".join(text for _, text in run) for run in blocks + [run] if run]
+
+
+def code_text(lines, node, docstring_lines, found):
+    """A function's source lines, its docstrings' lines and every comment taken out."""
+    first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+    kept = []
+    for number in range(first, node.end_lineno + 1):
+        line = lines[number - 1]
+        if number in docstring_lines:
+            continue
+        if number in found:
+            line = line[:found[number]].rstrip()
+        if line.strip():
+            kept.append(line)
+    return "\n".join(kept)
+
+
+def keep(text):
+    """ASCII and long enough: shorter texts ("Return self.", "# noqa") are boilerplate."""
+    return len(text) >= MIN_DOC_CHARS and text.isascii()
+
+
+@functools.cache   # once per process: reading ~300 files takes a few seconds
+def stdlib_corpus():
+    """The default corpus (see above), from the running Python's standard library: each document
+    once, ASCII, MIN_DOC_CHARS or more. A kind under MIN_KIND_BYTES (a distribution that leaves out
+    part of the library) stops here with what is missing."""
+    root, seen = sysconfig.get_paths()["stdlib"], set()
+    general, kinds = [], {"code": [], "comments": [], "reference": []}
+
+    def add(documents, text):
+        if keep(text) and text not in seen:
+            seen.add(text)
+            documents.append(text)
+
+    for name, path in ((name, p) for name in sorted(MODULES) for p in module_files(root, name)):
+        with open(path, "rb") as f:
+            source = f.read()
+        tree, lines = ast.parse(source), source.decode("utf-8").splitlines()
+        docstring_lines = set()
+        for owner, node in docstring_nodes(tree):
+            add(general, ast.get_docstring(owner))
+            docstring_lines.update(range(node.lineno, node.end_lineno + 1))
+        found = comments(source)
+        for block in comment_blocks(lines, found):
+            add(kinds["comments"], block)
+        if name in CODE_MODULES:
+            for node in functions(tree):
+                add(kinds["code"], code_text(lines, node, docstring_lines, found))
+    for topic in reference_topics(root).values():
+        for paragraph in re.split(r"\n[ \t]*\n", topic):
+            add(kinds["reference"], paragraph.strip("\n"))
+    for kind, documents in kinds.items():
+        size = sum(map(len, documents))
+        if size < MIN_KIND_BYTES:
+            raise ValueError(f"the default text corpus: only {size:,} bytes of {kind!r} text in "
+                             f"{root}: expected at least {MIN_KIND_BYTES:,} (a full standard "
+                             "library; or give your own file with --text_path)")
+    return Corpus(general, kinds, KIND_SHARES)
+
+
+def reference_topics(root):
+    """{topic: text} of the language reference that pydoc shows, read from pydoc_data/topics.py
+    with ast (a dict literal), never imported."""
+    path = os.path.join(root, "pydoc_data", "topics.py")
+    if not os.path.isfile(path):
+        raise ValueError(f"the default text corpus needs {path}, which this Python's distribution "
+                         "leaves out: expected a full standard library (or give your own file "
+                         "with --text_path)")
+    with open(path, "rb") as f:
+        assignment = ast.parse(f.read()).body[-1]
+    return ast.literal_eval(assignment.value)
+
+
+def read_text_file(path):
+    """The file's text, or a ValueError naming what is wrong with it."""
+    where = f"--text_path={path}"
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        return raw.decode("utf-8").replace("\r\n", "\n")
+    except OSError as e:
+        raise ValueError(f"{where}: cannot read it ({e.strerror}): "
+                         "expected a UTF-8 text file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 (byte {raw[e.start:e.start + 1]!r} at offset "
+                         f"{e.start}): expected a UTF-8 text file") from None
+
+
+def pieces(text, size=PIECE_BYTES, separators=("\n\n", "\n", " ")):
+    """`text` cut into pieces of at most `size` UTF-8 bytes: at blank lines where it can, else at
+    line breaks, else at spaces, else between characters; neighbouring short parts packed together
+    up to `size`. Any file, however its paragraphs run (one huge one, many tiny ones, no blank lines
+    at all), gives pieces of a few hundred bytes."""
+    text = text.strip()
+    if len(text.encode()) <= size:
+        return [text] if text else []
+    if not separators:        # one long word: by characters (4 UTF-8 bytes at most each)
+        return [text[i:i + size // 4] for i in range(0, len(text), size // 4)]
+    sep, finer = separators[0], separators[1:]
+    packed = []
+    for unit in (u for part in text.split(sep) for u in pieces(part, size, finer)):
+        if packed and len((packed[-1] + sep + unit).encode()) <= size:
+            packed[-1] += sep + unit
+        else:
+            packed.append(unit)
+    return packed
+
+
+def file_corpus(path, n_sections=4):
+    """A UTF-8 file as a corpus: its pieces (see `pieces`) in n_sections contiguous sections of
+    about equal size (each piece goes to the section where it starts), one client each."""
+    chunks = pieces(read_text_file(path))
+    sizes = np.array([len(c.encode()) + 2 for c in chunks], dtype=np.int64)   # + the blank line
+    if sizes.sum() < MIN_FILE_BYTES:
+        raise ValueError(f"--text_path={path}: {max(0, sizes.sum() - 2 * len(chunks)):,} bytes of "
+                         f"text: expected at least {MIN_FILE_BYTES:,} (fine-tuning gains need "
+                         "~20 KB of private text per section)")
+    section = (np.cumsum(sizes) - sizes) * n_sections // sizes.sum()
+    kinds = {f"part{i + 1}": [c for c, s in zip(chunks, section) if s == i]
+             for i in range(n_sections)}
+    return Corpus([], kinds, FILE_SHARES)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
