@@ -166,22 +166,16 @@ def provenance(device="cpu"):
 # the evaluation
 
 
-def fit_runs(cfg):
-    """(train, validation) shadow runs of a configuration's fit: the first fit_shadow of the
-    n_shadow curated subsets (all of them by default), split by run (gradtx.split_runs)."""
-    return gradtx.split_runs(cfg.fit_shadow or cfg.n_shadow, cfg.val_frac, cfg.seed)
-
-
-def evaluate(cfg, task, tiny, llm, translators, shadow, clients, recipe, stage_seconds, privacy):
+def evaluate(cfg, task, tiny, llm, translators, mean_shadow, clients, recipe, stage_seconds,
+             privacy):
     """Score every method on every client; write results.json into cfg.out and print the tables.
 
     translators: {m: gradtx.Translator(model, log)} for inputs that average m uploads; the fit log
-    holds the selected linear map (basis, ridge) that is the `ridge` baseline."""
+    holds the selected linear map (basis, ridge) that is the `ridge` baseline. mean_shadow: the
+    mean LLM update of the shadow runs the maps were fitted on."""
     t0 = time.time()
-    provider = Provider(translators, tuple(shadow["Y"].shape[2:]))
-    train_runs, _ = fit_runs(cfg)
-    shared = {"llm_base": torch.zeros(provider.llm_shape),
-              "mean_shadow": shadow["Y"][train_runs].flatten(0, 1).mean(0),
+    provider = Provider(translators, tuple(mean_shadow.shape))
+    shared = {"llm_base": torch.zeros(provider.llm_shape), "mean_shadow": mean_shadow,
               "public_llm": tinylm.finetune(llm, *task.encode(task.public_examples(
                   None, data.stream(cfg.seed, "public examples"))), recipe, cfg.seed)[-1]}
     groups = {}

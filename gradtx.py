@@ -38,7 +38,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import data
 import dp
 import tinylm
 
@@ -348,38 +347,6 @@ def register_additions(model, cfg):
         model.register_buffer(name, torch.zeros(shape))
 
 
-# the grid select_linear_map searches; k = 0: no projection
-SUBSPACE_SIZES = (0, 4, 8, 16, 32, 64)
-RIDGE_LAMBDAS = (1e-3, 1e-2, 1e-1, 1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6)
-# how a map and a checkpoint are chosen (a cache key)
-SELECTION = "simplest within one standard error"
-SIGNAL_DIRECTIONS = 4   # the top public directions along which train.py measures upload_signal
-
-
-def split_runs(n_runs, val_frac, seed):
-    """Shadow run indices for training and validation: split by RUN, never by snapshot
-    (snapshots of one run are near copies of each other and would leak across the split)."""
-    order = data.stream(seed, "run split").permutation(n_runs)
-    n_val = max(2, int(round(val_frac * n_runs)))
-    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
-
-
-def functional_criterion(llm, val_sets, measure="loss"):
-    """f(pred_updates) = (n_runs,) the LLM's loss on each held-out run's own shadow data (x, y,
-    mask) with that run's predicted update applied; lower is better, and its mean is the score
-    (selection in parameter space keeps a translator that still sits at the mean update).
-    measure="exact_match" scores 1 - the share of examples answered exactly right: the loss rewards
-    hedging towards the mean update, this does not."""
-    def criterion(pred_updates):
-        values = []
-        for update, (x, y, mask) in zip(pred_updates, val_sets):
-            tinylm.set_update(llm, update)
-            values.append(tinylm.loss_of(llm, x, y, mask) if measure == "loss"
-                          else 1.0 - tinylm.exact_match_of(llm, x, y, mask))
-        return np.array(values)
-    return criterion
-
-
 def simplest_within_one_se(scores):
     """The first candidate (`scores` lists them simplest first) that is not clearly worse than the
     best: its per-run scores (lower is better) exceed the best candidate's by at most one standard
@@ -471,42 +438,6 @@ def ridge_predict(ridge, X):
     r = {k: v.to(X.device) for k, v in ridge.items()}
     z = (X.flatten(1).float() - r["x_mean"]) / r["x_std"]
     return (z @ r["keys"].T) @ r["values"] * r["y_std"] + r["y_mean"]
-
-
-class LinearMap(NamedTuple):
-    """What `select_linear_map` chooses: the public basis (None: raw input), the ridge map, its
-    subspace size k and lambda, and every candidate's mean held-out score {(k, lambda): score}."""
-    basis: dict
-    ridge: dict
-    k: int
-    lam: float
-    scores: dict
-
-
-def select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks=SUBSPACE_SIZES,
-                      lams=RIDGE_LAMBDAS):
-    """Choose the subspace size k and ridge's lambda by the functional criterion on held-out runs
-    (parameter-space error would pick a far too strong lambda): the simplest map within one standard
-    error of the best (`simplest_within_one_se`; fewer directions first -- k = 0, the raw input, has
-    the most -- then a stronger ridge). X_clean: clean public shadow TinyLM updates, for the basis;
-    X_train, X_val: the inputs the map will be given (DP updates when clients use DP); Y_train: LLM
-    updates. Returns a LinearMap."""
-    scores, maps = {}, {}
-    for k in ks:
-        if k > min(X_clean.shape[0] - 1, X_clean[0].numel()):   # more directions than the data has
-            continue
-        basis = public_basis(X_clean, k)
-        X_tr, X_va = project(X_train, basis), project(X_val, basis)
-        # once per k: the same map as fit_ridge(X_tr, Y_train, lam)
-        factors = ridge_factors(X_tr, Y_train)
-        for lam in lams:
-            ridge = ridge_at(factors, lam)
-            pred = ridge_predict(ridge, X_va).view(len(X_val), *Y_train.shape[1:])
-            scores[(k, lam)] = criterion(pred)
-            maps[(k, lam)] = (basis, ridge)
-    simplest_first = sorted(scores, key=lambda c: (c[0] or math.inf, -c[1]))
-    k, lam = simplest_within_one_se({c: scores[c] for c in simplest_first})
-    return LinearMap(*maps[(k, lam)], k, lam, {c: float(np.mean(v)) for c, v in scores.items()})
 
 
 @torch.no_grad()

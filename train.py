@@ -22,7 +22,6 @@ Stages (each writes its output atomically into --cache, default --out, and is sk
 A stage's cache key covers its settings, the keys of the stages it reads, and a fingerprint of the
 data it is given, so a change of either re-runs it and everything after it, and nothing else.
 """
-import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -30,17 +29,19 @@ import os
 import sys
 import time
 from dataclasses import asdict, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import data
 import dp
 import eval as evaluation
 import gradtx
 import tinylm
-from config.presets import parse_args   # every setting, its default and why
+from config import stages   # where each stage's output is cached
+from config.presets import (RIDGE_LAMBDAS, SIGNAL_DIRECTIONS, SUBSPACE_SIZES, noise_multiplier,
+                            parse_args, pick_device, recipe, sample_rate)
 
 
 
@@ -57,7 +58,7 @@ def run(cfg, task=None):
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1)
     task = task or load_task(cfg)
-    paths = stage_paths(cfg, task, pool_levels(cfg), device)
+    paths = stages.stage_paths(cfg, task, pool_levels(cfg), device)
     tiny, llm = base_models(cfg, task, paths, device)
     shadow = shadow_stages(cfg, task, tiny, llm, paths, device)
     translators = {m: fit_stage(cfg, task, tiny, llm, shadow, paths[f"fit_{m}"], m)
@@ -68,8 +69,9 @@ def run(cfg, task=None):
                "noise_multiplier": noise_multiplier(cfg) or 0.0, "clip": cfg.dp_clip,
                "sample_rate": sample_rate(cfg), "steps": cfg.ft_steps,
                "subspace_k": {m: t.log["k"] for m, t in translators.items()}}
-    results = evaluation.evaluate(cfg, task, tiny, llm, translators, shadow, clients,
-                                  recipe(cfg), stage_seconds(cfg, paths), privacy)
+    mean_shadow = shadow["Y"][fit_runs(cfg)[0]].flatten(0, 1).mean(0)   # the runs the maps fit on
+    results = evaluation.evaluate(cfg, task, tiny, llm, translators, mean_shadow, clients,
+                                  recipe(cfg), stages.stage_seconds(cfg, paths), privacy)
     results["timing_s"]["this_run_total"] = time.time() - t_start
     return results
 
@@ -109,7 +111,7 @@ def base_models(cfg, task, paths, device):
                                  ("llm", cfg.llm_model, cfg.pretrain_steps_llm,
                                   cfg.pretrain_lr_llm)):
         path = paths[f"pretrain_{who}"]
-        model = load_stage(path, lambda path: tinylm.load_model(path, device))
+        model = stages.load_stage(path, lambda path: tinylm.load_model(path, device))
         if model is None:
             t0, seed = time.time(), cfg.seed + (0 if who == "tiny" else 1)
             shape = replace(tinylm.MODEL_PRESETS[size], vocab_size=task.enc.n_vocab,
@@ -119,7 +121,7 @@ def base_models(cfg, task, paths, device):
                                     lambda: task.pretrain_batch(cfg.pretrain_batch, rng, device),
                                     steps, lr, seed, device, f"pretrain {who}")
             tinylm.save_model(model, path)
-            record_seconds(cfg, path, time.time() - t0)
+            stages.record_seconds(cfg, path, time.time() - t0)
             print(f"pretrain  : {who} ({size}), {sum(p.numel() for p in model.parameters()):,} "
                   f"params, {steps} steps, {time.time() - t0:.1f}s -> {path}", flush=True)
             # from the file, exactly as a later run gets it
@@ -216,18 +218,84 @@ def dp_noise(cfg, shadow, runs, m):
     return ((draws - draws.mean(1, keepdim=True)) * math.sqrt(R / (R - 1) / m)).flatten(0, 1)
 
 
+def split_runs(n_runs, val_frac, seed):
+    """Shadow run indices for training and validation: split by RUN, never by snapshot
+    (snapshots of one run are near copies of each other and would leak across the split)."""
+    order = data.stream(seed, "run split").permutation(n_runs)
+    n_val = max(2, int(round(val_frac * n_runs)))
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+def functional_criterion(llm, val_sets, measure="loss"):
+    """f(pred_updates) = (n_runs,) the LLM's loss on each held-out run's own shadow data (x, y,
+    mask) with that run's predicted update applied; lower is better, and its mean is the score
+    (selection in parameter space keeps a translator that still sits at the mean update).
+    measure="exact_match" scores 1 - the share of examples answered exactly right: the loss rewards
+    hedging towards the mean update, this does not."""
+    def criterion(pred_updates):
+        values = []
+        for update, (x, y, mask) in zip(pred_updates, val_sets):
+            tinylm.set_update(llm, update)
+            values.append(tinylm.loss_of(llm, x, y, mask) if measure == "loss"
+                          else 1.0 - tinylm.exact_match_of(llm, x, y, mask))
+        return np.array(values)
+    return criterion
+
+
+class LinearMap(NamedTuple):
+    """What `select_linear_map` chooses: the public basis (None: raw input), the ridge map, its
+    subspace size k and lambda, and every candidate's mean held-out score {(k, lambda): score}."""
+    basis: dict
+    ridge: dict
+    k: int
+    lam: float
+    scores: dict
+
+
+def select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks=SUBSPACE_SIZES,
+                      lams=RIDGE_LAMBDAS):
+    """Choose the subspace size k and ridge's lambda by the functional criterion on held-out runs
+    (parameter-space error would pick a far too strong lambda): the simplest map within one standard
+    error of the best (`simplest_within_one_se`; fewer directions first -- k = 0, the raw input, has
+    the most -- then a stronger ridge). X_clean: clean public shadow TinyLM updates, for the basis;
+    X_train, X_val: the inputs the map will be given (DP updates when clients use DP); Y_train: LLM
+    updates. Returns a LinearMap."""
+    scores, maps = {}, {}
+    for k in ks:
+        if k > min(X_clean.shape[0] - 1, X_clean[0].numel()):   # more directions than the data has
+            continue
+        basis = gradtx.public_basis(X_clean, k)
+        X_tr, X_va = gradtx.project(X_train, basis), gradtx.project(X_val, basis)
+        # once per k: the same map as fit_ridge(X_tr, Y_train, lam)
+        factors = gradtx.ridge_factors(X_tr, Y_train)
+        for lam in lams:
+            ridge = gradtx.ridge_at(factors, lam)
+            pred = gradtx.ridge_predict(ridge, X_va).view(len(X_val), *Y_train.shape[1:])
+            scores[(k, lam)] = criterion(pred)
+            maps[(k, lam)] = (basis, ridge)
+    simplest_first = sorted(scores, key=lambda c: (c[0] or math.inf, -c[1]))
+    k, lam = gradtx.simplest_within_one_se({c: scores[c] for c in simplest_first})
+    return LinearMap(*maps[(k, lam)], k, lam, {c: float(np.mean(v)) for c, v in scores.items()})
+
+
+def fit_runs(cfg):
+    """(train, validation) shadow runs of a configuration's fit: the first fit_shadow of the
+    n_shadow curated subsets (all of them by default), split by run."""
+    return split_runs(cfg.fit_shadow or cfg.n_shadow, cfg.val_frac, cfg.seed)
+
+
 def fit_stage(cfg, task, tiny, llm, shadow, path, m):
     """The linear map and the Grad-Transformer on top of it for inputs that average m uploads:
     loaded from `path` when cached, else fitted (`fit_translator`) and saved."""
     shapes = [tinylm.update_shape(model.cfg, cfg.lora_rank) for model in (tiny, llm)]
-    model = load_stage(path, lambda path: gradtx.load(path, *shapes, llm.wte.weight.device))
-    log = load_stage(path + ".log") if model is not None else None
+    model = stages.load_stage(path, lambda path: gradtx.load(path, *shapes, llm.wte.weight.device))
+    log = stages.load_stage(path + ".log") if model is not None else None
     if log is not None:
         return gradtx.Translator(model, log)
     translator = fit_translator(cfg, task, llm, shadow, m)
     tinylm.atomic_save(translator.log, path + ".log")
     gradtx.save(translator.model, path)  # last: its presence marks the stage done
-    record_seconds(cfg, path, translator.log["seconds"])
+    stages.record_seconds(cfg, path, translator.log["seconds"])
     return translator
 
 
@@ -236,21 +304,21 @@ def fit_translator(cfg, task, llm, shadow, m):
     held-out runs, then train the Grad-Transformer with it as its skip path. Its log keeps the
     selection, the losses and the linear map itself (the `ridge` baseline)."""
     t0 = time.time()
-    train_runs, val_runs = evaluation.fit_runs(cfg)
+    train_runs, val_runs = fit_runs(cfg)
     X, Y = translator_inputs(cfg, shadow, train_runs, m)
     X_train, Y_train = X.flatten(0, 1), Y.flatten(0, 1)
     X_val, Y_val = (t[:, -1] for t in translator_inputs(cfg, shadow, val_runs, m))  # one per run
     val_data = [task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha).examples[:cfg.val_examples]
                 for k in val_runs]
-    criterion = gradtx.functional_criterion(llm, [task.encode(examples) for examples in val_data],
+    criterion = functional_criterion(llm, [task.encode(examples) for examples in val_data],
                                             cfg.gt_select)
     X_clean = shadow["X"][train_runs].flatten(0, 1)   # the public subspace: clean updates only
-    ks = gradtx.SUBSPACE_SIZES if cfg.gt_project else (0,)
-    linear = gradtx.select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks)
+    ks = SUBSPACE_SIZES if cfg.gt_project else (0,)
+    linear = select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks)
     linear_seconds = time.time() - t0
     signal = gate = None   # with DP: how much of these inputs is signal, and the do-no-harm gate
     if "X_private" in shadow:
-        top = gradtx.public_basis(X_clean, gradtx.SIGNAL_DIRECTIONS)
+        top = gradtx.public_basis(X_clean, SIGNAL_DIRECTIONS)
         signal = dp.upload_signal(shadow["X"][train_runs, -1], X, top).tolist()
         if cfg.gt_gate:
             gate = dp.fit_gate(X_train, dp_noise(cfg, shadow, train_runs, m), top,
@@ -260,7 +328,7 @@ def fit_translator(cfg, task, llm, shadow, m):
                            n_layer=cfg.gt_layers, n_head=cfg.gt_heads, dropout=cfg.gt_dropout,
                            normalize=cfg.gt_normalize, n_basis=linear.k,
                            n_skip=len(X_train) if cfg.gt_skip else 0,
-                           n_gate=gradtx.SIGNAL_DIRECTIONS if gate else 0)
+                           n_gate=SIGNAL_DIRECTIONS if gate else 0)
     torch.manual_seed(cfg.seed + cfg.gt_init)   # the init: not whatever ran before in the process
     model = gradtx.GradTransformer(gcfg).to(llm.wte.weight.device)
     gradtx.set_linear_map(model, linear.basis, linear.ridge if cfg.gt_skip else None, gate)
@@ -330,40 +398,7 @@ def clients_stage(cfg, task, tiny, llm, paths, device):
 
 
 # -----------------------------------------------------------------------------
-# the published recipe, and the privacy it buys
-
-
-def pick_device(name="auto"):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
-def recipe(cfg, private=False):
-    """The published fine-tuning recipe; private=True gives the clients' DP-SGD recipe."""
-    sigma = noise_multiplier(cfg) if private and cfg.dp_mechanism == "sgd" else 0.0
-    return tinylm.Recipe(cfg.ft_steps, cfg.ft_batch, cfg.ft_lr, sigma or 0.0, cfg.dp_clip,
-                         sample_rate(cfg))
-
-
-def sample_rate(cfg):
-    """DP-SGD's Poisson rate q: --dp_sample_rate, or by default q = B / N (B = ft_batch, N =
-    n_train), so a step costs the same whatever the client's size. The recipe keeps B and its T =
-    ft_steps steps, and the accountant then needs sigma ~ q sqrt(T) / epsilon: the noise in the
-    final update, relative to its signal, falls roughly like 1 / (N epsilon) -- a client with more
-    records buys the same utility at a smaller epsilon."""
-    return cfg.dp_sample_rate or min(1.0, cfg.ft_batch / cfg.n_train)
-
-
-def noise_multiplier(cfg):
-    """DP-SGD's sigma, or output perturbation's noise std, for the clients' (epsilon, delta); None:
-    no DP."""
-    if cfg.dp_epsilon <= 0:
-        return None
-    return dp.calibrate(cfg.dp_mechanism, cfg.dp_epsilon, cfg.dp_delta, cfg.dp_clip,
-                        sample_rate(cfg), cfg.ft_steps)
+# what a client releases under DP (the recipe and its noise: config/presets.py)
 
 
 def private_upload(cfg, model, x, y, mask, seed, clean_update):
@@ -381,99 +416,6 @@ def perturb(cfg, update, seed):
 
 
 # -----------------------------------------------------------------------------
-# the cache: a stage's file name is a hash of its settings, its inputs' keys and its data
-
-
-TINY_KEYS = ("task", "seed", "tiny_model", "pretrain_steps_tiny", "pretrain_batch",
-             "pretrain_lr_tiny")
-LLM_KEYS = ("task", "seed", "llm_model", "pretrain_steps_llm", "pretrain_batch", "pretrain_lr_llm")
-FINETUNE_KEYS = ("lora_rank", "lora_alpha", "lora_seed", "ft_steps", "ft_batch", "ft_lr", "n_train")
-SHADOW_KEYS = FINETUNE_KEYS + ("n_shadow", "n_snapshots", "snapshot_gap", "shadow_alpha")
-DP_KEYS = ("dp_epsilon", "dp_delta", "dp_mechanism", "dp_clip", "dp_sample_rate")
-SHADOW_DP_KEYS = SHADOW_KEYS + DP_KEYS + ("shadow_dp_draws",)
-FIT_KEYS = ("gt_d_model", "gt_layers", "gt_heads", "gt_dropout", "gt_weight_decay", "gt_lr",
-            "gt_steps", "gt_batch", "gt_eval_every", "gt_normalize", "gt_project", "gt_skip",
-            "gt_gate", "gt_init", "gt_select", "val_frac", "val_examples", "fit_shadow")
-# who holds what, and the shared recipe
-CLIENT_DATA_KEYS = FINETUNE_KEYS + ("group_size", "skew", "n_test")
-CLIENT_KEYS = CLIENT_DATA_KEYS + DP_KEYS
-
-
-def stage_paths(cfg, task, levels=(1,), device="cpu"):
-    """{stage: file} for this configuration. Each key hashes the stage's settings, the files of the
-    stages it reads and a fingerprint of the data it is given: it cannot go stale. A GPU's float
-    kernels give other numbers than a CPU's, so the device type counts too -- but only when it is
-    not "cpu": a CPU stage's key is what it always was, and a CUDA- or MPS-made stage gets a file of
-    its own."""
-    made_on = [] if torch.device(device).type == "cpu" else [torch.device(device).type]
-
-    def path(stage, keys, *inputs):   # an input stage counts by its file name: a cache can be moved
-        inputs = [os.path.basename(i) if isinstance(i, str) else i for i in inputs]
-        blob = json.dumps([stage, {k: getattr(cfg, k) for k in keys}, inputs] + made_on,
-                          sort_keys=True)
-        return os.path.join(cfg.cache or cfg.out,
-                            f"{stage}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}.pt")
-    shadow_data = data.digest(e for k in range(cfg.n_shadow)
-                              for e in task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha).examples)
-    client_data = data.digest(e
-                              for c in task.clients(cfg.n_train, cfg.n_test, cfg.group_size,
-                                                    cfg.skew)
-                              for e in c["train"] + c["test"])
-    p = {"pretrain_tiny": path("pretrain_tiny", TINY_KEYS, task.fingerprint()),
-         "pretrain_llm": path("pretrain_llm", LLM_KEYS, task.fingerprint())}
-    p["shadow"] = path("shadow", SHADOW_KEYS, p["pretrain_tiny"], p["pretrain_llm"], shadow_data)
-    inputs = p["shadow"]
-    if cfg.dp_epsilon > 0:
-        p["shadow_dp"] = inputs = path("shadow_dp", SHADOW_DP_KEYS, p["shadow"])
-    for m in levels:   # one translator per noise level: inputs that average m uploads
-        p[f"fit_{m}"] = path("fit", FIT_KEYS, inputs, m, gradtx.SUBSPACE_SIZES,
-                             gradtx.RIDGE_LAMBDAS, gradtx.SELECTION)
-    p["clients"] = path("clients", CLIENT_KEYS, p["pretrain_tiny"], client_data)
-    # llm_ft reads only the clients' data; the weak baselines also read their uploads (the clients
-    # stage)
-    p["references"] = path("references", CLIENT_DATA_KEYS + ("seed", "weak_baselines"),
-                           p["pretrain_llm"], p["clients"] if cfg.weak_baselines else client_data)
-    return p
-
-
-def load_stage(path, load=lambda path: torch.load(path, weights_only=True)):
-    """load(path) of a finished stage's file (stage files hold only tensors and plain values), or
-    None: not made yet, or unreadable. A file cut short (a full disk, an interrupted copy) is
-    reported in one line and moved aside to <path>.unreadable, and the stage that made it runs
-    again."""
-    if not os.path.exists(path):
-        return None
-    try:
-        return load(path)
-    except Exception as e:   # torch's own error names no file; ours names it, in one line
-        cause = e.__cause__ or e
-        reason = f"{type(cause).__name__}: {str(cause).strip()}".splitlines()[0].split(". ")[0]
-        print(f"cache: {path} is unreadable ({reason}): recomputing it", flush=True)
-        os.replace(path, path + ".unreadable")
-        return None
-
-
-def record_seconds(cfg, path, seconds):
-    """Compute time of a finished stage, kept beside the cache in timing.json."""
-    timing_path = os.path.join(cfg.cache or cfg.out, "timing.json")
-    timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {}
-    timing[os.path.basename(path)] = seconds
-    with open(timing_path + ".tmp", "w") as f:
-        json.dump(timing, f, indent=1)
-    os.replace(timing_path + ".tmp", timing_path)
-
-
-def stage_seconds(cfg, paths):
-    """{pretrain, shadow, fit, clients, references}: seconds each stage of this configuration
-    took."""
-    timing_path = os.path.join(cfg.cache or cfg.out, "timing.json")
-    timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {}
-    return {stage: sum(timing.get(os.path.basename(p), 0.0)
-                       for s, p in paths.items() if s.startswith(stage))
-            for stage in ("pretrain", "shadow", "fit", "clients", "references")}
-
-
-# -----------------------------------------------------------------------------
 # independent fine-tunes side by side: on a CPU, two single-threaded processes get through about
 # 1.7x the work of one process with two threads (these small matrices leave cores idle)
 
@@ -487,6 +429,12 @@ def _init_worker(cfg, paths, device, task):
     _worker.update(cfg=cfg, task=task, tiny=tiny, llm=llm)
 
 
+def run_stage(cfg, path, desc, fn, items, device, task, tiny, llm, paths):
+    """fn over items in worker processes, as a cached, resumable stage (config/stages.py)."""
+    return stages.run_stage(cfg, path, desc, items, lambda todo: worker_map(
+        cfg, fn, todo, device, task, tiny, llm, paths))
+
+
 def worker_map(cfg, fn, items, device, task, tiny, llm, paths):
     """map(fn, items), in order, in cfg.workers processes (in this one when workers <= 1 or on a
     GPU)."""
@@ -498,28 +446,6 @@ def worker_map(cfg, fn, items, device, task, tiny, llm, paths):
     context = mp.get_context("spawn")
     with context.Pool(cfg.workers, _init_worker, (cfg, paths, device, task)) as pool:
         yield from pool.imap(fn, items)
-
-
-def run_stage(cfg, path, desc, fn, items, device, task, tiny, llm, paths):
-    """Results of fn over items, in worker processes, saved every few items so an interrupted stage
-    resumes where it stopped; the finished list is saved atomically at `path`."""
-    if (done := load_stage(path)) is not None:
-        return done["results"]
-    partial = path.replace(".pt", ".partial.pt")
-    state = load_stage(partial) or {"results": [], "seconds": 0.0}
-    t0, todo = time.time() - state["seconds"], items[len(state["results"]):]
-    for i, result in enumerate(tqdm(worker_map(cfg, fn, todo, device, task, tiny, llm, paths),
-                                    desc=desc, leave=False, initial=len(state["results"]),
-                                    total=len(items))):
-        state["results"].append(result)
-        if (i + 1) % 8 == 0:
-            state["seconds"] = time.time() - t0
-            tinylm.atomic_save(state, partial)
-    tinylm.atomic_save({"results": state["results"], "seconds": time.time() - t0}, path)
-    record_seconds(cfg, path, time.time() - t0)
-    if os.path.exists(partial):
-        os.remove(partial)
-    return state["results"]
 
 
 def main(argv):

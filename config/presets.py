@@ -1,7 +1,8 @@
 """
 config/presets.py -- every setting of a gradtx run: its default (the "cpu" preset) and why, the
-other presets, the experiments, and the --key=value parser that train.py uses. The measurements
-behind the defaults: RESULTS.md, "Why the defaults are what they are".
+other presets, the experiments, the --key=value parser that train.py uses, and what the settings
+publish (the fine-tuning recipe and its DP noise). The measurements behind the defaults:
+RESULTS.md, "Why the defaults are what they are".
 
     python train.py --help                 # every option with its default
     python train.py --preset=smoke --seed=1   # a preset, then any field overridden
@@ -10,6 +11,11 @@ A preset is a Config instance; an experiment is a list of overrides, one run eac
 """
 import sys
 from dataclasses import dataclass, fields, replace
+
+import torch
+
+import dp
+import tinylm
 
 
 @dataclass
@@ -131,6 +137,14 @@ def shadow_count_runs(counts, levels):
             for translator in [PAPER_TRANSLATOR] + [dict(gt_init=i) for i in range(inits)]]
 
 
+# the linear map's search grid (train.select_linear_map); k = 0: no projection
+SUBSPACE_SIZES = (0, 4, 8, 16, 32, 64)
+RIDGE_LAMBDAS = (1e-3, 1e-2, 1e-1, 1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6)
+# how a map and a checkpoint are chosen (part of the fit's cache key)
+SELECTION = "simplest within one standard error"
+SIGNAL_DIRECTIONS = 4   # the top public directions along which a fit measures upload_signal
+
+
 EXPERIMENTS = {   # one command each; every run of a sweep shares --cache
     "dp": [dict(dp_epsilon=eps, dp_mechanism=mech) for eps in (0.0, 8.0, 1.0, 0.3, 0.1)
            for mech in (("sgd", "output") if eps else ("sgd",))],
@@ -233,3 +247,41 @@ def check_config(cfg):
         raise SystemExit(f"--shadow_dp_draws={cfg.shadow_dp_draws} < "
                          f"--group_size={cfg.group_size}: the map for a group's mean upload is "
                          "trained on means of group_size DP draws per shadow subset")
+
+
+# -----------------------------------------------------------------------------
+# what the settings publish: the fine-tuning recipe every party follows, the noise it needs for
+# the clients' (epsilon, delta), and the device a run picks
+
+
+def recipe(cfg, private=False):
+    """The published fine-tuning recipe; private=True gives the clients' DP-SGD recipe."""
+    sigma = noise_multiplier(cfg) if private and cfg.dp_mechanism == "sgd" else 0.0
+    return tinylm.Recipe(cfg.ft_steps, cfg.ft_batch, cfg.ft_lr, sigma or 0.0, cfg.dp_clip,
+                         sample_rate(cfg))
+
+
+def sample_rate(cfg):
+    """DP-SGD's Poisson rate q: --dp_sample_rate, or by default q = B / N (B = ft_batch, N =
+    n_train), so a step costs the same whatever the client's size. The recipe keeps B and its T =
+    ft_steps steps, and the accountant then needs sigma ~ q sqrt(T) / epsilon: the noise in the
+    final update, relative to its signal, falls roughly like 1 / (N epsilon) -- a client with more
+    records buys the same utility at a smaller epsilon."""
+    return cfg.dp_sample_rate or min(1.0, cfg.ft_batch / cfg.n_train)
+
+
+def noise_multiplier(cfg):
+    """DP-SGD's sigma, or output perturbation's noise std, for the clients' (epsilon, delta); None:
+    no DP."""
+    if cfg.dp_epsilon <= 0:
+        return None
+    return dp.calibrate(cfg.dp_mechanism, cfg.dp_epsilon, cfg.dp_delta, cfg.dp_clip,
+                        sample_rate(cfg), cfg.ft_steps)
+
+
+def pick_device(name="auto"):
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"

@@ -47,7 +47,8 @@ import data
 import dp
 import tinylm
 import train
-from config.presets import PRESETS, option_pairs, override, print_help
+from config import stages
+from config.presets import PRESETS, noise_multiplier, option_pairs, override, print_help, recipe
 
 
 @dataclass
@@ -262,7 +263,7 @@ def audit_setting(cfg, acfg, tiny, x, y, mask, epsilon, mechanism, kind, canarie
     all m from the upload alone. cfg: train.py's Config; epsilon 0: no DP."""
     private = replace(cfg, dp_epsilon=epsilon, dp_mechanism=mechanism or "sgd")
     sgd = epsilon > 0 and mechanism == "sgd"
-    recipe = train.recipe(private, private=sgd)   # dp_sigma 0 unless DP-SGD
+    recipe = recipe(private, private=sgd)   # dp_sigma 0 unless DP-SGD
     m = len(included)
     expected_batch = recipe.dp_sample_rate * (len(x) + m / 2)   # fixed: never the realised count
     if kind == "gradient":
@@ -291,7 +292,7 @@ def audit_setting(cfg, acfg, tiny, x, y, mask, epsilon, mechanism, kind, canarie
     return {"epsilon": epsilon or None, "mechanism": mechanism if epsilon else None,
             "canaries": kind, "m": m, **result, "auc": auc(scores, included),
             "sigma": recipe.dp_sigma if sgd else
-            (train.noise_multiplier(private) if mechanism == "output" else 0.0),
+            (noise_multiplier(private) if mechanism == "output" else 0.0),
             "update_norm": update.norm().item()}
 
 
@@ -333,7 +334,7 @@ def convention_leak(cfg, acfg, task, tiny):
             if eps > 0:
                 upload = train.private_upload(private, tiny, x, y, mask, seed, None)
             else:
-                upload = tinylm.finetune(tiny, x, y, mask, train.recipe(cfg), seed)[-1]
+                upload = tinylm.finetune(tiny, x, y, mask, recipe(cfg), seed)[-1]
             tinylm.set_update(tiny, upload)
             hits[op] += int((operator_preference(tiny, px) - base).argmax()) == op
         n = 4 * acfg.leak_clients
@@ -375,7 +376,7 @@ def main(argv):
     if cfg.task != "arith":
         raise SystemExit("the audit's canaries and the convention measurement are for the arith "
                          "task")
-    paths = train.stage_paths(cfg, task)
+    paths = stages.stage_paths(cfg, task)
     if os.path.exists(paths["pretrain_tiny"]):
         tiny = tinylm.add_lora(tinylm.load_model(paths["pretrain_tiny"]).eval(), cfg.lora_rank,
                                cfg.lora_alpha, cfg.lora_seed)

@@ -22,9 +22,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
-import gradtx  # noqa: E402
 import train  # noqa: E402
-from config.presets import EXPERIMENTS, parse_args  # noqa: E402
+from config.presets import EXPERIMENTS, SIGNAL_DIRECTIONS, parse_args  # noqa: E402
 from eval import fmt, markdown_table, pooling_table  # noqa: E402
 
 
@@ -231,7 +230,7 @@ def experiment_table(name, runs):
             "and ceiling;\n"
             "signal: how much the uploads say about the data (correlation with the clean update "
             "along the\n"
-            f"top {gradtx.SIGNAL_DIRECTIONS} public directions, their mean; 1: the noise does not "
+            f"top {SIGNAL_DIRECTIONS} public directions, their mean; 1: the noise does not "
             "matter, 0: nothing to translate)\n\n")
     text += markdown_table(head, rows)
     for r in runs:

@@ -18,6 +18,7 @@ import data
 import dp
 import tinylm
 import train
+from config import stages
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -50,7 +51,7 @@ def test_arith_with_dp_groups_and_weak_baselines_is_deterministic_on_the_gpu(tmp
     # the stages went to files of their own: a CUDA-made stage never stands in for a CPU one
     cfg = train.parse_args(TINY_RUN + [f"--out={tmp_path / 'run0'}"] + options)
     task = data.make_task("arith", cfg.seed)
-    on_cuda, on_cpu = (train.stage_paths(cfg, task, train.pool_levels(cfg), d) for d in ("cuda", "cpu"))
+    on_cuda, on_cpu = (stages.stage_paths(cfg, task, train.pool_levels(cfg), d) for d in ("cuda", "cpu"))
     assert all(os.path.exists(on_cuda[s]) and not os.path.exists(on_cpu[s]) for s in on_cuda)
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import dp  # noqa: E402
 import gradtx  # noqa: E402
+import train  # noqa: E402
 
 N_SRC, D_SRC, N_TGT, D_TGT = 2, 12, 3, 16
 
@@ -535,9 +536,9 @@ def test_select_linear_map_takes_what_the_criterion_prefers():
     target = gradtx.ridge_predict(gradtx.fit_ridge(gradtx.project(X[:16], gradtx.public_basis(X[:16], 4)),
                                                    Y[:16], 10.0), gradtx.project(X[16:], gradtx.public_basis(X[:16], 4)))
     criterion = lambda pred: (pred.flatten(1).double() - target.double()).norm().item()  # noqa: E731
-    _, _, k, lam, scores = gradtx.select_linear_map(X[:16], X[:16], Y[:16], X[16:], criterion,
-                                                    ks=(0, 2, 4), lams=(1.0, 10.0, 100.0))
-    assert (k, lam) == (4, 10.0) and len(scores) == 9
+    chosen = train.select_linear_map(X[:16], X[:16], Y[:16], X[16:], criterion,
+                                     ks=(0, 2, 4), lams=(1.0, 10.0, 100.0))
+    assert (chosen.k, chosen.lam) == (4, 10.0) and len(chosen.scores) == 9
 
 
 def test_select_linear_map_equals_a_search_that_refits_ridge_at_every_lambda():
@@ -557,7 +558,7 @@ def test_select_linear_map_equals_a_search_that_refits_ridge_at_every_lambda():
             pred = gradtx.ridge_predict(ridge, gradtx.project(X_val, basis))
             expected[(k, lam)] = (criterion(pred), pred)
     best = min(expected, key=lambda key: expected[key][0])
-    basis, ridge, k, lam, scores = gradtx.select_linear_map(X, X, Y, X_val, criterion, ks, lams)
+    basis, ridge, k, lam, scores = train.select_linear_map(X, X, Y, X_val, criterion, ks, lams)
     assert (k, lam) == best == (2, 1.0)
     assert scores == pytest.approx({key: score for key, (score, _) in expected.items()}, abs=1e-6)
     torch.testing.assert_close(gradtx.ridge_predict(ridge, gradtx.project(X_val, basis)), expected[best][1],

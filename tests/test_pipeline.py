@@ -18,6 +18,7 @@ import eval as evaluation
 import gradtx
 import tinylm
 import train
+from config import stages
 from experiments import sweep
 
 
@@ -80,7 +81,7 @@ def test_dp_run_with_groups(dp_group_run):
     assert (p["epsilon"], p["mechanism"], p["noise_multiplier"], p["steps"], p["sample_rate"]) == (1.0, "sgd", sigma, 6, q)
     assert set(p["subspace_k"]) == {1, 2}                       # one map per noise level
     for translator in results["translators"].values():          # the diagnostic: one value per direction
-        assert len(translator["upload_signal"]) == gradtx.SIGNAL_DIRECTIONS
+        assert len(translator["upload_signal"]) == train.SIGNAL_DIRECTIONS
         assert all(-1 <= c <= 1 for c in translator["upload_signal"])
     assert "| signal |" in sweep.experiment_table("dp", [results])
     assert len(results["clients"]) == 5 * 2
@@ -120,7 +121,7 @@ def test_frontier_points_and_table(dp_group_run):
 def test_shadow_dp_runs_use_exactly_the_clients_recipe(tmp_path, monkeypatch):
     cfg = train.parse_args(TINY_RUN + [f"--out={tmp_path}", "--dp_epsilon=2", "--n_shadow=2", "--shadow_dp_draws=2"])
     task = data.make_task("arith", cfg.seed)
-    paths = train.stage_paths(cfg, task)
+    paths = stages.stage_paths(cfg, task)
     tiny, llm = train.base_models(cfg, task, paths, "cpu")
     seen, real_finetune = [], tinylm.finetune
     monkeypatch.setattr(tinylm, "finetune", lambda m, x, y, mask, recipe, *a, **k:
@@ -157,7 +158,7 @@ def test_fit_stage_does_not_depend_on_what_ran_before_in_the_process(tmp_path):
     a cached run and a fresh one fit different translators (found: the DP sweep did not reproduce)."""
     cfg = train.parse_args(TINY_RUN + [f"--out={tmp_path}"])
     task = data.make_task("arith", cfg.seed)
-    paths = train.stage_paths(cfg, task)
+    paths = stages.stage_paths(cfg, task)
     tiny, llm = train.base_models(cfg, task, paths, "cpu")
     shadow = train.shadow_stages(cfg, task, tiny, llm, paths, "cpu")
     states = []
@@ -171,7 +172,7 @@ def test_fit_stage_does_not_depend_on_what_ran_before_in_the_process(tmp_path):
 def test_interrupted_stage_resumes_to_the_same_pairs(tmp_path, monkeypatch):
     cfg = train.parse_args(TINY_RUN + [f"--out={tmp_path}", "--n_shadow=9"])
     task = data.make_task("arith", cfg.seed)
-    paths = train.stage_paths(cfg, task)
+    paths = stages.stage_paths(cfg, task)
     tiny, llm = train.base_models(cfg, task, paths, "cpu")
     full = train.shadow_stages(cfg, task, tiny, llm, {**paths, "shadow": str(tmp_path / "full.pt")}, "cpu")
     real_finetune, calls = tinylm.finetune, []
@@ -217,38 +218,38 @@ def test_a_cut_short_stage_file_is_recomputed(finished_run, tmp_path, capsys):
 def test_cache_keys_follow_the_data_and_settings(monkeypatch):
     cfg = train.parse_args(TINY_RUN + ["--dp_epsilon=1"])
     task = data.make_task("arith", cfg.seed)
-    before = train.stage_paths(cfg, task)
+    before = stages.stage_paths(cfg, task)
     # the same settings in another cache directory: the same file names (a cache can be moved)
-    moved = train.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--cache=elsewhere/cache"]), task)
+    moved = stages.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--cache=elsewhere/cache"]), task)
     assert {s: os.path.basename(p) for s, p in moved.items()} == {s: os.path.basename(p) for s, p in before.items()}
     # the device type counts, except "cpu": a CPU stage keeps the key it had before the device counted
     # (the smoke preset's TinyLM, as every cache made so far names it), a GPU-made stage gets its own
-    assert train.stage_paths(cfg, task, device="cpu") == before
-    smoke = train.stage_paths(train.parse_args(["--preset=smoke"]), task)
+    assert stages.stage_paths(cfg, task, device="cpu") == before
+    smoke = stages.stage_paths(train.parse_args(["--preset=smoke"]), task)
     assert os.path.basename(smoke["pretrain_tiny"]) == "pretrain_tiny-cf292e8bb6.pt"
-    on_gpu = train.stage_paths(cfg, task, device="cuda:0")
-    assert all(on_gpu[s] != before[s] for s in before) and on_gpu == train.stage_paths(cfg, task, device="cuda")
+    on_gpu = stages.stage_paths(cfg, task, device="cuda:0")
+    assert all(on_gpu[s] != before[s] for s in before) and on_gpu == stages.stage_paths(cfg, task, device="cuda")
     # other client data: only the stages that read it (the clients and their references) change
     real_clients = data.ArithTask.clients
     monkeypatch.setattr(data.ArithTask, "clients", lambda self, *a, **k:
                         [dict(c, train=c["train"][1:]) for c in real_clients(self, *a, **k)])
-    after = train.stage_paths(cfg, task)
+    after = stages.stage_paths(cfg, task)
     assert {s for s in before if before[s] != after[s]} == {"clients", "references"}
     monkeypatch.setattr(data.ArithTask, "clients", real_clients)
     # another pretraining corpus (e.g. a change of the task's format): every stage changes
     monkeypatch.setattr(data.ArithTask, "fingerprint", lambda self: "another corpus")
-    after = train.stage_paths(cfg, task)
+    after = stages.stage_paths(cfg, task)
     assert all(before[s] != after[s] for s in before)
     monkeypatch.undo()
     # other shadow subsets: every stage that reads them; a translator setting: its fit only
-    other_shadow = train.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--shadow_alpha=3"]), task)
+    other_shadow = stages.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--shadow_alpha=3"]), task)
     assert {s for s in before if before[s] != other_shadow[s]} == {"shadow", "shadow_dp", "fit_1"}
-    other_fit = train.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--gt_lr=1e-3"]), task)
+    other_fit = stages.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--gt_lr=1e-3"]), task)
     assert {s for s in before if before[s] != other_fit[s]} == {"fit_1"}
     # another privacy level: llm_ft reads no upload, so without weak baselines its fine-tunes are reused
     strong = [f"--weak_baselines={w}" for w in ("false", "true")]
     for flag, reused in zip(strong, (True, False)):
-        eps1, eps8 = (train.stage_paths(train.parse_args(TINY_RUN + [flag, f"--dp_epsilon={e}"]), task) for e in (1, 8))
+        eps1, eps8 = (stages.stage_paths(train.parse_args(TINY_RUN + [flag, f"--dp_epsilon={e}"]), task) for e in (1, 8))
         assert eps1["clients"] != eps8["clients"] and (eps1["references"] == eps8["references"]) == reused
 
 
@@ -256,7 +257,7 @@ def test_worker_processes_give_the_same_pairs_as_one_process(tmp_path):
     one = train.parse_args(TINY_RUN + [f"--out={tmp_path}", "--n_shadow=3"])
     two = train.parse_args(TINY_RUN + [f"--out={tmp_path}", "--n_shadow=3", "--workers=2"])
     task = data.make_task("arith", one.seed)
-    paths = train.stage_paths(one, task)
+    paths = stages.stage_paths(one, task)
     tiny, llm = train.base_models(one, task, paths, "cpu")
     runs = [list(train.worker_map(cfg, train.shadow_run, [0, 1, 2], "cpu", task, tiny, llm, paths))
             for cfg in (one, two)]
@@ -330,18 +331,24 @@ def test_output_perturbation_run(tmp_path):
 
 
 def test_library_modules_import_one_way():
-    """config.presets (the settings), data, dp -> tinylm -> gradtx -> eval -> train: each module
-    imports only modules before it, and only at its top (an import inside a function is how a cycle
-    hides)."""
+    """data, dp -> tinylm -> config.presets (the settings and the recipe they publish) -> gradtx ->
+    eval -> config.stages (the stage cache) -> train: each module imports only modules before it,
+    and only at its top (an import inside a function is how a cycle hides). Experiments and tools
+    import the method; the method never imports them."""
     import ast
-    order = ["config.presets", "data", "dp", "tinylm", "gradtx", "eval", "train"]
+    order = ["data", "dp", "tinylm", "config.presets", "gradtx", "eval", "config.stages", "train"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for i, name in enumerate(order):
         tree = ast.parse(open(os.path.join(root, *name.split(".")) + ".py").read())
         top = {id(node) for node in tree.body}
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
-                targets = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                if isinstance(node, ast.Import):
+                    targets = [a.name for a in node.names]
+                else:   # "from config import stages" imports config.stages
+                    targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                assert not any(t.split(".")[0] in ("experiments", "tools") for t in targets), \
+                    f"{name}.py imports an experiment or a tool: {targets}"
                 ours = [t for t in targets if t in order]
                 assert not ours or id(node) in top, f"{name}.py imports {ours} inside a block (line {node.lineno})"
                 for t in ours:

@@ -26,7 +26,6 @@ this file imports it only inside main(). Otherwise standard library only.
 """
 import argparse
 import json
-import math
 import os
 import sys
 

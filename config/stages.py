@@ -1,0 +1,128 @@
+"""
+config/stages.py -- where each stage of a run keeps its output: a file in --cache whose name hashes
+the stage's settings, the files of the stages it reads and a fingerprint of the data it is given,
+so it cannot go stale. train.py reads a stage from there when it exists and writes it atomically
+(a temp file, then a rename) when it does not; a long stage saves its progress and resumes.
+"""
+import hashlib
+import json
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import data
+import tinylm
+from config.presets import RIDGE_LAMBDAS, SELECTION, SUBSPACE_SIZES
+
+# the settings each stage's output depends on
+TINY_KEYS = ("task", "seed", "tiny_model", "pretrain_steps_tiny", "pretrain_batch",
+             "pretrain_lr_tiny")
+LLM_KEYS = ("task", "seed", "llm_model", "pretrain_steps_llm", "pretrain_batch", "pretrain_lr_llm")
+FINETUNE_KEYS = ("lora_rank", "lora_alpha", "lora_seed", "ft_steps", "ft_batch", "ft_lr", "n_train")
+SHADOW_KEYS = FINETUNE_KEYS + ("n_shadow", "n_snapshots", "snapshot_gap", "shadow_alpha")
+DP_KEYS = ("dp_epsilon", "dp_delta", "dp_mechanism", "dp_clip", "dp_sample_rate")
+SHADOW_DP_KEYS = SHADOW_KEYS + DP_KEYS + ("shadow_dp_draws",)
+FIT_KEYS = ("gt_d_model", "gt_layers", "gt_heads", "gt_dropout", "gt_weight_decay", "gt_lr",
+            "gt_steps", "gt_batch", "gt_eval_every", "gt_normalize", "gt_project", "gt_skip",
+            "gt_gate", "gt_init", "gt_select", "val_frac", "val_examples", "fit_shadow")
+# who holds what, and the shared recipe
+CLIENT_DATA_KEYS = FINETUNE_KEYS + ("group_size", "skew", "n_test")
+CLIENT_KEYS = CLIENT_DATA_KEYS + DP_KEYS
+
+
+def stage_paths(cfg, task, levels=(1,), device="cpu"):
+    """{stage: file} for this configuration. Each key hashes the stage's settings, the files of the
+    stages it reads and a fingerprint of the data it is given: it cannot go stale. A GPU's float
+    kernels give other numbers than a CPU's, so the device type counts too -- but only when it is
+    not "cpu": a CPU stage's key is what it always was, and a CUDA- or MPS-made stage gets a file of
+    its own."""
+    made_on = [] if torch.device(device).type == "cpu" else [torch.device(device).type]
+
+    def path(stage, keys, *inputs):   # an input stage counts by its file name: a cache can be moved
+        inputs = [os.path.basename(i) if isinstance(i, str) else i for i in inputs]
+        blob = json.dumps([stage, {k: getattr(cfg, k) for k in keys}, inputs] + made_on,
+                          sort_keys=True)
+        return os.path.join(cfg.cache or cfg.out,
+                            f"{stage}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}.pt")
+    shadow_data = data.digest(e for k in range(cfg.n_shadow)
+                              for e in task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha).examples)
+    client_data = data.digest(e
+                              for c in task.clients(cfg.n_train, cfg.n_test, cfg.group_size,
+                                                    cfg.skew)
+                              for e in c["train"] + c["test"])
+    p = {"pretrain_tiny": path("pretrain_tiny", TINY_KEYS, task.fingerprint()),
+         "pretrain_llm": path("pretrain_llm", LLM_KEYS, task.fingerprint())}
+    p["shadow"] = path("shadow", SHADOW_KEYS, p["pretrain_tiny"], p["pretrain_llm"], shadow_data)
+    inputs = p["shadow"]
+    if cfg.dp_epsilon > 0:
+        p["shadow_dp"] = inputs = path("shadow_dp", SHADOW_DP_KEYS, p["shadow"])
+    for m in levels:   # one translator per noise level: inputs that average m uploads
+        p[f"fit_{m}"] = path("fit", FIT_KEYS, inputs, m, SUBSPACE_SIZES, RIDGE_LAMBDAS,
+                             SELECTION)
+    p["clients"] = path("clients", CLIENT_KEYS, p["pretrain_tiny"], client_data)
+    # llm_ft reads only the clients' data; the weak baselines also read their uploads (the clients
+    # stage)
+    p["references"] = path("references", CLIENT_DATA_KEYS + ("seed", "weak_baselines"),
+                           p["pretrain_llm"], p["clients"] if cfg.weak_baselines else client_data)
+    return p
+
+
+def load_stage(path, load=lambda path: torch.load(path, weights_only=True)):
+    """load(path) of a finished stage's file (stage files hold only tensors and plain values), or
+    None: not made yet, or unreadable. A file cut short (a full disk, an interrupted copy) is
+    reported in one line and moved aside to <path>.unreadable, and the stage that made it runs
+    again."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return load(path)
+    except Exception as e:   # torch's own error names no file; ours names it, in one line
+        cause = e.__cause__ or e
+        reason = f"{type(cause).__name__}: {str(cause).strip()}".splitlines()[0].split(". ")[0]
+        print(f"cache: {path} is unreadable ({reason}): recomputing it", flush=True)
+        os.replace(path, path + ".unreadable")
+        return None
+
+
+def record_seconds(cfg, path, seconds):
+    """Compute time of a finished stage, kept beside the cache in timing.json."""
+    timing_path = os.path.join(cfg.cache or cfg.out, "timing.json")
+    timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {}
+    timing[os.path.basename(path)] = seconds
+    with open(timing_path + ".tmp", "w") as f:
+        json.dump(timing, f, indent=1)
+    os.replace(timing_path + ".tmp", timing_path)
+
+
+def stage_seconds(cfg, paths):
+    """{pretrain, shadow, fit, clients, references}: seconds each stage of this configuration
+    took."""
+    timing_path = os.path.join(cfg.cache or cfg.out, "timing.json")
+    timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {}
+    return {stage: sum(timing.get(os.path.basename(p), 0.0)
+                       for s, p in paths.items() if s.startswith(stage))
+            for stage in ("pretrain", "shadow", "fit", "clients", "references")}
+
+
+def run_stage(cfg, path, desc, items, compute):
+    """The results of compute(items) -> an iterator of one result per item, saved every few items
+    so an interrupted stage resumes where it stopped; the finished list is saved atomically at
+    `path`, and read from there when it exists."""
+    if (done := load_stage(path)) is not None:
+        return done["results"]
+    partial = path.replace(".pt", ".partial.pt")
+    state = load_stage(partial) or {"results": [], "seconds": 0.0}
+    t0, todo = time.time() - state["seconds"], items[len(state["results"]):]
+    for i, result in enumerate(tqdm(compute(todo), desc=desc, leave=False,
+                                    initial=len(state["results"]), total=len(items))):
+        state["results"].append(result)
+        if (i + 1) % 8 == 0:
+            state["seconds"] = time.time() - t0
+            tinylm.atomic_save(state, partial)
+    tinylm.atomic_save({"results": state["results"], "seconds": time.time() - t0}, path)
+    record_seconds(cfg, path, time.time() - t0)
+    if os.path.exists(partial):
+        os.remove(partial)
+    return state["results"]
