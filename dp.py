@@ -40,24 +40,21 @@ from torch.func import functional_call, grad, vmap
 
 
 def poisson_sample(n, sample_rate, generator=None):
-    """Indices of a Poisson-sampled batch: each of the n examples joins with probability q.
-
-    The batch size is random and may be 0; the accountant's analysis assumes exactly this.
-    """
+    """Indices of a Poisson-sampled batch: each of the n examples joins with probability q. The
+    batch size is random and may be 0; the accountant's analysis assumes exactly this."""
     _check_rate(sample_rate)
     device = generator.device if generator is not None else "cpu"
     keep = torch.rand(n, generator=generator, device=device) < sample_rate  # (n,) bool
     return keep.nonzero().squeeze(1)  # (B,) sorted indices
 
 
-def per_sample_grads(model, x, y, mask):
-    """One gradient per example: {name: (B, *param.shape)} over the trainable parameters.
-
-    The reference path, for any model: torch.func makes the model a pure function of its
-    parameters, `grad` differentiates the loss of ONE example, and `vmap` maps that over the
-    batch (instead of B backward passes). ~1.8x the time of a plain step on the TinyLM.
-    """
-    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+def per_sample_grads(model, x, y, mask, params=None):
+    """One gradient per example: {name: (B, *param.shape)} over the trainable parameters, or over
+    `params` {name: tensor} in their place. The reference path, for any model: torch.func makes
+    the model a pure function of its parameters, `grad` differentiates the loss of ONE example and
+    `vmap` maps that over the batch (instead of B backward passes): ~1.8x a plain step."""
+    trainable = params if params is not None else {n: p.detach() for n, p in
+                                                   model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
     buffers = dict(model.named_buffers())
 
@@ -84,21 +81,16 @@ def per_example_losses(logits, y, mask):
 def per_sample_grads_one_pass(model, x, y, mask):
     """The same {name: (B, *param.shape)} as `per_sample_grads`, from ONE forward and ONE
     backward pass over the batch: the default path of `dp_sgd_step`, ~1.1x a plain step.
-
     For a linear map, example i's weight gradient is sum_t g_t a_t^T over its tokens (input
-    activations a_t, output gradients g_t): Opacus computes it from saved activations and
-    backprops, and fastDP's book-keeping (Bu et al. 2023) reuses one backward pass this way
-    (~1.2x non-private time). Here:
+    activations a_t, output gradients g_t), as in Opacus and fastDP (Bu et al. 2023). Here:
       1. forward hooks record the input and output of each layer with a trainable parameter and
          a `per_example_grads(x, grad_out)` method (tinylm.LoRA); the model runs as `model(x)`;
       2. the per-example losses L_i come from the logits (`per_example_losses`), (B,);
       3. one autograd.grad of sum_i L_i w.r.t. the recorded outputs gives every layer's g_t;
          examples do not mix (no batch norm), so row i holds dL_i/d(out) alone;
       4. each layer turns (input, g) into its per-example parameter gradients.
-    Ghost norms (never forming per-example gradients) pay off only when 2T^2 < d*p: with
-    T ~ 10-15 and a LoRA matrix's d*p = n_embd * rank = 256 (TinyLM) to 512 (LLM) it is a wash.
-    Raises ValueError (no silent fallback) if a trainable parameter is in no such layer: use
-    `per_sample_grads` for that model.
+    Ghost norms pay off only when 2T^2 < d*p: with T ~ 10-15 and d*p = n_embd * rank = 256 to 512
+    it is a wash. A trainable parameter in no such layer: ValueError (use `per_sample_grads`).
     """
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     layers = {name: m for name, m in model.named_modules()  # the layers with something to train
@@ -138,44 +130,61 @@ def per_sample_grads_one_pass(model, x, y, mask):
 
 
 def dp_sgd_step(model, optimizer, x, y, mask, clip, noise_multiplier, expected_batch_size,
-                generator=None, per_sample=per_sample_grads_one_pass):
-    """One DP-SGD step on an already Poisson-sampled batch (B may be 0: then the step is noise).
-
-    g = ( sum_i g_i * min(1, C / (||g_i|| + 1e-6))  +  N(0, (sigma*C)^2 I) ) / (q*N)
-    Writes g into p.grad of every trainable parameter and calls optimizer.step().
-    Returns the mean per-example gradient norm before clipping (nan for an empty batch), which is
-    what one looks at to choose C, as a 0-dim tensor on the model's device: .item() it when needed
-    (reading it every step would make a GPU wait for each step to finish).
-    `per_sample` computes the per-example gradients: `per_sample_grads_one_pass` (LoRA models,
-    one backward) or `per_sample_grads` (torch.func, any model); both give the same numbers.
-    """
-    if not clip > 0:
-        raise ValueError(f"clip must be > 0 (may be inf when noise_multiplier is 0), got {clip}")
-    if not noise_multiplier >= 0:
-        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
-    if noise_multiplier > 0 and math.isinf(clip):
-        raise ValueError("clip must be finite when noise_multiplier > 0 (the noise is sigma*C)")
+                generator=None, per_sample=per_sample_grads_one_pass, noise=None):
+    """One DP-SGD step on an already Poisson-sampled batch (B may be 0: then the step is noise):
+    `clip_and_noise` of the per-example gradients (`per_sample`: the one-pass path for LoRA models,
+    `per_sample_grads` for any) into p.grad, then optimizer.step(). Noise: `noise` (D,) N(0, 1), or
+    drawn from `generator`. Returns the mean norm before clipping (nan for B = 0; it guides C),
+    a 0-dim tensor on the model's device: reading it every step would make a GPU wait."""
     if not expected_batch_size > 0:
         raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
-
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     grads = per_sample(model, x, y, mask)
     # an example's gradient is ALL its trainable tensors together, laid side by side: (B, D)
     flat = torch.cat([grads[n].flatten(1) for n in params], dim=1)
+    if noise is None and noise_multiplier > 0:
+        noise = _gaussian(flat.shape[1:], 1.0, flat, generator)
+    g, norms = clip_and_noise(flat, clip, noise_multiplier, expected_batch_size, noise)
+    for p, g_p in zip(params.values(), g.split([p.numel() for p in params.values()])):
+        p.grad = g_p.view_as(p).to(p.dtype)
+    optimizer.step()
+    return norms.mean()
+
+
+def clip_and_noise(flat, clip, noise_multiplier, expected_batch_size, noise):
+    """The private gradient from per-example gradients flat (B, D) and N(0, 1) draws noise (D,):
+        g = ( sum_i g_i * min(1, C / (||g_i|| + 1e-6))  +  sigma*C * noise ) / (q*N)
+    Returns (g (D,), the norms before clipping (B,)). A row of zeros adds exactly nothing."""
+    if not noise_multiplier >= 0:
+        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+    if not clip > 0 or (noise_multiplier > 0 and math.isinf(clip)):
+        raise ValueError(f"clip must be > 0, and finite when noise_multiplier > 0, got {clip}")
     ### BEGIN SOLUTION clip_and_noise
     norms = flat.norm(dim=1)                          # (B,)
     factor = (clip / (norms + 1e-6)).clamp(max=1.0)   # (B,); C = inf gives exactly 1
     g = factor @ flat                                 # (D,): the sum of the clipped gradients
     if noise_multiplier > 0:
-        g = g + _gaussian(g.shape, noise_multiplier * clip, g, generator)
+        g = g + noise * (noise_multiplier * clip)     # N(0, (sigma*C)^2 I), added once to the sum
     # divide by the EXPECTED batch size q*N, not the realised one: this is what the
     # accountant assumes (the realised size depends on who is in the batch, so it leaks)
     g = g / expected_batch_size
     ### END SOLUTION
-    for p, g_p in zip(params.values(), g.split([p.numel() for p in params.values()])):
+    return g, norms
+
+
+def dp_sgd_step_many(model, params, optimizer, x, y, mask, clip, noise_multiplier,
+                     expected_batch_sizes, noise):
+    """`dp_sgd_step` for K runs at once (tinylm.finetune_many): run k's tensors params[name][k]
+    (params {name: (K, *shape)}), batch x[k], y[k], mask[k] (B, T), q*N_k expected_batch_sizes[k],
+    noise[k] (D,). A run's batch padded with mask 0 gets loss 0 there: no gradient, nothing added."""
+    # vmap(vmap(grad)): {name: (K, B, *shape)}
+    grads = vmap(lambda p, *batch: per_sample_grads(model, *batch, params=p))(params, x, y, mask)
+    flat = torch.cat([grads[n].flatten(2) for n in params], dim=2)                  # (K, B, D)
+    g, _ = vmap(clip_and_noise, in_dims=(0, None, None, 0, 0))(
+        flat, clip, noise_multiplier, expected_batch_sizes, noise)                  # (K, D)
+    for p, g_p in zip(params.values(), g.split([p[0].numel() for p in params.values()], dim=1)):
         p.grad = g_p.view_as(p).to(p.dtype)
     optimizer.step()
-    return norms.mean()
 
 
 def _gaussian(shape, std, like, generator):

@@ -11,9 +11,10 @@ paper -- laid out as one token per transformer layer:
     token_dim = 4 * rank * n_embd
 
 A0 is drawn from a fixed seed (every party re-creates the same one) and B0 = 0, so a model whose
-update vector is all zero is exactly the pretrained model.
+update vector is all zero is exactly the pretrained model. `finetune_many` runs K fine-tunes of
+one base as one computation (torch.func.vmap); `loss_of_updates` scores many updates at once.
 
-    python -m pytest tests/test_tinylm.py
+    python -m pytest tests/test_tinylm.py tests/test_batched.py
 """
 import math
 import os
@@ -22,6 +23,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call, vmap
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 import dp
@@ -65,10 +68,8 @@ def masked_cross_entropy(logits, targets, mask=None):
 
 class LoRA(nn.Module):
     """A low-rank delta beside a frozen linear layer: x -> (alpha/r) * x A^T B^T.
-
     We store the *trainable change* dA = A - A0 (init 0) rather than A itself, so the update
-    vector is literally the parameters: reading and writing it back is exact, bit for bit.
-    """
+    vector is literally the parameters: reading and writing it back is exact, bit for bit."""
 
     def __init__(self, n_in, n_out, rank, alpha, generator):
         super().__init__()
@@ -84,14 +85,11 @@ class LoRA(nn.Module):
         ### END SOLUTION
 
     def per_example_grads(self, x, grad_out):
-        """Each example's gradient of dA and B, from this layer's input x (B, T, n_in) and
-        grad_out (B, T, n_out), the gradient of each example's own loss w.r.t. this layer's output.
-
-        out_t = s B h_t with h_t = A x_t and A = A0 + dA, so for one example (dp.py, DP-SGD):
+        """Each example's gradient of dA and B from this layer's input x (B, T, n_in) and grad_out
+        (B, T, n_out), the gradient of each example's own loss w.r.t. this layer's output (dp.py).
+        out_t = s B h_t with h_t = A x_t and A = A0 + dA, so for one example:
             dB = s sum_t g_t h_t^T            dA = s sum_t (B^T g_t) x_t^T
-        the ordinary backward's per-token products, summed per example instead of over the whole
-        batch: the same FLOPs (Opacus does linear layers the same way, with one einsum each).
-        """
+        the ordinary backward's per-token products, summed per example (as Opacus does)."""
         ### BEGIN SOLUTION per_example_grads
         g = grad_out * self.scale                               # (B, T, n_out): s g_t
         h = x @ (self.A0 + self.dA).T                           # (B, T, r)
@@ -103,10 +101,8 @@ class LoRA(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Causal multi-head attention with separate q/k/v/o projections (the paper's q_proj, v_proj).
-
-    Written out by hand (no fused kernel) so torch.func.vmap can take per-sample gradients.
-    """
+    """Causal multi-head attention with separate q/k/v/o projections (the paper's q_proj, v_proj),
+    written out by hand; `fused_attention(model)` opts in to PyTorch's kernel (for a GPU)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -117,12 +113,17 @@ class SelfAttention(nn.Module):
         self.q_lora = self.v_lora = None                        # set by add_lora()
         causal = torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool))
         self.register_buffer("causal", causal, persistent=False)
+        self.fused = False
 
     def forward(self, x):
         B, T, C = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_lora is not None:
             q, v = q + self.q_lora(x), v + self.v_lora(x)
+        if self.fused:  # (B, T, C) -> (B, n_head, T, head_dim) -> the kernel -> (B, T, C)
+            q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+            return self.o_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                               .transpose(1, 2).reshape(B, T, C))
         ### BEGIN SOLUTION causal_attention
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -177,9 +178,7 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, mask=None):
         """idx, targets: (B, T) token ids; mask: (B, T), 1 where the loss counts (the answer).
-
-        Returns (logits (B, T, vocab), loss): loss is the mean cross-entropy over masked tokens.
-        """
+        Returns (logits (B, T, vocab), loss): loss is the mean cross-entropy over masked tokens."""
         B, T = idx.shape
         x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))   # (B, T, C)
         for block in self.blocks:
@@ -193,14 +192,12 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=0.0, generator=None):
         """Extend each row of idx (B, T) by max_new_tokens; temperature 0 is greedy."""
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.cfg.block_size:])
-            logits = logits[:, -1, :]
+            logits = self(idx[:, -self.cfg.block_size:])[0][:, -1, :]
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
                 probs = (logits / temperature).softmax(dim=-1)
-                # drawn on the CPU, where the (CPU) generator lives: a GPU run draws as a CPU run
-                # does
+                # drawn where the (CPU) generator lives: a GPU run draws as a CPU run does
                 nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(idx.device)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
@@ -211,22 +208,26 @@ class GPT(nn.Module):
 
 
 def add_lora(model, rank=4, alpha=8.0, seed=1234):
-    """Freeze the base model and attach LoRA to every layer's q and v projection.
-
-    A0 comes from `seed` in a fixed order (layer 0 q, layer 0 v, layer 1 q, ...), so the client
-    and the provider build identical adapters from the public checkpoint alone.
-    """
+    """Freeze the base model and attach LoRA to every layer's q and v projection. A0 comes from
+    `seed` in a fixed order (layer 0 q, layer 0 v, layer 1 q, ...), so the client and the provider
+    build identical adapters from the public checkpoint alone."""
     if model.lora is not None:
         raise ValueError("model already has LoRA adapters")
     for p in model.parameters():
         p.requires_grad_(False)
-    g = torch.Generator().manual_seed(seed)
-    C = model.cfg.n_embd
-    device = model.wte.weight.device
+    g, C, device = torch.Generator().manual_seed(seed), model.cfg.n_embd, model.wte.weight.device
     for block in model.blocks:
         block.attn.q_lora = LoRA(C, C, rank, alpha, g).to(device)
         block.attn.v_lora = LoRA(C, C, rank, alpha, g).to(device)
     model.lora = (rank, alpha, seed)
+    return model
+
+
+def fused_attention(model, on=True):
+    """Attention through F.scaled_dot_product_attention (on), or by hand (off: the default, and the
+    reference the tests check): the same numbers up to round-off, fewer kernels on a GPU."""
+    for block in model.blocks:
+        block.attn.fused = on
     return model
 
 
@@ -237,11 +238,8 @@ def require_lora(model):
 
 def lora_parameters(model):
     """The trainable tensors, in update-vector order: per layer q.dA, q.B, v.dA, v.B."""
-    out = []
-    for block in model.blocks:
-        a = block.attn
-        out += [a.q_lora.dA, a.q_lora.B, a.v_lora.dA, a.v_lora.B]
-    return out
+    return [p for b in model.blocks for p in (b.attn.q_lora.dA, b.attn.q_lora.B,
+                                              b.attn.v_lora.dA, b.attn.v_lora.B)]
 
 
 def update_shape(cfg, rank):
@@ -249,10 +247,11 @@ def update_shape(cfg, rank):
     return (cfg.n_layer, 4 * rank * cfg.n_embd)
 
 
-def get_update(model):
-    """Δθ of a LoRA model as a (n_layer, token_dim) float32 tensor (a copy)."""
+def get_update(model, params=None):
+    """Δθ of a LoRA model as a (n_layer, token_dim) float32 tensor (a copy); of `params` instead,
+    tensors laid out as lora_parameters(model) (finetune's snapshots)."""
     require_lora(model)
-    params = lora_parameters(model)
+    params = lora_parameters(model) if params is None else params
     ### BEGIN SOLUTION update_vector
     tokens = [torch.cat([p.detach().flatten() for p in params[4 * l: 4 * l + 4]])
               for l in range(model.cfg.n_layer)]
@@ -274,10 +273,8 @@ def check_update(update, shape, what="update vector"):
 
 
 def split_update(model, update):
-    """An update vector (n_layer, token_dim) -> {name: tensor} in the shapes of the LoRA parameters.
-
-    Differentiable: train.py uses it to run the LLM with a *predicted* update (torch.func).
-    """
+    """An update vector (n_layer, token_dim) -> {name: tensor} in the shapes of the LoRA parameters,
+    in update order. Differentiable: train.py runs the LLM with a *predicted* update (torch.func)."""
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     params, out = lora_parameters(model), {}
     ### BEGIN SOLUTION update_vector
@@ -308,8 +305,7 @@ def set_update(model, update):
 
 def pretrain(cfg, next_batch, steps, lr, seed, device="cpu", desc="pretrain"):
     """A GPT(cfg) trained from scratch on next_batch() -> (x, y, mask): AdamW, a linear warmup over
-    the first 5% of the steps, then a cosine decay to 10% of lr. The public base models
-    (train.py)."""
+    the first 5% of the steps, then a cosine decay to 10% of lr. The public base models."""
     torch.manual_seed(seed)
     model = GPT(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -342,44 +338,120 @@ class Recipe:
     dp_sample_rate: float = 0.0625
 
 
+def draw_run(recipe, n, seed, n_noise, device="cpu"):
+    """One run's random draws, all up front, from its own CPU generator in the order its steps use
+    them: per step randint(n, (batch,)), or with DP a Poisson sample, then N(0, 1) noise (n_noise,).
+    On the CPU whatever the device (a GPU run draws what a CPU run draws), copied to `device` once:
+    no step waits on the host. -> (each step's indices, the noise (steps, n_noise) or None)"""
+    g, batches, noise = torch.Generator().manual_seed(seed), [], []
+    for _ in range(recipe.steps):
+        if recipe.dp_sigma > 0:
+            batches.append(dp.poisson_sample(n, recipe.dp_sample_rate, g))
+            noise.append(torch.randn(n_noise, generator=g, dtype=torch.float32))
+        else:
+            batches.append(torch.randint(n, (recipe.batch,), generator=g))
+    indices = torch.cat(batches or [torch.zeros(0, dtype=torch.long)]).to(device)
+    return indices.split([len(b) for b in batches]), torch.stack(noise).to(device) if noise else None
+
+
+def with_confidence(logits, loss, mask, conf_weight, step, steps):
+    """Burns et al. 2023's auxiliary confidence loss (eval.py's w2s_conf): also fit the model's own
+    hardened predictions, so the strong model may overrule weak labels; its weight warms up over
+    the first 20% of the steps."""
+    if not conf_weight > 0:
+        return loss
+    w = conf_weight * min(1.0, step / (0.2 * steps))
+    return (1 - w) * loss + w * masked_cross_entropy(logits, logits.argmax(-1).detach(), mask)
+
+
 def finetune(model, x, y, mask, recipe, seed, snapshot_steps=(), conf_weight=0.0):
     """Fine-tune the LoRA parameters of `model` from zero on the examples (x, y, mask) (N, T).
-
     Returns the update vectors at `snapshot_steps` (1-based) if given, else [final update].
-    With recipe.dp_sigma > 0 each step is a DP-SGD step on a Poisson-sampled batch (dp.py).
-    conf_weight > 0 adds the weak-to-strong auxiliary confidence loss (eval.py's w2s_conf).
-    The model keeps the final update in its LoRA parameters.
-    """
+    With recipe.dp_sigma > 0 each step is a DP-SGD step on a Poisson-sampled batch (dp.py);
+    conf_weight > 0 adds `with_confidence`. The model keeps the final update in its LoRA."""
     device = model.wte.weight.device
     set_update(model, torch.zeros(update_shape(model.cfg, model.lora[0])))
     x, y, mask = x.to(device), y.to(device), mask.to(device)
-    opt = torch.optim.Adam(lora_parameters(model), lr=recipe.lr)
-    # batches and DP noise come from a CPU generator, whatever the device: a GPU run draws the same
-    # batches and the same noise as a CPU run (the indices travel to the device, not the generator)
-    g = torch.Generator().manual_seed(seed)
-    snapshots, wanted = [], set(snapshot_steps) or {recipe.steps}
+    params = lora_parameters(model)
+    opt = torch.optim.Adam(params, lr=recipe.lr, fused=device.type == "cuda" or None)  # GPU: 1 kernel
+    batches, noise = draw_run(recipe, len(x), seed, sum(p.numel() for p in params), device)
+    saved, wanted = [], set(snapshot_steps) or {recipe.steps}
     model.train()
-    for step in range(1, recipe.steps + 1):
+    for step, idx in enumerate(batches, start=1):
         if recipe.dp_sigma > 0:
-            idx = dp.poisson_sample(len(x), recipe.dp_sample_rate, g).to(device, non_blocking=True)
             dp.dp_sgd_step(model, opt, x[idx], y[idx], mask[idx], recipe.dp_clip, recipe.dp_sigma,
-                           recipe.dp_sample_rate * len(x), g)
+                           recipe.dp_sample_rate * len(x), noise=noise[step - 1])
         else:
-            idx = torch.randint(len(x), (recipe.batch,), generator=g).to(device, non_blocking=True)
             logits, loss = model(x[idx], y[idx], mask[idx])
-            if conf_weight > 0:  # Burns et al. 2023: also fit the model's own hardened predictions,
-                # so the strong model may overrule weak labels; the weight warms up over 20% of
-                # steps
-                w = conf_weight * min(1.0, step / (0.2 * recipe.steps))
-                own = masked_cross_entropy(logits, logits.argmax(-1).detach(), mask[idx])
-                loss = (1 - w) * loss + w * own
+            loss = with_confidence(logits, loss, mask[idx], conf_weight, step, recipe.steps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        if step in wanted:
-            snapshots.append(get_update(model))
+        if step in wanted:  # kept on the device: the loop never waits for a copy
+            saved.append([p.detach().clone() for p in params])
     model.eval()
-    return snapshots
+    return [get_update(model, s) for s in saved]
+
+
+# -----------------------------------------------------------------------------
+# many fine-tunes of one frozen base as one computation (SPEC 8): the LoRA tensors get a leading
+# run dimension (K, *shape), and torch.func.vmap runs the model once for all K runs
+
+
+def stack_runs(datasets, others, what, device):
+    """K datasets (x, y, mask) (N_k, T_k) -> x, y, mask (K, N, T), zero-padded to the largest N and
+    T (mask 0: never a target, never a gradient). Refuses K = 0, N_k = 0 and len(others) != K."""
+    if not len(datasets) or len(others) != len(datasets) or not all(len(d[0]) for d in datasets):
+        raise ValueError(f"expected K > 0 datasets of N > 0 examples and one of the {what} for each;"
+                         f" got {len(datasets)} datasets of {[len(d[0]) for d in datasets]} examples"
+                         f" and {len(others)} {what}")
+    K, N, T = len(datasets), max(len(d[0]) for d in datasets), max(d[0].shape[1] for d in datasets)
+    stacked = [torch.zeros(K, N, T, dtype=t.dtype, device=device) for t in datasets[0]]
+    for k, d in enumerate(datasets):
+        for padded, t in zip(stacked, d):
+            padded[k, :t.shape[0], :t.shape[1]] = t
+    return stacked
+
+
+def finetune_many(model, datasets, recipe, seeds, snapshot_steps=(), conf_weight=0.0):
+    """K fine-tunes in one: [finetune(model, *datasets[k], recipe, seeds[k], snapshot_steps,
+    conf_weight) for k in range(K)] up to float round-off. Run k's LoRA tensors are params[n][k];
+    one Adam over them is K Adams (elementwise). Its batches come from its own `draw_run`, padded to
+    the step's largest (index -1, then mask 0). The model's LoRA parameters are left as they were."""
+    x, y, mask = stack_runs(datasets, seeds, "seeds", model.wte.weight.device)      # (K, N, T)
+    if conf_weight > 0 and recipe.dp_sigma > 0:
+        raise ValueError("conf_weight is for fine-tuning without DP (recipe.dp_sigma > 0)")
+    K, device = len(x), x.device
+    zero = split_update(model, torch.zeros(update_shape(model.cfg, model.lora[0])))  # names, shapes
+    params = {n: torch.zeros(K, *t.shape, device=device, requires_grad=True) for n, t in zero.items()}
+    opt = torch.optim.Adam(params.values(), lr=recipe.lr, fused=device.type == "cuda" or None)
+    draws = [draw_run(recipe, len(d[0]), s, sum(t.numel() for t in zero.values()))
+             for d, s in zip(datasets, seeds)]
+    idx = pad_sequence([i for indices, _ in draws for i in indices], True, -1)  # (K*steps, B)
+    widths = (idx >= 0).sum(1).view(K, -1).max(0).values.tolist()                 # (steps,)
+    idx = idx.view(K, recipe.steps, -1).to(device)                                # (K, steps, B)
+    noise = torch.stack([n for _, n in draws]).to(device) if recipe.dp_sigma > 0 else None
+    expected = torch.tensor([recipe.dp_sample_rate * len(d[0]) for d in datasets], device=device)
+
+    def run_loss(p, x, y, mask, step):  # one run: its LoRA tensors, its batch (B, T)
+        logits, loss = functional_call(model, p, (x, y, mask))
+        return with_confidence(logits, loss, mask, conf_weight, step, recipe.steps)
+
+    saved, wanted, runs = [], set(snapshot_steps) or {recipe.steps}, torch.arange(K, device=device)
+    for step, width in enumerate(widths, start=1):
+        i = idx[:, step - 1, :width]                                              # (K, B)
+        xb, yb, mb = (t[runs[:, None], i.clamp(min=0)] for t in (x, y, mask))    # (K, B, T)
+        mb = mb * (i >= 0)[..., None]  # a padded example: mask 0, so loss 0 and gradient exactly 0
+        if recipe.dp_sigma > 0:
+            dp.dp_sgd_step_many(model, params, opt, xb, yb, mb, recipe.dp_clip, recipe.dp_sigma,
+                                expected, noise[:, step - 1])
+        else:
+            opt.zero_grad(set_to_none=True)
+            vmap(run_loss, in_dims=(0, 0, 0, 0, None))(params, xb, yb, mb, step).sum().backward()
+            opt.step()
+        if step in wanted:
+            saved.append([p.detach().clone() for p in params.values()])
+    return [[get_update(model, [p[k] for p in s]) for s in saved] for k in range(K)]
 
 
 def batches_of(model, x, y, mask, batch):
@@ -399,13 +471,27 @@ def loss_of(model, x, y, mask, batch=1024):
 
 
 @torch.no_grad()
+def loss_of_updates(model, updates, datasets, max_tokens=1 << 16):
+    """(U,) losses of update vectors (U, n_layer, token_dim), each on its own examples datasets[u]:
+    entry u is loss_of(set_update(model, updates[u]), *datasets[u]), from forwards batched over the
+    updates (vmap, ~max_tokens tokens at a time). The model is left as it was."""
+    require_lora(model)
+    x, y, mask = stack_runs(datasets, updates, "updates", model.wte.weight.device)  # (U, N, T)
+    check_update(updates, (len(x), *update_shape(model.cfg, model.lora[0])), "updates")
+    updates = updates.to(x.device, model.wte.weight.dtype)
+    # all of one dataset in one batch: its masked mean is loss_of's
+    loss = vmap(lambda u, *data: functional_call(model, split_update(model, u), data)[1])
+    chunk = max(1, max_tokens // x[0].numel())
+    return torch.cat([loss(*(t[i:i + chunk] for t in (updates, x, y, mask)))
+                      for i in range(0, len(x), chunk)]).cpu()
+
+
+@torch.no_grad()
 def exact_match_of(model, x, y, mask, batch=1024):
     """Share of examples (N, T) whose every masked target token is the model's argmax under teacher
-    forcing: exactly the examples that greedy decoding completes correctly, from one forward
-    pass."""
+    forcing: exactly the examples that greedy decoding completes correctly, from one forward pass."""
     hits = 0.0
-    for xb, yb, mb in batches_of(model, x, y, mask, batch):
-        # (B, T) -> (B,)
+    for xb, yb, mb in batches_of(model, x, y, mask, batch):  # (B, T) -> (B,)
         hits += ((model(xb)[0].argmax(-1) == yb) | (mb == 0)).all(dim=1).sum().item()
     return hits / max(len(x), 1)
 

@@ -1,0 +1,198 @@
+"""Tests for the batched paths of tinylm.py (SPEC 8): `finetune_many` against a loop of the per-run
+`finetune` (the oracle: each run's snapshots, same seed), `loss_of_updates` against a loop of
+set_update + loss_of, the random streams against draws made by hand, and the opt-in fused
+attention against the hand-written one.
+
+Run:  python -m pytest tests/test_batched.py -q
+"""
+
+import pytest
+import torch
+
+import dp
+import tinylm
+
+RANK = 2
+STEPS, SNAPSHOTS = 12, (3, 8, 12)
+
+
+def lora_gpt(seed=0):
+    torch.manual_seed(seed)
+    cfg = tinylm.GPTConfig(vocab_size=257, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    return tinylm.add_lora(tinylm.GPT(cfg), rank=RANK, alpha=8.0, seed=1234)
+
+
+def examples(N, T, seed):
+    """(x, y, mask) (N, T): random tokens, a different number of answer tokens per example."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randint(257, (N, T), generator=g), torch.randint(257, (N, T), generator=g)
+    answer = torch.randint(1, T // 2, (N, 1), generator=g)                  # (N, 1) answer lengths
+    return x, y, (torch.arange(T) >= T - answer).float()
+
+
+# three runs of different sizes: N_k and T_k differ, so finetune_many has to pad both
+DATASETS = [examples(20, 10, 1), examples(7, 8, 2), examples(33, 12, 3)]
+SEEDS = [11, 12, 13]
+
+
+def relative_differences(many, one_by_one):
+    return [((a - b).norm() / b.norm()).item() for run_a, run_b in zip(many, one_by_one)
+            for a, b in zip(run_a, run_b)]
+
+
+def assert_runs_equal_their_own_finetune(recipe, conf_weight=0.0, datasets=DATASETS, seeds=SEEDS):
+    model = lora_gpt()
+    many = tinylm.finetune_many(model, datasets, recipe, seeds, SNAPSHOTS, conf_weight)
+    one_by_one = [tinylm.finetune(model, *d, recipe, s, SNAPSHOTS, conf_weight)
+                  for d, s in zip(datasets, seeds)]
+    assert [len(run) for run in many] == [len(SNAPSHOTS)] * len(datasets)
+    assert all(u.shape == one_by_one[0][0].shape and u.abs().max() > 0 for run in many for u in run)
+    assert max(relative_differences(many, one_by_one)) < 1e-4
+    return many
+
+
+def test_plain_runs_equal_their_own_finetune():
+    many = assert_runs_equal_their_own_finetune(tinylm.Recipe(steps=STEPS, batch=8, lr=1e-2))
+    # the runs are different runs: each got its own data and its own batches
+    assert not torch.allclose(many[0][-1], many[2][-1])
+
+
+def test_finetune_many_leaves_the_model_as_it_was():
+    model = lora_gpt()
+    tinylm.set_update(model, 0.1 * torch.ones(tinylm.update_shape(model.cfg, RANK)))
+    before = tinylm.get_update(model)
+    tinylm.finetune_many(model, DATASETS[:2], tinylm.Recipe(steps=2, batch=4), SEEDS[:2])
+    assert torch.equal(tinylm.get_update(model), before)
+
+
+def test_dp_runs_with_uneven_poisson_batches_equal_their_own_finetune():
+    # q = 0.2 on N = 7, 20, 33: expected batches 1.4, 4 and 6.6, so some steps sample nobody in the
+    # smallest run while the largest samples a dozen: every step pads, some runs entirely
+    recipe = tinylm.Recipe(steps=STEPS, lr=1e-2, dp_sigma=0.6, dp_clip=0.5, dp_sample_rate=0.2)
+    datasets, seeds = [DATASETS[1], DATASETS[0], DATASETS[2]], SEEDS
+    sizes = [[len(i) for i in tinylm.draw_run(recipe, len(d[0]), s, 1)[0]]
+             for d, s in zip(datasets, seeds)]
+    assert 0 in sizes[0] and max(sizes[2]) >= 2 * max(sizes[0]) > 0    # the case this test is for
+    assert_runs_equal_their_own_finetune(recipe, datasets=datasets, seeds=seeds)
+
+
+def test_each_dp_run_divides_by_its_own_expected_batch_size(monkeypatch):
+    # Adam undoes any constant scale of the gradient, so the snapshots cannot show the divisor:
+    # read it from the steps' arguments instead, q*N_k for run k as the per-run step gets it
+    seen = {"one": [], "many": []}
+    step, step_many = dp.dp_sgd_step, dp.dp_sgd_step_many
+    monkeypatch.setattr(dp, "dp_sgd_step", lambda *a, **k: seen["one"].append(a[7]) or step(*a, **k))
+    monkeypatch.setattr(dp, "dp_sgd_step_many",
+                        lambda *a, **k: seen["many"].append(a[8].tolist()) or step_many(*a, **k))
+    recipe = tinylm.Recipe(steps=STEPS, dp_sigma=0.6, dp_sample_rate=0.2)
+    assert_runs_equal_their_own_finetune(recipe)
+    per_run = [seen["one"][k * STEPS:(k + 1) * STEPS] for k in range(3)]   # finetune runs in turn
+    assert torch.allclose(torch.tensor(seen["many"]), torch.tensor(per_run).T)   # (steps, K)
+    assert seen["many"][0] == pytest.approx([0.2 * 20, 0.2 * 7, 0.2 * 33])
+
+
+def test_conf_weight_runs_equal_their_own_finetune():
+    assert_runs_equal_their_own_finetune(tinylm.Recipe(steps=STEPS, batch=8, lr=1e-2), 0.5)
+
+
+def test_draw_run_draws_in_the_order_finetune_always_has():
+    # the oracle: one generator per run, per step randint for a plain batch; with DP rand(N) < q
+    # for the Poisson sample and then randn(D) for the noise
+    plain, private = tinylm.Recipe(steps=4, batch=5), tinylm.Recipe(steps=4, dp_sigma=1.0,
+                                                                   dp_sample_rate=0.3)
+    g = torch.Generator().manual_seed(7)
+    expected = [torch.randint(9, (5,), generator=g) for _ in range(4)]
+    indices, noise = tinylm.draw_run(plain, 9, 7, 6)
+    assert noise is None and all(torch.equal(a, b) for a, b in zip(indices, expected))
+    g = torch.Generator().manual_seed(7)
+    expected = [((torch.rand(9, generator=g) < 0.3).nonzero().squeeze(1), torch.randn(6, generator=g))
+                for _ in range(4)]
+    indices, noise = tinylm.draw_run(private, 9, 7, 6)
+    assert all(torch.equal(i, e[0]) for i, e in zip(indices, expected))
+    assert torch.equal(noise, torch.stack([e[1] for e in expected]))
+
+
+def dp_gradients_of_run_0(x, y, mask, expected=3.0, clip=0.05):
+    """The private gradient finetune_many's DP step gives run 0 of two, whose batches are x[k],
+    y[k], mask[k] (B, T): {name: (*shape)}."""
+    model = lora_gpt()
+    rand = torch.Generator().manual_seed(0)
+    params = {n: 0.3 * torch.randn(2, *t.shape, generator=rand) for n, t in
+              tinylm.split_update(model, torch.zeros(tinylm.update_shape(model.cfg, RANK))).items()}
+    D = sum(t[0].numel() for t in params.values())
+    noise = torch.randn(2, D, generator=rand)
+    params = {n: t.requires_grad_() for n, t in params.items()}
+    sgd = torch.optim.SGD(params.values(), lr=0.0)                  # lr 0: we only read p.grad
+    dp.dp_sgd_step_many(model, params, sgd, x, y, mask, clip, 0.5, torch.tensor([expected, 5.0]), noise)
+    return {n: p.grad[0] for n, p in params.items()}
+
+
+def test_a_padded_example_adds_nothing_to_its_run():
+    # run 0 sampled 2 examples, run 1 sampled 5: run 0's batch is padded with 3 real examples whose
+    # mask finetune_many zeroes. With the mask zeroed run 0's gradient is that of its 2 examples
+    # alone; with the padding's mask left on, the same 3 examples would change it
+    x, y, mask = examples(5, 10, seed=4)
+    x2, y2, mask2 = (torch.stack([t, t.flip(0)]) for t in (x, y, mask))       # (2, 5, T)
+    alone = dp_gradients_of_run_0(*(torch.stack([t[:2], t[:2]]) for t in (x, y, mask)))
+    padded = mask2.clone()
+    padded[0, 2:] = 0
+    assert all(torch.allclose(alone[n], g, rtol=1e-5, atol=1e-7)
+               for n, g in dp_gradients_of_run_0(x2, y2, padded).items())
+    leaked = dp_gradients_of_run_0(x2, y2, mask2)
+    assert not all(torch.allclose(alone[n], g, rtol=1e-3, atol=1e-6) for n, g in leaked.items())
+
+
+def test_a_step_where_no_run_samples_anyone_is_noise_alone():
+    x = torch.zeros(2, 0, 10, dtype=torch.long)
+    grads = dp_gradients_of_run_0(x, x, x.float(), expected=4.0, clip=0.5)
+    rand = torch.Generator().manual_seed(0)
+    model = lora_gpt()
+    shapes = tinylm.split_update(model, torch.zeros(tinylm.update_shape(model.cfg, RANK)))
+    for t in shapes.values():   # re-draw the same random numbers: parameters first, then the noise
+        torch.randn(2, *t.shape, generator=rand)
+    D = sum(t.numel() for t in shapes.values())
+    noise = torch.randn(2, D, generator=rand)[0] * 0.5 * 0.5 / 4.0      # sigma * C / (q*N)
+    assert torch.allclose(torch.cat([g.flatten() for g in grads.values()]), noise)
+
+
+def test_loss_of_updates_equals_a_loop_of_set_update_and_loss_of():
+    model = lora_gpt()
+    g = torch.Generator().manual_seed(5)
+    updates = 0.5 * torch.randn(5, *tinylm.update_shape(model.cfg, RANK), generator=g)
+    datasets = [DATASETS[u % 3] for u in range(5)]
+    before = tinylm.get_update(model)
+    # max_tokens = 2 datasets' worth: three chunks of updates
+    losses = tinylm.loss_of_updates(model, updates, datasets, max_tokens=2 * 33 * 12)
+    assert torch.equal(tinylm.get_update(model), before)                 # the model was not touched
+    loop = [tinylm.loss_of(tinylm.set_update(model, u), *d) for u, d in zip(updates, datasets)]
+    assert losses.shape == (5,)
+    assert losses.tolist() == pytest.approx(loop, rel=1e-5)
+    assert len(set(loop)) == 5
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m, r: tinylm.finetune_many(m, [], r, []), "K > 0"),
+    (lambda m, r: tinylm.finetune_many(m, DATASETS, r, SEEDS[:2]), "3 datasets .* 2 seeds"),
+    (lambda m, r: tinylm.finetune_many(m, [DATASETS[0], (DATASETS[0][0][:0],) * 3], r, [1, 2]),
+     r"N > 0 .* \[20, 0\] examples"),
+    (lambda m, r: tinylm.finetune_many(m, DATASETS, tinylm.Recipe(dp_sigma=1.0), SEEDS, (), 0.5),
+     "conf_weight"),
+    (lambda m, r: tinylm.loss_of_updates(m, torch.zeros(2, 2, 64), DATASETS), "3 datasets .* 2 updates"),
+    (lambda m, r: tinylm.loss_of_updates(m, torch.zeros(3, 2, 60), DATASETS), "expected shape"),
+])
+def test_bad_input_is_refused_clearly(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(lora_gpt(), tinylm.Recipe(steps=2))
+
+
+def test_fused_attention_matches_the_hand_written_one():
+    model = lora_gpt()
+    tinylm.set_update(model, 0.5 * torch.randn(tinylm.update_shape(model.cfg, RANK),
+                                               generator=torch.Generator().manual_seed(6)))
+    x, y, mask = DATASETS[2]
+    logits, loss = model(x, y, mask)
+    fused_logits, fused_loss = tinylm.fused_attention(model)(x, y, mask)
+    tinylm.fused_attention(model, on=False)
+    assert torch.allclose(fused_logits, logits, rtol=1e-5, atol=1e-5)
+    assert fused_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    assert torch.equal(model(x, y, mask)[0], logits)                     # and off again
