@@ -39,7 +39,7 @@ import torch
 # integer torch seed: a large prime times the seed, plus its weighted indices.
 
 STREAMS = {"pretrain batches": 0, "shadow subset": 1, "client data": 2, "run split": 3,
-           "public examples": 4, "audit canaries": 7, "audit prompts": 8}
+           "public examples": 4, "random clients": 5, "audit canaries": 7, "audit prompts": 8}
 RUN_SEEDS = {"shadow run": (1_000_003, 1), "client run": (2_000_003, 1),
              "shadow DP draw": (3_000_017, 1_009, 1), "audit client": (5_000_011, 1),
              "audit setting": (6_000_007, 1)}
@@ -87,6 +87,7 @@ OP_FUNCS = [lambda a, b: a + b, lambda a, b: abs(a - b), max, min]
 ANSWER = r"=[-+><]?([0-9]+)"
 # the overall convention m (not uniform, or IID clients learn nothing)
 TASK_MIXTURE = np.array([0.5, 0.2, 0.15, 0.15])
+RANDOM_ALPHA = 2.0      # random clients' mixtures ~ Dirichlet(RANDOM_ALPHA * m): spread, not pure
 PAIRS = [(a, b) for a in range(10, 100) for b in range(10, 100)]   # operands: always 2 digits
 # "37@52": '=' at the same position in every line, whatever the operator (absolute positions)
 PROMPT_LEN = 5
@@ -192,6 +193,12 @@ def encode_lines(lines, enc, block_size=BLOCK_SIZE, first_target=PROMPT_LEN - 1,
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), torch.from_numpy(mask).float()
 
 
+def random_mixture(seed, i):
+    """Random client i's convention: a point of the simplex ~ Dirichlet(RANDOM_ALPHA * m), around
+    the task mixture m but anywhere, corners and centre alike."""
+    return stream(seed, "random clients", i).dirichlet(RANDOM_ALPHA * TASK_MIXTURE)
+
+
 class Subset(NamedTuple):
     """A shadow subset: the mixture it was drawn with (operators, or kinds of text) and its
     examples."""
@@ -240,19 +247,23 @@ class ArithTask:
         """n public lines that follow the task mixture m (n=None: one per public pair)."""
         return lines_from(self.public, TASK_MIXTURE, n or len(self.public), rng)
 
-    def clients(self, n_train, n_test, group_size=1, skew=0.88):
+    def clients(self, n_train, n_test, group_size=1, skew=0.88, n_random=0):
         """Convention groups of group_size members: one SKEWED group per operator (a share `skew` of
-        it) and the IID group (mixture m). Member i's private data depends on (seed, i) only."""
+        it) and the IID group (mixture m); then n_random clients of their own at RANDOM points of
+        the simplex, mixtures ~ Dirichlet(RANDOM_ALPHA * m) from a stream of their own (no shadow
+        subset's draw). Member i's private data depends on (seed, i) only."""
         skewed = np.full((len(OPS), len(OPS)), (1 - skew) / (len(OPS) - 1))   # row op: op's mixture
         np.fill_diagonal(skewed, skew)
-        groups = ([(f"skewed_{op}", "skewed", mix) for op, mix in zip(OPS, skewed)]
-                  + [("iid_0", "iid", TASK_MIXTURE)])
+        groups = ([(f"skewed_{op}", "skewed", mix, group_size) for op, mix in zip(OPS, skewed)]
+                  + [("iid_0", "iid", TASK_MIXTURE, group_size)]
+                  + [(f"random_{i}", "random", random_mixture(self.seed, i), 1)
+                     for i in range(n_random)])
         members = []
-        for group, kind, mixture in groups:
-            for j in range(group_size):
+        for group, kind, mixture, size in groups:
+            for j in range(size):
                 train, test = client_data(self.private, mixture, n_train, n_test, self.seed,
                                           len(members))
-                members.append({"name": group if group_size == 1 else f"{group}/{j}",
+                members.append({"name": group if size == 1 else f"{group}/{j}",
                                 "group": group, "kind": kind, "index": len(members),
                                 "mixture": mixture.tolist(), "train": train, "test": test})
         return members
@@ -404,7 +415,7 @@ class TextTask:
         windows)."""
         return windows(b"".join(self.shadow_raw.values()), self.block_size + 1, n, rng)
 
-    def clients(self, n_train, n_test, group_size=1, skew=None):
+    def clients(self, n_train, n_test, group_size=1, skew=None, n_random=0):
         """One client (or group of group_size members, splitting its TRAIN windows) per domain: at
         most n_train / n_test TRAIN / TEST windows, drawn at random when the domain has more. `skew`
         means nothing here."""

@@ -301,25 +301,34 @@ def pool_sizes(M):
 
 
 def summarise(rows, higher_is_better=True):
-    out = {key: {m: mean_defined([r[key].get(m) for r in rows]) for m in rows[0][key]}
+    """Over the clients `rows`: each method's mean score, PGR and gain recovered; the same ratios of
+    the mean scores ("of means": robust where one client's gap is close to zero); and do no harm,
+    the worst client's score against the mean shadow update. A method some clients lack (the random
+    clients have no weak baselines) is summarised over the clients that have it."""
+    methods = list(dict.fromkeys(m for r in rows for m in r["scores"]))
+    has = {m: [r for r in rows if m in r["scores"]] for m in methods}
+    out = {key: {m: mean_defined([r[key][m] for r in has[m]]) for m in methods}
            for key in ("scores", "pgr", "gain_recovered")}
-    # do no harm: the worst client's score against the mean shadow update, which the provider always
-    # has (in the metric's units, positive = better than the mean update, whatever the metric's
-    # direction)
+    # do no harm: the mean shadow update is what the provider always has (in the metric's units,
+    # positive = better than the mean update, whatever the metric's direction)
     sign = 1 if higher_is_better else -1
     out["worst_vs_mean_shadow"] = {m: min(sign * (r["scores"][m] - r["scores"]["mean_shadow"])
-                                          for r in rows)
-                                   for m in rows[0]["scores"]}
-    # the same ratios of the mean scores: robust where one client's gap is close to zero
-    mean = out["scores"]
-    out["pgr_of_means"] = {m: pgr(v, mean["tinylm_ft"], mean["llm_ft"]) for m, v in mean.items()}
-    out["gain_of_means"] = {m: gain_recovered(v, mean["llm_base"], mean["llm_ft"])
-                            for m, v in mean.items()}
-    if rows[0]["pooling"]:
+                                          for r in has[m]) for m in methods}
+
+    def of_means(m, start):   # a ratio of mean scores, over the clients that have m
+        mean = lambda key: float(np.mean([r["scores"][key] for r in has[m]]))  # noqa: E731
+        return share_recovered(out["scores"][m], mean(start), mean("llm_ft"))
+
+    out["pgr_of_means"] = {m: of_means(m, "tinylm_ft") for m in methods}
+    out["gain_of_means"] = {m: of_means(m, "llm_base") for m in methods}
+    pooled = [r for r in rows if r["pooling"]]   # the members of convention groups
+    if pooled:
+        base, ceiling = (float(np.mean([r["scores"][k] for r in pooled]))
+                         for k in ("llm_base", "llm_ft"))
         out["pooling_gain_of_means"] = {
-            m: {variant: gain_recovered(float(np.mean([r["pooling"][m][variant] for r in rows])),
-                                        mean["llm_base"], mean["llm_ft"])
-                for variant in point} for m, point in rows[0]["pooling"].items()}
+            m: {variant: gain_recovered(float(np.mean([r["pooling"][m][variant] for r in pooled])),
+                                        base, ceiling)
+                for variant in point} for m, point in pooled[0]["pooling"].items()}
     return out
 
 
@@ -348,25 +357,27 @@ def ordered(methods):
 
 
 def results_table(results):
-    """Markdown: one row per method, the score per convention group (mean over its members), then
-    PGR and gain recovered as the mean of per-client ratios and as the ratio of the mean scores."""
+    """Markdown: one row per method. First the verdict, the skewed clients' gain recovered (of means:
+    where the upload must carry the convention); then the score per convention group (mean over its
+    members; the random clients together), the gain and PGR of means over every client, and do no
+    harm: the worst client's score minus the mean shadow update's (below -0.05: someone was made
+    worse off by uploading)."""
     clients, summary = results["clients"], results["summary"]
-    # arith's skewed clients: where the upload must speak
     skewed = summary["by_kind"].get("skewed")
-    groups = list(dict.fromkeys(c["group"] for c in clients))
+    groups = list(dict.fromkeys(c["group"] for c in clients if c["kind"] != "random"))
     if skewed is None:
         return gain_first_table(results, groups)
-    head = (["method"] + groups + ["mean PGR", "mean gain", "PGR of means", "gain of means"]
-            + (["skewed: gain of means"] if skewed else []))
+    columns = [(g, [c for c in clients if c["group"] == g]) for g in groups]
+    if randoms := [c for c in clients if c["kind"] == "random"]:
+        columns.append((f"random (mean of {len(randoms)})", randoms))
+    head = (["method", "skewed: gain recovered"] + [name for name, _ in columns]
+            + ["gain of means", "PGR of means", "worst client vs mean_shadow"])
     rows = []
-    for m in ordered(clients[0]["scores"]):
-        per_group = [mean_defined([c["scores"][m] for c in clients if c["group"] == g])
-                     for g in groups]
-        row = ([m] + [fmt(v) for v in per_group]
-               + [fmt(summary["pgr"][m]), fmt(summary["gain_recovered"][m]),
-                  fmt(summary["pgr_of_means"][m]), fmt(summary["gain_of_means"][m])]
-               + ([fmt(skewed["gain_of_means"][m])] if skewed else []))
-        rows.append(row)
+    for m in ordered(summary["scores"]):
+        per_column = [mean_defined([c["scores"].get(m) for c in members]) for _, members in columns]
+        rows.append([m, fmt(skewed["gain_of_means"][m])] + [fmt(v) for v in per_column]
+                    + [fmt(summary["gain_of_means"][m]), fmt(summary["pgr_of_means"][m]),
+                       f"{summary['worst_vs_mean_shadow'][m]:+.2f}"])
     return markdown_table(head, rows)
 
 
@@ -377,14 +388,15 @@ def gain_first_table(results, groups):
     clients, summary = results["clients"], results["summary"]
     unit = "bpb" if results["metric"] == "bits_per_byte" else results["metric"]
     head = (["method", "gain of means"] + [f"{g}: gain" for g in groups]
-            + [f"{g}: {unit}" for g in groups] + ["PGR of means"])
+            + [f"{g}: {unit}" for g in groups] + ["PGR of means", "worst client vs mean_shadow"])
     rows = []
     for m in ordered(clients[0]["scores"]):
         members = [[c for c in clients if c["group"] == g] for g in groups]
         row = ([m, fmt(summary["gain_of_means"][m])]
                + [fmt(mean_defined([c["gain_recovered"][m] for c in cs])) for cs in members]
                + [f"{mean_defined([c['scores'][m] for c in cs]):.3f}" for cs in members]
-               + [fmt(summary["pgr_of_means"][m])])
+               + [fmt(summary["pgr_of_means"][m]),
+                  f"{summary['worst_vs_mean_shadow'][m]:+.3f}"])
         rows.append(row)
     return markdown_table(head, rows)
 

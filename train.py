@@ -369,9 +369,12 @@ def client_run(c):
 
 def reference_run(c):
     """The LLM fine-tunes a client's results are compared with (eval.reference_updates). The weak
-    baselines use the TinyLM the provider could rebuild: the upload under DP, else the floor."""
+    baselines use the TinyLM the provider could rebuild: the upload under DP, else the floor (the
+    random clients, there to check do no harm, have llm_ft only)."""
     cfg = _worker["cfg"]
-    own = (c["upload"] if cfg.dp_epsilon > 0 else c["floor_update"]) if cfg.weak_baselines else None
+    own = None
+    if cfg.weak_baselines and c["kind"] != "random":
+        own = c["upload"] if cfg.dp_epsilon > 0 else c["floor_update"]
     return evaluation.reference_updates(_worker["task"], _worker["tiny"], _worker["llm"],
                                         c["train"], own, recipe(cfg),
                                         data.run_seed(cfg.seed, "client run", c["index"]),
@@ -380,7 +383,7 @@ def reference_run(c):
 
 def clients_stage(cfg, task, tiny, llm, paths, device):
     t0 = time.time()
-    clients = task.clients(cfg.n_train, cfg.n_test, cfg.group_size, cfg.skew)
+    clients = task.clients(cfg.n_train, cfg.n_test, cfg.group_size, cfg.skew, cfg.random_clients)
     runs = run_stage(cfg, paths["clients"], "clients", client_run, clients, device, task, tiny, llm,
                      paths)
     for c, (floor, upload) in zip(clients, runs):

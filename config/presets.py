@@ -83,6 +83,9 @@ class Config:
     # clients
     group_size: int = 1          # members per convention group (the skewed ones and the IID one)
     skew: float = 0.88
+    # clients at random points of the convention simplex (arith), each with its own llm_ft: do no
+    # harm is checked away from the corners too
+    random_clients: int = 4
     n_test: int = 500
     weak_baselines: bool = True  # w2s, w2s_conf, kd: three LLM fine-tunes per client
     # differential privacy (off when dp_epsilon is 0)
@@ -236,6 +239,8 @@ def check_config(cfg):
     if not 0 <= cfg.fit_shadow <= cfg.n_shadow or 0 < cfg.fit_shadow < 4:
         raise SystemExit(f"--fit_shadow={cfg.fit_shadow}: expected 0 (all) or 4 to n_shadow "
                          f"({cfg.n_shadow}) subsets")
+    if cfg.random_clients < 0:
+        raise SystemExit(f"--random_clients={cfg.random_clients}: expected 0 or more")
     for key in ("group_size", "n_shadow", "n_snapshots", "n_train", "n_test", "ft_steps",
                 "shadow_dp_draws"):
         if getattr(cfg, key) < 1:

@@ -28,7 +28,7 @@ FIT_KEYS = ("gt_d_model", "gt_layers", "gt_heads", "gt_dropout", "gt_weight_deca
             "gt_steps", "gt_batch", "gt_eval_every", "gt_normalize", "gt_project", "gt_skip",
             "gt_gate", "gt_init", "gt_select", "val_frac", "val_examples", "fit_shadow")
 # who holds what, and the shared recipe
-CLIENT_DATA_KEYS = FINETUNE_KEYS + ("group_size", "skew", "n_test")
+CLIENT_DATA_KEYS = FINETUNE_KEYS + ("group_size", "skew", "n_test", "random_clients")
 CLIENT_KEYS = CLIENT_DATA_KEYS + DP_KEYS
 
 
@@ -50,7 +50,7 @@ def stage_paths(cfg, task, levels=(1,), device="cpu"):
                               for e in task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha).examples)
     client_data = data.digest(e
                               for c in task.clients(cfg.n_train, cfg.n_test, cfg.group_size,
-                                                    cfg.skew)
+                                                    cfg.skew, cfg.random_clients)
                               for e in c["train"] + c["test"])
     p = {"pretrain_tiny": path("pretrain_tiny", TINY_KEYS, task.fingerprint()),
          "pretrain_llm": path("pretrain_llm", LLM_KEYS, task.fingerprint())}

@@ -71,46 +71,51 @@ FRONTIER_METHODS = ["gradtx", "ridge", "tinylm_dp", "w2s", "kd", "mean_shadow"]
 
 def frontier_points(runs):
     """The privacy-utility frontier, one point per (N, epsilon, m): the skewed clients' gain
-    recovered (of means) per method and the worst client against the mean shadow update, at x = N *
-    epsilon * sqrt(m), the upload's signal-to-noise axis (pooling m uploads divides the noise by
-    about sqrt(m)). A run with groups gives one point per pooled size m, its translator for that
-    noise level (gradtx, ridge) against the same mean shadow update."""
+    recovered (of means) per method, every client's score against the mean shadow update's
+    ("vs_mean_shadow", in accuracy; negative: made worse off by uploading) and the worst of them,
+    at x = N * epsilon * sqrt(m), the upload's signal-to-noise axis (pooling m uploads divides the
+    noise by about sqrt(m)). A run with groups gives one point per pooled size m, its translator for
+    that noise level (gradtx, ridge) against the same mean shadow update, over the group members."""
     points = []
     for r in runs:
         N, eps = r["config"]["n_train"], r["privacy"]["epsilon"]
-        sigma = r["privacy"]["noise_multiplier"]
-        skewed, clients = r["summary"]["by_kind"]["skewed"], r["clients"]
-        sign = 1 if r["higher_is_better"] else -1
+        skewed, sign = r["summary"]["by_kind"]["skewed"], 1 if r["higher_is_better"] else -1
         pooled = skewed.get("pooling_gain_of_means")
         for m in (pooled or {1: None}):
             m = int(m)
             if pooled:
                 curve = pooled[m] if m in pooled else pooled[str(m)]
                 gain = {k: curve[k] for k in ("gradtx", "ridge")}
-                worst = {k: min(sign * (c["pooling"][m if m in c["pooling"] else str(m)][k]
-                                        - c["scores"]["mean_shadow"]) for c in clients)
-                         for k in gain}
+                scores = {c["name"]: c["pooling"][m if m in c["pooling"] else str(m)]
+                          for c in r["clients"] if c["pooling"]}
                 gain["mean_shadow"] = skewed["gain_of_means"]["mean_shadow"]
-                worst["mean_shadow"] = 0.0
             else:
                 gain = {k: skewed["gain_of_means"][k]
                         for k in FRONTIER_METHODS if k in skewed["gain_of_means"]}
-                worst = {k: r["summary"]["worst_vs_mean_shadow"][k] for k in gain}
+                scores = {c["name"]: c["scores"] for c in r["clients"]}
+            mean_shadow = {c["name"]: c["scores"]["mean_shadow"] for c in r["clients"]}
+            versus = {name: {k: sign * (s[k] - mean_shadow[name]) if k != "mean_shadow" else 0.0
+                             for k in gain if k in s or k == "mean_shadow"}
+                      for name, s in scores.items()}
+            worst = {k: min(v[k] for v in versus.values() if k in v) for k in gain}
             points.append({"n_train": N, "epsilon": eps, "m": m, "nem": N * eps * math.sqrt(m),
                            "group_size": r["config"]["group_size"],
-                           "sigma": sigma, "gain": gain, "worst_vs_mean_shadow": worst})
+                           "sigma": r["privacy"]["noise_multiplier"], "gain": gain,
+                           "worst_vs_mean_shadow": worst, "vs_mean_shadow": versus})
     return points
 
 
 def frontier_table(runs):
     points = sorted(frontier_points(runs), key=lambda p: p["nem"])
     head = (["N", "epsilon", "m", "N·ε·√m", "sigma"] + FRONTIER_METHODS
-            + ["worst client vs mean_shadow (gradtx)"])
+            + ["worst client vs mean_shadow: gradtx", "ridge", "clients below -0.05 (gradtx)"])
     rows = []
     for p in points:
         row = ([str(p["n_train"]), f"{p['epsilon']:g}", str(p["m"]), f"{p['nem']:.0f}",
                 f"{p['sigma']:.2f}"] + [fmt(p["gain"].get(k)) for k in FRONTIER_METHODS]
-               + [f"{p['worst_vs_mean_shadow']['gradtx']:+.2f}"])
+               + [f"{p['worst_vs_mean_shadow'][k]:+.2f}" for k in ("gradtx", "ridge")]
+               + [", ".join(name for name, v in p["vs_mean_shadow"].items()
+                            if v["gradtx"] < -0.05) or "none"])
         rows.append(row)
     return ("skewed clients: gain recovered of means, against each client's NON-private llm_ft; "
             "worst client: the\n"

@@ -334,3 +334,20 @@ def test_streams_keep_the_seeds_every_cached_stage_was_made_with():
     for name, key in (("client data", [7, 2, 5]), ("public examples", [7, 4]), ("run split", [7, 3])):
         index = key[2:]
         assert data.stream(7, name, *index).integers(1 << 30) == np.random.default_rng(key).integers(1 << 30)
+
+
+def test_random_clients_are_seeded_apart_from_the_shadow_draws_and_leave_the_others_alone():
+    task = data.make_task("arith", 0)
+    clients = task.clients(16, 8, n_random=3)
+    again = data.make_task("arith", 0).clients(16, 8, n_random=3)
+    randoms = [c for c in clients if c["kind"] == "random"]
+    assert [c["mixture"] for c in randoms] == [c["mixture"] for c in again if c["kind"] == "random"]
+    assert [c["mixture"] for c in randoms] != [c["mixture"] for c in data.make_task("arith", 1).clients(
+        16, 8, n_random=3) if c["kind"] == "random"]
+    assert len({tuple(c["mixture"]) for c in randoms}) == 3 and all(abs(sum(c["mixture"]) - 1) < 1e-9 for c in randoms)
+    # a stream of their own: no shadow subset (the provider's draws) has a random client's mixture
+    shadow = [tuple(task.shadow_subset(k, 4, 0.5).mixture) for k in range(64)]
+    assert not {tuple(c["mixture"]) for c in randoms} & set(shadow)
+    # adding them changes nothing for the skewed and IID clients (same indices, same data)
+    assert task.clients(16, 8) == clients[:5]
+    assert [c["index"] for c in randoms] == [5, 6, 7] and [c["group"] for c in randoms] == ["random_0", "random_1", "random_2"]

@@ -45,10 +45,10 @@ def test_results_contract(finished_run):
     assert saved["task"] == "arith" and saved["metric"] == "accuracy" and saved["higher_is_better"] is True
     assert saved["config"]["n_shadow"] == 6
     assert saved["provenance"]["torch"] == torch.__version__
-    assert [c["kind"] for c in saved["clients"]] == ["skewed"] * 4 + ["iid"]
+    assert [c["kind"] for c in saved["clients"]] == ["skewed"] * 4 + ["iid"] + ["random"] * 2
     for c in saved["clients"]:
-        assert {"llm_base", "tinylm_ft", "llm_ft", "gradtx", "mean_shadow", "ridge", "public_llm", "w2s",
-                "w2s_conf", "kd"} == set(c["scores"])
+        weak = {"w2s", "w2s_conf", "kd"} if c["kind"] != "random" else set()   # random: do no harm only
+        assert {"llm_base", "tinylm_ft", "llm_ft", "gradtx", "mean_shadow", "ridge", "public_llm"} | weak == set(c["scores"])
         for m, v in c["scores"].items():
             assert 0.0 <= v <= 1.0 and math.isfinite(v), (c["name"], m, v)
         assert set(c["pgr"]) == set(c["scores"]) == set(c["gain_recovered"])
@@ -84,9 +84,13 @@ def test_dp_run_with_groups(dp_group_run):
         assert len(translator["upload_signal"]) == train.SIGNAL_DIRECTIONS
         assert all(-1 <= c <= 1 for c in translator["upload_signal"])
     assert "| signal |" in sweep.experiment_table("dp", [results])
-    assert len(results["clients"]) == 5 * 2
+    assert len(results["clients"]) == 5 * 2 + 2
     for c in results["clients"]:
-        assert {"tinylm_dp", "gradtx_group", "ridge_group"} <= set(c["scores"])
+        assert "tinylm_dp" in c["scores"]
+        if c["kind"] == "random":   # a client alone: nothing to pool
+            assert c["pooling"] == {} and "gradtx_group" not in c["scores"]
+            continue
+        assert {"gradtx_group", "ridge_group"} <= set(c["scores"])
         assert set(c["pooling"]) == {1, 2} and "gradtx_single_map" in c["pooling"][2]
     for group in ("skewed_+", "iid_0"):
         first, second = (c for c in results["clients"] if c["group"] == group)
@@ -399,3 +403,18 @@ def test_shadow_count_curates_once_and_fits_on_prefixes(tmp_path, monkeypatch):
     for a, b in zip(alone["clients"], prefix["clients"]):
         assert {m: a["scores"][m] for m in ("gradtx", "ridge", "mean_shadow")} == {
             m: b["scores"][m] for m in ("gradtx", "ridge", "mean_shadow")}
+
+
+def test_the_harm_column_is_the_worst_client_of_the_table_scores(finished_run):
+    """Do no harm, reported: per method the worst client's score minus its mean shadow update's
+    score, from the very scores the table shows, the random clients included."""
+    _, results = finished_run
+    worst = results["summary"]["worst_vs_mean_shadow"]
+    for m in ("gradtx", "ridge", "w2s"):
+        having = [c for c in results["clients"] if m in c["scores"]]
+        assert worst[m] == min(c["scores"][m] - c["scores"]["mean_shadow"] for c in having)
+    assert worst["mean_shadow"] == 0.0
+    table = evaluation.results_table(results).splitlines()
+    assert table[0].endswith("| worst client vs mean_shadow |") and "| random (mean of 2) |" in table[0]
+    gradtx_row = next(line for line in table if line.startswith("| gradtx |"))
+    assert gradtx_row.endswith(f"| {worst['gradtx']:+.2f} |")
