@@ -202,14 +202,17 @@ def shift_right(y):
     generation."""
     ### BEGIN SOLUTION autoregressive_decoding
     return torch.cat([torch.zeros_like(y[:, :1]), y[:, :-1]], dim=1)
+    ### END SOLUTION
 
 
 def teacher_forcing_loss(model, src, tgt, base=None):
     """The paper's training objective on a batch of pairs, in normalised units: the decoder reads
     the true LLM tokens tgt (B, n_tgt, d_tgt) shifted right behind the start token, predicts every
     next token at once, and pays their mean squared error. base: the skip path's prediction."""
+    ### BEGIN SOLUTION teacher_forcing
     pred = model(src, shift_right(tgt), base)                       # (B, n_tgt, d_tgt)
     return F.mse_loss(pred, tgt)
+    ### END SOLUTION
 
 
 @torch.no_grad()
@@ -292,9 +295,7 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
             break
         model.train()
         idx = torch.randint(len(xs), (batch_size,), generator=g).to(device, non_blocking=True)
-        # teacher forcing
-        pred = model(xs[idx], shift_right(ys[idx]), None if base is None else base[idx])
-        loss = F.mse_loss(pred, ys[idx])
+        loss = teacher_forcing_loss(model, xs[idx], ys[idx], None if base is None else base[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -380,6 +381,7 @@ def public_basis(X_clean, k):
     mean = X.mean(0)
     U = torch.linalg.svd(X - mean, full_matrices=False).Vh[:k].T          # (D, k)
     return {"mean": mean.float(), "U": U.float().contiguous()}
+    ### END SOLUTION
 
 
 def project(X, basis):
@@ -391,6 +393,7 @@ def project(X, basis):
     mean, U = basis["mean"].to(X.device), basis["U"].to(X.device)
     centred = X.flatten(1).float() - mean
     return (mean + (centred @ U) @ U.T).view(X.shape)
+    ### END SOLUTION
 
 
 # -----------------------------------------------------------------------------
@@ -407,6 +410,7 @@ def ridge_factors(X, Y):
     """Everything fit_ridge computes before lambda enters: the z-scoring, K = keys keys^T = Q
     diag(e) Q^T and Q^T z(Y). A search over lambda computes it once; each lambda then only rescales
     (`ridge_at`)."""
+    ### BEGIN SOLUTION ridge_dual
     X, Y = X.flatten(1).double(), Y.flatten(1).double()
     x_mean, x_std, y_mean, y_std = X.mean(0), X.std(0) + 1e-8, Y.mean(0), Y.std(0) + 1e-8
     keys = (X - x_mean) / x_std
@@ -420,13 +424,16 @@ def ridge_factors(X, Y):
     # (r, D_tgt)
     return dict(keys=keys, Q=Q, eigenvalues=eigenvalues, Qt_y=Q.T @ ((Y - y_mean) / y_std),
                 x_mean=x_mean, x_std=x_std, y_mean=y_mean, y_std=y_std)
+    ### END SOLUTION
 
 
 def ridge_at(factors, lam):
     """fit_ridge's map at one lambda: values = Q diag(1 / (e + lam)) Q^T z(Y) = (K + lam I)^-1
     z(Y)."""
     f = factors
+    ### BEGIN SOLUTION ridge_dual
     values = f["Q"] @ (f["Qt_y"] / (f["eigenvalues"][:, None] + lam))                   # (N, D_tgt)
+    ### END SOLUTION
     ridge = dict(keys=f["keys"], values=values, x_mean=f["x_mean"], x_std=f["x_std"],
                  y_mean=f["y_mean"], y_std=f["y_std"])
     return {name: t.float() for name, t in ridge.items()}

@@ -114,6 +114,7 @@ def audit_p_value(guesses, correct, epsilon, delta=0.0, canaries=None):
     if delta > 0 and not (isinstance(canaries, (int, np.integer)) and canaries >= r):
         raise ValueError(f"canaries (m) must be an integer >= guesses={r} when delta > 0, got "
                          f"{canaries!r}")
+    ### BEGIN SOLUTION audit_bound
     # log p, log(1-p)
     log_p, log_1mp = -math.log1p(math.exp(-epsilon)), -math.log1p(math.exp(epsilon))
     log_pmf = np.array([math.lgamma(r + 1) - math.lgamma(i + 1) - math.lgamma(r - i + 1)
@@ -125,6 +126,7 @@ def audit_p_value(guesses, correct, epsilon, delta=0.0, canaries=None):
     below = np.cumsum(pmf[v - 1::-1])            # below[i-1] = P[v - i <= Binomial < v], i = 1..v
     alpha = float(np.max(below / np.arange(1, v + 1)))
     return min(1.0, beta + 2 * canaries * delta * alpha)
+    ### END SOLUTION
 
 
 def epsilon_lower_bound(guesses, correct, confidence=0.95, delta=0.0, canaries=None):
@@ -134,6 +136,7 @@ def epsilon_lower_bound(guesses, correct, confidence=0.95, delta=0.0, canaries=N
     with p = (1 - confidence)^(1/r)."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    ### BEGIN SOLUTION audit_bound
     level = 1 - confidence
     p_value = lambda eps: audit_p_value(guesses, correct, eps, delta, canaries)  # noqa: E731
     if p_value(0.0) >= level:
@@ -145,6 +148,7 @@ def epsilon_lower_bound(guesses, correct, confidence=0.95, delta=0.0, canaries=N
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if p_value(mid) < level else (lo, mid)
     return lo
+    ### END SOLUTION
 
 
 def one_run_audit(scores, included, ks=(10, 20, 50, 100, 200, 500), confidence=0.95, delta=0.0):

@@ -120,3 +120,27 @@ def test_audit_catches_broken_dp_sgd_without_noise():
 def test_audit_passes_correct_dp_sgd_at_the_same_size():
     correct = toy_audit(noise_multiplier=dp.noise_multiplier_for(1.0, RATE, STEPS, 1e-5))
     assert correct["eps_lb"] <= 1.0, correct
+
+
+# -----------------------------------------------------------------------------
+# the audit_bound exercise (EXERCISES.md: audit_p_value and epsilon_lower_bound): the bound's own
+# tests above are its oracles, and one more for thousands of guesses
+
+test_pure_dp_p_value_is_the_binomial_tail = pytest.mark.audit_bound(test_pure_dp_p_value_is_the_binomial_tail)
+test_delta_term_follows_the_paper_term_by_term = pytest.mark.audit_bound(test_delta_term_follows_the_paper_term_by_term)
+test_all_right_gives_the_closed_form = pytest.mark.audit_bound(test_all_right_gives_the_closed_form)
+test_bound_grows_with_the_right_guesses_and_is_zero_at_chance = pytest.mark.audit_bound(
+    test_bound_grows_with_the_right_guesses_and_is_zero_at_chance)
+
+
+@pytest.mark.audit_bound
+def test_thousands_of_guesses_against_an_exact_binomial_tail():
+    # eps = log 3 makes p = 3/4, so the tail is a sum of fractions: exact, with no float in it.
+    # r = 3000 guesses: binom(3000, 1500) ~ 10^901 overflows a float, so only a sum in log space works
+    from fractions import Fraction
+    r, v = 3000, 2280                       # mean 2250, standard deviation ~24
+    exact = sum(Fraction(math.comb(r, i) * 3**i, 4**r) for i in range(v, r + 1))
+    assert audit.audit_p_value(r, v, math.log(3)) == pytest.approx(float(exact), rel=1e-9)
+    assert 0.05 < float(exact) < 0.2        # a tail that matters, not a rounding of 0 or 1
+    p = 0.05 ** (1 / 2000)                  # and all 2000 of 2000 right: the closed form
+    assert audit.epsilon_lower_bound(2000, 2000) == pytest.approx(math.log(p / (1 - p)), rel=1e-8)

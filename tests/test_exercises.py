@@ -92,3 +92,62 @@ def test_a_blank_exercise_is_recognised_behind_other_exceptions():
         assert blank_exercise(wrapped) == "rdp_step"
     assert blank_exercise(NotImplementedError("not an exercise")) is None
     assert blank_exercise(ValueError("exercise rdp_step: not a NotImplementedError")) is None
+
+
+# -----------------------------------------------------------------------------
+# the shipped mistakes (tools/exercise_mistakes.py): data that must fit the code as it is now.
+# Whether each exercise's tests catch them: python tools/exercises.py --mistakes
+
+
+def test_every_exercise_ships_two_mistakes_that_apply_to_the_code_as_it_is():
+    mistakes, found = exercises.load_mistakes(), exercises.scan(ROOT)
+    assert set(mistakes) == set(exercises.EXERCISES)
+    for name, listed in mistakes.items():
+        assert len(listed) >= 2, name
+        assert len({m["name"] for m in listed}) == len(listed), name
+        for m in listed:
+            assert set(m) <= {"name", "why", "function", "edits"} and m["why"] and m["edits"], m
+            changed = exercises.plant(found, name, m)    # each edit found once; the result parses
+            assert changed and all(text != "".join(found[path][0]) for path, text in changed.items())
+
+
+def toy(f_body, g_body):
+    """A file with one rdp_step block in f and one in g (marker lines built here, so that this
+    file itself has none)."""
+    begin, end = "    ### BEGIN SOLUTION rdp_step\n", "    ### END SOLUTION\n"
+    return (f"def f(x):\n{begin}    return {f_body}\n{end}\n\n"
+            f"def g(x):\n{begin}    return {g_body}\n{end}")
+
+
+def test_a_mistake_edits_only_its_exercises_blocks_and_is_stale_when_they_change():
+    lines = toy("x + 1", "x + 1").splitlines(keepends=True)
+    found = {"toy.py": (lines, exercises.find_blocks("toy.py", lines))}
+    planted = exercises.plant(found, "rdp_step", {"function": "g", "edits": [("x + 1", "x - 1")]})
+    assert planted == {"toy.py": toy("x + 1", "x - 1")}
+    with pytest.raises(ValueError, match="2 matches"):      # in f and in g: which one?
+        exercises.plant(found, "rdp_step", {"edits": [("x + 1", "x - 1")]})
+    with pytest.raises(ValueError, match="0 matches"):      # the code changed under the mistake
+        exercises.plant(found, "rdp_step", {"function": "g", "edits": [("x * 2", "x")]})
+    with pytest.raises(ValueError, match="0 matches"):      # another exercise's blocks: untouched
+        exercises.plant(found, "rdp_to_epsilon", {"edits": [("x + 1", "x - 1")]})
+    with pytest.raises(SyntaxError):                         # a mistake must still parse
+        exercises.plant(found, "rdp_step", {"function": "f", "edits": [("x + 1", "x +")]})
+
+
+# -----------------------------------------------------------------------------
+# --check on a machine without a GPU or matplotlib: those skips are no problem, others are
+
+
+def test_skips_for_what_the_machine_lacks_are_allowed_and_no_others():
+    tests = os.path.join(ROOT, "tests")
+    reasons = re.findall(r'reason="([^"]+)"', open(os.path.join(tests, "test_cuda.py")).read()
+                         + open(os.path.join(tests, "test_plots.py")).read())
+    assert reasons and all(exercises.skip_is_allowed(r) for r in reasons)   # what the tests say
+    assert exercises.skip_is_allowed("needs exercise rdp_step")
+    for other in ("could not import 'gradtx'", "needs exercise", "", "skipped: optional extra"):
+        assert not exercises.skip_is_allowed(other), other
+
+
+def test_a_junit_test_id_becomes_a_pytest_node_id():
+    assert exercises.node_id(ROOT, "tests.test_dp::test_x[0.5-2]") == "tests/test_dp.py::test_x[0.5-2]"
+    assert exercises.node_id(ROOT, "tests.test_dp.TestA::test_x") == "tests/test_dp.py::TestA::test_x"

@@ -16,15 +16,22 @@ Each exercise has a pytest marker (pytest.ini) and tests that check it against a
 needs no other exercise; a test that runs into ANOTHER exercise's blank code is skipped
 (tests/conftest.py). So the exercises can be done in any order. EXERCISES.md is the guide.
 
+Beside this tool, tools/exercise_mistakes.py keeps plausible wrong solutions, at least two per
+exercise; --mistakes plants each one into a copy of the repository and shows that the exercise's
+own tests catch it.
+
     python tools/exercises.py --list                          # the exercises, easiest first
     python tools/exercises.py --out ../student                # a student copy, every exercise blank
     python tools/exercises.py --out ../student --only rdp_step,lora_forward
     python tools/exercises.py --check                         # prove that every exercise works
+    python tools/exercises.py --mistakes --list               # the known wrong solutions
+    python tools/exercises.py --mistakes                      # prove that the tests catch them
 
 Standard library only.
 """
 import argparse
 import concurrent.futures
+import importlib.util
 import os
 import re
 import shutil
@@ -45,6 +52,9 @@ EXERCISES = {
     "rdp_to_epsilon": ("easy",
                        "the docstring's conversion at every order, then the smallest epsilon "
                                "and its order"),
+    "teacher_forcing": ("easy", "the model reads (src, tgt shifted right behind the zero start "
+                                "token, base); return the mean squared error of its output "
+                                "against tgt itself"),
     "update_vector": ("medium", "one token per layer: q.dA, q.B, v.dA, v.B flattened side by side "
                                 "(get_update), and cut back into those shapes (split_update)"),
     "causal_attention": ("medium", "split q, k, v into heads, softmax(q k^T / sqrt(head_dim)) with "
@@ -58,10 +68,16 @@ EXERCISES = {
     "public_subspace": ("medium",
                         "public_basis: the mean and the top-k right singular vectors of the "
                                   "centred flat updates; project: mean + U U^T (x - mean)"),
+    "ridge_dual": ("medium", "ridge_factors: z-score X and Y (std + 1e-8), keys = z(X), eigh of "
+                             "keys keys^T keeping eigenvalues > 1e-9 * the largest, Qt_y = Q^T "
+                             "z(Y); ridge_at: values = Q (Qt_y / (e + lam))"),
     "clip_and_noise": ("medium",
                        "norms (B,) of the rows of flat; g (D,): the rows clipped to norm <= clip, "
-                                 "summed, plus _gaussian noise of std sigma*clip, over the "
+                                 "summed, plus Gaussian noise of std sigma*clip (once), over the "
                        "expected batch size"),
+    "audit_bound": ("medium", "audit_p_value: beta + 2 m delta alpha from the log pmf of "
+                              "Binomial(r, p = e^eps / (1 + e^eps)); epsilon_lower_bound: the "
+                              "largest eps whose p-value is < 1 - confidence (double, bisect)"),
     "per_example_grads": ("hard", "per example, sum over its tokens: dA = s (B^T g_t) x_t^T, "
                                   "B = s g_t h_t^T with h_t = A x_t; one batched matmul each"),
     "rdp_step": ("hard",
@@ -224,11 +240,16 @@ def list_exercises(found):
 ALLOWED_SKIPS = ("needs exercise ", "needs a CUDA GPU", "optional extra:")
 
 
-def run_pytest(cwd, xml, marker_expr=None, paths=()):
+def skip_is_allowed(message):
+    """True for a skip that is no problem on a student copy (see ALLOWED_SKIPS)."""
+    return message.startswith(ALLOWED_SKIPS)
+
+
+def run_pytest(cwd, xml, marker_expr=None, paths=(), options=()):
     """{test id: (outcome, message)} of one pytest run; outcome is passed, failed or skipped."""
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
-           *paths]
+           *options, *paths]
     cmd += ["-m", marker_expr] if marker_expr else []
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode not in (0, 1, 5) or not os.path.exists(xml):  # 5: no test selected
@@ -252,6 +273,17 @@ def test_files_marked(root, name):
     files = sorted(f for f in os.listdir(tests) if f.startswith("test_") and f.endswith(".py"))
     return [os.path.join("tests", f) for f in files
             if f"mark.{name}" in open(os.path.join(tests, f), encoding="utf-8").read()]
+
+
+def node_id(root, test):
+    """'tests.test_x::test_y[1]' (a junit test id) -> 'tests/test_x.py::test_y[1]' (pytest's)."""
+    classname, _, name = test.partition("::")
+    parts = classname.split(".")
+    for i in range(len(parts), 0, -1):
+        path = "/".join(parts[:i]) + ".py"
+        if os.path.exists(os.path.join(root, path)):
+            return "::".join([path, *parts[i:], name])
+    return test
 
 
 def describe(outcome, message):
@@ -315,8 +347,18 @@ def check(root):
     others = {t: r for t, r in student.items() if t not in marked}
     skips = {t: msg for t, (o, msg) in others.items() if o == "skipped"}
     # a skip for what this machine lacks (an optional extra, a GPU) is not the student copy's doing
-    for t, (o, msg) in others.items():
-        if o == "failed" or (o == "skipped" and not msg.startswith(ALLOWED_SKIPS)):
+    bad = {t: r for t, r in others.items()
+           if r[0] == "failed" or (r[0] == "skipped" and not skip_is_allowed(r[1]))}
+    on_original = {}
+    if bad:   # the same tests on the original: is it the student copy's doing at all?
+        with tempfile.TemporaryDirectory() as tmp:
+            on_original = run_pytest(root, os.path.join(tmp, "again.xml"),
+                                     paths=[node_id(root, t) for t in bad])
+    for t, (o, msg) in bad.items():
+        if on_original.get(t, ("missing", ""))[0] == o:
+            problems.append(f"{t} {o} on the original too, so not because of the student copy "
+                            f"({describe(o, msg)})")
+        else:
             problems.append(f"the student copy breaks {t}, which no exercise marks "
                             f"({describe(o, msg)})")
     reasons = sorted({msg.splitlines()[0] for msg in skips.values()})
@@ -328,27 +370,151 @@ def check(root):
     return not problems
 
 
+# -----------------------------------------------------------------------------
+# --mistakes: plausible wrong solutions (tools/exercise_mistakes.py), each planted into a copy of
+# the repository; the exercise's own tests must fail on every one of them
+
+
+def load_mistakes():
+    """{exercise: [mistake, ...]} from tools/exercise_mistakes.py (data: standard library only)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "exercise_mistakes.py")
+    spec = importlib.util.spec_from_file_location("exercise_mistakes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.MISTAKES
+
+
+def plant(found, exercise, mistake):
+    """{path: text} of the files that `mistake` changes: each (old, new) edit must occur exactly
+    once in the bodies of the exercise's blocks (only those in mistake["function"], if given),
+    wherever in the repository they now are. Raises ValueError when an edit no longer applies."""
+    texts = {path: "".join(lines) for path, (lines, blocks) in found.items()
+             if any(b[0] == exercise for b in blocks)}
+    changed = set()
+    for old, new in mistake["edits"]:
+        hits = []   # (path, start, end) of each occurrence, as character offsets
+        for path, text in texts.items():
+            lines = text.splitlines(keepends=True)
+            offsets = [0]
+            for line in lines:
+                offsets.append(offsets[-1] + len(line))
+            for name, first, end, _ in find_blocks(path, lines):
+                where = enclosing_function(lines, first).split(".")[-1]
+                if name != exercise or mistake.get("function", where) != where:
+                    continue
+                body = text[offsets[first + 1]:offsets[end]]
+                at = body.find(old)
+                while at >= 0:
+                    hits.append((path, offsets[first + 1] + at, offsets[first + 1] + at + len(old)))
+                    at = body.find(old, at + 1)
+        if len(hits) != 1:
+            raise ValueError(f"{len(hits)} matches (not 1) of {old!r} in the blocks of "
+                             f"{exercise} {mistake.get('function', '')}".rstrip())
+        path, start, end = hits[0]
+        texts[path] = texts[path][:start] + new + texts[path][end:]
+        changed.add(path)
+    for path in changed:
+        compile(texts[path], path, "exec")   # a mistake that does not even parse shows nothing
+    return {path: texts[path] for path in changed}
+
+
+# the first failure of a planted mistake must be the mistake's doing, not a mistake that cannot run
+BROKEN = ("NameError", "UnboundLocalError", "ImportError", "ModuleNotFoundError", "SyntaxError",
+          "IndentationError")
+
+
+def try_mistake(root, found, tmp, exercise, mistake, files):
+    """(verdict, seconds, what failed first) for one mistake: caught, NOT CAUGHT, broken or
+    stale."""
+    t0 = time.time()
+    try:
+        changed = plant(found, exercise, mistake)
+    except (ValueError, SyntaxError) as e:
+        return "stale", 0.0, f"{type(e).__name__}: {e}"
+    folder = os.path.join(tmp, f"{exercise}.{mistake['name']}")
+    write_copy(root, folder, set(), found)
+    for path, text in changed.items():
+        with open(os.path.join(folder, path), "w", encoding="utf-8") as f:
+            f.write(text)
+    # -x: the first failure is enough to show that the mistake is caught
+    results = run_pytest(folder, folder + ".xml", exercise, files, options=["-x"])
+    shutil.rmtree(folder)
+    failed = [(t, msg) for t, (o, msg) in results.items() if o == "failed"]
+    if not failed:
+        return "NOT CAUGHT", time.time() - t0, f"{len(results)} tests pass"
+    test, message = failed[0]
+    first = message.splitlines()[0] if message else "failed"
+    verdict = "broken" if first.startswith(BROKEN) else "caught"
+    module, _, name = test.partition("::")
+    return verdict, time.time() - t0, f"{module.rsplit('.', 1)[-1]}::{name}: {first}"
+
+
+def list_mistakes(mistakes, names):
+    for name in names:
+        print(f"{name}  ({len(mistakes.get(name, []))} mistakes)")
+        for m in mistakes.get(name, []):
+            print(f"  {m['name']:<28} {m['why']}")
+
+
+def check_mistakes(root, names):
+    """Plant each mistake of the exercises in `names` into its own copy (two at a time) and run
+    that exercise's tests on it; True when every mistake is caught."""
+    t0, mistakes, found = time.time(), load_mistakes(), scan(root)
+    problems = [f"{n}: fewer than 2 mistakes" for n in names if len(mistakes.get(n, [])) < 2]
+    problems += [f"{n}: not an exercise" for n in mistakes if n not in EXERCISES]
+    jobs = [(n, m) for n in names for m in mistakes.get(n, [])]
+    files = {n: test_files_marked(root, n) for n in names}
+    print(f"{'exercise':<24} {'mistake':<28} {'verdict':<10} {'time':>5}  first failure")
+    with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(try_mistake, root, found, tmp, n, m, files[n]) for n, m in jobs]
+        for (n, m), future in zip(jobs, futures):
+            verdict, seconds, detail = future.result()
+            print(f"{n:<24} {m['name']:<28} {verdict:<10} {seconds:>4.0f}s  {detail[:120]}",
+                  flush=True)
+            if verdict != "caught":
+                problems.append(f"{n}: mistake {m['name']} is {verdict}: {detail}")
+    for p in problems:
+        print(f"FAIL {p}")
+    print(f"\n--mistakes: {len(jobs)} mistakes in {len(names)} exercises, {len(problems)} "
+          f"problems, {time.time() - t0:.0f}s")
+    return not problems
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="gradtx exercises: list them, write a student "
-                                     "copy, check them.")
+                                     "copy, check them and their known mistakes.")
     parser.add_argument("--list", action="store_true",
-                        help="print the exercises with their file, difficulty and check command")
+                        help="print the exercises with their file, difficulty and check command "
+                        "(with --mistakes: the known mistakes)")
     parser.add_argument("--out", metavar="DIR",
                         help="write a student copy of the repository to DIR (new or empty)")
-    parser.add_argument("--only", metavar="A,B", help="with --out: blank only these exercises")
+    parser.add_argument("--only", metavar="A,B",
+                        help="with --out: blank only these exercises; with --mistakes: only "
+                        "these exercises' mistakes")
     parser.add_argument("--check", action="store_true",
                         help="verify every exercise on a student copy in a temp dir")
+    parser.add_argument("--mistakes", action="store_true",
+                        help="plant each known mistake (tools/exercise_mistakes.py) in a copy and "
+                        "show that the exercise's tests catch it")
     args = parser.parse_args(argv)
-    if sum(map(bool, (args.list, args.out, args.check))) != 1 or (args.only and not args.out):
-        parser.error("give exactly one of --list, --out DIR [--only A,B], --check")
-    if args.list:
+    modes = sum(map(bool, (args.list and not args.mistakes, args.out, args.check, args.mistakes)))
+    if modes != 1 or (args.only and not (args.out or args.mistakes)):
+        parser.error("give exactly one of --list, --out DIR [--only A,B], --check, "
+                     "--mistakes [--list] [--only A,B]")
+    names = (set(EXERCISES) if args.only is None
+             else {n.strip() for n in args.only.split(",") if n.strip()})
+    if unknown := names - set(EXERCISES):
+        parser.error(f"unknown exercise(s) {', '.join(sorted(unknown))}; --list shows them")
+    names = [n for n in EXERCISES if n in names]   # easiest first
+    if args.mistakes:
+        if args.list:
+            list_mistakes(load_mistakes(), names)
+        else:
+            sys.exit(0 if check_mistakes(ROOT, names) else 1)
+    elif args.list:
         list_exercises(scan(ROOT))
     elif args.out:
-        names = (set(EXERCISES) if args.only is None
-                 else {n.strip() for n in args.only.split(",") if n.strip()})
-        if unknown := names - set(EXERCISES):
-            parser.error(f"unknown exercise(s) {', '.join(sorted(unknown))}; --list shows them")
-        out = write_copy(ROOT, args.out, names)
+        out = write_copy(ROOT, args.out, set(names))
         print(f"student copy with {len(names)} exercise(s) blank: {out}\n"
               f"  cd {out} && python -m pytest -m <exercise>     (EXERCISES.md lists them)")
     else:

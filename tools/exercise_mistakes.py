@@ -1,0 +1,190 @@
+"""
+tools/exercise_mistakes.py -- plausible wrong solutions to the exercises, as data.
+
+For each exercise (tools/exercises.py, EXERCISES.md) at least two mistakes a student could make.
+A mistake is a list of edits (old, new) to the solution: `old` must occur exactly once in the
+bodies of that exercise's marked blocks (of the function named by "function", when given),
+wherever in the repository those blocks are now; `new` takes its place. So a mistake follows its
+code when the code moves between files, and says so (stale) when the code it edits has changed.
+
+    python tools/exercises.py --mistakes --list     # what is here
+    python tools/exercises.py --mistakes            # plant each one in a copy: the exercise's own
+                                                    # tests must fail on every one
+
+A mistake its exercise's tests do not catch asks for a better test, not for removal.
+"""
+
+MISTAKES = {
+    "masked_cross_entropy": [
+        dict(name="mask_ignored", why="the mean over every position, the prompt's too",
+             edits=[("(nll * mask).sum() / mask.sum().clamp(min=1)", "nll.mean()")]),
+        dict(name="divided_by_all_tokens",
+             why="masked positions summed, but divided by the number of ALL tokens",
+             edits=[("(nll * mask).sum() / mask.sum().clamp(min=1)",
+                     "(nll * mask).sum() / nll.numel()")]),
+        dict(name="empty_mask_is_nan", why="no guard for an empty mask: 0 / 0 = nan",
+             edits=[("mask.sum().clamp(min=1)", "mask.sum()")]),
+    ],
+    "lora_forward": [
+        dict(name="scale_missing", why="the alpha / r scale left out",
+             edits=[("@ self.B.T * self.scale", "@ self.B.T")]),
+        dict(name="a0_forgotten", why="only the trainable change dA, not A = A0 + dA",
+             edits=[("(x @ (self.A0 + self.dA).T)", "(x @ self.dA.T)")]),
+        dict(name="b_and_a_swapped", why="B applied first, then A (square layers still run)",
+             edits=[("(x @ (self.A0 + self.dA).T) @ self.B.T",
+                     "(x @ self.B) @ (self.A0 + self.dA)")]),
+    ],
+    "rdp_to_epsilon": [
+        dict(name="classic_conversion",
+             why="the classic eps = rdp + log(1/delta) / (alpha - 1), not the improved one",
+             edits=[("rdp - (math.log(delta) + np.log(a)) / (a - 1) + np.log((a - 1) / a)",
+                     "rdp - math.log(delta) / (a - 1)")]),
+        dict(name="largest_order", why="the largest order's epsilon, not the smallest epsilon",
+             edits=[("best = int(np.nanargmin(eps))", "best = int(np.argmax(a))")]),
+        dict(name="smallest_rdp", why="the order with the smallest RDP, not the smallest epsilon",
+             edits=[("best = int(np.nanargmin(eps))", "best = int(np.nanargmin(rdp))")]),
+    ],
+    "teacher_forcing": [
+        dict(name="no_shift", why="the decoder reads the targets unshifted: it sees the answer",
+             edits=[("model(src, shift_right(tgt), base)", "model(src, tgt, base)")]),
+        dict(name="shift_left", why="the targets shifted left, the start token at the end",
+             edits=[("model(src, shift_right(tgt), base)",
+                     "model(src, torch.cat([tgt[:, 1:], torch.zeros_like(tgt[:, :1])], 1), "
+                     "base)")]),
+        dict(name="loss_on_the_input", why="the loss against the shifted input, not the targets",
+             edits=[("F.mse_loss(pred, tgt)", "F.mse_loss(pred, shift_right(tgt))")]),
+        dict(name="summed_over_coordinates",
+             why="squared errors summed over a token's coordinates, then the mean",
+             edits=[("F.mse_loss(pred, tgt)", "(pred - tgt).pow(2).sum(-1).mean()")]),
+        dict(name="skip_path_dropped", why="the skip path's prediction never reaches the model",
+             edits=[("model(src, shift_right(tgt), base)", "model(src, shift_right(tgt))")]),
+    ],
+    "update_vector": [
+        dict(name="b_before_a", function="get_update",
+             why="each adapter's B before its dA in the vector (q_B before q_A)",
+             edits=[("for p in params[4 * l: 4 * l + 4]])",
+                     "for p in [params[4 * l + i] for i in (1, 0, 3, 2)]])")]),
+        dict(name="split_update_detached", function="split_update",
+             why="split_update detaches: no gradient reaches a predicted update",
+             edits=[("update[l, offset: offset + p.numel()].view_as(p)",
+                     "update[l, offset: offset + p.numel()].detach().view_as(p)")]),
+        dict(name="offset_not_reset", function="split_update",
+             why="the offset runs on across layers instead of starting at 0 for each",
+             edits=[("    for l in range(model.cfg.n_layer):\n        offset = 0\n",
+                     "    offset = 0\n    for l in range(model.cfg.n_layer):\n")]),
+    ],
+    "causal_attention": [
+        dict(name="no_scale", why="no 1 / sqrt(head_dim): the softmax saturates",
+             edits=[("(q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))",
+                     "(q @ k.transpose(-2, -1))")]),
+        dict(name="no_causal_mask", why="every position sees the future",
+             edits=[('att.masked_fill(~self.causal[:T, :T], float("-inf")).softmax(dim=-1)',
+                     "att.softmax(dim=-1)")]),
+        dict(name="softmax_over_queries", why="the softmax over the wrong axis (the queries)",
+             edits=[('float("-inf")).softmax(dim=-1)', 'float("-inf")).softmax(dim=-2)')]),
+        dict(name="heads_merged_without_transpose",
+             why="(B, n_head, T, hd) reshaped to (B, T, C) without moving the heads back",
+             edits=[("(att @ v).transpose(1, 2).reshape(B, T, C)", "(att @ v).reshape(B, T, C)")]),
+    ],
+    "autoregressive_decoding": [
+        dict(name="shift_left", function="shift_right",
+             why="the start token at the end, y shifted left",
+             edits=[("torch.cat([torch.zeros_like(y[:, :1]), y[:, :-1]], dim=1)",
+                     "torch.cat([y[:, 1:], torch.zeros_like(y[:, :1])], dim=1)")]),
+        dict(name="start_token_of_ones", function="generate",
+             why="generation starts from another start token than training reads",
+             edits=[("tgt = torch.zeros(len(src), 1, cfg.d_tgt, device=device)",
+                     "tgt = torch.ones(len(src), 1, cfg.d_tgt, device=device)")]),
+        dict(name="first_output_fed_back", function="generate",
+             why="the model's first output appended every time, not its last",
+             edits=[("nxt = model(src, tgt, base)[:, -1:]", "nxt = model(src, tgt, base)[:, :1]")]),
+    ],
+    "public_subspace": [
+        dict(name="svd_without_centring", function="public_basis",
+             why="the SVD of the raw updates: the first direction points at the mean",
+             edits=[("torch.linalg.svd(X - mean, ", "torch.linalg.svd(X, ")]),
+        dict(name="mean_not_added_back", function="project",
+             why="the projection of x - mean, without the mean added back",
+             edits=[("return (mean + (centred @ U) @ U.T)", "return ((centred @ U) @ U.T)")]),
+        dict(name="smallest_directions", function="public_basis",
+             why="the last k right singular vectors: the directions of LEAST variance",
+             edits=[(".Vh[:k].T", ".Vh[-k:].T")]),
+    ],
+    "ridge_dual": [
+        dict(name="targets_not_z_scored", function="ridge_factors",
+             why="Q^T (Y - mean) without dividing by Y's std (ridge_predict multiplies it back)",
+             edits=[("Qt_y=Q.T @ ((Y - y_mean) / y_std)", "Qt_y=Q.T @ (Y - y_mean)")]),
+        dict(name="keys_not_centred", function="ridge_factors",
+             why="keys = X / std without subtracting the mean",
+             edits=[("keys = (X - x_mean) / x_std", "keys = X / x_std")]),
+        dict(name="std_without_epsilon", function="ridge_factors",
+             why="a constant coordinate divides 0 by 0",
+             edits=[("X.std(0) + 1e-8, Y.mean(0)", "X.std(0), Y.mean(0)")]),
+        dict(name="every_eigenvector_kept", function="ridge_factors",
+             why="K's null space kept: its round-off, scaled by 1 / lambda, swamps the prediction",
+             edits=[("Q, eigenvalues = Q[:, kept], eigenvalues[kept]",
+                     "Q, eigenvalues = Q, eigenvalues")]),
+        dict(name="lambda_multiplies", function="ridge_at",
+             why="1 / (e * lam) instead of 1 / (e + lam)",
+             edits=[('(f["eigenvalues"][:, None] + lam)', '(f["eigenvalues"][:, None] * lam)')]),
+    ],
+    "clip_and_noise": [
+        dict(name="realised_batch_size",
+             why="divided by the realised batch size, which the accountant does not assume",
+             edits=[("g = g / expected_batch_size", "g = g / max(len(flat), 1)")]),
+        dict(name="clipped_after_the_sum", why="the SUM clipped to norm C, not each example",
+             edits=[("g = factor @ flat",
+                     "g = flat.sum(0) * (clip / (flat.sum(0).norm() + 1e-6)).clamp(max=1.0)")]),
+        dict(name="noise_without_clip", why="noise of std sigma, not sigma * C",
+             edits=[("noise_multiplier * clip", "noise_multiplier")]),
+    ],
+    "audit_bound": [
+        dict(name="strict_tail", function="audit_p_value", why="P[W > v] instead of P[W >= v]",
+             edits=[("np.logaddexp.reduce(log_pmf[v:])", "np.logaddexp.reduce(log_pmf[v + 1:])")]),
+        dict(name="p_the_wrong_way", function="audit_p_value",
+             why="p = 1 / (1 + e^eps): the chance of a WRONG guess",
+             edits=[("-math.log1p(math.exp(-epsilon)), -math.log1p(math.exp(epsilon))",
+                     "-math.log1p(math.exp(epsilon)), -math.log1p(math.exp(-epsilon))")]),
+        dict(name="linear_space", function="audit_p_value",
+             why="the binomial pmf in linear space: binom(r, i) overflows a float for r > 1029",
+             edits=[("pmf = np.exp(log_pmf)\n"
+                     "    beta = float(np.exp(np.logaddexp.reduce(log_pmf[v:]))) if v <= r else "
+                     "0.0",
+                     "p = math.exp(log_p)\n"
+                     "    pmf = np.array([math.comb(r, i) * p**i * (1 - p)**(r - i)"
+                     " for i in range(r + 1)])\n"
+                     "    beta = float(pmf[v:].sum())")]),
+        dict(name="delta_term_without_2m", function="audit_p_value", why="beta + delta * alpha",
+             edits=[("beta + 2 * canaries * delta * alpha", "beta + delta * alpha")]),
+        dict(name="alpha_not_divided_by_i", function="audit_p_value",
+             why="alpha as the largest window probability, not divided by its width i",
+             edits=[("np.max(below / np.arange(1, v + 1))", "np.max(below)")]),
+        dict(name="no_doubling", function="epsilon_lower_bound",
+             why="bisection on [0, 1] only: no bound above 1",
+             edits=[("lo, hi = hi, 2 * hi", "break")]),
+        dict(name="confidence_as_level", function="epsilon_lower_bound",
+             why="the p-value compared with the confidence, not with 1 - confidence",
+             edits=[("level = 1 - confidence", "level = confidence")]),
+    ],
+    "per_example_grads": [
+        dict(name="summed_over_the_batch",
+             why="the batch's gradient (summed over examples) given to every example",
+             edits=[('"dA": g_h.mT @ x,', '"dA": (g_h.mT @ x).sum(0).expand(len(x), -1, -1),'),
+                    ('"B": g.mT @ h}', '"B": (g.mT @ h).sum(0).expand(len(x), -1, -1)}')]),
+        dict(name="scale_missing", why="the alpha / r scale left out",
+             edits=[("g = grad_out * self.scale", "g = grad_out")]),
+        dict(name="a0_only", why="h = A0 x: the trainable change dA forgotten",
+             edits=[("h = x @ (self.A0 + self.dA).T", "h = x @ self.A0.T")]),
+    ],
+    "rdp_step": [
+        dict(name="linear_space", why="the binomial sum in linear space: exp(1000) overflows",
+             edits=[("log_a = _log_add(log_a, log_coef + (i * i - i) / (2 * sigma**2))",
+                     "log_a = math.log(math.exp(log_a) + math.exp(log_coef + (i * i - i)"
+                     " / (2 * sigma**2)))")]),
+        dict(name="exponent_i_squared", why="exp(i^2 / (2 sigma^2)) instead of (i^2 - i)",
+             edits=[("(i * i - i) / (2 * sigma**2)", "(i * i) / (2 * sigma**2)")]),
+        dict(name="q_and_1_minus_q_swapped", why="q^(alpha - i) (1 - q)^i",
+             edits=[("i * math.log(q) + (alpha - i) * math.log(1 - q)",
+                     "i * math.log(1 - q) + (alpha - i) * math.log(q)")]),
+    ],
+}
