@@ -50,9 +50,10 @@ def poisson_sample(n, sample_rate, generator=None):
 
 def per_sample_grads(model, x, y, mask, params=None):
     """One gradient per example: {name: (B, *param.shape)} over the trainable parameters, or over
-    `params` {name: tensor} in their place. The reference path, for any model: torch.func makes
-    the model a pure function of its parameters, `grad` differentiates the loss of ONE example and
-    `vmap` maps that over the batch (instead of B backward passes): ~1.8x a plain step."""
+    `params` {name: tensor} in their place (tinylm.finetune_many). The reference path, for any
+    model: torch.func makes the model a pure function of its parameters, `grad` differentiates the
+    loss of ONE example and `vmap` maps that over the batch (not B backward passes): ~1.8x a step.
+    """
     trainable = params if params is not None else {n: p.detach() for n, p in
                                                    model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
@@ -170,21 +171,6 @@ def clip_and_noise(flat, clip, noise_multiplier, expected_batch_size, noise):
     g = g / expected_batch_size
     ### END SOLUTION
     return g, norms
-
-
-def dp_sgd_step_many(model, params, optimizer, x, y, mask, clip, noise_multiplier,
-                     expected_batch_sizes, noise):
-    """`dp_sgd_step` for K runs at once (tinylm.finetune_many): run k's tensors params[name][k]
-    (params {name: (K, *shape)}), batch x[k], y[k], mask[k] (B, T), q*N_k expected_batch_sizes[k],
-    noise[k] (D,). A run's batch padded with mask 0 gets loss 0 there: no gradient, nothing added."""
-    # vmap(vmap(grad)): {name: (K, B, *shape)}
-    grads = vmap(lambda p, *batch: per_sample_grads(model, *batch, params=p))(params, x, y, mask)
-    flat = torch.cat([grads[n].flatten(2) for n in params], dim=2)                  # (K, B, D)
-    g, _ = vmap(clip_and_noise, in_dims=(0, None, None, 0, 0))(
-        flat, clip, noise_multiplier, expected_batch_sizes, noise)                  # (K, D)
-    for p, g_p in zip(params.values(), g.split([p[0].numel() for p in params.values()], dim=1)):
-        p.grad = g_p.view_as(p).to(p.dtype)
-    optimizer.step()
 
 
 def _gaussian(shape, std, like, generator):

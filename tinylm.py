@@ -30,7 +30,7 @@ from tqdm import tqdm
 import dp
 
 # -----------------------------------------------------------------------------
-# configuration and presets
+# the transformer: its configuration, its sizes, its parts
 
 
 @dataclass
@@ -42,8 +42,8 @@ class GPTConfig:
     n_embd: int = 64
 
 
-# Sizes. "tiny" and "llm" are the CPU defaults (~27% vs ~73% arithmetic after
-# pretraining); the *_gpu sizes are for one GPU; "micro"/"mini" keep the smoke test fast.
+# "tiny" and "llm": the CPU defaults (~27% vs ~73% arithmetic after pretraining); *_gpu: for one
+# GPU; "micro"/"mini" keep the smoke test fast.
 MODEL_PRESETS = {
     "micro": GPTConfig(n_layer=1, n_head=2, n_embd=32),
     "mini": GPTConfig(n_layer=2, n_head=2, n_embd=48),
@@ -52,9 +52,6 @@ MODEL_PRESETS = {
     "tiny_gpu": GPTConfig(n_layer=4, n_head=4, n_embd=128),
     "llm_gpu": GPTConfig(n_layer=8, n_head=8, n_embd=256),
 }
-
-# -----------------------------------------------------------------------------
-# the transformer
 
 
 def masked_cross_entropy(logits, targets, mask=None):
@@ -102,12 +99,11 @@ class LoRA(nn.Module):
 
 class SelfAttention(nn.Module):
     """Causal multi-head attention with separate q/k/v/o projections (the paper's q_proj, v_proj),
-    written out by hand; `fused_attention(model)` opts in to PyTorch's kernel (for a GPU)."""
+    written out by hand; `fused = True` (opt-in, for a GPU) calls PyTorch's kernel instead."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head = cfg.n_head
-        C = cfg.n_embd
+        self.n_head, C = cfg.n_head, cfg.n_embd
         self.q_proj, self.k_proj = nn.Linear(C, C), nn.Linear(C, C)
         self.v_proj, self.o_proj = nn.Linear(C, C), nn.Linear(C, C)
         self.q_lora = self.v_lora = None                        # set by add_lora()
@@ -120,10 +116,10 @@ class SelfAttention(nn.Module):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_lora is not None:
             q, v = q + self.q_lora(x), v + self.v_lora(x)
-        if self.fused:  # (B, T, C) -> (B, n_head, T, head_dim) -> the kernel -> (B, T, C)
-            q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-            return self.o_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                               .transpose(1, 2).reshape(B, T, C))
+        if self.fused:  # the same numbers up to round-off, in fewer kernels
+            q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+            return self.o_proj(y.reshape(B, T, C))
         ### BEGIN SOLUTION causal_attention
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -197,7 +193,7 @@ class GPT(nn.Module):
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
                 probs = (logits / temperature).softmax(dim=-1)
-                # drawn where the (CPU) generator lives: a GPU run draws as a CPU run does
+                # drawn where the CPU generator lives: a GPU run draws as a CPU run does
                 nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(idx.device)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
@@ -213,21 +209,12 @@ def add_lora(model, rank=4, alpha=8.0, seed=1234):
     build identical adapters from the public checkpoint alone."""
     if model.lora is not None:
         raise ValueError("model already has LoRA adapters")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     g, C, device = torch.Generator().manual_seed(seed), model.cfg.n_embd, model.wte.weight.device
     for block in model.blocks:
         block.attn.q_lora = LoRA(C, C, rank, alpha, g).to(device)
         block.attn.v_lora = LoRA(C, C, rank, alpha, g).to(device)
     model.lora = (rank, alpha, seed)
-    return model
-
-
-def fused_attention(model, on=True):
-    """Attention through F.scaled_dot_product_attention (on), or by hand (off: the default, and the
-    reference the tests check): the same numbers up to round-off, fewer kernels on a GPU."""
-    for block in model.blocks:
-        block.attn.fused = on
     return model
 
 
@@ -247,11 +234,10 @@ def update_shape(cfg, rank):
     return (cfg.n_layer, 4 * rank * cfg.n_embd)
 
 
-def get_update(model, params=None):
-    """Δθ of a LoRA model as a (n_layer, token_dim) float32 tensor (a copy); of `params` instead,
-    tensors laid out as lora_parameters(model) (finetune's snapshots)."""
+def get_update(model):
+    """Δθ of a LoRA model as a (n_layer, token_dim) float32 tensor (a copy)."""
     require_lora(model)
-    params = lora_parameters(model) if params is None else params
+    params = lora_parameters(model)
     ### BEGIN SOLUTION update_vector
     tokens = [torch.cat([p.detach().flatten() for p in params[4 * l: 4 * l + 4]])
               for l in range(model.cfg.n_layer)]
@@ -273,8 +259,8 @@ def check_update(update, shape, what="update vector"):
 
 
 def split_update(model, update):
-    """An update vector (n_layer, token_dim) -> {name: tensor} in the shapes of the LoRA parameters,
-    in update order. Differentiable: train.py runs the LLM with a *predicted* update (torch.func)."""
+    """An update vector (n_layer, token_dim) -> {name: tensor} in the shapes of the LoRA parameters
+    (update order). Differentiable: train.py runs the LLM with a *predicted* update (torch.func)."""
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     params, out = lora_parameters(model), {}
     ### BEGIN SOLUTION update_vector
@@ -292,10 +278,8 @@ def set_update(model, update):
     """Write an update vector (n_layer, token_dim) into the model's LoRA parameters."""
     require_lora(model)
     check_update(update, update_shape(model.cfg, model.lora[0]))
-    tensors = split_update(model, update)
-    for name, p in model.named_parameters():
-        if name in tensors:
-            p.copy_(tensors[name])
+    for p, t in zip(lora_parameters(model), split_update(model, update).values()):  # same order
+        p.copy_(t)
     return model
 
 
@@ -327,9 +311,8 @@ def pretrain(cfg, next_batch, steps, lr, seed, device="cpu", desc="pretrain"):
 
 @dataclass
 class Recipe:
-    """How a LoRA fine-tune runs. The provider publishes it and the clients' and the shadow runs'
-    fine-tunes follow it exactly -- DP settings included: a translator must be trained on
-    updates made the way the uploads it will read were made."""
+    """How a LoRA fine-tune runs. The provider publishes it; the clients' and the shadow runs'
+    fine-tunes follow it, DP included: a translator must learn from updates made as uploads are."""
     steps: int = 100
     batch: int = 32              # without DP; with DP the batch is Poisson-sampled at rate q
     lr: float = 3e-3
@@ -339,10 +322,9 @@ class Recipe:
 
 
 def draw_run(recipe, n, seed, n_noise, device="cpu"):
-    """One run's random draws, all up front, from its own CPU generator in the order its steps use
-    them: per step randint(n, (batch,)), or with DP a Poisson sample, then N(0, 1) noise (n_noise,).
-    On the CPU whatever the device (a GPU run draws what a CPU run draws), copied to `device` once:
-    no step waits on the host. -> (each step's indices, the noise (steps, n_noise) or None)"""
+    """A run's random draws up front, from its own CPU generator (a GPU run draws what a CPU run
+    does) in the order of its steps: randint(n, (batch,)), or with DP a Poisson sample then N(0, 1)
+    noise (n_noise,). Copied to `device` once. -> (each step's indices, noise (steps, D) or None)"""
     g, batches, noise = torch.Generator().manual_seed(seed), [], []
     for _ in range(recipe.steps):
         if recipe.dp_sigma > 0:
@@ -350,14 +332,13 @@ def draw_run(recipe, n, seed, n_noise, device="cpu"):
             noise.append(torch.randn(n_noise, generator=g, dtype=torch.float32))
         else:
             batches.append(torch.randint(n, (recipe.batch,), generator=g))
-    indices = torch.cat(batches or [torch.zeros(0, dtype=torch.long)]).to(device)
-    return indices.split([len(b) for b in batches]), torch.stack(noise).to(device) if noise else None
+    indices = torch.cat(batches).to(device).split([len(b) for b in batches])
+    return indices, torch.stack(noise).to(device) if noise else None
 
 
 def with_confidence(logits, loss, mask, conf_weight, step, steps):
-    """Burns et al. 2023's auxiliary confidence loss (eval.py's w2s_conf): also fit the model's own
-    hardened predictions, so the strong model may overrule weak labels; its weight warms up over
-    the first 20% of the steps."""
+    """Burns et al. 2023's confidence loss (eval.py's w2s_conf): also fit the model's own hardened
+    predictions, so it may overrule weak labels; the weight warms up over the first 20% of steps."""
     if not conf_weight > 0:
         return loss
     w = conf_weight * min(1.0, step / (0.2 * steps))
@@ -373,9 +354,9 @@ def finetune(model, x, y, mask, recipe, seed, snapshot_steps=(), conf_weight=0.0
     set_update(model, torch.zeros(update_shape(model.cfg, model.lora[0])))
     x, y, mask = x.to(device), y.to(device), mask.to(device)
     params = lora_parameters(model)
-    opt = torch.optim.Adam(params, lr=recipe.lr, fused=device.type == "cuda" or None)  # GPU: 1 kernel
+    opt = torch.optim.Adam(params, lr=recipe.lr, fused=device.type == "cuda" or None)  # 1 kernel
     batches, noise = draw_run(recipe, len(x), seed, sum(p.numel() for p in params), device)
-    saved, wanted = [], set(snapshot_steps) or {recipe.steps}
+    snapshots, wanted = [], set(snapshot_steps) or {recipe.steps}
     model.train()
     for step, idx in enumerate(batches, start=1):
         if recipe.dp_sigma > 0:
@@ -387,71 +368,68 @@ def finetune(model, x, y, mask, recipe, seed, snapshot_steps=(), conf_weight=0.0
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        if step in wanted:  # kept on the device: the loop never waits for a copy
-            saved.append([p.detach().clone() for p in params])
+        if step in wanted:
+            snapshots.append(get_update(model))
     model.eval()
-    return [get_update(model, s) for s in saved]
+    return snapshots
 
 
 # -----------------------------------------------------------------------------
-# many fine-tunes of one frozen base as one computation (SPEC 8): the LoRA tensors get a leading
-# run dimension (K, *shape), and torch.func.vmap runs the model once for all K runs
+# many runs of one frozen base as one computation: torch.func.vmap over K update vectors
 
 
 def stack_runs(datasets, others, what, device):
-    """K datasets (x, y, mask) (N_k, T_k) -> x, y, mask (K, N, T), zero-padded to the largest N and
-    T (mask 0: never a target, never a gradient). Refuses K = 0, N_k = 0 and len(others) != K."""
+    """K datasets (x, y, mask) (N_k, T_k) -> x, y, mask (K, N, T), zero-padded to the largest N, T
+    (mask 0: never a target, never a gradient). Refuses K = 0, N_k = 0 and len(others) != K."""
     if not len(datasets) or len(others) != len(datasets) or not all(len(d[0]) for d in datasets):
-        raise ValueError(f"expected K > 0 datasets of N > 0 examples and one of the {what} for each;"
-                         f" got {len(datasets)} datasets of {[len(d[0]) for d in datasets]} examples"
-                         f" and {len(others)} {what}")
-    K, N, T = len(datasets), max(len(d[0]) for d in datasets), max(d[0].shape[1] for d in datasets)
-    stacked = [torch.zeros(K, N, T, dtype=t.dtype, device=device) for t in datasets[0]]
-    for k, d in enumerate(datasets):
-        for padded, t in zip(stacked, d):
-            padded[k, :t.shape[0], :t.shape[1]] = t
-    return stacked
+        raise ValueError(f"expected K > 0 datasets of N > 0 examples, one of the {what} each; got "
+                         f"{[len(d[0]) for d in datasets]} examples and {len(others)} {what}")
+    N, T = max(len(d[0]) for d in datasets), max(d[0].shape[1] for d in datasets)
+    return [torch.stack([F.pad(d[i], (0, T - d[i].shape[1], 0, N - len(d[i]))) for d in datasets])
+            .to(device) for i in range(3)]
 
 
 def finetune_many(model, datasets, recipe, seeds, snapshot_steps=(), conf_weight=0.0):
-    """K fine-tunes in one: [finetune(model, *datasets[k], recipe, seeds[k], snapshot_steps,
-    conf_weight) for k in range(K)] up to float round-off. Run k's LoRA tensors are params[n][k];
-    one Adam over them is K Adams (elementwise). Its batches come from its own `draw_run`, padded to
-    the step's largest (index -1, then mask 0). The model's LoRA parameters are left as they were."""
+    """[finetune(model, *datasets[k], recipe, seeds[k], snapshot_steps, conf_weight) for k in
+    range(K)] up to round-off, as one computation: run k is updates[k], the model runs on it through
+    split_update under vmap, one Adam over all is K Adams (elementwise). Run k's batches come from
+    its own `draw_run`, padded to the step's largest. The model's own LoRA is left as it was."""
     x, y, mask = stack_runs(datasets, seeds, "seeds", model.wte.weight.device)      # (K, N, T)
-    if conf_weight > 0 and recipe.dp_sigma > 0:
-        raise ValueError("conf_weight is for fine-tuning without DP (recipe.dp_sigma > 0)")
-    K, device = len(x), x.device
-    zero = split_update(model, torch.zeros(update_shape(model.cfg, model.lora[0])))  # names, shapes
-    params = {n: torch.zeros(K, *t.shape, device=device, requires_grad=True) for n, t in zero.items()}
-    opt = torch.optim.Adam(params.values(), lr=recipe.lr, fused=device.type == "cuda" or None)
-    draws = [draw_run(recipe, len(d[0]), s, sum(t.numel() for t in zero.values()))
-             for d, s in zip(datasets, seeds)]
+    K, device, shape = len(x), x.device, update_shape(model.cfg, model.lora[0])
+    updates = torch.zeros(K, *shape, device=device, requires_grad=True)    # (K, n_layer, token_dim)
+    opt = torch.optim.Adam([updates], lr=recipe.lr, fused=True)            # one kernel per step
+    draws = [draw_run(recipe, len(d[0]), s, math.prod(shape)) for d, s in zip(datasets, seeds)]
     idx = pad_sequence([i for indices, _ in draws for i in indices], True, -1)  # (K*steps, B)
     widths = (idx >= 0).sum(1).view(K, -1).max(0).values.tolist()                 # (steps,)
     idx = idx.view(K, recipe.steps, -1).to(device)                                # (K, steps, B)
     noise = torch.stack([n for _, n in draws]).to(device) if recipe.dp_sigma > 0 else None
     expected = torch.tensor([recipe.dp_sample_rate * len(d[0]) for d in datasets], device=device)
 
-    def run_loss(p, x, y, mask, step):  # one run: its LoRA tensors, its batch (B, T)
-        logits, loss = functional_call(model, p, (x, y, mask))
+    def run_loss(u, x, y, mask, step):  # one run: its update, its batch (B, T)
+        logits, loss = functional_call(model, split_update(model, u), (x, y, mask))
         return with_confidence(logits, loss, mask, conf_weight, step, recipe.steps)
+
+    def run_grads(u, x, y, mask):       # one run's per-example gradients {name: (B, *shape)}
+        return dp.per_sample_grads(model, x, y, mask, params=split_update(model, u))
 
     saved, wanted, runs = [], set(snapshot_steps) or {recipe.steps}, torch.arange(K, device=device)
     for step, width in enumerate(widths, start=1):
         i = idx[:, step - 1, :width]                                              # (K, B)
         xb, yb, mb = (t[runs[:, None], i.clamp(min=0)] for t in (x, y, mask))    # (K, B, T)
         mb = mb * (i >= 0)[..., None]  # a padded example: mask 0, so loss 0 and gradient exactly 0
-        if recipe.dp_sigma > 0:
-            dp.dp_sgd_step_many(model, params, opt, xb, yb, mb, recipe.dp_clip, recipe.dp_sigma,
-                                expected, noise[:, step - 1])
+        opt.zero_grad(set_to_none=True)
+        if recipe.dp_sigma > 0:  # per-example gradients by vmap(vmap(grad)), then clip_and_noise
+            grads = vmap(run_grads)(updates, xb, yb, mb)                  # {name: (K, B, *shape)}
+            flat = torch.cat([g.flatten(2) for g in grads.values()], 2)   # (K, B, D), update order
+            g, _ = vmap(dp.clip_and_noise, in_dims=(0, None, None, 0, 0))(
+                flat, recipe.dp_clip, recipe.dp_sigma, expected, noise[:, step - 1])   # (K, D)
+            updates.grad = g.view_as(updates)
         else:
-            opt.zero_grad(set_to_none=True)
-            vmap(run_loss, in_dims=(0, 0, 0, 0, None))(params, xb, yb, mb, step).sum().backward()
-            opt.step()
+            vmap(run_loss, in_dims=(0, 0, 0, 0, None))(updates, xb, yb, mb, step).sum().backward()
+        opt.step()
         if step in wanted:
-            saved.append([p.detach().clone() for p in params.values()])
-    return [[get_update(model, [p[k] for p in s]) for s in saved] for k in range(K)]
+            saved.append(updates.detach().clone())
+    return [list(run) for run in torch.stack(saved, 1).float().cpu()] if saved else [[]] * K
 
 
 def batches_of(model, x, y, mask, batch):
@@ -476,7 +454,7 @@ def loss_of_updates(model, updates, datasets, max_tokens=1 << 16):
     entry u is loss_of(set_update(model, updates[u]), *datasets[u]), from forwards batched over the
     updates (vmap, ~max_tokens tokens at a time). The model is left as it was."""
     require_lora(model)
-    x, y, mask = stack_runs(datasets, updates, "updates", model.wte.weight.device)  # (U, N, T)
+    x, y, mask = stack_runs(datasets, updates, "updates", model.wte.weight.device)   # (U, N, T)
     check_update(updates, (len(x), *update_shape(model.cfg, model.lora[0])), "updates")
     updates = updates.to(x.device, model.wte.weight.dtype)
     # all of one dataset in one batch: its masked mean is loss_of's
@@ -489,7 +467,7 @@ def loss_of_updates(model, updates, datasets, max_tokens=1 << 16):
 @torch.no_grad()
 def exact_match_of(model, x, y, mask, batch=1024):
     """Share of examples (N, T) whose every masked target token is the model's argmax under teacher
-    forcing: exactly the examples that greedy decoding completes correctly, from one forward pass."""
+    forcing: exactly the examples greedy decoding completes correctly, from one forward pass."""
     hits = 0.0
     for xb, yb, mb in batches_of(model, x, y, mask, batch):  # (B, T) -> (B,)
         hits += ((model(xb)[0].argmax(-1) == yb) | (mb == 0)).all(dim=1).sum().item()
@@ -503,9 +481,8 @@ def exact_match_of(model, x, y, mask, batch=1024):
 def atomic_save(obj, path):
     """torch.save to a temp file, then rename: an interrupted write never leaves half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def save_model(model, path):

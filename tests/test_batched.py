@@ -1,4 +1,4 @@
-"""Tests for the batched paths of tinylm.py (SPEC 8): `finetune_many` against a loop of the per-run
+"""Tests for the batched paths of tinylm.py: `finetune_many` against a loop of the per-run
 `finetune` (the oracle: each run's snapshots, same seed), `loss_of_updates` against a loop of
 set_update + loss_of, the random streams against draws made by hand, and the opt-in fused
 attention against the hand-written one.
@@ -76,23 +76,20 @@ def test_dp_runs_with_uneven_poisson_batches_equal_their_own_finetune():
     assert_runs_equal_their_own_finetune(recipe, datasets=datasets, seeds=seeds)
 
 
-def test_each_dp_run_divides_by_its_own_expected_batch_size(monkeypatch):
-    # Adam undoes any constant scale of the gradient, so the snapshots cannot show the divisor:
-    # read it from the steps' arguments instead, q*N_k for run k as the per-run step gets it
-    seen = {"one": [], "many": []}
-    step, step_many = dp.dp_sgd_step, dp.dp_sgd_step_many
-    monkeypatch.setattr(dp, "dp_sgd_step", lambda *a, **k: seen["one"].append(a[7]) or step(*a, **k))
-    monkeypatch.setattr(dp, "dp_sgd_step_many",
-                        lambda *a, **k: seen["many"].append(a[8].tolist()) or step_many(*a, **k))
-    recipe = tinylm.Recipe(steps=STEPS, dp_sigma=0.6, dp_sample_rate=0.2)
+def test_each_dp_run_divides_by_its_own_expected_batch_size():
+    # Adam undoes any constant scale of the gradient -- unless the gradient is as small as Adam's
+    # eps (1e-8). With C = 1e-9 it is, so the snapshots depend on each run's q*N_k: 1.4, 4, 6.6
+    recipe = tinylm.Recipe(steps=STEPS, lr=1e-2, dp_sigma=0.6, dp_clip=1e-9, dp_sample_rate=0.2)
     assert_runs_equal_their_own_finetune(recipe)
-    per_run = [seen["one"][k * STEPS:(k + 1) * STEPS] for k in range(3)]   # finetune runs in turn
-    assert torch.allclose(torch.tensor(seen["many"]), torch.tensor(per_run).T)   # (steps, K)
-    assert seen["many"][0] == pytest.approx([0.2 * 20, 0.2 * 7, 0.2 * 33])
 
 
-def test_conf_weight_runs_equal_their_own_finetune():
-    assert_runs_equal_their_own_finetune(tinylm.Recipe(steps=STEPS, batch=8, lr=1e-2), 0.5)
+def test_a_step_where_no_run_samples_anyone_is_noise_alone():
+    recipe = tinylm.Recipe(steps=STEPS, lr=1e-2, dp_sigma=0.6, dp_clip=0.5, dp_sample_rate=0.05)
+    datasets = [examples(N, 8, seed=N) for N in (3, 4, 5)]
+    sizes = torch.tensor([[len(i) for i in tinylm.draw_run(recipe, len(d[0]), s, 1)[0]]
+                          for d, s in zip(datasets, SEEDS)])                  # (K, steps)
+    assert (sizes.sum(0) == 0).any() and (sizes.sum(0) > 0).any()   # both kinds of step occur
+    assert_runs_equal_their_own_finetune(recipe, datasets=datasets)
 
 
 def test_draw_run_draws_in_the_order_finetune_always_has():
@@ -112,47 +109,22 @@ def test_draw_run_draws_in_the_order_finetune_always_has():
     assert torch.equal(noise, torch.stack([e[1] for e in expected]))
 
 
-def dp_gradients_of_run_0(x, y, mask, expected=3.0, clip=0.05):
-    """The private gradient finetune_many's DP step gives run 0 of two, whose batches are x[k],
-    y[k], mask[k] (B, T): {name: (*shape)}."""
+def test_a_padded_example_has_exactly_zero_gradient():
+    # finetune_many pads a run's batch with examples whose mask it sets to 0: their loss is 0/1, so
+    # their gradient is exactly 0 and they add nothing to the clipped sum (its rows of zeros)
     model = lora_gpt()
-    rand = torch.Generator().manual_seed(0)
-    params = {n: 0.3 * torch.randn(2, *t.shape, generator=rand) for n, t in
-              tinylm.split_update(model, torch.zeros(tinylm.update_shape(model.cfg, RANK))).items()}
-    D = sum(t[0].numel() for t in params.values())
-    noise = torch.randn(2, D, generator=rand)
-    params = {n: t.requires_grad_() for n, t in params.items()}
-    sgd = torch.optim.SGD(params.values(), lr=0.0)                  # lr 0: we only read p.grad
-    dp.dp_sgd_step_many(model, params, sgd, x, y, mask, clip, 0.5, torch.tensor([expected, 5.0]), noise)
-    return {n: p.grad[0] for n, p in params.items()}
-
-
-def test_a_padded_example_adds_nothing_to_its_run():
-    # run 0 sampled 2 examples, run 1 sampled 5: run 0's batch is padded with 3 real examples whose
-    # mask finetune_many zeroes. With the mask zeroed run 0's gradient is that of its 2 examples
-    # alone; with the padding's mask left on, the same 3 examples would change it
-    x, y, mask = examples(5, 10, seed=4)
-    x2, y2, mask2 = (torch.stack([t, t.flip(0)]) for t in (x, y, mask))       # (2, 5, T)
-    alone = dp_gradients_of_run_0(*(torch.stack([t[:2], t[:2]]) for t in (x, y, mask)))
-    padded = mask2.clone()
-    padded[0, 2:] = 0
-    assert all(torch.allclose(alone[n], g, rtol=1e-5, atol=1e-7)
-               for n, g in dp_gradients_of_run_0(x2, y2, padded).items())
-    leaked = dp_gradients_of_run_0(x2, y2, mask2)
-    assert not all(torch.allclose(alone[n], g, rtol=1e-3, atol=1e-6) for n, g in leaked.items())
-
-
-def test_a_step_where_no_run_samples_anyone_is_noise_alone():
-    x = torch.zeros(2, 0, 10, dtype=torch.long)
-    grads = dp_gradients_of_run_0(x, x, x.float(), expected=4.0, clip=0.5)
-    rand = torch.Generator().manual_seed(0)
-    model = lora_gpt()
-    shapes = tinylm.split_update(model, torch.zeros(tinylm.update_shape(model.cfg, RANK)))
-    for t in shapes.values():   # re-draw the same random numbers: parameters first, then the noise
-        torch.randn(2, *t.shape, generator=rand)
-    D = sum(t.numel() for t in shapes.values())
-    noise = torch.randn(2, D, generator=rand)[0] * 0.5 * 0.5 / 4.0      # sigma * C / (q*N)
-    assert torch.allclose(torch.cat([g.flatten() for g in grads.values()]), noise)
+    update = 0.3 * torch.randn(tinylm.update_shape(model.cfg, RANK),
+                               generator=torch.Generator().manual_seed(0))
+    x, y, mask = examples(4, 10, seed=4)
+    mask[1:3] = 0                                                       # two padded examples
+    grads = dp.per_sample_grads(model, x, y, mask, params=tinylm.split_update(model, update))
+    flat = torch.cat([g.flatten(1) for g in grads.values()], dim=1)     # (4, D)
+    assert (flat[[0, 3]].norm(dim=1) > 0).all()
+    assert torch.equal(flat[1:3], torch.zeros_like(flat[1:3]))
+    noise = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(1))
+    padded, _ = dp.clip_and_noise(flat, 0.05, 0.5, 3.0, noise)
+    alone, _ = dp.clip_and_noise(flat[[0, 3]], 0.05, 0.5, 3.0, noise)
+    assert torch.allclose(padded, alone, rtol=1e-6, atol=1e-9)
 
 
 def test_loss_of_updates_equals_a_loop_of_set_update_and_loss_of():
@@ -172,12 +144,10 @@ def test_loss_of_updates_equals_a_loop_of_set_update_and_loss_of():
 
 @pytest.mark.parametrize("call,match", [
     (lambda m, r: tinylm.finetune_many(m, [], r, []), "K > 0"),
-    (lambda m, r: tinylm.finetune_many(m, DATASETS, r, SEEDS[:2]), "3 datasets .* 2 seeds"),
+    (lambda m, r: tinylm.finetune_many(m, DATASETS, r, SEEDS[:2]), r"\[20, 7, 33\] .* 2 seeds"),
     (lambda m, r: tinylm.finetune_many(m, [DATASETS[0], (DATASETS[0][0][:0],) * 3], r, [1, 2]),
      r"N > 0 .* \[20, 0\] examples"),
-    (lambda m, r: tinylm.finetune_many(m, DATASETS, tinylm.Recipe(dp_sigma=1.0), SEEDS, (), 0.5),
-     "conf_weight"),
-    (lambda m, r: tinylm.loss_of_updates(m, torch.zeros(2, 2, 64), DATASETS), "3 datasets .* 2 updates"),
+    (lambda m, r: tinylm.loss_of_updates(m, torch.zeros(2, 2, 64), DATASETS), "and 2 updates"),
     (lambda m, r: tinylm.loss_of_updates(m, torch.zeros(3, 2, 60), DATASETS), "expected shape"),
 ])
 def test_bad_input_is_refused_clearly(call, match):
@@ -191,8 +161,11 @@ def test_fused_attention_matches_the_hand_written_one():
                                                generator=torch.Generator().manual_seed(6)))
     x, y, mask = DATASETS[2]
     logits, loss = model(x, y, mask)
-    fused_logits, fused_loss = tinylm.fused_attention(model)(x, y, mask)
-    tinylm.fused_attention(model, on=False)
+    for block in model.blocks:
+        block.attn.fused = True
+    fused_logits, fused_loss = model(x, y, mask)
+    for block in model.blocks:
+        block.attn.fused = False
     assert torch.allclose(fused_logits, logits, rtol=1e-5, atol=1e-5)
     assert fused_loss.item() == pytest.approx(loss.item(), rel=1e-6)
     assert torch.equal(model(x, y, mask)[0], logits)                     # and off again
