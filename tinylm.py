@@ -99,7 +99,7 @@ class LoRA(nn.Module):
 
 class SelfAttention(nn.Module):
     """Causal multi-head attention with separate q/k/v/o projections (the paper's q_proj, v_proj),
-    written out by hand; `fused = True` (opt-in, for a GPU) calls PyTorch's kernel instead."""
+    written out by hand (no fused kernel): torch.func.vmap batches it and its gradients."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -109,17 +109,12 @@ class SelfAttention(nn.Module):
         self.q_lora = self.v_lora = None                        # set by add_lora()
         causal = torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool))
         self.register_buffer("causal", causal, persistent=False)
-        self.fused = False
 
     def forward(self, x):
         B, T, C = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_lora is not None:
             q, v = q + self.q_lora(x), v + self.v_lora(x)
-        if self.fused:  # the same numbers up to round-off, in fewer kernels
-            q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
-            return self.o_proj(y.reshape(B, T, C))
         ### BEGIN SOLUTION causal_attention
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -374,6 +369,32 @@ def finetune(model, x, y, mask, recipe, seed, snapshot_steps=(), conf_weight=0.0
     return snapshots
 
 
+def batches_of(model, x, y, mask, batch):
+    """The examples (N, T) in chunks of `batch`, on the model's device."""
+    for i in range(0, len(x), batch):
+        yield (t[i:i + batch].to(model.wte.weight.device) for t in (x, y, mask))
+
+
+@torch.no_grad()
+def loss_of(model, x, y, mask, batch=1024):
+    """Mean masked cross-entropy (nats per masked token) of `model` on the examples (N, T)."""
+    total, count = 0.0, 0.0
+    for xb, yb, mb in batches_of(model, x, y, mask, batch):
+        n = mb.sum().item()
+        total, count = total + model(xb, yb, mb)[1].item() * n, count + n
+    return total / max(count, 1.0)
+
+
+@torch.no_grad()
+def exact_match_of(model, x, y, mask, batch=1024):
+    """Share of examples (N, T) whose every masked target token is the model's argmax under teacher
+    forcing: exactly the examples greedy decoding completes correctly, from one forward pass."""
+    hits = 0.0
+    for xb, yb, mb in batches_of(model, x, y, mask, batch):  # (B, T) -> (B,)
+        hits += ((model(xb)[0].argmax(-1) == yb) | (mb == 0)).all(dim=1).sum().item()
+    return hits / max(len(x), 1)
+
+
 # -----------------------------------------------------------------------------
 # many runs of one frozen base as one computation: torch.func.vmap over K update vectors
 
@@ -409,8 +430,8 @@ def finetune_many(model, datasets, recipe, seeds, snapshot_steps=(), conf_weight
         logits, loss = functional_call(model, split_update(model, u), (x, y, mask))
         return with_confidence(logits, loss, mask, conf_weight, step, recipe.steps)
 
-    def run_grads(u, x, y, mask):       # one run's per-example gradients {name: (B, *shape)}
-        return dp.per_sample_grads(model, x, y, mask, params=split_update(model, u))
+    def example_logits(u, x):           # one example (T,) with its run's update -> (T, vocab)
+        return functional_call(model, split_update(model, u), (x[None],))[0][0]
 
     saved, wanted, runs = [], set(snapshot_steps) or {recipe.steps}, torch.arange(K, device=device)
     for step, width in enumerate(widths, start=1):
@@ -418,9 +439,12 @@ def finetune_many(model, datasets, recipe, seeds, snapshot_steps=(), conf_weight
         xb, yb, mb = (t[runs[:, None], i.clamp(min=0)] for t in (x, y, mask))    # (K, B, T)
         mb = mb * (i >= 0)[..., None]  # a padded example: mask 0, so loss 0 and gradient exactly 0
         opt.zero_grad(set_to_none=True)
-        if recipe.dp_sigma > 0:  # per-example gradients by vmap(vmap(grad)), then clip_and_noise
-            grads = vmap(run_grads)(updates, xb, yb, mb)                  # {name: (K, B, *shape)}
-            flat = torch.cat([g.flatten(2) for g in grads.values()], 2)   # (K, B, D), update order
+        if recipe.dp_sigma > 0:  # each example gets its own copy of its run's update (a view):
+            # then ONE backward gives every example's gradient (as Opacus' expanded weights)
+            own = updates.detach()[:, None].expand(K, width, *shape).requires_grad_()
+            logits = vmap(vmap(example_logits))(own, xb).flatten(0, 1)        # (K*B, T, vocab)
+            losses = dp.per_example_losses(logits, yb.flatten(0, 1), mb.flatten(0, 1))
+            flat = torch.autograd.grad(losses.sum(), own)[0].flatten(2)       # (K, B, D)
             g, _ = vmap(dp.clip_and_noise, in_dims=(0, None, None, 0, 0))(
                 flat, recipe.dp_clip, recipe.dp_sigma, expected, noise[:, step - 1])   # (K, D)
             updates.grad = g.view_as(updates)
@@ -429,23 +453,7 @@ def finetune_many(model, datasets, recipe, seeds, snapshot_steps=(), conf_weight
         opt.step()
         if step in wanted:
             saved.append(updates.detach().clone())
-    return [list(run) for run in torch.stack(saved, 1).float().cpu()] if saved else [[]] * K
-
-
-def batches_of(model, x, y, mask, batch):
-    """The examples (N, T) in chunks of `batch`, on the model's device."""
-    for i in range(0, len(x), batch):
-        yield (t[i:i + batch].to(model.wte.weight.device) for t in (x, y, mask))
-
-
-@torch.no_grad()
-def loss_of(model, x, y, mask, batch=1024):
-    """Mean masked cross-entropy (nats per masked token) of `model` on the examples (N, T)."""
-    total, count = 0.0, 0.0
-    for xb, yb, mb in batches_of(model, x, y, mask, batch):
-        n = mb.sum().item()
-        total, count = total + model(xb, yb, mb)[1].item() * n, count + n
-    return total / max(count, 1.0)
+    return [list(run) for run in torch.stack(saved, 1).float().cpu()] if saved else [[] for _ in x]
 
 
 @torch.no_grad()
@@ -462,16 +470,6 @@ def loss_of_updates(model, updates, datasets, max_tokens=1 << 16):
     chunk = max(1, max_tokens // x[0].numel())
     return torch.cat([loss(*(t[i:i + chunk] for t in (updates, x, y, mask)))
                       for i in range(0, len(x), chunk)]).cpu()
-
-
-@torch.no_grad()
-def exact_match_of(model, x, y, mask, batch=1024):
-    """Share of examples (N, T) whose every masked target token is the model's argmax under teacher
-    forcing: exactly the examples greedy decoding completes correctly, from one forward pass."""
-    hits = 0.0
-    for xb, yb, mb in batches_of(model, x, y, mask, batch):  # (B, T) -> (B,)
-        hits += ((model(xb)[0].argmax(-1) == yb) | (mb == 0)).all(dim=1).sum().item()
-    return hits / max(len(x), 1)
 
 
 # -----------------------------------------------------------------------------

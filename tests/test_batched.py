@@ -1,7 +1,6 @@
 """Tests for the batched paths of tinylm.py: `finetune_many` against a loop of the per-run
 `finetune` (the oracle: each run's snapshots, same seed), `loss_of_updates` against a loop of
-set_update + loss_of, the random streams against draws made by hand, and the opt-in fused
-attention against the hand-written one.
+set_update + loss_of, and the random streams against draws made by hand.
 
 Run:  python -m pytest tests/test_batched.py -q
 """
@@ -111,16 +110,17 @@ def test_draw_run_draws_in_the_order_finetune_always_has():
 
 def test_a_padded_example_has_exactly_zero_gradient():
     # finetune_many pads a run's batch with examples whose mask it sets to 0: their loss is 0/1, so
-    # their gradient is exactly 0 and they add nothing to the clipped sum (its rows of zeros)
-    model = lora_gpt()
-    update = 0.3 * torch.randn(tinylm.update_shape(model.cfg, RANK),
-                               generator=torch.Generator().manual_seed(0))
+    # their gradient is exactly 0 and they add nothing to the clipped sum (rows of zeros)
+    model = tinylm.set_update(lora_gpt(), 0.3 * torch.randn(
+        tinylm.update_shape(lora_gpt().cfg, RANK), generator=torch.Generator().manual_seed(0)))
     x, y, mask = examples(4, 10, seed=4)
     mask[1:3] = 0                                                       # two padded examples
-    grads = dp.per_sample_grads(model, x, y, mask, params=tinylm.split_update(model, update))
-    flat = torch.cat([g.flatten(1) for g in grads.values()], dim=1)     # (4, D)
-    assert (flat[[0, 3]].norm(dim=1) > 0).all()
-    assert torch.equal(flat[1:3], torch.zeros_like(flat[1:3]))
+    losses = dp.per_example_losses(model(x)[0], y, mask)                # (4,)
+    params = tinylm.lora_parameters(model)
+    flat = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(loss, params,
+                                                                            retain_graph=True)])
+                        for loss in losses])                            # (4, D), one backward each
+    assert torch.equal(flat[1:3], torch.zeros_like(flat[1:3])) and (flat[[0, 3]].norm(dim=1) > 0).all()
     noise = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(1))
     padded, _ = dp.clip_and_noise(flat, 0.05, 0.5, 3.0, noise)
     alone, _ = dp.clip_and_noise(flat[[0, 3]], 0.05, 0.5, 3.0, noise)
@@ -153,19 +153,3 @@ def test_loss_of_updates_equals_a_loop_of_set_update_and_loss_of():
 def test_bad_input_is_refused_clearly(call, match):
     with pytest.raises(ValueError, match=match):
         call(lora_gpt(), tinylm.Recipe(steps=2))
-
-
-def test_fused_attention_matches_the_hand_written_one():
-    model = lora_gpt()
-    tinylm.set_update(model, 0.5 * torch.randn(tinylm.update_shape(model.cfg, RANK),
-                                               generator=torch.Generator().manual_seed(6)))
-    x, y, mask = DATASETS[2]
-    logits, loss = model(x, y, mask)
-    for block in model.blocks:
-        block.attn.fused = True
-    fused_logits, fused_loss = model(x, y, mask)
-    for block in model.blocks:
-        block.attn.fused = False
-    assert torch.allclose(fused_logits, logits, rtol=1e-5, atol=1e-5)
-    assert fused_loss.item() == pytest.approx(loss.item(), rel=1e-6)
-    assert torch.equal(model(x, y, mask)[0], logits)                     # and off again
