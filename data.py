@@ -88,6 +88,7 @@ ANSWER = r"=[-+><]?([0-9]+)"
 # the overall convention m (not uniform, or IID clients learn nothing)
 TASK_MIXTURE = np.array([0.5, 0.2, 0.15, 0.15])
 RANDOM_ALPHA = 2.0      # random clients' mixtures ~ Dirichlet(RANDOM_ALPHA * m): spread, not pure
+NEAR_MEAN_ALPHA = 20.0  # near-mean shadow subsets' mixtures ~ Dirichlet(20 m): close to m
 PAIRS = [(a, b) for a in range(10, 100) for b in range(10, 100)]   # operands: always 2 digits
 # "37@52": '=' at the same position in every line, whatever the operator (absolute positions)
 PROMPT_LEN = 5
@@ -199,6 +200,12 @@ def random_mixture(seed, i):
     return stream(seed, "random clients", i).dirichlet(RANDOM_ALPHA * TASK_MIXTURE)
 
 
+def is_near_mean(k, share):
+    """Whether shadow subset k is one of the near-mean ones: `share` of the subsets, spread evenly
+    over k = 0, 1, 2, ... (every 4th at 0.25), so that any first K subsets hold about share * K."""
+    return int((k + 1) * share) > int(k * share)
+
+
 class Subset(NamedTuple):
     """A shadow subset: the mixture it was drawn with (operators, or kinds of text) and its
     examples."""
@@ -236,11 +243,13 @@ class ArithTask:
         idx = idx.to(device, non_blocking=True)
         return tuple(t[idx] for t in self._corpus[str(device)])
 
-    def shadow_subset(self, k, n, alpha):
+    def shadow_subset(self, k, n, alpha, near_mean=0.0):
         """A Subset of public pairs, operators from a mixture ~ Dirichlet(alpha * m): around m,
-        spread to reach any client's."""
+        spread to reach any client's (mostly near-pure for alpha < 1); a `near_mean` share of the
+        subsets ~ Dirichlet(NEAR_MEAN_ALPHA * m) instead, close to m, where IID clients sit."""
         rng = stream(self.seed, "shadow subset", k)
-        mixture = rng.dirichlet(alpha * TASK_MIXTURE)
+        mixture = rng.dirichlet((NEAR_MEAN_ALPHA if is_near_mean(k, near_mean) else alpha)
+                                * TASK_MIXTURE)
         return Subset(mixture, lines_from(self.public, mixture, n, rng))
 
     def public_examples(self, n, rng):
@@ -397,10 +406,12 @@ class TextTask:
         tokens = self._pretrain[window]
         return tokens[:, :-1], tokens[:, 1:], torch.ones(n, self.block_size, device=device)
 
-    def shadow_subset(self, k, n, alpha):
+    def shadow_subset(self, k, n, alpha, near_mean=0.0):
         """A Subset: a mixture over domains ~ Dirichlet(alpha * uniform) and n windows of the SHADOW
-        pool drawn with it."""
+        pool drawn with it (a `near_mean` share of the subsets: Dirichlet(NEAR_MEAN_ALPHA *
+        uniform))."""
         rng = stream(self.seed, "shadow subset", k)
+        alpha = NEAR_MEAN_ALPHA if is_near_mean(k, near_mean) else alpha
         mixture = rng.dirichlet(np.full(len(self.domains), alpha / len(self.domains)))
         counts = np.bincount(rng.choice(len(self.domains), size=n, p=mixture),
                              minlength=len(self.domains))

@@ -138,7 +138,7 @@ def shadow_run(k):
     """Shadow run k: fine-tune both models on subset k from the same LoRA init and the same batch
     order (same seed); the snapshots at the same steps form the pairs. Runs in a worker."""
     cfg, task = _worker["cfg"], _worker["task"]
-    x, y, mask = task.encode(task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha).examples)
+    x, y, mask = task.encode(task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha, cfg.shadow_near_mean).examples)
     seed, clean = data.run_seed(cfg.seed, "shadow run", k), recipe(cfg)
     # S, the last one final
     steps = [cfg.ft_steps - i * cfg.snapshot_gap for i in reversed(range(cfg.n_snapshots))]
@@ -150,7 +150,7 @@ def shadow_dp_run(item):
     """Draw r of shadow subset k: the TinyLM fine-tuned with the clients' own DP recipe (the
     provider re-creates exactly what a client would upload from these data). Runs in a worker."""
     (k, r), cfg, task = item, _worker["cfg"], _worker["task"]
-    x, y, mask = task.encode(task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha).examples)
+    x, y, mask = task.encode(task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha, cfg.shadow_near_mean).examples)
     return private_upload(cfg, _worker["tiny"], x, y, mask,
                           data.run_seed(cfg.seed, "shadow DP draw", k, r), None)
 
@@ -218,23 +218,35 @@ def dp_noise(cfg, shadow, runs, m):
     return ((draws - draws.mean(1, keepdim=True)) * math.sqrt(R / (R - 1) / m)).flatten(0, 1)
 
 
-def split_runs(n_runs, val_frac, seed):
-    """Shadow run indices for training and validation: split by RUN, never by snapshot
-    (snapshots of one run are near copies of each other and would leak across the split)."""
+def split_runs(n_runs, val_frac, seed, n_folds=1):
+    """Shadow run indices (train, validation) for the translator, split by RUN, never by snapshot
+    (snapshots of one run are near copies of each other and would leak across the split); with
+    n_folds > 1, a list of n_folds such splits in which every run is held out once, the first of
+    them the translator's (cross-validation for the linear map)."""
     order = data.stream(seed, "run split").permutation(n_runs)
     n_val = max(2, int(round(val_frac * n_runs)))
-    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+    held_out = [order[:n_val]] + (list(np.array_split(order[n_val:], n_folds - 1))
+                                  if n_folds > 1 else [])
+    folds = [(sorted(set(range(n_runs)) - set(v.tolist())), sorted(v.tolist()))
+             for v in held_out if len(v)]
+    return folds[0] if n_folds == 1 else folds
 
 
-def functional_criterion(llm, val_sets, measure="loss"):
-    """f(pred_updates) = (n_runs,) the LLM's loss on each held-out run's own shadow data (x, y,
-    mask) with that run's predicted update applied; lower is better, and its mean is the score
-    (selection in parameter space keeps a translator that still sits at the mean update).
+def fit_runs(cfg):
+    """(train, validation) shadow runs of a configuration's fit: the first fit_shadow of the
+    n_shadow curated subsets (all of them by default), split by run."""
+    return split_runs(cfg.fit_shadow or cfg.n_shadow, cfg.val_frac, cfg.seed)
+
+
+def functional_criterion(llm, data_sets, measure="loss"):
+    """f(pred_updates, runs) = (len(runs),) the LLM's loss on each run's own shadow data (x, y,
+    mask) in data_sets with that run's predicted update applied; lower is better, and its mean is
+    the score (selection in parameter space keeps a translator that still sits at the mean update).
     measure="exact_match" scores 1 - the share of examples answered exactly right: the loss rewards
     hedging towards the mean update, this does not."""
-    def criterion(pred_updates):
+    def criterion(pred_updates, runs):
         values = []
-        for update, (x, y, mask) in zip(pred_updates, val_sets):
+        for update, (x, y, mask) in zip(pred_updates, (data_sets[r] for r in runs)):
             tinylm.set_update(llm, update)
             values.append(tinylm.loss_of(llm, x, y, mask) if measure == "loss"
                           else 1.0 - tinylm.exact_match_of(llm, x, y, mask))
@@ -252,36 +264,46 @@ class LinearMap(NamedTuple):
     scores: dict
 
 
-def select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks=SUBSPACE_SIZES,
-                      lams=RIDGE_LAMBDAS):
+def select_linear_map(X_clean, X, Y, criterion, folds, ks=SUBSPACE_SIZES, lams=RIDGE_LAMBDAS):
     """Choose the subspace size k and ridge's lambda by the functional criterion on held-out runs
-    (parameter-space error would pick a far too strong lambda): the simplest map within one standard
-    error of the best (`simplest_within_one_se`; fewer directions first -- k = 0, the raw input, has
-    the most -- then a stronger ridge). X_clean: clean public shadow TinyLM updates, for the basis;
-    X_train, X_val: the inputs the map will be given (DP updates when clients use DP); Y_train: LLM
+    (parameter-space error would pick a far too strong lambda), cross-validated: for each fold
+    (train runs, held-out runs), every candidate is fit on the train runs and scores each held-out
+    run (its last input), so every run of `folds` speaks once. Of the candidates the simplest within
+    one standard error of the best (`simplest_within_one_se`; fewer directions first -- k = 0, the
+    raw input, has the most -- then a stronger ridge); then refit on the first fold's train runs.
+    X_clean (runs, S, n, d): clean public shadow TinyLM updates, for the basis; X (runs, P, n, d):
+    the inputs the map will be given (DP updates when clients use DP); Y (runs, P, ...): LLM
     updates. Returns a LinearMap."""
-    scores, maps = {}, {}
+    scores = {}
+    for train, held_out in folds:
+        fitted = linear_candidates(X_clean[train].flatten(0, 1), X[train].flatten(0, 1),
+                                   Y[train].flatten(0, 1), ks, lams)
+        for (k, lam), (basis, ridge) in fitted.items():
+            pred = gradtx.ridge_predict(ridge, gradtx.project(X[held_out, -1], basis))
+            scores.setdefault((k, lam), []).append(
+                criterion(pred.view(len(held_out), *Y.shape[2:]), held_out))
+    # the candidates every fold could fit (a small fold has room for fewer directions)
+    scores = {c: np.concatenate([np.atleast_1d(s) for s in v]) for c, v in scores.items()
+              if len(v) == len(folds)}
+    simplest_first = sorted(scores, key=lambda c: (c[0] or math.inf, -c[1]))
+    k, lam = gradtx.simplest_within_one_se({c: scores[c] for c in simplest_first})
+    train = folds[0][0]
+    basis, ridge = linear_candidates(X_clean[train].flatten(0, 1), X[train].flatten(0, 1),
+                                     Y[train].flatten(0, 1), (k,), (lam,))[(k, lam)]
+    return LinearMap(basis, ridge, k, lam, {c: float(np.mean(v)) for c, v in scores.items()})
+
+
+def linear_candidates(X_clean, X, Y, ks, lams):
+    """{(k, lambda): (public basis, ridge map)} fit on pairs X (N, n, d) -> Y (N, ...); one
+    factorisation per k serves every lambda (the same map as gradtx.fit_ridge)."""
+    maps = {}
     for k in ks:
         if k > min(X_clean.shape[0] - 1, X_clean[0].numel()):   # more directions than the data has
             continue
         basis = gradtx.public_basis(X_clean, k)
-        X_tr, X_va = gradtx.project(X_train, basis), gradtx.project(X_val, basis)
-        # once per k: the same map as fit_ridge(X_tr, Y_train, lam)
-        factors = gradtx.ridge_factors(X_tr, Y_train)
-        for lam in lams:
-            ridge = gradtx.ridge_at(factors, lam)
-            pred = gradtx.ridge_predict(ridge, X_va).view(len(X_val), *Y_train.shape[1:])
-            scores[(k, lam)] = criterion(pred)
-            maps[(k, lam)] = (basis, ridge)
-    simplest_first = sorted(scores, key=lambda c: (c[0] or math.inf, -c[1]))
-    k, lam = gradtx.simplest_within_one_se({c: scores[c] for c in simplest_first})
-    return LinearMap(*maps[(k, lam)], k, lam, {c: float(np.mean(v)) for c, v in scores.items()})
-
-
-def fit_runs(cfg):
-    """(train, validation) shadow runs of a configuration's fit: the first fit_shadow of the
-    n_shadow curated subsets (all of them by default), split by run."""
-    return split_runs(cfg.fit_shadow or cfg.n_shadow, cfg.val_frac, cfg.seed)
+        factors = gradtx.ridge_factors(gradtx.project(X, basis), Y)
+        maps.update({(k, lam): (basis, gradtx.ridge_at(factors, lam)) for lam in lams})
+    return maps
 
 
 def fit_stage(cfg, task, tiny, llm, shadow, path, m):
@@ -304,22 +326,25 @@ def fit_translator(cfg, task, llm, shadow, m):
     held-out runs, then train the Grad-Transformer with it as its skip path. Its log keeps the
     selection, the losses and the linear map itself (the `ridge` baseline)."""
     t0 = time.time()
-    train_runs, val_runs = fit_runs(cfg)
-    X, Y = translator_inputs(cfg, shadow, train_runs, m)
-    X_train, Y_train = X.flatten(0, 1), Y.flatten(0, 1)
-    X_val, Y_val = (t[:, -1] for t in translator_inputs(cfg, shadow, val_runs, m))  # one per run
-    val_data = [task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha).examples[:cfg.val_examples]
-                for k in val_runs]
-    criterion = functional_criterion(llm, [task.encode(examples) for examples in val_data],
-                                            cfg.gt_select)
-    X_clean = shadow["X"][train_runs].flatten(0, 1)   # the public subspace: clean updates only
+    n_runs = cfg.fit_shadow or cfg.n_shadow
+    folds = split_runs(n_runs, cfg.val_frac, cfg.seed, cfg.gt_select_folds)
+    folds = folds if cfg.gt_select_folds > 1 else [folds]
+    train_runs, val_runs = folds[0]
+    X_all, Y_all = translator_inputs(cfg, shadow, list(range(n_runs)), m)   # (runs, P, ...)
+    X_train, Y_train = X_all[train_runs].flatten(0, 1), Y_all[train_runs].flatten(0, 1)
+    X_val, Y_val = X_all[val_runs, -1], Y_all[val_runs, -1]                 # one per run
+    examples = [task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha, cfg.shadow_near_mean)
+                .examples[:cfg.val_examples] for k in range(n_runs)]
+    criterion = functional_criterion(llm, [task.encode(e) for e in examples], cfg.gt_select)
+    val_criterion = lambda pred: criterion(pred, val_runs)  # noqa: E731   (the translator's)
     ks = SUBSPACE_SIZES if cfg.gt_project else (0,)
-    linear = select_linear_map(X_clean, X_train, Y_train, X_val, criterion, ks)
+    linear = select_linear_map(shadow["X"][:n_runs], X_all, Y_all, criterion, folds, ks)
     linear_seconds = time.time() - t0
+    X_clean = shadow["X"][train_runs].flatten(0, 1)   # the public subspace: clean updates only
     signal = gate = None   # with DP: how much of these inputs is signal, and the do-no-harm gate
     if "X_private" in shadow:
         top = gradtx.public_basis(X_clean, SIGNAL_DIRECTIONS)
-        signal = dp.upload_signal(shadow["X"][train_runs, -1], X, top).tolist()
+        signal = dp.upload_signal(shadow["X"][train_runs, -1], X_all[train_runs], top).tolist()
         if cfg.gt_gate:
             gate = dp.fit_gate(X_train, dp_noise(cfg, shadow, train_runs, m), top,
                                Y_train.mean(0))
@@ -333,15 +358,16 @@ def fit_translator(cfg, task, llm, shadow, m):
     model = gradtx.GradTransformer(gcfg).to(llm.wte.weight.device)
     gradtx.set_linear_map(model, linear.basis, linear.ridge if cfg.gt_skip else None, gate)
     fitted = gradtx.fit(model, X_train, Y_train, X_val, Y_val, cfg.gt_steps, cfg.gt_lr,
-                        cfg.gt_weight_decay, cfg.gt_batch, cfg.gt_eval_every, criterion, cfg.seed)
+                        cfg.gt_weight_decay, cfg.gt_batch, cfg.gt_eval_every, val_criterion,
+                        cfg.seed)
     best = next(h for h in fitted["history"] if h["step"] == fitted["best_step"])
     mean_shadow = Y_train.mean(0).expand(len(val_runs), -1, -1)
     log = {"history": fitted["history"], "best_step": best["step"],
            "val_rel_err": best["val_rel_err"], "val_loss": best["criterion"],
            "k": linear.k, "ridge_lambda": linear.lam, "ridge_loss": linear.scores[(linear.k, linear.lam)],
            "basis": linear.basis, "ridge": linear.ridge, "upload_signal": signal,
-           "mean_shadow_loss": float(np.mean(criterion(mean_shadow))),
-           "true_update_loss": float(np.mean(criterion(Y_val))), "level": m,
+           "mean_shadow_loss": float(np.mean(val_criterion(mean_shadow))),
+           "true_update_loss": float(np.mean(val_criterion(Y_val))), "level": m,
            "linear_seconds": linear_seconds, "seconds": time.time() - t0}
     note = "" if signal is None else ", upload signal " + "/".join(f"{c:.2f}" for c in signal)
     print(f"fit m={m}   : {len(X_train)} pairs from {len(train_runs)} runs, {len(val_runs)} val "

@@ -54,9 +54,12 @@ class Config:
     fit_shadow: int = 0          # fit on the first K of the n_shadow subsets (0: all of them)
     n_snapshots: int = 4         # S snapshots per run, along the tail
     snapshot_gap: int = 10       # steps between snapshots (the last one is the final update)
-    # shadow mixtures ~ Dirichlet(shadow_alpha * m): many near-pure conventions,
+    # shadow mixtures ~ Dirichlet(shadow_alpha * m): many near-pure conventions, so the shadow
+    # updates reach the corners where skewed clients sit ...
     shadow_alpha: float = 0.5
-                                 # so the shadow updates reach the corners where skewed clients sit
+    # ... and this share of the subsets near m (Dirichlet(20 m)), where IID clients sit: a map that
+    # never saw a near-mean convention may send one to a wrong corner (every 4th subset at 0.25)
+    shadow_near_mean: float = 0.25
     shadow_dp_draws: int = 4     # R: DP TinyLM runs per shadow subset (with DP only)
     # Grad-Transformer
     gt_d_model: int = 128        # narrower mistranslates the IID client
@@ -79,6 +82,9 @@ class Config:
     # model selection by the LLM's "loss" or, for accuracy tasks, "exact_match"
     gt_select: str = "loss"
     val_frac: float = 0.25       # share of shadow RUNS held out for model selection
+    # the linear map is chosen by cross-validation over the runs of the fit: each run held out once
+    # in one of this many folds (1: the single held-out split; few runs rank maps only up to noise)
+    gt_select_folds: int = 4
     val_examples: int = 64       # examples of each held-out run the selection criterion scores
     # clients
     group_size: int = 1          # members per convention group (the skewed ones and the IID one)
@@ -110,12 +116,13 @@ PRESETS = {
     "text": Config(preset="text", out="out_text", task="text", pretrain_steps_tiny=600,
                    pretrain_steps_llm=750, ft_lr=5e-4, n_train=1024, n_test=200, n_shadow=32,
                    n_snapshots=2, snapshot_gap=20, shadow_alpha=0.4, val_frac=0.125,
-                   gt_project=False, gt_steps=400, gt_eval_every=200, weak_baselines=False),
+                   gt_project=False, gt_steps=400, gt_eval_every=200, weak_baselines=False,
+                   shadow_near_mean=0.0, gt_select_folds=1),
     "text_smoke": Config(preset="text_smoke", out="out_text_smoke", task="text", tiny_model="micro",
                          llm_model="mini", pretrain_steps_tiny=150, pretrain_steps_llm=250,
                          ft_steps=30, ft_lr=1e-3, n_train=64, n_test=32, n_shadow=8, n_snapshots=2,
                          snapshot_gap=5, shadow_alpha=0.4, gt_project=False, gt_steps=60,
-                         gt_eval_every=20),
+                         gt_eval_every=20, shadow_near_mean=0.0, gt_select_folds=1),
     "gpu": Config(preset="gpu", out="out_gpu", tiny_model="tiny_gpu", llm_model="llm_gpu",
                   pretrain_steps_tiny=6000, pretrain_steps_llm=12000, pretrain_batch=128,
                   n_shadow=128, gt_steps=3000),

@@ -21,12 +21,14 @@ TINY_KEYS = ("task", "seed", "tiny_model", "pretrain_steps_tiny", "pretrain_batc
              "pretrain_lr_tiny")
 LLM_KEYS = ("task", "seed", "llm_model", "pretrain_steps_llm", "pretrain_batch", "pretrain_lr_llm")
 FINETUNE_KEYS = ("lora_rank", "lora_alpha", "lora_seed", "ft_steps", "ft_batch", "ft_lr", "n_train")
-SHADOW_KEYS = FINETUNE_KEYS + ("n_shadow", "n_snapshots", "snapshot_gap", "shadow_alpha")
+SHADOW_KEYS = FINETUNE_KEYS + ("n_shadow", "n_snapshots", "snapshot_gap", "shadow_alpha",
+                               "shadow_near_mean")
 DP_KEYS = ("dp_epsilon", "dp_delta", "dp_mechanism", "dp_clip", "dp_sample_rate")
 SHADOW_DP_KEYS = SHADOW_KEYS + DP_KEYS + ("shadow_dp_draws",)
 FIT_KEYS = ("gt_d_model", "gt_layers", "gt_heads", "gt_dropout", "gt_weight_decay", "gt_lr",
             "gt_steps", "gt_batch", "gt_eval_every", "gt_normalize", "gt_project", "gt_skip",
-            "gt_gate", "gt_init", "gt_select", "val_frac", "val_examples", "fit_shadow")
+            "gt_gate", "gt_init", "gt_select", "val_frac", "val_examples", "fit_shadow",
+            "gt_select_folds")
 # who holds what, and the shared recipe
 CLIENT_DATA_KEYS = FINETUNE_KEYS + ("group_size", "skew", "n_test", "random_clients")
 CLIENT_KEYS = CLIENT_DATA_KEYS + DP_KEYS
@@ -47,7 +49,7 @@ def stage_paths(cfg, task, levels=(1,), device="cpu"):
         return os.path.join(cfg.cache or cfg.out,
                             f"{stage}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}.pt")
     shadow_data = data.digest(e for k in range(cfg.n_shadow)
-                              for e in task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha).examples)
+                              for e in task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha, cfg.shadow_near_mean).examples)
     client_data = data.digest(e
                               for c in task.clients(cfg.n_train, cfg.n_test, cfg.group_size,
                                                     cfg.skew, cfg.random_clients)

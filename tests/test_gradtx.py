@@ -535,9 +535,10 @@ def test_select_linear_map_takes_what_the_criterion_prefers():
     X, Y = random_pairs(20, seed=7)
     target = gradtx.ridge_predict(gradtx.fit_ridge(gradtx.project(X[:16], gradtx.public_basis(X[:16], 4)),
                                                    Y[:16], 10.0), gradtx.project(X[16:], gradtx.public_basis(X[:16], 4)))
-    criterion = lambda pred: (pred.flatten(1).double() - target.double()).norm().item()  # noqa: E731
-    chosen = train.select_linear_map(X[:16], X[:16], Y[:16], X[16:], criterion,
-                                     ks=(0, 2, 4), lams=(1.0, 10.0, 100.0))
+    criterion = lambda pred, runs: (pred.flatten(1).double() - target.double()).norm().item()  # noqa: E731
+    chosen = train.select_linear_map(X[:, None], X[:, None], Y[:, None], criterion,
+                                     [(list(range(16)), [16, 17, 18, 19])], ks=(0, 2, 4),
+                                     lams=(1.0, 10.0, 100.0))
     assert (chosen.k, chosen.lam) == (4, 10.0) and len(chosen.scores) == 9
 
 
@@ -548,7 +549,7 @@ def test_select_linear_map_equals_a_search_that_refits_ridge_at_every_lambda():
     X_val = random_pairs(4, seed=9)[0]
     basis = gradtx.public_basis(X, 2)   # the criterion prefers what (k, lambda) = (2, 1) predicts
     target = gradtx.ridge_predict(gradtx.fit_ridge(gradtx.project(X, basis), Y, 1.0), gradtx.project(X_val, basis))
-    criterion = lambda pred: (pred.flatten(1).double() - target.double()).norm().item()  # noqa: E731
+    criterion = lambda pred, runs: (pred.flatten(1).double() - target.double()).norm().item()  # noqa: E731
     ks, lams = (0, 2, 5), (1e-3, 1e-1, 1.0, 10.0, 1e3)
     expected = {}
     for k in ks:
@@ -556,17 +557,40 @@ def test_select_linear_map_equals_a_search_that_refits_ridge_at_every_lambda():
         for lam in lams:
             ridge = gradtx.fit_ridge(gradtx.project(X, basis), Y, lam)
             pred = gradtx.ridge_predict(ridge, gradtx.project(X_val, basis))
-            expected[(k, lam)] = (criterion(pred), pred)
+            expected[(k, lam)] = (criterion(pred, None), pred)
     best = min(expected, key=lambda key: expected[key][0])
-    basis, ridge, k, lam, scores = train.select_linear_map(X, X, Y, X_val, criterion, ks, lams)
+    runs_X = torch.cat([X, X_val])[:, None]                 # 24 training runs, 4 held out (their Y unused)
+    runs_Y = torch.cat([Y, torch.zeros(4, *Y.shape[1:])])[:, None]
+    basis, ridge, k, lam, scores = train.select_linear_map(runs_X[:24], runs_X, runs_Y, criterion,
+                                                           [(list(range(24)), [24, 25, 26, 27])], ks, lams)
     assert (k, lam) == best == (2, 1.0)
     assert scores == pytest.approx({key: score for key, (score, _) in expected.items()}, abs=1e-6)
     torch.testing.assert_close(gradtx.ridge_predict(ridge, gradtx.project(X_val, basis)), expected[best][1],
                                atol=1e-6, rtol=0)
 
 
-# -----------------------------------------------------------------------------
-# the do-no-harm gate for noisy uploads
+def test_cross_validated_selection_holds_every_run_out_once_and_refits_on_the_first_fold():
+    """The oracle: a loop over the folds that fits each candidate on the fold's training runs with
+    fit_ridge and scores the fold's held-out runs; the scores are the means over all held-out runs."""
+    X, Y = random_pairs(12, seed=10)
+    folds = train.split_runs(12, 0.25, seed=0, n_folds=3)
+    assert sorted(r for _, held_out in folds for r in held_out) == list(range(12))   # each run once
+    assert all(set(tr).isdisjoint(va) and len(tr) + len(va) == 12 for tr, va in folds)
+    assert folds[0] == train.split_runs(12, 0.25, seed=0)     # the translator's split comes first
+    target = torch.randn(12, N_TGT * D_TGT, generator=torch.Generator().manual_seed(3))
+    criterion = lambda pred, runs: (pred.flatten(1) - target[runs]).pow(2).sum(1).numpy()  # noqa: E731
+    chosen = train.select_linear_map(X[:, None], X[:, None], Y[:, None], criterion, folds, (0, 2), (0.1, 10.0))
+    for k, lam in [(0, 0.1), (0, 10.0), (2, 0.1), (2, 10.0)]:
+        per_run = []
+        for tr, va in folds:
+            basis = gradtx.public_basis(X[tr], k)
+            ridge = gradtx.fit_ridge(gradtx.project(X[tr], basis), Y[tr], lam)
+            per_run.append(criterion(gradtx.ridge_predict(ridge, gradtx.project(X[va], basis)), va))
+        assert chosen.scores[(k, lam)] == pytest.approx(float(np.concatenate(per_run).mean()), rel=1e-5)
+    tr = folds[0][0]
+    basis = gradtx.public_basis(X[tr], chosen.k)
+    refit = gradtx.fit_ridge(gradtx.project(X[tr], basis), Y[tr], chosen.lam)
+    torch.testing.assert_close(gradtx.ridge_predict(chosen.ridge, X), gradtx.ridge_predict(refit, X))
 
 
 def test_gate_weight_is_bayes_rule_between_noise_and_signal():
