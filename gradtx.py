@@ -355,12 +355,14 @@ def simplest_within_one_se(scores):
     held-out runs rank candidates only up to noise, and a noise-fitted pick (a larger subspace, a
     weaker ridge, a later checkpoint) is what breaks when DP noise is strong. A scalar score has no
     spread: then the best wins."""
+    ### BEGIN SOLUTION one_se_rule
     values = {c: np.atleast_1d(np.asarray(v, dtype=float)) for c, v in scores.items()}
     best = min(values, key=lambda c: values[c].mean())
     for c, v in values.items():
         d = v - values[best]
         if d.mean() <= (d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0):
             return c
+    ### END SOLUTION
 
 
 # -----------------------------------------------------------------------------

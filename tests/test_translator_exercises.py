@@ -1,5 +1,7 @@
-"""The oracles of two exercises in gradtx.py (EXERCISES.md), each needing no other exercise:
+"""The oracles of three exercises in gradtx.py (EXERCISES.md), each needing no other exercise:
 
+  one_se_rule      simplest_within_one_se on scores made up by hand, each case worked out in its
+                   comment: paired differences, their standard error, the simplest that is within;
   teacher_forcing  teacher_forcing_loss equals the mean squared error of a decoder run step by step,
                    fed the TRUE previous tokens behind a zero start token (what teacher forcing
                    means), in value and in gradient;
@@ -17,6 +19,36 @@ import torch.nn as nn
 import gradtx
 
 N_SRC, D_SRC, N_TGT, D_TGT = 2, 12, 3, 16
+
+
+# -----------------------------------------------------------------------------
+# one_se_rule: candidates simplest first, per-run scores, lower is better
+
+
+@pytest.mark.one_se_rule
+def test_a_clearly_worse_simpler_candidate_loses():
+    # b beats a by 0.1 on every run: the paired differences a - b are all 0.1, standard error 0
+    assert gradtx.simplest_within_one_se({"a": [1.0, 2.0, 3.0, 4.0], "b": [0.9, 1.9, 2.9, 3.9]}) == "b"
+    # a - b = 0.3 +- 0.35: mean 0.3, std 0.404, standard error 0.202 < 0.3: a is clearly worse
+    # (though within one standard DEVIATION of b)
+    assert gradtx.simplest_within_one_se({"a": [1.65, 0.95, 1.65, 0.95], "b": [1.0] * 4}) == "b"
+
+
+@pytest.mark.one_se_rule
+def test_a_simpler_candidate_within_one_standard_error_wins():
+    # b's mean is lower, but a - b = (0.2, -0.2, 0.3, -0.2): mean 0.025, standard error 0.13
+    assert gradtx.simplest_within_one_se({"a": [1.0] * 4, "b": [0.8, 1.2, 0.7, 1.2]}) == "a"
+    # two runs, a - b = (-0.05, 0.5): mean 0.225, std 0.389 (ddof=1), standard error 0.275: a
+    # (numpy's default ddof=0 would give 0.194 and pick b)
+    assert gradtx.simplest_within_one_se({"a": [0.95, 1.5], "b": [1.0, 1.0]}) == "a"
+    # the best is within one standard error of itself: with c simplest but clearly worse, b wins
+    assert gradtx.simplest_within_one_se({"c": [5.0, 5.1], "b": [1.0, 1.2], "a": [3.0, 3.5]}) == "b"
+
+
+@pytest.mark.one_se_rule
+def test_scalar_scores_have_no_spread_so_the_best_wins():
+    assert gradtx.simplest_within_one_se({"a": 2.0, "b": 1.0, "c": 3.0}) == "b"
+    assert gradtx.simplest_within_one_se({"only": [0.7, 0.9]}) == "only"
 
 
 # -----------------------------------------------------------------------------

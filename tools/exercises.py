@@ -18,7 +18,7 @@ needs no other exercise; a test that runs into ANOTHER exercise's blank code is 
 
 Beside this tool, tools/exercise_mistakes.py keeps plausible wrong solutions, at least two per
 exercise; --mistakes plants each one into a copy of the repository and shows that the exercise's
-own tests catch it.
+own tests catch it. A student copy leaves that file (and its tests) out: it quotes the solutions.
 
     python tools/exercises.py --list                          # the exercises, easiest first
     python tools/exercises.py --out ../student                # a student copy, every exercise blank
@@ -52,6 +52,9 @@ EXERCISES = {
     "rdp_to_epsilon": ("easy",
                        "the docstring's conversion at every order, then the smallest epsilon "
                                "and its order"),
+    "one_se_rule": ("easy", "the first candidate whose mean paired difference to the best "
+                            "candidate (per run) is at most one standard error of that "
+                            "difference (std ddof=1 / sqrt(runs); a scalar: 0)"),
     "teacher_forcing": ("easy", "the model reads (src, tgt shifted right behind the zero start "
                                 "token, base); return the mean squared error of its output "
                                 "against tgt itself"),
@@ -84,6 +87,9 @@ EXERCISES = {
                  "log of sum_i binom(alpha, i) q^i (1-q)^(alpha-i) exp((i^2 - i) / (2 sigma^2)), "
                          "in log space (_log_add): the terms overflow a float"),
 }
+
+# the answer key's own files, left out of every copy: the known mistakes quote the solutions
+ANSWER_KEY_ONLY = ("tools/exercise_mistakes.py", "tests/test_exercise_mistakes.py")
 
 BEGIN = re.compile(r"^(\s*)### BEGIN SOLUTION (\w+)\s*$")
 END = re.compile(r"^(\s*)### END SOLUTION\s*$")
@@ -192,15 +198,15 @@ def blanked(lines, blocks, names):
 
 
 def write_copy(root, out, names, found=None):
-    """Copy the repository to `out` with the exercises in `names` blank; refuse to write in the
-    repo."""
+    """Copy the repository to `out` with the exercises in `names` blank, less ANSWER_KEY_ONLY;
+    refuse to write in the repo."""
     root, out = os.path.realpath(root), os.path.realpath(out)
     if out == root or out.startswith(root + os.sep):
         raise SystemExit(f"refusing to write into the repository itself: {out}")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise SystemExit(f"{out} exists and is not an empty folder")
     found = scan(root) if found is None else found
-    for path in repo_files(root):
+    for path in (p for p in repo_files(root) if p not in ANSWER_KEY_ONLY):
         target = os.path.join(out, path)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if path in found:
@@ -247,7 +253,9 @@ def skip_is_allowed(message):
 
 def run_pytest(cwd, xml, marker_expr=None, paths=(), options=()):
     """{test id: (outcome, message)} of one pytest run; outcome is passed, failed or skipped."""
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    # pytest's own plugins only: the tests use no others, and a third-party one loaded in every
+    # run (hypothesis: ~1 s) costs more than most exercises' tests take
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
            *options, *paths]
     cmd += ["-m", marker_expr] if marker_expr else []
@@ -378,6 +386,9 @@ def check(root):
 def load_mistakes():
     """{exercise: [mistake, ...]} from tools/exercise_mistakes.py (data: standard library only)."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "exercise_mistakes.py")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} is not here: a student copy leaves it out (it quotes the "
+                         "solutions); the repository itself has it")
     spec = importlib.util.spec_from_file_location("exercise_mistakes", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
