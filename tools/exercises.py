@@ -430,8 +430,8 @@ def plant(found, exercise, mistake):
 
 
 # the first failure of a planted mistake must be the mistake's doing, not a mistake that cannot run
-BROKEN = ("NameError", "UnboundLocalError", "ImportError", "ModuleNotFoundError", "SyntaxError",
-          "IndentationError")
+BROKEN = ("NameError", "UnboundLocalError", "AttributeError", "ImportError", "ModuleNotFoundError",
+          "SyntaxError", "IndentationError")
 
 
 def try_mistake(root, found, tmp, exercise, mistake, files):
@@ -440,19 +440,26 @@ def try_mistake(root, found, tmp, exercise, mistake, files):
     t0 = time.time()
     try:
         changed = plant(found, exercise, mistake)
-    except (ValueError, SyntaxError) as e:
-        return "stale", 0.0, f"{type(e).__name__}: {e}"
+    except ValueError as e:     # the code it edits has changed
+        return "stale", 0.0, str(e)
+    except SyntaxError as e:    # the mistake itself does not parse
+        return "broken", 0.0, f"SyntaxError: {e}"
     folder = os.path.join(tmp, f"{exercise}.{mistake['name']}")
     write_copy(root, folder, set(), found)
     for path, text in changed.items():
         with open(os.path.join(folder, path), "w", encoding="utf-8") as f:
             f.write(text)
     # -x: the first failure is enough to show that the mistake is caught
-    results = run_pytest(folder, folder + ".xml", exercise, files, options=["-x"])
-    shutil.rmtree(folder)
+    try:
+        results = run_pytest(folder, folder + ".xml", exercise, files, options=["-x"])
+    except SystemExit as e:   # e.g. the planted code fails as the test files are collected
+        return "broken", time.time() - t0, str(e).splitlines()[0]
+    finally:
+        shutil.rmtree(folder)
     failed = [(t, msg) for t, (o, msg) in results.items() if o == "failed"]
     if not failed:
-        return "NOT CAUGHT", time.time() - t0, f"{len(results)} tests pass"
+        skipped = sum(o == "skipped" for o, _ in results.values())
+        return "NOT CAUGHT", time.time() - t0, f"{len(results) - skipped} pass, {skipped} skip"
     test, message = failed[0]
     first = message.splitlines()[0] if message else "failed"
     verdict = "broken" if first.startswith(BROKEN) else "caught"
