@@ -11,8 +11,8 @@ paper -- laid out as one token per transformer layer:
     token_dim = 4 * rank * n_embd
 
 A0 is drawn from a fixed seed (every party re-creates the same one) and B0 = 0, so a model whose
-update vector is all zero is exactly the pretrained model. `finetune_many` runs K fine-tunes of
-one base as one computation (torch.func.vmap); `loss_of_updates` scores many updates at once.
+update vector is all zero is exactly the pretrained model. Many runs of one base, one computation:
+`finetune_many` (K fine-tunes) and `loss_of_updates` (many updates scored), with torch.func.vmap.
 
     python -m pytest tests/test_tinylm.py tests/test_batched.py
 """
@@ -42,8 +42,7 @@ class GPTConfig:
     n_embd: int = 64
 
 
-# "tiny" and "llm": the CPU defaults (~27% vs ~73% arithmetic after pretraining); *_gpu: for one
-# GPU; "micro"/"mini" keep the smoke test fast.
+# CPU defaults "tiny"/"llm" (~27% vs ~73% arithmetic pretrained); *_gpu: one GPU; micro/mini: smoke
 MODEL_PRESETS = {
     "micro": GPTConfig(n_layer=1, n_head=2, n_embd=32),
     "mini": GPTConfig(n_layer=2, n_head=2, n_embd=48),
@@ -64,9 +63,8 @@ def masked_cross_entropy(logits, targets, mask=None):
 
 
 class LoRA(nn.Module):
-    """A low-rank delta beside a frozen linear layer: x -> (alpha/r) * x A^T B^T.
-    We store the *trainable change* dA = A - A0 (init 0) rather than A itself, so the update
-    vector is literally the parameters: reading and writing it back is exact, bit for bit."""
+    """A low-rank delta beside a frozen linear layer: x -> (alpha/r) * x A^T B^T. We store the
+    *trainable change* dA = A - A0 (init 0), not A: the update vector IS the parameters, exactly."""
 
     def __init__(self, n_in, n_out, rank, alpha, generator):
         super().__init__()
@@ -82,11 +80,9 @@ class LoRA(nn.Module):
         ### END SOLUTION
 
     def per_example_grads(self, x, grad_out):
-        """Each example's gradient of dA and B from this layer's input x (B, T, n_in) and grad_out
-        (B, T, n_out), the gradient of each example's own loss w.r.t. this layer's output (dp.py).
-        out_t = s B h_t with h_t = A x_t and A = A0 + dA, so for one example:
-            dB = s sum_t g_t h_t^T            dA = s sum_t (B^T g_t) x_t^T
-        the ordinary backward's per-token products, summed per example (as Opacus does)."""
+        """Each example's gradient of dA and B (dp.py) from this layer's input x (B, T, n_in) and
+        grad_out (B, T, n_out), the gradient of its own loss. out_t = s B h_t, h_t = (A0 + dA) x_t:
+            dB = s sum_t g_t h_t^T            dA = s sum_t (B^T g_t) x_t^T     (as Opacus does)"""
         ### BEGIN SOLUTION per_example_grads
         g = grad_out * self.scale                               # (B, T, n_out): s g_t
         h = x @ (self.A0 + self.dA).T                           # (B, T, r)
@@ -199,9 +195,8 @@ class GPT(nn.Module):
 
 
 def add_lora(model, rank=4, alpha=8.0, seed=1234):
-    """Freeze the base model and attach LoRA to every layer's q and v projection. A0 comes from
-    `seed` in a fixed order (layer 0 q, layer 0 v, layer 1 q, ...), so the client and the provider
-    build identical adapters from the public checkpoint alone."""
+    """Freeze the base model, attach LoRA to every layer's q and v. A0 comes from `seed` in a fixed
+    order (layer 0 q, 0 v, 1 q, ...): client and provider build the same adapters from the seed."""
     if model.lora is not None:
         raise ValueError("model already has LoRA adapters")
     model.requires_grad_(False)
@@ -243,8 +238,7 @@ def get_update(model):
 def check_update(update, shape, what="update vector"):
     """Refuse anything that is not a finite floating tensor of the expected shape."""
     if not isinstance(update, torch.Tensor):
-        raise TypeError(f"{what}: expected a torch.Tensor of shape {tuple(shape)}, got "
-                        f"{type(update).__name__}")
+        raise TypeError(f"{what}: expected a torch.Tensor, got {type(update).__name__}")
     if tuple(update.shape) != tuple(shape):
         raise ValueError(f"{what}: expected shape {tuple(shape)}, got {tuple(update.shape)}")
     if not update.is_floating_point():
@@ -317,9 +311,9 @@ class Recipe:
 
 
 def draw_run(recipe, n, seed, n_noise, device="cpu"):
-    """A run's random draws up front, from its own CPU generator (a GPU run draws what a CPU run
-    does) in the order of its steps: randint(n, (batch,)), or with DP a Poisson sample then N(0, 1)
-    noise (n_noise,). Copied to `device` once. -> (each step's indices, noise (steps, D) or None)"""
+    """A run's random draws, up front and in its steps' order, from its own CPU generator (a GPU run
+    draws what a CPU run does): randint(n, (batch,)), or with DP a Poisson sample then N(0, 1) noise
+    (n_noise,). Copied to `device` once: no step waits on the host. -> (indices per step, noise)"""
     g, batches, noise = torch.Generator().manual_seed(seed), [], []
     for _ in range(recipe.steps):
         if recipe.dp_sigma > 0:
@@ -341,10 +335,9 @@ def with_confidence(logits, loss, mask, conf_weight, step, steps):
 
 
 def finetune(model, x, y, mask, recipe, seed, snapshot_steps=(), conf_weight=0.0):
-    """Fine-tune the LoRA parameters of `model` from zero on the examples (x, y, mask) (N, T).
-    Returns the update vectors at `snapshot_steps` (1-based) if given, else [final update].
-    With recipe.dp_sigma > 0 each step is a DP-SGD step on a Poisson-sampled batch (dp.py);
-    conf_weight > 0 adds `with_confidence`. The model keeps the final update in its LoRA."""
+    """Fine-tune the LoRA of `model` from zero on the examples (x, y, mask) (N, T): the updates at
+    `snapshot_steps` (1-based), else [final update], which the model keeps. recipe.dp_sigma > 0:
+    DP-SGD steps on Poisson-sampled batches (dp.py); conf_weight > 0 adds `with_confidence`."""
     device = model.wte.weight.device
     set_update(model, torch.zeros(update_shape(model.cfg, model.lora[0])))
     x, y, mask = x.to(device), y.to(device), mask.to(device)
@@ -369,17 +362,12 @@ def finetune(model, x, y, mask, recipe, seed, snapshot_steps=(), conf_weight=0.0
     return snapshots
 
 
-def batches_of(model, x, y, mask, batch):
-    """The examples (N, T) in chunks of `batch`, on the model's device."""
-    for i in range(0, len(x), batch):
-        yield (t[i:i + batch].to(model.wte.weight.device) for t in (x, y, mask))
-
-
 @torch.no_grad()
 def loss_of(model, x, y, mask, batch=1024):
     """Mean masked cross-entropy (nats per masked token) of `model` on the examples (N, T)."""
     total, count = 0.0, 0.0
-    for xb, yb, mb in batches_of(model, x, y, mask, batch):
+    for i in range(0, len(x), batch):
+        xb, yb, mb = (t[i:i + batch].to(model.wte.weight.device) for t in (x, y, mask))
         n = mb.sum().item()
         total, count = total + model(xb, yb, mb)[1].item() * n, count + n
     return total / max(count, 1.0)
@@ -390,7 +378,8 @@ def exact_match_of(model, x, y, mask, batch=1024):
     """Share of examples (N, T) whose every masked target token is the model's argmax under teacher
     forcing: exactly the examples greedy decoding completes correctly, from one forward pass."""
     hits = 0.0
-    for xb, yb, mb in batches_of(model, x, y, mask, batch):  # (B, T) -> (B,)
+    for i in range(0, len(x), batch):
+        xb, yb, mb = (t[i:i + batch].to(model.wte.weight.device) for t in (x, y, mask))
         hits += ((model(xb)[0].argmax(-1) == yb) | (mb == 0)).all(dim=1).sum().item()
     return hits / max(len(x), 1)
 
@@ -411,18 +400,18 @@ def stack_runs(datasets, others, what, device):
 
 
 def finetune_many(model, datasets, recipe, seeds, snapshot_steps=(), conf_weight=0.0):
-    """[finetune(model, *datasets[k], recipe, seeds[k], snapshot_steps, conf_weight) for k in
-    range(K)] up to round-off, as one computation: run k is updates[k], the model runs on it through
-    split_update under vmap, one Adam over all is K Adams (elementwise). Run k's batches come from
-    its own `draw_run`, padded to the step's largest. The model's own LoRA is left as it was."""
+    """[finetune(model, *datasets[k], recipe, seeds[k], snapshot_steps, conf_weight) for each k] to
+    round-off, as one computation: run k is the update vector updates[k] (vmap over split_update);
+    one Adam is K Adams; its batches are its own `draw_run`'s, padded. The model is left as is."""
     x, y, mask = stack_runs(datasets, seeds, "seeds", model.wte.weight.device)      # (K, N, T)
     K, device, shape = len(x), x.device, update_shape(model.cfg, model.lora[0])
     updates = torch.zeros(K, *shape, device=device, requires_grad=True)    # (K, n_layer, token_dim)
     opt = torch.optim.Adam([updates], lr=recipe.lr, fused=True)            # one kernel per step
     draws = [draw_run(recipe, len(d[0]), s, math.prod(shape)) for d, s in zip(datasets, seeds)]
-    idx = pad_sequence([i for indices, _ in draws for i in indices], True, -1)  # (K*steps, B)
-    widths = (idx >= 0).sum(1).view(K, -1).max(0).values.tolist()                 # (steps,)
-    idx = idx.view(K, recipe.steps, -1).to(device)                                # (K, steps, B)
+    idx = pad_sequence([i for indices, _ in draws for i in indices], True, -1)  # -1: padding
+    idx = idx.view(K, recipe.steps, -1)                                           # (K, steps, B)
+    widths = (idx >= 0).sum(2).max(0).values.tolist()     # (steps,): each step's largest batch
+    valid, idx = (idx >= 0).to(device), idx.clamp(min=0).to(device)
     noise = torch.stack([n for _, n in draws]).to(device) if recipe.dp_sigma > 0 else None
     expected = torch.tensor([recipe.dp_sample_rate * len(d[0]) for d in datasets], device=device)
 
@@ -433,11 +422,12 @@ def finetune_many(model, datasets, recipe, seeds, snapshot_steps=(), conf_weight
     def example_logits(u, x):           # one example (T,) with its run's update -> (T, vocab)
         return functional_call(model, split_update(model, u), (x[None],))[0][0]
 
-    saved, wanted, runs = [], set(snapshot_steps) or {recipe.steps}, torch.arange(K, device=device)
+    saved, wanted = [], set(snapshot_steps) or {recipe.steps}
+    runs = torch.arange(K, device=device)[:, None]                                # (K, 1)
     for step, width in enumerate(widths, start=1):
-        i = idx[:, step - 1, :width]                                              # (K, B)
-        xb, yb, mb = (t[runs[:, None], i.clamp(min=0)] for t in (x, y, mask))    # (K, B, T)
-        mb = mb * (i >= 0)[..., None]  # a padded example: mask 0, so loss 0 and gradient exactly 0
+        i, ok = idx[:, step - 1, :width], valid[:, step - 1, :width, None]   # (K, B), (K, B, 1)
+        # (K, B, T); a padded example gets mask 0: loss 0, gradient exactly 0
+        xb, yb, mb = x[runs, i], y[runs, i], mask[runs, i] * ok
         opt.zero_grad(set_to_none=True)
         if recipe.dp_sigma > 0:  # each example gets its own copy of its run's update (a view):
             # then ONE backward gives every example's gradient (as Opacus' expanded weights)
@@ -447,7 +437,7 @@ def finetune_many(model, datasets, recipe, seeds, snapshot_steps=(), conf_weight
             flat = torch.autograd.grad(losses.sum(), own)[0].flatten(2)       # (K, B, D)
             g, _ = vmap(dp.clip_and_noise, in_dims=(0, None, None, 0, 0))(
                 flat, recipe.dp_clip, recipe.dp_sigma, expected, noise[:, step - 1])   # (K, D)
-            updates.grad = g.view_as(updates)
+            updates.grad = g.contiguous().view_as(updates)  # fused Adam misreads a strided grad
         else:
             vmap(run_loss, in_dims=(0, 0, 0, 0, None))(updates, xb, yb, mb, step).sum().backward()
         opt.step()
@@ -457,17 +447,17 @@ def finetune_many(model, datasets, recipe, seeds, snapshot_steps=(), conf_weight
 
 
 @torch.no_grad()
-def loss_of_updates(model, updates, datasets, max_tokens=1 << 16):
-    """(U,) losses of update vectors (U, n_layer, token_dim), each on its own examples datasets[u]:
-    entry u is loss_of(set_update(model, updates[u]), *datasets[u]), from forwards batched over the
-    updates (vmap, ~max_tokens tokens at a time). The model is left as it was."""
+def loss_of_updates(model, updates, datasets, max_tokens=None):
+    """(U,) losses: [loss_of(set_update(model, updates[u]), *datasets[u]) for each u] from forwards
+    batched over the updates (U, n_layer, token_dim) (vmap) -- ~max_tokens tokens a chunk, 2^16 on
+    a GPU, 2^12 on a CPU (its caches) -- leaving the model as it was."""
     require_lora(model)
     x, y, mask = stack_runs(datasets, updates, "updates", model.wte.weight.device)   # (U, N, T)
     check_update(updates, (len(x), *update_shape(model.cfg, model.lora[0])), "updates")
     updates = updates.to(x.device, model.wte.weight.dtype)
     # all of one dataset in one batch: its masked mean is loss_of's
     loss = vmap(lambda u, *data: functional_call(model, split_update(model, u), data)[1])
-    chunk = max(1, max_tokens // x[0].numel())
+    chunk = max(1, (max_tokens or (1 << 16 if x.is_cuda else 1 << 12)) // x[0].numel())
     return torch.cat([loss(*(t[i:i + chunk] for t in (updates, x, y, mask)))
                       for i in range(0, len(x), chunk)]).cpu()
 
