@@ -82,16 +82,21 @@ def per_example_losses(logits, y, mask):
 def per_sample_grads_one_pass(model, x, y, mask):
     """The same {name: (B, *param.shape)} as `per_sample_grads`, from ONE forward and ONE
     backward pass over the batch: the default path of `dp_sgd_step`, ~1.1x a plain step.
+
     For a linear map, example i's weight gradient is sum_t g_t a_t^T over its tokens (input
-    activations a_t, output gradients g_t), as in Opacus and fastDP (Bu et al. 2023). Here:
+    activations a_t, output gradients g_t): Opacus computes it from saved activations and
+    backprops, and fastDP's book-keeping (Bu et al. 2023) reuses one backward pass this way
+    (~1.2x non-private time). Here:
       1. forward hooks record the input and output of each layer with a trainable parameter and
          a `per_example_grads(x, grad_out)` method (tinylm.LoRA); the model runs as `model(x)`;
       2. the per-example losses L_i come from the logits (`per_example_losses`), (B,);
       3. one autograd.grad of sum_i L_i w.r.t. the recorded outputs gives every layer's g_t;
          examples do not mix (no batch norm), so row i holds dL_i/d(out) alone;
       4. each layer turns (input, g) into its per-example parameter gradients.
-    Ghost norms pay off only when 2T^2 < d*p: with T ~ 10-15 and d*p = n_embd * rank = 256 to 512
-    it is a wash. A trainable parameter in no such layer: ValueError (use `per_sample_grads`).
+    Ghost norms (never forming per-example gradients) pay off only when 2T^2 < d*p: with
+    T ~ 10-15 and a LoRA matrix's d*p = n_embd * rank = 256 (TinyLM) to 512 (LLM) it is a wash.
+    Raises ValueError (no silent fallback) if a trainable parameter is in no such layer: use
+    `per_sample_grads` for that model.
     """
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     layers = {name: m for name, m in model.named_modules()  # the layers with something to train

@@ -111,8 +111,9 @@ def test_draw_run_draws_in_the_order_finetune_always_has():
 def test_a_padded_example_has_exactly_zero_gradient():
     # finetune_many pads a run's batch with examples whose mask it sets to 0: their loss is 0/1, so
     # their gradient is exactly 0 and they add nothing to the clipped sum (rows of zeros)
-    model = tinylm.set_update(lora_gpt(), 0.3 * torch.randn(
-        tinylm.update_shape(lora_gpt().cfg, RANK), generator=torch.Generator().manual_seed(0)))
+    model = lora_gpt()
+    tinylm.set_update(model, 0.3 * torch.randn(tinylm.update_shape(model.cfg, RANK),
+                                               generator=torch.Generator().manual_seed(0)))
     x, y, mask = examples(4, 10, seed=4)
     mask[1:3] = 0                                                       # two padded examples
     losses = dp.per_example_losses(model(x)[0], y, mask)                # (4,)
