@@ -318,7 +318,7 @@ def draw_run(recipe, n, seed, n_noise, device="cpu"):
     for _ in range(recipe.steps):
         if recipe.dp_sigma > 0:
             batches.append(dp.poisson_sample(n, recipe.dp_sample_rate, g))
-            noise.append(torch.randn(n_noise, generator=g, dtype=torch.float32))
+            noise.append(dp._gaussian((n_noise,), 1.0, torch.empty(0), g))  # as dp_sgd_step's
         else:
             batches.append(torch.randint(n, (recipe.batch,), generator=g))
     indices = torch.cat(batches).to(device).split([len(b) for b in batches])
