@@ -226,7 +226,8 @@ class Provider:
             self.llm_shape)
 
     def updates(self, client):
-        """{method: LLM update} of the methods that read this client's upload, and its references."""
+        """{method: LLM update} of the methods that read this client's upload, and its
+        references."""
         return dict(gradtx=self.translate(client["upload"]), ridge=self.linear(client["upload"]),
                     **{k: v for k, v in client["references"].items() if k != "seconds"})
 
@@ -357,11 +358,11 @@ def ordered(methods):
 
 
 def results_table(results):
-    """Markdown: one row per method. First the verdict, the skewed clients' gain recovered (of means:
-    where the upload must carry the convention); then the score per convention group (mean over its
-    members; the random clients together), the gain and PGR of means over every client, and do no
-    harm: the worst client's score minus the mean shadow update's (below -0.05: someone was made
-    worse off by uploading)."""
+    """Markdown: one row per method. First the verdict, the skewed clients' gain recovered (of
+    means: where the upload must carry the convention); then the score per convention group (mean
+    over its members; the random clients together), the gain and PGR of means over every client,
+    and do no harm: the worst client's score minus the mean shadow update's (below -0.05: someone
+    was made worse off by uploading)."""
     clients, summary = results["clients"], results["summary"]
     skewed = summary["by_kind"].get("skewed")
     groups = list(dict.fromkeys(c["group"] for c in clients if c["kind"] != "random"))

@@ -238,7 +238,8 @@ def generate(model, tiny_update):
     out = denormalize(model, tgt[:, 1:], "y")
     # do no harm: back towards the mean update as far as the upload may be noise
     if model.gate is not None:
-        fallback, weight = model.gate["fallback"], dp.gate_weight(model.gate, src_raw)[:, None, None]
+        fallback = model.gate["fallback"]
+        weight = dp.gate_weight(model.gate, src_raw)[:, None, None]
         out = fallback + weight * (out - fallback)
     out = out.cpu()
     return out[0] if single else out

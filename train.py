@@ -134,11 +134,16 @@ def base_models(cfg, task, paths, device):
 # stage 2: shadow curation -- (TinyLM update, LLM update) pairs from public data
 
 
+def shadow_examples(cfg, task, k):
+    """Shadow subset k's examples, drawn as the configuration says."""
+    return task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha, cfg.shadow_near_mean).examples
+
+
 def shadow_run(k):
     """Shadow run k: fine-tune both models on subset k from the same LoRA init and the same batch
     order (same seed); the snapshots at the same steps form the pairs. Runs in a worker."""
     cfg, task = _worker["cfg"], _worker["task"]
-    x, y, mask = task.encode(task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha, cfg.shadow_near_mean).examples)
+    x, y, mask = task.encode(shadow_examples(cfg, task, k))
     seed, clean = data.run_seed(cfg.seed, "shadow run", k), recipe(cfg)
     # S, the last one final
     steps = [cfg.ft_steps - i * cfg.snapshot_gap for i in reversed(range(cfg.n_snapshots))]
@@ -150,7 +155,7 @@ def shadow_dp_run(item):
     """Draw r of shadow subset k: the TinyLM fine-tuned with the clients' own DP recipe (the
     provider re-creates exactly what a client would upload from these data). Runs in a worker."""
     (k, r), cfg, task = item, _worker["cfg"], _worker["task"]
-    x, y, mask = task.encode(task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha, cfg.shadow_near_mean).examples)
+    x, y, mask = task.encode(shadow_examples(cfg, task, k))
     return private_upload(cfg, _worker["tiny"], x, y, mask,
                           data.run_seed(cfg.seed, "shadow DP draw", k, r), None)
 
@@ -333,8 +338,7 @@ def fit_translator(cfg, task, llm, shadow, m):
     X_all, Y_all = translator_inputs(cfg, shadow, list(range(n_runs)), m)   # (runs, P, ...)
     X_train, Y_train = X_all[train_runs].flatten(0, 1), Y_all[train_runs].flatten(0, 1)
     X_val, Y_val = X_all[val_runs, -1], Y_all[val_runs, -1]                 # one per run
-    examples = [task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha, cfg.shadow_near_mean)
-                .examples[:cfg.val_examples] for k in range(n_runs)]
+    examples = [shadow_examples(cfg, task, k)[:cfg.val_examples] for k in range(n_runs)]
     criterion = functional_criterion(llm, [task.encode(e) for e in examples], cfg.gt_select)
     val_criterion = lambda pred: criterion(pred, val_runs)  # noqa: E731   (the translator's)
     ks = SUBSPACE_SIZES if cfg.gt_project else (0,)
@@ -364,7 +368,8 @@ def fit_translator(cfg, task, llm, shadow, m):
     mean_shadow = Y_train.mean(0).expand(len(val_runs), -1, -1)
     log = {"history": fitted["history"], "best_step": best["step"],
            "val_rel_err": best["val_rel_err"], "val_loss": best["criterion"],
-           "k": linear.k, "ridge_lambda": linear.lam, "ridge_loss": linear.scores[(linear.k, linear.lam)],
+           "k": linear.k, "ridge_lambda": linear.lam,
+           "ridge_loss": linear.scores[(linear.k, linear.lam)],
            "basis": linear.basis, "ridge": linear.ridge, "upload_signal": signal,
            "mean_shadow_loss": float(np.mean(val_criterion(mean_shadow))),
            "true_update_loss": float(np.mean(val_criterion(Y_val))), "level": m,

@@ -49,7 +49,8 @@ def stage_paths(cfg, task, levels=(1,), device="cpu"):
         return os.path.join(cfg.cache or cfg.out,
                             f"{stage}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}.pt")
     shadow_data = data.digest(e for k in range(cfg.n_shadow)
-                              for e in task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha, cfg.shadow_near_mean).examples)
+                              for e in task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha,
+                                                          cfg.shadow_near_mean).examples)
     client_data = data.digest(e
                               for c in task.clients(cfg.n_train, cfg.n_test, cfg.group_size,
                                                     cfg.skew, cfg.random_clients)

@@ -1,15 +1,16 @@
 """
-experiments/audit.py -- an empirical privacy audit of the client's upload, from ONE fine-tune per setting,
-after Steinke, Nasr and Jagielski 2023, "Privacy Auditing with One (1) Training Run"; and what DP
-does not hide: the client's convention.
+experiments/audit.py -- an empirical privacy audit of the client's upload, from ONE fine-tune per
+setting, after Steinke, Nasr and Jagielski 2023, "Privacy Auditing with One (1) Training Run"; and
+what DP does not hide: the client's convention.
 
-    python experiments/audit.py --out=out_audit --cache=out  # default preset, cached TinyLM pretraining
+    python experiments/audit.py --out=out_audit --cache=out  # default preset, cached pretraining
     python experiments/audit.py --help
 
 The auditor plants m canaries, each in the client's training independently with probability 1/2, and
 sees only what the provider sees: the uploaded update vector, the public base TinyLM and the recipe.
 It scores every canary, guesses "in" for the highest scores and "out" for the lowest, and turns the
-number of right guesses into a 95% lower bound on epsilon (`one_run_audit`, below). Two kinds of canary:
+number of right guesses into a 95% lower bound on epsilon (`one_run_audit`, below). Two kinds of
+canary:
 
   gradient (white-box)  a fixed random unit direction u in the update-vector space (orthonormal
                         across canaries). An included canary joins each step's batch like a record

@@ -2,7 +2,7 @@
 experiments/sweep.py -- the experiments that run the protocol (train.run) many times, and their
 tables. Every run of a sweep shares --cache, so later runs reuse the earlier runs' stages.
 
-    python experiments/sweep.py --experiment=dp --cache=out        # the DP sweep (epsilon, mechanism)
+    python experiments/sweep.py --experiment=dp --cache=out        # the DP sweep
     python experiments/sweep.py --experiment=collab --cache=out    # groups of 8 pool their uploads
     python experiments/sweep.py --experiment=frontier --cache=out  # N x epsilon x pooling
     python experiments/sweep.py --experiment=shadow_count --cache=out   # K shadow subsets
