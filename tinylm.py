@@ -314,11 +314,11 @@ def draw_run(recipe, n, seed, n_noise, device="cpu"):
     """A run's random draws, up front and in its steps' order, from its own CPU generator (a GPU run
     draws what a CPU run does): randint(n, (batch,)), or with DP a Poisson sample then N(0, 1) noise
     (n_noise,). Copied to `device` once: no step waits on the host. -> (indices per step, noise)"""
-    g, batches, noise = torch.Generator().manual_seed(seed), [], []
+    g, batches, noise, like = torch.Generator().manual_seed(seed), [], [], torch.empty(0)
     for _ in range(recipe.steps):
         if recipe.dp_sigma > 0:
             batches.append(dp.poisson_sample(n, recipe.dp_sample_rate, g))
-            noise.append(dp._gaussian((n_noise,), 1.0, torch.empty(0), g))  # as dp_sgd_step's
+            noise.append(dp._gaussian((n_noise,), 1.0, like, g))   # as dp_sgd_step draws it
         else:
             batches.append(torch.randint(n, (recipe.batch,), generator=g))
     indices = torch.cat(batches).to(device).split([len(b) for b in batches])
@@ -401,12 +401,13 @@ def stack_runs(datasets, others, what, device):
 
 def finetune_many(model, datasets, recipe, seeds, snapshot_steps=(), conf_weight=0.0):
     """[finetune(model, *datasets[k], recipe, seeds[k], snapshot_steps, conf_weight) for each k] to
-    round-off, as one computation: run k is the update vector updates[k] (vmap over split_update);
-    one Adam is K Adams; its batches are its own `draw_run`'s, padded. The model is left as is."""
+    round-off, as one computation: run k's LoRA tensors are params[name][k], the model runs under
+    vmap over them, one Adam is K Adams; its batches come from its own `draw_run`, padded."""
     x, y, mask = stack_runs(datasets, seeds, "seeds", model.wte.weight.device)      # (K, N, T)
     K, device, shape = len(x), x.device, update_shape(model.cfg, model.lora[0])
-    updates = torch.zeros(K, *shape, device=device, requires_grad=True)    # (K, n_layer, token_dim)
-    opt = torch.optim.Adam([updates], lr=recipe.lr, fused=True)            # one kernel per step
+    params = {n: torch.zeros(K, *t.shape, device=device, requires_grad=True)   # (K, *shape) each,
+              for n, t in split_update(model, torch.zeros(shape)).items()}     # in update order
+    opt = torch.optim.Adam(params.values(), lr=recipe.lr, fused=True)    # one kernel per step
     draws = [draw_run(recipe, len(d[0]), s, math.prod(shape)) for d, s in zip(datasets, seeds)]
     idx = pad_sequence([i for indices, _ in draws for i in indices], True, -1)  # -1: padding
     idx = idx.view(K, recipe.steps, -1)                                           # (K, steps, B)
@@ -415,12 +416,12 @@ def finetune_many(model, datasets, recipe, seeds, snapshot_steps=(), conf_weight
     noise = torch.stack([n for _, n in draws]).to(device) if recipe.dp_sigma > 0 else None
     expected = torch.tensor([recipe.dp_sample_rate * len(d[0]) for d in datasets], device=device)
 
-    def run_loss(u, x, y, mask, step):  # one run: its update, its batch (B, T)
-        logits, loss = functional_call(model, split_update(model, u), (x, y, mask))
+    def run_loss(p, x, y, mask, step):  # one run: its LoRA tensors p, its batch (B, T)
+        logits, loss = functional_call(model, p, (x, y, mask))
         return with_confidence(logits, loss, mask, conf_weight, step, recipe.steps)
 
-    def example_logits(u, x):           # one example (T,) with its run's update -> (T, vocab)
-        return functional_call(model, split_update(model, u), (x[None],))[0][0]
+    def example_logits(p, x):           # one example (T,) with its run's LoRA -> (T, vocab)
+        return functional_call(model, p, (x[None],))[0][0]
 
     saved, wanted = [], set(snapshot_steps) or {recipe.steps}
     runs = torch.arange(K, device=device)[:, None]                                # (K, 1)
@@ -429,21 +430,25 @@ def finetune_many(model, datasets, recipe, seeds, snapshot_steps=(), conf_weight
         # (K, B, T); a padded example gets mask 0: loss 0, gradient exactly 0
         xb, yb, mb = x[runs, i], y[runs, i], mask[runs, i] * ok
         opt.zero_grad(set_to_none=True)
-        if recipe.dp_sigma > 0:  # each example gets its own copy of its run's update (a view):
-            # then ONE backward gives every example's gradient (as Opacus' expanded weights)
-            own = updates.detach()[:, None].expand(K, width, *shape).requires_grad_()
+        if recipe.dp_sigma > 0:  # each example gets its own copy of its run's LoRA (a view), so
+            # ONE backward gives every example's gradient (as Opacus' expanded weights)
+            own = {n: p.detach()[:, None].expand(K, width, *p.shape[1:]).requires_grad_()
+                   for n, p in params.items()}                                 # (K, B, *shape)
             logits = vmap(vmap(example_logits))(own, xb).flatten(0, 1)        # (K*B, T, vocab)
             losses = dp.per_example_losses(logits, yb.flatten(0, 1), mb.flatten(0, 1))
-            flat = torch.autograd.grad(losses.sum(), own)[0].flatten(2)       # (K, B, D)
+            grads = torch.autograd.grad(losses.sum(), list(own.values()))     # each (K, B, *shape)
+            flat = torch.cat([g.flatten(2) for g in grads], dim=2)            # (K, B, D)
             g, _ = vmap(dp.clip_and_noise, in_dims=(0, None, None, 0, 0))(
                 flat, recipe.dp_clip, recipe.dp_sigma, expected, noise[:, step - 1])   # (K, D)
-            updates.grad = g.contiguous().view_as(updates)  # fused Adam misreads a strided grad
+            for p, g_p in zip(params.values(), g.split([p[0].numel() for p in params.values()], 1)):
+                p.grad = g_p.contiguous().view_as(p)  # fused Adam misreads a strided grad
         else:
-            vmap(run_loss, in_dims=(0, 0, 0, 0, None))(updates, xb, yb, mb, step).sum().backward()
+            vmap(run_loss, in_dims=(0, 0, 0, 0, None))(params, xb, yb, mb, step).sum().backward()
         opt.step()
-        if step in wanted:
-            saved.append(updates.detach().clone())
-    return [list(run) for run in torch.stack(saved, 1).float().cpu()] if saved else [[] for _ in x]
+        if step in wanted:  # the tensors side by side in update order: the update vectors
+            saved.append(torch.cat([p.detach().flatten(1) for p in params.values()], dim=1))
+    snapshots = torch.stack(saved, 1) if saved else torch.zeros(K, 0, math.prod(shape))
+    return [list(run) for run in snapshots.view(K, len(saved), *shape).float().cpu()]
 
 
 @torch.no_grad()
