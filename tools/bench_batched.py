@@ -2,7 +2,8 @@
 tools/bench_batched.py -- K LoRA fine-tunes of one frozen base, one by one (tinylm.finetune) or as
 one computation (tinylm.finetune_many): wall time and ATen operator calls, for the default
 preset's TinyLM and LLM, without and with DP-SGD. The shadow stage is this work; on a GPU it is
-launch-bound, and every operator call is at least one kernel launch: fewer calls is the point.
+launch-bound, and every operator call but a view (metadata only) launches a kernel: fewer calls
+is the point.
 
     python tools/bench_batched.py                            # K = 16 runs of 100 steps, 2 threads
     python tools/bench_batched.py --steps=20 --threads=1     # quicker
