@@ -120,28 +120,19 @@ def relabel(task, model, examples, generator):
     return [r for r in (task.relabelled(p, t) for p, t in zip(prompts, texts)) if r is not None]
 
 
-def reference_updates(task, tiny, llm, train, own_update, recipe, seed, rng):
-    """The LLM fine-tunes a client's results are compared with; they use data the provider never
-    sees. llm_ft: the client's private data (the ceiling). Given own_update, the client's TinyLM
-    update (the DP one under DP-SGD; None: skip them): w2s / w2s_conf, the client's inputs labelled
-    by its TinyLM, and kd, public prompts labelled by it. Also the seconds llm_ft took."""
-    g = torch.Generator().manual_seed(seed)
-
-    def finetune_llm(examples, conf_weight=0.0):
-        # a weak model that answers nothing teaches nothing: the LLM stays as it is
-        if not examples:
-            return torch.zeros(tinylm.update_shape(llm.cfg, llm.lora[0]))
-        return tinylm.finetune(llm, *task.encode(examples), recipe, seed,
-                               conf_weight=conf_weight)[-1]
-
-    t0 = time.perf_counter()
-    out = {"llm_ft": finetune_llm(train), "seconds": time.perf_counter() - t0}
+def reference_sets(task, tiny, train, own_update, seed, rng):
+    """What the LLM fine-tunes a client's results are compared with learn from: data the provider
+    never sees. {method: (examples, conf_weight)}: llm_ft, the client's private data (the ceiling);
+    given own_update, the client's TinyLM update (the DP one under DP-SGD; None: skip them), w2s /
+    w2s_conf, the client's inputs labelled by its TinyLM, and kd, public prompts labelled by it."""
+    sets = {"llm_ft": (train, 0.0)}
     if own_update is not None:
+        g = torch.Generator().manual_seed(seed)
         tinylm.set_update(tiny, own_update)
         weak = relabel(task, tiny, train, g)
         kd = relabel(task, tiny, task.public_examples(len(train), rng), g)
-        out.update(w2s=finetune_llm(weak), w2s_conf=finetune_llm(weak, 0.5), kd=finetune_llm(kd))
-    return out
+        sets.update(w2s=(weak, 0.0), w2s_conf=(weak, 0.5), kd=(kd, 0.0))
+    return sets
 
 
 def provenance(device="cpu"):

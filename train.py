@@ -139,32 +139,34 @@ def shadow_examples(cfg, task, k):
     return task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha, cfg.shadow_near_mean).examples
 
 
-def shadow_run(k):
-    """Shadow run k: fine-tune both models on subset k from the same LoRA init and the same batch
-    order (same seed); the snapshots at the same steps form the pairs. Runs in a worker."""
+def shadow_runs(ks):
+    """Shadow runs ks: both models fine-tuned on each subset k from the same LoRA init and the same
+    batch order (same seed); the snapshots at the same steps form the pairs. Runs in a worker."""
     cfg, task = _worker["cfg"], _worker["task"]
-    x, y, mask = task.encode(shadow_examples(cfg, task, k))
-    seed, clean = data.run_seed(cfg.seed, "shadow run", k), recipe(cfg)
+    datasets = [task.encode(shadow_examples(cfg, task, k)) for k in ks]
+    seeds = [data.run_seed(cfg.seed, "shadow run", k) for k in ks]
     # S, the last one final
     steps = [cfg.ft_steps - i * cfg.snapshot_gap for i in reversed(range(cfg.n_snapshots))]
-    return (torch.stack(tinylm.finetune(_worker["tiny"], x, y, mask, clean, seed, steps)),
-            torch.stack(tinylm.finetune(_worker["llm"], x, y, mask, clean, seed, steps)))
+    tiny, llm = (fine_tunes(cfg, _worker[who], datasets, recipe(cfg), seeds, steps)
+                 for who in ("tiny", "llm"))
+    return [(torch.stack(x), torch.stack(y)) for x, y in zip(tiny, llm)]
 
 
-def shadow_dp_run(item):
-    """Draw r of shadow subset k: the TinyLM fine-tuned with the clients' own DP recipe (the
-    provider re-creates exactly what a client would upload from these data). Runs in a worker."""
-    (k, r), cfg, task = item, _worker["cfg"], _worker["task"]
-    x, y, mask = task.encode(shadow_examples(cfg, task, k))
-    return private_upload(cfg, _worker["tiny"], x, y, mask,
-                          data.run_seed(cfg.seed, "shadow DP draw", k, r), None)
+def shadow_dp_runs(items):
+    """Draws r of shadow subsets k, items [(k, r)]: the TinyLM fine-tuned with the clients' own DP
+    recipe (the provider re-creates exactly what a client would upload from these data)."""
+    cfg, task = _worker["cfg"], _worker["task"]
+    datasets = [task.encode(shadow_examples(cfg, task, k)) for k, _ in items]
+    seeds = [data.run_seed(cfg.seed, "shadow DP draw", k, r) for k, r in items]
+    return [run[-1] for run in fine_tunes(cfg, _worker["tiny"], datasets,
+                                          recipe(cfg, private=True), seeds)]
 
 
 def shadow_stages(cfg, task, tiny, llm, paths, device):
     """{"X": (K, S, ...) clean TinyLM snapshots, "Y": (K, S, ...) LLM snapshots,
     "X_private": (K, R, ...) final TinyLM updates made as the clients make theirs (DP only)}."""
     t0 = time.time()
-    runs = run_stage(cfg, paths["shadow"], "shadow runs", shadow_run, list(range(cfg.n_shadow)),
+    runs = run_stage(cfg, paths["shadow"], "shadow runs", shadow_runs, list(range(cfg.n_shadow)),
                      device, task, tiny, llm, paths)
     shadow = {"X": torch.stack([x for x, _ in runs]), "Y": torch.stack([y for _, y in runs])}
     print(f"shadow    : {cfg.n_shadow} runs x {cfg.n_snapshots} snapshots = "
@@ -178,7 +180,7 @@ def shadow_stages(cfg, task, tiny, llm, paths, device):
             draws = [perturb(cfg, shadow["X"][k, -1],
                              data.run_seed(cfg.seed, "shadow DP draw", k, r)) for k, r in items]
         else:
-            draws = run_stage(cfg, paths["shadow_dp"], "shadow DP draws", shadow_dp_run, items,
+            draws = run_stage(cfg, paths["shadow_dp"], "shadow DP draws", shadow_dp_runs, items,
                               device, task, tiny, llm, paths)
         shadow["X_private"] = torch.stack(draws).view(cfg.n_shadow, cfg.shadow_dp_draws,
                                                       *draws[0].shape)
@@ -250,11 +252,13 @@ def functional_criterion(llm, data_sets, measure="loss"):
     measure="exact_match" scores 1 - the share of examples answered exactly right: the loss rewards
     hedging towards the mean update, this does not."""
     def criterion(pred_updates, runs):
+        sets = [data_sets[r] for r in runs]
+        if measure == "loss":   # every (update, run) pair in batched forwards
+            return tinylm.loss_of_updates(llm, torch.as_tensor(pred_updates), sets).numpy()
         values = []
-        for update, (x, y, mask) in zip(pred_updates, (data_sets[r] for r in runs)):
+        for update, (x, y, mask) in zip(pred_updates, sets):
             tinylm.set_update(llm, update)
-            values.append(tinylm.loss_of(llm, x, y, mask) if measure == "loss"
-                          else 1.0 - tinylm.exact_match_of(llm, x, y, mask))
+            values.append(1.0 - tinylm.exact_match_of(llm, x, y, mask))
         return np.array(values)
     return criterion
 
@@ -269,7 +273,8 @@ class LinearMap(NamedTuple):
     scores: dict
 
 
-def select_linear_map(X_clean, X, Y, criterion, folds, ks=SUBSPACE_SIZES, lams=RIDGE_LAMBDAS):
+def select_linear_map(X_clean, X, Y, criterion, folds, ks=SUBSPACE_SIZES, lams=RIDGE_LAMBDAS,
+                      rule="one_se"):
     """Choose the subspace size k and ridge's lambda by the functional criterion on held-out runs
     (parameter-space error would pick a far too strong lambda), cross-validated: for each fold
     (train runs, held-out runs), every candidate is fit on the train runs and scores each held-out
@@ -291,7 +296,10 @@ def select_linear_map(X_clean, X, Y, criterion, folds, ks=SUBSPACE_SIZES, lams=R
     scores = {c: np.concatenate([np.atleast_1d(s) for s in v]) for c, v in scores.items()
               if len(v) == len(folds)}
     simplest_first = sorted(scores, key=lambda c: (c[0] or math.inf, -c[1]))
-    k, lam = gradtx.simplest_within_one_se({c: scores[c] for c in simplest_first})
+    if rule == "best":   # the lowest mean held-out score
+        k, lam = min(simplest_first, key=lambda c: scores[c].mean())
+    else:
+        k, lam = gradtx.simplest_within_one_se({c: scores[c] for c in simplest_first})
     train = folds[0][0]
     basis, ridge = linear_candidates(X_clean[train].flatten(0, 1), X[train].flatten(0, 1),
                                      Y[train].flatten(0, 1), (k,), (lam,))[(k, lam)]
@@ -342,7 +350,8 @@ def fit_translator(cfg, task, llm, shadow, m):
     criterion = functional_criterion(llm, [task.encode(e) for e in examples], cfg.gt_select)
     val_criterion = lambda pred: criterion(pred, val_runs)  # noqa: E731   (the translator's)
     ks = SUBSPACE_SIZES if cfg.gt_project else (0,)
-    linear = select_linear_map(shadow["X"][:n_runs], X_all, Y_all, criterion, folds, ks)
+    linear = select_linear_map(shadow["X"][:n_runs], X_all, Y_all, criterion, folds, ks,
+                               rule=cfg.gt_select_rule)
     linear_seconds = time.time() - t0
     X_clean = shadow["X"][train_runs].flatten(0, 1)   # the public subspace: clean updates only
     signal = gate = None   # with DP: how much of these inputs is signal, and the do-no-harm gate
@@ -387,40 +396,55 @@ def fit_translator(cfg, task, llm, shadow, m):
 # stage 4: clients fine-tune their TinyLM on private data and upload only the update
 
 
-def client_run(c):
-    """One client: its non-private TinyLM update (the PGR floor, never uploaded) and its upload."""
-    cfg, tiny = _worker["cfg"], _worker["tiny"]
-    x, y, mask = _worker["task"].encode(c["train"])
-    seed = data.run_seed(cfg.seed, "client run", c["index"])
-    floor = tinylm.finetune(tiny, x, y, mask, recipe(cfg), seed)[-1]
-    if cfg.dp_epsilon <= 0:
-        return floor, floor
-    return floor, private_upload(cfg, tiny, x, y, mask, seed, floor)
-
-
-def reference_run(c):
-    """The LLM fine-tunes a client's results are compared with (eval.reference_updates). The weak
-    baselines use the TinyLM the provider could rebuild: the upload under DP, else the floor (the
-    random clients, there to check do no harm, have llm_ft only)."""
+def client_runs(clients):
+    """Clients fine-tune their TinyLM: [(non-private update: the PGR floor, never uploaded; upload)]."""
     cfg = _worker["cfg"]
-    own = None
-    if cfg.weak_baselines and c["kind"] != "random":
-        own = c["upload"] if cfg.dp_epsilon > 0 else c["floor_update"]
-    return evaluation.reference_updates(_worker["task"], _worker["tiny"], _worker["llm"],
-                                        c["train"], own, recipe(cfg),
-                                        data.run_seed(cfg.seed, "client run", c["index"]),
-                                        data.stream(cfg.seed, "public examples", c["index"]))
+    datasets = [_worker["task"].encode(c["train"]) for c in clients]
+    seeds = [data.run_seed(cfg.seed, "client run", c["index"]) for c in clients]
+    floors = [run[-1] for run in fine_tunes(cfg, _worker["tiny"], datasets, recipe(cfg), seeds)]
+    if cfg.dp_epsilon <= 0:
+        return list(zip(floors, floors))
+    if cfg.dp_mechanism == "output":   # the clean update, same data and seed, clipped plus noise
+        return [(f, perturb(cfg, f, s)) for f, s in zip(floors, seeds)]
+    private = fine_tunes(cfg, _worker["tiny"], datasets, recipe(cfg, private=True), seeds)
+    return list(zip(floors, (run[-1] for run in private)))
+
+
+def reference_runs(clients):
+    """The LLM fine-tunes the clients' results are compared with (eval.reference_sets), each method
+    for all clients at once. The weak baselines use the TinyLM the provider could rebuild: the
+    upload under DP, else the floor (the random clients, there for do no harm: llm_ft only)."""
+    cfg, task, llm = _worker["cfg"], _worker["task"], _worker["llm"]
+    seeds = [data.run_seed(cfg.seed, "client run", c["index"]) for c in clients]
+    sets = []
+    for c, seed in zip(clients, seeds):
+        weak = cfg.weak_baselines and c["kind"] != "random"
+        own = (c["upload"] if cfg.dp_epsilon > 0 else c["floor_update"]) if weak else None
+        sets.append(evaluation.reference_sets(task, _worker["tiny"], c["train"], own, seed,
+                                              data.stream(cfg.seed, "public examples", c["index"])))
+    out = [{} for _ in clients]
+    for method in dict.fromkeys(m for s in sets for m in s):
+        who = [i for i, s in enumerate(sets) if method in s]
+        (_, conf), t0 = sets[who[0]][method], time.perf_counter()
+        runs = fine_tunes(cfg, llm, [task.encode(sets[i][method][0]) if sets[i][method][0] else None
+                                     for i in who], recipe(cfg), [seeds[i] for i in who],
+                          conf_weight=conf)
+        for i, run in zip(who, runs):
+            out[i][method] = run[-1]
+            if method == "llm_ft":   # what one LLM fine-tune costs
+                out[i]["seconds"] = (time.perf_counter() - t0) / len(who)
+    return out
 
 
 def clients_stage(cfg, task, tiny, llm, paths, device):
     t0 = time.time()
     clients = task.clients(cfg.n_train, cfg.n_test, cfg.group_size, cfg.skew, cfg.random_clients)
-    runs = run_stage(cfg, paths["clients"], "clients", client_run, clients, device, task, tiny, llm,
-                     paths)
+    runs = run_stage(cfg, paths["clients"], "clients", client_runs, clients, device, task, tiny,
+                     llm, paths)
     for c, (floor, upload) in zip(clients, runs):
         c.update(floor_update=floor, upload=upload)
-    references = run_stage(cfg, paths["references"], "reference fine-tunes", reference_run, clients,
-                           device, task, tiny, llm, paths)
+    references = run_stage(cfg, paths["references"], "reference fine-tunes", reference_runs,
+                           clients, device, task, tiny, llm, paths)
     for c, refs in zip(clients, references):
         c["references"] = refs
     sigma = noise_multiplier(cfg)
@@ -432,15 +456,24 @@ def clients_stage(cfg, task, tiny, llm, paths, device):
 
 
 # -----------------------------------------------------------------------------
-# what a client releases under DP (the recipe and its noise: config/presets.py)
+# independent fine-tunes of one base model, and output perturbation
 
 
-def private_upload(cfg, model, x, y, mask, seed, clean_update):
-    """What a client releases under DP: with DP-SGD its TinyLM update trained by the private recipe;
-    with output perturbation its clean update (same data, same seed) clipped to C plus noise."""
-    if cfg.dp_mechanism == "output":
-        return perturb(cfg, clean_update, seed)
-    return tinylm.finetune(model, x, y, mask, recipe(cfg, private=True), seed)[-1]
+def fine_tunes(cfg, model, datasets, recipe, seeds, snapshot_steps=(), conf_weight=0.0):
+    """[tinylm.finetune(model, *datasets[i], recipe, seeds[i], ...)]: one run per dataset, as one
+    batched computation (tinylm.finetune_many, cfg.batch_runs > 1) or one by one. A dataset None
+    (a weak model that answered nothing) teaches nothing: its run is the zero update."""
+    runs, todo = [None] * len(datasets), [i for i, d in enumerate(datasets) if d is not None]
+    if todo and cfg.batch_runs > 1:
+        done = tinylm.finetune_many(model, [datasets[i] for i in todo], recipe,
+                                    [seeds[i] for i in todo], snapshot_steps, conf_weight)
+    else:
+        done = [tinylm.finetune(model, *datasets[i], recipe, seeds[i], snapshot_steps, conf_weight)
+                for i in todo]
+    for i, run in zip(todo, done):
+        runs[i] = run
+    zero = torch.zeros(tinylm.update_shape(model.cfg, model.lora[0]))
+    return [run if run is not None else [zero] * max(1, len(snapshot_steps)) for run in runs]
 
 
 def perturb(cfg, update, seed):
@@ -464,9 +497,23 @@ def _init_worker(cfg, paths, device, task):
 
 
 def run_stage(cfg, path, desc, fn, items, device, task, tiny, llm, paths):
-    """fn over items in worker processes, as a cached, resumable stage (config/stages.py)."""
-    return stages.run_stage(cfg, path, desc, items, lambda todo: worker_map(
+    """fn over chunks of the items (fn takes a list and gives one result per item: a chunk of
+    fine-tunes is one batched computation) in worker processes, as a cached, resumable stage
+    (config/stages.py); the results, one per item."""
+    chunks = chunked(items, cfg.batch_runs, cfg.workers if device == "cpu" else 1)
+    done = stages.run_stage(cfg, path, desc, chunks, lambda todo: worker_map(
         cfg, fn, todo, device, task, tiny, llm, paths))
+    return [result for chunk in done for result in chunk]
+
+
+def chunked(items, size, workers):
+    """items in contiguous chunks of at most `size` (1: one each), as many chunks as makes every
+    worker's share of them equal."""
+    if size <= 1:
+        return [[item] for item in items]
+    n = workers * math.ceil(len(items) / (workers * size))
+    bounds = np.linspace(0, len(items), n + 1).round().astype(int)
+    return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
 def worker_map(cfg, fn, items, device, task, tiny, llm, paths):

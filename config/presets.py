@@ -28,6 +28,9 @@ class Config:
     device: str = "auto"         # auto = cuda, then mps, then cpu
     threads: int = 0             # torch CPU threads (0: torch's default)
     workers: int = 2             # processes for independent fine-tunes on a CPU (1: none)
+    # independent fine-tunes of one base model run this many at a time as one batched computation
+    # (tinylm.finetune_many; 1: one by one, tinylm.finetune)
+    batch_runs: int = 16
     # "" (one run), "dp" (DP sweep), "collab" (pooling), "frontier" (N x eps), "shadow_count"
     experiment: str = ""
     # "arith" (reasoning, accuracy) or "text" (language modeling, bits/byte)
@@ -85,6 +88,8 @@ class Config:
     # the linear map is chosen by cross-validation over the runs of the fit: each run held out once
     # in one of this many folds (1: the single held-out split; few runs rank maps only up to noise)
     gt_select_folds: int = 4
+    # of the linear maps: "one_se", the simplest within one standard error of the best; "best"
+    gt_select_rule: str = "one_se"
     val_examples: int = 64       # examples of each held-out run the selection criterion scores
     # clients
     group_size: int = 1          # members per convention group (the skewed ones and the IID one)
@@ -236,6 +241,9 @@ def check_config(cfg):
                                                         and cfg.task != "arith"):
         raise SystemExit(f"--gt_select={cfg.gt_select}: expected 'loss', or 'exact_match' for the "
                          "arith task")
+    if cfg.gt_select_rule not in ("one_se", "best") or cfg.gt_select_folds < 1:
+        raise SystemExit(f"--gt_select_rule={cfg.gt_select_rule} --gt_select_folds="
+                         f"{cfg.gt_select_folds}: expected 'one_se' or 'best', and 1 or more folds")
     if cfg.dp_mechanism not in ("sgd", "output"):
         raise SystemExit(f"--dp_mechanism={cfg.dp_mechanism}: expected 'sgd' or 'output'")
     if (cfg.dp_epsilon < 0 or not 0 < cfg.dp_delta < 1 or not 0 <= cfg.dp_sample_rate <= 1

@@ -20,7 +20,8 @@ from config.presets import RIDGE_LAMBDAS, SELECTION, SUBSPACE_SIZES
 TINY_KEYS = ("task", "seed", "tiny_model", "pretrain_steps_tiny", "pretrain_batch",
              "pretrain_lr_tiny")
 LLM_KEYS = ("task", "seed", "llm_model", "pretrain_steps_llm", "pretrain_batch", "pretrain_lr_llm")
-FINETUNE_KEYS = ("lora_rank", "lora_alpha", "lora_seed", "ft_steps", "ft_batch", "ft_lr", "n_train")
+FINETUNE_KEYS = ("lora_rank", "lora_alpha", "lora_seed", "ft_steps", "ft_batch", "ft_lr", "n_train",
+                 "batch_runs")
 SHADOW_KEYS = FINETUNE_KEYS + ("n_shadow", "n_snapshots", "snapshot_gap", "shadow_alpha",
                                "shadow_near_mean")
 DP_KEYS = ("dp_epsilon", "dp_delta", "dp_mechanism", "dp_clip", "dp_sample_rate")
@@ -28,7 +29,7 @@ SHADOW_DP_KEYS = SHADOW_KEYS + DP_KEYS + ("shadow_dp_draws",)
 FIT_KEYS = ("gt_d_model", "gt_layers", "gt_heads", "gt_dropout", "gt_weight_decay", "gt_lr",
             "gt_steps", "gt_batch", "gt_eval_every", "gt_normalize", "gt_project", "gt_skip",
             "gt_gate", "gt_init", "gt_select", "val_frac", "val_examples", "fit_shadow",
-            "gt_select_folds")
+            "gt_select_folds", "gt_select_rule", "batch_runs")
 # who holds what, and the shared recipe
 CLIENT_DATA_KEYS = FINETUNE_KEYS + ("group_size", "skew", "n_test", "random_clients")
 CLIENT_KEYS = CLIENT_DATA_KEYS + DP_KEYS

@@ -337,7 +337,7 @@ def convention_leak(cfg, acfg, task, tiny):
             x, y, mask = task.encode(lines)
             seed = data.run_seed(acfg.seed, "audit client", index)
             if eps > 0:
-                upload = train.private_upload(private, tiny, x, y, mask, seed, None)
+                upload = tinylm.finetune(tiny, x, y, mask, recipe(private, private=True), seed)[-1]
             else:
                 upload = tinylm.finetune(tiny, x, y, mask, recipe(cfg), seed)[-1]
             tinylm.set_update(tiny, upload)

@@ -127,12 +127,12 @@ def test_shadow_dp_runs_use_exactly_the_clients_recipe(tmp_path, monkeypatch):
     task = data.make_task("arith", cfg.seed)
     paths = stages.stage_paths(cfg, task)
     tiny, llm = train.base_models(cfg, task, paths, "cpu")
-    seen, real_finetune = [], tinylm.finetune
-    monkeypatch.setattr(tinylm, "finetune", lambda m, x, y, mask, recipe, *a, **k:
-                        seen.append(recipe) or real_finetune(m, x, y, mask, recipe, *a, **k))
+    seen, real = [], train.fine_tunes
+    monkeypatch.setattr(train, "fine_tunes", lambda cfg, model, datasets, recipe, *a, **k:
+                        seen.append(recipe) or real(cfg, model, datasets, recipe, *a, **k))
     train._worker.update(cfg=cfg, task=task, tiny=tiny, llm=llm)
-    train.shadow_dp_run((1, 0))
-    train.client_run(task.clients(cfg.n_train, cfg.n_test)[0])     # the floor, then the upload
+    train.shadow_dp_runs([(1, 0)])
+    train.client_runs(task.clients(cfg.n_train, cfg.n_test)[:1])     # the floor, then the upload
     shadow_recipe, client_floor, client_recipe = seen
     assert shadow_recipe == client_recipe == train.recipe(cfg, private=True)
     assert shadow_recipe.dp_sigma == dp.calibrate("sgd", 2.0, 1e-5, cfg.dp_clip, train.sample_rate(cfg), cfg.ft_steps)
@@ -174,7 +174,7 @@ def test_fit_stage_does_not_depend_on_what_ran_before_in_the_process(tmp_path):
 
 
 def test_interrupted_stage_resumes_to_the_same_pairs(tmp_path, monkeypatch):
-    cfg = train.parse_args(TINY_RUN + [f"--out={tmp_path}", "--n_shadow=9"])
+    cfg = train.parse_args(TINY_RUN + [f"--out={tmp_path}", "--n_shadow=9", "--batch_runs=1"])  # one run per item
     task = data.make_task("arith", cfg.seed)
     paths = stages.stage_paths(cfg, task)
     tiny, llm = train.base_models(cfg, task, paths, "cpu")
@@ -263,7 +263,8 @@ def test_worker_processes_give_the_same_pairs_as_one_process(tmp_path):
     task = data.make_task("arith", one.seed)
     paths = stages.stage_paths(one, task)
     tiny, llm = train.base_models(one, task, paths, "cpu")
-    runs = [list(train.worker_map(cfg, train.shadow_run, [0, 1, 2], "cpu", task, tiny, llm, paths))
+    runs = [[pair for chunk in train.worker_map(cfg, train.shadow_runs, [[0], [1, 2]], "cpu", task, tiny,
+                                                llm, paths) for pair in chunk]
             for cfg in (one, two)]
     for (x1, y1), (x2, y2) in zip(*runs):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
@@ -378,8 +379,8 @@ def test_shadow_count_curates_once_and_fits_on_prefixes(tmp_path, monkeypatch):
     from config.presets import shadow_count_runs
     monkeypatch.setitem(sweep.EXPERIMENTS, "shadow_count",
                         shadow_count_runs((4, 6), ((dict(), 1), (dict(dp_epsilon=1.0), 2))))
-    curated, real_run = [], train.shadow_run
-    monkeypatch.setattr(train, "shadow_run", lambda k: curated.append(k) or real_run(k))
+    curated, real_runs = [], train.shadow_runs
+    monkeypatch.setattr(train, "shadow_runs", lambda ks: curated.extend(ks) or real_runs(ks))
     out = tmp_path / "sc"
     runs = sweep.main(TINY_RUN + [f"--out={out}", "--experiment=shadow_count", "--shadow_dp_draws=2"])
     assert curated == list(range(6))              # one curation of the largest K, for both levels
