@@ -24,7 +24,6 @@ data it is given, so a change of either re-runs it and everything after it, and 
 """
 import json
 import math
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -483,8 +482,7 @@ def perturb(cfg, update, seed):
 
 
 # -----------------------------------------------------------------------------
-# independent fine-tunes side by side: on a CPU, two single-threaded processes get through about
-# 1.7x the work of one process with two threads (these small matrices leave cores idle)
+# the worker processes that share a stage's chunks of fine-tunes (config/stages.py)
 
 
 _worker = {}   # what a worker process holds: the config, the task, both base models with LoRA
@@ -497,36 +495,10 @@ def _init_worker(cfg, paths, device, task):
 
 
 def run_stage(cfg, path, desc, fn, items, device, task, tiny, llm, paths):
-    """fn over chunks of the items (fn takes a list and gives one result per item: a chunk of
-    fine-tunes is one batched computation) in worker processes, as a cached, resumable stage
-    (config/stages.py); the results, one per item."""
-    chunks = chunked(items, cfg.batch_runs, cfg.workers if device == "cpu" else 1)
-    done = stages.run_stage(cfg, path, desc, chunks, lambda todo: worker_map(
-        cfg, fn, todo, device, task, tiny, llm, paths))
-    return [result for chunk in done for result in chunk]
-
-
-def chunked(items, size, workers):
-    """items in contiguous chunks of at most `size` (1: one each), as many chunks as makes every
-    worker's share of them equal."""
-    if size <= 1:
-        return [[item] for item in items]
-    n = workers * math.ceil(len(items) / (workers * size))
-    bounds = np.linspace(0, len(items), n + 1).round().astype(int)
-    return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-
-
-def worker_map(cfg, fn, items, device, task, tiny, llm, paths):
-    """map(fn, items), in order, in cfg.workers processes (in this one when workers <= 1 or on a
-    GPU)."""
-    if cfg.workers <= 1 or device != "cpu" or len(items) <= 1:
-        _worker.update(cfg=cfg, task=task, tiny=tiny, llm=llm)
-        yield from map(fn, items)
-        return
-    # the task travels pickled: rebuilding the text corpus in every worker costs seconds
-    context = mp.get_context("spawn")
-    with context.Pool(cfg.workers, _init_worker, (cfg, paths, device, task)) as pool:
-        yield from pool.imap(fn, items)
+    """fn over chunks of the items, in worker processes, as a cached and resumable stage."""
+    here = lambda: _worker.update(cfg=cfg, task=task, tiny=tiny, llm=llm)  # noqa: E731
+    return stages.run_chunked(cfg, path, desc, fn, items, device,
+                              (_init_worker, (cfg, paths, device, task)), here)
 
 
 def main(argv):

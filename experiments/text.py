@@ -13,20 +13,188 @@ wrong and exit code 2.
 """
 import ast
 import functools
+import hashlib
 import io
 import os
 import re
 import sys
 import sysconfig
 import tokenize
+from typing import NamedTuple
 
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
 import train  # noqa: E402
 from config.presets import parse_args  # noqa: E402
-from data import Corpus, TextTask  # noqa: E402
+from data import (NEAR_MEAN_ALPHA, Subset, digest, encode_lines, get_tokenizer,  # noqa: E402
+                  is_near_mean, stream)
+
+
+# -----------------------------------------------------------------------------
+# the task: language modeling on kinds of text, scored in bits per byte
+#
+# Organizations differ in the KIND of text they hold (a hospital's notes, a law firm's contracts, a
+# software company's code), and a public model's corpus under-represents each of them. A Corpus
+# holds general prose (public pretraining text only) and documents of each kind; `stdlib_corpus`
+# (below) builds one from the Python standard library (code, comments, the language reference),
+# `file_corpus` from your file. Each kind is one client:
+#
+#   document of a kind --hash order--> PUBLIC: PRETRAIN (a small share: the kind stays rare in what
+#                                              the base models learn from) | SHADOW pool
+#                                      PRIVATE: the kind's client's TRAIN | TEST
+#   example: a window of at most block_size + 1 bytes of a kind's text (documents joined by blank
+#            lines)
+
+
+class Corpus(NamedTuple):
+    general: list      # documents that are only ever public pretraining text
+    kinds: dict        # {kind: [documents]}: one client each, split by `shares`
+    shares: dict       # {"pretrain", "shadow", "train", "test"}: the share of each kind's documents
+
+
+def split_documents(kinds, seed, shares):
+    """{kind: {"pretrain": [...], "shadow": [...], "train": [...], "test": [...]}}: each kind's
+    documents in the order of a hash of (seed, document), cut into consecutive runs in proportion
+    to `shares` (at least one document each): disjoint by construction, and the seed decides."""
+    splits = {}
+    for kind, docs in kinds.items():
+        order = sorted(docs, key=lambda d: hashlib.sha256(f"{seed}:{d}".encode()).digest())
+        counts = quotas(len(order), list(shares.values()))
+        ends = np.cumsum(counts)
+        splits[kind] = {name: order[end - n:end] for name, n, end in zip(shares, counts, ends)}
+    return splits
+
+
+def quotas(n, shares):
+    """n split in proportion to shares, in whole numbers that add up to n (largest remainders
+    first), each at least 1 when n allows."""
+    exact = np.array(shares) * n / sum(shares)
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(counts - exact, kind="stable")[:n - counts.sum()]:
+        counts[i] += 1
+    while n >= len(shares) and (counts == 0).any():    # take one from the largest part
+        counts[np.argmax(counts)] -= 1
+        counts[np.argmin(counts)] += 1
+    return counts.tolist()
+
+
+def joined(documents):
+    """Documents as one text, each followed by a blank line (as paragraphs in a file)."""
+    return "".join(d + "\n\n" for d in documents)
+
+
+def windows(raw, size, n=None, rng=None):
+    """Windows of at most `size` of the UTF-8 bytes `raw`, as text (a character cut at an edge is
+    left out): n at random offsets, or (n=None) one every size - 1 bytes: every byte but the first
+    predicted once."""
+    starts = (range(0, len(raw) - 1, size - 1) if n is None
+              else rng.integers(0, len(raw) - size + 1, size=n))
+    return [raw[i:i + size].decode("utf-8", "ignore") for i in starts]
+
+
+def pick(items, n, rng):
+    """At most n of the items, in their order (all of them when there are no more than n)."""
+    if len(items) <= n:
+        return list(items)
+    return [items[i] for i in np.sort(rng.choice(len(items), n, replace=False))]
+
+
+class TextTask:
+    """Language modeling for one seed, scored in bits per byte (one token is one byte): no
+    `is_correct`. Its domains are the corpus's kinds of text (or your file's sections), one client
+    each."""
+    name, metric, higher_is_better = "text", "bits_per_byte", False
+    block_size, label_temperature = 64, 1.0
+    completion_len = block_size - block_size // 2 + 1      # prompt + completion = one whole window
+
+    def __init__(self, seed, corpus, source="the corpus"):
+        """corpus: a Corpus (experiments/text.py builds them); source names it in errors."""
+        self.seed, self.enc = seed, get_tokenizer()
+        self.splits = split_documents(corpus.kinds, seed, corpus.shares)
+        self.domains = list(self.splits)
+        for domain, parts in self.splits.items():
+            sizes = {name: len(joined(docs).encode()) for name, docs in parts.items()}
+            if min(sizes.values()) < 2 * (self.block_size + 1):
+                raise ValueError(f"{source}: "
+                                 f"{domain!r} has {' / '.join(map(str, sizes.values()))} "
+                                 f"bytes of {' / '.join(sizes)} text: expected at least "
+                                 f"{2 * (self.block_size + 1)} in each (a longer file)")
+        self.shadow_raw = {d: joined(parts["shadow"]).encode() for d, parts in self.splits.items()}
+        # what the base models learn from: the general prose, and each kind's small public share
+        self.pretrain_documents = corpus.general + [d for parts in self.splits.values()
+                                                    for d in parts["pretrain"]]
+        pretrain = joined(self.pretrain_documents).encode()
+        self._pretrain = torch.frombuffer(bytearray(pretrain), dtype=torch.uint8).long()
+
+    # of exactly the text the base models are pretrained on: pretraining's cache key
+    def fingerprint(self):
+        return digest(self.pretrain_documents)
+
+    # x, y, mask (N, block_size): every byte but a window's first is predicted
+    def encode(self, examples):
+        return encode_lines(examples, self.enc, self.block_size, first_target=0, pad=True)
+
+    def pretrain_batch(self, n, rng, device="cpu"):
+        """n windows at random offsets of the pretraining text (the general prose and every
+        domain's PRETRAIN part), on `device`: the text goes there once, then only the offsets
+        travel."""
+        self._pretrain = self._pretrain.to(device)   # moved on the first call, a no-op after that
+        offsets = torch.from_numpy(rng.integers(0, len(self._pretrain) - self.block_size, size=n))
+        window = (offsets.to(device, non_blocking=True)[:, None]
+                  + torch.arange(self.block_size + 1, device=device))
+        # (n, block_size + 1)
+        tokens = self._pretrain[window]
+        return tokens[:, :-1], tokens[:, 1:], torch.ones(n, self.block_size, device=device)
+
+    def shadow_subset(self, k, n, alpha, near_mean=0.0):
+        """A Subset: a mixture over domains ~ Dirichlet(alpha * uniform) and n windows of the SHADOW
+        pool drawn with it (a `near_mean` share of the subsets: Dirichlet(NEAR_MEAN_ALPHA *
+        uniform))."""
+        rng = stream(self.seed, "shadow subset", k)
+        alpha = NEAR_MEAN_ALPHA if is_near_mean(k, near_mean) else alpha
+        mixture = rng.dirichlet(np.full(len(self.domains), alpha / len(self.domains)))
+        counts = np.bincount(rng.choice(len(self.domains), size=n, p=mixture),
+                             minlength=len(self.domains))
+        examples = [w for d, c in zip(self.domains, counts)
+                    for w in windows(self.shadow_raw[d], self.block_size + 1, c, rng)]
+        # shuffled: any first few (the selection criterion scores the first val_examples) follow the
+        # mixture too, not the first domain
+        return Subset(mixture, [examples[i] for i in rng.permutation(n)])
+
+    def public_examples(self, n, rng):
+        """n windows of the SHADOW pool at random offsets (n=None: all of it in consecutive
+        windows)."""
+        return windows(b"".join(self.shadow_raw.values()), self.block_size + 1, n, rng)
+
+    def clients(self, n_train, n_test, group_size=1, skew=None, n_random=0):
+        """One client (or group of group_size members, splitting its TRAIN windows) per domain: at
+        most n_train / n_test TRAIN / TEST windows, drawn at random when the domain has more. `skew`
+        means nothing here."""
+        members, span = [], self.block_size + 1
+        for d, (domain, parts) in enumerate(self.splits.items()):
+            rng = stream(self.seed, "client data", d)
+            train, test = (windows(joined(parts[name]).encode(), span)
+                           for name in ("train", "test"))
+            test, mixture = pick(test, n_test, rng), np.eye(len(self.domains))[d].tolist()
+            for j, part in enumerate(np.array_split(np.arange(len(train)), group_size)):
+                members.append({"name": domain if group_size == 1 else f"{domain}/{j}",
+                                "group": domain, "kind": "domain", "index": len(members),
+                                "mixture": mixture,
+                                "train": pick([train[i] for i in part], n_train, rng),
+                                "test": test})
+        return members
+
+    # eval.py's w2s and kd labels: this + the TinyLM's continuation at temperature 1
+    def prompt(self, example):
+        return example[:self.block_size // 2]
+
+    def relabelled(self, prompt, completion):
+        """The prompt followed by a model's continuation, cut to one window (block_size + 1
+        bytes)."""
+        return (prompt + completion).encode()[:self.block_size + 1].decode("utf-8", "ignore")
 
 
 def make_text_task(seed, text_path=""):

@@ -263,9 +263,10 @@ def test_worker_processes_give_the_same_pairs_as_one_process(tmp_path):
     task = data.make_task("arith", one.seed)
     paths = stages.stage_paths(one, task)
     tiny, llm = train.base_models(one, task, paths, "cpu")
-    runs = [[pair for chunk in train.worker_map(cfg, train.shadow_runs, [[0], [1, 2]], "cpu", task, tiny,
-                                                llm, paths) for pair in chunk]
-            for cfg in (one, two)]
+    here = lambda cfg: lambda: train._worker.update(cfg=cfg, task=task, tiny=tiny, llm=llm)  # noqa: E731
+    runs = [[pair for chunk in stages.worker_map(cfg, train.shadow_runs, [[0], [1, 2]], "cpu",
+                                                 (train._init_worker, (cfg, paths, "cpu", task)), here(cfg))
+             for pair in chunk] for cfg in (one, two)]
     for (x1, y1), (x2, y2) in zip(*runs):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
 

@@ -1,4 +1,4 @@
-"""Tests for the text task (data.TextTask): the corpus and its split, windows, bits per byte on a
+"""Tests for the text task (text_experiment.TextTask): the corpus and its split, windows, bits per byte on a
 hand-made case, bad --text_path files, and the protocol end to end on text at toy size.
 
 Oracles: Python's own UTF-8 bytes and substring search for the windows, set algebra for the splits,
@@ -49,7 +49,7 @@ def test_corpus_is_deterministic_ascii_and_big_enough(task):
     assert 0.8e6 < sum(map(len, corpus.general)) < 1.5e6             # ~1 MB of docstrings
     for kind, documents in corpus.kinds.items():                     # ~0.3-0.7 MB each
         assert sum(map(len, documents)) >= text_experiment.MIN_KIND_BYTES, kind
-        assert len(data.joined(task.splits[kind]["train"])) > 60_000, kind
+        assert len(text_experiment.joined(task.splits[kind]["train"])) > 60_000, kind
 
 
 def test_each_kind_is_what_it_says(task):
@@ -82,16 +82,16 @@ def test_split_is_disjoint_complete_and_seeded(task):
     for kind, docs in kinds.items():
         parts = [task.splits[kind][name] for name in text_experiment.KIND_SHARES]
         assert sorted(sum(parts, [])) == sorted(docs)                              # each document once
-        assert [len(p) for p in parts] == data.quotas(len(docs), list(text_experiment.KIND_SHARES.values()))
-    other = data.split_documents(kinds, 1, text_experiment.KIND_SHARES)
+        assert [len(p) for p in parts] == text_experiment.quotas(len(docs), list(text_experiment.KIND_SHARES.values()))
+    other = text_experiment.split_documents(kinds, 1, text_experiment.KIND_SHARES)
     assert set(other["code"]["shadow"]) != set(task.splits["code"]["shadow"])    # the seed decides
-    assert data.split_documents(kinds, 0, text_experiment.KIND_SHARES) == task.splits
+    assert text_experiment.split_documents(kinds, 0, text_experiment.KIND_SHARES) == task.splits
 
 
 @pytest.mark.parametrize("n", [0, 1, 3, 4, 7, 10, 101, 5000])
 def test_quotas_add_up_follow_the_shares_and_leave_no_part_empty(n):
     shares = [0.3, 0.3, 0.3, 0.1]
-    counts = data.quotas(n, shares)
+    counts = text_experiment.quotas(n, shares)
     assert sum(counts) == n and all(c >= 0 for c in counts)
     if n >= 4:
         assert min(counts) >= 1
@@ -120,19 +120,19 @@ def test_fingerprint_covers_exactly_the_pretraining_text(task, monkeypatch):
 
 def test_windows_cover_the_text_once():
     text = "".join(chr(32 + i % 90) for i in range(1000))
-    ws = data.windows(text.encode(), 65)
+    ws = text_experiment.windows(text.encode(), 65)
     assert all(len(w) <= 65 for w in ws) and len(ws) == math.ceil((len(text) - 1) / 64)
     assert ws[0] + "".join(w[1:] for w in ws[1:]) == text          # neighbours share one byte
-    utf8 = data.windows(("é" * 100).encode(), 65)                   # 2-byte characters: never cut in half
+    utf8 = text_experiment.windows(("é" * 100).encode(), 65)                   # 2-byte characters: never cut in half
     assert all(len(w.encode()) <= 65 and set(w) <= {"é"} for w in utf8)
 
 
 def test_random_windows_are_whole_windows_of_the_text():
     text = "".join(np.random.default_rng(1).choice(list("abcdefgh"), size=1000))
-    ws = data.windows(text.encode(), 65, n=50, rng=np.random.default_rng(0))
+    ws = text_experiment.windows(text.encode(), 65, n=50, rng=np.random.default_rng(0))
     assert len(ws) == 50 and all(len(w) == 65 and w in text for w in ws)
     assert len(set(ws)) > 40                                        # at random offsets, not one place
-    assert ws == data.windows(text.encode(), 65, n=50, rng=np.random.default_rng(0))
+    assert ws == text_experiment.windows(text.encode(), 65, n=50, rng=np.random.default_rng(0))
 
 
 def test_every_example_is_a_window_of_its_own_text(task):
@@ -140,7 +140,7 @@ def test_every_example_is_a_window_of_its_own_text(task):
     clients = task.clients(n_train=100_000, n_test=100, group_size=1)
     assert [c["name"] for c in clients] == task.domains == ["code", "comments", "reference"]
     assert {c["kind"] for c in clients} == {"domain"}
-    private = {d: [data.joined(task.splits[d][name]) for name in ("train", "test")] for d in task.domains}
+    private = {d: [text_experiment.joined(task.splits[d][name]) for name in ("train", "test")] for d in task.domains}
     for c in clients:
         train_text, test_text = private[c["group"]]
         assert len(c["test"]) == 100 and len(c["train"]) == math.ceil((len(train_text) - 1) / T)  # all of it
@@ -155,7 +155,7 @@ def test_every_example_is_a_window_of_its_own_text(task):
 
 
 def test_shadow_subsets_follow_their_mixture_over_the_shadow_pool(task):
-    pool = {d: data.joined(task.splits[d]["shadow"]) for d in task.domains}
+    pool = {d: text_experiment.joined(task.splits[d]["shadow"]) for d in task.domains}
     mixture, examples = task.shadow_subset(3, 3000, alpha=3.0)
     assert mixture.shape == (3,) and abs(mixture.sum() - 1) < 1e-9
     assert all(len(w.encode()) == task.block_size + 1 for w in examples)
@@ -187,7 +187,7 @@ def test_encode_masks_exactly_the_predicted_bytes(task):
 
 def test_pretrain_batch_is_shifted_pretraining_text(task):
     x, y, mask = task.pretrain_batch(8, np.random.default_rng(0))
-    text = data.joined(task.pretrain_documents).encode()
+    text = text_experiment.joined(task.pretrain_documents).encode()
     for xr, yr in zip(x.tolist(), y.tolist()):
         assert xr[1:] == yr[:-1] and bytes(xr + yr[-1:]) in text
     assert mask.shape == x.shape and (mask == 1).all()
@@ -239,7 +239,7 @@ def test_text_path_reads_pieces_into_contiguous_sections(tmp_path):
     flat = [p for ps in corpus.kinds.values() for p in ps]
     assert "\n\n".join(flat) == path.read_text(encoding="utf-8").strip()   # all of it, in order
     assert all(len(p.encode()) <= text_experiment.PIECE_BYTES for p in flat)
-    sizes = [len(data.joined(ps).encode()) for ps in corpus.kinds.values()]
+    sizes = [len(text_experiment.joined(ps).encode()) for ps in corpus.kinds.values()]
     assert max(sizes) - min(sizes) < 0.05 * sum(sizes)                  # about equal parts
     task = text_experiment.make_text_task(0, str(path))
     assert task.domains == ["part1", "part2", "part3", "part4"]
