@@ -25,12 +25,16 @@ same roles, with a kind of text instead of a convention.
     python -m pytest -q tests/test_data.py
 """
 import hashlib
+import math
 import re
 from typing import NamedTuple
 
 import numpy as np
 import tiktoken
 import torch
+import torch.nn.functional as F
+
+import dp
 
 # -----------------------------------------------------------------------------
 # random streams: each kind of draw has a stream of its own, so changing one stage never moves
@@ -287,6 +291,74 @@ class ArithTask:
         answer."""
         answer = re.match(ANSWER, completion)
         return prompt + answer.group(0) + "\n" if answer else None
+
+
+# -----------------------------------------------------------------------------
+# runs: a fine-tune's random draws, runs side by side, and the shadow runs a fit learns from
+
+
+def draw_run(recipe, n, seed, n_noise, device="cpu"):
+    """A run's random draws, up front and in its steps' order, from its own CPU generator (a GPU run
+    draws what a CPU run does): randint(n, (batch,)), or with DP a Poisson sample then N(0, 1) noise
+    (n_noise,). Copied to `device` once: no step waits on the host. -> (indices per step, noise)"""
+    g, batches, noise, like = torch.Generator().manual_seed(seed), [], [], torch.empty(0)
+    for _ in range(recipe.steps):
+        if recipe.dp_sigma > 0:
+            batches.append(dp.poisson_sample(n, recipe.dp_sample_rate, g))
+            noise.append(dp._gaussian((n_noise,), 1.0, like, g))   # as dp_sgd_step draws it
+        else:
+            batches.append(torch.randint(n, (recipe.batch,), generator=g))
+    indices = torch.cat(batches).to(device).split([len(b) for b in batches])
+    return indices, torch.stack(noise).to(device) if noise else None
+
+
+def stack_runs(datasets, others, what, device):
+    """K datasets (x, y, mask) (N_k, T_k) -> x, y, mask (K, N, T), zero-padded to the largest N, T
+    (mask 0: never a target, never a gradient). Refuses K = 0, N_k = 0 and len(others) != K."""
+    if not len(datasets) or len(others) != len(datasets) or not all(len(d[0]) for d in datasets):
+        raise ValueError(f"expected K > 0 datasets of N > 0 examples, one of the {what} each; got "
+                         f"{[len(d[0]) for d in datasets]} examples and {len(others)} {what}")
+    N, T = max(len(d[0]) for d in datasets), max(d[0].shape[1] for d in datasets)
+    return [torch.stack([F.pad(d[i], (0, T - d[i].shape[1], 0, N - len(d[i]))) for d in datasets])
+            .to(device) for i in range(3)]
+
+
+def split_runs(n_runs, val_frac, seed, n_folds=1):
+    """Shadow run indices (train, validation) for the translator, split by RUN, never by snapshot
+    (snapshots of one run are near copies of each other and would leak across the split); with
+    n_folds > 1, a list of n_folds such splits in which every run is held out once, the first of
+    them the translator's (cross-validation for the linear map)."""
+    order = stream(seed, "run split").permutation(n_runs)
+    n_val = max(2, int(round(val_frac * n_runs)))
+    held_out = [order[:n_val]] + (list(np.array_split(order[n_val:], n_folds - 1))
+                                  if n_folds > 1 else [])
+    folds = [(sorted(set(range(n_runs)) - set(v.tolist())), sorted(v.tolist()))
+             for v in held_out if len(v)]
+    return folds[0] if n_folds == 1 else folds
+
+
+def translator_inputs(cfg, shadow, runs, m):
+    """The shadow pairs a map for level-m inputs learns from: X (runs, P, n_src, d_src), Y (runs, P,
+    ...).
+
+    Without DP: the S clean snapshots of each run. With DP the inputs must carry the noise of the
+    uploads they stand for: means of m DP draws of one subset (the mean of m uploads is ~sqrt(m)
+    less noisy than one), P = R // m disjoint means per subset, each paired with the final LLM
+    update."""
+    if "X_private" not in shadow:
+        return shadow["X"][runs], shadow["Y"][runs]
+    P = cfg.shadow_dp_draws // m
+    X = shadow["X_private"][runs, :P * m].unflatten(1, (P, m)).mean(2)
+    return X, shadow["Y"][runs, -1:].expand(-1, P, -1, -1)
+
+
+def dp_noise(cfg, shadow, runs, m):
+    """Draws of the DP noise alone at the level of inputs that average m uploads: each DP draw of a
+    subset minus the mean of that subset's R draws, rescaled to the noise of one draw (x sqrt(R / (R
+    - 1))) and then of a mean of m draws (/ sqrt(m)). (runs * R, n, d)."""
+    draws = shadow["X_private"][runs]                                       # (runs, R, n, d)
+    R = draws.shape[1]
+    return ((draws - draws.mean(1, keepdim=True)) * math.sqrt(R / (R - 1) / m)).flatten(0, 1)
 
 
 def make_task(name, seed):

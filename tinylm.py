@@ -27,6 +27,7 @@ from torch.func import functional_call, vmap
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
+import data
 import dp
 
 # -----------------------------------------------------------------------------
@@ -310,21 +311,6 @@ class Recipe:
     dp_sample_rate: float = 0.0625
 
 
-def draw_run(recipe, n, seed, n_noise, device="cpu"):
-    """A run's random draws, up front and in its steps' order, from its own CPU generator (a GPU run
-    draws what a CPU run does): randint(n, (batch,)), or with DP a Poisson sample then N(0, 1) noise
-    (n_noise,). Copied to `device` once: no step waits on the host. -> (indices per step, noise)"""
-    g, batches, noise, like = torch.Generator().manual_seed(seed), [], [], torch.empty(0)
-    for _ in range(recipe.steps):
-        if recipe.dp_sigma > 0:
-            batches.append(dp.poisson_sample(n, recipe.dp_sample_rate, g))
-            noise.append(dp._gaussian((n_noise,), 1.0, like, g))   # as dp_sgd_step draws it
-        else:
-            batches.append(torch.randint(n, (recipe.batch,), generator=g))
-    indices = torch.cat(batches).to(device).split([len(b) for b in batches])
-    return indices, torch.stack(noise).to(device) if noise else None
-
-
 def with_confidence(logits, loss, mask, conf_weight, step, steps):
     """Burns et al. 2023's confidence loss (eval.py's w2s_conf): also fit the model's own hardened
     predictions, so it may overrule weak labels; the weight warms up over the first 20% of steps."""
@@ -343,7 +329,7 @@ def finetune(model, x, y, mask, recipe, seed, snapshot_steps=(), conf_weight=0.0
     x, y, mask = x.to(device), y.to(device), mask.to(device)
     params = lora_parameters(model)
     opt = torch.optim.Adam(params, lr=recipe.lr, fused=device.type == "cuda" or None)  # 1 kernel
-    batches, noise = draw_run(recipe, len(x), seed, sum(p.numel() for p in params), device)
+    batches, noise = data.draw_run(recipe, len(x), seed, sum(p.numel() for p in params), device)
     snapshots, wanted = [], set(snapshot_steps) or {recipe.steps}
     model.train()
     for step, idx in enumerate(batches, start=1):
@@ -388,27 +374,16 @@ def exact_match_of(model, x, y, mask, batch=1024):
 # many runs of one frozen base as one computation: torch.func.vmap over K update vectors
 
 
-def stack_runs(datasets, others, what, device):
-    """K datasets (x, y, mask) (N_k, T_k) -> x, y, mask (K, N, T), zero-padded to the largest N, T
-    (mask 0: never a target, never a gradient). Refuses K = 0, N_k = 0 and len(others) != K."""
-    if not len(datasets) or len(others) != len(datasets) or not all(len(d[0]) for d in datasets):
-        raise ValueError(f"expected K > 0 datasets of N > 0 examples, one of the {what} each; got "
-                         f"{[len(d[0]) for d in datasets]} examples and {len(others)} {what}")
-    N, T = max(len(d[0]) for d in datasets), max(d[0].shape[1] for d in datasets)
-    return [torch.stack([F.pad(d[i], (0, T - d[i].shape[1], 0, N - len(d[i]))) for d in datasets])
-            .to(device) for i in range(3)]
-
-
 def finetune_many(model, datasets, recipe, seeds, snapshot_steps=(), conf_weight=0.0):
     """[finetune(model, *datasets[k], recipe, seeds[k], snapshot_steps, conf_weight) for each k] to
     round-off, as one computation: run k's LoRA tensors are params[name][k], the model runs under
-    vmap over them, one Adam is K Adams; its batches come from its own `draw_run`, padded."""
-    x, y, mask = stack_runs(datasets, seeds, "seeds", model.wte.weight.device)      # (K, N, T)
+    vmap over them, one Adam is K Adams; its batches come from its own `data.draw_run`, padded."""
+    x, y, mask = data.stack_runs(datasets, seeds, "seeds", model.wte.weight.device)      # (K, N, T)
     K, device, shape = len(x), x.device, update_shape(model.cfg, model.lora[0])
     params = {n: torch.zeros(K, *t.shape, device=device, requires_grad=True)   # (K, *shape) each,
               for n, t in split_update(model, torch.zeros(shape)).items()}     # in update order
     opt = torch.optim.Adam(params.values(), lr=recipe.lr, fused=True)    # one kernel per step
-    draws = [draw_run(recipe, len(d[0]), s, math.prod(shape)) for d, s in zip(datasets, seeds)]
+    draws = [data.draw_run(recipe, len(d[0]), s, math.prod(shape)) for d, s in zip(datasets, seeds)]
     idx = pad_sequence([i for indices, _ in draws for i in indices], True, -1)  # -1: padding
     idx = idx.view(K, recipe.steps, -1)                                           # (K, steps, B)
     widths = (idx >= 0).sum(2).max(0).values.tolist()     # (steps,): each step's largest batch
@@ -457,7 +432,7 @@ def loss_of_updates(model, updates, datasets, max_tokens=None):
     batched over the updates (U, n_layer, token_dim) (vmap) -- ~max_tokens tokens a chunk, 2^16 on
     a GPU, 2^12 on a CPU (its caches) -- leaving the model as it was."""
     require_lora(model)
-    x, y, mask = stack_runs(datasets, updates, "updates", model.wte.weight.device)   # (U, N, T)
+    x, y, mask = data.stack_runs(datasets, updates, "updates", model.wte.weight.device)   # (U, N, T)
     check_update(updates, (len(x), *update_shape(model.cfg, model.lora[0])), "updates")
     updates = updates.to(x.device, model.wte.weight.dtype)
     # all of one dataset in one batch: its masked mean is loss_of's

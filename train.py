@@ -200,48 +200,10 @@ def pool_levels(cfg):
     return evaluation.pool_sizes(cfg.group_size)
 
 
-def translator_inputs(cfg, shadow, runs, m):
-    """The shadow pairs a map for level-m inputs learns from: X (runs, P, n_src, d_src), Y (runs, P,
-    ...).
-
-    Without DP: the S clean snapshots of each run. With DP the inputs must carry the noise of the
-    uploads they stand for: means of m DP draws of one subset (the mean of m uploads is ~sqrt(m)
-    less noisy than one), P = R // m disjoint means per subset, each paired with the final LLM
-    update."""
-    if "X_private" not in shadow:
-        return shadow["X"][runs], shadow["Y"][runs]
-    P = cfg.shadow_dp_draws // m
-    X = shadow["X_private"][runs, :P * m].unflatten(1, (P, m)).mean(2)
-    return X, shadow["Y"][runs, -1:].expand(-1, P, -1, -1)
-
-
-def dp_noise(cfg, shadow, runs, m):
-    """Draws of the DP noise alone at the level of inputs that average m uploads: each DP draw of a
-    subset minus the mean of that subset's R draws, rescaled to the noise of one draw (x sqrt(R / (R
-    - 1))) and then of a mean of m draws (/ sqrt(m)). (runs * R, n, d)."""
-    draws = shadow["X_private"][runs]                                       # (runs, R, n, d)
-    R = draws.shape[1]
-    return ((draws - draws.mean(1, keepdim=True)) * math.sqrt(R / (R - 1) / m)).flatten(0, 1)
-
-
-def split_runs(n_runs, val_frac, seed, n_folds=1):
-    """Shadow run indices (train, validation) for the translator, split by RUN, never by snapshot
-    (snapshots of one run are near copies of each other and would leak across the split); with
-    n_folds > 1, a list of n_folds such splits in which every run is held out once, the first of
-    them the translator's (cross-validation for the linear map)."""
-    order = data.stream(seed, "run split").permutation(n_runs)
-    n_val = max(2, int(round(val_frac * n_runs)))
-    held_out = [order[:n_val]] + (list(np.array_split(order[n_val:], n_folds - 1))
-                                  if n_folds > 1 else [])
-    folds = [(sorted(set(range(n_runs)) - set(v.tolist())), sorted(v.tolist()))
-             for v in held_out if len(v)]
-    return folds[0] if n_folds == 1 else folds
-
-
 def fit_runs(cfg):
     """(train, validation) shadow runs of a configuration's fit: the first fit_shadow of the
     n_shadow curated subsets (all of them by default), split by run."""
-    return split_runs(cfg.fit_shadow or cfg.n_shadow, cfg.val_frac, cfg.seed)
+    return data.split_runs(cfg.fit_shadow or cfg.n_shadow, cfg.val_frac, cfg.seed)
 
 
 def functional_criterion(llm, data_sets, measure="loss"):
@@ -339,10 +301,10 @@ def fit_translator(cfg, task, llm, shadow, m):
     selection, the losses and the linear map itself (the `ridge` baseline)."""
     t0 = time.time()
     n_runs = cfg.fit_shadow or cfg.n_shadow
-    folds = split_runs(n_runs, cfg.val_frac, cfg.seed, cfg.gt_select_folds)
+    folds = data.split_runs(n_runs, cfg.val_frac, cfg.seed, cfg.gt_select_folds)
     folds = folds if cfg.gt_select_folds > 1 else [folds]
     train_runs, val_runs = folds[0]
-    X_all, Y_all = translator_inputs(cfg, shadow, list(range(n_runs)), m)   # (runs, P, ...)
+    X_all, Y_all = data.translator_inputs(cfg, shadow, list(range(n_runs)), m)   # (runs, P, ...)
     X_train, Y_train = X_all[train_runs].flatten(0, 1), Y_all[train_runs].flatten(0, 1)
     X_val, Y_val = X_all[val_runs, -1], Y_all[val_runs, -1]                 # one per run
     examples = [shadow_examples(cfg, task, k)[:cfg.val_examples] for k in range(n_runs)]
@@ -358,7 +320,7 @@ def fit_translator(cfg, task, llm, shadow, m):
         top = gradtx.public_basis(X_clean, SIGNAL_DIRECTIONS)
         signal = dp.upload_signal(shadow["X"][train_runs, -1], X_all[train_runs], top).tolist()
         if cfg.gt_gate:
-            gate = dp.fit_gate(X_train, dp_noise(cfg, shadow, train_runs, m), top,
+            gate = dp.fit_gate(X_train, data.dp_noise(cfg, shadow, train_runs, m), top,
                                Y_train.mean(0))
     (n_src, d_src), (n_tgt, d_tgt) = X_train.shape[1:], Y_train.shape[1:]
     gcfg = gradtx.GTConfig(n_src, d_src, n_tgt, d_tgt, d_model=cfg.gt_d_model,

@@ -8,6 +8,7 @@ Run:  python -m pytest tests/test_batched.py -q
 import pytest
 import torch
 
+import data
 import dp
 import tinylm
 
@@ -69,7 +70,7 @@ def test_dp_runs_with_uneven_poisson_batches_equal_their_own_finetune():
     # smallest run while the largest samples a dozen: every step pads, some runs entirely
     recipe = tinylm.Recipe(steps=STEPS, lr=1e-2, dp_sigma=0.6, dp_clip=0.5, dp_sample_rate=0.2)
     datasets, seeds = [DATASETS[1], DATASETS[0], DATASETS[2]], SEEDS
-    sizes = [[len(i) for i in tinylm.draw_run(recipe, len(d[0]), s, 1)[0]]
+    sizes = [[len(i) for i in data.draw_run(recipe, len(d[0]), s, 1)[0]]
              for d, s in zip(datasets, seeds)]
     assert 0 in sizes[0] and max(sizes[2]) >= 2 * max(sizes[0]) > 0    # the case this test is for
     assert_runs_equal_their_own_finetune(recipe, datasets=datasets, seeds=seeds)
@@ -85,7 +86,7 @@ def test_each_dp_run_divides_by_its_own_expected_batch_size():
 def test_a_step_where_no_run_samples_anyone_is_noise_alone():
     recipe = tinylm.Recipe(steps=STEPS, lr=1e-2, dp_sigma=0.6, dp_clip=0.5, dp_sample_rate=0.05)
     datasets = [examples(N, 8, seed=N) for N in (3, 4, 5)]
-    sizes = torch.tensor([[len(i) for i in tinylm.draw_run(recipe, len(d[0]), s, 1)[0]]
+    sizes = torch.tensor([[len(i) for i in data.draw_run(recipe, len(d[0]), s, 1)[0]]
                           for d, s in zip(datasets, SEEDS)])                  # (K, steps)
     assert (sizes.sum(0) == 0).any() and (sizes.sum(0) > 0).any()   # both kinds of step occur
     assert_runs_equal_their_own_finetune(recipe, datasets=datasets)
@@ -98,12 +99,12 @@ def test_draw_run_draws_in_the_order_finetune_always_has():
                                                                    dp_sample_rate=0.3)
     g = torch.Generator().manual_seed(7)
     expected = [torch.randint(9, (5,), generator=g) for _ in range(4)]
-    indices, noise = tinylm.draw_run(plain, 9, 7, 6)
+    indices, noise = data.draw_run(plain, 9, 7, 6)
     assert noise is None and all(torch.equal(a, b) for a, b in zip(indices, expected))
     g = torch.Generator().manual_seed(7)
     expected = [((torch.rand(9, generator=g) < 0.3).nonzero().squeeze(1), torch.randn(6, generator=g))
                 for _ in range(4)]
-    indices, noise = tinylm.draw_run(private, 9, 7, 6)
+    indices, noise = data.draw_run(private, 9, 7, 6)
     assert all(torch.equal(i, e[0]) for i, e in zip(indices, expected))
     assert torch.equal(noise, torch.stack([e[1] for e in expected]))
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data  # noqa: E402
 import dp  # noqa: E402
 import gradtx  # noqa: E402
 import train  # noqa: E402
@@ -573,10 +574,10 @@ def test_cross_validated_selection_holds_every_run_out_once_and_refits_on_the_fi
     """The oracle: a loop over the folds that fits each candidate on the fold's training runs with
     fit_ridge and scores the fold's held-out runs; the scores are the means over all held-out runs."""
     X, Y = random_pairs(12, seed=10)
-    folds = train.split_runs(12, 0.25, seed=0, n_folds=3)
+    folds = data.split_runs(12, 0.25, seed=0, n_folds=3)
     assert sorted(r for _, held_out in folds for r in held_out) == list(range(12))   # each run once
     assert all(set(tr).isdisjoint(va) and len(tr) + len(va) == 12 for tr, va in folds)
-    assert folds[0] == train.split_runs(12, 0.25, seed=0)     # the translator's split comes first
+    assert folds[0] == data.split_runs(12, 0.25, seed=0)     # the translator's split comes first
     target = torch.randn(12, N_TGT * D_TGT, generator=torch.Generator().manual_seed(3))
     criterion = lambda pred, runs: (pred.flatten(1) - target[runs]).pow(2).sum(1).numpy()  # noqa: E731
     chosen = train.select_linear_map(X[:, None], X[:, None], Y[:, None], criterion, folds, (0, 2), (0.1, 10.0))

@@ -337,12 +337,12 @@ def test_output_perturbation_run(tmp_path):
 
 
 def test_library_modules_import_one_way():
-    """data, dp -> tinylm -> config.presets (the settings and the recipe they publish) -> gradtx ->
+    """dp -> data -> tinylm -> config.presets (the settings and the recipe they publish) -> gradtx ->
     eval -> config.stages (the stage cache) -> train: each module imports only modules before it,
     and only at its top (an import inside a function is how a cycle hides). Experiments and tools
     import the method; the method never imports them."""
     import ast
-    order = ["data", "dp", "tinylm", "config.presets", "gradtx", "eval", "config.stages", "train"]
+    order = ["dp", "data", "tinylm", "config.presets", "gradtx", "eval", "config.stages", "train"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for i, name in enumerate(order):
         tree = ast.parse(open(os.path.join(root, *name.split(".")) + ".py").read())
