@@ -14,17 +14,12 @@ feeding each produced token back in behind the SAME start token. Inputs and targ
 coordinate with the shadow pairs' statistics (`normalize=False`: raw values, as in the paper); the
 output head starts at zero, so the untrained model predicts the mean shadow update exactly.
 
-Three measured additions to the paper's recipe, each an option (off = the paper):
-  * the public subspace: the input is first projected onto the top-k principal directions of the
-    clean public shadow TinyLM updates -- what makes DP uploads translatable (`public_basis`);
-  * a linear skip path: the decoder learns the residual over a ridge map fit on the same pairs,
-    so a translator selected by the functional criterion is never worse than the linear map on
-    the held-out runs (`fit_ridge`, `select_linear_map`);
-  * a do-no-harm gate for DP uploads: an upload the noise alone could explain is translated back
-    towards the mean shadow update (dp.py: `fit_gate`, `gate_weight`).
-The translator is selected on held-out shadow RUNS by a functional criterion (`split_runs`,
-`functional_criterion`): the LLM's loss with the predicted update applied, and of the candidates
-the simplest that is within one standard error of the best (`simplest_within_one_se`).
+Then this project's measured additions, each an option (off = the paper): the input projected on
+a public subspace, the top principal directions of clean public shadow TinyLM updates, which keeps
+DP noise out (`public_basis`); a linear skip path, so the decoder learns the residual over a ridge
+map (`fit_ridge`; train.py chooses the map by the LLM's loss on held-out shadow runs); and the
+do-no-harm gate for noisy uploads (dp.py). Checkpoints are kept by the same criterion: the
+simplest within one standard error of the best (`simplest_within_one_se`).
 
     python -m pytest tests/test_gradtx.py
 """
@@ -138,17 +133,9 @@ class GradTransformer(nn.Module):
         return {n.removeprefix(prefix): t for n, t in self.named_buffers(recurse=False)
                 if n.startswith(prefix)} or None
 
-    @property
-    def basis(self):   # {"mean", "U"}, or None: no projection
-        return self.buffers_named("basis_")
-
-    @property
-    def ridge(self):   # fit_ridge's map, or None: no skip path
-        return self.buffers_named("ridge_")
-
-    @property
-    def gate(self):    # fit_gate's statistics, or None: no gate
-        return self.buffers_named("gate_")
+    basis = property(lambda self: self.buffers_named("basis_"))  # {"mean", "U"}; None: raw input
+    ridge = property(lambda self: self.buffers_named("ridge_"))  # fit_ridge's; None: no skip path
+    gate = property(lambda self: self.buffers_named("gate_"))    # fit_gate's; None: no gate
 
     def forward(self, src, tgt_in, base=None):
         """src (B, n_src, d_src), tgt_in (B, T, d_tgt) -> next tokens (B, T, d_tgt); normalised
@@ -257,14 +244,12 @@ class Translator(NamedTuple):
 
 def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_size,
         eval_every, val_criterion=None, seed=0):
-    """Train on (TinyLM update, LLM update) pairs; keep the checkpoint with the best validation.
-    X_*: (N, n_src, d_src), Y_*: (N, n_tgt, d_tgt), raw units; the validation pairs come from shadow
-    RUNS not in the training set. `val_criterion(pred_Y_val) -> (n_val,) or float` scores
-    autoregressive predictions, lower is better (train.py: functional_criterion); without it,
-    validation MSE decides. The checkpoint kept is the earliest within one standard error of the
-    best (`simplest_within_one_se`): step 0, the linear map, unless training beats it by more than
-    the held-out runs' noise. Returns {"history": [{"step", "train_mse", "val_mse", "val_rel_err",
-    "criterion"}], "best_step": step kept}."""
+    """Train on pairs X (N, n_src, d_src) -> Y (N, n_tgt, d_tgt), raw units, validating on held-out
+    RUNS' pairs: `val_criterion(pred_Y_val) -> (n_val,)` scores autoregressive predictions, lower is
+    better (else validation MSE). Keeps the earliest checkpoint within one standard error of the
+    best: step 0, the linear map, unless training beats it by more than the held-out runs' noise.
+    Returns {"history": [{"step", "train_mse", "val_mse", "val_rel_err", "criterion"}],
+    "best_step"}."""
     torch.manual_seed(seed)
     device = model.head.weight.device
     X_train, Y_train = X_train.to(device), Y_train.to(device)
@@ -284,12 +269,10 @@ def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_si
             per_run[step] = (val_criterion(pred) if val_criterion
                              else errors.flatten(1).mean(1).cpu().numpy())
             crit = float(np.mean(per_run[step]))
-            # read here only: no sync per step
-            train_mse = float("nan") if train_loss is None else train_loss.item()
+            train_mse = float("nan") if train_loss is None else train_loss.item()  # no sync a step
             history.append({"step": step, "train_mse": train_mse, "val_mse": val_mse,
                             "val_rel_err": rel, "criterion": crit})
-            # the weights only: the buffers (statistics, subspace, skip path, gate) do not train,
-            # and the skip path's keys and values are the size of the training set
+            # the weights only: the buffers do not train (the skip path's are training-set sized)
             states[step] = {n: p.detach().clone() for n, p in model.named_parameters()}
             bar.set_postfix(val=f"{crit:.4f}")
         if step == steps:
@@ -448,6 +431,29 @@ def ridge_predict(ridge, X):
     r = {k: v.to(X.device) for k, v in ridge.items()}
     z = (X.flatten(1).float() - r["x_mean"]) / r["x_std"]
     return (z @ r["keys"].T) @ r["values"] * r["y_std"] + r["y_mean"]
+
+
+class LinearMap(NamedTuple):
+    """What train.select_linear_map chooses: the public basis (None: raw input), the ridge map, its
+    subspace size k and lambda, and every candidate's mean held-out score {(k, lambda): score}."""
+    basis: dict
+    ridge: dict
+    k: int
+    lam: float
+    scores: dict
+
+
+def linear_candidates(X_clean, X, Y, ks, lams):
+    """{(k, lambda): (public basis, ridge map)} fit on pairs X (N, n, d) -> Y (N, ...); one
+    factorisation per k serves every lambda (the same map as fit_ridge)."""
+    maps = {}
+    for k in ks:
+        if k > min(X_clean.shape[0] - 1, X_clean[0].numel()):   # more directions than the data has
+            continue
+        basis = public_basis(X_clean, k)
+        factors = ridge_factors(project(X, basis), Y)
+        maps.update({(k, lam): (basis, ridge_at(factors, lam)) for lam in lams})
+    return maps
 
 
 @torch.no_grad()

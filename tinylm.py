@@ -1,11 +1,11 @@
 """
 tinylm.py -- the language models of gradtx: a small GPT, LoRA on q/v, and update vectors.
 
-Both parties' models are the same `GPT` class at two sizes: the client's TinyLM (preset "tiny")
-and the provider's LLM (preset "llm"). After pretraining, each gets LoRA adapters on its attention
-q and v projections; fine-tuning trains only those. The *update vector* of a fine-tuned model is
-the change of its LoRA matrices from the public init -- Δθ_S (TinyLM) and Δθ_T (LLM) in the
-paper -- laid out as one token per transformer layer:
+Both parties' models are the same `GPT` class at two sizes (config/presets.py: MODEL_PRESETS):
+the client's TinyLM and the provider's LLM. After pretraining, each gets LoRA adapters on its
+attention q and v projections; fine-tuning trains only those. The *update vector* of a fine-tuned
+model is the change of its LoRA matrices from the public init -- Δθ_S (TinyLM) and Δθ_T (LLM) in
+the paper -- laid out as one token per transformer layer:
 
     token[l] = concat( flat(q_A - q_A0), flat(q_B), flat(v_A - v_A0), flat(v_B) )    # (token_dim,)
     token_dim = 4 * rank * n_embd
@@ -41,17 +41,6 @@ class GPTConfig:
     n_layer: int = 2
     n_head: int = 4
     n_embd: int = 64
-
-
-# CPU defaults "tiny"/"llm" (~27% vs ~73% arithmetic pretrained); *_gpu: one GPU; micro/mini: smoke
-MODEL_PRESETS = {
-    "micro": GPTConfig(n_layer=1, n_head=2, n_embd=32),
-    "mini": GPTConfig(n_layer=2, n_head=2, n_embd=48),
-    "tiny": GPTConfig(n_layer=2, n_head=4, n_embd=64),
-    "llm": GPTConfig(n_layer=4, n_head=4, n_embd=128),
-    "tiny_gpu": GPTConfig(n_layer=4, n_head=4, n_embd=128),
-    "llm_gpu": GPTConfig(n_layer=8, n_head=8, n_embd=256),
-}
 
 
 def masked_cross_entropy(logits, targets, mask=None):
@@ -432,7 +421,7 @@ def loss_of_updates(model, updates, datasets, max_tokens=None):
     batched over the updates (U, n_layer, token_dim) (vmap) -- ~max_tokens tokens a chunk, 2^16 on
     a GPU, 2^12 on a CPU (its caches) -- leaving the model as it was."""
     require_lora(model)
-    x, y, mask = data.stack_runs(datasets, updates, "updates", model.wte.weight.device)   # (U, N, T)
+    x, y, mask = data.stack_runs(datasets, updates, "updates", model.wte.weight.device)  # (U, N, T)
     check_update(updates, (len(x), *update_shape(model.cfg, model.lora[0])), "updates")
     updates = updates.to(x.device, model.wte.weight.dtype)
     # all of one dataset in one batch: its masked mean is loss_of's

@@ -28,7 +28,6 @@ import os
 import sys
 import time
 from dataclasses import asdict, replace
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,9 +38,8 @@ import eval as evaluation
 import gradtx
 import tinylm
 from config import stages   # where each stage's output is cached
-from config.presets import (RIDGE_LAMBDAS, SIGNAL_DIRECTIONS, SUBSPACE_SIZES, noise_multiplier,
-                            parse_args, pick_device, recipe, sample_rate)
-
+from config.presets import (MODEL_PRESETS, RIDGE_LAMBDAS, SIGNAL_DIRECTIONS, SUBSPACE_SIZES,
+                            noise_multiplier, parse_args, pick_device, recipe, sample_rate)
 
 
 # -----------------------------------------------------------------------------
@@ -113,7 +111,7 @@ def base_models(cfg, task, paths, device):
         model = stages.load_stage(path, lambda path: tinylm.load_model(path, device))
         if model is None:
             t0, seed = time.time(), cfg.seed + (0 if who == "tiny" else 1)
-            shape = replace(tinylm.MODEL_PRESETS[size], vocab_size=task.enc.n_vocab,
+            shape = replace(MODEL_PRESETS[size], vocab_size=task.enc.n_vocab,
                             block_size=task.block_size)
             rng = data.stream(seed, "pretrain batches")   # the public data's batches
             model = tinylm.pretrain(shape,
@@ -224,16 +222,6 @@ def functional_criterion(llm, data_sets, measure="loss"):
     return criterion
 
 
-class LinearMap(NamedTuple):
-    """What `select_linear_map` chooses: the public basis (None: raw input), the ridge map, its
-    subspace size k and lambda, and every candidate's mean held-out score {(k, lambda): score}."""
-    basis: dict
-    ridge: dict
-    k: int
-    lam: float
-    scores: dict
-
-
 def select_linear_map(X_clean, X, Y, criterion, folds, ks=SUBSPACE_SIZES, lams=RIDGE_LAMBDAS,
                       rule="one_se"):
     """Choose the subspace size k and ridge's lambda by the functional criterion on held-out runs
@@ -247,7 +235,7 @@ def select_linear_map(X_clean, X, Y, criterion, folds, ks=SUBSPACE_SIZES, lams=R
     updates. Returns a LinearMap."""
     scores = {}
     for train, held_out in folds:
-        fitted = linear_candidates(X_clean[train].flatten(0, 1), X[train].flatten(0, 1),
+        fitted = gradtx.linear_candidates(X_clean[train].flatten(0, 1), X[train].flatten(0, 1),
                                    Y[train].flatten(0, 1), ks, lams)
         for (k, lam), (basis, ridge) in fitted.items():
             pred = gradtx.ridge_predict(ridge, gradtx.project(X[held_out, -1], basis))
@@ -262,22 +250,9 @@ def select_linear_map(X_clean, X, Y, criterion, folds, ks=SUBSPACE_SIZES, lams=R
     else:
         k, lam = gradtx.simplest_within_one_se({c: scores[c] for c in simplest_first})
     train = folds[0][0]
-    basis, ridge = linear_candidates(X_clean[train].flatten(0, 1), X[train].flatten(0, 1),
+    basis, ridge = gradtx.linear_candidates(X_clean[train].flatten(0, 1), X[train].flatten(0, 1),
                                      Y[train].flatten(0, 1), (k,), (lam,))[(k, lam)]
-    return LinearMap(basis, ridge, k, lam, {c: float(np.mean(v)) for c, v in scores.items()})
-
-
-def linear_candidates(X_clean, X, Y, ks, lams):
-    """{(k, lambda): (public basis, ridge map)} fit on pairs X (N, n, d) -> Y (N, ...); one
-    factorisation per k serves every lambda (the same map as gradtx.fit_ridge)."""
-    maps = {}
-    for k in ks:
-        if k > min(X_clean.shape[0] - 1, X_clean[0].numel()):   # more directions than the data has
-            continue
-        basis = gradtx.public_basis(X_clean, k)
-        factors = gradtx.ridge_factors(gradtx.project(X, basis), Y)
-        maps.update({(k, lam): (basis, gradtx.ridge_at(factors, lam)) for lam in lams})
-    return maps
+    return gradtx.LinearMap(basis, ridge, k, lam, {c: float(np.mean(v)) for c, v in scores.items()})
 
 
 def fit_stage(cfg, task, tiny, llm, shadow, path, m):
@@ -358,7 +333,7 @@ def fit_translator(cfg, task, llm, shadow, m):
 
 
 def client_runs(clients):
-    """Clients fine-tune their TinyLM: [(non-private update: the PGR floor, never uploaded; upload)]."""
+    """Clients fine-tune their TinyLM: [(the non-private update: the PGR floor; the upload)]."""
     cfg = _worker["cfg"]
     datasets = [_worker["task"].encode(c["train"]) for c in clients]
     seeds = [data.run_seed(cfg.seed, "client run", c["index"]) for c in clients]

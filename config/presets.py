@@ -18,6 +18,17 @@ import dp
 import tinylm
 
 
+# CPU defaults "tiny"/"llm" (~27% vs ~73% arithmetic pretrained); *_gpu: one GPU; micro/mini: smoke
+MODEL_PRESETS = {
+    "micro": tinylm.GPTConfig(n_layer=1, n_head=2, n_embd=32),
+    "mini": tinylm.GPTConfig(n_layer=2, n_head=2, n_embd=48),
+    "tiny": tinylm.GPTConfig(n_layer=2, n_head=4, n_embd=64),
+    "llm": tinylm.GPTConfig(n_layer=4, n_head=4, n_embd=128),
+    "tiny_gpu": tinylm.GPTConfig(n_layer=4, n_head=4, n_embd=128),
+    "llm_gpu": tinylm.GPTConfig(n_layer=8, n_head=8, n_embd=256),
+}
+
+
 @dataclass
 class Config:
     preset: str = "cpu"
@@ -115,7 +126,7 @@ PRESETS = {
                     pretrain_steps_tiny=150, pretrain_steps_llm=250, ft_steps=30, n_train=128,
                     n_shadow=8, n_snapshots=2, snapshot_gap=5, shadow_dp_draws=2, gt_steps=60,
                     gt_eval_every=20, n_test=100),
-    # language modeling on kinds of text from Python's standard library (experiments/text.py): windows of
+    # language modeling on kinds of text from the standard library (experiments/text.py): windows of
     # 64 bytes, bits per byte; near-pure shadow subsets (Dirichlet(0.4 / 3) per kind), so that the
     # translator sees what each kind's update looks like alone
     "text": Config(preset="text", out="out_text", task="text", pretrain_steps_tiny=600,

@@ -14,6 +14,7 @@ import torch
 
 import data
 import dp
+from config.presets import MODEL_PRESETS
 import tinylm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,7 +98,7 @@ def toy_audit(noise_multiplier):
     """A micro TinyLM (random base) fine-tuned on 64 arith lines plus M gradient canaries, half of
     them in; the audit's eps_lb from the final update alone."""
     torch.manual_seed(0)
-    cfg = tinylm.GPTConfig(**{**tinylm.MODEL_PRESETS["micro"].__dict__, "vocab_size": 257})
+    cfg = tinylm.GPTConfig(**{**MODEL_PRESETS["micro"].__dict__, "vocab_size": 257})
     model = tinylm.add_lora(tinylm.GPT(cfg), rank=4, alpha=8.0)
     lines = data.lines_from(data.PAIRS, data.TASK_MIXTURE, 64, np.random.default_rng(0))
     x, y, mask = data.encode_lines(lines, data.get_tokenizer())

@@ -124,3 +124,41 @@ def test_the_length_checker_counts_characters_and_passes_an_exercise_blank(tmp_p
     (tmp_path / "x.py").write_text("ε" * 100 + "\n" + "x" * 101 + "\n" + blank + "\n",
                                    encoding="utf-8")
     assert long_lines(["x.py"], tmp_path) == ["x.py:2: 101 characters"]
+
+
+# -----------------------------------------------------------------------------
+# the reading path: six modules a student reads top to bottom, none too long to hold in mind
+
+CORE = ["data.py", "dp.py", "tinylm.py", "gradtx.py", "eval.py", "train.py"]
+
+
+def oversized(paths, root=ROOT, max_lines=450, max_function=60):
+    """'file: N lines' for a module over max_lines, 'file:function: N lines' for a function over
+    max_function (its docstring included). The exercises' marker lines (### BEGIN / END SOLUTION,
+    EXERCISES.md) are scaffolding, not counted."""
+    import ast
+    found = []
+    for path in paths:
+        with open(os.path.join(root, path), encoding="utf-8") as f:
+            source = f.read()
+        lines = [line for line in source.splitlines()
+                 if not line.lstrip().startswith(("### BEGIN SOLUTION", "### END SOLUTION"))]
+        if (n := len(lines)) > max_lines:
+            found.append(f"{path}: {n} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if (n := node.end_lineno - node.lineno + 1) > max_function:
+                    found.append(f"{path}:{node.name}: {n} lines")
+    return found
+
+
+def test_the_six_modules_fit_the_reading_path():
+    assert oversized(CORE) == []
+
+
+def test_the_size_checker_counts_modules_and_functions(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(61))
+    (tmp_path / "m.py").write_text(f"def long():\n{body}\n\n\ndef short():\n    return 1\n"
+                                   "    ### BEGIN SOLUTION x\n    ### END SOLUTION\n")
+    # 68 lines, of which 2 are exercise markers
+    assert oversized(["m.py"], tmp_path, max_lines=10) == ["m.py: 66 lines", "m.py:long: 62 lines"]

@@ -19,6 +19,7 @@ import gradtx
 import tinylm
 import train
 from config import stages
+from config.presets import MODEL_PRESETS
 from experiments import sweep
 
 
@@ -277,7 +278,7 @@ def test_gpu_preset_shapes_run_on_cpu(tmp_path):
                           "--pretrain_steps_llm=2", "--pretrain_batch=8", "--ft_steps=3", "--n_train=16",
                           "--n_shadow=4", "--n_snapshots=1", "--gt_steps=1", "--gt_eval_every=1", "--n_test=8",
                           "--workers=1", "--threads=1", "--weak_baselines=false"])
-    llm_cfg = tinylm.MODEL_PRESETS["llm_gpu"]
+    llm_cfg = MODEL_PRESETS["llm_gpu"]
     assert results["config"]["llm_model"] == "llm_gpu"
     fit = torch.load(next(p for p in (tmp_path / f for f in os.listdir(tmp_path)) if p.name.startswith("fit-")
                           and p.suffix == ".pt"), weights_only=True)

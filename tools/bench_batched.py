@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tinylm  # noqa: E402
+from config.presets import MODEL_PRESETS  # noqa: E402
 
 N, T, ANSWER = 512, 10, 5
 
@@ -95,7 +96,7 @@ def main(argv):
           f"{'kernels: one by one':>19} {'batched':>9} {'fewer':>6} | max rel diff")
     for preset in ("tiny", "llm"):
         torch.manual_seed(0)
-        model = tinylm.add_lora(tinylm.GPT(tinylm.MODEL_PRESETS[preset]).to(device), rank=4)
+        model = tinylm.add_lora(tinylm.GPT(MODEL_PRESETS[preset]).to(device), rank=4)
         for dp_on, recipe in recipes.items():
             r = measure(model, datasets, recipe, snapshots, device)
             (t1, n1, u1), (tK, nK, uK) = r["one by one"], r["batched"]

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data
 import tinylm
+from config.presets import MODEL_PRESETS
 from dp import dp_sgd_step, per_sample_grads, per_sample_grads_one_pass
 
 ROUNDS, WARMUP = 120, 10   # timed rounds of each kind of step, after untimed warm-up rounds
@@ -38,7 +39,7 @@ def median_step_times(preset, x, y, mask, n_vocab, device="cpu", rounds=ROUNDS, 
     """Median seconds of a plain step and of a DP-SGD step on each path. Interleaved: each
     round times one step of each kind, in a rotating order, so machine load hits all alike."""
     torch.manual_seed(0)
-    cfg = tinylm.GPTConfig(**{**tinylm.MODEL_PRESETS[preset].__dict__, "vocab_size": n_vocab})
+    cfg = tinylm.GPTConfig(**{**MODEL_PRESETS[preset].__dict__, "vocab_size": n_vocab})
     model = tinylm.add_lora(tinylm.GPT(cfg).to(device))
     x, y, mask = x.to(device), y.to(device), mask.to(device)
     opt = torch.optim.Adam(tinylm.lora_parameters(model), lr=1e-3)
