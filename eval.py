@@ -262,9 +262,9 @@ def translator_summary(log):
     """What results.json keeps of a fit log: the selection, the losses and the fit curve."""
     keys = ("k", "ridge_lambda", "ridge_loss", "best_step", "val_loss", "mean_shadow_loss",
             "true_update_loss", "seconds")
-    return {**{k: log[k] for k in keys}, "linear_seconds": log.get("linear_seconds"),
-            "upload_signal": log.get("upload_signal"),   # absent from fit logs made before it
-            "history": log["history"]}                   # the fit curve (tools/plots.py)
+    return {**{k: log[k] for k in keys}, "linear_seconds": log["linear_seconds"],
+            "upload_signal": log["upload_signal"],   # None without DP
+            "history": log["history"]}               # the fit curve (tools/plots.py)
 
 
 def pooling_updates(members, provider):

@@ -42,9 +42,8 @@ CLIENT_KEYS = CLIENT_DATA_KEYS + DP_KEYS
 def stage_paths(cfg, task, levels=(1,), device="cpu"):
     """{stage: file} for this configuration. Each key hashes the stage's settings, the files of the
     stages it reads and a fingerprint of the data it is given: it cannot go stale. A GPU's float
-    kernels give other numbers than a CPU's, so the device type counts too -- but only when it is
-    not "cpu": a CPU stage's key is what it always was, and a CUDA- or MPS-made stage gets a file of
-    its own."""
+    kernels give other numbers than a CPU's, so a CUDA- or MPS-made stage gets a file of its own
+    (the device type joins the key when it is not "cpu")."""
     made_on = [] if torch.device(device).type == "cpu" else [torch.device(device).type]
 
     def path(stage, keys, *inputs):   # an input stage counts by its file name: a cache can be moved

@@ -17,6 +17,7 @@ difference between a run's batched and one-by-one snapshots.
 """
 import os
 import sys
+from dataclasses import dataclass
 import time
 from dataclasses import replace
 
@@ -27,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tinylm  # noqa: E402
-from config.presets import MODEL_PRESETS  # noqa: E402
+from config.presets import MODEL_PRESETS, option_pairs, override, print_help  # noqa: E402
 
 N, T, ANSWER = 512, 10, 5
 
@@ -80,10 +81,20 @@ def measure(model, datasets, recipe, snapshots, device):
     return out
 
 
+@dataclass
+class BenchOptions:
+    K: int = 16           # fine-tunes side by side
+    steps: int = 100
+    device: str = "cpu"
+    threads: int = 2
+
+
 def main(argv):
-    opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
-    K, steps = int(opts.get("K", 16)), int(opts.get("steps", 100))
-    device, threads = opts.get("device", "cpu"), int(opts.get("threads", 2))
+    if any(a in ("-h", "--help") for a in argv):   # options parse as train.py's do
+        print_help(__doc__, BenchOptions())
+        return
+    o = override(BenchOptions(), option_pairs(argv))
+    K, steps, device, threads = o.K, o.steps, o.device, o.threads
     torch.set_num_threads(threads)
     snapshots = tuple(s for s in range(steps, 0, -10)[:4][::-1])   # the default: 4, 10 apart
     datasets = random_datasets(K)

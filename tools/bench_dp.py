@@ -10,6 +10,7 @@ and tinylm.py already imports dp.py: the library modules import one way only.
 """
 import os
 import sys
+from dataclasses import dataclass
 import time
 
 import numpy as np
@@ -21,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data
 import tinylm
-from config.presets import MODEL_PRESETS
+from config.presets import MODEL_PRESETS, option_pairs, override, print_help
 from dp import dp_sgd_step, per_sample_grads, per_sample_grads_one_pass
 
 ROUNDS, WARMUP = 120, 10   # timed rounds of each kind of step, after untimed warm-up rounds
@@ -67,8 +68,16 @@ def median_step_times(preset, x, y, mask, n_vocab, device="cpu", rounds=ROUNDS, 
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
+@dataclass
+class BenchOptions:
+    device: str = "cpu"
+
+
 def main(argv):
-    device = argv[0].removeprefix("--device=") if argv else "cpu"
+    if any(a in ("-h", "--help") for a in argv):   # options parse as train.py's do
+        print_help(__doc__, BenchOptions())
+        return
+    device = override(BenchOptions(), option_pairs(argv)).device
     torch.set_num_threads(1)  # as train.py's fine-tuning workers; steadier on a busy 2-core machine
     enc = data.get_tokenizer()
     lines = data.lines_from(data.PAIRS, data.TASK_MIXTURE, 32, np.random.default_rng(0))
