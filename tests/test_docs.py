@@ -162,3 +162,49 @@ def test_the_size_checker_counts_modules_and_functions(tmp_path):
                                    "    ### BEGIN SOLUTION x\n    ### END SOLUTION\n")
     # 68 lines, of which 2 are exercise markers
     assert oversized(["m.py"], tmp_path, max_lines=10) == ["m.py: 66 lines", "m.py:long: 62 lines"]
+
+
+# -----------------------------------------------------------------------------
+# the documented numbers: the README's and RESULTS' default table is the table of the run kept in
+# runs/ (its results.json, less the translator's fit curve), so a table edited by hand, or one run
+# regenerated without the other, fails here
+
+DOCUMENTED_RUNS = {"runs/default_seed0.json": ["README.md", "RESULTS.md"]}
+
+
+def stale_tables(runs=DOCUMENTED_RUNS, root=ROOT):
+    """'doc: run' for each doc that does not show its run's table, or does not name its commit."""
+    import json
+    import sys
+    sys.path.insert(0, root)
+    import eval as evaluation
+    stale = []
+    for run, docs in runs.items():
+        with open(os.path.join(root, run), encoding="utf-8") as f:
+            results = json.load(f)
+        table = evaluation.results_table(results)
+        commit = (results["provenance"]["commit"] or "")[:7]
+        for doc in docs:
+            with open(os.path.join(root, doc), encoding="utf-8") as f:
+                text = f.read()
+            if table not in text or not commit or commit not in text:
+                stale.append(f"{doc}: {run}")
+    return stale
+
+
+def test_the_documented_default_table_is_its_runs_table():
+    assert stale_tables() == []
+
+
+def test_the_table_checker_catches_an_edited_number(tmp_path):
+    import json
+    import shutil
+    (tmp_path / "runs").mkdir()
+    shutil.copy(os.path.join(ROOT, "runs", "default_seed0.json"), tmp_path / "runs" / "r.json")
+    results = json.load(open(tmp_path / "runs" / "r.json"))
+    import eval as evaluation
+    table = evaluation.results_table(results)
+    commit = results["provenance"]["commit"][:7]
+    (tmp_path / "A.md").write_text(f"commit {commit}\n\n{table}\n")
+    (tmp_path / "B.md").write_text(f"commit {commit}\n\n{table.replace('| gradtx | ', '| gradtx | 9')}\n")
+    assert stale_tables({"runs/r.json": ["A.md", "B.md"]}, tmp_path) == ["B.md: runs/r.json"]
