@@ -1,12 +1,12 @@
 """
 experiments/text.py -- the text task: language modeling on kinds of text a public model rarely sees,
-scored in bits per byte. This file builds the corpus (data.TextTask splits it into who holds what)
-and runs the whole protocol on it (train.run).
+scored in bits per byte. This file builds the corpus, splits it into who holds what (`TextTask`, the
+same interface as data.ArithTask) and runs the whole protocol on it (train.run).
 
     python experiments/text.py                         # code, comments and the language reference
     python experiments/text.py --preset=text_smoke     # every stage at toy size, under a minute
     python experiments/text.py --text_path=my.txt      # your own UTF-8 text, in four sections
-    python experiments/text.py --help                  # every option (the text preset's defaults)
+    python experiments/text.py --help                  # every option (config/presets.py: "text")
 
 A file that cannot work (unreadable, not UTF-8, too short) ends the run with one line saying what is
 wrong and exit code 2.
