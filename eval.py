@@ -20,9 +20,10 @@ better):
     public_llm    LLM fine-tuned on the whole public half
     w2s           LLM fine-tuned on the client's private inputs labelled by the client's TinyLM
     w2s_conf      the same with the auxiliary confidence loss (Burns et al. 2023)
+    vissup        the same with adaptive, per-token confidence (Guo et al. 2024)
     kd            data-free distillation: LLM fine-tuned on public prompts labelled by the client's
                   TinyLM (the provider can rebuild it from the upload: public base + update)
-    (w2s, w2s_conf and kd use the client's own TinyLM: the DP one in DP runs.)
+    (w2s, w2s_conf, vissup and kd use the client's own TinyLM: the DP one in DP runs.)
 
     PGR            = (P_method - P_S) / (P_T - P_S)
     gain recovered = (P_method - P_llm_base) / (P_T - P_llm_base)
@@ -46,7 +47,7 @@ import gradtx
 import tinylm
 
 METHODS = ["llm_base", "tinylm_ft", "tinylm_dp", "llm_ft", "gradtx", "gradtx_group", "ridge",
-           "ridge_group", "mean_shadow", "public_llm", "w2s", "w2s_conf", "kd"]
+           "ridge_group", "mean_shadow", "public_llm", "w2s", "w2s_conf", "vissup", "kd"]
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -124,14 +125,15 @@ def reference_sets(task, tiny, train, own_update, seed, rng):
     """What the LLM fine-tunes a client's results are compared with learn from: data the provider
     never sees. {method: (examples, conf_weight)}: llm_ft, the client's private data (the ceiling);
     given own_update, the client's TinyLM update (the DP one under DP-SGD; None: skip them), w2s /
-    w2s_conf, the client's inputs labelled by its TinyLM, and kd, public prompts labelled by it."""
+    w2s_conf / vissup, the client's inputs labelled by its TinyLM (tinylm.with_confidence), and kd,
+    public prompts labelled by it."""
     sets = {"llm_ft": (train, 0.0)}
     if own_update is not None:
         g = torch.Generator().manual_seed(seed)
         tinylm.set_update(tiny, own_update)
         weak = relabel(task, tiny, train, g)
         kd = relabel(task, tiny, task.public_examples(len(train), rng), g)
-        sets.update(w2s=(weak, 0.0), w2s_conf=(weak, 0.5), kd=(kd, 0.0))
+        sets.update(w2s=(weak, 0.0), w2s_conf=(weak, 0.5), vissup=(weak, "adaptive"), kd=(kd, 0.0))
     return sets
 
 

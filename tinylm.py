@@ -10,9 +10,8 @@ the paper -- laid out as one token per transformer layer:
     token[l] = concat( flat(q_A - q_A0), flat(q_B), flat(v_A - v_A0), flat(v_B) )    # (token_dim,)
     token_dim = 4 * rank * n_embd
 
-A0 is drawn from a fixed seed (every party re-creates the same one) and B0 = 0, so a model whose
-update vector is all zero is exactly the pretrained model. Many runs of one base, one computation:
-`finetune_many` (K fine-tunes) and `loss_of_updates` (many updates scored), with torch.func.vmap.
+A0 comes from a fixed seed (every party re-creates it) and B0 = 0: an all-zero update vector is the
+pretrained model. Many runs of one base, one vmap'd computation: `finetune_many`, `loss_of_updates`.
 
     python -m pytest tests/test_tinylm.py tests/test_batched.py
 """
@@ -268,7 +267,7 @@ def set_update(model, update):
 
 def pretrain(cfg, next_batch, steps, lr, seed, device="cpu", desc="pretrain"):
     """A GPT(cfg) trained from scratch on next_batch() -> (x, y, mask): AdamW, a linear warmup over
-    the first 5% of the steps, then a cosine decay to 10% of lr. The public base models."""
+    the first 5% of the steps, then a cosine decay to 10% of lr (the public base models)."""
     torch.manual_seed(seed)
     model = GPT(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -300,9 +299,15 @@ class Recipe:
     dp_sample_rate: float = 0.0625
 
 
-def with_confidence(logits, loss, mask, conf_weight, step, steps):
-    """Burns et al. 2023's confidence loss (eval.py's w2s_conf): also fit the model's own hardened
-    predictions, so it may overrule weak labels; the weight warms up over the first 20% of steps."""
+def with_confidence(logits, y, mask, loss, conf_weight, step, steps):
+    """Also fit the model's own hardened predictions, so it may overrule the weak labels y: w > 0,
+    Burns et al. 2023 (w2s_conf), (1 - w) loss + w CE(own), w warmed up over 20% of the steps;
+    "adaptive", Guo et al. 2024 (vissup), per token beta = sigmoid(CE(own) - CE(weak)) for w."""
+    if conf_weight == "adaptive":
+        ce = lambda t: F.cross_entropy(logits.flatten(0, 1), t.flatten(), reduction="none")  # noqa
+        weak, mine, m = ce(y), ce(logits.argmax(-1).detach()), mask.flatten().to(logits.dtype)
+        beta = torch.sigmoid(mine - weak).detach() * min(1.0, step / (0.25 * steps))  # (B*T,)
+        return (((1 - beta) * weak + beta * mine) * m).sum() / m.sum().clamp(min=1)
     if not conf_weight > 0:
         return loss
     w = conf_weight * min(1.0, step / (0.2 * steps))
@@ -312,7 +317,7 @@ def with_confidence(logits, loss, mask, conf_weight, step, steps):
 def finetune(model, x, y, mask, recipe, seed, snapshot_steps=(), conf_weight=0.0):
     """Fine-tune the LoRA of `model` from zero on the examples (x, y, mask) (N, T): the updates at
     `snapshot_steps` (1-based), else [final update], which the model keeps. recipe.dp_sigma > 0:
-    DP-SGD steps on Poisson-sampled batches (dp.py); conf_weight > 0 adds `with_confidence`."""
+    DP-SGD steps on Poisson-sampled batches (dp.py); conf_weight adds `with_confidence`."""
     device = model.wte.weight.device
     set_update(model, torch.zeros(update_shape(model.cfg, model.lora[0])))
     x, y, mask = x.to(device), y.to(device), mask.to(device)
@@ -327,7 +332,7 @@ def finetune(model, x, y, mask, recipe, seed, snapshot_steps=(), conf_weight=0.0
                            recipe.dp_sample_rate * len(x), noise=noise[step - 1])
         else:
             logits, loss = model(x[idx], y[idx], mask[idx])
-            loss = with_confidence(logits, loss, mask[idx], conf_weight, step, recipe.steps)
+            loss = with_confidence(logits, y[idx], mask[idx], loss, conf_weight, step, recipe.steps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -350,8 +355,8 @@ def loss_of(model, x, y, mask, batch=1024):
 
 @torch.no_grad()
 def exact_match_of(model, x, y, mask, batch=1024):
-    """Share of examples (N, T) whose every masked target token is the model's argmax under teacher
-    forcing: exactly the examples greedy decoding completes correctly, from one forward pass."""
+    """Share of examples (N, T) whose every masked target is the model's argmax under teacher
+    forcing: the examples greedy decoding completes right, in one forward pass."""
     hits = 0.0
     for i in range(0, len(x), batch):
         xb, yb, mb = (t[i:i + batch].to(model.wte.weight.device) for t in (x, y, mask))
@@ -364,9 +369,9 @@ def exact_match_of(model, x, y, mask, batch=1024):
 
 
 def finetune_many(model, datasets, recipe, seeds, snapshot_steps=(), conf_weight=0.0):
-    """[finetune(model, *datasets[k], recipe, seeds[k], snapshot_steps, conf_weight) for each k] to
-    round-off, as one computation: run k's LoRA tensors are params[name][k], the model runs under
-    vmap over them, one Adam is K Adams; its batches come from its own `data.draw_run`, padded."""
+    """[finetune(model, *datasets[k], recipe, seeds[k], snapshot_steps, conf_weight)] to round-off,
+    as one computation: run k's LoRA tensors are params[name][k], the model runs vmap'd over them,
+    one Adam is K Adams, and each run draws its own batches (`data.draw_run`), padded."""
     x, y, mask = data.stack_runs(datasets, seeds, "seeds", model.wte.weight.device)      # (K, N, T)
     K, device, shape = len(x), x.device, update_shape(model.cfg, model.lora[0])
     params = {n: torch.zeros(K, *t.shape, device=device, requires_grad=True)   # (K, *shape) each,
@@ -382,7 +387,7 @@ def finetune_many(model, datasets, recipe, seeds, snapshot_steps=(), conf_weight
 
     def run_loss(p, x, y, mask, step):  # one run: its LoRA tensors p, its batch (B, T)
         logits, loss = functional_call(model, p, (x, y, mask))
-        return with_confidence(logits, loss, mask, conf_weight, step, recipe.steps)
+        return with_confidence(logits, y, mask, loss, conf_weight, step, recipe.steps)
 
     def example_logits(p, x):           # one example (T,) with its run's LoRA -> (T, vocab)
         return functional_call(model, p, (x[None],))[0][0]
@@ -417,9 +422,8 @@ def finetune_many(model, datasets, recipe, seeds, snapshot_steps=(), conf_weight
 
 @torch.no_grad()
 def loss_of_updates(model, updates, datasets, max_tokens=None):
-    """(U,) losses: [loss_of(set_update(model, updates[u]), *datasets[u]) for each u] from forwards
-    batched over the updates (U, n_layer, token_dim) (vmap) -- ~max_tokens tokens a chunk, 2^16 on
-    a GPU, 2^12 on a CPU (its caches) -- leaving the model as it was."""
+    """(U,) [loss_of(set_update(model, updates[u]), *datasets[u])] from forwards vmap'd over the
+    updates (U, n_layer, token_dim), ~max_tokens tokens a chunk (GPU 2^16, CPU 2^12: its caches)."""
     require_lora(model)
     x, y, mask = data.stack_runs(datasets, updates, "updates", model.wte.weight.device)  # (U, N, T)
     check_update(updates, (len(x), *update_shape(model.cfg, model.lora[0])), "updates")

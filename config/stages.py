@@ -20,6 +20,8 @@ import data
 import tinylm
 from config.presets import RIDGE_LAMBDAS, SELECTION, SUBSPACE_SIZES
 
+WEAK = "w2s w2s_conf vissup kd"   # the weak baselines a references stage holds
+
 # the settings each stage's output depends on
 TINY_KEYS = ("task", "seed", "tiny_model", "pretrain_steps_tiny", "pretrain_batch",
              "pretrain_lr_tiny")
@@ -71,7 +73,7 @@ def stage_paths(cfg, task, levels=(1,), device="cpu"):
     p["clients"] = path("clients", CLIENT_KEYS, p["pretrain_tiny"], client_data)
     # llm_ft reads only the clients' data; the weak baselines also read their uploads (the clients
     # stage)
-    p["references"] = path("references", CLIENT_DATA_KEYS + ("seed", "weak_baselines"),
+    p["references"] = path("references", CLIENT_DATA_KEYS + ("seed", "weak_baselines"), WEAK,
                            p["pretrain_llm"], p["clients"] if cfg.weak_baselines else client_data)
     return p
 

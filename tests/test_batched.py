@@ -155,3 +155,8 @@ def test_loss_of_updates_equals_a_loop_of_set_update_and_loss_of():
 def test_bad_input_is_refused_clearly(call, match):
     with pytest.raises(ValueError, match=match):
         call(lora_gpt(), tinylm.Recipe(steps=2))
+
+
+def test_the_adaptive_confidence_loss_batched_equals_one_by_one():
+    """vissup's loss (per-token weights) under vmap: each run equals its own finetune."""
+    assert_runs_equal_their_own_finetune(tinylm.Recipe(steps=STEPS, batch=8, lr=1e-2), "adaptive")

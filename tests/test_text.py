@@ -319,7 +319,7 @@ def check_text_results(results, domains):
     assert [c["name"] for c in results["clients"]] == domains
     for c in results["clients"]:
         assert {"llm_base", "tinylm_ft", "llm_ft", "gradtx", "mean_shadow", "ridge", "public_llm", "w2s",
-                "w2s_conf", "kd"} == set(c["scores"])
+                "w2s_conf", "vissup", "kd"} == set(c["scores"])
         assert all(0 < v < 9 and math.isfinite(v) for v in c["scores"].values()), c["scores"]
 
 

@@ -570,3 +570,26 @@ def test_exact_match_counts_examples_with_every_masked_token_right():
 
     assert tinylm.exact_match_of(HandWritten(), x, y, mask) == pytest.approx(30 / 40)
     assert tinylm.exact_match_of(HandWritten(), x, y, mask, batch=7) == pytest.approx(30 / 40)
+
+
+def test_adaptive_confidence_is_guo_et_al_per_token_by_hand():
+    """vissup's loss (Guo et al. 2024): per token, beta = e^CE(own) / (e^CE(own) + e^CE(weak)), its
+    warm-up over the first 25% of steps, then (1 - beta) CE(weak) + beta CE(own), meaned over the
+    masked tokens. The oracle: the same sums, token by token, with math."""
+    logits = torch.tensor([[[2.0, 0.5, -1.0], [0.1, 0.3, 0.2], [1.0, 1.0, 3.0]]])   # (1, 3, vocab 3)
+    y, mask = torch.tensor([[1, 0, 2]]), torch.tensor([[1, 1, 0]])
+    def by_hand(warm):
+        total = 0.0
+        for t in range(2):                                               # the masked tokens
+            row = logits[0, t].tolist()
+            log_z = math.log(sum(math.exp(v) for v in row))
+            weak, own = log_z - row[y[0, t]], log_z - max(row)
+            beta = warm * math.exp(own) / (math.exp(own) + math.exp(weak))
+            total += (1 - beta) * weak + beta * own
+        return total / 2
+    for step, warm in ((1, 0.4), (5, 1.0)):                              # 10 steps: warm-up over 2.5
+        got = tinylm.with_confidence(logits, y, mask, None, "adaptive", step, 10).item()
+        assert got == pytest.approx(by_hand(warm), rel=1e-6)
+    # a fixed weight is Burns et al.'s: (1 - w) loss + w CE(own), untouched by the new branch
+    loss = tinylm.masked_cross_entropy(logits, y, mask)
+    assert tinylm.with_confidence(logits, y, mask, loss, 0.0, 5, 10) is loss
