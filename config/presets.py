@@ -205,6 +205,15 @@ def parse_args(argv, usage=""):
     return cfg
 
 
+def parse_options(defaults, argv, usage=""):
+    """A tool's options, parsed as train.py's are: --key=value (or --key value) over the dataclass
+    `defaults`; --help prints `usage` and every option, then exits."""
+    if any(a in ("-h", "--help") for a in argv):
+        print_help(usage, defaults)
+        sys.exit(0)
+    return override(defaults, option_pairs(argv))
+
+
 def option_pairs(argv):
     """["--a=1", "--b", "2"] -> [("a", "1"), ("b", "2")]: both spellings, as argparse accepts."""
     pairs, args = [], list(argv)

@@ -49,7 +49,7 @@ import dp
 import tinylm
 import train
 from config import stages
-from config.presets import PRESETS, noise_multiplier, option_pairs, override, print_help, recipe
+from config.presets import PRESETS, noise_multiplier, parse_options, recipe
 
 
 @dataclass
@@ -71,12 +71,8 @@ class AuditConfig:
 
 
 def parse_args(argv):
-    """--key=value (or --key value) over AuditConfig's fields, as train.py parses; --help lists
-    them."""
-    if any(a in ("-h", "--help") for a in argv):
-        print_help(__doc__, AuditConfig())
-        sys.exit(0)
-    return override(AuditConfig(), option_pairs(argv))
+    """--key=value (or --key value) over AuditConfig's fields; --help lists them."""
+    return parse_options(AuditConfig(), argv, __doc__)
 
 
 def floats(text):

@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tinylm  # noqa: E402
-from config.presets import MODEL_PRESETS, option_pairs, override, print_help  # noqa: E402
+from config.presets import MODEL_PRESETS, parse_options  # noqa: E402
 
 N, T, ANSWER = 512, 10, 5
 
@@ -90,10 +90,7 @@ class BenchOptions:
 
 
 def main(argv):
-    if any(a in ("-h", "--help") for a in argv):   # options parse as train.py's do
-        print_help(__doc__, BenchOptions())
-        return
-    o = override(BenchOptions(), option_pairs(argv))
+    o = parse_options(BenchOptions(), argv, __doc__)
     K, steps, device, threads = o.K, o.steps, o.device, o.threads
     torch.set_num_threads(threads)
     snapshots = tuple(s for s in range(steps, 0, -10)[:4][::-1])   # the default: 4, 10 apart

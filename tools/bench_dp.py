@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data
 import tinylm
-from config.presets import MODEL_PRESETS, option_pairs, override, print_help
+from config.presets import MODEL_PRESETS, parse_options
 from dp import dp_sgd_step, per_sample_grads, per_sample_grads_one_pass
 
 ROUNDS, WARMUP = 120, 10   # timed rounds of each kind of step, after untimed warm-up rounds
@@ -74,10 +74,7 @@ class BenchOptions:
 
 
 def main(argv):
-    if any(a in ("-h", "--help") for a in argv):   # options parse as train.py's do
-        print_help(__doc__, BenchOptions())
-        return
-    device = override(BenchOptions(), option_pairs(argv)).device
+    device = parse_options(BenchOptions(), argv, __doc__).device
     torch.set_num_threads(1)  # as train.py's fine-tuning workers; steadier on a busy 2-core machine
     enc = data.get_tokenizer()
     lines = data.lines_from(data.PAIRS, data.TASK_MIXTURE, 32, np.random.default_rng(0))
