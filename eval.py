@@ -83,6 +83,17 @@ def bits_per_byte(task, model, examples):
     return tinylm.loss_of(model, *task.encode(examples)) / math.log(2)
 
 
+@torch.no_grad()
+def exact_match_of(model, x, y, mask, batch=1024):
+    """Share of examples (N, T) whose every masked target is the model's argmax under teacher
+    forcing: the examples greedy decoding completes right, in one forward pass."""
+    hits = 0.0
+    for i in range(0, len(x), batch):
+        xb, yb, mb = (t[i:i + batch].to(model.wte.weight.device) for t in (x, y, mask))
+        hits += ((model(xb)[0].argmax(-1) == yb) | (mb == 0)).all(dim=1).sum().item()
+    return hits / max(len(x), 1)
+
+
 def score(task, model, examples):
     if task.metric == "accuracy":
         return accuracy(task, model, examples)

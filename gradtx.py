@@ -17,7 +17,7 @@ output head starts at zero, so the untrained model predicts the mean shadow upda
 Then this project's measured additions, each an option (off = the paper): the input projected on
 a public subspace, the top principal directions of clean public shadow TinyLM updates, which keeps
 DP noise out (`public_basis`); a linear skip path, so the decoder learns the residual over a ridge
-map (`fit_ridge`; train.py chooses the map by the LLM's loss on held-out shadow runs); and the
+map (`ridge_factors`; train.py chooses the map by the LLM's loss on held-out shadow runs); and the
 do-no-harm gate for noisy uploads (dp.py). Checkpoints are kept by the same criterion: the
 simplest within one standard error of the best (`simplest_within_one_se`).
 
@@ -134,7 +134,7 @@ class GradTransformer(nn.Module):
                 if n.startswith(prefix)} or None
 
     basis = property(lambda self: self.buffers_named("basis_"))  # {"mean", "U"}; None: raw input
-    ridge = property(lambda self: self.buffers_named("ridge_"))  # fit_ridge's; None: no skip path
+    ridge = property(lambda self: self.buffers_named("ridge_"))  # ridge_at's; None: no skip path
     gate = property(lambda self: self.buffers_named("gate_"))    # fit_gate's; None: no gate
 
     def forward(self, src, tgt_in, base=None):
@@ -228,8 +228,7 @@ def generate(model, tiny_update):
         fallback = model.gate["fallback"]
         weight = dp.gate_weight(model.gate, src_raw)[:, None, None]
         out = fallback + weight * (out - fallback)
-    out = out.cpu()
-    return out[0] if single else out
+    return out[0].cpu() if single else out.cpu()
 
 
 # -----------------------------------------------------------------------------
@@ -333,12 +332,10 @@ def register_additions(model, cfg):
 
 
 def simplest_within_one_se(scores):
-    """The first candidate (`scores` lists them simplest first) that is not clearly worse than the
-    best: its per-run scores (lower is better) exceed the best candidate's by at most one standard
-    error of the paired difference. The one-standard-error rule (Breiman et al. 1984): a dozen
+    """The first candidate (`scores`: simplest first) whose per-run scores (lower is better) exceed
+    the best's by at most one standard error of the paired difference (Breiman et al. 1984): a dozen
     held-out runs rank candidates only up to noise, and a noise-fitted pick (a larger subspace, a
-    weaker ridge, a later checkpoint) is what breaks when DP noise is strong. A scalar score has no
-    spread: then the best wins."""
+    weaker ridge, a later checkpoint) breaks under strong DP noise. Scalar scores: the best wins."""
     ### BEGIN SOLUTION one_se_rule
     values = {c: np.atleast_1d(np.asarray(v, dtype=float)) for c, v in scores.items()}
     best = min(values, key=lambda c: values[c].mean())
@@ -350,7 +347,8 @@ def simplest_within_one_se(scores):
 
 
 # -----------------------------------------------------------------------------
-# the public subspace: PCA of clean public TinyLM updates, which keeps DP noise out
+# the linear map: the public subspace (PCA of clean public TinyLM updates, which keeps DP noise
+# out), then the ridge skip path (fit in the dual, one factorisation for every lambda)
 
 
 def public_basis(X_clean, k):
@@ -359,7 +357,7 @@ def public_basis(X_clean, k):
     Why projecting helps with DP uploads: DP-SGD noise spreads evenly over all D = n_src * d_src
     (~2,000) coordinates of an update, while what distinguishes one fine-tune from another (here:
     the data's convention) lives in a few directions. A k-dim subspace keeps all of that signal
-    but only k / D of the noise's energy. The provider computes it from public data alone."""
+    but only k / D of the noise's energy. Public data alone: the provider computes it."""
     if k == 0:
         return None
     ### BEGIN SOLUTION public_subspace
@@ -371,8 +369,7 @@ def public_basis(X_clean, k):
 
 
 def project(X, basis):
-    """(N, n, d) -> (N, n, d): mean + U U^T (x - mean), same layout; unchanged when basis is
-    None."""
+    """(N, n, d) -> (N, n, d): mean + U U^T (x - mean); unchanged when basis is None."""
     if basis is None:
         return X
     ### BEGIN SOLUTION public_subspace
@@ -382,20 +379,11 @@ def project(X, basis):
     ### END SOLUTION
 
 
-# -----------------------------------------------------------------------------
-# the ridge skip path: a linear map fit in the dual, one factorisation for every lambda
-
-
-def fit_ridge(X, Y, lam):
-    """Ridge regression Y ~ X on z-scored, flattened updates, solved in the dual (N << dims):
-    pred(x) = z(x) @ keys^T @ values with keys = z(X_train), values = (K + lam I)^-1 z(Y_train)."""
-    return ridge_at(ridge_factors(X, Y), lam)
-
-
 def ridge_factors(X, Y):
-    """Everything fit_ridge computes before lambda enters: the z-scoring, K = keys keys^T = Q
-    diag(e) Q^T and Q^T z(Y). A search over lambda computes it once; each lambda then only rescales
-    (`ridge_at`)."""
+    """Ridge regression Y ~ X on z-scored, flattened updates, solved in the dual (N << dims):
+    pred(x) = z(x) @ keys^T @ values, keys = z(X_train), values = (K + lam I)^-1 z(Y_train). This
+    is all of it before lambda enters: the z-scoring, K = keys keys^T = Q diag(e) Q^T and Q^T z(Y),
+    computed once for a search over lambda; each lambda then only rescales (`ridge_at`)."""
     ### BEGIN SOLUTION ridge_dual
     X, Y = X.flatten(1).double(), Y.flatten(1).double()
     x_mean, x_std, y_mean, y_std = X.mean(0), X.std(0) + 1e-8, Y.mean(0), Y.std(0) + 1e-8
@@ -414,8 +402,7 @@ def ridge_factors(X, Y):
 
 
 def ridge_at(factors, lam):
-    """fit_ridge's map at one lambda: values = Q diag(1 / (e + lam)) Q^T z(Y) = (K + lam I)^-1
-    z(Y)."""
+    """The ridge map at one lambda: values = Q diag(1 / (e + lam)) Q^T z(Y), (K + lam I)^-1 z(Y)"""
     f = factors
     ### BEGIN SOLUTION ridge_dual
     values = f["Q"] @ (f["Qt_y"] / (f["eigenvalues"][:, None] + lam))                   # (N, D_tgt)
@@ -426,8 +413,7 @@ def ridge_at(factors, lam):
 
 
 def ridge_predict(ridge, X):
-    """TinyLM updates (N, n_src, d_src) -> LLM updates (N, D_tgt) flattened; callers .view()
-    them."""
+    """TinyLM updates (N, n_src, d_src) -> LLM updates (N, D_tgt), flat: callers .view() them."""
     r = {k: v.to(X.device) for k, v in ridge.items()}
     z = (X.flatten(1).float() - r["x_mean"]) / r["x_std"]
     return (z @ r["keys"].T) @ r["values"] * r["y_std"] + r["y_mean"]
@@ -445,7 +431,7 @@ class LinearMap(NamedTuple):
 
 def linear_candidates(X_clean, X, Y, ks, lams):
     """{(k, lambda): (public basis, ridge map)} fit on pairs X (N, n, d) -> Y (N, ...); one
-    factorisation per k serves every lambda (the same map as fit_ridge)."""
+    factorisation per k serves every lambda (ridge_factors, then ridge_at)."""
     maps = {}
     for k in ks:
         if k > min(X_clean.shape[0] - 1, X_clean[0].numel()):   # more directions than the data has
@@ -458,8 +444,7 @@ def linear_candidates(X_clean, X, Y, ks, lams):
 
 @torch.no_grad()
 def set_linear_map(model, basis, ridge, gate=None):
-    """Copy the public basis, the ridge skip path and the gate into the model's buffers (saved with
-    it)."""
+    """Copy the public basis, the ridge skip path and the gate into the model's saved buffers."""
     for tensors, new in ((model.basis, basis), (model.ridge, ridge), (model.gate, gate)):
         for name, t in (tensors or {}).items():
             t.copy_(new[name])

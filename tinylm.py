@@ -142,15 +142,12 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight                   # tied input/output embeddings
-        self.apply(self._init_weights)
+        for m in self.modules():                                # GPT-2's init
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
         self.lora = None                                        # (rank, alpha, seed) once added
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
 
     def forward(self, idx, targets=None, mask=None):
         """idx, targets: (B, T) token ids; mask: (B, T), 1 where the loss counts (the answer).
@@ -197,13 +194,10 @@ def add_lora(model, rank=4, alpha=8.0, seed=1234):
     return model
 
 
-def require_lora(model):
-    if model.lora is None:
-        raise ValueError("this model has no LoRA adapters: call add_lora(model) first")
-
-
 def lora_parameters(model):
     """The trainable tensors, in update-vector order: per layer q.dA, q.B, v.dA, v.B."""
+    if model.lora is None:
+        raise ValueError("this model has no LoRA adapters: call add_lora(model) first")
     return [p for b in model.blocks for p in (b.attn.q_lora.dA, b.attn.q_lora.B,
                                               b.attn.v_lora.dA, b.attn.v_lora.B)]
 
@@ -215,7 +209,6 @@ def update_shape(cfg, rank):
 
 def get_update(model):
     """Δθ of a LoRA model as a (n_layer, token_dim) float32 tensor (a copy)."""
-    require_lora(model)
     params = lora_parameters(model)
     ### BEGIN SOLUTION update_vector
     tokens = [torch.cat([p.detach().flatten() for p in params[4 * l: 4 * l + 4]])
@@ -254,9 +247,9 @@ def split_update(model, update):
 @torch.no_grad()
 def set_update(model, update):
     """Write an update vector (n_layer, token_dim) into the model's LoRA parameters."""
-    require_lora(model)
+    params = lora_parameters(model)
     check_update(update, update_shape(model.cfg, model.lora[0]))
-    for p, t in zip(lora_parameters(model), split_update(model, update).values()):  # same order
+    for p, t in zip(params, split_update(model, update).values()):  # the same order
         p.copy_(t)
     return model
 
@@ -353,16 +346,6 @@ def loss_of(model, x, y, mask, batch=1024):
     return total / max(count, 1.0)
 
 
-@torch.no_grad()
-def exact_match_of(model, x, y, mask, batch=1024):
-    """Share of examples (N, T) whose every masked target is the model's argmax under teacher
-    forcing: the examples greedy decoding completes right, in one forward pass."""
-    hits = 0.0
-    for i in range(0, len(x), batch):
-        xb, yb, mb = (t[i:i + batch].to(model.wte.weight.device) for t in (x, y, mask))
-        hits += ((model(xb)[0].argmax(-1) == yb) | (mb == 0)).all(dim=1).sum().item()
-    return hits / max(len(x), 1)
-
 
 # -----------------------------------------------------------------------------
 # many runs of one frozen base as one computation: torch.func.vmap over K update vectors
@@ -424,7 +407,7 @@ def finetune_many(model, datasets, recipe, seeds, snapshot_steps=(), conf_weight
 def loss_of_updates(model, updates, datasets, max_tokens=None):
     """(U,) [loss_of(set_update(model, updates[u]), *datasets[u])] from forwards vmap'd over the
     updates (U, n_layer, token_dim), ~max_tokens tokens a chunk (GPU 2^16, CPU 2^12: its caches)."""
-    require_lora(model)
+    lora_parameters(model)                                  # refuses a model without LoRA
     x, y, mask = data.stack_runs(datasets, updates, "updates", model.wte.weight.device)  # (U, N, T)
     check_update(updates, (len(x), *update_shape(model.cfg, model.lora[0])), "updates")
     updates = updates.to(x.device, model.wte.weight.dtype)

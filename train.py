@@ -217,7 +217,7 @@ def functional_criterion(llm, data_sets, measure="loss"):
         values = []
         for update, (x, y, mask) in zip(pred_updates, sets):
             tinylm.set_update(llm, update)
-            values.append(1.0 - tinylm.exact_match_of(llm, x, y, mask))
+            values.append(1.0 - evaluation.exact_match_of(llm, x, y, mask))
         return np.array(values)
     return criterion
 

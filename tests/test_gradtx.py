@@ -48,6 +48,11 @@ def random_pairs(n, seed=1):
     return X, Y
 
 
+def fit_ridge(X, Y, lam):
+    """The ridge map at one lambda, from scratch."""
+    return gradtx.ridge_at(gradtx.ridge_factors(X, Y), lam)
+
+
 def teacher_forced(model, X, Y):
     """Teacher-forced predictions in raw units: the path fit() trains on."""
     src = gradtx.normalize(model, X, "x")
@@ -491,7 +496,7 @@ def test_load_never_unpickles_arbitrary_objects(tmp_path):
 def test_ridge_dual_equals_the_primal_solution():
     # oracle: the textbook primal ridge solution W = (X^T X + lam I)^-1 X^T Y on z-scored data
     X, Y = random_pairs(12, seed=3)
-    ridge = gradtx.fit_ridge(X, Y, lam=2.0)
+    ridge = fit_ridge(X, Y, lam=2.0)
     Xf, Yf = X.flatten(1).double(), Y.flatten(1).double()
     Xz = (Xf - Xf.mean(0)) / (Xf.std(0) + 1e-8)
     Yz = (Yf - Yf.mean(0)) / (Yf.std(0) + 1e-8)
@@ -513,14 +518,14 @@ def test_ridge_on_projected_inputs_is_exact_at_a_small_lambda():
     Xz, Yz = (Xf - x_mean) / x_std, (Yf - y_mean) / y_std
     W = torch.linalg.solve(Xz.T @ Xz + 1e-3 * torch.eye(Xz.shape[1], dtype=torch.float64), Xz.T @ Yz)
     expected = (P_new.flatten(1).double() - x_mean) / x_std @ W * y_std + y_mean
-    got = gradtx.ridge_predict(gradtx.fit_ridge(P, Y, lam=1e-3), P_new).double()
+    got = gradtx.ridge_predict(fit_ridge(P, Y, lam=1e-3), P_new).double()
     assert ((got - expected).norm() / (expected - y_mean).norm()).item() < 1e-3
 
 
 def test_untrained_translator_with_skip_path_is_the_ridge_map():
     X, Y = random_pairs(16, seed=5)
     basis = gradtx.public_basis(X, 3)
-    ridge = gradtx.fit_ridge(gradtx.project(X, basis), Y, lam=1.0)
+    ridge = fit_ridge(gradtx.project(X, basis), Y, lam=1.0)
     torch.manual_seed(0)
     cfg = gradtx.GTConfig(n_src=N_SRC, d_src=D_SRC, n_tgt=N_TGT, d_tgt=D_TGT, d_model=16, n_head=4,
                           dropout=0.0, n_basis=3, n_skip=16)
@@ -534,7 +539,7 @@ def test_untrained_translator_with_skip_path_is_the_ridge_map():
 
 def test_select_linear_map_takes_what_the_criterion_prefers():
     X, Y = random_pairs(20, seed=7)
-    target = gradtx.ridge_predict(gradtx.fit_ridge(gradtx.project(X[:16], gradtx.public_basis(X[:16], 4)),
+    target = gradtx.ridge_predict(fit_ridge(gradtx.project(X[:16], gradtx.public_basis(X[:16], 4)),
                                                    Y[:16], 10.0), gradtx.project(X[16:], gradtx.public_basis(X[:16], 4)))
     criterion = lambda pred, runs: (pred.flatten(1).double() - target.double()).norm().item()  # noqa: E731
     chosen = train.select_linear_map(X[:, None], X[:, None], Y[:, None], criterion,
@@ -549,14 +554,14 @@ def test_select_linear_map_equals_a_search_that_refits_ridge_at_every_lambda():
     X, Y = random_pairs(24, seed=8)
     X_val = random_pairs(4, seed=9)[0]
     basis = gradtx.public_basis(X, 2)   # the criterion prefers what (k, lambda) = (2, 1) predicts
-    target = gradtx.ridge_predict(gradtx.fit_ridge(gradtx.project(X, basis), Y, 1.0), gradtx.project(X_val, basis))
+    target = gradtx.ridge_predict(fit_ridge(gradtx.project(X, basis), Y, 1.0), gradtx.project(X_val, basis))
     criterion = lambda pred, runs: (pred.flatten(1).double() - target.double()).norm().item()  # noqa: E731
     ks, lams = (0, 2, 5), (1e-3, 1e-1, 1.0, 10.0, 1e3)
     expected = {}
     for k in ks:
         basis = gradtx.public_basis(X, k)
         for lam in lams:
-            ridge = gradtx.fit_ridge(gradtx.project(X, basis), Y, lam)
+            ridge = fit_ridge(gradtx.project(X, basis), Y, lam)
             pred = gradtx.ridge_predict(ridge, gradtx.project(X_val, basis))
             expected[(k, lam)] = (criterion(pred, None), pred)
     best = min(expected, key=lambda key: expected[key][0])
@@ -585,12 +590,12 @@ def test_cross_validated_selection_holds_every_run_out_once_and_refits_on_the_fi
         per_run = []
         for tr, va in folds:
             basis = gradtx.public_basis(X[tr], k)
-            ridge = gradtx.fit_ridge(gradtx.project(X[tr], basis), Y[tr], lam)
+            ridge = fit_ridge(gradtx.project(X[tr], basis), Y[tr], lam)
             per_run.append(criterion(gradtx.ridge_predict(ridge, gradtx.project(X[va], basis)), va))
         assert chosen.scores[(k, lam)] == pytest.approx(float(np.concatenate(per_run).mean()), rel=1e-5)
     tr = folds[0][0]
     basis = gradtx.public_basis(X[tr], chosen.k)
-    refit = gradtx.fit_ridge(gradtx.project(X[tr], basis), Y[tr], chosen.lam)
+    refit = fit_ridge(gradtx.project(X[tr], basis), Y[tr], chosen.lam)
     torch.testing.assert_close(gradtx.ridge_predict(chosen.ridge, X), gradtx.ridge_predict(refit, X))
 
 

@@ -547,7 +547,9 @@ def test_lora_finetune_lowers_the_answer_loss_and_leaves_the_base_alone(pretrain
 
 def test_exact_match_counts_examples_with_every_masked_token_right():
     """Oracle: a model whose logits we write by hand -- right everywhere except where we plant
-    mistakes. A mistake on a masked (answer) token loses its example; one outside the mask does not."""
+    mistakes. A mistake on a masked (answer) token loses its example; one outside the mask does not.
+    (The metric lives in eval.py; the models it scores are these.)"""
+    import eval as evaluation
     task = data.make_task("arith", 0)
     x, y, mask = task.encode(task.public_examples(40, np.random.default_rng(0)))
     logits = torch.zeros(*y.shape, task.enc.n_vocab).scatter_(2, y[..., None], 1.0)   # (N, T, V): right
@@ -568,8 +570,8 @@ def test_exact_match_counts_examples_with_every_masked_token_right():
             rows = [next(j for j in range(len(x)) if torch.equal(x[j], r)) for r in idx]
             return logits[rows], None
 
-    assert tinylm.exact_match_of(HandWritten(), x, y, mask) == pytest.approx(30 / 40)
-    assert tinylm.exact_match_of(HandWritten(), x, y, mask, batch=7) == pytest.approx(30 / 40)
+    assert evaluation.exact_match_of(HandWritten(), x, y, mask) == pytest.approx(30 / 40)
+    assert evaluation.exact_match_of(HandWritten(), x, y, mask, batch=7) == pytest.approx(30 / 40)
 
 
 def test_adaptive_confidence_is_guo_et_al_per_token_by_hand():
