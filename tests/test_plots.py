@@ -45,7 +45,8 @@ def test_draws_a_png_for_every_kind_of_json(tmp_path):
     write(tmp_path / "run" / "frontier.json", {"rows": [
         {"n_train": n, "epsilon": e, "m": m, "nem": n * e * m ** 0.5,
          "gain": {"gradtx": g, "ridge": g, "tinylm_dp": g / 2, "w2s": g / 2, "kd": g / 3, "mean_shadow": 0.0},
-         "worst_vs_mean_shadow": {"gradtx": 0.0}}
+         "worst_vs_mean_shadow": {"gradtx": 0.0},
+         "vs_mean_shadow": {c: {"gradtx": g - 0.5, "ridge": -g} for c in ("skewed_+", "iid", "random_0")}}
         for n, e, m, g in ((512, 0.3, 1, 0.1), (512, 1.0, 1, 0.9), (128, 1.0, 8, 0.4))]})
     write(tmp_path / "run" / "shadow_count.json", {"rows": [
         {"K": K, "epsilon": e, "method": m, "skewed_gain": K / 100, "seconds": 1.0}
@@ -59,7 +60,7 @@ def test_draws_a_png_for_every_kind_of_json(tmp_path):
         write(tmp_path / "collab" / name / "results.json", results(eps, eps and "sgd", pooling=True))
 
     assert plots.main([f"--out={tmp_path / 'run'}"]) == ["fit.png", "frontier.png", "frontier_by_size.png",
-                                                         "shadow_count.png"]
+                                                         "frontier_harm.png", "shadow_count.png"]
     figures = tmp_path / "figures"
     assert set(plots.main([f"--out={tmp_path / 'dp'}", f"--figures={figures}"])) == {
         "dp.png", "fit_no_dp.png", "fit_eps8_sgd.png", "fit_eps1_sgd.png", "fit_eps1_output.png"}

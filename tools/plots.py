@@ -15,8 +15,9 @@ It draws whatever it finds in --out:
                       without DP, one panel per kind of client (train.py --experiment=collab)
   frontier.json       frontier.png: gain vs N·ε·√m (examples x epsilon x sqrt(pooled uploads)), one
                       line per method; pooled points (m > 1) are squares. frontier_by_size.png: gain
-                      vs epsilon, a panel per client size N (the DP sweep at each size); and
-                      pooling.png from its runs with groups (train.py --experiment=frontier)
+                      vs epsilon, a panel per client size N (the DP sweep at each size);
+                      frontier_harm.png: every client's score minus its mean shadow update's vs
+                      N·ε·√m (do no harm); and pooling.png from its runs with groups
   shadow_count.json   shadow_count.png: gain vs the number K of shadow subsets, one panel per
                       privacy level, and the provider's bill (seconds, shadow fine-tunes) below it
                       (train.py --experiment=shadow_count)
@@ -193,6 +194,37 @@ def plot_frontier_by_size(plt, frontier):
     return fig
 
 
+def client_kind(name):
+    """'skewed', 'iid' or 'random' from a client's name (a group member's: its group's kind)."""
+    return next((k for k in ("random", "iid") if name.startswith(k)), "skewed")
+
+
+def plot_frontier_harm(plt, frontier):
+    """Do no harm at every point: each client's score minus its mean shadow update's (accuracy)
+    against N·ε·√m, a panel per method (gradtx, ridge), a dot per client coloured by its kind;
+    below the red line (-0.05) a client was made worse off by uploading."""
+    rows = sorted(frontier["rows"], key=lambda r: r["nem"])
+    fig, axes = plt.subplots(1, 2, figsize=(2 * SIZE[0], SIZE[1]), sharey=True)
+    colors = {"skewed": "C0", "iid": "C3", "random": "C2"}
+    for ax, method in zip(axes, ("gradtx", "ridge")):
+        for kind, color in colors.items():
+            for marker, pooled in (("o", False), ("s", True)):
+                points = [(r["nem"], v[method]) for r in rows for name, v in
+                          r["vs_mean_shadow"].items() if client_kind(name) == kind
+                          and method in v and (r.get("group_size", 1) > 1) == pooled]
+                if points:
+                    ax.plot(*zip(*points), marker, color=color, ls="none", alpha=0.7,
+                            mfc="none" if pooled else color,
+                            label=f"{kind}{' (groups)' if pooled else ''} clients")
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.axhline(-0.05, color="red", ls="--", lw=0.8)
+        log_x(ax)
+        ax.set(xlabel="N·ε·√m", title=f"{method}: every client against the mean update")
+    axes[0].set_ylabel("score − mean_shadow's score (accuracy)")
+    axes[0].legend(fontsize=7)
+    return fig
+
+
 def plot_shadow_count(plt, data):
     """Top: gain vs the number K of shadow subsets, one panel per privacy level, one line per method
     (a translator fitted from several inits: its first init, and the band they span). Bottom: the
@@ -256,9 +288,11 @@ def figures_for(out):
         found.append(("dp.png", lambda plt: plot_dp(plt, runs)))
     if os.path.isfile(os.path.join(out, "collab.md")) and runs:
         found.append(("pooling.png", lambda plt: plot_pooling(plt, runs)))
-    for name, draw in (("frontier", plot_frontier), ("frontier_by_size", plot_frontier_by_size),
-                       ("shadow_count", plot_shadow_count)):
-        path = os.path.join(out, f"{name.split('_by_')[0]}.json")
+    for name, source, draw in (("frontier", "frontier", plot_frontier),
+                               ("frontier_by_size", "frontier", plot_frontier_by_size),
+                               ("frontier_harm", "frontier", plot_frontier_harm),
+                               ("shadow_count", "shadow_count", plot_shadow_count)):
+        path = os.path.join(out, f"{source}.json")
         if os.path.isfile(path):
             found.append((f"{name}.png", lambda plt, path=path, draw=draw: draw(plt, load(path))))
     pooled = {name: r for name, r in runs.items() if "pooling_gain_of_means" in skewed(r)}
