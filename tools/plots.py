@@ -215,7 +215,7 @@ def plot_frontier_harm(plt, frontier):
                 if points:
                     ax.plot(*zip(*points), marker, color=color, ls="none", alpha=0.7,
                             mfc="none" if pooled else color,
-                            label=f"{kind}{' (groups)' if pooled else ''} clients")
+                            label=f"{kind} clients" + (", pooled in groups" if pooled else ""))
         ax.axhline(0.0, color="black", lw=0.8)
         ax.axhline(-0.05, color="red", ls="--", lw=0.8)
         log_x(ax)
