@@ -105,17 +105,29 @@ def frontier_points(runs):
     return points
 
 
+def harmed(vs_mean_shadow, method="gradtx", allowed=-0.05):
+    """The clients more than 0.05 below their mean shadow update, a group's members counted under
+    its name ("iid_0: 6 of 8"), or "none"."""
+    groups = {}
+    for name, v in vs_mean_shadow.items():
+        below = groups.setdefault(name.split("/")[0], [0, 0])
+        below[0], below[1] = below[0] + (v[method] < allowed), below[1] + 1
+    return ", ".join(g if n == 1 else f"{g}: {k} of {n}"
+                     for g, (k, n) in groups.items() if k) or "none"
+
+
 def frontier_table(runs):
     points = sorted(frontier_points(runs), key=lambda p: p["nem"])
     head = (["N", "epsilon", "m", "N·ε·√m", "sigma"] + FRONTIER_METHODS
             + ["worst client vs mean_shadow: gradtx", "ridge", "clients below -0.05 (gradtx)"])
     rows = []
     for p in points:
-        row = ([str(p["n_train"]), f"{p['epsilon']:g}", str(p["m"]), f"{p['nem']:.0f}",
-                f"{p['sigma']:.2f}"] + [fmt(p["gain"].get(k)) for k in FRONTIER_METHODS]
+        group = p.get("group_size", 1)
+        row = ([f"{p['n_train']}" + (f" (groups of {group})" if group > 1 else ""),
+                f"{p['epsilon']:g}", str(p["m"]), f"{p['nem']:.0f}", f"{p['sigma']:.2f}"]
+               + [fmt(p["gain"].get(k)) for k in FRONTIER_METHODS]
                + [f"{p['worst_vs_mean_shadow'][k]:+.2f}" for k in ("gradtx", "ridge")]
-               + [", ".join(name for name, v in p["vs_mean_shadow"].items()
-                            if v["gradtx"] < -0.05) or "none"])
+               + [harmed(p["vs_mean_shadow"])])
         rows.append(row)
     return ("skewed clients: gain recovered of means, against each client's NON-private llm_ft; "
             "worst client: the\n"
