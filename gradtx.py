@@ -357,7 +357,7 @@ def public_basis(X_clean, k):
     Why projecting helps with DP uploads: DP-SGD noise spreads evenly over all D = n_src * d_src
     (~2,000) coordinates of an update, while what distinguishes one fine-tune from another (here:
     the data's convention) lives in a few directions. A k-dim subspace keeps all of that signal
-    but only k / D of the noise's energy. Public data alone: the provider computes it."""
+    but only k / D of the noise's energy. It needs public data only."""
     if k == 0:
         return None
     ### BEGIN SOLUTION public_subspace
@@ -402,7 +402,7 @@ def ridge_factors(X, Y):
 
 
 def ridge_at(factors, lam):
-    """The ridge map at one lambda: values = Q diag(1 / (e + lam)) Q^T z(Y), (K + lam I)^-1 z(Y)"""
+    """The ridge map at one lambda: values = Q diag(1/(e + lam)) Q^T z(Y) = (K + lam I)^-1 z(Y)."""
     f = factors
     ### BEGIN SOLUTION ridge_dual
     values = f["Q"] @ (f["Qt_y"] / (f["eigenvalues"][:, None] + lam))                   # (N, D_tgt)
