@@ -346,7 +346,6 @@ def loss_of(model, x, y, mask, batch=1024):
     return total / max(count, 1.0)
 
 
-
 # -----------------------------------------------------------------------------
 # many runs of one frozen base as one computation: torch.func.vmap over K update vectors
 

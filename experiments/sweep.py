@@ -101,16 +101,18 @@ def frontier_points(runs):
             points.append({"n_train": N, "epsilon": eps, "m": m, "nem": N * eps * math.sqrt(m),
                            "group_size": r["config"]["group_size"],
                            "sigma": r["privacy"]["noise_multiplier"], "gain": gain,
-                           "worst_vs_mean_shadow": worst, "vs_mean_shadow": versus})
+                           "worst_vs_mean_shadow": worst, "vs_mean_shadow": versus,
+                           "clients": {c["name"]: {"group": c["group"], "kind": c["kind"]}
+                                       for c in r["clients"] if c["name"] in versus}})
     return points
 
 
-def harmed(vs_mean_shadow, method="gradtx", allowed=-0.05):
-    """The clients more than 0.05 below their mean shadow update, a group's members counted under
-    its name ("iid_0: 6 of 8"), or "none"."""
+def harmed(point, method="gradtx", allowed=-0.05):
+    """A frontier point's clients more than 0.05 below their mean shadow update, a group's members
+    counted under its name ("iid_0: 6 of 8"), or "none"."""
     groups = {}
-    for name, v in vs_mean_shadow.items():
-        below = groups.setdefault(name.split("/")[0], [0, 0])
+    for name, v in point["vs_mean_shadow"].items():
+        below = groups.setdefault(point["clients"][name]["group"], [0, 0])
         below[0], below[1] = below[0] + (v[method] < allowed), below[1] + 1
     return ", ".join(g if n == 1 else f"{g}: {k} of {n}"
                      for g, (k, n) in groups.items() if k) or "none"
@@ -127,7 +129,7 @@ def frontier_table(runs):
                 f"{p['epsilon']:g}", str(p["m"]), f"{p['nem']:.0f}", f"{p['sigma']:.2f}"]
                + [fmt(p["gain"].get(k)) for k in FRONTIER_METHODS]
                + [f"{p['worst_vs_mean_shadow'][k]:+.2f}" for k in ("gradtx", "ridge")]
-               + [harmed(p["vs_mean_shadow"])])
+               + [harmed(p)])
         rows.append(row)
     return ("skewed clients: gain recovered of means, against each client's NON-private llm_ft; "
             "worst client: the\n"

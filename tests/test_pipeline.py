@@ -119,11 +119,13 @@ def test_frontier_points_and_table(dp_group_run):
     table = sweep.experiment_table("frontier", [results])
     assert table.count("\n| 48 (groups of 2) | 1 |") == 2
     # the harm column is the points' own scores: a member below -0.05 is named under its group
-    assert sweep.harmed({"iid_0/0": {"gradtx": -0.06}, "iid_0/1": {"gradtx": 0.0},
-                         "random_3": {"gradtx": -0.051}, "skewed_+": {"gradtx": -0.05}}) == (
-        "iid_0: 1 of 2, random_3")
+    scores = {"iid_0/0": -0.06, "iid_0/1": 0.0, "random_3": -0.051, "skewed_+": -0.05}
+    point = {"vs_mean_shadow": {name: {"gradtx": v} for name, v in scores.items()},
+             "clients": {name: {"group": name.split("/")[0]} for name in scores}}
+    assert sweep.harmed(point) == "iid_0: 1 of 2, random_3"
+    assert all(set(p["clients"]) == set(p["vs_mean_shadow"]) for p in points)
     for p, line in zip(points, [l for l in table.splitlines() if l.startswith("| 48 ")]):
-        assert line.split(" | ")[-1].rstrip(" |") == sweep.harmed(p["vs_mean_shadow"])
+        assert line.split(" | ")[-1].rstrip(" |") == sweep.harmed(p)
     assert all(p["group_size"] == 2 for p in points)
     cfg = train.parse_args(TINY_RUN + ["--dp_epsilon=0.3", "--group_size=2"])
     assert sweep.run_name(cfg, "frontier") == "n48_eps0.3_sgd_m2" and sweep.run_name(cfg, "dp") == "eps0.3_sgd"

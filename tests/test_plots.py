@@ -46,7 +46,9 @@ def test_draws_a_png_for_every_kind_of_json(tmp_path):
         {"n_train": n, "epsilon": e, "m": m, "nem": n * e * m ** 0.5,
          "gain": {"gradtx": g, "ridge": g, "tinylm_dp": g / 2, "w2s": g / 2, "kd": g / 3, "mean_shadow": 0.0},
          "worst_vs_mean_shadow": {"gradtx": 0.0},
-         "vs_mean_shadow": {c: {"gradtx": g - 0.5, "ridge": -g} for c in ("skewed_+", "iid", "random_0")}}
+         "vs_mean_shadow": {c: {"gradtx": g - 0.5, "ridge": -g} for c in ("skewed_+", "iid_0", "random_0")},
+         "clients": {c: {"group": c, "kind": k} for c, k in (("skewed_+", "skewed"), ("iid_0", "iid"),
+                                                             ("random_0", "random"))}}
         for n, e, m, g in ((512, 0.3, 1, 0.1), (512, 1.0, 1, 0.9), (128, 1.0, 8, 0.4))]})
     write(tmp_path / "run" / "shadow_count.json", {"rows": [
         {"K": K, "epsilon": e, "method": m, "skewed_gain": K / 100, "seconds": 1.0}

@@ -17,9 +17,8 @@ difference between a run's batched and one-by-one snapshots.
 """
 import os
 import sys
-from dataclasses import dataclass
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

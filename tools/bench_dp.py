@@ -10,8 +10,8 @@ and tinylm.py already imports dp.py: the library modules import one way only.
 """
 import os
 import sys
-from dataclasses import dataclass
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch

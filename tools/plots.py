@@ -194,11 +194,6 @@ def plot_frontier_by_size(plt, frontier):
     return fig
 
 
-def client_kind(name):
-    """'skewed', 'iid' or 'random' from a client's name (a group member's: its group's kind)."""
-    return next((k for k in ("random", "iid") if name.startswith(k)), "skewed")
-
-
 def plot_frontier_harm(plt, frontier):
     """Do no harm at every point: each client's score minus its mean shadow update's (accuracy)
     against N·ε·√m, a panel per method (gradtx, ridge), a dot per client coloured by its kind;
@@ -210,7 +205,7 @@ def plot_frontier_harm(plt, frontier):
         for kind, color in colors.items():
             for marker, pooled in (("o", False), ("s", True)):
                 points = [(r["nem"], v[method]) for r in rows for name, v in
-                          r["vs_mean_shadow"].items() if client_kind(name) == kind
+                          r["vs_mean_shadow"].items() if r["clients"][name]["kind"] == kind
                           and method in v and (r.get("group_size", 1) > 1) == pooled]
                 if points:
                     ax.plot(*zip(*points), marker, color=color, ls="none", alpha=0.7,
