@@ -42,7 +42,8 @@ import dp
 # integer torch seed: a large prime times the seed, plus its weighted indices.
 
 STREAMS = {"pretrain batches": 0, "shadow subset": 1, "client data": 2, "run split": 3,
-           "public examples": 4, "random clients": 5, "audit canaries": 7, "audit prompts": 8}
+           "public examples": 4, "random clients": 5, "audit canaries": 7, "audit prompts": 8,
+           "shadow subset draw": 9}
 RUN_SEEDS = {"shadow run": (1_000_003, 1), "client run": (2_000_003, 1),
              "shadow DP draw": (3_000_017, 1_009, 1), "audit client": (5_000_011, 1),
              "audit setting": (6_000_007, 1)}
@@ -246,13 +247,16 @@ class ArithTask:
         idx = idx.to(device, non_blocking=True)
         return tuple(t[idx] for t in self._corpus[str(device)])
 
-    def shadow_subset(self, k, n, alpha, near_mean=0.0):
+    def shadow_subset(self, k, n, alpha, near_mean=0.0, draw=None):
         """A Subset of public pairs, operators from a mixture ~ Dirichlet(alpha * m): around m,
         spread to reach any client's (mostly near-pure for alpha < 1); a `near_mean` share of the
-        subsets ~ Dirichlet(NEAR_MEAN_ALPHA * m) instead, close to m, where IID clients sit."""
+        subsets ~ Dirichlet(NEAR_MEAN_ALPHA * m) instead, close to m, where IID clients sit.
+        draw r: the same mixture, fresh records (DP draw r's, as each client holds its own)."""
         rng = stream(self.seed, "shadow subset", k)
         mixture = rng.dirichlet((NEAR_MEAN_ALPHA if is_near_mean(k, near_mean) else alpha)
                                 * TASK_MIXTURE)
+        if draw is not None:
+            rng = stream(self.seed, "shadow subset draw", k, draw)
         return Subset(mixture, lines_from(self.public, mixture, n, rng))
 
     def public_examples(self, n, rng):
@@ -353,9 +357,10 @@ def translator_inputs(cfg, shadow, runs, m):
 
 
 def dp_noise(cfg, shadow, runs, m):
-    """Draws of the DP noise alone at the level of inputs that average m uploads: each DP draw of a
-    subset minus the mean of that subset's R draws, rescaled to the noise of one draw (x sqrt(R / (R
-    - 1))) and then of a mean of m draws (/ sqrt(m)). (runs * R, n, d)."""
+    """Draws of the noise alone at the level of inputs that average m uploads: each DP draw of a
+    subset minus the mean of that subset's R draws (the DP noise and, with fresh records per draw,
+    which records a client holds), rescaled to the noise of one draw (x sqrt(R / (R - 1))) and then
+    of a mean of m draws (/ sqrt(m)). (runs * R, n, d)."""
     draws = shadow["X_private"][runs]                                       # (runs, R, n, d)
     R = draws.shape[1]
     return ((draws - draws.mean(1, keepdim=True)) * math.sqrt(R / (R - 1) / m)).flatten(0, 1)

@@ -131,9 +131,10 @@ def base_models(cfg, task, paths, device):
 # stage 2: shadow curation -- (TinyLM update, LLM update) pairs from public data
 
 
-def shadow_examples(cfg, task, k):
-    """Shadow subset k's examples, drawn as the configuration says."""
-    return task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha, cfg.shadow_near_mean).examples
+def shadow_examples(cfg, task, k, draw=None):
+    """Shadow subset k's examples (draw r: DP draw r's own records, same mixture)."""
+    n, alpha, near_mean = cfg.n_train, cfg.shadow_alpha, cfg.shadow_near_mean
+    return task.shadow_subset(k, n, alpha, near_mean, draw).examples
 
 
 def shadow_runs(ks):
@@ -142,8 +143,7 @@ def shadow_runs(ks):
     cfg, task = _worker["cfg"], _worker["task"]
     datasets = [task.encode(shadow_examples(cfg, task, k)) for k in ks]
     seeds = [data.run_seed(cfg.seed, "shadow run", k) for k in ks]
-    # S, the last one final
-    steps = [cfg.ft_steps - i * cfg.snapshot_gap for i in reversed(range(cfg.n_snapshots))]
+    steps = [cfg.ft_steps - i * cfg.snapshot_gap for i in reversed(range(cfg.n_snapshots))]  # S
     tiny, llm = (fine_tunes(cfg, _worker[who], datasets, recipe(cfg), seeds, steps)
                  for who in ("tiny", "llm"))
     return [(torch.stack(x), torch.stack(y)) for x, y in zip(tiny, llm)]
@@ -151,9 +151,11 @@ def shadow_runs(ks):
 
 def shadow_dp_runs(items):
     """Draws r of shadow subsets k, items [(k, r)]: the TinyLM fine-tuned with the clients' own DP
-    recipe (the provider re-creates exactly what a client would upload from these data)."""
+    recipe, each draw on fresh records of subset k's mixture (shadow_dp_fresh): an upload differs
+    from its convention's by the DP noise AND by which records its client holds."""
     cfg, task = _worker["cfg"], _worker["task"]
-    datasets = [task.encode(shadow_examples(cfg, task, k)) for k, _ in items]
+    datasets = [task.encode(shadow_examples(cfg, task, k, r if cfg.shadow_dp_fresh else None))
+                for k, r in items]
     seeds = [data.run_seed(cfg.seed, "shadow DP draw", k, r) for k, r in items]
     return [run[-1] for run in fine_tunes(cfg, _worker["tiny"], datasets,
                                           recipe(cfg, private=True), seeds)]
@@ -172,8 +174,7 @@ def shadow_stages(cfg, task, tiny, llm, paths, device):
     if "shadow_dp" in paths:
         t0 = time.time()
         items = [(k, r) for k in range(cfg.n_shadow) for r in range(cfg.shadow_dp_draws)]
-        # the clean run's final update IS the recipe's update: add noise
-        if cfg.dp_mechanism == "output":
+        if cfg.dp_mechanism == "output":   # the clean run's final update, plus noise
             draws = [perturb(cfg, shadow["X"][k, -1],
                              data.run_seed(cfg.seed, "shadow DP draw", k, r)) for k, r in items]
         else:
@@ -386,8 +387,7 @@ def clients_stage(cfg, task, tiny, llm, paths, device):
     sigma = noise_multiplier(cfg)
     note = f", DP ({cfg.dp_mechanism}) eps={cfg.dp_epsilon} sigma={sigma:.3f}" if sigma else ""
     print(f"clients   : {len(clients)} clients fine-tuned their TinyLM{note}, "
-          f"{time.time() - t0:.1f}s",
-          flush=True)
+          f"{time.time() - t0:.1f}s", flush=True)
     return clients
 
 

@@ -76,6 +76,9 @@ class Config:
     # but starved the corners (skewed gain 0.78 there, 0.77 at K = 24); RESULTS, "Do no harm"
     shadow_near_mean: float = 0.0
     shadow_dp_draws: int = 4     # R: DP TinyLM runs per shadow subset (with DP only)
+    # each DP draw of a subset on fresh records of its mixture, as each client holds its own. Off:
+    # it left the IID group's pooled uploads as harmed as before (RESULTS, "Do no harm")
+    shadow_dp_fresh: bool = False
     # Grad-Transformer
     gt_d_model: int = 128        # narrower mistranslates the IID client
     gt_layers: int = 1           # encoder layers = decoder layers

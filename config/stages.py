@@ -31,7 +31,7 @@ FINETUNE_KEYS = ("lora_rank", "lora_alpha", "lora_seed", "ft_steps", "ft_batch",
 SHADOW_KEYS = FINETUNE_KEYS + ("n_shadow", "n_snapshots", "snapshot_gap", "shadow_alpha",
                                "shadow_near_mean")
 DP_KEYS = ("dp_epsilon", "dp_delta", "dp_mechanism", "dp_clip", "dp_sample_rate")
-SHADOW_DP_KEYS = SHADOW_KEYS + DP_KEYS + ("shadow_dp_draws",)
+SHADOW_DP_KEYS = SHADOW_KEYS + DP_KEYS + ("shadow_dp_draws", "shadow_dp_fresh")
 FIT_KEYS = ("gt_d_model", "gt_layers", "gt_heads", "gt_dropout", "gt_weight_decay", "gt_lr",
             "gt_steps", "gt_batch", "gt_eval_every", "gt_normalize", "gt_project", "gt_skip",
             "gt_gate", "gt_init", "gt_select", "val_frac", "val_examples", "fit_shadow",

@@ -149,13 +149,15 @@ class TextTask:
         tokens = self._pretrain[window]
         return tokens[:, :-1], tokens[:, 1:], torch.ones(n, self.block_size, device=device)
 
-    def shadow_subset(self, k, n, alpha, near_mean=0.0):
+    def shadow_subset(self, k, n, alpha, near_mean=0.0, draw=None):
         """A Subset: a mixture over domains ~ Dirichlet(alpha * uniform) and n windows of the SHADOW
         pool drawn with it (a `near_mean` share of the subsets: Dirichlet(NEAR_MEAN_ALPHA *
-        uniform))."""
+        uniform)). draw r: the same mixture, fresh windows (DP draw r's)."""
         rng = stream(self.seed, "shadow subset", k)
         alpha = NEAR_MEAN_ALPHA if is_near_mean(k, near_mean) else alpha
         mixture = rng.dirichlet(np.full(len(self.domains), alpha / len(self.domains)))
+        if draw is not None:
+            rng = stream(self.seed, "shadow subset draw", k, draw)
         counts = np.bincount(rng.choice(len(self.domains), size=n, p=mixture),
                              minlength=len(self.domains))
         examples = [w for d, c in zip(self.domains, counts)

@@ -198,6 +198,23 @@ def test_shadow_subsets_use_only_public_pairs_and_are_seeded():
     assert all(not np.array_equal(m1, m2) and l1 != l2 for (m1, l1), (m2, l2) in zip(subsets, other))
 
 
+def test_a_dp_draw_holds_fresh_records_of_its_subsets_mixture():
+    # each DP draw of a shadow subset stands for a client of that convention with records of its own
+    task = data.ArithTask(3)
+    n_public = len(task.public)
+    own = task.shadow_subset(2, n_public, 0.5)
+    draws = [task.shadow_subset(2, n_public, 0.5, draw=r) for r in range(3)]
+    pub = set(task.public)
+    for mixture, lines in draws:
+        assert np.array_equal(mixture, own.mixture)                   # the same convention
+        assert {(a, b) for a, _, b, _ in map(parse_line, lines)} <= pub
+        assert np.abs(op_frequencies(lines) - mixture).max() < 0.035
+        assert lines != own.examples
+    assert draws[0].examples != draws[1].examples != draws[2].examples
+    assert task.shadow_subset(2, n_public, 0.5, draw=1).examples == draws[1].examples   # seeded
+    assert task.shadow_subset(2, n_public, 0.5).examples == own.examples      # no draw: unchanged
+
+
 def test_shadow_lines_follow_their_own_mixture():
     n_public = len(data.ArithTask(5).public)
     for mixture, lines in shadow_subsets(seed=5, k=3, n=n_public, alpha=2.0)[1]:

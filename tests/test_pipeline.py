@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -132,20 +133,29 @@ def test_frontier_points_and_table(dp_group_run):
 
 
 def test_shadow_dp_runs_use_exactly_the_clients_recipe(tmp_path, monkeypatch):
-    cfg = train.parse_args(TINY_RUN + [f"--out={tmp_path}", "--dp_epsilon=2", "--n_shadow=2", "--shadow_dp_draws=2"])
+    cfg = train.parse_args(TINY_RUN + [f"--out={tmp_path}", "--dp_epsilon=2", "--n_shadow=2", "--shadow_dp_draws=2",
+                                       "--shadow_dp_fresh=true"])
     task = data.make_task("arith", cfg.seed)
     paths = stages.stage_paths(cfg, task)
     tiny, llm = train.base_models(cfg, task, paths, "cpu")
-    seen, real = [], train.fine_tunes
+    seen, sets, real = [], [], train.fine_tunes
     monkeypatch.setattr(train, "fine_tunes", lambda cfg, model, datasets, recipe, *a, **k:
-                        seen.append(recipe) or real(cfg, model, datasets, recipe, *a, **k))
+                        seen.append(recipe) or sets.append(datasets) or real(cfg, model, datasets, recipe, *a, **k))
     train._worker.update(cfg=cfg, task=task, tiny=tiny, llm=llm)
-    train.shadow_dp_runs([(1, 0)])
+    train.shadow_dp_runs([(1, 0), (1, 1)])
     train.client_runs(task.clients(cfg.n_train, cfg.n_test)[:1])     # the floor, then the upload
     shadow_recipe, client_floor, client_recipe = seen
     assert shadow_recipe == client_recipe == train.recipe(cfg, private=True)
     assert shadow_recipe.dp_sigma == dp.calibrate("sgd", 2.0, 1e-5, cfg.dp_clip, train.sample_rate(cfg), cfg.ft_steps)
     assert client_floor.dp_sigma == 0.0                          # the PGR floor is the non-private TinyLM
+    # each draw on fresh records of subset 1's mixture, as each client holds its own records
+    drawn = [task.encode(task.shadow_subset(1, cfg.n_train, cfg.shadow_alpha, draw=r).examples) for r in (0, 1)]
+    assert all(torch.equal(a, b) for got, want in zip(sets[0], drawn) for a, b in zip(got, want))
+    assert not torch.equal(sets[0][0][0], sets[0][1][0])
+    train._worker["cfg"] = replace(cfg, shadow_dp_fresh=False)       # the default: the subset's own records
+    train.shadow_dp_runs([(1, 0)])
+    own = task.encode(task.shadow_subset(1, cfg.n_train, cfg.shadow_alpha).examples)
+    assert all(torch.equal(a, b) for a, b in zip(sets[-1][0], own))
 
 
 def test_pooled_upload_is_the_elementwise_mean():
