@@ -56,9 +56,10 @@ def stream(seed, name, *index):
 
 def run_seed(seed, name, *index):
     """The torch seed of one run, e.g. run_seed(seed, "shadow DP draw", k, r) = 3_000_017 * seed
-    + 1_009 * k + r."""
+    + 1_009 * k + r. Seed 0 counts as -1: a scale times 0 would leave the indices alone, and client
+    i, shadow run i and DP draw (0, i) would share one seed: the same batches, the same DP noise."""
     scale, *weights = RUN_SEEDS[name]
-    return scale * seed + sum(w * i for w, i in zip(weights, index))
+    return scale * (seed or -1) + sum(w * i for w, i in zip(weights, index))
 
 # -----------------------------------------------------------------------------
 # tokenizer: a tiktoken Encoding built from our own ranks (no network, tiny vocabulary)

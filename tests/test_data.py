@@ -353,6 +353,18 @@ def test_streams_keep_the_seeds_every_cached_stage_was_made_with():
         assert data.stream(7, name, *index).integers(1 << 30) == np.random.default_rng(key).integers(1 << 30)
 
 
+def test_runs_of_one_seed_never_share_a_torch_seed():
+    # a shared seed means the same batches and the same DP noise: at seed 0 a client's upload once
+    # carried exactly the noise of one of the provider's shadow DP draws
+    for seed in range(4):
+        seeds = ([data.run_seed(seed, "shadow run", k) for k in range(256)]
+                 + [data.run_seed(seed, "shadow DP draw", k, r) for k in range(256) for r in range(16)]
+                 + [data.run_seed(seed, name, i) for name in ("client run", "audit client", "audit setting")
+                    for i in range(256)])
+        assert len(set(seeds)) == len(seeds), seed
+    assert data.run_seed(0, "client run", 5) == -2_000_003 + 5 != data.run_seed(0, "shadow run", 5)
+
+
 def test_random_clients_are_seeded_apart_from_the_shadow_draws_and_leave_the_others_alone():
     task = data.make_task("arith", 0)
     clients = task.clients(16, 8, n_random=3)
