@@ -264,11 +264,11 @@ def audit_setting(cfg, acfg, tiny, x, y, mask, epsilon, mechanism, kind, canarie
     all m from the upload alone. cfg: train.py's Config; epsilon 0: no DP."""
     private = replace(cfg, dp_epsilon=epsilon, dp_mechanism=mechanism or "sgd")
     sgd = epsilon > 0 and mechanism == "sgd"
-    recipe = recipe(private, private=sgd)   # dp_sigma 0 unless DP-SGD
+    rec = recipe(private, private=sgd)   # dp_sigma 0 unless DP-SGD
     m = len(included)
-    expected_batch = recipe.dp_sample_rate * (len(x) + m / 2)   # fixed: never the realised count
+    expected_batch = rec.dp_sample_rate * (len(x) + m / 2)   # fixed: never the realised count
     if kind == "gradient":
-        update = canary_finetune(tiny, x, y, mask, recipe, seed, expected_batch,
+        update = canary_finetune(tiny, x, y, mask, rec, seed, expected_batch,
                                  canaries[torch.from_numpy(included)])
         scores = -(canaries @ update.flatten()).numpy()
     else:
@@ -276,9 +276,9 @@ def audit_setting(cfg, acfg, tiny, x, y, mask, epsilon, mechanism, kind, canarie
         keep = torch.from_numpy(included)
         xs, ys, ms = (torch.cat([t, c[keep]]) for t, c in ((x, cx), (y, cy), (mask, cm)))
         if sgd:
-            update = canary_finetune(tiny, xs, ys, ms, recipe, seed, expected_batch)
+            update = canary_finetune(tiny, xs, ys, ms, rec, seed, expected_batch)
         else:
-            update = tinylm.finetune(tiny, xs, ys, ms, recipe, seed)[-1]
+            update = tinylm.finetune(tiny, xs, ys, ms, rec, seed)[-1]
     if mechanism == "output":
         update = train.perturb(private, update, seed)
         if kind == "gradient":
@@ -292,7 +292,7 @@ def audit_setting(cfg, acfg, tiny, x, y, mask, epsilon, mechanism, kind, canarie
     result = one_run_audit(scores, included, ks, acfg.confidence, acfg.audit_delta)
     return {"epsilon": epsilon or None, "mechanism": mechanism if epsilon else None,
             "canaries": kind, "m": m, **result, "auc": auc(scores, included),
-            "sigma": recipe.dp_sigma if sgd else
+            "sigma": rec.dp_sigma if sgd else
             (noise_multiplier(private) if mechanism == "output" else 0.0),
             "update_norm": update.norm().item()}
 

@@ -5,6 +5,7 @@ gradient canaries, which must catch a DP-SGD with its noise switched off and pas
 Run:  python -m pytest tests/test_audit.py -q
 """
 import itertools
+import json
 import math
 import os
 
@@ -145,3 +146,16 @@ def test_thousands_of_guesses_against_an_exact_binomial_tail():
     assert 0.05 < float(exact) < 0.2        # a tail that matters, not a rounding of 0 or 1
     p = 0.05 ** (1 / 2000)                  # and all 2000 of 2000 right: the closed form
     assert audit.epsilon_lower_bound(2000, 2000) == pytest.approx(math.log(p / (1 - p)), rel=1e-8)
+
+
+def test_the_audit_command_runs_end_to_end_at_smoke_size(tmp_path):
+    # every setting kind once (no DP, DP-SGD, output perturbation), both canary kinds, the leak table
+    rows, leak = audit.main([f"--out={tmp_path}", "--preset=smoke", "--canaries=40", "--ks=5,10",
+                             "--epsilons=0,1", "--output_epsilons=8", "--leak_clients=1", "--leak_epsilons=0",
+                             "--leak_prompts=8"])
+    assert [(r["mechanism"], r["canaries"]) for r in rows] == [
+        (None, "gradient"), (None, "input"), ("sgd", "gradient"), ("sgd", "input"), ("output", "gradient"),
+        ("output", "input")]
+    assert all(0.0 <= r["auc"] <= 1.0 and r["eps_lb"] >= 0.0 for r in rows)
+    assert rows[2]["sigma"] > 0 and rows[0]["sigma"] == 0.0
+    assert json.load(open(tmp_path / "audit.json")) == json.loads(json.dumps(rows)) and len(leak) == 1
