@@ -151,8 +151,8 @@ def shadow_runs(ks):
 
 def shadow_dp_runs(items):
     """Draws r of shadow subsets k, items [(k, r)]: the TinyLM fine-tuned with the clients' own DP
-    recipe, each draw on fresh records of subset k's mixture (shadow_dp_fresh): an upload differs
-    from its convention's by the DP noise AND by which records its client holds."""
+    recipe on the subset's records (with shadow_dp_fresh, on fresh records of its mixture per draw,
+    as each client holds records of its own)."""
     cfg, task = _worker["cfg"], _worker["task"]
     datasets = [task.encode(shadow_examples(cfg, task, k, r if cfg.shadow_dp_fresh else None))
                 for k, r in items]

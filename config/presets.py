@@ -291,6 +291,10 @@ def check_config(cfg):
         raise SystemExit(f"--shadow_dp_draws={cfg.shadow_dp_draws} < "
                          f"--group_size={cfg.group_size}: the map for a group's mean upload is "
                          "trained on means of group_size DP draws per shadow subset")
+    if cfg.shadow_dp_fresh and cfg.dp_mechanism == "output":
+        raise SystemExit("--shadow_dp_fresh with --dp_mechanism=output: output perturbation's "
+                         "draws add noise to the clean runs' updates, there are no records to "
+                         "draw afresh; expected --dp_mechanism=sgd")
 
 
 # -----------------------------------------------------------------------------

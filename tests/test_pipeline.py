@@ -318,6 +318,8 @@ def test_cli_rejects_bad_options():
         train.parse_args(["--dp_mechanism=laplace"])
     with pytest.raises(SystemExit, match="DP settings out of range"):
         train.parse_args(["--dp_epsilon=-1"])
+    with pytest.raises(SystemExit, match="shadow_dp_fresh with --dp_mechanism=output"):
+        train.parse_args(["--dp_epsilon=1", "--dp_mechanism=output", "--shadow_dp_fresh=true"])
     with pytest.raises(SystemExit, match="shadow_dp_draws"):
         train.parse_args(["--dp_epsilon=1", "--group_size=8", "--shadow_dp_draws=4"])
     for bad in (["--fit_shadow=60"], ["--fit_shadow=2"], ["--fit_shadow=-1"]):   # default n_shadow: 48
