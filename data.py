@@ -43,7 +43,7 @@ import dp
 
 STREAMS = {"pretrain batches": 0, "shadow subset": 1, "client data": 2, "run split": 3,
            "public examples": 4, "random clients": 5, "audit canaries": 7, "audit prompts": 8,
-           "shadow subset draw": 9}
+           "shadow subset draw": 9, "between runs": 10}
 RUN_SEEDS = {"shadow run": (1_000_003, 1), "client run": (2_000_003, 1),
              "shadow DP draw": (3_000_017, 1_009, 1), "audit client": (5_000_011, 1),
              "audit setting": (6_000_007, 1)}
@@ -365,6 +365,27 @@ def dp_noise(cfg, shadow, runs, m):
     draws = shadow["X_private"][runs]                                       # (runs, R, n, d)
     R = draws.shape[1]
     return ((draws - draws.mean(1, keepdim=True)) * math.sqrt(R / (R - 1) / m)).flatten(0, 1)
+
+
+class Between(NamedTuple):
+    pairs: np.ndarray      # (P, 2) the two runs of each pair
+    X: torch.Tensor        # (P, n, d) the mean of their inputs, noise topped up
+    Y: torch.Tensor        # (P, n_tgt, d_tgt) the mean of their LLM updates
+
+
+def between_runs(X_runs, Y_runs, noise, n_pairs, seed):
+    """Training pairs BETWEEN shadow runs, where mixed conventions sit (most shadow mixtures are
+    near-pure, so a map learns the corners and guesses the middle): for pairs (a, b) of runs, a
+    client holding both runs' data, its update ~ the mean of theirs on both sides. The mean of two
+    noisy inputs is sqrt(2) less noisy than one, so a draw of the noise alone (/ sqrt(2)) tops it
+    back up. X_runs (R, n, d) one input per run, Y_runs (R, n_tgt, d_tgt), noise (N', n, d) draws
+    at the inputs' level -> Between, n_pairs distinct pairs at random."""
+    rng = stream(seed, "between runs")
+    pairs = np.array([(a, b) for a in range(len(X_runs)) for b in range(a + 1, len(X_runs))])
+    pairs = pairs[np.sort(rng.permutation(len(pairs))[:n_pairs])]
+    a, b = torch.from_numpy(pairs[:, 0]), torch.from_numpy(pairs[:, 1])
+    top_up = noise[torch.from_numpy(rng.choice(len(noise), len(pairs)))] / math.sqrt(2)
+    return Between(pairs, (X_runs[a] + X_runs[b]) / 2 + top_up, (Y_runs[a] + Y_runs[b]) / 2)
 
 
 def make_task(name, seed):

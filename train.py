@@ -15,6 +15,7 @@ Stages (each writes its output atomically into --cache, default --out, and is sk
                  S snapshots of both update vectors along the tail of each run: the training pairs
   2b. shadow_dp  with DP: R more TinyLM runs per subset made with the clients' published DP recipe
   3. fit         per noise level, the linear map (public subspace + ridge) and the Grad-Transformer
+                 (with DP it also learns from pairs between the shadow runs: mixed conventions)
   4. clients     each client fine-tunes its TinyLM on its private data (with DP if asked) and
                  uploads only its update vector; the LLM fine-tunes it is compared with
   5. eval        the provider translates each upload (and each group's mean upload); eval.py scores
@@ -82,14 +83,13 @@ def setup(cfg):
         torch.use_deterministic_algorithms(True, warn_only=True)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    os.makedirs(cfg.out, exist_ok=True)
-    os.makedirs(cfg.cache or cfg.out, exist_ok=True)
+    for folder in (cfg.out, cfg.cache or cfg.out):
+        os.makedirs(folder, exist_ok=True)
     return device
 
 
 def load_task(cfg):
-    """cfg.task's task from data.py. The text task's corpus is an experiment's
-    (experiments/text.py builds it and passes the task to `run`)."""
+    """cfg.task's task from data.py (experiments/text.py builds the text task, passed to `run`)."""
     if cfg.task != "arith":
         raise SystemExit(f"--task={cfg.task}: the text task runs from its own command: "
                          "python experiments/text.py (--help for its options)")
@@ -121,8 +121,7 @@ def base_models(cfg, task, paths, device):
             stages.record_seconds(cfg, path, time.time() - t0)
             print(f"pretrain  : {who} ({size}), {sum(p.numel() for p in model.parameters()):,} "
                   f"params, {steps} steps, {time.time() - t0:.1f}s -> {path}", flush=True)
-            # from the file, exactly as a later run gets it
-            model = tinylm.load_model(path, device)
+            model = tinylm.load_model(path, device)   # from the file, as a later run gets it
         models[who] = tinylm.add_lora(model.eval(), cfg.lora_rank, cfg.lora_alpha, cfg.lora_seed)
     return models["tiny"], models["llm"]
 
@@ -292,12 +291,15 @@ def fit_translator(cfg, task, llm, shadow, m):
     linear_seconds = time.time() - t0
     X_clean = shadow["X"][train_runs].flatten(0, 1)   # the public subspace: clean updates only
     signal = gate = None   # with DP: how much of these inputs is signal, and the do-no-harm gate
+    X_fit, Y_fit = X_train, Y_train   # the translator's pairs: with DP, pairs between runs too
     if "X_private" in shadow:
-        top = gradtx.public_basis(X_clean, SIGNAL_DIRECTIONS)
+        top, noise = gradtx.public_basis(X_clean, SIGNAL_DIRECTIONS), data.dp_noise(
+            cfg, shadow, train_runs, m)
         signal = dp.upload_signal(shadow["X"][train_runs, -1], X_all[train_runs], top).tolist()
-        if cfg.gt_gate:
-            gate = dp.fit_gate(X_train, data.dp_noise(cfg, shadow, train_runs, m), top,
-                               Y_train.mean(0))
+        gate = dp.fit_gate(X_train, noise, top, Y_train.mean(0)) if cfg.gt_gate else None
+        mix = data.between_runs(X_all[train_runs, -1], Y_all[train_runs, -1], noise,
+                                round(cfg.gt_mixup * len(X_train)), cfg.seed)
+        X_fit, Y_fit = torch.cat([X_train, mix.X]), torch.cat([Y_train, mix.Y])
     (n_src, d_src), (n_tgt, d_tgt) = X_train.shape[1:], Y_train.shape[1:]
     gcfg = gradtx.GTConfig(n_src, d_src, n_tgt, d_tgt, d_model=cfg.gt_d_model,
                            n_layer=cfg.gt_layers, n_head=cfg.gt_heads, dropout=cfg.gt_dropout,
@@ -307,7 +309,7 @@ def fit_translator(cfg, task, llm, shadow, m):
     torch.manual_seed(cfg.seed + cfg.gt_init)   # the init: not whatever ran before in the process
     model = gradtx.GradTransformer(gcfg).to(llm.wte.weight.device)
     gradtx.set_linear_map(model, linear.basis, linear.ridge if cfg.gt_skip else None, gate)
-    fitted = gradtx.fit(model, X_train, Y_train, X_val, Y_val, cfg.gt_steps, cfg.gt_lr,
+    fitted = gradtx.fit(model, X_fit, Y_fit, X_val, Y_val, cfg.gt_steps, cfg.gt_lr,
                         cfg.gt_weight_decay, cfg.gt_batch, cfg.gt_eval_every, val_criterion,
                         cfg.seed)
     best = next(h for h in fitted["history"] if h["step"] == fitted["best_step"])
@@ -399,17 +401,15 @@ def fine_tunes(cfg, model, datasets, recipe, seeds, snapshot_steps=(), conf_weig
     """[tinylm.finetune(model, *datasets[i], recipe, seeds[i], ...)]: one run per dataset, as one
     batched computation (tinylm.finetune_many, cfg.batch_runs > 1) or one by one. A dataset None
     (a weak model that answered nothing) teaches nothing: its run is the zero update."""
-    runs, todo = [None] * len(datasets), [i for i, d in enumerate(datasets) if d is not None]
+    todo = [i for i, d in enumerate(datasets) if d is not None]
     if todo and cfg.batch_runs > 1:
         done = tinylm.finetune_many(model, [datasets[i] for i in todo], recipe,
                                     [seeds[i] for i in todo], snapshot_steps, conf_weight)
     else:
         done = [tinylm.finetune(model, *datasets[i], recipe, seeds[i], snapshot_steps, conf_weight)
                 for i in todo]
-    for i, run in zip(todo, done):
-        runs[i] = run
-    zero = torch.zeros(tinylm.update_shape(model.cfg, model.lora[0]))
-    return [run if run is not None else [zero] * max(1, len(snapshot_steps)) for run in runs]
+    done, zero = dict(zip(todo, done)), torch.zeros(tinylm.update_shape(model.cfg, model.lora[0]))
+    return [done.get(i, [zero] * max(1, len(snapshot_steps))) for i in range(len(datasets))]
 
 
 def perturb(cfg, update, seed):
