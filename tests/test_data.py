@@ -5,6 +5,7 @@ operand pairs, the law of large numbers for the operator mixtures).
 Run:  python -m pytest tests/test_data.py -q
 """
 
+import math
 import os
 import socket
 import sys
@@ -380,3 +381,25 @@ def test_random_clients_are_seeded_apart_from_the_shadow_draws_and_leave_the_oth
     # adding them changes nothing for the skewed and IID clients (same indices, same data)
     assert task.clients(16, 8) == clients[:5]
     assert [c["index"] for c in randoms] == [5, 6, 7] and [c["group"] for c in randoms] == ["random_0", "random_1", "random_2"]
+
+
+def test_pairs_between_runs_are_their_mean_with_the_noise_of_one_input():
+    g = torch.Generator().manual_seed(0)
+    runs, sd = 12, 0.5
+    X_clean, Y = torch.randn(runs, 3, 4, generator=g), torch.randn(runs, 2, 5, generator=g)
+    noise = sd * torch.randn(20000, 3, 4, generator=g)                  # draws of the noise alone
+    X = X_clean + noise[:runs]                                           # one noisy input per run
+    between = data.between_runs(X, Y, noise, 40, seed=3)
+    a, b = between.pairs[:, 0], between.pairs[:, 1]
+    assert len({tuple(p) for p in between.pairs.tolist()}) == 40 and (a < b).all() and b.max() < runs
+    torch.testing.assert_close(between.Y, (Y[a] + Y[b]) / 2)
+    # the input: the mean of the two runs' inputs plus a noise draw / sqrt(2), nothing else
+    top_up = (between.X - (X[a] + X[b]) / 2) * math.sqrt(2)
+    nearest = (top_up[:, None] - noise[None]).abs().flatten(2).amax(2).amin(1)   # (40,)
+    assert nearest.max().item() < 1e-5
+    # so its noise is one input's, not the sqrt(2) smaller noise of a mean of two
+    many = data.between_runs(torch.zeros(300, 3, 4) + noise[:300], torch.zeros(300, 2, 5), noise, 5000, 1)
+    assert many.X.std().item() == pytest.approx(sd, rel=0.05)
+    # seeded: the same pairs again, other pairs at another seed
+    assert np.array_equal(data.between_runs(X, Y, noise, 40, seed=3).pairs, between.pairs)
+    assert not np.array_equal(data.between_runs(X, Y, noise, 40, seed=4).pairs, between.pairs)
