@@ -43,7 +43,8 @@ import dp
 
 STREAMS = {"pretrain batches": 0, "shadow subset": 1, "client data": 2, "run split": 3,
            "public examples": 4, "random clients": 5, "audit canaries": 7, "audit prompts": 8,
-           "shadow subset draw": 9, "between runs": 10}
+           "shadow subset draw": 9, "between runs": 10,
+           "noise copies": 11}
 RUN_SEEDS = {"shadow run": (1_000_003, 1), "client run": (2_000_003, 1),
              "shadow DP draw": (3_000_017, 1_009, 1), "audit client": (5_000_011, 1),
              "audit setting": (6_000_007, 1)}
@@ -367,25 +368,51 @@ def dp_noise(cfg, shadow, runs, m):
     return ((draws - draws.mean(1, keepdim=True)) * math.sqrt(R / (R - 1) / m)).flatten(0, 1)
 
 
-class Between(NamedTuple):
-    pairs: np.ndarray      # (P, 2) the two runs of each pair
-    X: torch.Tensor        # (P, n, d) the mean of their inputs, noise topped up
-    Y: torch.Tensor        # (P, n_tgt, d_tgt) the mean of their LLM updates
+class Extra(NamedTuple):
+    """Pairs the translator learns from besides the shadow pairs (with DP; its linear map keeps to
+    the shadow pairs)."""
+    X: torch.Tensor        # (N', n, d) noisy inputs, at the level of the shadow pairs' inputs
+    Y: torch.Tensor        # (N', n_tgt, d_tgt) their LLM updates
+    runs: np.ndarray       # (N', 2) the two runs each stands between (one run twice: a noise copy)
 
 
 def between_runs(X_runs, Y_runs, noise, n_pairs, seed):
-    """Training pairs BETWEEN shadow runs, where mixed conventions sit (most shadow mixtures are
-    near-pure, so a map learns the corners and guesses the middle): for pairs (a, b) of runs, a
-    client holding both runs' data, its update ~ the mean of theirs on both sides. The mean of two
-    noisy inputs is sqrt(2) less noisy than one, so a draw of the noise alone (/ sqrt(2)) tops it
-    back up. X_runs (R, n, d) one input per run, Y_runs (R, n_tgt, d_tgt), noise (N', n, d) draws
-    at the inputs' level -> Between, n_pairs distinct pairs at random."""
+    """Pairs BETWEEN shadow runs, where mixed conventions sit (most shadow mixtures are near-pure,
+    so a map learns the corners and guesses the middle): for runs a, b, a client holding both
+    runs' data, its updates ~ the mean of theirs on both sides. The mean of two noisy inputs is
+    sqrt(2) less noisy than one, so a draw of the noise alone (/ sqrt(2)) tops it back up. X_runs
+    (runs, n, d) one input per run, Y_runs (runs, n_tgt, d_tgt), noise (N', n, d) draws at the
+    inputs' level -> Extra, n_pairs distinct pairs at random."""
     rng = stream(seed, "between runs")
     pairs = np.array([(a, b) for a in range(len(X_runs)) for b in range(a + 1, len(X_runs))])
     pairs = pairs[np.sort(rng.permutation(len(pairs))[:n_pairs])]
     a, b = torch.from_numpy(pairs[:, 0]), torch.from_numpy(pairs[:, 1])
     top_up = noise[torch.from_numpy(rng.choice(len(noise), len(pairs)))] / math.sqrt(2)
-    return Between(pairs, (X_runs[a] + X_runs[b]) / 2 + top_up, (Y_runs[a] + Y_runs[b]) / 2)
+    return Extra((X_runs[a] + X_runs[b]) / 2 + top_up, (Y_runs[a] + Y_runs[b]) / 2, pairs)
+
+
+def noise_copies(X_runs, Y_runs, noise, copies, seed):
+    """`copies` more noisy inputs per run than its P DP inputs: their mean (the run's signal, with
+    the noise / sqrt(P) a mean keeps) plus a draw of the noise alone x sqrt(1 - 1/P), one upload's
+    noise in all. From a few draws a run the residual can learn the draws themselves; from fresh
+    noise it must learn what survives it. X_runs (runs, P, n, d), Y_runs (runs, n_tgt, d_tgt),
+    noise (N', n, d) -> Extra."""
+    rng = stream(seed, "noise copies")
+    draws = torch.from_numpy(rng.choice(len(noise), (len(X_runs), copies)))
+    X = X_runs.mean(1, keepdim=True) + noise[draws] * math.sqrt(1 - 1 / X_runs.shape[1])
+    runs = np.repeat(np.arange(len(X_runs)), copies)
+    return Extra(X.flatten(0, 1), Y_runs[torch.from_numpy(runs)], np.stack([runs, runs], 1))
+
+
+def extra_pairs(cfg, X_runs, Y_runs, noise):
+    """With DP, the translator's pairs besides the shadow pairs X_runs (runs, P, n, d) -> Y_runs
+    (runs, n_tgt, d_tgt): cfg.gt_mixup per shadow pair between runs, cfg.gt_noise_copies per run
+    with fresh noise; noise (N', n, d) draws at the inputs' level (`dp_noise`)."""
+    n_pairs = round(cfg.gt_mixup * X_runs.shape[0] * X_runs.shape[1])
+    between = between_runs(X_runs[:, -1], Y_runs, noise, n_pairs, cfg.seed)
+    copies = noise_copies(X_runs, Y_runs, noise, cfg.gt_noise_copies, cfg.seed)
+    return Extra(torch.cat([between.X, copies.X]), torch.cat([between.Y, copies.Y]),
+                 np.concatenate([between.runs, copies.runs]))
 
 
 def make_task(name, seed):

@@ -291,15 +291,14 @@ def fit_translator(cfg, task, llm, shadow, m):
     linear_seconds = time.time() - t0
     X_clean = shadow["X"][train_runs].flatten(0, 1)   # the public subspace: clean updates only
     signal = gate = None   # with DP: how much of these inputs is signal, and the do-no-harm gate
-    X_fit, Y_fit = X_train, Y_train   # the translator's pairs: with DP, pairs between runs too
+    X_fit, Y_fit = X_train, Y_train   # the translator's pairs; with DP more (data.Extra)
     if "X_private" in shadow:
         top, noise = gradtx.public_basis(X_clean, SIGNAL_DIRECTIONS), data.dp_noise(
             cfg, shadow, train_runs, m)
         signal = dp.upload_signal(shadow["X"][train_runs, -1], X_all[train_runs], top).tolist()
         gate = dp.fit_gate(X_train, noise, top, Y_train.mean(0)) if cfg.gt_gate else None
-        mix = data.between_runs(X_all[train_runs, -1], Y_all[train_runs, -1], noise,
-                                round(cfg.gt_mixup * len(X_train)), cfg.seed)
-        X_fit, Y_fit = torch.cat([X_train, mix.X]), torch.cat([Y_train, mix.Y])
+        extra = data.extra_pairs(cfg, X_all[train_runs], Y_all[train_runs, -1], noise)
+        X_fit, Y_fit = torch.cat([X_train, extra.X]), torch.cat([Y_train, extra.Y])
     (n_src, d_src), (n_tgt, d_tgt) = X_train.shape[1:], Y_train.shape[1:]
     gcfg = gradtx.GTConfig(n_src, d_src, n_tgt, d_tgt, d_model=cfg.gt_d_model,
                            n_layer=cfg.gt_layers, n_head=cfg.gt_heads, dropout=cfg.gt_dropout,

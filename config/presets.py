@@ -106,9 +106,11 @@ class Config:
     # of the linear maps: "one_se", the simplest within one standard error of the best; "best"
     gt_select_rule: str = "one_se"
     val_examples: int = 64       # examples of each held-out run the selection criterion scores
-    # with DP, the translator also learns from pairs between shadow runs (data.between_runs), this
-    # many per pair of its own: the mixed conventions between the near-pure ones (0: off)
+    # with DP, the translator (not its linear map) also learns from pairs between shadow runs
+    # (data.between_runs), this many per shadow pair: the mixed conventions between near-pure ones
     gt_mixup: float = 1.0
+    # ... and from this many inputs per run with fresh noise (data.noise_copies), not only its draws
+    gt_noise_copies: int = 16
     # clients
     group_size: int = 1          # members per convention group (the skewed ones and the IID one)
     skew: float = 0.88
@@ -281,7 +283,7 @@ def check_config(cfg):
     if not 0 <= cfg.fit_shadow <= cfg.n_shadow or 0 < cfg.fit_shadow < 4:
         raise SystemExit(f"--fit_shadow={cfg.fit_shadow}: expected 0 (all) or 4 to n_shadow "
                          f"({cfg.n_shadow}) subsets")
-    for key in ("random_clients", "gt_mixup"):
+    for key in ("random_clients", "gt_mixup", "gt_noise_copies"):
         if getattr(cfg, key) < 0:
             raise SystemExit(f"--{key}={getattr(cfg, key)}: expected 0 or more")
     for key in ("group_size", "n_shadow", "n_snapshots", "n_train", "n_test", "ft_steps",

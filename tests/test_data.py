@@ -390,8 +390,8 @@ def test_pairs_between_runs_are_their_mean_with_the_noise_of_one_input():
     noise = sd * torch.randn(20000, 3, 4, generator=g)                  # draws of the noise alone
     X = X_clean + noise[:runs]                                           # one noisy input per run
     between = data.between_runs(X, Y, noise, 40, seed=3)
-    a, b = between.pairs[:, 0], between.pairs[:, 1]
-    assert len({tuple(p) for p in between.pairs.tolist()}) == 40 and (a < b).all() and b.max() < runs
+    a, b = between.runs[:, 0], between.runs[:, 1]
+    assert len({tuple(p) for p in between.runs.tolist()}) == 40 and (a < b).all() and b.max() < runs
     torch.testing.assert_close(between.Y, (Y[a] + Y[b]) / 2)
     # the input: the mean of the two runs' inputs plus a noise draw / sqrt(2), nothing else
     top_up = (between.X - (X[a] + X[b]) / 2) * math.sqrt(2)
@@ -401,5 +401,32 @@ def test_pairs_between_runs_are_their_mean_with_the_noise_of_one_input():
     many = data.between_runs(torch.zeros(300, 3, 4) + noise[:300], torch.zeros(300, 2, 5), noise, 5000, 1)
     assert many.X.std().item() == pytest.approx(sd, rel=0.05)
     # seeded: the same pairs again, other pairs at another seed
-    assert np.array_equal(data.between_runs(X, Y, noise, 40, seed=3).pairs, between.pairs)
-    assert not np.array_equal(data.between_runs(X, Y, noise, 40, seed=4).pairs, between.pairs)
+    assert np.array_equal(data.between_runs(X, Y, noise, 40, seed=3).runs, between.runs)
+    assert not np.array_equal(data.between_runs(X, Y, noise, 40, seed=4).runs, between.runs)
+
+
+def test_noise_copies_keep_a_runs_signal_with_one_uploads_noise():
+    g = torch.Generator().manual_seed(1)
+    runs, P, sd, copies = 6, 4, 0.5, 3000
+    signal, Y = 3 * torch.randn(runs, 1, 3, 4, generator=g), torch.randn(runs, 2, 5, generator=g)
+    noise = sd * torch.randn(20000, 3, 4, generator=g)
+    X = signal + sd * torch.randn(runs, P, 3, 4, generator=g)            # P DP inputs per run
+    more = data.noise_copies(X, Y, noise, copies, seed=0)
+    assert more.X.shape == (runs * copies, 3, 4) and (more.runs[:, 0] == np.repeat(np.arange(runs), copies)).all()
+    torch.testing.assert_close(more.Y, Y.repeat_interleave(copies, 0))
+    per_run = more.X.view(runs, copies, 3, 4)
+    # centred on the mean of the run's own inputs; spread: one upload's noise, neither less nor more
+    torch.testing.assert_close(per_run.mean(1), X.mean(1), atol=0.05, rtol=0)
+    deviation = per_run - X.mean(1, keepdim=True)
+    assert deviation.std().item() == pytest.approx(sd * math.sqrt(1 - 1 / P), rel=0.03)
+    total = per_run - signal                                                 # noise in all
+    assert total.std().item() == pytest.approx(sd, rel=0.1)
+
+
+def test_extra_pairs_hold_both_kinds_in_the_configured_numbers():
+    from config.presets import Config
+    X, Y, noise = torch.randn(10, 4, 3, 4), torch.randn(10, 2, 5), torch.randn(100, 3, 4)
+    extra = data.extra_pairs(Config(gt_mixup=0.5, gt_noise_copies=2), X, Y, noise)
+    assert len(extra.X) == len(extra.Y) == len(extra.runs) == 20 + 20
+    assert (extra.runs[:20, 0] < extra.runs[:20, 1]).all() and (extra.runs[20:, 0] == extra.runs[20:, 1]).all()
+    assert len(data.extra_pairs(Config(gt_mixup=0, gt_noise_copies=0), X, Y, noise).X) == 0
