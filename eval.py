@@ -276,6 +276,7 @@ def translator_summary(log):
     keys = ("k", "ridge_lambda", "ridge_loss", "best_step", "val_loss", "mean_shadow_loss",
             "true_update_loss", "seconds")
     return {**{k: log[k] for k in keys}, "linear_seconds": log["linear_seconds"],
+            "select_rule": log.get("select_rule"),   # the linear map's rule (older fits: None)
             "upload_signal": log["upload_signal"],   # None without DP
             "history": log["history"]}               # the fit curve (tools/plots.py)
 

@@ -227,9 +227,9 @@ def select_linear_map(X_clean, X, Y, criterion, folds, ks=SUBSPACE_SIZES, lams=R
     """Choose the subspace size k and ridge's lambda by the functional criterion on held-out runs
     (parameter-space error would pick a far too strong lambda), cross-validated: for each fold
     (train runs, held-out runs), every candidate is fit on the train runs and scores each held-out
-    run (its last input), so every run of `folds` speaks once. Of the candidates the simplest within
-    one standard error of the best (`simplest_within_one_se`; fewer directions first -- k = 0, the
-    raw input, has the most -- then a stronger ridge); then refit on the first fold's train runs.
+    run (its last input), so every run of `folds` speaks once. Rule "one_se": the simplest within
+    one SE of the best (`simplest_within_one_se`; fewer directions first -- k = 0, the raw input,
+    has the most -- then a stronger ridge); "best": the lowest mean. Refit on fold 0's train runs.
     X_clean (runs, S, n, d): clean public shadow TinyLM updates, for the basis; X (runs, P, n, d):
     the inputs the map will be given (DP updates when clients use DP); Y (runs, P, ...): LLM
     updates. Returns a LinearMap."""
@@ -286,8 +286,9 @@ def fit_translator(cfg, task, llm, shadow, m):
     criterion = functional_criterion(llm, [task.encode(e) for e in examples], cfg.gt_select)
     val_criterion = lambda pred: criterion(pred, val_runs)  # noqa: E731   (the translator's)
     ks = SUBSPACE_SIZES if cfg.gt_project else (0,)
-    linear = select_linear_map(shadow["X"][:n_runs], X_all, Y_all, criterion, folds, ks,
-                               rule=cfg.gt_select_rule)
+    rule = {"auto": "best" if "X_private" in shadow else "one_se"}.get(cfg.gt_select_rule,
+                                                                      cfg.gt_select_rule)
+    linear = select_linear_map(shadow["X"][:n_runs], X_all, Y_all, criterion, folds, ks, rule=rule)
     linear_seconds = time.time() - t0
     X_clean = shadow["X"][train_runs].flatten(0, 1)   # the public subspace: clean updates only
     signal = gate = None   # with DP: how much of these inputs is signal, and the do-no-harm gate
@@ -315,7 +316,7 @@ def fit_translator(cfg, task, llm, shadow, m):
     mean_shadow = Y_train.mean(0).expand(len(val_runs), -1, -1)
     log = {"history": fitted["history"], "best_step": best["step"],
            "val_rel_err": best["val_rel_err"], "val_loss": best["criterion"],
-           "k": linear.k, "ridge_lambda": linear.lam,
+           "k": linear.k, "ridge_lambda": linear.lam, "select_rule": rule,
            "ridge_loss": linear.scores[(linear.k, linear.lam)],
            "basis": linear.basis, "ridge": linear.ridge, "upload_signal": signal,
            "mean_shadow_loss": float(np.mean(val_criterion(mean_shadow))),

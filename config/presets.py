@@ -103,8 +103,10 @@ class Config:
     # the linear map is chosen by cross-validation over the runs of the fit: each run held out once
     # in one of this many folds (1: the single held-out split; few runs rank maps only up to noise)
     gt_select_folds: int = 4
-    # of the linear maps: "one_se", the simplest within one standard error of the best; "best"
-    gt_select_rule: str = "one_se"
+    # of the linear maps: "one_se", the simplest within one standard error of the best; "best",
+    # the lowest mean score; "auto", "best" with DP uploads (the gate already pulls a noisy upload
+    # to the mean update; a simplest map would pull it twice, and drop a convention's directions)
+    gt_select_rule: str = "auto"
     val_examples: int = 64       # examples of each held-out run the selection criterion scores
     # with DP, the translator (not its linear map) also learns from pairs between shadow runs
     # (data.between_runs), this many per shadow pair: the mixed conventions between near-pure ones
@@ -270,9 +272,10 @@ def check_config(cfg):
                                                         and cfg.task != "arith"):
         raise SystemExit(f"--gt_select={cfg.gt_select}: expected 'loss', or 'exact_match' for the "
                          "arith task")
-    if cfg.gt_select_rule not in ("one_se", "best") or cfg.gt_select_folds < 1:
+    if cfg.gt_select_rule not in ("one_se", "best", "auto") or cfg.gt_select_folds < 1:
         raise SystemExit(f"--gt_select_rule={cfg.gt_select_rule} --gt_select_folds="
-                         f"{cfg.gt_select_folds}: expected 'one_se' or 'best', and 1 or more folds")
+                         f"{cfg.gt_select_folds}: expected 'one_se', 'best' or 'auto', and 1 or "
+                         "more folds")
     if cfg.dp_mechanism not in ("sgd", "output"):
         raise SystemExit(f"--dp_mechanism={cfg.dp_mechanism}: expected 'sgd' or 'output'")
     if (cfg.dp_epsilon < 0 or not 0 < cfg.dp_delta < 1 or not 0 <= cfg.dp_sample_rate <= 1

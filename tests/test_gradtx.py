@@ -597,6 +597,13 @@ def test_cross_validated_selection_holds_every_run_out_once_and_refits_on_the_fi
     basis = gradtx.public_basis(X[tr], chosen.k)
     refit = fit_ridge(gradtx.project(X[tr], basis), Y[tr], chosen.lam)
     torch.testing.assert_close(gradtx.ridge_predict(chosen.ridge, X), gradtx.ridge_predict(refit, X))
+    # rule "best" takes the lowest mean held-out score; one SE, here a simpler map (k = 1, not 2)
+    rules = {rule: train.select_linear_map(X[:, None], X[:, None], Y[:, None], criterion, folds,
+                                           (0, 1, 2), (0.1, 1.0, 10.0, 100.0), rule=rule)
+             for rule in ("best", "one_se")}
+    argmin = min(rules["best"].scores, key=rules["best"].scores.get)
+    assert (rules["best"].k, rules["best"].lam) == argmin == (2, 100.0)
+    assert (rules["one_se"].k, rules["one_se"].lam) == (1, 100.0)
 
 
 def test_gate_weight_is_bayes_rule_between_noise_and_signal():

@@ -46,6 +46,7 @@ def test_results_contract(finished_run):
         assert key in saved
     assert saved["task"] == "arith" and saved["metric"] == "accuracy" and saved["higher_is_better"] is True
     assert saved["config"]["n_shadow"] == 6
+    assert {t["select_rule"] for t in saved["translators"].values()} == {"one_se"}   # no DP
     assert saved["provenance"]["torch"] == torch.__version__
     assert [c["kind"] for c in saved["clients"]] == ["skewed"] * 4 + ["iid"] + ["random"] * 2
     for c in saved["clients"]:
@@ -82,6 +83,8 @@ def test_dp_run_with_groups(dp_group_run):
     sigma = dp.noise_multiplier_for(1.0, q, 6, 1e-5, dp.WIDE_ORDERS)
     assert (p["epsilon"], p["mechanism"], p["noise_multiplier"], p["steps"], p["sample_rate"]) == (1.0, "sgd", sigma, 6, q)
     assert set(p["subspace_k"]) == {1, 2}                       # one map per noise level
+    # with DP the linear map is the argmin ("auto"): the gate already shrinks noisy uploads
+    assert {t["select_rule"] for t in results["translators"].values()} == {"best"}
     for translator in results["translators"].values():          # the diagnostic: one value per direction
         assert len(translator["upload_signal"]) == train.SIGNAL_DIRECTIONS
         assert all(-1 <= c <= 1 for c in translator["upload_signal"])
