@@ -343,6 +343,12 @@ def split_runs(n_runs, val_frac, seed, n_folds=1):
     return folds[0] if n_folds == 1 else folds
 
 
+def shadow_examples(cfg, task, k, draw=None):
+    """Shadow subset k's examples (draw r: DP draw r's own records, same mixture)."""
+    n, alpha, near_mean = cfg.n_train, cfg.shadow_alpha, cfg.shadow_near_mean
+    return task.shadow_subset(k, n, alpha, near_mean, draw).examples
+
+
 def translator_inputs(cfg, shadow, runs, m):
     """The shadow pairs a map for level-m inputs learns from: X (runs, P, n_src, d_src), Y (runs, P,
     ...).

@@ -369,8 +369,7 @@ def gaussian_sigma(epsilon, delta, clip):
 
 
 def perturb_update(update, epsilon, delta, clip, generator=None):
-    """Clip the whole update's L2 norm to C (sensitivity 2C, `gaussian_sigma`), then add Gaussian
-    noise."""
+    """Clip the whole update's L2 norm to C (sensitivity 2C: `gaussian_sigma`), add the noise."""
     sigma = gaussian_sigma(epsilon, delta, clip)
     if not torch.isfinite(update).all():
         raise ValueError("update contains NaN or inf values; expected a finite update vector")
@@ -382,14 +381,12 @@ def perturb_update(update, epsilon, delta, clip, generator=None):
 # -----------------------------------------------------------------------------
 # the noise a client's release needs, for either mechanism
 
-# larger orders certify eps 0.1 too
-WIDE_ORDERS = DEFAULT_ORDERS + [64, 80, 96, 128, 160, 192, 256, 384, 512]
+WIDE_ORDERS = DEFAULT_ORDERS + [64, 80, 96, 128, 160, 192, 256, 384, 512]   # certify eps 0.1 too
 
 
 def calibrate(mechanism, epsilon, delta, clip, sample_rate, steps):
     """The noise that buys (epsilon, delta): for "sgd", DP-SGD's noise multiplier sigma over `steps`
-    steps at Poisson rate q (the RDP accountant); for "output", the Gaussian mechanism's noise
-    std."""
+    steps at Poisson rate q (the RDP accountant); for "output", the Gaussian mechanism's std."""
     if mechanism == "output":
         return gaussian_sigma(epsilon, delta, clip)
     return noise_multiplier_for(epsilon, sample_rate, steps, delta, WIDE_ORDERS)
@@ -398,7 +395,7 @@ def calibrate(mechanism, epsilon, delta, clip, sample_rate, steps):
 # -----------------------------------------------------------------------------
 # (c) what a noisy upload still says: its signal along public directions, and the do-no-harm
 # gate that falls back to the mean shadow update where the noise alone could explain an upload
-# (gradtx.generate applies it)
+# (`do_no_harm`: for the translator and for its linear map alike)
 
 
 def fit_gate(X_noisy, noise, basis, fallback, prior=0.5):
@@ -410,7 +407,6 @@ def fit_gate(X_noisy, noise, basis, fallback, prior=0.5):
     a convention of their own."""
     coords = (X_noisy.flatten(1).float() - basis["mean"]) @ basis["U"]                  # (N, k)
     noise_var = (noise.flatten(1).float() @ basis["U"]).pow(2).mean(0)                 # (k,)
-    # the rest of the spread
     signal_var = (coords.var(0) - noise_var).clamp(min=1e-3 * noise_var.max().item())
     return {"mean": basis["mean"], "U": basis["U"], "center": coords.mean(0),
             "signal_var": signal_var, "noise_var": noise_var, "prior": torch.tensor([prior]),
@@ -425,26 +421,30 @@ def gate_weight(gate, X):
         signal:      c ~ N(center, signal_var + noise_var)  (writes like any shadow subset)
     and Bayes' rule with the prior. An upload far from the centre in units of the noise gets ~1
     (translated as it is); one the noise alone explains gets a small weight, so the provider falls
-    back towards the mean shadow update instead of sending a mostly-noise upload to a wrong
-    corner."""
+    back towards the mean shadow update, not sending a mostly-noise upload to a wrong corner."""
     X = X.flatten(1).float().to(gate["mean"].device)          # an upload held on the CPU, too
     c = (X - gate["mean"]) @ gate["U"] - gate["center"]                               # (N, k)
     n, s = gate["noise_var"], gate["noise_var"] + gate["signal_var"]
-    # log p(c|signal)/p(c|noise)
-    log_ratio = (0.5 * c.pow(2) * (1 / n - 1 / s) - 0.5 * torch.log(s / n)).sum(1)
+    log_ratio = (0.5 * c.pow(2) * (1 / n - 1 / s) - 0.5 * torch.log(s / n)).sum(1)  # signal/noise
     return torch.sigmoid(log_ratio + torch.logit(gate["prior"]))
+
+
+def do_no_harm(gate, updates, uploads):
+    """LLM updates (B, n_tgt, d_tgt) made from uploads (B, n_src, d_src), moved back towards the
+    mean shadow update (gate["fallback"]) as far as each upload may be noise (`gate_weight`)."""
+    fallback = gate["fallback"]
+    weight = gate_weight(gate, uploads)[:, None, None].to(fallback.device)
+    return fallback + weight * (updates.to(fallback.device) - fallback)
 
 
 def upload_signal(X_clean, X_noisy, basis):
     """How much of a noisy upload is signal, along each public direction: the correlation, over
     shadow runs, between the run's noisy inputs (DP uploads, or means of m of them) and its clean
     update, both projected on the basis. X_clean (N, n, d), X_noisy (N, P, n, d) -> (k,). 1: the
-    noise does not matter; 0: no map can translate the upload in that direction, however it is
-    trained."""
+    noise does not matter; 0: no map, however trained, can translate the upload that way."""
     U, mean = basis["U"], basis["mean"]
     clean = (X_clean.flatten(1) - mean) @ U                                   # (N, k)
-    # (N*P, k): one per input
-    clean = clean[:, None].expand(-1, X_noisy.shape[1], -1).flatten(0, 1)
+    clean = clean[:, None].expand(-1, X_noisy.shape[1], -1).flatten(0, 1)     # (N*P, k)
     noisy = ((X_noisy.flatten(2) - mean) @ U).flatten(0, 1)                   # (N*P, k)
     a, b = clean - clean.mean(0), noisy - noisy.mean(0)
     return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0) + 1e-12)

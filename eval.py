@@ -78,8 +78,7 @@ def accuracy(task, model, examples):
 
 
 def bits_per_byte(task, model, examples):
-    """Held-out cross-entropy in bits per byte: the tokenizer is byte-level, so one token = one
-    byte."""
+    """Held-out cross-entropy in bits per byte (a byte-level tokenizer: one token, one byte)."""
     return tinylm.loss_of(model, *task.encode(examples)) / math.log(2)
 
 
@@ -225,13 +224,16 @@ class Provider:
         return update
 
     def linear(self, upload, m=1):
-        log = self.translators[m].log
-        return gradtx.ridge_predict(log["ridge"], gradtx.project(upload[None], log["basis"])).view(
-            self.llm_shape)
+        """The linear map's update, behind the translator's do-no-harm gate (with DP)."""
+        model, log = self.translators[m]
+        update = gradtx.ridge_predict(log["ridge"], gradtx.project(upload[None], log["basis"]))
+        update = update.view(1, *self.llm_shape)
+        if model.gate is not None:   # with DP
+            update = dp.do_no_harm(model.gate, update, upload[None])
+        return update[0].cpu()
 
     def updates(self, client):
-        """{method: LLM update} of the methods that read this client's upload, and its
-        references."""
+        """{method: LLM update} of the methods reading this client's upload, and its references."""
         return dict(gradtx=self.translate(client["upload"]), ridge=self.linear(client["upload"]),
                     **{k: v for k, v in client["references"].items() if k != "seconds"})
 
@@ -274,9 +276,9 @@ def score_updates(task, llm, updates, examples):
 def translator_summary(log):
     """What results.json keeps of a fit log: the selection, the losses and the fit curve."""
     keys = ("k", "ridge_lambda", "ridge_loss", "best_step", "val_loss", "mean_shadow_loss",
-            "true_update_loss", "seconds")
-    return {**{k: log[k] for k in keys}, "linear_seconds": log["linear_seconds"],
-            "select_rule": log.get("select_rule"),   # the linear map's rule (older fits: None)
+            "true_update_loss", "seconds", "linear_seconds",
+            "select_rule", "select_draws")   # how the linear map was chosen (older fits: None)
+    return {**{k: log.get(k) for k in keys},
             "upload_signal": log["upload_signal"],   # None without DP
             "history": log["history"]}               # the fit curve (tools/plots.py)
 
@@ -288,8 +290,7 @@ def pooling_updates(members, provider):
     and touches no private data.
 
     "gradtx"/"ridge" use the map trained for inputs that average m uploads (their noise level);
-    "gradtx_single_map" uses the map for one upload, to measure whether matching the level
-    matters."""
+    "gradtx_single_map" uses the map for one upload: does matching the level matter?"""
     curve = {}
     for m in pool_sizes(len(members)) if len(members) > 1 else []:
         mean_upload = torch.stack([c["upload"] for c in members[:m]]).mean(0)

@@ -130,17 +130,11 @@ def base_models(cfg, task, paths, device):
 # stage 2: shadow curation -- (TinyLM update, LLM update) pairs from public data
 
 
-def shadow_examples(cfg, task, k, draw=None):
-    """Shadow subset k's examples (draw r: DP draw r's own records, same mixture)."""
-    n, alpha, near_mean = cfg.n_train, cfg.shadow_alpha, cfg.shadow_near_mean
-    return task.shadow_subset(k, n, alpha, near_mean, draw).examples
-
-
 def shadow_runs(ks):
     """Shadow runs ks: both models fine-tuned on each subset k from the same LoRA init and the same
     batch order (same seed); the snapshots at the same steps form the pairs. Runs in a worker."""
     cfg, task = _worker["cfg"], _worker["task"]
-    datasets = [task.encode(shadow_examples(cfg, task, k)) for k in ks]
+    datasets = [task.encode(data.shadow_examples(cfg, task, k)) for k in ks]
     seeds = [data.run_seed(cfg.seed, "shadow run", k) for k in ks]
     steps = [cfg.ft_steps - i * cfg.snapshot_gap for i in reversed(range(cfg.n_snapshots))]  # S
     tiny, llm = (fine_tunes(cfg, _worker[who], datasets, recipe(cfg), seeds, steps)
@@ -153,7 +147,7 @@ def shadow_dp_runs(items):
     recipe on the subset's records (with shadow_dp_fresh, on fresh records of its mixture per draw,
     as each client holds records of its own)."""
     cfg, task = _worker["cfg"], _worker["task"]
-    datasets = [task.encode(shadow_examples(cfg, task, k, r if cfg.shadow_dp_fresh else None))
+    datasets = [task.encode(data.shadow_examples(cfg, task, k, r if cfg.shadow_dp_fresh else None))
                 for k, r in items]
     seeds = [data.run_seed(cfg.seed, "shadow DP draw", k, r) for k, r in items]
     return [run[-1] for run in fine_tunes(cfg, _worker["tiny"], datasets,
@@ -208,39 +202,43 @@ def functional_criterion(llm, data_sets, measure="loss"):
     """f(pred_updates, runs) = (len(runs),) the LLM's loss on each run's own shadow data (x, y,
     mask) in data_sets with that run's predicted update applied; lower is better, and its mean is
     the score (selection in parameter space keeps a translator that still sits at the mean update).
-    measure="exact_match" scores 1 - the share of examples answered exactly right: the loss rewards
-    hedging towards the mean update, this does not."""
+    pred_updates (runs, D, ...): D inputs per run, input j scored on the run's examples j, j + D,
+    ..., the run scored by their mean. measure="exact_match" scores 1 - the share of examples
+    answered exactly right: the loss rewards hedging towards the mean update, this does not."""
     def criterion(pred_updates, runs):
-        sets = [data_sets[r] for r in runs]
-        if measure == "loss":   # every (update, run) pair in batched forwards
-            return tinylm.loss_of_updates(llm, torch.as_tensor(pred_updates), sets).numpy()
-        values = []
-        for update, (x, y, mask) in zip(pred_updates, sets):
-            tinylm.set_update(llm, update)
-            values.append(1.0 - evaluation.exact_match_of(llm, x, y, mask))
-        return np.array(values)
+        pred = torch.as_tensor(pred_updates)
+        D = 1 if pred.dim() == 3 else pred.shape[1]                   # inputs per run
+        pred = pred.reshape(-1, *pred.shape[-2:])                     # (runs * D, n_layer, dim)
+        sets = [[t[j::D] for t in data_sets[r]] for r in runs for j in range(D)]
+        if measure == "loss":   # every (update, examples) pair in batched forwards
+            values = tinylm.loss_of_updates(llm, pred, sets).numpy()
+        else:
+            values = np.array([1.0 - evaluation.exact_match_of(tinylm.set_update(llm, u), *s)
+                               for u, s in zip(pred, sets)])
+        return values.reshape(len(runs), D).mean(1)
     return criterion
 
 
 def select_linear_map(X_clean, X, Y, criterion, folds, ks=SUBSPACE_SIZES, lams=RIDGE_LAMBDAS,
-                      rule="one_se"):
+                      rule="one_se", draws=1):
     """Choose the subspace size k and ridge's lambda by the functional criterion on held-out runs
     (parameter-space error would pick a far too strong lambda), cross-validated: for each fold
     (train runs, held-out runs), every candidate is fit on the train runs and scores each held-out
-    run (its last input), so every run of `folds` speaks once. Rule "one_se": the simplest within
-    one SE of the best (`simplest_within_one_se`; fewer directions first -- k = 0, the raw input,
-    has the most -- then a stronger ridge); "best": the lowest mean. Refit on fold 0's train runs.
-    X_clean (runs, S, n, d): clean public shadow TinyLM updates, for the basis; X (runs, P, n, d):
-    the inputs the map will be given (DP updates when clients use DP); Y (runs, P, ...): LLM
-    updates. Returns a LinearMap."""
+    run on its last `draws` inputs (with DP all its uploads: one noise draw alone would pick the
+    map by its luck), so every run of `folds` speaks once. Rule "one_se": the simplest within one
+    SE of the best (`simplest_within_one_se`; fewer directions first -- k = 0, the raw input, has
+    the most -- then a stronger ridge); "best": the lowest mean. Refit on fold 0's train runs.
+    X_clean (runs, S, n, d): clean public TinyLM updates, for the basis; X (runs, P, n, d): the
+    inputs the map will be given (DP uploads when clients use DP); Y (runs, P, ...): LLM updates."""
     scores = {}
     for train, held_out in folds:
         fitted = gradtx.linear_candidates(X_clean[train].flatten(0, 1), X[train].flatten(0, 1),
                                    Y[train].flatten(0, 1), ks, lams)
         for (k, lam), (basis, ridge) in fitted.items():
-            pred = gradtx.ridge_predict(ridge, gradtx.project(X[held_out, -1], basis))
+            inputs = X[held_out, -draws:].flatten(0, 1)                  # (runs * draws, n, d)
+            pred = gradtx.ridge_predict(ridge, gradtx.project(inputs, basis))
             scores.setdefault((k, lam), []).append(
-                criterion(pred.view(len(held_out), *Y.shape[2:]), held_out))
+                criterion(pred.view(len(held_out), draws, *Y.shape[2:]), held_out))
     # the candidates every fold could fit (a small fold has room for fewer directions)
     scores = {c: np.concatenate([np.atleast_1d(s) for s in v]) for c, v in scores.items()
               if len(v) == len(folds)}
@@ -282,18 +280,19 @@ def fit_translator(cfg, task, llm, shadow, m):
     X_all, Y_all = data.translator_inputs(cfg, shadow, list(range(n_runs)), m)   # (runs, P, ...)
     X_train, Y_train = X_all[train_runs].flatten(0, 1), Y_all[train_runs].flatten(0, 1)
     X_val, Y_val = X_all[val_runs, -1], Y_all[val_runs, -1]                 # one per run
-    examples = [shadow_examples(cfg, task, k)[:cfg.val_examples] for k in range(n_runs)]
+    examples = [data.shadow_examples(cfg, task, k)[:cfg.val_examples] for k in range(n_runs)]
     criterion = functional_criterion(llm, [task.encode(e) for e in examples], cfg.gt_select)
     val_criterion = lambda pred: criterion(pred, val_runs)  # noqa: E731   (the translator's)
-    ks = SUBSPACE_SIZES if cfg.gt_project else (0,)
-    rule = {"auto": "best" if "X_private" in shadow else "one_se"}.get(cfg.gt_select_rule,
-                                                                      cfg.gt_select_rule)
-    linear = select_linear_map(shadow["X"][:n_runs], X_all, Y_all, criterion, folds, ks, rule=rule)
+    private = "X_private" in shadow   # the clients' uploads are DP: noisy
+    rule = {"auto": "best" if private else "one_se"}.get(cfg.gt_select_rule, cfg.gt_select_rule)
+    draws = X_all.shape[1] if private and cfg.gt_select_draws else 1   # scored per held-out run
+    linear = select_linear_map(shadow["X"][:n_runs], X_all, Y_all, criterion, folds,
+                               SUBSPACE_SIZES if cfg.gt_project else (0,), rule=rule, draws=draws)
     linear_seconds = time.time() - t0
     X_clean = shadow["X"][train_runs].flatten(0, 1)   # the public subspace: clean updates only
     signal = gate = None   # with DP: how much of these inputs is signal, and the do-no-harm gate
     X_fit, Y_fit = X_train, Y_train   # the translator's pairs; with DP more (data.Extra)
-    if "X_private" in shadow:
+    if private:
         top, noise = gradtx.public_basis(X_clean, SIGNAL_DIRECTIONS), data.dp_noise(
             cfg, shadow, train_runs, m)
         signal = dp.upload_signal(shadow["X"][train_runs, -1], X_all[train_runs], top).tolist()
@@ -316,7 +315,7 @@ def fit_translator(cfg, task, llm, shadow, m):
     mean_shadow = Y_train.mean(0).expand(len(val_runs), -1, -1)
     log = {"history": fitted["history"], "best_step": best["step"],
            "val_rel_err": best["val_rel_err"], "val_loss": best["criterion"],
-           "k": linear.k, "ridge_lambda": linear.lam, "select_rule": rule,
+           "k": linear.k, "ridge_lambda": linear.lam, "select_rule": rule, "select_draws": draws,
            "ridge_loss": linear.scores[(linear.k, linear.lam)],
            "basis": linear.basis, "ridge": linear.ridge, "upload_signal": signal,
            "mean_shadow_loss": float(np.mean(val_criterion(mean_shadow))),

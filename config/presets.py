@@ -108,6 +108,9 @@ class Config:
     # to the mean update; a simplest map would pull it twice, and drop a convention's directions)
     gt_select_rule: str = "auto"
     val_examples: int = 64       # examples of each held-out run the selection criterion scores
+    # with DP, the map's selection scores every noisy input of a held-out run (its examples shared
+    # between them), not only its last: with one noise draw per run, luck picks the map
+    gt_select_draws: bool = True
     # with DP, the translator (not its linear map) also learns from pairs between shadow runs
     # (data.between_runs), this many per shadow pair: the mixed conventions between near-pure ones
     gt_mixup: float = 1.0

@@ -35,7 +35,8 @@ SHADOW_DP_KEYS = SHADOW_KEYS + DP_KEYS + ("shadow_dp_draws", "shadow_dp_fresh")
 FIT_KEYS = ("gt_d_model", "gt_layers", "gt_heads", "gt_dropout", "gt_weight_decay", "gt_lr",
             "gt_steps", "gt_batch", "gt_eval_every", "gt_normalize", "gt_project", "gt_skip",
             "gt_gate", "gt_init", "gt_select", "val_frac", "val_examples", "fit_shadow",
-            "gt_select_folds", "gt_select_rule", "batch_runs", "gt_mixup", "gt_noise_copies")
+            "gt_select_folds", "gt_select_rule", "gt_select_draws", "batch_runs", "gt_mixup",
+            "gt_noise_copies")
 # who holds what, and the shared recipe
 CLIENT_DATA_KEYS = FINETUNE_KEYS + ("group_size", "skew", "n_test", "random_clients")
 CLIENT_KEYS = CLIENT_DATA_KEYS + DP_KEYS

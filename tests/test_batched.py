@@ -1,6 +1,7 @@
 """Tests for the batched paths of tinylm.py: `finetune_many` against a loop of the per-run
-`finetune` (the oracle: each run's snapshots, same seed), `loss_of_updates` against a loop of
-set_update + loss_of, and the random streams against draws made by hand.
+`finetune` (the oracle: each run's snapshots, same seed), `loss_of_updates` (and train.py's
+selection criterion on it) against a loop of set_update + loss_of, and the random streams against
+draws made by hand.
 
 Run:  python -m pytest tests/test_batched.py -q
 """
@@ -11,6 +12,8 @@ import torch
 import data
 import dp
 import tinylm
+import train
+from eval import exact_match_of
 
 RANK = 2
 STEPS, SNAPSHOTS = 12, (3, 8, 12)
@@ -142,6 +145,27 @@ def test_loss_of_updates_equals_a_loop_of_set_update_and_loss_of():
     assert losses.shape == (5,)
     assert losses.tolist() == pytest.approx(loop, rel=1e-5)
     assert len(set(loop)) == 5
+
+
+@pytest.mark.parametrize("measure", ["loss", "exact_match"])
+def test_selection_criterion_spreads_a_runs_examples_over_its_draws(measure):
+    """A run's score with D inputs: the mean over draws j of the measure of update j on the run's
+    examples j, j + D, ...; with one input per run, on all of its examples."""
+    model = lora_gpt()
+    g = torch.Generator().manual_seed(6)
+    D, runs = 3, [2, 0]
+    updates = 0.5 * torch.randn(2, D, *tinylm.update_shape(model.cfg, RANK), generator=g)
+    criterion = train.functional_criterion(model, DATASETS, measure)
+
+    def measured(update, x, y, mask):
+        tinylm.set_update(model, update)
+        return tinylm.loss_of(model, x, y, mask) if measure == "loss" else 1 - exact_match_of(model, x, y, mask)
+    spread = [sum(measured(updates[i, j], *(t[j::D] for t in DATASETS[r])) for j in range(D)) / D
+              for i, r in enumerate(runs)]
+    assert criterion(updates, runs).tolist() == pytest.approx(spread, rel=1e-5)
+    whole = [measured(updates[i, 0], *DATASETS[r]) for i, r in enumerate(runs)]
+    assert criterion(updates[:, 0], runs).tolist() == pytest.approx(whole, rel=1e-5)
+    assert criterion(updates[:, :1], runs).tolist() == pytest.approx(whole, rel=1e-5)
 
 
 @pytest.mark.parametrize("call,match", [

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import data  # noqa: E402
 import dp  # noqa: E402
+import eval as evaluation  # noqa: E402
 import gradtx  # noqa: E402
 import train  # noqa: E402
 
@@ -604,6 +605,60 @@ def test_cross_validated_selection_holds_every_run_out_once_and_refits_on_the_fi
     argmin = min(rules["best"].scores, key=rules["best"].scores.get)
     assert (rules["best"].k, rules["best"].lam) == argmin == (2, 100.0)
     assert (rules["one_se"].k, rules["one_se"].lam) == (1, 100.0)
+
+
+def test_selection_scores_each_held_out_run_on_its_last_draws():
+    """draws=D: the criterion gets the predictions of a held-out run's last D inputs, (runs, D, ...);
+    the oracle is a loop over the folds and the draws, each input predicted alone by fit_ridge's map."""
+    g = torch.Generator().manual_seed(12)
+    X = torch.randn(12, 3, N_SRC, D_SRC, generator=g)                  # 12 runs, 3 noisy inputs each
+    Y = torch.randn(12, 1, N_TGT, D_TGT, generator=g).expand(-1, 3, -1, -1)
+    folds = data.split_runs(12, 0.25, seed=0, n_folds=3)
+    target = torch.randn(12, N_TGT * D_TGT, generator=g)
+    seen = []
+
+    def criterion(pred, runs):   # (runs, D, n_tgt, d_tgt) -> (runs,) mean distance to the run's target
+        seen.append(tuple(pred.shape[:2]))
+        return (pred.flatten(2) - target[runs][:, None]).pow(2).sum(2).mean(1).numpy()
+    for draws in (1, 2):
+        seen.clear()
+        chosen = train.select_linear_map(X[:, :1], X, Y, criterion, folds, (0, 2), (0.1, 10.0),
+                                         draws=draws)
+        assert {shape[1] for shape in seen} == {draws}
+        for k, lam in [(0, 0.1), (2, 10.0)]:
+            per_run = []
+            for tr, va in folds:
+                basis = gradtx.public_basis(X[tr, :1].flatten(0, 1), k)
+                ridge = fit_ridge(gradtx.project(X[tr].flatten(0, 1), basis), Y[tr].flatten(0, 1), lam)
+                per_draw = [criterion(gradtx.ridge_predict(ridge, gradtx.project(X[va, j], basis))
+                                      .view(len(va), 1, N_TGT, D_TGT), va) for j in range(3 - draws, 3)]
+                per_run.append(np.mean(per_draw, axis=0))
+            assert chosen.scores[(k, lam)] == pytest.approx(float(np.concatenate(per_run).mean()), rel=1e-5)
+
+
+def test_the_linear_map_sits_behind_the_translators_gate():
+    # eval.Provider.linear: fallback + w (ridge(x) - fallback), w the gate's weight of the upload;
+    # without a gate (no DP), ridge(x) as it is
+    X, Y = random_pairs(16, seed=13)
+    ridge = fit_ridge(X, Y, lam=1.0)
+    U = torch.zeros(N_SRC * D_SRC, 1)
+    U[0, 0] = 1.0
+    fallback = torch.randn(N_TGT, D_TGT, generator=torch.Generator().manual_seed(2))
+    gate = {"mean": X.flatten(1).mean(0), "U": U, "center": torch.zeros(1), "signal_var": torch.tensor([3.0]),
+            "noise_var": torch.tensor([1.0]), "prior": torch.tensor([0.5]), "fallback": fallback}
+    cfg = gradtx.GTConfig(n_src=N_SRC, d_src=D_SRC, n_tgt=N_TGT, d_tgt=D_TGT, d_model=16, n_head=4,
+                          n_skip=16, n_gate=1)
+    log = {"ridge": ridge, "basis": None}
+    for with_gate in (True, False):
+        model = gradtx.GradTransformer(cfg if with_gate else replace(cfg, n_gate=0)).eval()
+        gradtx.set_linear_map(model, None, ridge, gate if with_gate else None)
+        provider = evaluation.Provider({1: gradtx.Translator(model, log)}, (N_TGT, D_TGT))
+        for x in random_pairs(3, seed=14)[0]:
+            plain = gradtx.ridge_predict(ridge, x[None]).view(N_TGT, D_TGT)
+            w = dp.gate_weight(gate, x[None]).item() if with_gate else 1.0
+            expected = fallback + w * (plain - fallback) if with_gate else plain
+            assert 0 < w <= 1
+            torch.testing.assert_close(provider.linear(x), expected, atol=1e-5, rtol=0)
 
 
 def test_gate_weight_is_bayes_rule_between_noise_and_signal():

@@ -47,6 +47,7 @@ def test_results_contract(finished_run):
     assert saved["task"] == "arith" and saved["metric"] == "accuracy" and saved["higher_is_better"] is True
     assert saved["config"]["n_shadow"] == 6
     assert {t["select_rule"] for t in saved["translators"].values()} == {"one_se"}   # no DP
+    assert {t["select_draws"] for t in saved["translators"].values()} == {1}          # its last snapshot
     assert saved["provenance"]["torch"] == torch.__version__
     assert [c["kind"] for c in saved["clients"]] == ["skewed"] * 4 + ["iid"] + ["random"] * 2
     for c in saved["clients"]:
@@ -85,6 +86,8 @@ def test_dp_run_with_groups(dp_group_run):
     assert set(p["subspace_k"]) == {1, 2}                       # one map per noise level
     # with DP the linear map is the argmin ("auto"): the gate already shrinks noisy uploads
     assert {t["select_rule"] for t in results["translators"].values()} == {"best"}
+    # ... scored on every noisy input of a held-out run: 2 draws for one upload, 1 mean of 2 for pairs
+    assert {m: t["select_draws"] for m, t in results["translators"].items()} == {1: 2, 2: 1}
     for translator in results["translators"].values():          # the diagnostic: one value per direction
         assert len(translator["upload_signal"]) == train.SIGNAL_DIRECTIONS
         assert all(-1 <= c <= 1 for c in translator["upload_signal"])
