@@ -5,8 +5,7 @@ eval.py -- scoring: the task's metric, PGR and gain recovered, honest baselines,
     python eval.py --out=out        # print the tables of a finished run (or experiment) again
 
 Every method gives the LLM (or, for the floor, the TinyLM) one update vector, scored on each
-client's own test split (arith: accuracy of the parsed answer; text: bits per byte, lower is
-better):
+client's own test split (arith: accuracy of the parsed answer; text: bits per byte, lower better):
 
     llm_base      the LLM with no update
     tinylm_ft     TinyLM fine-tuned on the client's private data, no DP          P_S, the floor
@@ -14,7 +13,9 @@ better):
     llm_ft        LLM fine-tuned on the client's private data, no DP             P_T, the ceiling
     gradtx        the Grad-Transformer's translation of the client's upload
     gradtx_group  (groups) one translation of the mean upload of the client's convention group
-    ridge         the linear map alone (public subspace + ridge regression on the same shadow pairs)
+    ridge         the linear map alone (public subspace + ridge regression on the same shadow pairs;
+                  with DP behind the translator's do-no-harm gate)
+    ridge_ungated (DP runs) the same map without the gate
     ridge_group   (groups) the linear map on the group's mean upload
     mean_shadow   the mean shadow LLM update: what the provider has with no client signal
     public_llm    LLM fine-tuned on the whole public half
@@ -47,7 +48,8 @@ import gradtx
 import tinylm
 
 METHODS = ["llm_base", "tinylm_ft", "tinylm_dp", "llm_ft", "gradtx", "gradtx_group", "ridge",
-           "ridge_group", "mean_shadow", "public_llm", "w2s", "w2s_conf", "vissup", "kd"]
+           "ridge_ungated", "ridge_group", "mean_shadow", "public_llm", "w2s", "w2s_conf",
+           "vissup", "kd"]
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -94,9 +96,7 @@ def exact_match_of(model, x, y, mask, batch=1024):
 
 
 def score(task, model, examples):
-    if task.metric == "accuracy":
-        return accuracy(task, model, examples)
-    return bits_per_byte(task, model, examples)
+    return (accuracy if task.metric == "accuracy" else bits_per_byte)(task, model, examples)
 
 
 def share_recovered(p_method, p_start, p_end):
@@ -223,18 +223,20 @@ class Provider:
         self.seconds.append(time.perf_counter() - start)
         return update
 
-    def linear(self, upload, m=1):
-        """The linear map's update, behind the translator's do-no-harm gate (with DP)."""
+    def linear(self, upload, m=1, gated=True):
+        """The linear map's update, behind the translator's do-no-harm gate (with DP) if gated."""
         model, log = self.translators[m]
         update = gradtx.ridge_predict(log["ridge"], gradtx.project(upload[None], log["basis"]))
         update = update.view(1, *self.llm_shape)
-        if model.gate is not None:   # with DP
+        if gated and model.gate is not None:
             update = dp.do_no_harm(model.gate, update, upload[None])
         return update[0].cpu()
 
     def updates(self, client):
         """{method: LLM update} of the methods reading this client's upload, and its references."""
-        return dict(gradtx=self.translate(client["upload"]), ridge=self.linear(client["upload"]),
+        upload = client["upload"]   # with DP, the map without the gate too:
+        ungated = {} if self.gate is None else {"ridge_ungated": self.linear(upload, gated=False)}
+        return dict(gradtx=self.translate(upload), ridge=self.linear(upload), **ungated,
                     **{k: v for k, v in client["references"].items() if k != "seconds"})
 
 
@@ -316,8 +318,7 @@ def summarise(rows, higher_is_better=True):
     has = {m: [r for r in rows if m in r["scores"]] for m in methods}
     out = {key: {m: mean_defined([r[key][m] for r in has[m]]) for m in methods}
            for key in ("scores", "pgr", "gain_recovered")}
-    # do no harm: the mean shadow update is what the provider always has (in the metric's units,
-    # positive = better than the mean update, whatever the metric's direction)
+    # do no harm: against the mean shadow update, the provider's without any upload (+: better)
     sign = 1 if higher_is_better else -1
     out["worst_vs_mean_shadow"] = {m: min(sign * (r["scores"][m] - r["scores"]["mean_shadow"])
                                           for r in has[m]) for m in methods}
@@ -399,12 +400,11 @@ def gain_first_table(results, groups):
     rows = []
     for m in ordered(clients[0]["scores"]):
         members = [[c for c in clients if c["group"] == g] for g in groups]
-        row = ([m, fmt(summary["gain_of_means"][m])]
-               + [fmt(mean_defined([c["gain_recovered"][m] for c in cs])) for cs in members]
-               + [f"{mean_defined([c['scores'][m] for c in cs]):.3f}" for cs in members]
-               + [fmt(summary["pgr_of_means"][m]),
-                  f"{summary['worst_vs_mean_shadow'][m]:+.3f}"])
-        rows.append(row)
+        rows.append([m, fmt(summary["gain_of_means"][m])]
+                    + [fmt(mean_defined([c["gain_recovered"][m] for c in cs])) for cs in members]
+                    + [f"{mean_defined([c['scores'][m] for c in cs]):.3f}" for cs in members]
+                    + [fmt(summary["pgr_of_means"][m]),
+                       f"{summary['worst_vs_mean_shadow'][m]:+.3f}"])
     return markdown_table(head, rows)
 
 

@@ -224,10 +224,10 @@ def select_linear_map(X_clean, X, Y, criterion, folds, ks=SUBSPACE_SIZES, lams=R
     """Choose the subspace size k and ridge's lambda by the functional criterion on held-out runs
     (parameter-space error would pick a far too strong lambda), cross-validated: for each fold
     (train runs, held-out runs), every candidate is fit on the train runs and scores each held-out
-    run on its last `draws` inputs (with DP all its uploads: one noise draw alone would pick the
-    map by its luck), so every run of `folds` speaks once. Rule "one_se": the simplest within one
-    SE of the best (`simplest_within_one_se`; fewer directions first -- k = 0, the raw input, has
-    the most -- then a stronger ridge); "best": the lowest mean. Refit on fold 0's train runs.
+    run on its last `draws` inputs (with DP, optionally all its uploads, not one draw's luck), so
+    every run of `folds` speaks once. Rule "one_se": the simplest within one SE of the best
+    (`simplest_within_one_se`; fewer directions first -- k = 0, the raw input, has the most --
+    then a stronger ridge); "best": the lowest mean. Refit on fold 0's train runs.
     X_clean (runs, S, n, d): clean public TinyLM updates, for the basis; X (runs, P, n, d): the
     inputs the map will be given (DP uploads when clients use DP); Y (runs, P, ...): LLM updates."""
     scores = {}

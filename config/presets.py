@@ -109,8 +109,8 @@ class Config:
     gt_select_rule: str = "auto"
     val_examples: int = 64       # examples of each held-out run the selection criterion scores
     # with DP, the map's selection scores every noisy input of a held-out run (its examples shared
-    # between them), not only its last: with one noise draw per run, luck picks the map
-    gt_select_draws: bool = True
+    # between them), not only its last (off: it moves the argmin among near-ties both ways)
+    gt_select_draws: bool = False
     # with DP, the translator (not its linear map) also learns from pairs between shadow runs
     # (data.between_runs), this many per shadow pair: the mixed conventions between near-pure ones
     gt_mixup: float = 1.0

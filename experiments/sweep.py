@@ -66,7 +66,8 @@ def run_name(cfg, experiment):
     return name
 
 
-FRONTIER_METHODS = ["gradtx", "ridge", "tinylm_dp", "w2s", "kd", "mean_shadow"]
+FRONTIER_METHODS = ["gradtx", "ridge", "ridge_ungated", "tinylm_dp", "w2s", "kd", "mean_shadow"]
+HARM_METHODS = ["gradtx", "ridge", "ridge_ungated"]   # the worst client's columns
 
 
 def frontier_points(runs):
@@ -118,17 +119,22 @@ def harmed(point, method="gradtx", allowed=-0.05):
                      for g, (k, n) in groups.items() if k) or "none"
 
 
+def signed(value):
+    return "n/a" if value is None else f"{value:+.2f}"
+
+
 def frontier_table(runs):
     points = sorted(frontier_points(runs), key=lambda p: p["nem"])
     head = (["N", "epsilon", "m", "N·ε·√m", "sigma"] + FRONTIER_METHODS
-            + ["worst client vs mean_shadow: gradtx", "ridge", "clients below -0.05 (gradtx)"])
+            + ["worst client vs mean_shadow: gradtx", "ridge", "ridge_ungated",
+               "clients below -0.05 (gradtx)"])
     rows = []
     for p in points:
         group = p.get("group_size", 1)
         row = ([f"{p['n_train']}" + (f" (groups of {group})" if group > 1 else ""),
                 f"{p['epsilon']:g}", str(p["m"]), f"{p['nem']:.0f}", f"{p['sigma']:.2f}"]
                + [fmt(p["gain"].get(k)) for k in FRONTIER_METHODS]
-               + [f"{p['worst_vs_mean_shadow'][k]:+.2f}" for k in ("gradtx", "ridge")]
+               + [signed(p["worst_vs_mean_shadow"].get(k)) for k in HARM_METHODS]
                + [harmed(p)])
         rows.append(row)
     return ("skewed clients: gain recovered of means, against each client's NON-private llm_ft; "
@@ -232,8 +238,8 @@ def experiment_table(name, runs):
         return frontier_table(runs)
     if name == "shadow_count":
         return shadow_count_table(shadow_count_rows(runs))
-    methods = ["tinylm_dp", "gradtx", "ridge", "gradtx_group", "ridge_group", "mean_shadow", "w2s",
-               "kd"]
+    methods = ["tinylm_dp", "gradtx", "ridge", "ridge_ungated", "gradtx_group", "ridge_group",
+               "mean_shadow", "w2s", "kd"]
     methods = [m for m in methods if any(m in r["summary"]["scores"] for r in runs)]
     head = ["epsilon", "mechanism", "sigma", "k", "signal"] + [f"{m} gain (PGR)" for m in methods]
     rows = []

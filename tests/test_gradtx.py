@@ -638,7 +638,7 @@ def test_selection_scores_each_held_out_run_on_its_last_draws():
 
 def test_the_linear_map_sits_behind_the_translators_gate():
     # eval.Provider.linear: fallback + w (ridge(x) - fallback), w the gate's weight of the upload;
-    # without a gate (no DP), ridge(x) as it is
+    # without a gate (no DP) or ungated (the `ridge_ungated` baseline), ridge(x) as it is
     X, Y = random_pairs(16, seed=13)
     ridge = fit_ridge(X, Y, lam=1.0)
     U = torch.zeros(N_SRC * D_SRC, 1)
@@ -659,6 +659,7 @@ def test_the_linear_map_sits_behind_the_translators_gate():
             expected = fallback + w * (plain - fallback) if with_gate else plain
             assert 0 < w <= 1
             torch.testing.assert_close(provider.linear(x), expected, atol=1e-5, rtol=0)
+            torch.testing.assert_close(provider.linear(x, gated=False), plain, atol=1e-5, rtol=0)
 
 
 def test_gate_weight_is_bayes_rule_between_noise_and_signal():

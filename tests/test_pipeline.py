@@ -86,15 +86,15 @@ def test_dp_run_with_groups(dp_group_run):
     assert set(p["subspace_k"]) == {1, 2}                       # one map per noise level
     # with DP the linear map is the argmin ("auto"): the gate already shrinks noisy uploads
     assert {t["select_rule"] for t in results["translators"].values()} == {"best"}
-    # ... scored on every noisy input of a held-out run: 2 draws for one upload, 1 mean of 2 for pairs
-    assert {m: t["select_draws"] for m, t in results["translators"].items()} == {1: 2, 2: 1}
+    # ... each held-out run scored on its last input (--gt_select_draws: on every one)
+    assert {m: t["select_draws"] for m, t in results["translators"].items()} == {1: 1, 2: 1}
     for translator in results["translators"].values():          # the diagnostic: one value per direction
         assert len(translator["upload_signal"]) == train.SIGNAL_DIRECTIONS
         assert all(-1 <= c <= 1 for c in translator["upload_signal"])
     assert "| signal |" in sweep.experiment_table("dp", [results])
     assert len(results["clients"]) == 5 * 2 + 2
-    for c in results["clients"]:
-        assert "tinylm_dp" in c["scores"]
+    for c in results["clients"]:   # with DP the linear map is scored with and without the gate
+        assert {"tinylm_dp", "ridge", "ridge_ungated"} <= set(c["scores"])
         if c["kind"] == "random":   # a client alone: nothing to pool
             assert c["pooling"] == {} and "gradtx_group" not in c["scores"]
             continue
@@ -111,8 +111,9 @@ def test_dp_run_with_groups(dp_group_run):
     for c in results["clients"]:   # the do-no-harm gate says how far each upload was trusted
         assert 0 < c["gate_weight"] < 1
     worst = results["summary"]["worst_vs_mean_shadow"]
-    assert worst["mean_shadow"] == 0 and worst["gradtx"] == min(
-        c["scores"]["gradtx"] - c["scores"]["mean_shadow"] for c in results["clients"])
+    for method in ("gradtx", "ridge", "ridge_ungated"):
+        assert worst[method] == min(c["scores"][method] - c["scores"]["mean_shadow"] for c in results["clients"])
+    assert worst["mean_shadow"] == 0
 
 
 def test_frontier_points_and_table(dp_group_run):
@@ -125,6 +126,11 @@ def test_frontier_points_and_table(dp_group_run):
     assert points[0]["gain"]["mean_shadow"] == skewed["gain_of_means"]["mean_shadow"]
     table = sweep.experiment_table("frontier", [results])
     assert table.count("\n| 48 (groups of 2) | 1 |") == 2
+    # the worst client per method; a group's points come from its pooling curve: no ungated map
+    cells = [line.split(" | ") for line in table.splitlines() if line.startswith("| 48 ")]
+    assert [c[-4:-1] for c in cells] == [[sweep.signed(p["worst_vs_mean_shadow"].get(k)) for k in sweep.HARM_METHODS]
+                                         for p in points]
+    assert [c[-2] for c in cells] == ["n/a", "n/a"] and "n/a" not in cells[0][-4]
     # the harm column is the points' own scores: a member below -0.05 is named under its group
     scores = {"iid_0/0": -0.06, "iid_0/1": 0.0, "random_3": -0.051, "skewed_+": -0.05}
     point = {"vs_mean_shadow": {name: {"gradtx": v} for name, v in scores.items()},

@@ -30,9 +30,11 @@ import json
 import os
 import sys
 
-METHODS = ["gradtx", "ridge", "mean_shadow", "tinylm_dp", "w2s", "kd"]   # the lines, in this order
-COLORS = {"gradtx": "C0", "ridge": "C1", "mean_shadow": "C7", "tinylm_dp": "C2", "w2s": "C3",
+METHODS = ["gradtx", "ridge", "ridge_ungated", "mean_shadow", "tinylm_dp", "w2s", "kd"]   # lines
+COLORS = {"gradtx": "C0", "ridge": "C1", "ridge_ungated": "C8", "mean_shadow": "C7",
+          "tinylm_dp": "C2", "w2s": "C3",
           "kd": "C4", "gradtx_single_map": "C5", "gradtx_paper": "C6", "gradtx_best_init": "C9"}
+FRONTIER_LINES = ["gradtx", "ridge", "ridge_ungated", "tinylm_dp", "w2s", "kd", "mean_shadow"]
 SIZE, DPI = (6, 4), 100
 
 
@@ -153,7 +155,7 @@ def plot_frontier(plt, frontier):
     """Gain vs N·ε·√m on a log axis, one line per method; points of groups drawn as squares."""
     fig, ax = plt.subplots(figsize=SIZE)
     rows = sorted(frontier["rows"], key=lambda r: r["nem"])
-    for method in ["gradtx", "ridge", "tinylm_dp", "w2s", "kd", "mean_shadow"]:
+    for method in FRONTIER_LINES:
         points = [(r["nem"], r["gain"][method], r.get("group_size", r["m"]))
                   for r in rows if r["gain"].get(method) is not None]
         if not points:
@@ -182,7 +184,7 @@ def plot_frontier_by_size(plt, frontier):
                              sharey=True, squeeze=False)
     for ax, n in zip(axes[0], sizes):
         rows = sorted((r for r in single if r["n_train"] == n), key=lambda r: r["epsilon"])
-        for method in ["gradtx", "ridge", "tinylm_dp", "w2s", "kd", "mean_shadow"]:
+        for method in FRONTIER_LINES:
             points = [(r["epsilon"], r["gain"][method]) for r in rows
                       if r["gain"].get(method) is not None]
             if points:
@@ -196,12 +198,16 @@ def plot_frontier_by_size(plt, frontier):
 
 def plot_frontier_harm(plt, frontier):
     """Do no harm at every point: each client's score minus its mean shadow update's (accuracy)
-    against N·ε·√m, a panel per method (gradtx, ridge), a dot per client coloured by its kind;
-    below the red line (-0.05) a client was made worse off by uploading."""
+    against N·ε·√m, a panel per method (gradtx, ridge and, where measured, the ungated ridge), a
+    dot per client coloured by its kind; below the red line (-0.05): made worse off."""
     rows = sorted(frontier["rows"], key=lambda r: r["nem"])
-    fig, axes = plt.subplots(1, 2, figsize=(2 * SIZE[0], SIZE[1]), sharey=True)
+    methods = [m for m in ("gradtx", "ridge", "ridge_ungated")
+               if any(m in v for r in rows for v in r["vs_mean_shadow"].values())]
+    fig, axes = plt.subplots(1, len(methods), figsize=(len(methods) * SIZE[0], SIZE[1]),
+                             sharey=True, squeeze=False)
+    axes = axes[0]
     colors = {"skewed": "C0", "iid": "C3", "random": "C2"}
-    for ax, method in zip(axes, ("gradtx", "ridge")):
+    for ax, method in zip(axes, methods):
         for kind, color in colors.items():
             for marker, pooled in (("o", False), ("s", True)):
                 points = [(r["nem"], v[method]) for r in rows for name, v in
