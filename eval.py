@@ -174,7 +174,7 @@ def evaluate(cfg, task, tiny, llm, translators, mean_shadow, clients, recipe, st
     """Score every method on every client; write results.json into cfg.out and print the tables.
 
     translators: {m: gradtx.Translator(model, log)} for inputs that average m uploads; the fit log
-    holds the selected linear map (basis, ridge) that is the `ridge` baseline. mean_shadow: the
+    holds the selected linear map (basis, ridge) of the `ridge` baselines. mean_shadow: the
     mean LLM update of the shadow runs the maps were fitted on."""
     t0 = time.time()
     provider = Provider(translators, tuple(mean_shadow.shape))
@@ -211,7 +211,7 @@ def evaluate(cfg, task, tiny, llm, translators, mean_shadow, clients, recipe, st
 
 class Provider:
     """What the provider makes of uploads: the Grad-Transformer trained for inputs that average m
-    uploads (`translate`, timed), and the same fit's selected linear map alone (`linear`)."""
+    uploads (`translate`, timed), and the same fit's linear map without the residual (`linear`)."""
 
     def __init__(self, translators, llm_shape):
         self.translators, self.llm_shape, self.seconds = translators, llm_shape, []
