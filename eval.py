@@ -278,9 +278,9 @@ def score_updates(task, llm, updates, examples):
 def translator_summary(log):
     """What results.json keeps of a fit log: the selection, the losses and the fit curve."""
     keys = ("k", "ridge_lambda", "ridge_loss", "best_step", "val_loss", "mean_shadow_loss",
-            "true_update_loss", "seconds", "linear_seconds",
-            "select_rule", "select_draws")   # how the linear map was chosen (older fits: None)
-    return {**{k: log.get(k) for k in keys},
+            "true_update_loss", "seconds", "linear_seconds")
+    chosen = ("select_rule", "select_draws")   # how the linear map was chosen (older fits: None)
+    return {**{k: log[k] for k in keys}, **{k: log.get(k) for k in chosen},
             "upload_signal": log["upload_signal"],   # None without DP
             "history": log["history"]}               # the fit curve (tools/plots.py)
 
