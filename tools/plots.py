@@ -32,8 +32,8 @@ import sys
 
 METHODS = ["gradtx", "ridge", "ridge_ungated", "mean_shadow", "tinylm_dp", "w2s", "kd"]   # lines
 COLORS = {"gradtx": "C0", "ridge": "C1", "ridge_ungated": "C8", "mean_shadow": "C7",
-          "tinylm_dp": "C2", "w2s": "C3",
-          "kd": "C4", "gradtx_single_map": "C5", "gradtx_paper": "C6", "gradtx_best_init": "C9"}
+          "tinylm_dp": "C2", "w2s": "C3", "kd": "C4", "gradtx_single_map": "C5",
+          "gradtx_paper": "C6", "gradtx_best_init": "C9"}
 FRONTIER_LINES = ["gradtx", "ridge", "ridge_ungated", "tinylm_dp", "w2s", "kd", "mean_shadow"]
 SIZE, DPI = (6, 4), 100
 
