@@ -12,6 +12,8 @@ the paper -- laid out as one token per transformer layer:
 
 A0 comes from a fixed seed (every party re-creates it) and B0 = 0: an all-zero update vector is the
 pretrained model. Many runs of one base, one vmap'd computation: `finetune_many`, `loss_of_updates`.
+Under DP, `finetune` takes dp.py's DP-SGD step, whose per-example gradients are the LoRA layers'
+own (`LoRA.per_example_grads`); `finetune_many` gets them another way and says why.
 
     python -m pytest tests/test_tinylm.py tests/test_batched.py
 """
@@ -424,9 +426,10 @@ def finetune_many(model, datasets, recipe, seeds, *, snapshot_steps=()):
         mb = mask[runs, i] * ok
         opt.zero_grad(set_to_none=True)
         if recipe.dp_sigma > 0:
-            _private_grads(model, params, xb, yb, mb, recipe, expected, noise[:, step - 1])
+            _private_grads(model, params, xb, yb, mb, recipe=recipe, expected=expected,
+                           noise=noise[:, step - 1])
         else:
-            _plain_grads(model, params, xb, yb, mb, recipe, step)
+            _plain_grads(model, params, xb, yb, mb, recipe=recipe, step=step)
         opt.step()
         if step in wanted:  # the tensors side by side in update order: the update vectors
             saved.append(torch.cat([p.detach().flatten(1) for p in params.values()], dim=1))
@@ -456,7 +459,7 @@ def _padded_batches(recipe, datasets, seeds, n_noise, device):
     return idx, valid, widths, noise
 
 
-def _plain_grads(model, params, x, y, mask, recipe, step):
+def _plain_grads(model, params, x, y, mask, *, recipe, step):
     """Every run's gradient of its own batch's loss (x, y, mask (K, B, T)) into params' .grad."""
 
     def run_loss(p, x, y, mask, step):  # one run: its LoRA tensors p, its batch (B, T)
@@ -466,7 +469,7 @@ def _plain_grads(model, params, x, y, mask, recipe, step):
     vmap(run_loss, in_dims=(0, 0, 0, 0, None))(params, x, y, mask, step).sum().backward()
 
 
-def _private_grads(model, params, x, y, mask, recipe, expected, noise):
+def _private_grads(model, params, x, y, mask, *, recipe, expected, noise):
     """Every run's DP-SGD gradient (`dp.clip_and_noise`) of its batch (x, y, mask (K, B, T)) into
     params' .grad; expected (K,) the runs' expected batch sizes q*N, noise (K, D) N(0, 1).
 
@@ -533,6 +536,8 @@ def save_model(model, path):
 
 
 def load_model(path, device="cpu"):
+    """The model `save_model` wrote (weights only: nothing is unpickled), on `device`. Raises
+    ValueError for anything else."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
         model = GPT(GPTConfig(**ckpt["config"]))
