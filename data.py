@@ -307,11 +307,14 @@ def draw_run(recipe, n, seed, n_noise, device="cpu"):
     """A run's random draws, up front and in its steps' order, from its own CPU generator (a GPU run
     draws what a CPU run does): randint(n, (batch,)), or with DP a Poisson sample then N(0, 1) noise
     (n_noise,). Copied to `device` once: no step waits on the host. -> (indices per step, noise)"""
-    g, batches, noise, like = torch.Generator().manual_seed(seed), [], [], torch.empty(0)
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    noise = []
+    like = torch.empty(0)   # the noise's dtype: float32, as dp_sgd_step draws it for the TinyLM
     for _ in range(recipe.steps):
         if recipe.dp_sigma > 0:
             batches.append(dp.poisson_sample(n, recipe.dp_sample_rate, g))
-            noise.append(dp._gaussian((n_noise,), 1.0, like, g))   # as dp_sgd_step draws it
+            noise.append(dp.gaussian_noise((n_noise,), 1.0, like, g))   # as dp_sgd_step draws it
         else:
             batches.append(torch.randint(n, (recipe.batch,), generator=g))
     indices = torch.cat(batches).to(device).split([len(b) for b in batches])

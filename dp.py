@@ -12,19 +12,19 @@ update vector. Its official code protects that upload in two ways, both here:
   (b) output perturbation of the finished update vector (Gaussian mechanism): clip its
       L2 norm to C and add N(0, s^2) with s = C * sqrt(2 ln(1.25/delta)) / epsilon.
 
-A model here is any nn.Module called as `model(x, y, mask) -> (logits, loss)` where x, y are
-(B, T) token ids, mask (B, T) selects the answer tokens and loss is the masked mean
-cross-entropy; its trainable parameters (requires_grad=True) are the LoRA matrices.
+A model here is any nn.Module called as `model(x, y, mask) -> (logits, loss)` (and `model(x)`
+for the logits alone) where x, y are (B, T) token ids, mask (B, T) selects the answer tokens and
+loss is the masked mean cross-entropy; its trainable parameters (requires_grad=True) are the LoRA
+matrices, each in a layer that can give its per-example gradients (tinylm.LoRA).
 
-DP-SGD needs one gradient per example, and there are two ways to get them here:
-  `per_sample_grads`           torch.func (vmap over grad): any model, the readable reference;
-  `per_sample_grads_one_pass`  one forward and one backward over the batch, then per-example
-                               sums inside each LoRA layer (tinylm.LoRA.per_example_grads):
-                               the default of `dp_sgd_step`, about the cost of a plain step.
+DP-SGD needs one gradient per example. `per_sample_grads` gets them all from one forward and
+one backward pass over the batch, then per-example sums inside each LoRA layer
+(tinylm.LoRA.per_example_grads): about the cost of a plain step. The oracle it is tested against,
+a loop of single-example backward passes, lives in tests/test_dp.py.
 
 Test it:  python -m pytest tests/test_dp.py -q
 Try it:   python -c "import dp; print(dp.compute_epsilon(0.04, 1.5, 2250, 1e-5))"  # 7.329...
-Time it:  python tools/bench_dp.py   # a plain step vs a DP-SGD step on each path
+Time it:  python tools/bench_dp.py   # a plain step vs a DP-SGD step
 Audit it: python experiments/audit.py   # an empirical lower bound on epsilon from one fine-tune
 """
 
@@ -33,7 +33,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, vmap
 
 # -----------------------------------------------------------------------------
 # (a) DP-SGD
@@ -48,27 +47,16 @@ def poisson_sample(n, sample_rate, generator=None):
     return keep.nonzero().squeeze(1)  # (B,) sorted indices
 
 
-def per_sample_grads(model, x, y, mask):
-    """One gradient per example: {name: (B, *param.shape)} over the trainable parameters.
+def gaussian_noise(shape, std, like, generator=None):
+    """N(0, std^2) noise shaped `shape`, with `like`'s dtype, returned on `like`'s device.
 
-    The reference path, for any model: torch.func makes the model a pure function of its
-    parameters, `grad` differentiates the loss of ONE example, and `vmap` maps that over the
-    batch (instead of B backward passes). ~1.8x the time of a plain step on the TinyLM.
-    """
-    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
-    buffers = dict(model.named_buffers())
-
-    def example_loss(params, x1, y1, m1):
-        # inside vmap x1 is one example (T,); the model wants a batch: (T,) -> (1, T)
-        _, loss = functional_call(model, (params, frozen, buffers), (x1[None], y1[None], m1[None]))
-        return loss
-
-    if len(x) == 0:  # vmap cannot map over an empty batch
-        return {n: p.new_zeros((0, *p.shape)) for n, p in trainable.items()}
-    # randomness="different": dropout, if any, draws its own mask for each example
-    per_example = vmap(grad(example_loss), in_dims=(None, 0, 0, 0), randomness="different")
-    return per_example(trainable, x, y, mask)
+    Drawn on the generator's device, so a CPU generator gives the same noise whatever device the
+    model is on. Every draw of DP noise goes through here: `dp_sgd_step`, `perturb_update`, and
+    data.draw_run, which draws a whole run's DP-SGD noise up front (std 1: `clip_and_noise`
+    scales it by sigma * C)."""
+    device = generator.device if generator is not None else like.device
+    noise = torch.randn(shape, generator=generator, device=device, dtype=like.dtype)
+    return (noise * std).to(like.device, non_blocking=True)
 
 
 def per_example_losses(logits, y, mask):
@@ -79,9 +67,9 @@ def per_example_losses(logits, y, mask):
     return (nll * m).sum(1) / m.sum(1).clamp(min=1)
 
 
-def per_sample_grads_one_pass(model, x, y, mask):
-    """The same {name: (B, *param.shape)} as `per_sample_grads`, from ONE forward and ONE
-    backward pass over the batch: the default path of `dp_sgd_step`, ~1.1x a plain step.
+def per_sample_grads(model, x, y, mask):
+    """One gradient per example, {name: (B, *param.shape)} over the trainable parameters, from ONE
+    forward and ONE backward pass over the batch (~1.1x the time of a plain step).
 
     For a linear map, example i's weight gradient is sum_t g_t a_t^T over its tokens (input
     activations a_t, output gradients g_t): Opacus computes it from saved activations and
@@ -95,21 +83,45 @@ def per_sample_grads_one_pass(model, x, y, mask):
       4. each layer turns (input, g) into its per-example parameter gradients.
     Ghost norms (never forming per-example gradients) pay off only when 2T^2 < d*p: with
     T ~ 10-15 and a LoRA matrix's d*p = n_embd * rank = 256 (TinyLM) to 512 (LLM) it is a wash.
-    Raises ValueError (no silent fallback) if a trainable parameter is in no such layer: use
-    `per_sample_grads` for that model.
+    tests/test_dp.py checks it against the oracle, a loop of single-example backward passes.
+    (tinylm.finetune_many, many runs under vmap, gets its per-example gradients another way and
+    says why.)
     """
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    layers = {name: m for name, m in model.named_modules()  # the layers with something to train
-              if hasattr(m, "per_example_grads") and any(p.requires_grad for p in m.parameters())}
-    covered = {f"{name}.{p}" for name, m in layers.items() for p, _ in m.named_parameters()}
-    if missing := sorted(set(trainable) - covered):
-        raise ValueError(f"trainable parameters {missing} are in no layer with "
-                         "per_example_grads(); use dp_sgd_step(..., "
-                         "per_sample=dp.per_sample_grads) for this model")
+    layers = _layers_with_per_example_grads(model, trainable)
     if len(x) == 0:
         return {n: p.new_zeros((0, *p.shape)) for n, p in trainable.items()}
+    logits, seen = _forward_recording(model, layers, x)
+    losses = per_example_losses(logits, y, mask)                            # (B,)
+    names = list(seen)
+    outputs = torch.autograd.grad(losses.sum(), [seen[n][1] for n in names])  # each (B, T, n_out)
+    grads = {}
+    with torch.no_grad():
+        for name, g in zip(names, outputs):
+            for p, per_example in layers[name].per_example_grads(seen[name][0], g).items():
+                grads[f"{name}.{p}"] = per_example                            # (B, *shape)
+    return {n: grads[n] for n in trainable}
 
-    seen = {}  # layer name -> (input (B, T, n_in), output (B, T, n_out))
+
+def _layers_with_per_example_grads(model, trainable):
+    """{name: layer} of the layers that hold a trainable parameter and have a
+    `per_example_grads` method. Raises ValueError (no silent fallback) if a trainable parameter
+    is in no such layer."""
+    layers = {name: m for name, m in model.named_modules()
+              if hasattr(m, "per_example_grads") and any(p.requires_grad for p in m.parameters())}
+    covered = {f"{name}.{p}" for name, m in layers.items() for p, _ in m.named_parameters()}
+    missing = sorted(set(trainable) - covered)
+    if missing:
+        raise ValueError(f"trainable parameters {missing} are in no layer with "
+                         "per_example_grads(x, grad_out): give their layer one (as tinylm.LoRA "
+                         "has), or pass dp_sgd_step a per_sample function of your own")
+    return layers
+
+
+def _forward_recording(model, layers, x):
+    """logits = model(x)[0], and {layer name: (its input (B, T, n_in) detached, its output
+    (B, T, n_out))} recorded by forward hooks on `layers`, which are removed again."""
+    seen = {}
 
     def record(name):
         def hook(layer, inputs, output):
@@ -124,22 +136,16 @@ def per_sample_grads_one_pass(model, x, y, mask):
     finally:
         for h in hooks:
             h.remove()
-    losses = per_example_losses(logits, y, mask)                            # (B,)
-    names = list(seen)
-    outputs = torch.autograd.grad(losses.sum(), [seen[n][1] for n in names])  # each (B, T, n_out)
-    grads = {}
-    with torch.no_grad():
-        for name, g in zip(names, outputs):
-            for p, per_example in layers[name].per_example_grads(seen[name][0], g).items():
-                grads[f"{name}.{p}"] = per_example                            # (B, *shape)
-    return {n: grads[n] for n in trainable}
+    return logits, seen
 
 
-def dp_sgd_step(model, optimizer, x, y, mask, clip, noise_multiplier, expected_batch_size,
-                generator=None, per_sample=per_sample_grads_one_pass, noise=None):
-    """One DP-SGD step on an already Poisson-sampled batch (B may be 0: then the step is noise):
-    `clip_and_noise` of the per-example gradients (`per_sample`: the one-pass path for LoRA models,
-    `per_sample_grads` for any) into p.grad, then optimizer.step(). Noise: `noise` (D,) N(0, 1), or
+def dp_sgd_step(model, optimizer, x, y, mask, *, clip, noise_multiplier, expected_batch_size,
+                generator=None, per_sample=per_sample_grads, noise=None):
+    """One DP-SGD step on an already Poisson-sampled batch (B may be 0: then the step is noise).
+
+    `clip_and_noise` of the per-example gradients into p.grad, then optimizer.step(). The
+    gradients come from `per_sample(model, x, y, mask)`: `per_sample_grads`, or a function of the
+    caller's (experiments/audit.py adds its canaries' gradients). Noise: `noise` (D,) N(0, 1), or
     drawn from `generator`. Returns the mean norm before clipping (nan for B = 0; it guides C),
     a 0-dim tensor on the model's device: reading it every step would make a GPU wait."""
     if not expected_batch_size > 0:
@@ -149,7 +155,7 @@ def dp_sgd_step(model, optimizer, x, y, mask, clip, noise_multiplier, expected_b
     # an example's gradient is ALL its trainable tensors together, laid side by side: (B, D)
     flat = torch.cat([grads[n].flatten(1) for n in params], dim=1)
     if noise is None and noise_multiplier > 0:
-        noise = _gaussian(flat.shape[1:], 1.0, flat, generator)
+        noise = gaussian_noise(flat.shape[1:], 1.0, flat, generator)
     g, norms = clip_and_noise(flat, clip, noise_multiplier, expected_batch_size, noise)
     for p, g_p in zip(params.values(), g.split([p.numel() for p in params.values()])):
         p.grad = g_p.view_as(p).to(p.dtype)
@@ -178,14 +184,6 @@ def clip_and_noise(flat, clip, noise_multiplier, expected_batch_size, noise):
     return g, norms
 
 
-def _gaussian(shape, std, like, generator):
-    """N(0, std^2) noise shaped `shape`, drawn on the generator's device (so a CPU generator
-    gives the same noise whatever device the model is on), returned on `like`'s device."""
-    device = generator.device if generator is not None else like.device
-    noise = torch.randn(shape, generator=generator, device=device, dtype=like.dtype)
-    return (noise * std).to(like.device, non_blocking=True)
-
-
 # -----------------------------------------------------------------------------
 # (a') the RDP accountant for the sampled Gaussian mechanism
 # One DP-SGD step with Poisson rate q and noise sigma is (alpha, rdp(alpha))-RDP for every
@@ -196,7 +194,8 @@ DEFAULT_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # 
 
 
 def _log_add(a, b):  # log(e^a + e^b)
-    lo, hi = min(a, b), max(a, b)
+    lo = min(a, b)
+    hi = max(a, b)
     return hi if lo == -math.inf else math.log1p(math.exp(lo - hi)) + hi
 
 
@@ -233,10 +232,12 @@ def _log_a_int(q, sigma, alpha):
 def _log_a_frac(q, sigma, alpha):
     """log A_alpha for fractional alpha: two infinite series split at z0, summed until the
     terms drop below e^-30. The binomial coefficient changes sign once i > alpha + 1."""
-    log_a0, log_a1 = -math.inf, -math.inf
+    log_a0 = -math.inf   # the series below z0
+    log_a1 = -math.inf   # the series above z0
     z0 = sigma**2 * math.log(1 / q - 1) + 0.5
     # binom(alpha, 0) = 1, then updated by the ratio (alpha - i) / (i + 1)
-    log_coef, sign = 0.0, 1.0
+    log_coef = 0.0
+    sign = 1.0
     i = 0
     while True:
         j = alpha - i
@@ -247,15 +248,26 @@ def _log_a_frac(q, sigma, alpha):
         log_s0 = log_t0 + (i * i - i) / (2 * sigma**2) + log_e0
         log_s1 = log_t1 + (j * j - j) / (2 * sigma**2) + log_e1
         if sign > 0:
-            log_a0, log_a1 = _log_add(log_a0, log_s0), _log_add(log_a1, log_s1)
+            log_a0 = _log_add(log_a0, log_s0)
+            log_a1 = _log_add(log_a1, log_s1)
         else:
-            log_a0, log_a1 = _log_sub(log_a0, log_s0), _log_sub(log_a1, log_s1)
+            log_a0 = _log_sub(log_a0, log_s0)
+            log_a1 = _log_sub(log_a1, log_s1)
         if max(log_s0, log_s1) < -30:
             return _log_add(log_a0, log_a1)
         ratio = (alpha - i) / (i + 1)
         log_coef += math.log(abs(ratio))
         sign *= math.copysign(1.0, ratio)
         i += 1
+
+
+def _rdp_of_one_step(q, sigma, alpha):
+    """RDP at order alpha of one sampled Gaussian mechanism: log(A_alpha) / (alpha - 1)."""
+    if q == 1.0:  # no sampling: the plain Gaussian mechanism
+        return alpha / (2 * sigma**2)
+    if float(alpha).is_integer():
+        return _log_a_int(q, sigma, int(alpha)) / (alpha - 1)
+    return _log_a_frac(q, sigma, alpha) / (alpha - 1)
 
 
 def compute_rdp(sample_rate, noise_multiplier, steps, orders=None):
@@ -267,16 +279,8 @@ def compute_rdp(sample_rate, noise_multiplier, steps, orders=None):
     orders = DEFAULT_ORDERS if orders is None else orders
     if any(not a > 1 for a in orders):
         raise ValueError(f"orders must all be > 1, got {orders}")
-    q, sigma = sample_rate, noise_multiplier
-
-    def one_step(alpha):
-        if q == 1.0:  # no sampling: the plain Gaussian mechanism
-            return alpha / (2 * sigma**2)
-        if float(alpha).is_integer():
-            return _log_a_int(q, sigma, int(alpha)) / (alpha - 1)
-        return _log_a_frac(q, sigma, alpha) / (alpha - 1)
-
-    return np.array([one_step(a) for a in orders]) * steps  # RDP adds up over steps
+    one_step = [_rdp_of_one_step(sample_rate, noise_multiplier, a) for a in orders]
+    return np.array(one_step) * steps  # RDP adds up over steps
 
 
 def rdp_to_epsilon(orders, rdp, delta):
@@ -285,7 +289,8 @@ def rdp_to_epsilon(orders, rdp, delta):
     minimised over alpha. Returns (epsilon, best alpha)."""
     _check_delta(delta)
     ### BEGIN SOLUTION rdp_to_epsilon
-    a, rdp = np.asarray(orders, dtype=float), np.asarray(rdp, dtype=float)
+    a = np.asarray(orders, dtype=float)
+    rdp = np.asarray(rdp, dtype=float)
     eps = rdp - (math.log(delta) + np.log(a)) / (a - 1) + np.log((a - 1) / a)
     if np.isnan(eps).all():
         return math.inf, math.nan
@@ -321,16 +326,21 @@ def noise_multiplier_for(target_epsilon, sample_rate, steps, delta, orders=None,
         raise ValueError(f"target_epsilon={target_epsilon} is below {floor:.4f}, the smallest "
                          f"epsilon these orders can certify at delta={delta}; "
                          "pass larger orders (e.g. up to 512)")
-    eps = lambda sigma: compute_epsilon(sample_rate, sigma, steps, delta, orders)  # noqa: E731
-    lo, hi = 0.0, 1.0  # invariant: eps(lo) > target >= eps(hi) (sigma -> 0 gives eps -> inf)
-    while eps(hi) > target_epsilon:
-        lo, hi = hi, 2 * hi
+    # invariant: epsilon(lo) > target >= epsilon(hi) (sigma -> 0 gives epsilon -> inf)
+    lo = 0.0
+    hi = 1.0
+    while compute_epsilon(sample_rate, hi, steps, delta, orders) > target_epsilon:
+        lo = hi
+        hi = 2 * hi
         if hi > 1e6:
             raise ValueError(f"target_epsilon={target_epsilon} is out of reach for {steps} steps "
                              f"at rate {sample_rate}")
     while hi - lo > tol:
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if eps(mid) > target_epsilon else (lo, mid)
+        if compute_epsilon(sample_rate, mid, steps, delta, orders) > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
     return hi
 
 
@@ -375,7 +385,7 @@ def perturb_update(update, epsilon, delta, clip, generator=None):
         raise ValueError("update contains NaN or inf values; expected a finite update vector")
     norm = update.norm().item()
     clipped = update * (clip / max(norm, clip))  # scale 1 if ||u|| <= C, else norm exactly C
-    return clipped + _gaussian(update.shape, sigma, update, generator)
+    return clipped + gaussian_noise(update.shape, sigma, update, generator)
 
 
 # -----------------------------------------------------------------------------

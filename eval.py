@@ -133,7 +133,7 @@ def relabel(task, model, examples, generator):
 
 def reference_sets(task, tiny, train, own_update, seed, rng):
     """What the LLM fine-tunes a client's results are compared with learn from: data the provider
-    never sees. {method: (examples, conf_weight)}: llm_ft, the client's private data (the ceiling);
+    never sees. {method: (examples, confidence)}: llm_ft, the client's private data (the ceiling);
     given own_update, the client's TinyLM update (the DP one under DP-SGD; None: skip them), w2s /
     w2s_conf / vissup, the client's inputs labelled by its TinyLM (tinylm.with_confidence), and kd,
     public prompts labelled by it."""

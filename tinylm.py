@@ -12,6 +12,8 @@ the paper -- laid out as one token per transformer layer:
 
 A0 comes from a fixed seed (every party re-creates it) and B0 = 0: an all-zero update vector is the
 pretrained model. Many runs of one base, one vmap'd computation: `finetune_many`, `loss_of_updates`.
+Under DP, `finetune` takes dp.py's DP-SGD step, whose per-example gradients are the LoRA layers'
+own (`LoRA.per_example_grads`); `finetune_many` gets them another way and says why.
 
     python -m pytest tests/test_tinylm.py tests/test_batched.py
 """
@@ -88,18 +90,25 @@ class SelfAttention(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, C = cfg.n_head, cfg.n_embd
-        self.q_proj, self.k_proj = nn.Linear(C, C), nn.Linear(C, C)
-        self.v_proj, self.o_proj = nn.Linear(C, C), nn.Linear(C, C)
-        self.q_lora = self.v_lora = None                        # set by add_lora()
+        C = cfg.n_embd
+        self.n_head = cfg.n_head
+        self.q_proj = nn.Linear(C, C)
+        self.k_proj = nn.Linear(C, C)
+        self.v_proj = nn.Linear(C, C)
+        self.o_proj = nn.Linear(C, C)
+        self.q_lora = None                                      # LoRA on q and v: add_lora()
+        self.v_lora = None
         causal = torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool))
         self.register_buffer("causal", causal, persistent=False)
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.q_proj(x)                                      # (B, T, C) each
+        k = self.k_proj(x)
+        v = self.v_proj(x)
         if self.q_lora is not None:
-            q, v = q + self.q_lora(x), v + self.v_lora(x)
+            q = q + self.q_lora(x)
+            v = v + self.v_lora(x)
         ### BEGIN SOLUTION causal_attention
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -111,9 +120,12 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The feed-forward part of a block: C -> 4C, GELU, -> C."""
+
     def __init__(self, n_embd):
         super().__init__()
-        self.fc, self.proj = nn.Linear(n_embd, 4 * n_embd), nn.Linear(4 * n_embd, n_embd)
+        self.fc = nn.Linear(n_embd, 4 * n_embd)
+        self.proj = nn.Linear(4 * n_embd, n_embd)
 
     def forward(self, x):
         return self.proj(F.gelu(self.fc(x)))
@@ -124,8 +136,10 @@ class Block(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd), SelfAttention(cfg)
-        self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd), MLP(cfg.n_embd)
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = SelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg.n_embd)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -133,6 +147,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """The language model: token and position embeddings, n_layer blocks, a final LayerNorm and
+    an output layer tied to the token embedding (GPT-2's layout, as nanoGPT's)."""
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -142,12 +159,17 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight                   # tied input/output embeddings
-        for m in self.modules():                                # GPT-2's init
+        self._init_weights()
+        self.lora = None                                        # (rank, alpha, seed) once added
+
+    def _init_weights(self):
+        """GPT-2's init: every weight N(0, 0.02^2), every bias 0 (drawn from torch's global
+        generator, in module order: `pretrain` seeds it)."""
+        for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=0.02)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
-        self.lora = None                                        # (rank, alpha, seed) once added
 
     def forward(self, idx, targets=None, mask=None):
         """idx, targets: (B, T) token ids; mask: (B, T), 1 where the loss counts (the answer).
@@ -186,7 +208,9 @@ def add_lora(model, rank=4, alpha=8.0, seed=1234):
     if model.lora is not None:
         raise ValueError("model already has LoRA adapters")
     model.requires_grad_(False)
-    g, C, device = torch.Generator().manual_seed(seed), model.cfg.n_embd, model.wte.weight.device
+    g = torch.Generator().manual_seed(seed)
+    C = model.cfg.n_embd
+    device = model.wte.weight.device
     for block in model.blocks:
         block.attn.q_lora = LoRA(C, C, rank, alpha, g).to(device)
         block.attn.v_lora = LoRA(C, C, rank, alpha, g).to(device)
@@ -233,7 +257,8 @@ def split_update(model, update):
     """An update vector (n_layer, token_dim) -> {name: tensor} in the shapes of the LoRA parameters
     (update order). Differentiable: train.py runs the LLM with a *predicted* update (torch.func)."""
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-    params, out = lora_parameters(model), {}
+    params = lora_parameters(model)
+    out = {}
     ### BEGIN SOLUTION update_vector
     for l in range(model.cfg.n_layer):
         offset = 0
@@ -258,17 +283,23 @@ def set_update(model, update):
 # training: a base model from scratch, then LoRA fine-tuning, the algorithm every party shares
 
 
-def pretrain(cfg, next_batch, steps, lr, seed, device="cpu", desc="pretrain"):
-    """A GPT(cfg) trained from scratch on next_batch() -> (x, y, mask): AdamW, a linear warmup over
-    the first 5% of the steps, then a cosine decay to 10% of lr (the public base models)."""
+def learning_rate(step, steps, lr):
+    """The pretraining lr at `step` (0-based) of `steps`: a linear warmup over the first 5% of the
+    steps, times a cosine from 1 at the start down to 0.1 at the end."""
+    warmup = max(1, steps // 20)
+    cosine = 0.55 + 0.45 * math.cos(math.pi * step / steps)   # decays to 0.1 of lr
+    return lr * min(1.0, (step + 1) / warmup) * cosine
+
+
+def pretrain(cfg, next_batch, *, steps, lr, seed, device="cpu", desc="pretrain"):
+    """A GPT(cfg) trained from scratch on next_batch() -> (x, y, mask) (the public base models):
+    AdamW with the `learning_rate` schedule, gradients clipped to norm 1."""
     torch.manual_seed(seed)
     model = GPT(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
     for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
         for group in opt.param_groups:
-            cosine = 0.55 + 0.45 * math.cos(math.pi * step / steps)   # decays to 0.1 of lr
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * cosine
+            group["lr"] = learning_rate(step, steps, lr)
         x, y, mask = (t.to(device) for t in next_batch())   # a no-op for a batch made on the device
         _, loss = model(x, y, mask)
         opt.zero_grad(set_to_none=True)
@@ -283,49 +314,68 @@ def pretrain(cfg, next_batch, steps, lr, seed, device="cpu", desc="pretrain"):
 @dataclass
 class Recipe:
     """How a LoRA fine-tune runs. The provider publishes it; the clients' and the shadow runs'
-    fine-tunes follow it, DP included: a translator must learn from updates made as uploads are."""
+    fine-tunes follow it, DP included: a translator must learn from updates made as uploads are.
+    The weak-to-strong baselines (eval.py) change only its `confidence`."""
     steps: int = 100
     batch: int = 32              # without DP; with DP the batch is Poisson-sampled at rate q
     lr: float = 3e-3
     dp_sigma: float = 0.0        # DP-SGD noise multiplier; 0 = no DP
     dp_clip: float = 1.0         # per-example gradient norm bound C
     dp_sample_rate: float = 0.0625
+    confidence: float | str = 0.0    # the loss's own-prediction term: 0, w > 0 or "adaptive"
 
 
-def with_confidence(logits, y, mask, loss, conf_weight, step, steps):
-    """Also fit the model's own hardened predictions, so it may overrule the weak labels y: w > 0,
-    Burns et al. 2023 (w2s_conf), (1 - w) loss + w CE(own), w warmed up over 20% of the steps;
-    "adaptive", Guo et al. 2024 (vissup), per token beta = sigmoid(CE(own) - CE(weak)) for w."""
-    if conf_weight == "adaptive":
-        ce = lambda t: F.cross_entropy(logits.flatten(0, 1), t.flatten(), reduction="none")  # noqa
-        weak, mine, m = ce(y), ce(logits.argmax(-1).detach()), mask.flatten().to(logits.dtype)
-        beta = torch.sigmoid(mine - weak).detach() * min(1.0, step / (0.25 * steps))  # (B*T,)
-        return (((1 - beta) * weak + beta * mine) * m).sum() / m.sum().clamp(min=1)
-    if not conf_weight > 0:
+def with_confidence(logits, y, mask, loss, recipe, step):
+    """The fine-tuning loss at `step` (1-based) given the masked loss of the labels y, by
+    recipe.confidence: also fit the model's own hardened predictions, so that it may overrule weak
+    labels y (the weak-to-strong baselines, eval.py):
+        0           `loss` itself (every fine-tune but the baselines')
+        w > 0       Burns et al. 2023 (w2s_conf): (1 - w) loss + w CE(own), with w warmed up over
+                    the first 20% of the steps
+        "adaptive"  Guo et al. 2024 (vissup): per-token weights, `adaptive_confidence`"""
+    weight = recipe.confidence
+    if weight == "adaptive":
+        return adaptive_confidence(logits, y, mask, step, recipe.steps)
+    if not weight > 0:
         return loss
-    w = conf_weight * min(1.0, step / (0.2 * steps))
+    w = weight * min(1.0, step / (0.2 * recipe.steps))
     return (1 - w) * loss + w * masked_cross_entropy(logits, logits.argmax(-1).detach(), mask)
 
 
-def finetune(model, x, y, mask, recipe, seed, snapshot_steps=(), conf_weight=0.0):
-    """Fine-tune the LoRA of `model` from zero on the examples (x, y, mask) (N, T): the updates at
-    `snapshot_steps` (1-based), else [final update], which the model keeps. recipe.dp_sigma > 0:
-    DP-SGD steps on Poisson-sampled batches (dp.py); conf_weight adds `with_confidence`."""
+def adaptive_confidence(logits, y, mask, step, steps):
+    """Guo et al. 2024's loss (vissup): per token, beta = sigmoid(CE(own) - CE(weak)), warmed up
+    over the first 25% of the steps; the masked mean of (1 - beta) CE(weak) + beta CE(own)."""
+    own_labels = logits.argmax(-1).detach()
+    weak = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")          # (B*T,)
+    own = F.cross_entropy(logits.flatten(0, 1), own_labels.flatten(), reduction="none")  # (B*T,)
+    m = mask.flatten().to(logits.dtype)
+    beta = torch.sigmoid(own - weak).detach() * min(1.0, step / (0.25 * steps))        # (B*T,)
+    return (((1 - beta) * weak + beta * own) * m).sum() / m.sum().clamp(min=1)
+
+
+def finetune(model, x, y, mask, recipe, seed, *, snapshot_steps=()):
+    """Fine-tune the LoRA of `model` from zero on the examples (x, y, mask) (N, T) by `recipe`, with
+    the batches (and DP noise) `data.draw_run` draws from `seed`. Returns the update vectors at
+    `snapshot_steps` (1-based), else [the final update], which the model keeps. recipe.dp_sigma > 0:
+    DP-SGD steps on Poisson-sampled batches (`dp.dp_sgd_step`)."""
     device = model.wte.weight.device
     set_update(model, torch.zeros(update_shape(model.cfg, model.lora[0])))
     x, y, mask = x.to(device), y.to(device), mask.to(device)
     params = lora_parameters(model)
     opt = torch.optim.Adam(params, lr=recipe.lr, fused=device.type == "cuda" or None)  # 1 kernel
     batches, noise = data.draw_run(recipe, len(x), seed, sum(p.numel() for p in params), device)
-    snapshots, wanted = [], set(snapshot_steps) or {recipe.steps}
+    wanted = set(snapshot_steps) or {recipe.steps}
+    snapshots = []
     model.train()
     for step, idx in enumerate(batches, start=1):
         if recipe.dp_sigma > 0:
-            dp.dp_sgd_step(model, opt, x[idx], y[idx], mask[idx], recipe.dp_clip, recipe.dp_sigma,
-                           recipe.dp_sample_rate * len(x), noise=noise[step - 1])
+            dp.dp_sgd_step(model, opt, x[idx], y[idx], mask[idx], clip=recipe.dp_clip,
+                           noise_multiplier=recipe.dp_sigma,
+                           expected_batch_size=recipe.dp_sample_rate * len(x),
+                           noise=noise[step - 1])
         else:
             logits, loss = model(x[idx], y[idx], mask[idx])
-            loss = with_confidence(logits, y[idx], mask[idx], loss, conf_weight, step, recipe.steps)
+            loss = with_confidence(logits, y[idx], mask[idx], loss, recipe, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -338,11 +388,13 @@ def finetune(model, x, y, mask, recipe, seed, snapshot_steps=(), conf_weight=0.0
 @torch.no_grad()
 def loss_of(model, x, y, mask, batch=1024):
     """Mean masked cross-entropy (nats per masked token) of `model` on the examples (N, T)."""
-    total, count = 0.0, 0.0
+    total = 0.0
+    count = 0.0
     for i in range(0, len(x), batch):
         xb, yb, mb = (t[i:i + batch].to(model.wte.weight.device) for t in (x, y, mask))
         n = mb.sum().item()
-        total, count = total + model(xb, yb, mb)[1].item() * n, count + n
+        total = total + model(xb, yb, mb)[1].item() * n
+        count = count + n
     return total / max(count, 1.0)
 
 
@@ -350,56 +402,99 @@ def loss_of(model, x, y, mask, batch=1024):
 # many runs of one frozen base as one computation: torch.func.vmap over K update vectors
 
 
-def finetune_many(model, datasets, recipe, seeds, snapshot_steps=(), conf_weight=0.0):
-    """[finetune(model, *datasets[k], recipe, seeds[k], snapshot_steps, conf_weight)] to round-off,
-    as one computation: run k's LoRA tensors are params[name][k], the model runs vmap'd over them,
-    one Adam is K Adams, and each run draws its own batches (`data.draw_run`), padded."""
-    x, y, mask = data.stack_runs(datasets, seeds, "seeds", model.wte.weight.device)      # (K, N, T)
-    K, device, shape = len(x), x.device, update_shape(model.cfg, model.lora[0])
-    params = {n: torch.zeros(K, *t.shape, device=device, requires_grad=True)   # (K, *shape) each,
-              for n, t in split_update(model, torch.zeros(shape)).items()}     # in update order
+def finetune_many(model, datasets, recipe, seeds, *, snapshot_steps=()):
+    """[finetune(model, *datasets[k], recipe, seeds[k], snapshot_steps=...)] to round-off, as one
+    computation: run k's LoRA tensors are params[name][k], the model runs vmap'd over them, one
+    Adam is K Adams, and each run draws its own batches (`data.draw_run`), padded. Under DP, the
+    per-example gradients come from autograd (`_private_grads` says why)."""
+    x, y, mask = data.stack_runs(datasets, seeds, "seeds", model.wte.weight.device)  # (K, N, T)
+    K = len(x)
+    shape = update_shape(model.cfg, model.lora[0])
+    params = _stacked_lora(model, K, x.device)                             # {name: (K, *shape)}
     opt = torch.optim.Adam(params.values(), lr=recipe.lr, fused=True)    # one kernel per step
-    draws = [data.draw_run(recipe, len(d[0]), s, math.prod(shape)) for d, s in zip(datasets, seeds)]
-    idx = pad_sequence([i for indices, _ in draws for i in indices], True, -1)  # -1: padding
-    idx = idx.view(K, recipe.steps, -1)                                           # (K, steps, B)
-    widths = (idx >= 0).sum(2).max(0).values.tolist()     # (steps,): each step's largest batch
-    valid, idx = (idx >= 0).to(device), idx.clamp(min=0).to(device)
-    noise = torch.stack([n for _, n in draws]).to(device) if recipe.dp_sigma > 0 else None
-    expected = torch.tensor([recipe.dp_sample_rate * len(d[0]) for d in datasets], device=device)
-
-    def run_loss(p, x, y, mask, step):  # one run: its LoRA tensors p, its batch (B, T)
-        logits, loss = functional_call(model, p, (x, y, mask))
-        return with_confidence(logits, y, mask, loss, conf_weight, step, recipe.steps)
-
-    def example_logits(p, x):           # one example (T,) with its run's LoRA -> (T, vocab)
-        return functional_call(model, p, (x[None],))[0][0]
-
-    saved, wanted = [], set(snapshot_steps) or {recipe.steps}
-    runs = torch.arange(K, device=device)[:, None]                                # (K, 1)
+    idx, valid, widths, noise = _padded_batches(recipe, datasets, seeds, math.prod(shape), x.device)
+    expected = torch.tensor([recipe.dp_sample_rate * len(d[0]) for d in datasets], device=x.device)
+    wanted = set(snapshot_steps) or {recipe.steps}
+    saved = []
+    runs = torch.arange(K, device=x.device)[:, None]                                  # (K, 1)
     for step, width in enumerate(widths, start=1):
-        i, ok = idx[:, step - 1, :width], valid[:, step - 1, :width, None]   # (K, B), (K, B, 1)
+        i = idx[:, step - 1, :width]                                                   # (K, B)
+        ok = valid[:, step - 1, :width, None]                                          # (K, B, 1)
         # (K, B, T); a padded example gets mask 0: loss 0, gradient exactly 0
-        xb, yb, mb = x[runs, i], y[runs, i], mask[runs, i] * ok
+        xb = x[runs, i]
+        yb = y[runs, i]
+        mb = mask[runs, i] * ok
         opt.zero_grad(set_to_none=True)
-        if recipe.dp_sigma > 0:  # each example gets its own copy of its run's LoRA (a view), so
-            # ONE backward gives every example's gradient (as Opacus' expanded weights)
-            own = {n: p.detach()[:, None].expand(K, width, *p.shape[1:]).requires_grad_()
-                   for n, p in params.items()}                                 # (K, B, *shape)
-            logits = vmap(vmap(example_logits))(own, xb).flatten(0, 1)        # (K*B, T, vocab)
-            losses = dp.per_example_losses(logits, yb.flatten(0, 1), mb.flatten(0, 1))
-            grads = torch.autograd.grad(losses.sum(), list(own.values()))     # each (K, B, *shape)
-            flat = torch.cat([g.flatten(2) for g in grads], dim=2)            # (K, B, D)
-            g, _ = vmap(dp.clip_and_noise, in_dims=(0, None, None, 0, 0))(
-                flat, recipe.dp_clip, recipe.dp_sigma, expected, noise[:, step - 1])   # (K, D)
-            for p, g_p in zip(params.values(), g.split([p[0].numel() for p in params.values()], 1)):
-                p.grad = g_p.contiguous().view_as(p)  # fused Adam misreads a strided grad
+        if recipe.dp_sigma > 0:
+            _private_grads(model, params, xb, yb, mb, recipe=recipe, expected=expected,
+                           noise=noise[:, step - 1])
         else:
-            vmap(run_loss, in_dims=(0, 0, 0, 0, None))(params, xb, yb, mb, step).sum().backward()
+            _plain_grads(model, params, xb, yb, mb, recipe=recipe, step=step)
         opt.step()
         if step in wanted:  # the tensors side by side in update order: the update vectors
             saved.append(torch.cat([p.detach().flatten(1) for p in params.values()], dim=1))
     snapshots = torch.stack(saved, 1) if saved else torch.zeros(K, 0, math.prod(shape))
     return [list(run) for run in snapshots.view(K, len(saved), *shape).float().cpu()]
+
+
+def _stacked_lora(model, K, device):
+    """K all-zero LoRA updates, {name: (K, *shape)} trainable tensors in update order: run k's
+    tensors are [k]."""
+    zero = split_update(model, torch.zeros(update_shape(model.cfg, model.lora[0])))
+    return {n: torch.zeros(K, *t.shape, device=device, requires_grad=True)
+            for n, t in zero.items()}
+
+
+def _padded_batches(recipe, datasets, seeds, n_noise, device):
+    """Every run's draws (`data.draw_run`) side by side, its batches padded to each step's largest:
+    idx (K, steps, B) the examples (0 where padded), valid (K, steps, B) False where padded, widths
+    (steps,) each step's largest batch, noise (K, steps, n_noise) N(0, 1), None without DP."""
+    draws = [data.draw_run(recipe, len(d[0]), s, n_noise) for d, s in zip(datasets, seeds)]
+    idx = pad_sequence([i for indices, _ in draws for i in indices], True, -1)  # -1: padding
+    idx = idx.view(len(draws), recipe.steps, -1)                                  # (K, steps, B)
+    widths = (idx >= 0).sum(2).max(0).values.tolist()     # (steps,): each step's largest batch
+    valid = (idx >= 0).to(device)
+    idx = idx.clamp(min=0).to(device)
+    noise = torch.stack([n for _, n in draws]).to(device) if recipe.dp_sigma > 0 else None
+    return idx, valid, widths, noise
+
+
+def _plain_grads(model, params, x, y, mask, *, recipe, step):
+    """Every run's gradient of its own batch's loss (x, y, mask (K, B, T)) into params' .grad."""
+
+    def run_loss(p, x, y, mask, step):  # one run: its LoRA tensors p, its batch (B, T)
+        logits, loss = functional_call(model, p, (x, y, mask))
+        return with_confidence(logits, y, mask, loss, recipe, step)
+
+    vmap(run_loss, in_dims=(0, 0, 0, 0, None))(params, x, y, mask, step).sum().backward()
+
+
+def _private_grads(model, params, x, y, mask, *, recipe, expected, noise):
+    """Every run's DP-SGD gradient (`dp.clip_and_noise`) of its batch (x, y, mask (K, B, T)) into
+    params' .grad; expected (K,) the runs' expected batch sizes q*N, noise (K, D) N(0, 1).
+
+    The per-example gradients do not come from dp.per_sample_grads (LoRA.per_example_grads), for
+    two reasons. Its forward hooks record each layer's input and output, and inside vmap those are
+    batched tensors that may not leave the vmap'd function. And the two ways round differently:
+    the runs agree with `finetune` (which uses it) to round-off, not bit for bit
+    (tests/test_batched.py). Instead each example gets its own copy of its run's LoRA (a view: as
+    Opacus' expanded weights), so ONE backward gives every example's gradient."""
+    K, width = x.shape[:2]
+
+    def example_logits(p, x):           # one example (T,) with its run's LoRA -> (T, vocab)
+        return functional_call(model, p, (x[None],))[0][0]
+
+    own = {n: p.detach()[:, None].expand(K, width, *p.shape[1:]).requires_grad_()
+           for n, p in params.items()}                                     # (K, B, *shape)
+    logits = vmap(vmap(example_logits))(own, x).flatten(0, 1)              # (K*B, T, vocab)
+    losses = dp.per_example_losses(logits, y.flatten(0, 1), mask.flatten(0, 1))
+    grads = torch.autograd.grad(losses.sum(), list(own.values()))         # each (K, B, *shape)
+    flat = torch.cat([g.flatten(2) for g in grads], dim=2)                # (K, B, D)
+    clip_and_noise = vmap(dp.clip_and_noise, in_dims=(0, None, None, 0, 0))
+    g, _ = clip_and_noise(flat, recipe.dp_clip, recipe.dp_sigma, expected, noise)   # (K, D)
+    sizes = [p[0].numel() for p in params.values()]
+    for p, g_p in zip(params.values(), g.split(sizes, 1)):
+        p.grad = g_p.contiguous().view_as(p)  # fused Adam misreads a strided grad
 
 
 @torch.no_grad()
@@ -410,11 +505,17 @@ def loss_of_updates(model, updates, datasets, max_tokens=None):
     x, y, mask = data.stack_runs(datasets, updates, "updates", model.wte.weight.device)  # (U, N, T)
     check_update(updates, (len(x), *update_shape(model.cfg, model.lora[0])), "updates")
     updates = updates.to(x.device, model.wte.weight.dtype)
-    # all of one dataset in one batch: its masked mean is loss_of's
-    loss = vmap(lambda u, *data: functional_call(model, split_update(model, u), data)[1])
+
+    def loss_with(update, x, y, mask):
+        # all of one dataset in one batch: its masked mean is loss_of's
+        return functional_call(model, split_update(model, update), (x, y, mask))[1]
+
     chunk = max(1, (max_tokens or (1 << 16 if x.is_cuda else 1 << 12)) // x[0].numel())
-    return torch.cat([loss(*(t[i:i + chunk] for t in (updates, x, y, mask)))
-                      for i in range(0, len(x), chunk)]).cpu()
+    losses = []
+    for i in range(0, len(x), chunk):
+        part = slice(i, i + chunk)
+        losses.append(vmap(loss_with)(updates[part], x[part], y[part], mask[part]))   # (chunk,)
+    return torch.cat(losses).cpu()
 
 
 # -----------------------------------------------------------------------------
@@ -435,6 +536,8 @@ def save_model(model, path):
 
 
 def load_model(path, device="cpu"):
+    """The model `save_model` wrote (weights only: nothing is unpickled), on `device`. Raises
+    ValueError for anything else."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
         model = GPT(GPTConfig(**ckpt["config"]))

@@ -116,7 +116,8 @@ def base_models(cfg, task, paths, device):
             rng = data.stream(seed, "pretrain batches")   # the public data's batches
             model = tinylm.pretrain(shape,
                                     lambda: task.pretrain_batch(cfg.pretrain_batch, rng, device),
-                                    steps, lr, seed, device, f"pretrain {who}")
+                                    steps=steps, lr=lr, seed=seed, device=device,
+                                    desc=f"pretrain {who}")
             tinylm.save_model(model, path)
             stages.record_seconds(cfg, path, time.time() - t0)
             print(f"pretrain  : {who} ({size}), {sum(p.numel() for p in model.parameters()):,} "
@@ -365,8 +366,8 @@ def reference_runs(clients):
         who = [i for i, s in enumerate(sets) if method in s]
         (_, conf), t0 = sets[who[0]][method], time.perf_counter()
         runs = fine_tunes(cfg, llm, [task.encode(sets[i][method][0]) if sets[i][method][0] else None
-                                     for i in who], recipe(cfg), [seeds[i] for i in who],
-                          conf_weight=conf)
+                                     for i in who], replace(recipe(cfg), confidence=conf),
+                          [seeds[i] for i in who])
         for i, run in zip(who, runs):
             out[i][method] = run[-1]
             if method == "llm_ft":   # what one LLM fine-tune costs
@@ -396,17 +397,17 @@ def clients_stage(cfg, task, tiny, llm, paths, device):
 # independent fine-tunes of one base model, and output perturbation
 
 
-def fine_tunes(cfg, model, datasets, recipe, seeds, snapshot_steps=(), conf_weight=0.0):
+def fine_tunes(cfg, model, datasets, recipe, seeds, snapshot_steps=()):
     """[tinylm.finetune(model, *datasets[i], recipe, seeds[i], ...)]: one run per dataset, as one
     batched computation (tinylm.finetune_many, cfg.batch_runs > 1) or one by one. A dataset None
     (a weak model that answered nothing) teaches nothing: its run is the zero update."""
     todo = [i for i, d in enumerate(datasets) if d is not None]
     if todo and cfg.batch_runs > 1:
         done = tinylm.finetune_many(model, [datasets[i] for i in todo], recipe,
-                                    [seeds[i] for i in todo], snapshot_steps, conf_weight)
+                                    [seeds[i] for i in todo], snapshot_steps=snapshot_steps)
     else:
-        done = [tinylm.finetune(model, *datasets[i], recipe, seeds[i], snapshot_steps, conf_weight)
-                for i in todo]
+        done = [tinylm.finetune(model, *datasets[i], recipe, seeds[i],
+                                snapshot_steps=snapshot_steps) for i in todo]
     done, zero = dict(zip(todo, done)), torch.zeros(tinylm.update_shape(model.cfg, model.lora[0]))
     return [done.get(i, [zero] * max(1, len(snapshot_steps))) for i in range(len(datasets))]
 

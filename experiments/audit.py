@@ -187,7 +187,7 @@ def canary_finetune(model, x, y, mask, recipe, seed, expected_batch, directions=
     tinylm.set_update(model, torch.zeros(shape))
     opt = torch.optim.Adam(tinylm.lora_parameters(model), lr=recipe.lr)
     g = torch.Generator().manual_seed(seed)
-    per_sample, canary_grads = dp.per_sample_grads_one_pass, None
+    per_sample, canary_grads = dp.per_sample_grads, None
     # every canary's gradient in the LoRA parameters' shapes: {name: (n, *shape)}
     if directions is not None:
         parts = [tinylm.split_update(model, (2 * C * u).view(shape)) for u in directions]
@@ -201,12 +201,13 @@ def canary_finetune(model, x, y, mask, recipe, seed, expected_batch, directions=
 
             # the records' gradients (B, ...), then the sampled canaries'
             def per_sample(model, xb, yb, mb):
-                grads = dp.per_sample_grads_one_pass(model, xb, yb, mb)
+                grads = dp.per_sample_grads(model, xb, yb, mb)
                 return {name: torch.cat([g_n, canary_grads[name][sampled]])
                         for name, g_n in grads.items()}
 
-        dp.dp_sgd_step(model, opt, x[idx], y[idx], mask[idx], C, recipe.dp_sigma, expected_batch, g,
-                       per_sample)
+        dp.dp_sgd_step(model, opt, x[idx], y[idx], mask[idx], clip=C,
+                       noise_multiplier=recipe.dp_sigma, expected_batch_size=expected_batch,
+                       generator=g, per_sample=per_sample)
     model.eval()
     return tinylm.get_update(model)
 

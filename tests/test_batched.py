@@ -43,10 +43,10 @@ def relative_differences(many, one_by_one):
             for a, b in zip(run_a, run_b)]
 
 
-def assert_runs_equal_their_own_finetune(recipe, conf_weight=0.0, datasets=DATASETS, seeds=SEEDS):
+def assert_runs_equal_their_own_finetune(recipe, datasets=DATASETS, seeds=SEEDS):
     model = lora_gpt()
-    many = tinylm.finetune_many(model, datasets, recipe, seeds, SNAPSHOTS, conf_weight)
-    one_by_one = [tinylm.finetune(model, *d, recipe, s, SNAPSHOTS, conf_weight)
+    many = tinylm.finetune_many(model, datasets, recipe, seeds, snapshot_steps=SNAPSHOTS)
+    one_by_one = [tinylm.finetune(model, *d, recipe, s, snapshot_steps=SNAPSHOTS)
                   for d, s in zip(datasets, seeds)]
     assert [len(run) for run in many] == [len(SNAPSHOTS)] * len(datasets)
     assert all(u.shape == one_by_one[0][0].shape and u.abs().max() > 0 for run in many for u in run)
@@ -183,4 +183,5 @@ def test_bad_input_is_refused_clearly(call, match):
 
 def test_the_adaptive_confidence_loss_batched_equals_one_by_one():
     """vissup's loss (per-token weights) under vmap: each run equals its own finetune."""
-    assert_runs_equal_their_own_finetune(tinylm.Recipe(steps=STEPS, batch=8, lr=1e-2), "adaptive")
+    assert_runs_equal_their_own_finetune(tinylm.Recipe(steps=STEPS, batch=8, lr=1e-2,
+                                                       confidence="adaptive"))

@@ -70,9 +70,9 @@ def test_dp_finetune_draws_the_same_batches_and_noise_on_cpu_and_gpu(monkeypatch
         draws.append(t.cpu())
         return t
 
-    real_sample, real_gaussian = dp.poisson_sample, dp._gaussian
+    real_sample, real_gaussian = dp.poisson_sample, dp.gaussian_noise
     monkeypatch.setattr(dp, "poisson_sample", lambda *a: record(real_sample(*a)))
-    monkeypatch.setattr(dp, "_gaussian", lambda *a: record(real_gaussian(*a)))
+    monkeypatch.setattr(dp, "gaussian_noise", lambda *a: record(real_gaussian(*a)))
     task = data.make_task("arith", 0)
     x, y, mask = task.encode(task.public_examples(64, np.random.default_rng(0)))
     recipe = tinylm.Recipe(steps=5, lr=1e-3, dp_sigma=1.0, dp_clip=1.0, dp_sample_rate=0.25)

@@ -29,8 +29,8 @@ def one_thread():
 
 
 # -----------------------------------------------------------------------------
-# two models: a small TinyLM with LoRA (what DP-SGD trains, both per-sample paths work on it)
-# and a stand-in with the same calling convention but no LoRA layers (only torch.func works)
+# two models: a small TinyLM with LoRA (what DP-SGD trains) and a stand-in with the same calling
+# convention but no LoRA layers (dp.per_sample_grads refuses it)
 
 VOCAB = 257  # data.py's byte tokenizer
 
@@ -103,19 +103,17 @@ def loop_of_backward_passes(model, x, y, mask):
 # per-sample gradients
 
 
-def test_one_pass_matches_torch_func_and_a_loop_of_backward_passes():
+def test_per_sample_grads_match_a_loop_of_backward_passes():
     model = lora_lm().double()
     x, y, mask = batch()
     loop = loop_of_backward_passes(model, x, y, mask)
-    func = dp.per_sample_grads(model, x, y, mask)
-    one_pass = dp.per_sample_grads_one_pass(model, x, y, mask)
-    assert list(one_pass) == list(func) == list(trainable(model))  # every LoRA tensor, in order
+    grads = dp.per_sample_grads(model, x, y, mask)
+    assert list(grads) == list(trainable(model))  # every LoRA tensor, in order
     for n, ref in loop.items():
-        assert ref.shape == one_pass[n].shape == (len(x), *trainable(model)[n].shape)
+        assert ref.shape == grads[n].shape == (len(x), *trainable(model)[n].shape)
         assert ref[1:].flatten(1).norm(dim=1).min() > 1e-4, n  # a real gradient to compare
-        assert (one_pass[n] - ref).abs().max() <= 1e-10, n
-        assert (func[n] - ref).abs().max() <= 1e-10, n
-        assert torch.all(one_pass[n][0] == 0)  # the example with no answer tokens
+        assert (grads[n] - ref).abs().max() <= 1e-10, n
+        assert torch.all(grads[n][0] == 0)  # the example with no answer tokens
 
 
 def test_per_example_losses_are_the_models_loss_of_each_example():
@@ -126,42 +124,36 @@ def test_per_example_losses_are_the_models_loss_of_each_example():
     assert (losses - ref).abs().max() <= 1e-12 and losses[0] == 0
 
 
-@pytest.mark.parametrize("per_sample", [dp.per_sample_grads_one_pass, dp.per_sample_grads])
-def test_mean_of_per_sample_grads_is_the_batch_gradient(per_sample):
+def test_mean_of_per_sample_grads_is_the_batch_gradient():
     # with equal answer-token counts the batch loss is the mean of the per-example losses
     model = lora_lm().double()
     x, y, mask = batch(same_count=True)
-    psg = per_sample(model, x, y, mask)
+    psg = dp.per_sample_grads(model, x, y, mask)
     ref = grads_of(model, model(x, y, mask)[1])
     for n in ref:
         assert torch.allclose(psg[n].mean(0), ref[n], atol=1e-10)
 
 
-def test_torch_func_works_on_any_model_one_pass_refuses_what_it_cannot_cover():
+def test_per_sample_grads_refuses_a_trainable_tensor_outside_every_lora_layer():
     model = StandIn().double()
     x, y, mask = batch(vocab=11)
-    loop, func = loop_of_backward_passes(model, x, y, mask), dp.per_sample_grads(model, x, y, mask)
-    assert set(func) == {"A", "B"}  # only the trainable parameters
-    for n in loop:
-        assert (func[n] - loop[n]).abs().max() <= 1e-10
-    with pytest.raises(ValueError, match=r"\['A', 'B'\].*per_sample_grads"):
-        dp.per_sample_grads_one_pass(model, x, y, mask)
+    with pytest.raises(ValueError, match=r"\['A', 'B'\].*per_example_grads"):
+        dp.per_sample_grads(model, x, y, mask)
     lm = lora_lm()
     lm.blocks[0].ln_1.weight.requires_grad_(True)  # a trainable tensor outside every LoRA layer
     with pytest.raises(ValueError, match=r"blocks\.0\.ln_1\.weight"):
-        dp.per_sample_grads_one_pass(lm, *batch())
+        dp.per_sample_grads(lm, *batch())
 
 
 def test_empty_batch_gives_empty_gradients():
     model = lora_lm()
     x, y, mask = batch(B=0)
-    for per_sample in (dp.per_sample_grads_one_pass, dp.per_sample_grads):
-        psg = per_sample(model, x, y, mask)
-        assert {n: g.shape for n, g in psg.items()} == {n: (0, *p.shape) for n, p in trainable(model).items()}
+    psg = dp.per_sample_grads(model, x, y, mask)
+    assert {n: g.shape for n, g in psg.items()} == {n: (0, *p.shape) for n, p in trainable(model).items()}
 
 
 # -----------------------------------------------------------------------------
-# the DP-SGD step (on its default path, the one-pass gradients, unless said otherwise)
+# the DP-SGD step (with dp.per_sample_grads unless said otherwise)
 
 
 def sgd(model, lr=1.0):
@@ -172,10 +164,10 @@ def flat_params(model):
     return torch.cat([p.detach().flatten() for p in trainable(model).values()])
 
 
-def test_both_paths_give_the_same_dp_step():
+def test_dp_step_equals_the_step_on_the_loop_oracles_gradients():
     x, y, mask = batch()
     updates = []
-    for per_sample in (dp.per_sample_grads_one_pass, dp.per_sample_grads):
+    for per_sample in (dp.per_sample_grads, loop_of_backward_passes):
         model = lora_lm().double()
         before = flat_params(model)
         norm = dp.dp_sgd_step(model, sgd(model), x, y, mask, clip=0.05, noise_multiplier=0.7,

@@ -486,7 +486,7 @@ def pretrained():
         first = tinylm.GPT(cfg)(*held_out)[1].item()    # the init pretrain starts from (seed 0)
     lines = data.pretrain_lines(60 * 32, np.random.default_rng(0))
     batches = (data.encode_lines(lines[i: i + 32], enc) for i in range(0, len(lines), 32))
-    model = tinylm.pretrain(cfg, lambda: next(batches), 60, 1e-2, seed=0)
+    model = tinylm.pretrain(cfg, lambda: next(batches), steps=60, lr=1e-2, seed=0)
     with torch.no_grad():
         last = model(*held_out)[1].item()
     return model, first, last
@@ -503,7 +503,7 @@ def test_pretrain_is_seeded_and_reads_one_batch_per_step():
             i = len(calls) % 5
             calls.append(i)
             return x[8 * i: 8 * i + 8], x[8 * i: 8 * i + 8].roll(-1, 1), torch.ones(8, 6)
-        model = tinylm.pretrain(cfg, next_batch, steps, 1e-2, seed)
+        model = tinylm.pretrain(cfg, next_batch, steps=steps, lr=1e-2, seed=seed)
         assert len(calls) == steps and not model.training
         return model.state_dict()
 
@@ -590,8 +590,9 @@ def test_adaptive_confidence_is_guo_et_al_per_token_by_hand():
             total += (1 - beta) * weak + beta * own
         return total / 2
     for step, warm in ((1, 0.4), (5, 1.0)):                              # 10 steps: warm-up over 2.5
-        got = tinylm.with_confidence(logits, y, mask, None, "adaptive", step, 10).item()
+        adaptive = tinylm.Recipe(steps=10, confidence="adaptive")
+        got = tinylm.with_confidence(logits, y, mask, None, adaptive, step).item()
         assert got == pytest.approx(by_hand(warm), rel=1e-6)
     # a fixed weight is Burns et al.'s: (1 - w) loss + w CE(own), untouched by the new branch
     loss = tinylm.masked_cross_entropy(logits, y, mask)
-    assert tinylm.with_confidence(logits, y, mask, loss, 0.0, 5, 10) is loss
+    assert tinylm.with_confidence(logits, y, mask, loss, tinylm.Recipe(steps=10), 5) is loss

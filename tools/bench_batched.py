@@ -65,9 +65,10 @@ def measure(model, datasets, recipe, snapshots, device):
     """{path: (seconds, OperatorCount, snapshots)} for K runs one by one and batched, each after an
     untimed warm-up of 2 steps."""
     seeds = list(range(len(datasets)))
-    paths = {"one by one": lambda r: [tinylm.finetune(model, *d, r, s, snapshots)
+    paths = {"one by one": lambda r: [tinylm.finetune(model, *d, r, s, snapshot_steps=snapshots)
                                       for d, s in zip(datasets, seeds)],
-             "batched": lambda r: tinylm.finetune_many(model, datasets, r, seeds, snapshots)}
+             "batched": lambda r: tinylm.finetune_many(model, datasets, r, seeds,
+                                                       snapshot_steps=snapshots)}
     out = {}
     for name, path in paths.items():
         path(replace(recipe, steps=2))
