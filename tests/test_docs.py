@@ -281,3 +281,30 @@ def test_the_table_checker_catches_an_edited_number(tmp_path):
     (tmp_path / "A.md").write_text(f"commit {commit}\n\n{table}\n")
     (tmp_path / "B.md").write_text(f"commit {commit}\n\n{table.replace('| gradtx | ', '| gradtx | 9')}\n")
     assert stale_tables({"runs/r.json": ["A.md", "B.md"]}, tmp_path) == ["B.md: runs/r.json"]
+
+
+# -----------------------------------------------------------------------------
+# the README's code runs: "Translate one saved upload" on a toy-sized run's --out
+
+
+def readme_snippet(heading="## Translate one saved upload"):
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    section = text[text.index(heading):]
+    return re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+
+
+def test_the_readme_translates_one_saved_upload(tmp_path, capsys):
+    import json
+    import train
+    from conftest import TINY_RUN
+    out = str(tmp_path / "run")
+    train.main(TINY_RUN + [f"--out={out}"])
+    capsys.readouterr()
+    code = readme_snippet().replace('out = "out"', f"out = {out!r}")
+    assert f"out = {out!r}" in code
+    exec(compile(code, "README.md", "exec"), {})
+    name, score = capsys.readouterr().out.split()
+    with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
+        client = json.load(f)["clients"][0]
+    assert (name, float(score)) == (client["name"], client["scores"]["gradtx"])
