@@ -10,7 +10,8 @@ headline numbers are within the bands below. Exit code 0: every check holds; 1: 
 Why bands, not equality: on one machine a run is deterministic, but another CPU's float kernels
 give other numbers, and pretraining amplifies the difference (single accuracies have moved by up
 to 14 points between two 2-core machines while the conclusions held). The bands are the spread
-the docs report over seeds (RESULTS.md, "The protocol without privacy"), rounded up:
+the docs report over seeds, rounded up: seeds 0 and 1 in RESULTS.md ("The protocol without
+privacy"), seeds 0, 1 and 2 in HISTORY.md ("The protocol on three seeds"):
 
 - `skewed gain`, the skewed clients' gain recovered of means (the table's second column):
   within 0.10 of the reference for every method, 0.15 for the weak baselines (w2s, w2s_conf,
