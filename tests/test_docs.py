@@ -1,12 +1,13 @@
 """The documentation speaks of the project alone: no pointers to documents outside the repository
 (a spec's sections, issue numbers, notes of how it was built), and every relative link in
 README.md, RESULTS.md and EXERCISES.md leads to a file, and a heading, that exists."""
+import ast
 import os
 import re
 import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ["README.md", "RESULTS.md", "EXERCISES.md"]
+DOCS = ["README.md", "RESULTS.md", "HISTORY.md", "EXERCISES.md"]
 OUTSIDE = re.compile(r"\bSPEC\b|§\s?\d|\b[Ii]ssues? #?\d+|\b[Ss]essions?\b|DEVELOPERS\.md|STYLE\.md")
 
 
@@ -127,41 +128,113 @@ def test_the_length_checker_counts_characters_and_passes_an_exercise_blank(tmp_p
 
 
 # -----------------------------------------------------------------------------
-# the reading path: six modules a student reads top to bottom, none too long to hold in mind
+# the reading path: six modules a student reads top to bottom, written for the reader, never
+# squeezed to fit a line count (STYLE: "Never squeeze to fit")
 
 CORE = ["data.py", "dp.py", "tinylm.py", "gradtx.py", "eval.py", "train.py"]
+MAX_FUNCTION = 40   # lines, docstring included; the exercises' marker lines are not counted
+# A function may run longer when it says why: either a comment line `# long: <reason>` right under
+# its docstring (the convention in the code), or an entry here, "file:function": "reason".
+LONG_FUNCTIONS = {}
 
 
-def oversized(paths, root=ROOT, max_lines=450, max_function=60):
-    """'file: N lines' for a module over max_lines, 'file:function: N lines' for a function over
-    max_function (its docstring included). The exercises' marker lines (### BEGIN / END SOLUTION,
-    EXERCISES.md) are scaffolding, not counted."""
-    import ast
+def is_marker(line):
+    return line.lstrip().startswith(("### BEGIN SOLUTION", "### END SOLUTION"))
+
+
+def says_why_it_is_long(node, lines):
+    """True when a comment line `# long: <reason>` stands between the function's docstring (or
+    its def line) and its first statement."""
+    body = node.body
+    docstring = (isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                 and isinstance(body[0].value.value, str))
+    start = body[0].end_lineno if docstring else node.lineno
+    rest = body[1:] if docstring else body
+    stop = rest[0].lineno - 1 if rest else node.end_lineno
+    return any(line.strip().startswith("# long:") for line in lines[start:stop])
+
+
+def same_names(targets, values):
+    """A swap or a reorder of the same names (`a, b = b, a`): one idea, not two."""
+    return sorted(map(ast.unparse, targets)) == sorted(map(ast.unparse, values))
+
+
+def unrelated_tuple_assignment(node):
+    """An assignment whose targets and value are both tuples of two or more (`a, b = f(x), g(y)`):
+    two statements on one line. A plain unpacking of one value (`B, T, C = x.shape`,
+    `a, b = pair`) is fine, and so is a swap of the same names (`a, b = b, a`)."""
+    if not isinstance(node, ast.Assign):
+        return False
+    target, value = node.targets[0], node.value
+    if not (isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple)):
+        return False
+    if len(target.elts) < 2 or len(value.elts) < 2:
+        return False
+    return not same_names(target.elts, value.elts)
+
+
+def squeezed(paths, root=ROOT, max_function=MAX_FUNCTION, allowed=None):
+    """'file:line: what' for each squeeze in paths: a named lambda (`name = lambda`,
+    `property(lambda`), a `# noqa`, an unrelated tuple assignment, a function over max_function
+    lines (its docstring included, the exercises' marker lines not) that does not say why."""
+    allowed = LONG_FUNCTIONS if allowed is None else allowed
     found = []
     for path in paths:
         with open(os.path.join(root, path), encoding="utf-8") as f:
             source = f.read()
-        lines = [line for line in source.splitlines()
-                 if not line.lstrip().startswith(("### BEGIN SOLUTION", "### END SOLUTION"))]
-        if (n := len(lines)) > max_lines:
-            found.append(f"{path}: {n} lines")
+        lines = source.splitlines()
+        for number, line in enumerate(lines, 1):
+            code = line.split("#", 1)[0]
+            if re.search(r"^\s*[\w.]+\s*(:[^=]+)?=\s*lambda\b", code) or "property(lambda" in code:
+                found.append(f"{path}:{number}: named lambda")
+            if re.search(r"#\s*noqa", line):
+                found.append(f"{path}:{number}: # noqa")
         for node in ast.walk(ast.parse(source)):
+            if unrelated_tuple_assignment(node):
+                found.append(f"{path}:{node.lineno}: unrelated tuple assignment")
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                if (n := node.end_lineno - node.lineno + 1) > max_function:
-                    found.append(f"{path}:{node.name}: {n} lines")
+                n = sum(not is_marker(line) for line in lines[node.lineno - 1:node.end_lineno])
+                if (n > max_function and f"{path}:{node.name}" not in allowed
+                        and not says_why_it_is_long(node, lines)):
+                    found.append(f"{path}:{node.lineno}: {node.name} is {n} lines, says not why")
     return found
 
 
-def test_the_six_modules_fit_the_reading_path():
-    assert oversized(CORE) == []
+def test_the_six_modules_are_written_for_the_reader_not_squeezed():
+    assert squeezed(CORE) == []
 
 
-def test_the_size_checker_counts_modules_and_functions(tmp_path):
-    body = "\n".join(f"    x{i} = {i}" for i in range(61))
-    (tmp_path / "m.py").write_text(f"def long():\n{body}\n\n\ndef short():\n    return 1\n"
-                                   "    ### BEGIN SOLUTION x\n    ### END SOLUTION\n")
-    # 68 lines, of which 2 are exercise markers
-    assert oversized(["m.py"], tmp_path, max_lines=10) == ["m.py: 66 lines", "m.py:long: 62 lines"]
+def test_the_squeeze_checker_finds_each_pattern(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(41))
+    (tmp_path / "m.py").write_text(
+        "import torch\n"
+        "split = lambda t: t  # noqa: E731\n"                          # 2: lambda and noqa
+        "size = property(lambda self: 1)\n"                            # 3: lambda
+        "a, b = len([]), abs(-1)\n"                                    # 4: unrelated
+        "B, T, C = torch.zeros(1, 2, 3).shape\n"                       # a plain unpacking: fine
+        "a, b = b, a\n"                                                # a swap: fine
+        "key = sorted([], key=lambda t: t)\n"                          # an inline lambda: fine
+        f"def long():\n    \"\"\"Doc.\"\"\"\n{body}\n"                   # 8: 43 lines
+        f"def long_why():\n    \"\"\"Doc.\"\"\"\n    # long: one loop\n{body}\n"
+        f"def long_listed():\n{body}\n"
+        "def short():\n    ### BEGIN SOLUTION x\n    return 1\n    ### END SOLUTION\n")
+    assert squeezed(["m.py"], tmp_path, allowed={"m.py:long_listed": "a test"}) == [
+        "m.py:2: named lambda", "m.py:2: # noqa", "m.py:3: named lambda",
+        "m.py:4: unrelated tuple assignment", "m.py:8: long is 43 lines, says not why"]
+
+
+# -----------------------------------------------------------------------------
+# the documents' size: a first hour's README, a RESULTS that holds the current results only
+
+SIZES = {"README.md": 12_000, "RESULTS.md": 50_000}
+
+
+def test_the_readme_and_results_fit_their_size_and_results_says_no_today():
+    sizes = {doc: os.path.getsize(os.path.join(ROOT, doc)) for doc in SIZES}
+    assert all(sizes[doc] <= limit for doc, limit in SIZES.items()), sizes
+    with open(os.path.join(ROOT, "RESULTS.md"), encoding="utf-8") as f:
+        todays = re.findall(r"\btoday\b", f.read(), flags=re.I)
+    assert not todays, f"RESULTS.md says 'today' {len(todays)} times: name the commit instead"
 
 
 # -----------------------------------------------------------------------------
@@ -208,3 +281,30 @@ def test_the_table_checker_catches_an_edited_number(tmp_path):
     (tmp_path / "A.md").write_text(f"commit {commit}\n\n{table}\n")
     (tmp_path / "B.md").write_text(f"commit {commit}\n\n{table.replace('| gradtx | ', '| gradtx | 9')}\n")
     assert stale_tables({"runs/r.json": ["A.md", "B.md"]}, tmp_path) == ["B.md: runs/r.json"]
+
+
+# -----------------------------------------------------------------------------
+# the README's code runs: "Translate one saved upload" on a toy-sized run's --out
+
+
+def readme_snippet(heading="## Translate one saved upload"):
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    section = text[text.index(heading):]
+    return re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+
+
+def test_the_readme_translates_one_saved_upload(tmp_path, capsys):
+    import json
+    import train
+    from conftest import TINY_RUN
+    out = str(tmp_path / "run")
+    train.main(TINY_RUN + [f"--out={out}"])
+    capsys.readouterr()
+    code = readme_snippet().replace('out = "out"', f"out = {out!r}")
+    assert f"out = {out!r}" in code
+    exec(compile(code, "README.md", "exec"), {})
+    name, score = capsys.readouterr().out.split()
+    with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
+        client = json.load(f)["clients"][0]
+    assert (name, float(score)) == (client["name"], client["scores"]["gradtx"])
