@@ -446,7 +446,8 @@ def simplicity(candidate):
 def select_linear_map(X_clean, X, Y, criterion, folds, *, ks, lams, rule="one_se", draws=1):
     """Choose the subspace size k and ridge's lambda by a functional criterion on held-out runs
     (parameter-space error would pick a far too strong lambda; train.functional_criterion is the
-    LLM's loss), cross-validated over `folds` (`held_out_scores`), then refit on fold 0's train runs.
+    LLM's loss), cross-validated over `folds` (`held_out_scores`), then refit on the train runs of
+    fold 0.
     Rule "one_se": the simplest within one SE of the best (`simplest_within_one_se`, in the order
     of `simplicity`); "best": the lowest mean. `criterion(pred (runs, draws, n_tgt, d_tgt), runs)
     -> (runs,)`, lower is better; draws: with DP, optionally all of a run's uploads, not one draw's
@@ -552,7 +553,8 @@ def linear_map_plus_residual(model, x):
 
 @torch.no_grad()
 def translate(model, uploads, linear=None, gated=True):
-    """The provider's prediction: raw uploads (B, n_src, d_src) -> raw LLM updates (B, n_tgt, d_tgt),
+    """The provider's prediction for raw uploads (B, n_src, d_src): raw LLM updates
+    (B, n_tgt, d_tgt),
 
         gate(uploads, linear_map(x) + residual(x)),   x = the uploads on the public subspace.
 
