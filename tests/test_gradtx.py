@@ -703,3 +703,37 @@ def test_generate_falls_back_to_the_mean_update_as_far_as_the_gate_says():
     open_gate.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("gate_")})
     ungated = gradtx.generate(open_gate, X)
     torch.testing.assert_close(gradtx.generate(model, X), fallback + weight * (ungated - fallback), atol=1e-5, rtol=0)
+
+
+def test_every_method_reading_an_upload_is_one_composition_with_parts_left_out():
+    # with a zero head the decoder's residual is 0, so the translator, the gated linear map and the
+    # ungated one are, by hand: fallback + w (ridge(P x) - fallback), the same, and ridge(P x)
+    X, Y = random_pairs(16, seed=15)
+    basis = gradtx.public_basis(X, 3)
+    ridge = fit_ridge(gradtx.project(X, basis), Y, lam=1.0)
+    fallback = Y.mean(0)
+    noise = 2.0 * torch.randn(64, N_SRC, D_SRC, generator=torch.Generator().manual_seed(4))
+    gate = gradtx.fit_gate(X, noise, basis, fallback)
+    cfg = gradtx.GTConfig(n_src=N_SRC, d_src=D_SRC, n_tgt=N_TGT, d_tgt=D_TGT, d_model=16, n_head=4,
+                          n_basis=3, n_skip=16, n_gate=3)
+    model = gradtx.GradTransformer(cfg).eval()
+    gradtx.set_linear_map(model, basis, ridge, gate)
+    gradtx.set_stats(model, gradtx.project(X, basis), Y)
+    X_new = random_pairs(4, seed=16)[0]
+    plain = gradtx.ridge_predict(ridge, gradtx.project(X_new, basis)).view(4, N_TGT, D_TGT)
+    w = gradtx.gate_weight(gate, X_new)[:, None, None]
+    assert 0.01 < w.min() and w.max() < 0.99                   # the gate really in play
+    gated = fallback + w * (plain - fallback)
+    torch.testing.assert_close(gradtx.translate(model, X_new), gated, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gradtx.generate(model, X_new), gated, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gradtx.translate(model, X_new, linear=ridge), gated, atol=1e-5,
+                               rtol=0)
+    torch.testing.assert_close(gradtx.translate(model, X_new, linear=ridge, gated=False), plain,
+                               atol=1e-5, rtol=0)
+
+
+def test_the_papers_translator_has_no_buffers_of_the_additions():
+    # GTConfig's defaults are the paper: no basis, no skip path, no gate, in the model or its file
+    model = make_model()
+    assert model.basis is None and model.ridge is None and model.gate is None
+    assert sorted(name for name, _ in model.named_buffers()) == ["x_mean", "x_std", "y_mean", "y_std"]
