@@ -205,7 +205,7 @@ class GradTransformer(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# what the model reads and writes: z-scores, teacher forcing, autoregressive decoding
+# 1, continued: what the model reads and writes: z-scores, teacher forcing, autoregressive decoding
 
 
 @torch.no_grad()
@@ -595,7 +595,8 @@ def generate(model, tiny_update):
 
 
 # -----------------------------------------------------------------------------
-# 4. training on shadow pairs, and checkpoints (the config and the buffers travel with the weights)
+# 4. training on shadow pairs, and checkpoints: the paper's, the same with the additions on (they
+# validate through `generate`; the config and the buffers travel with the weights)
 
 
 class Translator(NamedTuple):
