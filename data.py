@@ -352,15 +352,15 @@ def shadow_examples(cfg, task, k, draw=None):
     return task.shadow_subset(k, n, alpha, near_mean, draw).examples
 
 
-def translator_inputs(cfg, shadow, runs, m):
+def translator_inputs(cfg, shadow, runs, m, private):
     """The shadow pairs a map for level-m inputs learns from: X (runs, P, n_src, d_src), Y (runs, P,
     ...).
 
-    Without DP: the S clean snapshots of each run. With DP the inputs must carry the noise of the
-    uploads they stand for: means of m DP draws of one subset (the mean of m uploads is ~sqrt(m)
-    less noisy than one), P = R // m disjoint means per subset, each paired with the final LLM
-    update."""
-    if "X_private" not in shadow:
+    Without DP (private False): the S clean snapshots of each run. With DP the inputs must carry
+    the noise of the uploads they stand for: means of m DP draws of one subset (the mean of m
+    uploads is ~sqrt(m) less noisy than one; shadow["X_private"], made by train.shadow_stages),
+    P = R // m disjoint means per subset, each paired with the final LLM update."""
+    if not private:
         return shadow["X"][runs], shadow["Y"][runs]
     P = cfg.shadow_dp_draws // m
     X = shadow["X_private"][runs, :P * m].unflatten(1, (P, m)).mean(2)

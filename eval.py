@@ -43,7 +43,6 @@ import torch
 from tqdm import tqdm
 
 import data
-import dp
 import gradtx
 import tinylm
 
@@ -210,11 +209,14 @@ def evaluate(cfg, task, tiny, llm, translators, mean_shadow, clients, recipe, st
 
 
 class Provider:
-    """What the provider makes of uploads: the Grad-Transformer trained for inputs that average m
-    uploads (`translate`, timed), and the same fit's linear map without the residual (`linear`)."""
+    """What the provider makes of uploads, each through `gradtx.translate`: the Grad-Transformer
+    trained for inputs that average m uploads (`translate`, timed), and the same fit's linear map,
+    the same composition with the residual left out (`linear`)."""
 
     def __init__(self, translators, llm_shape):
-        self.translators, self.llm_shape, self.seconds = translators, llm_shape, []
+        self.translators = translators
+        self.llm_shape = llm_shape
+        self.seconds = []
         self.gate = translators[1].model.gate   # with DP: the do-no-harm gate, else None
 
     def translate(self, upload, m=1):
@@ -226,10 +228,7 @@ class Provider:
     def linear(self, upload, m=1, gated=True):
         """The linear map's update, behind the translator's do-no-harm gate (with DP) if gated."""
         model, log = self.translators[m]
-        update = gradtx.ridge_predict(log["ridge"], gradtx.project(upload[None], log["basis"]))
-        update = update.view(1, *self.llm_shape)
-        if gated and model.gate is not None:
-            update = dp.do_no_harm(model.gate, update, upload[None])
+        update = gradtx.translate(model, upload[None], linear=log["ridge"], gated=gated)
         return update[0].cpu()
 
     def updates(self, client):
@@ -256,7 +255,7 @@ def score_client(cfg, task, tiny, llm, c, updates, curve, gate):
     return {"name": c["name"], "group": c["group"], "kind": c["kind"], "mixture": c["mixture"],
             # with DP: how far the translator trusted this upload (1: fully)
             "gate_weight": (None if gate is None
-                            else dp.gate_weight(gate, c["upload"][None].float()).item()),
+                            else gradtx.gate_weight(gate, c["upload"][None].float()).item()),
             "scores": scores, "pooling": pooling,
             "pgr": {k: pgr(v, floor, ceiling) for k, v in scores.items()},
             "gain_recovered": {k: gain_recovered(v, base, ceiling) for k, v in scores.items()}}

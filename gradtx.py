@@ -14,14 +14,19 @@ feeding each produced token back in behind the SAME start token. Inputs and targ
 coordinate with the shadow pairs' statistics (`normalize=False`: raw values, as in the paper); the
 output head starts at zero, so the untrained model predicts the mean shadow update exactly.
 
-Then this project's measured additions, each an option (off = the paper): the input projected on
-a public subspace, the top principal directions of clean public shadow TinyLM updates, which keeps
-DP noise out (`public_basis`); a linear skip path, so the decoder learns the residual over a ridge
-map (`ridge_factors`; train.py chooses the map by the LLM's loss on held-out shadow runs); and the
-do-no-harm gate for noisy uploads (dp.py). Checkpoints are kept by the same criterion: the
-simplest within one standard error of the best (`simplest_within_one_se`).
+The file reads in four parts:
+  1. the paper's translator: the network, z-scores, teacher forcing, autoregressive decoding;
+  2. this project's additions, each an option (off = the paper, GTConfig's defaults), each defined
+     once: the public subspace (the input projected on the top principal directions of clean public
+     shadow TinyLM updates, which keeps DP noise out), the linear map (ridge regression, the skip
+     path the decoder learns the residual of), the selection (the simplest candidate within one
+     standard error of the best, on held-out shadow runs), and the do-no-harm gate (noisy uploads
+     fall back towards the mean shadow update as far as the noise alone could explain them);
+  3. the provider's prediction, composed in one place: `translate`, gate(map(x) + residual(x));
+  4. training on shadow pairs, and checkpoints.
+With every addition off, parts 3 and 4 run the paper's translator alone.
 
-    python -m pytest tests/test_gradtx.py
+    python -m pytest tests/test_gradtx.py tests/test_translator_exercises.py
 """
 import math
 from dataclasses import asdict, dataclass
@@ -33,7 +38,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import dp
 import tinylm
 
 
@@ -48,14 +52,14 @@ class GTConfig:
     n_head: int = 4
     dropout: float = 0.3
     normalize: bool = True
-    n_basis: int = 0     # k: input projected onto a k-dim public subspace (0: raw input, the paper)
-    n_skip: int = 0      # training pairs behind the ridge skip path (0: no skip path, the paper)
-    # public directions of the do-no-harm gate for noisy uploads (0: no gate, the paper)
-    n_gate: int = 0
+    # this project's additions, each 0 (off) in the paper's translator:
+    n_basis: int = 0     # k: input projected onto a k-dim public subspace (0: raw input)
+    n_skip: int = 0      # training pairs behind the linear map's skip path (0: no skip path)
+    n_gate: int = 0      # public directions of the do-no-harm gate for noisy uploads (0: no gate)
 
 
 # -----------------------------------------------------------------------------
-# the paper's translator: attention, encoder and decoder layers, the model
+# 1. the paper's translator: attention, encoder and decoder layers, the model
 
 
 class Attention(nn.Module):
@@ -65,26 +69,40 @@ class Attention(nn.Module):
     def __init__(self, d_model, n_head):
         super().__init__()
         self.n_head = n_head
-        self.q, self.k = nn.Linear(d_model, d_model), nn.Linear(d_model, d_model)
-        self.v, self.o = nn.Linear(d_model, d_model), nn.Linear(d_model, d_model)
+        self.q = nn.Linear(d_model, d_model)
+        self.k = nn.Linear(d_model, d_model)
+        self.v = nn.Linear(d_model, d_model)
+        self.o = nn.Linear(d_model, d_model)
+
+    def split_heads(self, t):
+        """(B, T, C) -> (B, n_head, T, C // n_head)"""
+        B, T, C = t.shape
+        return t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
 
     def forward(self, x, context, causal=False):
-        (B, T, C), S = x.shape, context.shape[1]
-        split = lambda t, n: t.view(B, n, self.n_head, C // self.n_head).transpose(1, 2)
-        q, k, v = split(self.q(x), T), split(self.k(context), S), split(self.v(context), S)
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))     # (B, n_head, T, S)
+        """x (B, T, C) attends over context (B, S, C) -> (B, T, C). causal: token t sees 0..t."""
+        B, T, C = x.shape
+        S = context.shape[1]
+        q = self.split_heads(self.q(x))                                   # (B, n_head, T, hd)
+        k = self.split_heads(self.k(context))                             # (B, n_head, S, hd)
+        v = self.split_heads(self.v(context))
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))          # (B, n_head, T, S)
         if causal:  # token t may look at target tokens 0..t only
             future = torch.ones(T, S, dtype=torch.bool, device=x.device).triu(1)
             att = att.masked_fill(future, float("-inf"))
-        y = (att.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, T, C)
+        y = (att.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, T, C)    # heads side by side
         return self.o(y)
 
 
 class EncoderLayer(nn.Module):
+    """Pre-norm self-attention over the source layer-tokens, then an MLP."""
+
     def __init__(self, cfg):
         super().__init__()
-        self.ln_1, self.attn = nn.LayerNorm(cfg.d_model), Attention(cfg.d_model, cfg.n_head)
-        self.ln_2, self.mlp = nn.LayerNorm(cfg.d_model), tinylm.MLP(cfg.d_model)
+        self.ln_1 = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg.d_model, cfg.n_head)
+        self.ln_2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = tinylm.MLP(cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
@@ -94,11 +112,17 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm causal self-attention over the target tokens so far, cross-attention over the
+    encoder's output (memory), then an MLP."""
+
     def __init__(self, cfg):
         super().__init__()
-        self.ln_1, self.self_attn = nn.LayerNorm(cfg.d_model), Attention(cfg.d_model, cfg.n_head)
-        self.ln_2, self.cross_attn = nn.LayerNorm(cfg.d_model), Attention(cfg.d_model, cfg.n_head)
-        self.ln_3, self.mlp = nn.LayerNorm(cfg.d_model), tinylm.MLP(cfg.d_model)
+        self.ln_1 = nn.LayerNorm(cfg.d_model)
+        self.self_attn = Attention(cfg.d_model, cfg.n_head)
+        self.ln_2 = nn.LayerNorm(cfg.d_model)
+        self.cross_attn = Attention(cfg.d_model, cfg.n_head)
+        self.ln_3 = nn.LayerNorm(cfg.d_model)
+        self.mlp = tinylm.MLP(cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, y, memory):
@@ -109,38 +133,42 @@ class DecoderLayer(nn.Module):
 
 
 class GradTransformer(nn.Module):
+    """The encoder-decoder over layer-tokens. It reads and writes normalised units (z-scores,
+    below); its buffers hold the z-score statistics and, with additions on, what they need."""
+
     def __init__(self, cfg):
         super().__init__()
-        self.cfg, D = cfg, cfg.d_model
-        self.src_in, self.tgt_in = nn.Linear(cfg.d_src, D), nn.Linear(cfg.d_tgt, D)
-        self.src_pos = nn.Parameter(0.02 * torch.randn(cfg.n_src, D))   # learned positions
+        self.cfg = cfg
+        D = cfg.d_model
+        self.src_in = nn.Linear(cfg.d_src, D)     # a layer-token -> the model's width
+        self.tgt_in = nn.Linear(cfg.d_tgt, D)
+        # learned positions: one per layer-token (drawn here, in this order, as always)
+        self.src_pos = nn.Parameter(0.02 * torch.randn(cfg.n_src, D))
         self.tgt_pos = nn.Parameter(0.02 * torch.randn(cfg.n_tgt, D))
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layer))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
-        self.ln_enc, self.ln_dec = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.ln_enc = nn.LayerNorm(D)
+        self.ln_dec = nn.LayerNorm(D)
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(D, cfg.d_tgt)
-        nn.init.zeros_(self.head.weight)   # the untrained model predicts 0 in normalised units,
-        nn.init.zeros_(self.head.bias)     # i.e. the mean shadow update
+        self.init_weights()
         # per-coordinate statistics (set_stats): mean 0, std 1 is a no-op until they are set
-        for name, shape in (("x", (cfg.n_src, cfg.d_src)), ("y", (cfg.n_tgt, cfg.d_tgt))):
-            self.register_buffer(f"{name}_mean", torch.zeros(shape))
-            self.register_buffer(f"{name}_std", torch.ones(shape))
-        register_additions(self, cfg)   # this project's additions, below; none in the paper's
+        self.register_buffer("x_mean", torch.zeros(cfg.n_src, cfg.d_src))
+        self.register_buffer("x_std", torch.ones(cfg.n_src, cfg.d_src))
+        self.register_buffer("y_mean", torch.zeros(cfg.n_tgt, cfg.d_tgt))
+        self.register_buffer("y_std", torch.ones(cfg.n_tgt, cfg.d_tgt))
+        register_additions(self, cfg)   # this project's additions (part 2); the paper's: none
 
-    # {rest of the name: live buffer} for buffers prefix*; None if none
-    def buffers_named(self, prefix):
-        return {n.removeprefix(prefix): t for n, t in self.named_buffers(recurse=False)
-                if n.startswith(prefix)} or None
-
-    basis = property(lambda self: self.buffers_named("basis_"))  # {"mean", "U"}; None: raw input
-    ridge = property(lambda self: self.buffers_named("ridge_"))  # ridge_at's; None: no skip path
-    gate = property(lambda self: self.buffers_named("gate_"))    # fit_gate's; None: no gate
+    def init_weights(self):
+        """PyTorch's default init everywhere but the output head, which starts at zero: the
+        untrained model predicts 0 in normalised units, i.e. the mean shadow update."""
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
 
     def forward(self, src, tgt_in, base=None):
         """src (B, n_src, d_src), tgt_in (B, T, d_tgt) -> next tokens (B, T, d_tgt); normalised
         units. base (B, n_tgt, d_tgt): the skip path's prediction, to which the decoder adds its
-        residual."""
+        residual (None in the paper)."""
         memory = self.drop(self.src_in(src) + self.src_pos)                 # (B, n_src, D)
         for layer in self.encoder:
             memory = layer(memory)
@@ -149,39 +177,57 @@ class GradTransformer(nn.Module):
         y = self.drop(self.tgt_in(tgt_in) + self.tgt_pos[:T])              # (B, T, D)
         for layer in self.decoder:
             y = layer(y, memory)
-        out = self.head(self.ln_dec(y))
-        return out if base is None else out + base[:, :T]
+        out = self.head(self.ln_dec(y))                                     # (B, T, d_tgt)
+        if base is None:
+            return out
+        return out + base[:, :T]
+
+    def buffers_named(self, prefix):
+        """{rest of the name: live buffer} of the buffers named prefix*; None if there are none."""
+        found = {name.removeprefix(prefix): t for name, t in self.named_buffers(recurse=False)
+                 if name.startswith(prefix)}
+        return found or None
+
+    @property
+    def basis(self):
+        """The public subspace {"mean", "U"} (`public_basis`); None: raw input."""
+        return self.buffers_named("basis_")
+
+    @property
+    def ridge(self):
+        """The linear map of the skip path (`ridge_at`); None: no skip path."""
+        return self.buffers_named("ridge_")
+
+    @property
+    def gate(self):
+        """The do-no-harm gate's statistics (`fit_gate`); None: no gate."""
+        return self.buffers_named("gate_")
 
 
 # -----------------------------------------------------------------------------
-# what the model reads and writes: z-scores, teacher forcing, autoregressive generation
+# 1, continued: what the model reads and writes: z-scores, teacher forcing, autoregressive decoding
 
 
 @torch.no_grad()
 def set_stats(model, X, Y):
     """Per-coordinate mean/std over N pairs of TinyLM updates X (N, n_src, d_src) and LLM updates
     Y (N, n_tgt, d_tgt). With normalize=False they stay 0 and 1: raw values, as in the paper."""
-    if model.cfg.normalize:
-        for name, T in (("x", X), ("y", Y)):
-            getattr(model, f"{name}_mean").copy_(T.float().mean(0))
-            getattr(model, f"{name}_std").copy_(T.float().std(0) + 1e-8)
+    if not model.cfg.normalize:
+        return
+    model.x_mean.copy_(X.float().mean(0))
+    model.x_std.copy_(X.float().std(0) + 1e-8)
+    model.y_mean.copy_(Y.float().mean(0))
+    model.y_std.copy_(Y.float().std(0) + 1e-8)
 
 
 def normalize(model, T, name):
+    """Raw updates -> z-scores with the model's statistics; name "x" (TinyLM) or "y" (LLM)."""
     return (T - getattr(model, f"{name}_mean")) / getattr(model, f"{name}_std")
 
 
 def denormalize(model, T, name):
+    """z-scores -> raw updates: the inverse of `normalize`."""
     return T * getattr(model, f"{name}_std") + getattr(model, f"{name}_mean")
-
-
-def model_inputs(model, X):
-    """Raw TinyLM updates (B, n_src, d_src) -> what the network reads: the projected, normalised
-    input, and the skip path's prediction in normalised target units (None without a skip path)."""
-    X = project(X, model.basis)
-    base = None if model.ridge is None else normalize(model, ridge_predict(model.ridge, X).view(
-        len(X), model.cfg.n_tgt, model.cfg.d_tgt), "y")
-    return normalize(model, X, "x"), base
 
 
 def shift_right(y):
@@ -203,120 +249,34 @@ def teacher_forcing_loss(model, src, tgt, base=None):
 
 
 @torch.no_grad()
-def generate(model, tiny_update):
-    """TinyLM update(s) (n_src, d_src) or (B, n_src, d_src) -> LLM update(s), raw units, tinylm.py
-    layout."""
-    cfg = model.cfg
-    single = torch.is_tensor(tiny_update) and tiny_update.dim() == 2
-    batch = len(tiny_update) if torch.is_tensor(tiny_update) and tiny_update.dim() > 0 else 1
-    shape = (cfg.n_src, cfg.d_src) if single else (batch, cfg.n_src, cfg.d_src)
-    tinylm.check_update(tiny_update, shape, "TinyLM update")   # a clear error for anything else
-    was_training, device = model.training, model.head.weight.device
-    model.eval()
-    src_raw = (tiny_update[None] if single else tiny_update).float().to(device)
-    src, base = model_inputs(model, src_raw)
+def decode(model, src, base=None):
+    """Autoregressive generation in normalised units: src (B, n_src, d_src) -> (B, n_tgt, d_tgt).
+    From the all-zero start token, each step appends the model's last output token, which the
+    next step reads back in (with a skip path: base + the residual, the whole prediction)."""
     ### BEGIN SOLUTION autoregressive_decoding
-    tgt = torch.zeros(len(src), 1, cfg.d_tgt, device=device)   # the start token
-    for _ in range(cfg.n_tgt):
-        nxt = model(src, tgt, base)[:, -1:]                       # (B, 1, d_tgt)
+    tgt = torch.zeros(len(src), 1, model.cfg.d_tgt, device=src.device)   # the start token
+    for _ in range(model.cfg.n_tgt):
+        nxt = model(src, tgt, base)[:, -1:]                              # (B, 1, d_tgt)
         tgt = torch.cat([tgt, nxt], dim=1)
     ### END SOLUTION
-    model.train(was_training)
-    out = denormalize(model, tgt[:, 1:], "y")
-    if model.gate is not None:   # do no harm: towards the mean update as far as it may be noise
-        out = dp.do_no_harm(model.gate, out, src_raw)
-    return out[0].cpu() if single else out.cpu()
+    return tgt[:, 1:]                                                    # the start token dropped
 
 
 # -----------------------------------------------------------------------------
-# training on shadow pairs, and checkpoints (the config and the buffers travel with the weights)
-
-
-class Translator(NamedTuple):
-    """A fitted Grad-Transformer and its fit log (train.fit_stage), for one noise level."""
-    model: GradTransformer
-    log: dict
-
-
-def fit(model, X_train, Y_train, X_val, Y_val, steps, lr, weight_decay, batch_size,
-        eval_every, val_criterion=None, seed=0):
-    """Train on pairs X (N, n_src, d_src) -> Y (N, n_tgt, d_tgt), raw units, validating on held-out
-    RUNS' pairs: `val_criterion(pred_Y_val) -> (n_val,)` scores autoregressive predictions, lower is
-    better (else validation MSE). Keeps the earliest checkpoint within one standard error of the
-    best: step 0, the linear map, unless training beats it by more than the held-out runs' noise.
-    Returns {"history": [{"step", "train_mse", "val_mse", "val_rel_err", "criterion"}],
-    "best_step"}."""
-    torch.manual_seed(seed)
-    device = model.head.weight.device
-    X_train, Y_train = X_train.to(device), Y_train.to(device)
-    set_stats(model, project(X_train, model.basis), Y_train)
-    (xs, base), ys = model_inputs(model, X_train), normalize(model, Y_train, "y")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    g = torch.Generator().manual_seed(seed)
-    history, per_run, states, train_loss = [], {}, {}, None
-    for step in (bar := tqdm(range(steps + 1), desc="fit grad-transformer", leave=False)):
-        if step % eval_every == 0 or step == steps:
-            pred = generate(model, X_val)
-            errors = (normalize(model, pred.to(device), "y") - normalize(model, Y_val.to(device),
-                                                                         "y")).pow(2)
-            val_mse = errors.mean().item()
-            rel = ((pred - Y_val).flatten(1).norm(dim=1)
-                   / Y_val.flatten(1).norm(dim=1)).mean().item()
-            per_run[step] = (val_criterion(pred) if val_criterion
-                             else errors.flatten(1).mean(1).cpu().numpy())
-            crit = float(np.mean(per_run[step]))
-            train_mse = float("nan") if train_loss is None else train_loss.item()  # no sync a step
-            history.append({"step": step, "train_mse": train_mse, "val_mse": val_mse,
-                            "val_rel_err": rel, "criterion": crit})
-            # the weights only: the buffers do not train (the skip path's are training-set sized)
-            states[step] = {n: p.detach().clone() for n, p in model.named_parameters()}
-            bar.set_postfix(val=f"{crit:.4f}")
-        if step == steps:
-            break
-        model.train()
-        idx = torch.randint(len(xs), (batch_size,), generator=g).to(device, non_blocking=True)
-        loss = teacher_forcing_loss(model, xs[idx], ys[idx], None if base is None else base[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        train_loss = loss.detach()
-    best_step = simplest_within_one_se(per_run)   # earliest first: dicts keep their order
-    model.load_state_dict(states[best_step], strict=False)
-    model.eval()
-    return {"history": history, "best_step": best_step}
-
-
-def save(model, path):
-    tinylm.atomic_save({"config": asdict(model.cfg), "state_dict": model.state_dict()}, path)
-
-
-def load(path, tiny_shape=None, llm_shape=None, device="cpu"):
-    """Load a Grad-Transformer; refuse one made for other TinyLM / LLM update shapes."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        model = GradTransformer(GTConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["state_dict"])
-    except Exception as e:
-        raise ValueError(f"{path}: not a valid Grad-Transformer checkpoint ({e})") from e
-    for what, want, have in (("TinyLM", tiny_shape, (model.cfg.n_src, model.cfg.d_src)),
-                             ("LLM", llm_shape, (model.cfg.n_tgt, model.cfg.d_tgt))):
-        if want is not None and tuple(want) != have:
-            raise ValueError(f"{path}: this Grad-Transformer was made for {what} updates of shape "
-                             f"{have}, but the {what} here has update shape {tuple(want)}")
-    return model.to(device).eval()
-
-
-# -----------------------------------------------------------------------------
-# this project's additions (each an option; off = the paper): selection on held-out runs by
-# the LLM's loss, the public subspace, the ridge skip path, the do-no-harm gate
+# 2. this project's additions (each an option; off = the paper): the public subspace, the linear
+# map, the selection on held-out runs, the do-no-harm gate. Their buffers travel with the model.
 
 
 def register_additions(model, cfg):
     """The buffers of this project's additions, saved with the model and filled by
     `set_linear_map`: the public basis (cfg.n_basis), the ridge skip path (cfg.n_skip training
     pairs) and the gate (cfg.n_gate directions). The paper's translator (all three 0) has none."""
-    D_src, D_tgt, N = cfg.n_src * cfg.d_src, cfg.n_tgt * cfg.d_tgt, cfg.n_skip
-    shapes = dict(basis_mean=D_src, basis_U=(D_src, cfg.n_basis)) if cfg.n_basis else {}
+    D_src = cfg.n_src * cfg.d_src
+    D_tgt = cfg.n_tgt * cfg.d_tgt
+    N = cfg.n_skip
+    shapes = {}
+    if cfg.n_basis:
+        shapes.update(basis_mean=D_src, basis_U=(D_src, cfg.n_basis))
     if N:
         shapes.update(ridge_keys=(N, D_src), ridge_values=(N, D_tgt), ridge_x_mean=D_src,
                       ridge_x_std=D_src, ridge_y_mean=D_tgt, ridge_y_std=D_tgt)
@@ -328,24 +288,15 @@ def register_additions(model, cfg):
         model.register_buffer(name, torch.zeros(shape))
 
 
-def simplest_within_one_se(scores):
-    """The first candidate (`scores`: simplest first) whose per-run scores (lower is better) exceed
-    the best's by at most one standard error of the paired difference (Breiman et al. 1984): a dozen
-    held-out runs rank candidates only up to noise, and a noise-fitted pick (a larger subspace, a
-    weaker ridge, a later checkpoint) breaks under strong DP noise. Scalar scores: the best wins."""
-    ### BEGIN SOLUTION one_se_rule
-    values = {c: np.atleast_1d(np.asarray(v, dtype=float)) for c, v in scores.items()}
-    best = min(values, key=lambda c: values[c].mean())
-    for c, v in values.items():
-        d = v - values[best]
-        if d.mean() <= (d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0):
-            return c
-    ### END SOLUTION
+@torch.no_grad()
+def set_linear_map(model, basis, ridge, gate=None):
+    """Copy the public basis, the ridge skip path and the gate into the model's saved buffers."""
+    for tensors, new in ((model.basis, basis), (model.ridge, ridge), (model.gate, gate)):
+        for name, t in (tensors or {}).items():
+            t.copy_(new[name])
 
 
-# -----------------------------------------------------------------------------
-# the linear map: the public subspace (PCA of clean public TinyLM updates, which keeps DP noise
-# out), then the ridge skip path (fit in the dual, one factorisation for every lambda)
+# --- the public subspace: PCA of clean public TinyLM updates
 
 
 def public_basis(X_clean, k):
@@ -370,10 +321,14 @@ def project(X, basis):
     if basis is None:
         return X
     ### BEGIN SOLUTION public_subspace
-    mean, U = basis["mean"].to(X.device), basis["U"].to(X.device)
+    mean = basis["mean"].to(X.device)
+    U = basis["U"].to(X.device)
     centred = X.flatten(1).float() - mean
     return (mean + (centred @ U) @ U.T).view(X.shape)
     ### END SOLUTION
+
+
+# --- the linear map: ridge regression in the dual, one factorisation for every lambda
 
 
 def ridge_factors(X, Y):
@@ -382,18 +337,23 @@ def ridge_factors(X, Y):
     is all of it before lambda enters: the z-scoring, K = keys keys^T = Q diag(e) Q^T and Q^T z(Y),
     computed once for a search over lambda; each lambda then only rescales (`ridge_at`)."""
     ### BEGIN SOLUTION ridge_dual
-    X, Y = X.flatten(1).double(), Y.flatten(1).double()
-    x_mean, x_std, y_mean, y_std = X.mean(0), X.std(0) + 1e-8, Y.mean(0), Y.std(0) + 1e-8
+    X = X.flatten(1).double()
+    Y = Y.flatten(1).double()
+    x_mean = X.mean(0)
+    x_std = X.std(0) + 1e-8
+    y_mean = Y.mean(0)
+    y_std = Y.std(0) + 1e-8
     keys = (X - x_mean) / x_std
     # (K + lam I)^-1 through K's eigenvectors, keeping only those with a non-negligible eigenvalue:
     # the rest meet keys^T's null space, so they add exactly nothing to a prediction -- but with
     # projected inputs (K has rank k) they hold float round-off scaled by 1 / lam, and at a small
-    # lam that swamped the prediction (measured: 5x its size at lam = 1e-3, 5% at 0.1)
+    # lam that swamps the prediction (several times its size at lam = 1e-3)
     eigenvalues, Q = torch.linalg.eigh(keys @ keys.T)
     kept = eigenvalues > 1e-9 * eigenvalues.max()
-    Q, eigenvalues = Q[:, kept], eigenvalues[kept]                        # (N, r), (r,)
-    # (r, D_tgt)
-    return dict(keys=keys, Q=Q, eigenvalues=eigenvalues, Qt_y=Q.T @ ((Y - y_mean) / y_std),
+    Q = Q[:, kept]                                                        # (N, r)
+    eigenvalues = eigenvalues[kept]                                       # (r,)
+    Qt_y = Q.T @ ((Y - y_mean) / y_std)                                   # (r, D_tgt)
+    return dict(keys=keys, Q=Q, eigenvalues=eigenvalues, Qt_y=Qt_y,
                 x_mean=x_mean, x_std=x_std, y_mean=y_mean, y_std=y_std)
     ### END SOLUTION
 
@@ -416,16 +376,6 @@ def ridge_predict(ridge, X):
     return (z @ r["keys"].T) @ r["values"] * r["y_std"] + r["y_mean"]
 
 
-class LinearMap(NamedTuple):
-    """What train.select_linear_map chooses: the public basis (None: raw input), the ridge map, its
-    subspace size k and lambda, and every candidate's mean held-out score {(k, lambda): score}."""
-    basis: dict
-    ridge: dict
-    k: int
-    lam: float
-    scores: dict
-
-
 def linear_candidates(X_clean, X, Y, ks, lams):
     """{(k, lambda): (public basis, ridge map)} fit on pairs X (N, n, d) -> Y (N, ...); one
     factorisation per k serves every lambda (ridge_factors, then ridge_at)."""
@@ -435,13 +385,308 @@ def linear_candidates(X_clean, X, Y, ks, lams):
             continue
         basis = public_basis(X_clean, k)
         factors = ridge_factors(project(X, basis), Y)
-        maps.update({(k, lam): (basis, ridge_at(factors, lam)) for lam in lams})
+        for lam in lams:
+            maps[(k, lam)] = (basis, ridge_at(factors, lam))
     return maps
 
 
+# --- the selection: the simplest candidate within one standard error of the best
+
+
+def simplest_within_one_se(scores):
+    """The first candidate (`scores`: simplest first) whose per-run scores (lower is better) exceed
+    the best's by at most one standard error of the paired difference (Breiman et al. 1984): a dozen
+    held-out runs rank candidates only up to noise, and a noise-fitted pick (a larger subspace, a
+    weaker ridge, a later checkpoint) breaks under strong DP noise. Scalar scores: the best wins."""
+    ### BEGIN SOLUTION one_se_rule
+    values = {c: np.atleast_1d(np.asarray(v, dtype=float)) for c, v in scores.items()}
+    best = min(values, key=lambda c: values[c].mean())
+    for c, v in values.items():
+        d = v - values[best]
+        if d.mean() <= (d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0):
+            return c
+    ### END SOLUTION
+
+
+class LinearMap(NamedTuple):
+    """What `select_linear_map` chooses: the public basis (None: raw input), the ridge map, its
+    subspace size k and lambda, and every candidate's mean held-out score {(k, lambda): score}."""
+    basis: dict
+    ridge: dict
+    k: int
+    lam: float
+    scores: dict
+
+
+def held_out_scores(X_clean, X, Y, criterion, folds, ks, lams, draws):
+    """{(k, lambda): per-run scores (n_runs,)} of every candidate linear map, cross-validated: for
+    each fold (train runs, held-out runs) the candidates are fit on the train runs and score each
+    held-out run on its last `draws` inputs, so every run of `folds` speaks once. Only candidates
+    every fold could fit are kept (a small fold has room for fewer directions)."""
+    scores = {}
+    for train, held_out in folds:
+        fitted = linear_candidates(X_clean[train].flatten(0, 1), X[train].flatten(0, 1),
+                                   Y[train].flatten(0, 1), ks, lams)
+        for (k, lam), (basis, ridge) in fitted.items():
+            inputs = X[held_out, -draws:].flatten(0, 1)                  # (runs * draws, n, d)
+            pred = ridge_predict(ridge, project(inputs, basis))
+            run_scores = criterion(pred.view(len(held_out), draws, *Y.shape[2:]), held_out)
+            scores.setdefault((k, lam), []).append(run_scores)
+    return {c: np.concatenate([np.atleast_1d(s) for s in v]) for c, v in scores.items()
+            if len(v) == len(folds)}
+
+
+def simplicity(candidate):
+    """Sort key of a candidate (k, lambda), simplest first: fewer directions first (k = 0, the raw
+    input, has the most), then a stronger ridge."""
+    k, lam = candidate
+    return (k or math.inf, -lam)
+
+
+def select_linear_map(X_clean, X, Y, criterion, folds, *, ks, lams, rule="one_se", draws=1):
+    """Choose the subspace size k and ridge's lambda by a functional criterion on held-out runs
+    (parameter-space error would pick a far too strong lambda; train.functional_criterion is the
+    LLM's loss), cross-validated over `folds` (`held_out_scores`), then refit on the train runs of
+    fold 0.
+    Rule "one_se": the simplest within one SE of the best (`simplest_within_one_se`, in the order
+    of `simplicity`); "best": the lowest mean. `criterion(pred (runs, draws, n_tgt, d_tgt), runs)
+    -> (runs,)`, lower is better; draws: with DP, optionally all of a run's uploads, not one draw's
+    luck. X_clean (runs, S, n, d): clean public TinyLM updates, for the basis; X (runs, P, n, d):
+    the inputs the map will be given (DP uploads when clients use DP); Y (runs, P, ...): LLM
+    updates."""
+    scores = held_out_scores(X_clean, X, Y, criterion, folds, ks, lams, draws)
+    simplest_first = sorted(scores, key=simplicity)
+    if rule == "best":   # the lowest mean held-out score
+        k, lam = min(simplest_first, key=lambda c: scores[c].mean())
+    else:
+        k, lam = simplest_within_one_se({c: scores[c] for c in simplest_first})
+    train = folds[0][0]
+    refit = linear_candidates(X_clean[train].flatten(0, 1), X[train].flatten(0, 1),
+                              Y[train].flatten(0, 1), (k,), (lam,))
+    basis, ridge = refit[(k, lam)]
+    return LinearMap(basis, ridge, k, lam, {c: float(np.mean(v)) for c, v in scores.items()})
+
+
+# --- the do-no-harm gate: what a noisy upload still says, along public directions; where the noise
+# alone could explain an upload, fall back towards the mean shadow update
+
+
+def upload_signal(X_clean, X_noisy, basis):
+    """How much of a noisy upload is signal, along each public direction: the correlation, over
+    shadow runs, between the run's noisy inputs (DP uploads, or means of m of them) and its clean
+    update, both projected on the basis. X_clean (N, n, d), X_noisy (N, P, n, d) -> (k,). 1: the
+    noise does not matter; 0: no map, however trained, can translate the upload that way."""
+    U = basis["U"]
+    mean = basis["mean"]
+    clean = (X_clean.flatten(1) - mean) @ U                                   # (N, k)
+    clean = clean[:, None].expand(-1, X_noisy.shape[1], -1).flatten(0, 1)     # (N*P, k)
+    noisy = ((X_noisy.flatten(2) - mean) @ U).flatten(0, 1)                   # (N*P, k)
+    a = clean - clean.mean(0)
+    b = noisy - noisy.mean(0)
+    return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0) + 1e-12)
+
+
+def fit_gate(X_noisy, noise, basis, fallback, prior=0.5):
+    """Statistics of the do-no-harm gate (`gate_weight`) along the public directions of `basis`, in
+    coordinates c = U^T (x - mean): X_noisy (N, n, d) the map's noisy training inputs (their centre,
+    and their spread: signal plus noise), noise (N', n, d) draws of the noise alone at the inputs'
+    noise level (data.dp_noise: a DP draw minus the mean of its subset's draws, rescaled), fallback
+    (n_tgt, d_tgt) the mean shadow LLM update; prior: the share of uploads the gate expects to carry
+    a convention of their own."""
+    coords = (X_noisy.flatten(1).float() - basis["mean"]) @ basis["U"]                  # (N, k)
+    noise_var = (noise.flatten(1).float() @ basis["U"]).pow(2).mean(0)                 # (k,)
+    signal_var = (coords.var(0) - noise_var).clamp(min=1e-3 * noise_var.max().item())
+    return {"mean": basis["mean"], "U": basis["U"], "center": coords.mean(0),
+            "signal_var": signal_var, "noise_var": noise_var, "prior": torch.tensor([prior]),
+            "fallback": fallback}
+
+
+def gate_weight(gate, X):
+    """(N, n, d) uploads -> (N,) weights in (0, 1): the probability that an upload carries a
+    convention of its own rather than noise around the centre. Two hypotheses for its coordinates c
+    along the gate's directions:
+        noise only:  c ~ N(center, noise_var)               (writes like the public does)
+        signal:      c ~ N(center, signal_var + noise_var)  (writes like any shadow subset)
+    and Bayes' rule with the prior. An upload far from the centre in units of the noise gets ~1
+    (translated as it is); one the noise alone explains gets a small weight, so the provider falls
+    back towards the mean shadow update, not sending a mostly-noise upload to a wrong corner."""
+    X = X.flatten(1).float().to(gate["mean"].device)          # an upload held on the CPU, too
+    c = (X - gate["mean"]) @ gate["U"] - gate["center"]                               # (N, k)
+    n = gate["noise_var"]
+    s = gate["noise_var"] + gate["signal_var"]
+    log_ratio = (0.5 * c.pow(2) * (1 / n - 1 / s) - 0.5 * torch.log(s / n)).sum(1)  # signal/noise
+    return torch.sigmoid(log_ratio + torch.logit(gate["prior"]))
+
+
+def do_no_harm(gate, updates, uploads):
+    """The gate applied: LLM updates (B, n_tgt, d_tgt) made from uploads (B, n_src, d_src), moved
+    back towards the mean shadow update (gate["fallback"]) as far as each upload may be noise
+    (`gate_weight`). Without a gate (None: no DP, or the paper) the updates as they are."""
+    if gate is None:
+        return updates
+    fallback = gate["fallback"]
+    weight = gate_weight(gate, uploads)[:, None, None].to(fallback.device)
+    return fallback + weight * (updates.to(fallback.device) - fallback)
+
+
+# -----------------------------------------------------------------------------
+# 3. the provider's prediction, composed in one place: gate(uploads, linear_map(x) + residual(x))
+
+
+def skip_path(model, x):
+    """The linear map's prediction for inputs x (B, n_src, d_src), already on the public subspace,
+    in the decoder's normalised target units (B, n_tgt, d_tgt): the base the decoder adds its
+    residual to. None without a skip path (the paper)."""
+    if model.ridge is None:
+        return None
+    flat = ridge_predict(model.ridge, x)                                 # (B, n_tgt * d_tgt)
+    return normalize(model, flat.view(len(x), model.cfg.n_tgt, model.cfg.d_tgt), "y")
+
+
+def linear_map_plus_residual(model, x):
+    """x (B, n_src, d_src) on the public subspace -> raw LLM updates (B, n_tgt, d_tgt): the
+    decoder's residual on top of the linear map, in normalised units (each token the decoder reads
+    back is the sum: base + residual), then denormalised. The paper: the decoder alone."""
+    out = decode(model, normalize(model, x, "x"), skip_path(model, x))
+    return denormalize(model, out, "y")
+
+
 @torch.no_grad()
-def set_linear_map(model, basis, ridge, gate=None):
-    """Copy the public basis, the ridge skip path and the gate into the model's saved buffers."""
-    for tensors, new in ((model.basis, basis), (model.ridge, ridge), (model.gate, gate)):
-        for name, t in (tensors or {}).items():
-            t.copy_(new[name])
+def translate(model, uploads, linear=None, gated=True):
+    """The provider's prediction for raw uploads (B, n_src, d_src): raw LLM updates
+    (B, n_tgt, d_tgt),
+
+        gate(uploads, linear_map(x) + residual(x)),   x = the uploads on the public subspace.
+
+    Every method that reads an upload is this expression, with parts left out:
+        gradtx          translate(model, uploads)                              all of it
+        ridge           translate(model, uploads, linear=ridge)                no residual
+        ridge_ungated   translate(model, uploads, linear=ridge, gated=False)   no gate either
+    linear: a ridge map (`ridge_at`) to use alone in place of the decoder; the fit log keeps it,
+    since a translator trained without the skip path has none in its buffers. With every addition
+    off (no basis, no skip path, no gate) this is the paper's translator."""
+    x = project(uploads, model.basis)
+    if linear is None:
+        updates = linear_map_plus_residual(model, x)
+    else:
+        updates = ridge_predict(linear, x).view(len(x), model.cfg.n_tgt, model.cfg.d_tgt)
+    if gated:
+        updates = do_no_harm(model.gate, updates, uploads)
+    return updates
+
+
+@torch.no_grad()
+def generate(model, tiny_update):
+    """TinyLM update(s) (n_src, d_src) or (B, n_src, d_src) -> LLM update(s), raw units, tinylm.py
+    layout: `translate` in eval mode, on the model's device."""
+    cfg = model.cfg
+    single = torch.is_tensor(tiny_update) and tiny_update.dim() == 2
+    batch = len(tiny_update) if torch.is_tensor(tiny_update) and tiny_update.dim() > 0 else 1
+    shape = (cfg.n_src, cfg.d_src) if single else (batch, cfg.n_src, cfg.d_src)
+    tinylm.check_update(tiny_update, shape, "TinyLM update")   # a clear error for anything else
+    was_training = model.training
+    model.eval()
+    uploads = (tiny_update[None] if single else tiny_update).float().to(model.head.weight.device)
+    out = translate(model, uploads)
+    model.train(was_training)
+    if single:
+        return out[0].cpu()
+    return out.cpu()
+
+
+# -----------------------------------------------------------------------------
+# 4. training on shadow pairs, and checkpoints: the paper's, the same with the additions on (they
+# validate through `generate`; the config and the buffers travel with the weights)
+
+
+class Translator(NamedTuple):
+    """A fitted Grad-Transformer and its fit log (train.fit_stage), for one noise level."""
+    model: GradTransformer
+    log: dict
+
+
+def validate(model, X_val, Y_val, val_criterion=None):
+    """Score the model's predictions (`generate`) for held-out pairs X_val -> Y_val, raw units:
+    ({"val_mse": in normalised units, "val_rel_err": mean relative error}, per-run scores (n_val,)
+    by `val_criterion(pred_Y_val)`, lower is better; without one, each pair's normalised MSE)."""
+    device = model.head.weight.device
+    pred = generate(model, X_val)
+    errors = (normalize(model, pred.to(device), "y") - normalize(model, Y_val.to(device), "y"))
+    errors = errors.pow(2)
+    val_mse = errors.mean().item()
+    rel = ((pred - Y_val).flatten(1).norm(dim=1) / Y_val.flatten(1).norm(dim=1)).mean().item()
+    if val_criterion is not None:
+        per_run = val_criterion(pred)
+    else:
+        per_run = errors.flatten(1).mean(1).cpu().numpy()
+    return {"val_mse": val_mse, "val_rel_err": rel}, per_run
+
+
+def fit(model, X_train, Y_train, X_val, Y_val, *, steps, lr, weight_decay=0.0, batch_size=32,
+        eval_every=100, val_criterion=None, seed=0):
+    """Train on pairs X (N, n_src, d_src) -> Y (N, n_tgt, d_tgt), raw units, with teacher forcing
+    and AdamW, validating every `eval_every` steps on held-out RUNS' pairs (`validate`). Keeps the
+    earliest checkpoint within one standard error of the best (`simplest_within_one_se`): step 0,
+    the linear map, unless training beats it by more than the held-out runs' noise.
+    Returns {"history": [{"step", "train_mse", "val_mse", "val_rel_err", "criterion"}],
+    "best_step"}."""
+    # long: the training loop, read top to bottom
+    torch.manual_seed(seed)
+    device = model.head.weight.device
+    X_train = X_train.to(device)
+    Y_train = Y_train.to(device)
+    x = project(X_train, model.basis)            # on the public subspace (the paper: as it is)
+    set_stats(model, x, Y_train)
+    xs = normalize(model, x, "x")
+    base = skip_path(model, x)
+    ys = normalize(model, Y_train, "y")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    history = []
+    per_run = {}    # step -> per-run validation scores
+    states = {}     # step -> the weights then
+    train_loss = None
+    for step in (bar := tqdm(range(steps + 1), desc="fit grad-transformer", leave=False)):
+        if step % eval_every == 0 or step == steps:
+            scores, per_run[step] = validate(model, X_val, Y_val, val_criterion)
+            crit = float(np.mean(per_run[step]))
+            train_mse = float("nan") if train_loss is None else train_loss.item()  # no sync a step
+            history.append({"step": step, "train_mse": train_mse, **scores, "criterion": crit})
+            # the weights only: the buffers do not train (the skip path's are training-set sized)
+            states[step] = {n: p.detach().clone() for n, p in model.named_parameters()}
+            bar.set_postfix(val=f"{crit:.4f}")
+        if step == steps:
+            break
+        model.train()
+        idx = torch.randint(len(xs), (batch_size,), generator=g).to(device, non_blocking=True)
+        loss = teacher_forcing_loss(model, xs[idx], ys[idx], None if base is None else base[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        train_loss = loss.detach()
+    best_step = simplest_within_one_se(per_run)   # earliest first: dicts keep their order
+    model.load_state_dict(states[best_step], strict=False)
+    model.eval()
+    return {"history": history, "best_step": best_step}
+
+
+def save(model, path):
+    """The config and the state dict (weights and buffers), written atomically."""
+    tinylm.atomic_save({"config": asdict(model.cfg), "state_dict": model.state_dict()}, path)
+
+
+def load(path, tiny_shape=None, llm_shape=None, device="cpu"):
+    """Load a Grad-Transformer; refuse one made for other TinyLM / LLM update shapes."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        model = GradTransformer(GTConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["state_dict"])
+    except Exception as e:
+        raise ValueError(f"{path}: not a valid Grad-Transformer checkpoint ({e})") from e
+    expected = (("TinyLM", tiny_shape, (model.cfg.n_src, model.cfg.d_src)),
+                ("LLM", llm_shape, (model.cfg.n_tgt, model.cfg.d_tgt)))
+    for what, want, have in expected:
+        if want is not None and tuple(want) != have:
+            raise ValueError(f"{path}: this Grad-Transformer was made for {what} updates of shape "
+                             f"{have}, but the {what} here has update shape {tuple(want)}")
+    return model.to(device).eval()

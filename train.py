@@ -23,12 +23,13 @@ Stages (each writes its output atomically into --cache, default --out, and is sk
 A stage's cache key covers its settings, the keys of the stages it reads, and a fingerprint of the
 data it is given, so a change of either re-runs it and everything after it, and nothing else.
 """
+import functools
 import json
-import math
 import os
 import sys
 import time
 from dataclasses import asdict, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -220,40 +221,6 @@ def functional_criterion(llm, data_sets, measure="loss"):
     return criterion
 
 
-def select_linear_map(X_clean, X, Y, criterion, folds, ks=SUBSPACE_SIZES, lams=RIDGE_LAMBDAS,
-                      rule="one_se", draws=1):
-    """Choose the subspace size k and ridge's lambda by the functional criterion on held-out runs
-    (parameter-space error would pick a far too strong lambda), cross-validated: for each fold
-    (train runs, held-out runs), every candidate is fit on the train runs and scores each held-out
-    run on its last `draws` inputs (with DP, optionally all its uploads, not one draw's luck), so
-    every run of `folds` speaks once. Rule "one_se": the simplest within one SE of the best
-    (`simplest_within_one_se`; fewer directions first -- k = 0, the raw input, has the most --
-    then a stronger ridge); "best": the lowest mean. Refit on fold 0's train runs.
-    X_clean (runs, S, n, d): clean public TinyLM updates, for the basis; X (runs, P, n, d): the
-    inputs the map will be given (DP uploads when clients use DP); Y (runs, P, ...): LLM updates."""
-    scores = {}
-    for train, held_out in folds:
-        fitted = gradtx.linear_candidates(X_clean[train].flatten(0, 1), X[train].flatten(0, 1),
-                                   Y[train].flatten(0, 1), ks, lams)
-        for (k, lam), (basis, ridge) in fitted.items():
-            inputs = X[held_out, -draws:].flatten(0, 1)                  # (runs * draws, n, d)
-            pred = gradtx.ridge_predict(ridge, gradtx.project(inputs, basis))
-            scores.setdefault((k, lam), []).append(
-                criterion(pred.view(len(held_out), draws, *Y.shape[2:]), held_out))
-    # the candidates every fold could fit (a small fold has room for fewer directions)
-    scores = {c: np.concatenate([np.atleast_1d(s) for s in v]) for c, v in scores.items()
-              if len(v) == len(folds)}
-    simplest_first = sorted(scores, key=lambda c: (c[0] or math.inf, -c[1]))
-    if rule == "best":   # the lowest mean held-out score
-        k, lam = min(simplest_first, key=lambda c: scores[c].mean())
-    else:
-        k, lam = gradtx.simplest_within_one_se({c: scores[c] for c in simplest_first})
-    train = folds[0][0]
-    basis, ridge = gradtx.linear_candidates(X_clean[train].flatten(0, 1), X[train].flatten(0, 1),
-                                     Y[train].flatten(0, 1), (k,), (lam,))[(k, lam)]
-    return gradtx.LinearMap(basis, ridge, k, lam, {c: float(np.mean(v)) for c, v in scores.items()})
-
-
 def fit_stage(cfg, task, tiny, llm, shadow, path, m):
     """The linear map and the Grad-Transformer on top of it for inputs that average m uploads:
     loaded from `path` when cached, else fitted (`fit_translator`) and saved."""
@@ -274,61 +241,112 @@ def fit_translator(cfg, task, llm, shadow, m):
     held-out runs, then train the Grad-Transformer with it as its skip path. Its log keeps the
     selection, the losses and the linear map itself (the `ridge` baseline)."""
     t0 = time.time()
+    private = cfg.dp_epsilon > 0   # the clients' uploads are DP: noisy, and so are the inputs here
     n_runs = cfg.fit_shadow or cfg.n_shadow
     folds = data.split_runs(n_runs, cfg.val_frac, cfg.seed, cfg.gt_select_folds)
     folds = folds if cfg.gt_select_folds > 1 else [folds]
     train_runs, val_runs = folds[0]
-    X_all, Y_all = data.translator_inputs(cfg, shadow, list(range(n_runs)), m)   # (runs, P, ...)
-    X_train, Y_train = X_all[train_runs].flatten(0, 1), Y_all[train_runs].flatten(0, 1)
-    X_val, Y_val = X_all[val_runs, -1], Y_all[val_runs, -1]                 # one per run
+    X_all, Y_all = data.translator_inputs(cfg, shadow, list(range(n_runs)), m, private)
     examples = [data.shadow_examples(cfg, task, k)[:cfg.val_examples] for k in range(n_runs)]
     criterion = functional_criterion(llm, [task.encode(e) for e in examples], cfg.gt_select)
-    val_criterion = lambda pred: criterion(pred, val_runs)  # noqa: E731   (the translator's)
-    private = "X_private" in shadow   # the clients' uploads are DP: noisy
-    rule = {"auto": "best" if private else "one_se"}.get(cfg.gt_select_rule, cfg.gt_select_rule)
-    draws = X_all.shape[1] if private and cfg.gt_select_draws else 1   # scored per held-out run
-    linear = select_linear_map(shadow["X"][:n_runs], X_all, Y_all, criterion, folds,
-                               SUBSPACE_SIZES if cfg.gt_project else (0,), rule=rule, draws=draws)
+    rule, draws = selection_rule(cfg, private, X_all.shape[1])
+    linear = gradtx.select_linear_map(shadow["X"][:n_runs], X_all, Y_all, criterion, folds,
+                                      ks=SUBSPACE_SIZES if cfg.gt_project else (0,),
+                                      lams=RIDGE_LAMBDAS, rule=rule, draws=draws)
     linear_seconds = time.time() - t0
+    pairs = translator_pairs(cfg, shadow, X_all, Y_all, train_runs, m, private)
+    model = new_translator(cfg, pairs, linear, llm.wte.weight.device)
+    X_val = X_all[val_runs, -1]                                              # one per run
+    Y_val = Y_all[val_runs, -1]
+    fitted = gradtx.fit(model, pairs.X, pairs.Y, X_val, Y_val, steps=cfg.gt_steps, lr=cfg.gt_lr,
+                        weight_decay=cfg.gt_weight_decay, batch_size=cfg.gt_batch,
+                        eval_every=cfg.gt_eval_every,
+                        val_criterion=functools.partial(criterion, runs=val_runs), seed=cfg.seed)
+    log = fit_log(fitted, linear, pairs, criterion, Y_all[train_runs].flatten(0, 1), Y_val,
+                  val_runs, rule=rule, draws=draws, level=m)
+    log.update(linear_seconds=linear_seconds, seconds=time.time() - t0)
+    print_fit(log, m, pairs.n_shadow_pairs, len(train_runs), len(val_runs))
+    return gradtx.Translator(model, log)
+
+
+def selection_rule(cfg, private, n_inputs):
+    """How the linear map is chosen: the rule ("auto": the lowest mean with DP, where the gate
+    already shrinks noisy uploads, else the simplest within one SE) and how many of a held-out
+    run's inputs score it (with DP and gt_select_draws, all n_inputs of its uploads; else one)."""
+    rule = cfg.gt_select_rule
+    if rule == "auto":
+        rule = "best" if private else "one_se"
+    draws = n_inputs if private and cfg.gt_select_draws else 1
+    return rule, draws
+
+
+class Pairs(NamedTuple):
+    """What the Grad-Transformer learns from: pairs X (N, n_src, d_src) -> Y (N, n_tgt, d_tgt),
+    the first n_shadow_pairs of them the shadow pairs of the train runs (with DP, data.extra_pairs
+    follow); with DP, the do-no-harm gate and the upload signal (else None)."""
+    X: torch.Tensor
+    Y: torch.Tensor
+    n_shadow_pairs: int
+    gate: dict
+    signal: list
+
+
+def translator_pairs(cfg, shadow, X_all, Y_all, train_runs, m, private):
+    """The train runs' shadow pairs; with DP also the pairs between runs and with fresh noise
+    (data.extra_pairs), the gate fit on the noisy inputs and how much of them is signal."""
+    X_train = X_all[train_runs].flatten(0, 1)
+    Y_train = Y_all[train_runs].flatten(0, 1)
+    if not private:
+        return Pairs(X_train, Y_train, len(X_train), None, None)
     X_clean = shadow["X"][train_runs].flatten(0, 1)   # the public subspace: clean updates only
-    signal = gate = None   # with DP: how much of these inputs is signal, and the do-no-harm gate
-    X_fit, Y_fit = X_train, Y_train   # the translator's pairs; with DP more (data.Extra)
-    if private:
-        top, noise = gradtx.public_basis(X_clean, SIGNAL_DIRECTIONS), data.dp_noise(
-            cfg, shadow, train_runs, m)
-        signal = dp.upload_signal(shadow["X"][train_runs, -1], X_all[train_runs], top).tolist()
-        gate = dp.fit_gate(X_train, noise, top, Y_train.mean(0)) if cfg.gt_gate else None
-        extra = data.extra_pairs(cfg, X_all[train_runs], Y_all[train_runs, -1], noise)
-        X_fit, Y_fit = torch.cat([X_train, extra.X]), torch.cat([Y_train, extra.Y])
-    (n_src, d_src), (n_tgt, d_tgt) = X_train.shape[1:], Y_train.shape[1:]
+    top = gradtx.public_basis(X_clean, SIGNAL_DIRECTIONS)
+    noise = data.dp_noise(cfg, shadow, train_runs, m)
+    signal = gradtx.upload_signal(shadow["X"][train_runs, -1], X_all[train_runs], top).tolist()
+    gate = gradtx.fit_gate(X_train, noise, top, Y_train.mean(0)) if cfg.gt_gate else None
+    extra = data.extra_pairs(cfg, X_all[train_runs], Y_all[train_runs, -1], noise)
+    return Pairs(torch.cat([X_train, extra.X]), torch.cat([Y_train, extra.Y]), len(X_train), gate,
+                 signal)
+
+
+def new_translator(cfg, pairs, linear, device):
+    """A fresh Grad-Transformer for the pairs' shapes, with the linear map (and the gate) in its
+    buffers; its init seeded from the config, not from whatever ran before in the process."""
+    n_src, d_src = pairs.X.shape[1:]
+    n_tgt, d_tgt = pairs.Y.shape[1:]
     gcfg = gradtx.GTConfig(n_src, d_src, n_tgt, d_tgt, d_model=cfg.gt_d_model,
                            n_layer=cfg.gt_layers, n_head=cfg.gt_heads, dropout=cfg.gt_dropout,
                            normalize=cfg.gt_normalize, n_basis=linear.k,
-                           n_skip=len(X_train) if cfg.gt_skip else 0,
-                           n_gate=SIGNAL_DIRECTIONS if gate else 0)
-    torch.manual_seed(cfg.seed + cfg.gt_init)   # the init: not whatever ran before in the process
-    model = gradtx.GradTransformer(gcfg).to(llm.wte.weight.device)
-    gradtx.set_linear_map(model, linear.basis, linear.ridge if cfg.gt_skip else None, gate)
-    fitted = gradtx.fit(model, X_fit, Y_fit, X_val, Y_val, cfg.gt_steps, cfg.gt_lr,
-                        cfg.gt_weight_decay, cfg.gt_batch, cfg.gt_eval_every, val_criterion,
-                        cfg.seed)
+                           n_skip=pairs.n_shadow_pairs if cfg.gt_skip else 0,
+                           n_gate=SIGNAL_DIRECTIONS if pairs.gate else 0)
+    torch.manual_seed(cfg.seed + cfg.gt_init)
+    model = gradtx.GradTransformer(gcfg).to(device)
+    gradtx.set_linear_map(model, linear.basis, linear.ridge if cfg.gt_skip else None, pairs.gate)
+    return model
+
+
+def fit_log(fitted, linear, pairs, criterion, Y_train, Y_val, val_runs, *, rule, draws, level):
+    """The fit's log: the curve and the kept step, the linear map's selection and the map itself,
+    and the held-out loss of the mean shadow update and of the true updates beside them."""
     best = next(h for h in fitted["history"] if h["step"] == fitted["best_step"])
     mean_shadow = Y_train.mean(0).expand(len(val_runs), -1, -1)
-    log = {"history": fitted["history"], "best_step": best["step"],
-           "val_rel_err": best["val_rel_err"], "val_loss": best["criterion"],
-           "k": linear.k, "ridge_lambda": linear.lam, "select_rule": rule, "select_draws": draws,
-           "ridge_loss": linear.scores[(linear.k, linear.lam)],
-           "basis": linear.basis, "ridge": linear.ridge, "upload_signal": signal,
-           "mean_shadow_loss": float(np.mean(val_criterion(mean_shadow))),
-           "true_update_loss": float(np.mean(val_criterion(Y_val))), "level": m,
-           "linear_seconds": linear_seconds, "seconds": time.time() - t0}
+    return {"history": fitted["history"], "best_step": best["step"],
+            "val_rel_err": best["val_rel_err"], "val_loss": best["criterion"],
+            "k": linear.k, "ridge_lambda": linear.lam, "select_rule": rule, "select_draws": draws,
+            "ridge_loss": linear.scores[(linear.k, linear.lam)],
+            "basis": linear.basis, "ridge": linear.ridge, "upload_signal": pairs.signal,
+            "mean_shadow_loss": float(np.mean(criterion(mean_shadow, val_runs))),
+            "true_update_loss": float(np.mean(criterion(Y_val, val_runs))), "level": level}
+
+
+def print_fit(log, m, n_pairs, n_train_runs, n_val_runs):
+    """The fit stage's line: what was chosen, and the held-out losses beside the translator's."""
+    signal = log["upload_signal"]
     note = "" if signal is None else ", upload signal " + "/".join(f"{c:.2f}" for c in signal)
-    print(f"fit m={m}   : {len(X_train)} pairs from {len(train_runs)} runs, {len(val_runs)} val "
-          f"runs; subspace k={linear.k}, ridge lambda={linear.lam:g}: val loss "
-          f"{log['ridge_loss']:.4f}; translator best step {best['step']}: {best['criterion']:.4f} "
-          f"(mean shadow {log['mean_shadow_loss']:.4f}, true update "
+    print(f"fit m={m}   : {n_pairs} pairs from {n_train_runs} runs, {n_val_runs} val "
+          f"runs; subspace k={log['k']}, ridge lambda={log['ridge_lambda']:g}: val loss "
+          f"{log['ridge_loss']:.4f}; translator best step {log['best_step']}: "
+          f"{log['val_loss']:.4f} (mean shadow {log['mean_shadow_loss']:.4f}, true update "
           f"{log['true_update_loss']:.4f}){note}, {log['seconds']:.1f}s", flush=True)
-    return gradtx.Translator(model, log)
 
 
 # -----------------------------------------------------------------------------

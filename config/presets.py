@@ -177,7 +177,7 @@ def shadow_count_runs(counts, levels):
             for translator in [PAPER_TRANSLATOR] + [dict(gt_init=i) for i in range(inits)]]
 
 
-# the linear map's search grid (train.select_linear_map); k = 0: no projection
+# the linear map's search grid (gradtx.select_linear_map); k = 0: no projection
 SUBSPACE_SIZES = (0, 4, 8, 16, 32, 64)
 RIDGE_LAMBDAS = (1e-3, 1e-2, 1e-1, 1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6)
 # how a map and a checkpoint are chosen (part of the fit's cache key)

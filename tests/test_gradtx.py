@@ -18,10 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data  # noqa: E402
-import dp  # noqa: E402
 import eval as evaluation  # noqa: E402
 import gradtx  # noqa: E402
-import train  # noqa: E402
 
 N_SRC, D_SRC, N_TGT, D_TGT = 2, 12, 3, 16
 
@@ -421,11 +419,11 @@ def test_upload_signal_is_the_correlation_with_the_clean_update():
     clean = 5.0 + torch.randn(N, D, generator=g)
     noisy = clean[:, None].repeat(1, P, 1) + 7.0                                 # a constant shift: no matter
     noisy[..., 0] += 2.0 * torch.randn(N, P, generator=g)
-    signal = dp.upload_signal(clean.view(N, N_SRC, D_SRC), noisy.view(N, P, N_SRC, D_SRC), basis)
+    signal = gradtx.upload_signal(clean.view(N, N_SRC, D_SRC), noisy.view(N, P, N_SRC, D_SRC), basis)
     assert signal.shape == (2,)
     assert abs(signal[0].item() - 5 ** -0.5) < 0.02 and abs(signal[1].item() - 1.0) < 1e-5
     pure_noise = torch.randn(N, P, N_SRC, D_SRC, generator=g)
-    assert dp.upload_signal(clean.view(N, N_SRC, D_SRC), pure_noise, basis).abs().max() < 0.05
+    assert gradtx.upload_signal(clean.view(N, N_SRC, D_SRC), pure_noise, basis).abs().max() < 0.05
 
 
 def test_save_load_round_trip(tmp_path):
@@ -543,7 +541,7 @@ def test_select_linear_map_takes_what_the_criterion_prefers():
     target = gradtx.ridge_predict(fit_ridge(gradtx.project(X[:16], gradtx.public_basis(X[:16], 4)),
                                                    Y[:16], 10.0), gradtx.project(X[16:], gradtx.public_basis(X[:16], 4)))
     criterion = lambda pred, runs: (pred.flatten(1).double() - target.double()).norm().item()  # noqa: E731
-    chosen = train.select_linear_map(X[:, None], X[:, None], Y[:, None], criterion,
+    chosen = gradtx.select_linear_map(X[:, None], X[:, None], Y[:, None], criterion,
                                      [(list(range(16)), [16, 17, 18, 19])], ks=(0, 2, 4),
                                      lams=(1.0, 10.0, 100.0))
     assert (chosen.k, chosen.lam) == (4, 10.0) and len(chosen.scores) == 9
@@ -568,8 +566,8 @@ def test_select_linear_map_equals_a_search_that_refits_ridge_at_every_lambda():
     best = min(expected, key=lambda key: expected[key][0])
     runs_X = torch.cat([X, X_val])[:, None]                 # 24 training runs, 4 held out (their Y unused)
     runs_Y = torch.cat([Y, torch.zeros(4, *Y.shape[1:])])[:, None]
-    basis, ridge, k, lam, scores = train.select_linear_map(runs_X[:24], runs_X, runs_Y, criterion,
-                                                           [(list(range(24)), [24, 25, 26, 27])], ks, lams)
+    basis, ridge, k, lam, scores = gradtx.select_linear_map(runs_X[:24], runs_X, runs_Y, criterion,
+                                                           [(list(range(24)), [24, 25, 26, 27])], ks=ks, lams=lams)
     assert (k, lam) == best == (2, 1.0)
     assert scores == pytest.approx({key: score for key, (score, _) in expected.items()}, abs=1e-6)
     torch.testing.assert_close(gradtx.ridge_predict(ridge, gradtx.project(X_val, basis)), expected[best][1],
@@ -586,7 +584,7 @@ def test_cross_validated_selection_holds_every_run_out_once_and_refits_on_the_fi
     assert folds[0] == data.split_runs(12, 0.25, seed=0)     # the translator's split comes first
     target = torch.randn(12, N_TGT * D_TGT, generator=torch.Generator().manual_seed(3))
     criterion = lambda pred, runs: (pred.flatten(1) - target[runs]).pow(2).sum(1).numpy()  # noqa: E731
-    chosen = train.select_linear_map(X[:, None], X[:, None], Y[:, None], criterion, folds, (0, 2), (0.1, 10.0))
+    chosen = gradtx.select_linear_map(X[:, None], X[:, None], Y[:, None], criterion, folds, ks=(0, 2), lams=(0.1, 10.0))
     for k, lam in [(0, 0.1), (0, 10.0), (2, 0.1), (2, 10.0)]:
         per_run = []
         for tr, va in folds:
@@ -599,8 +597,8 @@ def test_cross_validated_selection_holds_every_run_out_once_and_refits_on_the_fi
     refit = fit_ridge(gradtx.project(X[tr], basis), Y[tr], chosen.lam)
     torch.testing.assert_close(gradtx.ridge_predict(chosen.ridge, X), gradtx.ridge_predict(refit, X))
     # rule "best" takes the lowest mean held-out score; one SE, here a simpler map (k = 1, not 2)
-    rules = {rule: train.select_linear_map(X[:, None], X[:, None], Y[:, None], criterion, folds,
-                                           (0, 1, 2), (0.1, 1.0, 10.0, 100.0), rule=rule)
+    rules = {rule: gradtx.select_linear_map(X[:, None], X[:, None], Y[:, None], criterion, folds,
+                                           ks=(0, 1, 2), lams=(0.1, 1.0, 10.0, 100.0), rule=rule)
              for rule in ("best", "one_se")}
     argmin = min(rules["best"].scores, key=rules["best"].scores.get)
     assert (rules["best"].k, rules["best"].lam) == argmin == (2, 100.0)
@@ -622,7 +620,7 @@ def test_selection_scores_each_held_out_run_on_its_last_draws():
         return (pred.flatten(2) - target[runs][:, None]).pow(2).sum(2).mean(1).numpy()
     for draws in (1, 2):
         seen.clear()
-        chosen = train.select_linear_map(X[:, :1], X, Y, criterion, folds, (0, 2), (0.1, 10.0),
+        chosen = gradtx.select_linear_map(X[:, :1], X, Y, criterion, folds, ks=(0, 2), lams=(0.1, 10.0),
                                          draws=draws)
         assert {shape[1] for shape in seen} == {draws}
         for k, lam in [(0, 0.1), (2, 10.0)]:
@@ -655,7 +653,7 @@ def test_the_linear_map_sits_behind_the_translators_gate():
         provider = evaluation.Provider({1: gradtx.Translator(model, log)}, (N_TGT, D_TGT))
         for x in random_pairs(3, seed=14)[0]:
             plain = gradtx.ridge_predict(ridge, x[None]).view(N_TGT, D_TGT)
-            w = dp.gate_weight(gate, x[None]).item() if with_gate else 1.0
+            w = gradtx.gate_weight(gate, x[None]).item() if with_gate else 1.0
             expected = fallback + w * (plain - fallback) if with_gate else plain
             assert 0 < w <= 1
             torch.testing.assert_close(provider.linear(x), expected, atol=1e-5, rtol=0)
@@ -672,9 +670,9 @@ def test_gate_weight_is_bayes_rule_between_noise_and_signal():
     X[1, 0, 0], X[2, 0, 0] = 4.0, -4.0
     # at the centre: N(0; 0, 4) / N(0; 0, 1) = 1/2, so p = (1/2) / (1/2 + 1) = 1/3; at 4: exp(6) / 2
     expected = torch.tensor([1 / 3, math.exp(6) / 2 / (math.exp(6) / 2 + 1), math.exp(6) / 2 / (math.exp(6) / 2 + 1)])
-    torch.testing.assert_close(dp.gate_weight(gate, X), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(gradtx.gate_weight(gate, X), expected, atol=1e-6, rtol=0)
     gate["prior"] = torch.tensor([0.9])   # a prior that expects signal moves the centre's weight up: 9/11
-    assert dp.gate_weight(gate, X)[0].item() == pytest.approx(0.5 * 9 / (0.5 * 9 + 1))
+    assert gradtx.gate_weight(gate, X)[0].item() == pytest.approx(0.5 * 9 / (0.5 * 9 + 1))
 
 
 def test_fit_gate_splits_the_spread_into_signal_and_noise():
@@ -683,7 +681,7 @@ def test_fit_gate_splits_the_spread_into_signal_and_noise():
     direction = basis["U"][:, 0].view(N_SRC, D_SRC)
     signal = 2.0 * torch.randn(4000, 1, 1, generator=g) * direction          # variance 4 along the first direction
     noise = 0.1 * torch.randn(4000, N_SRC, D_SRC, generator=g)                # variance 0.01 per coordinate
-    gate = dp.fit_gate(basis["mean"].view(N_SRC, D_SRC) + signal + noise, noise, basis, torch.zeros(N_TGT, D_TGT))
+    gate = gradtx.fit_gate(basis["mean"].view(N_SRC, D_SRC) + signal + noise, noise, basis, torch.zeros(N_TGT, D_TGT))
     assert gate["noise_var"].tolist() == pytest.approx([0.01, 0.01], rel=0.1)
     assert gate["signal_var"][0].item() == pytest.approx(4.0, rel=0.1) and gate["signal_var"][1].item() < 0.002
 
@@ -700,8 +698,42 @@ def test_generate_falls_back_to_the_mean_update_as_far_as_the_gate_says():
     gate = {"mean": torch.zeros(N_SRC * D_SRC), "U": U, "center": torch.zeros(1), "signal_var": torch.tensor([3.0]),
             "noise_var": torch.tensor([1.0]), "prior": torch.tensor([0.5]), "fallback": fallback}
     gradtx.set_linear_map(model, None, None, gate)
-    weight = dp.gate_weight(model.gate, X)[:, None, None]
+    weight = gradtx.gate_weight(model.gate, X)[:, None, None]
     open_gate = gradtx.GradTransformer(replace(cfg, n_gate=0)).eval()
     open_gate.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("gate_")})
     ungated = gradtx.generate(open_gate, X)
     torch.testing.assert_close(gradtx.generate(model, X), fallback + weight * (ungated - fallback), atol=1e-5, rtol=0)
+
+
+def test_every_method_reading_an_upload_is_one_composition_with_parts_left_out():
+    # with a zero head the decoder's residual is 0, so the translator, the gated linear map and the
+    # ungated one are, by hand: fallback + w (ridge(P x) - fallback), the same, and ridge(P x)
+    X, Y = random_pairs(16, seed=15)
+    basis = gradtx.public_basis(X, 3)
+    ridge = fit_ridge(gradtx.project(X, basis), Y, lam=1.0)
+    fallback = Y.mean(0)
+    noise = 2.0 * torch.randn(64, N_SRC, D_SRC, generator=torch.Generator().manual_seed(4))
+    gate = gradtx.fit_gate(X, noise, basis, fallback)
+    cfg = gradtx.GTConfig(n_src=N_SRC, d_src=D_SRC, n_tgt=N_TGT, d_tgt=D_TGT, d_model=16, n_head=4,
+                          n_basis=3, n_skip=16, n_gate=3)
+    model = gradtx.GradTransformer(cfg).eval()
+    gradtx.set_linear_map(model, basis, ridge, gate)
+    gradtx.set_stats(model, gradtx.project(X, basis), Y)
+    X_new = random_pairs(4, seed=16)[0]
+    plain = gradtx.ridge_predict(ridge, gradtx.project(X_new, basis)).view(4, N_TGT, D_TGT)
+    w = gradtx.gate_weight(gate, X_new)[:, None, None]
+    assert 0.01 < w.min() and w.max() < 0.99                   # the gate really in play
+    gated = fallback + w * (plain - fallback)
+    torch.testing.assert_close(gradtx.translate(model, X_new), gated, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gradtx.generate(model, X_new), gated, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gradtx.translate(model, X_new, linear=ridge), gated, atol=1e-5,
+                               rtol=0)
+    torch.testing.assert_close(gradtx.translate(model, X_new, linear=ridge, gated=False), plain,
+                               atol=1e-5, rtol=0)
+
+
+def test_the_papers_translator_has_no_buffers_of_the_additions():
+    # GTConfig's defaults are the paper: no basis, no skip path, no gate, in the model or its file
+    model = make_model()
+    assert model.basis is None and model.ridge is None and model.gate is None
+    assert sorted(name for name, _ in model.named_buffers()) == ["x_mean", "x_std", "y_mean", "y_std"]

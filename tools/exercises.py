@@ -64,9 +64,8 @@ EXERCISES = {
                                    "future positions masked, att @ v, heads merged back into "
                                    "y (B, T, C)"),
     "autoregressive_decoding": ("medium",
-                                "shift_right: an all-zero token, then y[:, :-1]; generate: tgt "
-                                "starts "
-                                          "as that token, then append the model's last output "
+                                "shift_right: an all-zero token, then y[:, :-1]; decode: tgt "
+                                "starts as that token, then append the model's last output "
                                 "n_tgt times"),
     "public_subspace": ("medium",
                         "public_basis: the mean and the top-k right singular vectors of the "
