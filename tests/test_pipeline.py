@@ -19,7 +19,7 @@ import eval as evaluation
 import gradtx
 import tinylm
 import train
-from config import stages
+from config import pool, stages
 from config.presets import MODEL_PRESETS
 from experiments import sweep
 
@@ -153,9 +153,9 @@ def test_shadow_dp_runs_use_exactly_the_clients_recipe(tmp_path, monkeypatch):
     seen, sets, real = [], [], train.fine_tunes
     monkeypatch.setattr(train, "fine_tunes", lambda cfg, model, datasets, recipe, *a, **k:
                         seen.append(recipe) or sets.append(datasets) or real(cfg, model, datasets, recipe, *a, **k))
-    train._worker.update(cfg=cfg, task=task, tiny=tiny, llm=llm)
-    train.shadow_dp_runs([(1, 0), (1, 1)])
-    train.client_runs(task.clients(cfg.n_train, cfg.n_test)[:1])     # the floor, then the upload
+    worker = train.Worker(cfg, task, tiny, llm)
+    train.shadow_dp_runs(worker, [(1, 0), (1, 1)])
+    train.client_runs(worker, task.clients(cfg.n_train, cfg.n_test)[:1])     # the floor, then the upload
     shadow_recipe, client_floor, client_recipe = seen
     assert shadow_recipe == client_recipe == train.recipe(cfg, private=True)
     assert shadow_recipe.dp_sigma == dp.calibrate("sgd", 2.0, 1e-5, cfg.dp_clip, train.sample_rate(cfg), cfg.ft_steps)
@@ -164,8 +164,8 @@ def test_shadow_dp_runs_use_exactly_the_clients_recipe(tmp_path, monkeypatch):
     drawn = [task.encode(task.shadow_subset(1, cfg.n_train, cfg.shadow_alpha, draw=r).examples) for r in (0, 1)]
     assert all(torch.equal(a, b) for got, want in zip(sets[0], drawn) for a, b in zip(got, want))
     assert not torch.equal(sets[0][0][0], sets[0][1][0])
-    train._worker["cfg"] = replace(cfg, shadow_dp_fresh=False)       # the default: the subset's own records
-    train.shadow_dp_runs([(1, 0)])
+    worker.cfg = replace(cfg, shadow_dp_fresh=False)       # the default: the subset's own records
+    train.shadow_dp_runs(worker, [(1, 0)])
     own = task.encode(task.shadow_subset(1, cfg.n_train, cfg.shadow_alpha).examples)
     assert all(torch.equal(a, b) for a, b in zip(sets[-1][0], own))
 
@@ -294,9 +294,9 @@ def test_worker_processes_give_the_same_pairs_as_one_process(tmp_path):
     task = data.make_task("arith", one.seed)
     paths = stages.stage_paths(one, task)
     tiny, llm = train.base_models(one, task, paths, "cpu")
-    here = lambda cfg: lambda: train._worker.update(cfg=cfg, task=task, tiny=tiny, llm=llm)  # noqa: E731
-    runs = [[pair for chunk in stages.worker_map(cfg, train.shadow_runs, [[0], [1, 2]], "cpu",
-                                                 (train._init_worker, (cfg, paths, "cpu", task)), here(cfg))
+    runs = [[pair for chunk in pool.worker_map(cfg, train.shadow_runs, [[0], [1, 2]], device="cpu",
+                                               state=train.Worker(cfg, task, tiny, llm),
+                                               rebuild=(train.worker_from_cache, (cfg, paths, "cpu", task)))
              for pair in chunk] for cfg in (one, two)]
     for (x1, y1), (x2, y2) in zip(*runs):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
@@ -371,11 +371,11 @@ def test_output_perturbation_run(tmp_path):
 
 def test_library_modules_import_one_way():
     """dp -> data -> tinylm -> config.presets (the settings and the recipe they publish) -> gradtx ->
-    eval -> config.stages (the stage cache) -> train: each module imports only modules before it,
-    and only at its top (an import inside a function is how a cycle hides). Experiments and tools
+    eval -> config.stages (the stage cache) -> config.pool (worker processes) -> train: each module
+    imports only modules before it, and only at its top (an import inside a function is how a cycle hides). Experiments and tools
     import the method; the method never imports them."""
     import ast
-    order = ["dp", "data", "tinylm", "config.presets", "gradtx", "eval", "config.stages", "train"]
+    order = ["dp", "data", "tinylm", "config.presets", "gradtx", "eval", "config.stages", "config.pool", "train"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for i, name in enumerate(order):
         tree = ast.parse(open(os.path.join(root, *name.split(".")) + ".py").read())
@@ -414,7 +414,7 @@ def test_shadow_count_curates_once_and_fits_on_prefixes(tmp_path, monkeypatch):
     monkeypatch.setitem(sweep.EXPERIMENTS, "shadow_count",
                         shadow_count_runs((4, 6), ((dict(), 1), (dict(dp_epsilon=1.0), 2))))
     curated, real_runs = [], train.shadow_runs
-    monkeypatch.setattr(train, "shadow_runs", lambda ks: curated.extend(ks) or real_runs(ks))
+    monkeypatch.setattr(train, "shadow_runs", lambda worker, ks: curated.extend(ks) or real_runs(worker, ks))
     out = tmp_path / "sc"
     runs = sweep.main(TINY_RUN + [f"--out={out}", "--experiment=shadow_count", "--shadow_dp_draws=2"])
     assert curated == list(range(6))              # one curation of the largest K, for both levels
