@@ -66,9 +66,10 @@ def run(cfg, task=None):
         translators[m] = fit_stage(cfg, task, tiny, llm, shadow, paths[f"fit_{m}"], m)
     clients = clients_stage(cfg, task, tiny, llm, paths, device)
     mean_shadow = shadow["Y"][fit_runs(cfg)[0]].flatten(0, 1).mean(0)   # the runs the maps fit on
-    results = evaluation.evaluate(cfg, task, tiny, llm, translators, mean_shadow, clients,
-                                  recipe(cfg), stages.stage_seconds(cfg, paths),
-                                  privacy_record(cfg, translators))
+    results = evaluation.evaluate(cfg, task, tiny, llm, translators=translators,
+                                  mean_shadow=mean_shadow, clients=clients, recipe=recipe(cfg),
+                                  stage_seconds=stages.stage_seconds(cfg, paths),
+                                  privacy=privacy_record(cfg, translators))
     results["timing_s"]["this_run_total"] = time.time() - t_start
     return results
 

@@ -92,10 +92,9 @@ class Config:
     gt_normalize: bool = True    # z-score inputs and targets (the paper feeds raw values)
     gt_project: bool = True      # choose a public subspace for the input (k = 0 allowed; off: raw)
     gt_skip: bool = True         # learn the residual over the ridge map (off: the paper's decoder)
-    # with DP: fall back towards the mean update as far as an upload may be
+    # with DP: fall back towards the mean update as far as an upload may be noise alone (the
+    # do-no-harm gate, gradtx.py; off: translate every upload as it is)
     gt_gate: bool = True
-                                 # noise alone (gradtx.gate_weight; off: translate every upload as
-                                 # it is)
     gt_init: int = 0             # the translator's init is drawn from seed + gt_init
     # model selection by the LLM's "loss" or, for accuracy tasks, "exact_match"
     gt_select: str = "loss"
@@ -123,7 +122,8 @@ class Config:
     # harm is checked away from the corners too
     random_clients: int = 4
     n_test: int = 500
-    weak_baselines: bool = True  # w2s, w2s_conf, kd: three LLM fine-tunes per client
+    # the weak baselines w2s, w2s_conf, vissup and kd: four more LLM fine-tunes per client
+    weak_baselines: bool = True
     # differential privacy (off when dp_epsilon is 0)
     dp_epsilon: float = 0.0
     dp_delta: float = 1e-5
@@ -229,7 +229,8 @@ def parse_options(defaults, argv, usage=""):
 
 def option_pairs(argv):
     """["--a=1", "--b", "2"] -> [("a", "1"), ("b", "2")]: both spellings, as argparse accepts."""
-    pairs, args = [], list(argv)
+    pairs = []
+    args = list(argv)
     while args:
         a = args.pop(0)
         if not a.startswith("--"):

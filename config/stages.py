@@ -76,15 +76,15 @@ def stage_paths(cfg, task, levels=(1,), device="cpu"):
     return p
 
 
-def load_stage(path, load=lambda path: torch.load(path, weights_only=True)):
-    """load(path) of a finished stage's file (stage files hold only tensors and plain values), or
-    None: not made yet, or unreadable. A file cut short (a full disk, an interrupted copy) is
-    reported in one line and moved aside to <path>.unreadable, and the stage that made it runs
-    again."""
+def load_stage(path, load=None):
+    """load(path) of a finished stage's file, or None: not made yet, or unreadable. By default
+    torch.load, of tensors and plain values only (what stage files hold). A file cut short (a full
+    disk, an interrupted copy) is reported in one line and moved aside to <path>.unreadable, and
+    the stage that made it runs again."""
     if not os.path.exists(path):
         return None
     try:
-        return load(path)
+        return load(path) if load else torch.load(path, weights_only=True)
     except Exception as e:   # torch's own error names no file; ours names it, in one line
         cause = e.__cause__ or e
         reason = f"{type(cause).__name__}: {str(cause).strip()}".splitlines()[0].split(". ")[0]
@@ -121,7 +121,8 @@ def run_stage(cfg, path, desc, items, compute):
         return done["results"]
     partial = path.replace(".pt", ".partial.pt")
     state = load_stage(partial) or {"results": [], "seconds": 0.0}
-    t0, todo = time.time() - state["seconds"], items[len(state["results"]):]
+    t0 = time.time() - state["seconds"]   # a resumed stage counts the time it took before
+    todo = items[len(state["results"]):]
     for i, result in enumerate(tqdm(compute(todo), desc=desc, leave=False,
                                     initial=len(state["results"]), total=len(items))):
         state["results"].append(result)

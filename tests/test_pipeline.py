@@ -369,6 +369,45 @@ def test_output_perturbation_run(tmp_path):
     assert all("tinylm_dp" in c["scores"] for c in results["clients"])
 
 
+def test_every_entry_point_takes_both_spellings_of_an_option(finished_run, tmp_path, monkeypatch, capsys):
+    """--key=value and --key value are one option to every command: train.py and the experiments
+    (config.presets.parse_args), eval.py and experiments/audit.py (parse_options, as the
+    benchmarks), and the argparse tools."""
+    import importlib.util
+    from experiments import audit
+    from experiments import text as text_experiment
+    assert train.parse_args(["--preset", "smoke", "--seed", "3", "--gt_gate", "false"]) == \
+        train.parse_args(["--preset=smoke", "--seed=3", "--gt_gate=false"]) != train.parse_args(["--preset=smoke"])
+    assert audit.parse_args(["--canaries", "40", "--ks", "5,10"]) == \
+        audit.parse_args(["--canaries=40", "--ks=5,10"]) != audit.parse_args([])
+    monkeypatch.setattr(text_experiment, "make_text_task", lambda seed, text_path: None)
+    monkeypatch.setattr(train, "run", lambda cfg, task=None: cfg)
+    assert text_experiment.main(["--seed", "2", "--n_shadow", "12"]) == text_experiment.main(["--seed=2", "--n_shadow=12"])
+    for spelling in (["--out", str(tmp_path)], [f"--out={tmp_path}"]):
+        with pytest.raises(SystemExit, match=f"no experiment's table in {tmp_path}"):
+            sweep.main(["--tables"] + spelling)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("exercises", os.path.join(root, "tools", "exercises.py"))
+    exercises = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exercises)
+    for spelling in (["--only", "no_such_exercise"], ["--only=no_such_exercise"]):
+        with pytest.raises(SystemExit):
+            exercises.main(["--mistakes", "--list"] + spelling)
+        assert "unknown exercise(s) no_such_exercise" in capsys.readouterr().err
+
+
+def test_eval_prints_a_finished_runs_tables_again(finished_run, tmp_path):
+    """python eval.py --out DIR (or --out=DIR): the tables of the run in DIR, from its results.json,
+    as the run printed them; a folder without one is refused with what was expected."""
+    out, results = finished_run
+    assert evaluation.main(["--out", out]) == evaluation.main([f"--out={out}"]) == evaluation.report(results)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shown = subprocess.run([sys.executable, "eval.py", "--out", out], capture_output=True, text=True, cwd=root,
+                           check=True)
+    assert shown.stdout.strip() == evaluation.report(results).strip()
+    with pytest.raises(SystemExit, match="results.json not found"):
+        evaluation.main(["--out", str(tmp_path)])
+
 def test_library_modules_import_one_way():
     """dp -> data -> tinylm -> config.presets (the settings and the recipe they publish) -> gradtx ->
     eval -> config.stages (the stage cache) -> config.pool (worker processes) -> train: each module
