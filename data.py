@@ -246,10 +246,12 @@ class ArithTask:
         # {device: the encoded corpus}, made on first use
         self._corpus = {}
 
-    def fingerprint(self):   # of the pretraining corpus: pretraining's cache key
+    def fingerprint(self):
+        """A digest of the pretraining corpus: part of pretraining's cache key."""
         return digest(self.explicit + self.ambiguous)
 
     def encode(self, examples):
+        """Lines -> x, y, mask (N, T), as `encode_lines` makes them."""
         return encode_lines(examples, self.enc)
 
     def pretrain_batch(self, n, rng, device="cpu"):
@@ -300,9 +302,12 @@ class ArithTask:
         return members
 
     def prompt(self, example):
+        """What a model is given to answer: the line up to its '=' ('37@52')."""
         return example[:PROMPT_LEN]
 
     def is_correct(self, example, completion):
+        """Whether the completion's number is the line's answer (the operator it names is not
+        scored)."""
         return parse_answer(completion) == parse_answer(example)
 
     def relabelled(self, prompt, completion):

@@ -363,8 +363,8 @@ def summarise(rows, higher_is_better=True):
     out["gain_of_means"] = {m: of_means(m, "llm_base") for m in methods}
     pooled = [r for r in rows if r["pooling"]]   # the members of convention groups
     if pooled:
-        base, ceiling = (float(np.mean([r["scores"][k] for r in pooled]))
-                         for k in ("llm_base", "llm_ft"))
+        base = float(np.mean([r["scores"]["llm_base"] for r in pooled]))
+        ceiling = float(np.mean([r["scores"]["llm_ft"] for r in pooled]))
         out["pooling_gain_of_means"] = {
             m: {variant: gain_recovered(float(np.mean([r["pooling"][m][variant] for r in pooled])),
                                         base, ceiling)

@@ -1,7 +1,7 @@
 """
 config/presets.py -- every setting of a gradtx run: its default (the "cpu" preset) and why, the
-other presets, the experiments, the --key=value parser that train.py uses, and what the settings
-publish (the fine-tuning recipe and its DP noise). The measurements behind the defaults:
+other presets, the experiments, the option parser every command uses (--key=value or --key value),
+and what the settings publish (the fine-tuning recipe and its DP noise). The measurements behind the defaults:
 RESULTS.md, "Why the defaults are what they are".
 
     python train.py --help                 # every option with its default
@@ -266,6 +266,12 @@ def print_help(usage, defaults):
 
 def check_config(cfg):
     """Settings that parse but make no sense fail here, with what was expected."""
+    check_choices(cfg)
+    check_ranges(cfg)
+
+
+def check_choices(cfg):
+    """The settings that name one of a few choices: each a known one, and one that fits the rest."""
     if cfg.experiment not in ("", *EXPERIMENTS):
         raise SystemExit(f"unknown experiment {cfg.experiment!r}: expected one of "
                          f"{', '.join(EXPERIMENTS)}")
@@ -282,6 +288,14 @@ def check_config(cfg):
                          "more folds")
     if cfg.dp_mechanism not in ("sgd", "output"):
         raise SystemExit(f"--dp_mechanism={cfg.dp_mechanism}: expected 'sgd' or 'output'")
+    if cfg.shadow_dp_fresh and cfg.dp_mechanism == "output":
+        raise SystemExit("--shadow_dp_fresh with --dp_mechanism=output: output perturbation's "
+                         "draws add noise to the clean runs' updates, there are no records to "
+                         "draw afresh; expected --dp_mechanism=sgd")
+
+
+def check_ranges(cfg):
+    """The numeric settings: each within its range, and the counts consistent with each other."""
     if (cfg.dp_epsilon < 0 or not 0 < cfg.dp_delta < 1 or not 0 <= cfg.dp_sample_rate <= 1
             or cfg.dp_clip <= 0):
         raise SystemExit("DP settings out of range: expected dp_epsilon >= 0 (0 = off), "
@@ -304,10 +318,6 @@ def check_config(cfg):
         raise SystemExit(f"--shadow_dp_draws={cfg.shadow_dp_draws} < "
                          f"--group_size={cfg.group_size}: the map for a group's mean upload is "
                          "trained on means of group_size DP draws per shadow subset")
-    if cfg.shadow_dp_fresh and cfg.dp_mechanism == "output":
-        raise SystemExit("--shadow_dp_fresh with --dp_mechanism=output: output perturbation's "
-                         "draws add noise to the clean runs' updates, there are no records to "
-                         "draw afresh; expected --dp_mechanism=sgd")
 
 
 # -----------------------------------------------------------------------------

@@ -135,15 +135,23 @@ def epsilon_lower_bound(guesses, correct, confidence=0.95, delta=0.0, canaries=N
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     ### BEGIN SOLUTION audit_bound
     level = 1 - confidence
-    p_value = lambda eps: audit_p_value(guesses, correct, eps, delta, canaries)  # noqa: E731
+
+    def p_value(eps):
+        return audit_p_value(guesses, correct, eps, delta, canaries)
+
     if p_value(0.0) >= level:
         return 0.0
-    lo, hi = 0.0, 1.0   # invariant: p_value(lo) < level <= p_value(hi)
+    lo = 0.0   # invariant: p_value(lo) < level <= p_value(hi)
+    hi = 1.0
     while p_value(hi) < level:
-        lo, hi = hi, 2 * hi
+        lo = hi
+        hi = 2 * hi
     for _ in range(40):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if p_value(mid) < level else (lo, mid)
+        if p_value(mid) < level:
+            lo = mid
+        else:
+            hi = mid
     return lo
     ### END SOLUTION
 

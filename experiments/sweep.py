@@ -22,9 +22,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
-import train  # noqa: E402
-from config.presets import EXPERIMENTS, SIGNAL_DIRECTIONS, parse_args  # noqa: E402
-from eval import fmt, markdown_table, pooling_table  # noqa: E402
+import train
+from config.presets import EXPERIMENTS, SIGNAL_DIRECTIONS, parse_args
+from eval import fmt, markdown_table, pooling_table
 
 
 def main(argv):

@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
-import train  # noqa: E402
-from config.presets import parse_args  # noqa: E402
-from data import (NEAR_MEAN_ALPHA, Subset, digest, encode_lines, get_tokenizer,  # noqa: E402
+import train
+from config.presets import parse_args
+from data import (NEAR_MEAN_ALPHA, Subset, digest, encode_lines, get_tokenizer,
                   is_near_mean, stream)
 
 

@@ -26,8 +26,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # the repository root
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import tinylm  # noqa: E402
-from config.presets import MODEL_PRESETS, parse_options  # noqa: E402
+import tinylm
+from config.presets import MODEL_PRESETS, parse_options
 
 N, T, ANSWER = 512, 10, 5
 
