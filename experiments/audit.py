@@ -133,12 +133,13 @@ def epsilon_lower_bound(guesses, correct, confidence=0.95, delta=0.0, canaries=N
     with p = (1 - confidence)^(1/r)."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    ### BEGIN SOLUTION audit_bound
-    level = 1 - confidence
 
     def p_value(eps):
+        """The p-value of these guesses against the claim (eps, delta)."""
         return audit_p_value(guesses, correct, eps, delta, canaries)
 
+    ### BEGIN SOLUTION audit_bound
+    level = 1 - confidence
     if p_value(0.0) >= level:
         return 0.0
     lo = 0.0   # invariant: p_value(lo) < level <= p_value(hi)
