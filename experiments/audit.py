@@ -376,6 +376,9 @@ def table(rows):
 
 
 def main(argv):
+    """The audit: canaries in the IID client's data, every DP setting's one-run audit of them, then
+    the convention measurement; writes audit.json and convention.json into --out, prints tables."""
+    # long: the audit's steps in the order they draw from their streams, read top to bottom
     acfg = parse_args(argv)
     torch.set_num_threads(acfg.threads)
     t_start = time.time()
