@@ -476,6 +476,7 @@ def run_stage(fn, items, *, worker, path, desc, paths, device):
 
 
 def main(argv):
+    """python train.py [--key=value | --key value ...]: one run; returns results.json's contents."""
     cfg = parse_args(argv, __doc__)
     if cfg.experiment:
         raise SystemExit(f"--experiment={cfg.experiment}: experiments run from their own "
