@@ -1,8 +1,8 @@
 """
 config/presets.py -- every setting of a gradtx run: its default (the "cpu" preset) and why, the
 other presets, the experiments, the option parser every command uses (--key=value or --key value),
-and what the settings publish (the fine-tuning recipe and its DP noise). The measurements behind the defaults:
-RESULTS.md, "Why the defaults are what they are".
+and what the settings publish (the fine-tuning recipe and its DP noise). The measurements behind
+the defaults: RESULTS.md, "Why the defaults are what they are".
 
     python train.py --help                 # every option with its default
     python train.py --preset=smoke --seed=1   # a preset, then any field overridden
