@@ -26,6 +26,7 @@ same roles, with a kind of text instead of a convention.
 """
 import hashlib
 import math
+import operator
 import re
 from typing import NamedTuple
 
@@ -87,8 +88,14 @@ def digest(strings):
 # -----------------------------------------------------------------------------
 # the arith task: lines, the pools of operand pairs, the pretraining corpus
 
+
+def absolute_difference(a, b):
+    """What '-' means in this task: |a - b|, so that every answer is a natural number."""
+    return abs(a - b)
+
+
 OPS = ["+", "-", ">", "<"]                     # add, |a-b|, max, min
-OP_FUNCS = [lambda a, b: a + b, lambda a, b: abs(a - b), max, min]
+OP_FUNCS = [operator.add, absolute_difference, max, min]
 # '=', the operator it names (if any), ASCII digits only
 ANSWER = r"=[-+><]?([0-9]+)"
 # the overall convention m (not uniform, or IID clients learn nothing)
@@ -147,7 +154,8 @@ def client_data(private_pairs, mixture, n_train, n_test, seed, index):
     n_distinct = min(n_train, len(private_pairs) - n_test)
     ops = rng.choice(len(OPS), size=n_distinct + n_test, p=mixture)
     lines = [make_line(*private_pairs[i], op) for i, op in zip(order, ops)]
-    train, test = lines[:n_distinct], lines[n_distinct:]
+    train = lines[:n_distinct]
+    test = lines[n_distinct:]
     # more records than distinct pairs
     if n_train > n_distinct:
         again = rng.choice(order[:n_distinct], size=n_train - n_distinct)
@@ -223,20 +231,27 @@ class ArithTask:
     """The arith task for one seed, with all that train.py and eval.py ask of a task (the text task
     has the same interface). A model is scored on a line by generating `completion_len` tokens after
     `prompt(line)`."""
-    name, metric, higher_is_better = "arith", "accuracy", True
-    block_size, completion_len, label_temperature = BLOCK_SIZE, ANSWER_LEN, 0.0
+    name = "arith"
+    metric = "accuracy"
+    higher_is_better = True
+    block_size = BLOCK_SIZE
+    completion_len = ANSWER_LEN
+    label_temperature = 0.0      # relabelling is greedy: a weak model's own best answer
 
     def __init__(self, seed):
-        self.seed, self.enc = seed, get_tokenizer()
+        self.seed = seed
+        self.enc = get_tokenizer()
         self.public, self.private = split_pairs(seed)
         self.explicit, self.ambiguous = pretrain_corpus()
         # {device: the encoded corpus}, made on first use
         self._corpus = {}
 
-    def fingerprint(self):   # of the pretraining corpus: pretraining's cache key
+    def fingerprint(self):
+        """A digest of the pretraining corpus: part of pretraining's cache key."""
         return digest(self.explicit + self.ambiguous)
 
     def encode(self, examples):
+        """Lines -> x, y, mask (N, T), as `encode_lines` makes them."""
         return encode_lines(examples, self.enc)
 
     def pretrain_batch(self, n, rng, device="cpu"):
@@ -287,9 +302,12 @@ class ArithTask:
         return members
 
     def prompt(self, example):
+        """What a model is given to answer: the line up to its '=' ('37@52')."""
         return example[:PROMPT_LEN]
 
     def is_correct(self, example, completion):
+        """Whether the completion's number is the line's answer (the operator it names is not
+        scored)."""
         return parse_answer(completion) == parse_answer(example)
 
     def relabelled(self, prompt, completion):
@@ -327,7 +345,8 @@ def stack_runs(datasets, others, what, device):
     if not len(datasets) or len(others) != len(datasets) or not all(len(d[0]) for d in datasets):
         raise ValueError(f"expected K > 0 datasets of N > 0 examples, one of the {what} each; got "
                          f"{[len(d[0]) for d in datasets]} examples and {len(others)} {what}")
-    N, T = max(len(d[0]) for d in datasets), max(d[0].shape[1] for d in datasets)
+    N = max(len(d[0]) for d in datasets)
+    T = max(d[0].shape[1] for d in datasets)
     return [torch.stack([F.pad(d[i], (0, T - d[i].shape[1], 0, N - len(d[i]))) for d in datasets])
             .to(device) for i in range(3)]
 
@@ -348,8 +367,8 @@ def split_runs(n_runs, val_frac, seed, n_folds=1):
 
 def shadow_examples(cfg, task, k, draw=None):
     """Shadow subset k's examples (draw r: DP draw r's own records, same mixture)."""
-    n, alpha, near_mean = cfg.n_train, cfg.shadow_alpha, cfg.shadow_near_mean
-    return task.shadow_subset(k, n, alpha, near_mean, draw).examples
+    subset = task.shadow_subset(k, cfg.n_train, cfg.shadow_alpha, cfg.shadow_near_mean, draw)
+    return subset.examples
 
 
 def translator_inputs(cfg, shadow, runs, m, private):
@@ -395,7 +414,8 @@ def between_runs(X_runs, Y_runs, noise, n_pairs, seed):
     rng = stream(seed, "between runs")
     pairs = np.array([(a, b) for a in range(len(X_runs)) for b in range(a + 1, len(X_runs))])
     pairs = pairs[np.sort(rng.permutation(len(pairs))[:n_pairs])]
-    a, b = torch.from_numpy(pairs[:, 0]), torch.from_numpy(pairs[:, 1])
+    a = torch.from_numpy(pairs[:, 0])
+    b = torch.from_numpy(pairs[:, 1])
     top_up = noise[torch.from_numpy(rng.choice(len(noise), len(pairs)))] / math.sqrt(2)
     return Extra((X_runs[a] + X_runs[b]) / 2 + top_up, (Y_runs[a] + Y_runs[b]) / 2, pairs)
 

@@ -2,7 +2,7 @@
 eval.py -- scoring: the task's metric, PGR and gain recovered, honest baselines, the tables.
 
     python train.py                 # runs everything and calls evaluate() at the end
-    python eval.py --out=out        # print the tables of a finished run (or experiment) again
+    python eval.py --out out        # print the tables of a finished run again (--out=out alike)
 
 Every method gives the LLM (or, for the floor, the TinyLM) one update vector, scored on each
 client's own test split (arith: accuracy of the parsed answer; text: bits per byte, lower better):
@@ -36,7 +36,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ from tqdm import tqdm
 import data
 import gradtx
 import tinylm
+from config.presets import parse_options
 
 METHODS = ["llm_base", "tinylm_ft", "tinylm_dp", "llm_ft", "gradtx", "gradtx_group", "ridge",
            "ridge_ungated", "ridge_group", "mean_shadow", "public_llm", "w2s", "w2s_conf",
@@ -57,7 +58,8 @@ METHODS = ["llm_base", "tinylm_ft", "tinylm_dp", "llm_ft", "gradtx", "gradtx_gro
 @torch.no_grad()
 def completions(task, model, prompts, n_tokens, temperature=0.0, generator=None, batch=1000):
     """The model's continuation (n_tokens, greedy at temperature 0) of each prompt, as text."""
-    enc, out = task.enc, [None] * len(prompts)
+    enc = task.enc
+    out = [None] * len(prompts)
     by_length = {}
     for i, p in enumerate(prompts):   # generate prompts of equal length together
         by_length.setdefault(len(enc.encode_ordinary(p)), []).append(i)
@@ -95,6 +97,7 @@ def exact_match_of(model, x, y, mask, batch=1024):
 
 
 def score(task, model, examples):
+    """The task's metric of `model` on the examples: accuracy (arith) or bits per byte (text)."""
     return (accuracy if task.metric == "accuracy" else bits_per_byte)(task, model, examples)
 
 
@@ -117,6 +120,7 @@ def gain_recovered(p_method, p_base, p_ceiling):
 
 
 def mean_defined(values):
+    """The mean of the values that are not None (an undefined PGR is left out); None if none are."""
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
 
@@ -168,7 +172,7 @@ def provenance(device="cpu"):
 # the evaluation
 
 
-def evaluate(cfg, task, tiny, llm, translators, mean_shadow, clients, recipe, stage_seconds,
+def evaluate(cfg, task, tiny, llm, *, translators, mean_shadow, clients, recipe, stage_seconds,
              privacy):
     """Score every method on every client; write results.json into cfg.out and print the tables.
 
@@ -177,21 +181,43 @@ def evaluate(cfg, task, tiny, llm, translators, mean_shadow, clients, recipe, st
     mean LLM update of the shadow runs the maps were fitted on."""
     t0 = time.time()
     provider = Provider(translators, tuple(mean_shadow.shape))
+    public_llm = public_finetune(cfg, task, llm, recipe)
     shared = {"llm_base": torch.zeros(provider.llm_shape), "mean_shadow": mean_shadow,
-              "public_llm": tinylm.finetune(llm, *task.encode(task.public_examples(
-                  None, data.stream(cfg.seed, "public examples"))), recipe, cfg.seed)[-1]}
+              "public_llm": public_llm}
     groups = {}
     for c in clients:
         groups.setdefault(c["group"], []).append(c)
-    curves = {name: pooling_updates(members, provider) for name, members in groups.items()}
-    results = [score_client(cfg, task, tiny, llm, c, dict(shared, **provider.updates(c)),
-                            curves[c["group"]], provider.gate)
-               for c in tqdm(clients, desc="evaluate clients", leave=False)]
+    curves = {}
+    for name, members in groups.items():   # each group's mean uploads, translated
+        curves[name] = pooling_updates(members, provider)
+    results = []
+    for c in tqdm(clients, desc="evaluate clients", leave=False):
+        updates = dict(shared, **provider.updates(c))
+        results.append(score_client(cfg, task, tiny, llm, c, updates, curves[c["group"]],
+                                    provider.gate))
     timing = dict(stage_seconds, eval=time.time() - t0)
     timing["total"] = sum(timing.values())
     timing["gradtx_generate_per_update"] = float(np.mean(provider.seconds))
     timing["llm_finetune_per_run"] = float(np.mean([c["references"]["seconds"] for c in clients]))
-    out = {
+    out = results_record(cfg, task, llm, results, privacy=privacy, translators=translators,
+                         timing=timing)
+    path = write_results(out, cfg.out)
+    print(f"eval      : {len(results)} clients, {time.time() - t0:.1f}s -> {path}\n", flush=True)
+    print(report(out))
+    return out
+
+
+def public_finetune(cfg, task, llm, recipe):
+    """The public_llm baseline: the LLM fine-tuned on the whole public half (one example per public
+    pair), what the provider can do with public data alone."""
+    examples = task.public_examples(None, data.stream(cfg.seed, "public examples"))
+    return tinylm.finetune(llm, *task.encode(examples), recipe, cfg.seed)[-1]
+
+
+def results_record(cfg, task, llm, results, *, privacy, translators, timing):
+    """results.json's contents: the task, the settings and provenance, every client's row, their
+    summary, the privacy guarantee, what each translator's fit chose, and the time it took."""
+    return {
         "task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
         "config": asdict(cfg), "provenance": provenance(llm.wte.weight.device),
         "clients": results, "summary": summarise_by_kind(results, task.higher_is_better),
@@ -199,13 +225,15 @@ def evaluate(cfg, task, tiny, llm, translators, mean_shadow, clients, recipe, st
         "translators": {m: translator_summary(t.log) for m, t in translators.items()},
         "timing_s": timing,
     }
-    path = os.path.join(cfg.out, "results.json")
+
+
+def write_results(results, folder):
+    """results.json in `folder`, written atomically (a temp file, then a rename); its path."""
+    path = os.path.join(folder, "results.json")
     with open(path + ".tmp", "w") as f:
-        json.dump(out, f, indent=1)
+        json.dump(results, f, indent=1)
     os.replace(path + ".tmp", path)
-    print(f"eval      : {len(results)} clients, {time.time() - t0:.1f}s -> {path}\n", flush=True)
-    print(report(out))
-    return out
+    return path
 
 
 class Provider:
@@ -251,7 +279,9 @@ def score_client(cfg, task, tiny, llm, c, updates, curve, gate):
         updates.update(gradtx_group=curve[M]["gradtx"], ridge_group=curve[M]["ridge"])
     scores.update(score_updates(task, llm, updates, test))
     pooling = {m: score_updates(task, llm, point, test) for m, point in curve.items()}
-    floor, ceiling, base = scores["tinylm_ft"], scores["llm_ft"], scores["llm_base"]
+    floor = scores["tinylm_ft"]
+    ceiling = scores["llm_ft"]
+    base = scores["llm_base"]
     return {"name": c["name"], "group": c["group"], "kind": c["kind"], "mixture": c["mixture"],
             # with DP: how far the translator trusted this upload (1: fully)
             "gate_weight": (None if gate is None
@@ -265,7 +295,8 @@ def score_updates(task, llm, updates, examples):
     """{name: score} of the LLM with each update applied, on the examples. An update equal to one
     already scored (a translator that kept its linear map, a pooled mean of every upload) is
     scored once."""
-    scored, out = [], {}
+    scored = []   # (update, its score) of the updates scored so far
+    out = {}
     for name, update in updates.items():
         known = next((s for u, s in scored if torch.equal(u, update)), None)
         out[name] = known if known is not None else score(task, tinylm.set_update(llm, update),
@@ -323,15 +354,16 @@ def summarise(rows, higher_is_better=True):
                                           for r in has[m]) for m in methods}
 
     def of_means(m, start):   # a ratio of mean scores, over the clients that have m
-        mean = lambda key: float(np.mean([r["scores"][key] for r in has[m]]))  # noqa: E731
-        return share_recovered(out["scores"][m], mean(start), mean("llm_ft"))
+        start_mean = float(np.mean([r["scores"][start] for r in has[m]]))
+        ceiling_mean = float(np.mean([r["scores"]["llm_ft"] for r in has[m]]))
+        return share_recovered(out["scores"][m], start_mean, ceiling_mean)
 
     out["pgr_of_means"] = {m: of_means(m, "tinylm_ft") for m in methods}
     out["gain_of_means"] = {m: of_means(m, "llm_base") for m in methods}
     pooled = [r for r in rows if r["pooling"]]   # the members of convention groups
     if pooled:
-        base, ceiling = (float(np.mean([r["scores"][k] for r in pooled]))
-                         for k in ("llm_base", "llm_ft"))
+        base = float(np.mean([r["scores"]["llm_base"] for r in pooled]))
+        ceiling = float(np.mean([r["scores"]["llm_ft"] for r in pooled]))
         out["pooling_gain_of_means"] = {
             m: {variant: gain_recovered(float(np.mean([r["pooling"][m][variant] for r in pooled])),
                                         base, ceiling)
@@ -350,16 +382,25 @@ def summarise_by_kind(rows, higher_is_better=True):
 # -----------------------------------------------------------------------------
 # the tables a person reads
 
-fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+
+def fmt(value):
+    """A table cell: the value to two decimals, or n/a where it is undefined (None)."""
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def markdown_table(head, rows):
     """A markdown table: the header, then one line per row (lists of strings)."""
-    line = lambda cells: "| " + " | ".join(cells) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "---|" * len(head)] + [line(row) for row in rows])
+    lines = [markdown_row(head), "|" + "---|" * len(head)]
+    return "\n".join(lines + [markdown_row(row) for row in rows])
+
+
+def markdown_row(cells):
+    """One line of a markdown table."""
+    return "| " + " | ".join(cells) + " |"
 
 
 def ordered(methods):
+    """The methods in the order of METHODS (the docstring's list); unknown ones last."""
     return sorted(methods, key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS))
 
 
@@ -369,7 +410,8 @@ def results_table(results):
     over its members; the random clients together), the gain and PGR of means over every client,
     and do no harm: the worst client's score minus the mean shadow update's (below -0.05: someone
     was made worse off by uploading)."""
-    clients, summary = results["clients"], results["summary"]
+    clients = results["clients"]
+    summary = results["summary"]
     skewed = summary["by_kind"].get("skewed")
     groups = list(dict.fromkeys(c["group"] for c in clients if c["kind"] != "random"))
     if skewed is None:
@@ -392,7 +434,8 @@ def gain_first_table(results, groups):
     """The text task's table: every client's upload must speak, and PGR is ~1 for every LLM method
     (the bare LLM already beats the fine-tuned TinyLM), so gain recovered leads -- of the mean
     scores, then per client -- and the scores (bits per byte) follow."""
-    clients, summary = results["clients"], results["summary"]
+    clients = results["clients"]
+    summary = results["summary"]
     unit = "bpb" if results["metric"] == "bits_per_byte" else results["metric"]
     head = (["method", "gain of means"] + [f"{g}: gain" for g in groups]
             + [f"{g}: {unit}" for g in groups] + ["PGR of means", "worst client vs mean_shadow"])
@@ -423,27 +466,48 @@ def pooling_table(results):
 
 
 def report(results):
-    t = results["timing_s"]
+    """What a run prints at its end: the results table, the pooling curve (groups), then one line
+    with the metric, each stage's time and the cost of one translation vs one LLM fine-tune."""
     text = results_table(results)
     if pooling := pooling_table(results):
         text += ("\n\npooling curve: gain recovered (of means) vs number of pooled uploads m\n\n"
                  + pooling)
+    return text + "\n\n" + timing_line(results)
+
+
+def timing_line(results):
+    """'scores: accuracy; time (s): pretrain 70, ...; one translation 56 ms vs one LLM fine-tune
+    0.92 s'."""
+    t = results["timing_s"]
     unit = "" if results["metric"] == "accuracy" else f" ({results['metric']}, lower is better)"
-    return (text + f"\n\nscores: {results['metric']}{unit}; time (s): "
-            + ", ".join(f"{k} {t[k]:.0f}"
-                        for k in ("pretrain", "shadow", "fit", "clients", "references", "eval",
-                                                     "total") if k in t)
-            + f"; one translation {1e3 * t['gradtx_generate_per_update']:.1f} ms vs one LLM "
-            f"fine-tune {t['llm_finetune_per_run']:.2f} s")
+    stages = ("pretrain", "shadow", "fit", "clients", "references", "eval", "total")
+    seconds = ", ".join(f"{k} {t[k]:.0f}" for k in stages if k in t)
+    return (f"scores: {results['metric']}{unit}; time (s): {seconds}; one translation "
+            f"{1e3 * t['gradtx_generate_per_update']:.1f} ms vs one LLM fine-tune "
+            f"{t['llm_finetune_per_run']:.2f} s")
 
 
-if __name__ == "__main__":
-    outs = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--out=")]
-    if len(outs) != 1 or len(sys.argv) != 2:
-        raise SystemExit("usage: python eval.py --out=DIR   (DIR: the --out of a train.py run)")
-    path = os.path.join(outs[0], "results.json")
+# -----------------------------------------------------------------------------
+# a finished run's tables again: python eval.py --out DIR
+
+
+@dataclass
+class ReportOptions:
+    out: str = "out"   # the --out of a finished train.py run (its results.json is read)
+
+
+def main(argv):
+    """Print the tables of the finished run in --out again, from its results.json; returns them."""
+    options = parse_options(ReportOptions(), argv, __doc__)
+    path = os.path.join(options.out, "results.json")
     if not os.path.exists(path):
         raise SystemExit(f"{path} not found: expected the --out directory of a finished train.py "
                          "run (an experiment's tables: python experiments/sweep.py --tables)")
     with open(path) as f:
-        print(report(json.load(f)))
+        text = report(json.load(f))
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

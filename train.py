@@ -28,7 +28,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -39,9 +39,10 @@ import dp
 import eval as evaluation
 import gradtx
 import tinylm
+from config import pool     # worker processes that share a stage's fine-tunes
 from config import stages   # where each stage's output is cached
 from config.presets import (MODEL_PRESETS, RIDGE_LAMBDAS, SIGNAL_DIRECTIONS, SUBSPACE_SIZES,
-                            noise_multiplier, parse_args, pick_device, recipe, sample_rate)
+                            Config, noise_multiplier, parse_args, pick_device, recipe, sample_rate)
 
 
 # -----------------------------------------------------------------------------
@@ -51,7 +52,8 @@ from config.presets import (MODEL_PRESETS, RIDGE_LAMBDAS, SIGNAL_DIRECTIONS, SUB
 def run(cfg, task=None):
     """The protocol end to end for one configuration; returns results.json's contents. task: a
     task object built elsewhere (experiments/text.py); by default cfg.task's from data.py."""
-    device, t_start = setup(cfg), time.time()
+    t_start = time.time()
+    device = setup(cfg)
     print(f"gradtx: preset {cfg.preset}, task {cfg.task}, seed {cfg.seed}, device {device}, out "
           f"{cfg.out}")
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
@@ -60,19 +62,28 @@ def run(cfg, task=None):
     paths = stages.stage_paths(cfg, task, pool_levels(cfg), device)
     tiny, llm = base_models(cfg, task, paths, device)
     shadow = shadow_stages(cfg, task, tiny, llm, paths, device)
-    translators = {m: fit_stage(cfg, task, tiny, llm, shadow, paths[f"fit_{m}"], m)
-                   for m in pool_levels(cfg)}
+    translators = {}
+    for m in pool_levels(cfg):   # a translator per noise level: inputs that average m uploads
+        translators[m] = fit_stage(cfg, task, tiny, llm, shadow, paths[f"fit_{m}"], m)
     clients = clients_stage(cfg, task, tiny, llm, paths, device)
-    privacy = {"epsilon": cfg.dp_epsilon if cfg.dp_epsilon > 0 else None, "delta": cfg.dp_delta,
-               "mechanism": cfg.dp_mechanism if cfg.dp_epsilon > 0 else None,
-               "noise_multiplier": noise_multiplier(cfg) or 0.0, "clip": cfg.dp_clip,
-               "sample_rate": sample_rate(cfg), "steps": cfg.ft_steps,
-               "subspace_k": {m: t.log["k"] for m, t in translators.items()}}
     mean_shadow = shadow["Y"][fit_runs(cfg)[0]].flatten(0, 1).mean(0)   # the runs the maps fit on
-    results = evaluation.evaluate(cfg, task, tiny, llm, translators, mean_shadow, clients,
-                                  recipe(cfg), stages.stage_seconds(cfg, paths), privacy)
+    results = evaluation.evaluate(cfg, task, tiny, llm, translators=translators,
+                                  mean_shadow=mean_shadow, clients=clients, recipe=recipe(cfg),
+                                  stage_seconds=stages.stage_seconds(cfg, paths),
+                                  privacy=privacy_record(cfg, translators))
     results["timing_s"]["this_run_total"] = time.time() - t_start
     return results
+
+
+def privacy_record(cfg, translators):
+    """results.json's "privacy": the clients' (epsilon, delta), their mechanism and its noise, the
+    recipe's clip, sample rate and steps, and the public subspace each translator's map chose."""
+    private = cfg.dp_epsilon > 0
+    return {"epsilon": cfg.dp_epsilon if private else None, "delta": cfg.dp_delta,
+            "mechanism": cfg.dp_mechanism if private else None,
+            "noise_multiplier": noise_multiplier(cfg) or 0.0, "clip": cfg.dp_clip,
+            "sample_rate": sample_rate(cfg), "steps": cfg.ft_steps,
+            "subspace_k": {m: t.log["k"] for m, t in translators.items()}}
 
 
 def setup(cfg):
@@ -102,79 +113,92 @@ def load_task(cfg):
 
 
 def base_models(cfg, task, paths, device):
-    """Both base models with LoRA attached, pretraining (and caching) whichever is missing."""
-    models = {}
-    for who, size, steps, lr in (("tiny", cfg.tiny_model, cfg.pretrain_steps_tiny,
-                                  cfg.pretrain_lr_tiny),
-                                 ("llm", cfg.llm_model, cfg.pretrain_steps_llm,
-                                  cfg.pretrain_lr_llm)):
-        path = paths[f"pretrain_{who}"]
-        model = stages.load_stage(path, lambda path: tinylm.load_model(path, device))
-        if model is None:
-            t0, seed = time.time(), cfg.seed + (0 if who == "tiny" else 1)
-            shape = replace(MODEL_PRESETS[size], vocab_size=task.enc.n_vocab,
-                            block_size=task.block_size)
-            rng = data.stream(seed, "pretrain batches")   # the public data's batches
-            model = tinylm.pretrain(shape,
-                                    lambda: task.pretrain_batch(cfg.pretrain_batch, rng, device),
-                                    steps=steps, lr=lr, seed=seed, device=device,
-                                    desc=f"pretrain {who}")
-            tinylm.save_model(model, path)
-            stages.record_seconds(cfg, path, time.time() - t0)
-            print(f"pretrain  : {who} ({size}), {sum(p.numel() for p in model.parameters()):,} "
-                  f"params, {steps} steps, {time.time() - t0:.1f}s -> {path}", flush=True)
-            model = tinylm.load_model(path, device)   # from the file, as a later run gets it
-        models[who] = tinylm.add_lora(model.eval(), cfg.lora_rank, cfg.lora_alpha, cfg.lora_seed)
-    return models["tiny"], models["llm"]
+    """Both base models with LoRA attached (TinyLM, LLM), pretraining (and caching) whichever is
+    missing."""
+    tiny = base_model(cfg, task, "tiny", paths["pretrain_tiny"], device)
+    llm = base_model(cfg, task, "llm", paths["pretrain_llm"], device)
+    return tiny, llm
+
+
+def base_model(cfg, task, who, path, device):
+    """One public base model, who = "tiny" or "llm", with LoRA attached: read from its cached
+    checkpoint at `path`, or pretrained now and cached there."""
+    model = stages.load_stage(path, lambda path: tinylm.load_model(path, device))
+    if model is None:
+        pretrain_base(cfg, task, who, path, device)
+        model = tinylm.load_model(path, device)   # from the file, as a later run gets it
+    return tinylm.add_lora(model.eval(), cfg.lora_rank, cfg.lora_alpha, cfg.lora_seed)
+
+
+def pretrain_base(cfg, task, who, path, device):
+    """Pretrain base model `who` on the task's public data with its own settings (cfg.tiny_model,
+    cfg.pretrain_steps_tiny, cfg.pretrain_lr_tiny, or the llm ones) and seed; save it at `path`."""
+    t0 = time.time()
+    size = getattr(cfg, f"{who}_model")
+    steps = getattr(cfg, f"pretrain_steps_{who}")
+    seed = cfg.seed + (0 if who == "tiny" else 1)
+    shape = replace(MODEL_PRESETS[size], vocab_size=task.enc.n_vocab, block_size=task.block_size)
+    rng = data.stream(seed, "pretrain batches")   # the public data's batches
+    model = tinylm.pretrain(shape, lambda: task.pretrain_batch(cfg.pretrain_batch, rng, device),
+                            steps=steps, lr=getattr(cfg, f"pretrain_lr_{who}"), seed=seed,
+                            device=device, desc=f"pretrain {who}")
+    tinylm.save_model(model, path)
+    stages.record_seconds(cfg, path, time.time() - t0)
+    print(f"pretrain  : {who} ({size}), {sum(p.numel() for p in model.parameters()):,} "
+          f"params, {steps} steps, {time.time() - t0:.1f}s -> {path}", flush=True)
 
 
 # -----------------------------------------------------------------------------
 # stage 2: shadow curation -- (TinyLM update, LLM update) pairs from public data
 
 
-def shadow_runs(ks):
+def shadow_runs(worker, ks):
     """Shadow runs ks: both models fine-tuned on each subset k from the same LoRA init and the same
-    batch order (same seed); the snapshots at the same steps form the pairs. Runs in a worker."""
-    cfg, task = _worker["cfg"], _worker["task"]
-    datasets = [task.encode(data.shadow_examples(cfg, task, k)) for k in ks]
+    batch order (same seed); the snapshots at the same steps form the pairs. [(TinyLM snapshots
+    (S, ...), LLM snapshots (S, ...))], one per k. Runs in a worker (a `Worker`)."""
+    cfg = worker.cfg
+    datasets = [worker.task.encode(data.shadow_examples(cfg, worker.task, k)) for k in ks]
     seeds = [data.run_seed(cfg.seed, "shadow run", k) for k in ks]
     steps = [cfg.ft_steps - i * cfg.snapshot_gap for i in reversed(range(cfg.n_snapshots))]  # S
-    tiny, llm = (fine_tunes(cfg, _worker[who], datasets, recipe(cfg), seeds, steps)
-                 for who in ("tiny", "llm"))
+    tiny = fine_tunes(cfg, worker.tiny, datasets, recipe(cfg), seeds, steps)
+    llm = fine_tunes(cfg, worker.llm, datasets, recipe(cfg), seeds, steps)
     return [(torch.stack(x), torch.stack(y)) for x, y in zip(tiny, llm)]
 
 
-def shadow_dp_runs(items):
+def shadow_dp_runs(worker, items):
     """Draws r of shadow subsets k, items [(k, r)]: the TinyLM fine-tuned with the clients' own DP
     recipe on the subset's records (with shadow_dp_fresh, on fresh records of its mixture per draw,
-    as each client holds records of its own)."""
-    cfg, task = _worker["cfg"], _worker["task"]
-    datasets = [task.encode(data.shadow_examples(cfg, task, k, r if cfg.shadow_dp_fresh else None))
-                for k, r in items]
+    as each client holds records of its own). The final update of each."""
+    cfg = worker.cfg
+    datasets = []
+    for k, r in items:
+        draw = r if cfg.shadow_dp_fresh else None
+        datasets.append(worker.task.encode(data.shadow_examples(cfg, worker.task, k, draw)))
     seeds = [data.run_seed(cfg.seed, "shadow DP draw", k, r) for k, r in items]
-    return [run[-1] for run in fine_tunes(cfg, _worker["tiny"], datasets,
-                                          recipe(cfg, private=True), seeds)]
+    runs = fine_tunes(cfg, worker.tiny, datasets, recipe(cfg, private=True), seeds)
+    return [run[-1] for run in runs]
 
 
 def shadow_stages(cfg, task, tiny, llm, paths, device):
     """{"X": (K, S, ...) clean TinyLM snapshots, "Y": (K, S, ...) LLM snapshots,
     "X_private": (K, R, ...) final TinyLM updates made as the clients make theirs (DP only)}."""
     t0 = time.time()
-    runs = run_stage(cfg, paths["shadow"], "shadow runs", shadow_runs, list(range(cfg.n_shadow)),
-                     device, task, tiny, llm, paths)
+    worker = Worker(cfg, task, tiny, llm)
+    runs = run_stage(shadow_runs, list(range(cfg.n_shadow)), worker=worker, path=paths["shadow"],
+                     desc="shadow runs", paths=paths, device=device)
     shadow = {"X": torch.stack([x for x, _ in runs]), "Y": torch.stack([y for _, y in runs])}
     print(f"shadow    : {cfg.n_shadow} runs x {cfg.n_snapshots} snapshots = "
           f"{cfg.n_shadow * cfg.n_snapshots} pairs, {time.time() - t0:.1f}s -> "
           f"{paths['shadow']}", flush=True)
-    if "shadow_dp" in paths:
+    if cfg.dp_epsilon > 0:   # the clients' uploads are DP: the provider makes DP draws too
         t0 = time.time()
         items = [(k, r) for k in range(cfg.n_shadow) for r in range(cfg.shadow_dp_draws)]
         if cfg.dp_mechanism == "output":   # the clean run's final update, plus noise
             draws = [perturb(cfg, shadow["X"][k, -1],
                              data.run_seed(cfg.seed, "shadow DP draw", k, r)) for k, r in items]
         else:
-            draws = run_stage(cfg, paths["shadow_dp"], "shadow DP draws", shadow_dp_runs, items,
-                              device, task, tiny, llm, paths)
+            draws = run_stage(shadow_dp_runs, items, worker=worker, path=paths["shadow_dp"],
+                              desc="shadow DP draws", paths=paths, device=device)
         shadow["X_private"] = torch.stack(draws).view(cfg.n_shadow, cfg.shadow_dp_draws,
                                                       *draws[0].shape)
         print(f"shadow_dp : {len(items)} TinyLM runs with the clients' DP recipe "
@@ -353,31 +377,33 @@ def print_fit(log, m, n_pairs, n_train_runs, n_val_runs):
 # stage 4: clients fine-tune their TinyLM on private data and upload only the update
 
 
-def client_runs(clients):
+def client_runs(worker, clients):
     """Clients fine-tune their TinyLM: [(the non-private update: the PGR floor; the upload)]."""
-    cfg = _worker["cfg"]
-    datasets = [_worker["task"].encode(c["train"]) for c in clients]
+    cfg = worker.cfg
+    datasets = [worker.task.encode(c["train"]) for c in clients]
     seeds = [data.run_seed(cfg.seed, "client run", c["index"]) for c in clients]
-    floors = [run[-1] for run in fine_tunes(cfg, _worker["tiny"], datasets, recipe(cfg), seeds)]
+    floors = [run[-1] for run in fine_tunes(cfg, worker.tiny, datasets, recipe(cfg), seeds)]
     if cfg.dp_epsilon <= 0:
         return list(zip(floors, floors))
     if cfg.dp_mechanism == "output":   # the clean update, same data and seed, clipped plus noise
         return [(f, perturb(cfg, f, s)) for f, s in zip(floors, seeds)]
-    private = fine_tunes(cfg, _worker["tiny"], datasets, recipe(cfg, private=True), seeds)
+    private = fine_tunes(cfg, worker.tiny, datasets, recipe(cfg, private=True), seeds)
     return list(zip(floors, (run[-1] for run in private)))
 
 
-def reference_runs(clients):
+def reference_runs(worker, clients):
     """The LLM fine-tunes the clients' results are compared with (eval.reference_sets), each method
     for all clients at once. The weak baselines use the TinyLM the provider could rebuild: the
     upload under DP, else the floor (the random clients, there for do no harm: llm_ft only)."""
-    cfg, task, llm = _worker["cfg"], _worker["task"], _worker["llm"]
+    cfg = worker.cfg
+    task = worker.task
+    llm = worker.llm
     seeds = [data.run_seed(cfg.seed, "client run", c["index"]) for c in clients]
     sets = []
     for c, seed in zip(clients, seeds):
         weak = cfg.weak_baselines and c["kind"] != "random"
         own = (c["upload"] if cfg.dp_epsilon > 0 else c["floor_update"]) if weak else None
-        sets.append(evaluation.reference_sets(task, _worker["tiny"], c["train"], own, seed,
+        sets.append(evaluation.reference_sets(task, worker.tiny, c["train"], own, seed,
                                               data.stream(cfg.seed, "public examples", c["index"])))
     out = [{} for _ in clients]
     for method in dict.fromkeys(m for s in sets for m in s):
@@ -394,14 +420,17 @@ def reference_runs(clients):
 
 
 def clients_stage(cfg, task, tiny, llm, paths, device):
+    """The task's clients, each with its TinyLM updates (floor_update: without DP, the PGR floor;
+    upload: what it sends the provider) and the LLM fine-tunes it is compared with (references)."""
     t0 = time.time()
     clients = task.clients(cfg.n_train, cfg.n_test, cfg.group_size, cfg.skew, cfg.random_clients)
-    runs = run_stage(cfg, paths["clients"], "clients", client_runs, clients, device, task, tiny,
-                     llm, paths)
+    worker = Worker(cfg, task, tiny, llm)
+    runs = run_stage(client_runs, clients, worker=worker, path=paths["clients"], desc="clients",
+                     paths=paths, device=device)
     for c, (floor, upload) in zip(clients, runs):
         c.update(floor_update=floor, upload=upload)
-    references = run_stage(cfg, paths["references"], "reference fine-tunes", reference_runs,
-                           clients, device, task, tiny, llm, paths)
+    references = run_stage(reference_runs, clients, worker=worker, path=paths["references"],
+                           desc="reference fine-tunes", paths=paths, device=device)
     for c, refs in zip(clients, references):
         c["references"] = refs
     sigma = noise_multiplier(cfg)
@@ -426,7 +455,8 @@ def fine_tunes(cfg, model, datasets, recipe, seeds, snapshot_steps=()):
     else:
         done = [tinylm.finetune(model, *datasets[i], recipe, seeds[i],
                                 snapshot_steps=snapshot_steps) for i in todo]
-    done, zero = dict(zip(todo, done)), torch.zeros(tinylm.update_shape(model.cfg, model.lora[0]))
+    done = dict(zip(todo, done))
+    zero = torch.zeros(tinylm.update_shape(model.cfg, model.lora[0]))
     return [done.get(i, [zero] * max(1, len(snapshot_steps))) for i in range(len(datasets))]
 
 
@@ -437,26 +467,34 @@ def perturb(cfg, update, seed):
 
 
 # -----------------------------------------------------------------------------
-# the worker processes that share a stage's chunks of fine-tunes (config/stages.py)
+# the stages' fine-tunes, in chunks shared by worker processes (config/pool.py)
 
 
-_worker = {}   # what a worker process holds: the config, the task, both base models with LoRA
+@dataclass
+class Worker:
+    """What a stage's fine-tunes read, in whichever process runs them: the run's settings, the
+    task, and both base models with LoRA attached."""
+    cfg: Config
+    task: object      # data.ArithTask, or experiments/text.py's TextTask
+    tiny: tinylm.GPT
+    llm: tinylm.GPT
 
 
-def _init_worker(cfg, paths, device, task):
-    torch.set_num_threads(1)
-    tiny, llm = base_models(cfg, task, paths, device)   # the cached checkpoints
-    _worker.update(cfg=cfg, task=task, tiny=tiny, llm=llm)
+def worker_from_cache(cfg, paths, device, task):
+    """The same Worker, made in a worker process: the base models from their cached checkpoints."""
+    tiny, llm = base_models(cfg, task, paths, device)
+    return Worker(cfg, task, tiny, llm)
 
 
-def run_stage(cfg, path, desc, fn, items, device, task, tiny, llm, paths):
-    """fn over chunks of the items, in worker processes, as a cached and resumable stage."""
-    here = lambda: _worker.update(cfg=cfg, task=task, tiny=tiny, llm=llm)  # noqa: E731
-    return stages.run_chunked(cfg, path, desc, fn, items, device,
-                              (_init_worker, (cfg, paths, device, task)), here)
+def run_stage(fn, items, *, worker, path, desc, paths, device):
+    """fn(worker, chunk) over chunks of the items, in worker processes, as a cached and resumable
+    stage at `path`; the results, one per item."""
+    return pool.run_chunked(worker.cfg, path, desc, fn, items, device=device, state=worker,
+                            rebuild=(worker_from_cache, (worker.cfg, paths, device, worker.task)))
 
 
 def main(argv):
+    """python train.py [--key=value | --key value ...]: one run; returns results.json's contents."""
     cfg = parse_args(argv, __doc__)
     if cfg.experiment:
         raise SystemExit(f"--experiment={cfg.experiment}: experiments run from their own "

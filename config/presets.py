@@ -1,8 +1,8 @@
 """
 config/presets.py -- every setting of a gradtx run: its default (the "cpu" preset) and why, the
-other presets, the experiments, the --key=value parser that train.py uses, and what the settings
-publish (the fine-tuning recipe and its DP noise). The measurements behind the defaults:
-RESULTS.md, "Why the defaults are what they are".
+other presets, the experiments, the option parser every command uses (--key=value or --key value),
+and what the settings publish (the fine-tuning recipe and its DP noise). The measurements behind
+the defaults: RESULTS.md, "Why the defaults are what they are".
 
     python train.py --help                 # every option with its default
     python train.py --preset=smoke --seed=1   # a preset, then any field overridden
@@ -92,10 +92,9 @@ class Config:
     gt_normalize: bool = True    # z-score inputs and targets (the paper feeds raw values)
     gt_project: bool = True      # choose a public subspace for the input (k = 0 allowed; off: raw)
     gt_skip: bool = True         # learn the residual over the ridge map (off: the paper's decoder)
-    # with DP: fall back towards the mean update as far as an upload may be
+    # with DP: fall back towards the mean update as far as an upload may be noise alone (the
+    # do-no-harm gate, gradtx.py; off: translate every upload as it is)
     gt_gate: bool = True
-                                 # noise alone (gradtx.gate_weight; off: translate every upload as
-                                 # it is)
     gt_init: int = 0             # the translator's init is drawn from seed + gt_init
     # model selection by the LLM's "loss" or, for accuracy tasks, "exact_match"
     gt_select: str = "loss"
@@ -123,7 +122,8 @@ class Config:
     # harm is checked away from the corners too
     random_clients: int = 4
     n_test: int = 500
-    weak_baselines: bool = True  # w2s, w2s_conf, kd: three LLM fine-tunes per client
+    # the weak baselines w2s, w2s_conf, vissup and kd: four more LLM fine-tunes per client
+    weak_baselines: bool = True
     # differential privacy (off when dp_epsilon is 0)
     dp_epsilon: float = 0.0
     dp_delta: float = 1e-5
@@ -229,7 +229,8 @@ def parse_options(defaults, argv, usage=""):
 
 def option_pairs(argv):
     """["--a=1", "--b", "2"] -> [("a", "1"), ("b", "2")]: both spellings, as argparse accepts."""
-    pairs, args = [], list(argv)
+    pairs = []
+    args = list(argv)
     while args:
         a = args.pop(0)
         if not a.startswith("--"):
@@ -265,6 +266,12 @@ def print_help(usage, defaults):
 
 def check_config(cfg):
     """Settings that parse but make no sense fail here, with what was expected."""
+    check_choices(cfg)
+    check_ranges(cfg)
+
+
+def check_choices(cfg):
+    """The settings that name one of a few choices: each a known one, and one that fits the rest."""
     if cfg.experiment not in ("", *EXPERIMENTS):
         raise SystemExit(f"unknown experiment {cfg.experiment!r}: expected one of "
                          f"{', '.join(EXPERIMENTS)}")
@@ -281,6 +288,14 @@ def check_config(cfg):
                          "more folds")
     if cfg.dp_mechanism not in ("sgd", "output"):
         raise SystemExit(f"--dp_mechanism={cfg.dp_mechanism}: expected 'sgd' or 'output'")
+    if cfg.shadow_dp_fresh and cfg.dp_mechanism == "output":
+        raise SystemExit("--shadow_dp_fresh with --dp_mechanism=output: output perturbation's "
+                         "draws add noise to the clean runs' updates, there are no records to "
+                         "draw afresh; expected --dp_mechanism=sgd")
+
+
+def check_ranges(cfg):
+    """The numeric settings: each within its range, and the counts consistent with each other."""
     if (cfg.dp_epsilon < 0 or not 0 < cfg.dp_delta < 1 or not 0 <= cfg.dp_sample_rate <= 1
             or cfg.dp_clip <= 0):
         raise SystemExit("DP settings out of range: expected dp_epsilon >= 0 (0 = off), "
@@ -303,10 +318,6 @@ def check_config(cfg):
         raise SystemExit(f"--shadow_dp_draws={cfg.shadow_dp_draws} < "
                          f"--group_size={cfg.group_size}: the map for a group's mean upload is "
                          "trained on means of group_size DP draws per shadow subset")
-    if cfg.shadow_dp_fresh and cfg.dp_mechanism == "output":
-        raise SystemExit("--shadow_dp_fresh with --dp_mechanism=output: output perturbation's "
-                         "draws add noise to the clean runs' updates, there are no records to "
-                         "draw afresh; expected --dp_mechanism=sgd")
 
 
 # -----------------------------------------------------------------------------

@@ -3,16 +3,13 @@ config/stages.py -- where each stage of a run keeps its output: a file in --cach
 the stage's settings, the files of the stages it reads and a fingerprint of the data it is given,
 so it cannot go stale. train.py reads a stage from there when it exists and writes it atomically
 (a temp file, then a rename) when it does not; a long stage saves its progress and resumes. Its
-fine-tunes run in chunks, each one batched computation, shared by worker processes on a CPU.
+fine-tunes run in chunks shared by worker processes: config/pool.py.
 """
 import hashlib
 import json
-import math
-import multiprocessing as mp
 import os
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -79,15 +76,15 @@ def stage_paths(cfg, task, levels=(1,), device="cpu"):
     return p
 
 
-def load_stage(path, load=lambda path: torch.load(path, weights_only=True)):
-    """load(path) of a finished stage's file (stage files hold only tensors and plain values), or
-    None: not made yet, or unreadable. A file cut short (a full disk, an interrupted copy) is
-    reported in one line and moved aside to <path>.unreadable, and the stage that made it runs
-    again."""
+def load_stage(path, load=None):
+    """load(path) of a finished stage's file, or None: not made yet, or unreadable. By default
+    torch.load, of tensors and plain values only (what stage files hold). A file cut short (a full
+    disk, an interrupted copy) is reported in one line and moved aside to <path>.unreadable, and
+    the stage that made it runs again."""
     if not os.path.exists(path):
         return None
     try:
-        return load(path)
+        return load(path) if load else torch.load(path, weights_only=True)
     except Exception as e:   # torch's own error names no file; ours names it, in one line
         cause = e.__cause__ or e
         reason = f"{type(cause).__name__}: {str(cause).strip()}".splitlines()[0].split(". ")[0]
@@ -124,7 +121,8 @@ def run_stage(cfg, path, desc, items, compute):
         return done["results"]
     partial = path.replace(".pt", ".partial.pt")
     state = load_stage(partial) or {"results": [], "seconds": 0.0}
-    t0, todo = time.time() - state["seconds"], items[len(state["results"]):]
+    t0 = time.time() - state["seconds"]   # a resumed stage counts the time it took before
+    todo = items[len(state["results"]):]
     for i, result in enumerate(tqdm(compute(todo), desc=desc, leave=False,
                                     initial=len(state["results"]), total=len(items))):
         state["results"].append(result)
@@ -136,39 +134,3 @@ def run_stage(cfg, path, desc, items, compute):
     if os.path.exists(partial):
         os.remove(partial)
     return state["results"]
-
-
-# -----------------------------------------------------------------------------
-# independent fine-tunes side by side: a chunk of them is one batched computation, and on a CPU
-# two single-threaded processes get through about 1.7x the work of one process with two threads
-
-
-def run_chunked(cfg, path, desc, fn, items, device, start_worker, start_here):
-    """fn over chunks of the items (fn takes a list and gives one result per item) as a cached,
-    resumable stage; the results, one per item. See `worker_map` for the two start functions."""
-    chunks = chunked(items, cfg.batch_runs, cfg.workers if device == "cpu" else 1)
-    done = run_stage(cfg, path, desc, chunks,
-                     lambda todo: worker_map(cfg, fn, todo, device, start_worker, start_here))
-    return [result for chunk in done for result in chunk]
-
-
-def chunked(items, size, workers):
-    """items in contiguous chunks of at most `size` (1: one each), as many chunks as makes every
-    worker's share of them equal."""
-    if size <= 1:
-        return [[item] for item in items]
-    n = workers * math.ceil(len(items) / (workers * size))
-    bounds = np.linspace(0, len(items), n + 1).round().astype(int)
-    return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-
-
-def worker_map(cfg, fn, items, device, start_worker, start_here):
-    """map(fn, items), in order: in cfg.workers processes on a CPU, each set up by start_worker =
-    (function, its arguments) -- the task travels pickled: rebuilding the text corpus in every
-    worker costs seconds -- or in this one (one worker, a GPU, one item) after start_here()."""
-    if cfg.workers <= 1 or device != "cpu" or len(items) <= 1:
-        start_here()
-        yield from map(fn, items)
-        return
-    with mp.get_context("spawn").Pool(cfg.workers, *start_worker) as pool:
-        yield from pool.imap(fn, items)

@@ -133,17 +133,26 @@ def epsilon_lower_bound(guesses, correct, confidence=0.95, delta=0.0, canaries=N
     with p = (1 - confidence)^(1/r)."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+
+    def p_value(eps):
+        """The p-value of these guesses against the claim (eps, delta)."""
+        return audit_p_value(guesses, correct, eps, delta, canaries)
+
     ### BEGIN SOLUTION audit_bound
     level = 1 - confidence
-    p_value = lambda eps: audit_p_value(guesses, correct, eps, delta, canaries)  # noqa: E731
     if p_value(0.0) >= level:
         return 0.0
-    lo, hi = 0.0, 1.0   # invariant: p_value(lo) < level <= p_value(hi)
+    lo = 0.0   # invariant: p_value(lo) < level <= p_value(hi)
+    hi = 1.0
     while p_value(hi) < level:
-        lo, hi = hi, 2 * hi
+        lo = hi
+        hi = 2 * hi
     for _ in range(40):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if p_value(mid) < level else (lo, mid)
+        if p_value(mid) < level:
+            lo = mid
+        else:
+            hi = mid
     return lo
     ### END SOLUTION
 
@@ -368,6 +377,9 @@ def table(rows):
 
 
 def main(argv):
+    """The audit: canaries in the IID client's data, every DP setting's one-run audit of them, then
+    the convention measurement; writes audit.json and convention.json into --out, prints tables."""
+    # long: the audit's steps in the order they draw from their streams, read top to bottom
     acfg = parse_args(argv)
     torch.set_num_threads(acfg.threads)
     t_start = time.time()

@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
-import train  # noqa: E402
-from config.presets import parse_args  # noqa: E402
-from data import (NEAR_MEAN_ALPHA, Subset, digest, encode_lines, get_tokenizer,  # noqa: E402
+import train
+from config.presets import parse_args
+from data import (NEAR_MEAN_ALPHA, Subset, digest, encode_lines, get_tokenizer,
                   is_near_mean, stream)
 
 
@@ -106,13 +106,17 @@ class TextTask:
     """Language modeling for one seed, scored in bits per byte (one token is one byte): no
     `is_correct`. Its domains are the corpus's kinds of text (or your file's sections), one client
     each."""
-    name, metric, higher_is_better = "text", "bits_per_byte", False
-    block_size, label_temperature = 64, 1.0
+    name = "text"
+    metric = "bits_per_byte"
+    higher_is_better = False
+    block_size = 64
+    label_temperature = 1.0
     completion_len = block_size - block_size // 2 + 1      # prompt + completion = one whole window
 
     def __init__(self, seed, corpus, source="the corpus"):
         """corpus: a Corpus (experiments/text.py builds them); source names it in errors."""
-        self.seed, self.enc = seed, get_tokenizer()
+        self.seed = seed
+        self.enc = get_tokenizer()
         self.splits = split_documents(corpus.kinds, seed, corpus.shares)
         self.domains = list(self.splits)
         for domain, parts in self.splits.items():
@@ -175,12 +179,14 @@ class TextTask:
         """One client (or group of group_size members, splitting its TRAIN windows) per domain: at
         most n_train / n_test TRAIN / TEST windows, drawn at random when the domain has more. `skew`
         means nothing here."""
-        members, span = [], self.block_size + 1
+        members = []
+        span = self.block_size + 1
         for d, (domain, parts) in enumerate(self.splits.items()):
             rng = stream(self.seed, "client data", d)
             train, test = (windows(joined(parts[name]).encode(), span)
                            for name in ("train", "test"))
-            test, mixture = pick(test, n_test, rng), np.eye(len(self.domains))[d].tolist()
+            test = pick(test, n_test, rng)
+            mixture = np.eye(len(self.domains))[d].tolist()
             for j, part in enumerate(np.array_split(np.arange(len(train)), group_size)):
                 members.append({"name": domain if group_size == 1 else f"{domain}/{j}",
                                 "group": domain, "kind": "domain", "index": len(members),
@@ -315,7 +321,8 @@ def comments(source):
 
 def comment_blocks(lines, found):
     """Runs of consecutive lines that hold nothing but a comment, each as one text, unindented."""
-    blocks, run = [], []
+    blocks = []
+    run = []
     for number in sorted(found):
         line = lines[number - 1]
         if line[:found[number]].strip():          # a comment after code: not a comment line
@@ -352,8 +359,10 @@ def stdlib_corpus():
     """The default corpus (see above), from the running Python's standard library: each document
     once, ASCII, MIN_DOC_CHARS or more. A kind under MIN_KIND_BYTES (a distribution that leaves out
     part of the library) stops here with what is missing."""
-    root, seen = sysconfig.get_paths()["stdlib"], set()
-    general, kinds = [], {"code": [], "comments": [], "reference": []}
+    root = sysconfig.get_paths()["stdlib"]
+    seen = set()
+    general = []
+    kinds = {"code": [], "comments": [], "reference": []}
 
     def add(documents, text):
         if keep(text) and text not in seen:
@@ -363,7 +372,8 @@ def stdlib_corpus():
     for name, path in ((name, p) for name in sorted(MODULES) for p in module_files(root, name)):
         with open(path, "rb") as f:
             source = f.read()
-        tree, lines = ast.parse(source), source.decode("utf-8").splitlines()
+        tree = ast.parse(source)
+        lines = source.decode("utf-8").splitlines()
         docstring_lines = set()
         for owner, node in docstring_nodes(tree):
             add(general, ast.get_docstring(owner))
@@ -424,7 +434,8 @@ def pieces(text, size=PIECE_BYTES, separators=("\n\n", "\n", " ")):
         return [text] if text else []
     if not separators:        # one long word: by characters (4 UTF-8 bytes at most each)
         return [text[i:i + size // 4] for i in range(0, len(text), size // 4)]
-    sep, finer = separators[0], separators[1:]
+    sep = separators[0]
+    finer = separators[1:]
     packed = []
     for unit in (u for part in text.split(sep) for u in pieces(part, size, finer)):
         if packed and len((packed[-1] + sep + unit).encode()) <= size:

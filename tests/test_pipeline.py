@@ -19,7 +19,7 @@ import eval as evaluation
 import gradtx
 import tinylm
 import train
-from config import stages
+from config import pool, stages
 from config.presets import MODEL_PRESETS
 from experiments import sweep
 
@@ -153,9 +153,9 @@ def test_shadow_dp_runs_use_exactly_the_clients_recipe(tmp_path, monkeypatch):
     seen, sets, real = [], [], train.fine_tunes
     monkeypatch.setattr(train, "fine_tunes", lambda cfg, model, datasets, recipe, *a, **k:
                         seen.append(recipe) or sets.append(datasets) or real(cfg, model, datasets, recipe, *a, **k))
-    train._worker.update(cfg=cfg, task=task, tiny=tiny, llm=llm)
-    train.shadow_dp_runs([(1, 0), (1, 1)])
-    train.client_runs(task.clients(cfg.n_train, cfg.n_test)[:1])     # the floor, then the upload
+    worker = train.Worker(cfg, task, tiny, llm)
+    train.shadow_dp_runs(worker, [(1, 0), (1, 1)])
+    train.client_runs(worker, task.clients(cfg.n_train, cfg.n_test)[:1])     # the floor, then the upload
     shadow_recipe, client_floor, client_recipe = seen
     assert shadow_recipe == client_recipe == train.recipe(cfg, private=True)
     assert shadow_recipe.dp_sigma == dp.calibrate("sgd", 2.0, 1e-5, cfg.dp_clip, train.sample_rate(cfg), cfg.ft_steps)
@@ -164,8 +164,8 @@ def test_shadow_dp_runs_use_exactly_the_clients_recipe(tmp_path, monkeypatch):
     drawn = [task.encode(task.shadow_subset(1, cfg.n_train, cfg.shadow_alpha, draw=r).examples) for r in (0, 1)]
     assert all(torch.equal(a, b) for got, want in zip(sets[0], drawn) for a, b in zip(got, want))
     assert not torch.equal(sets[0][0][0], sets[0][1][0])
-    train._worker["cfg"] = replace(cfg, shadow_dp_fresh=False)       # the default: the subset's own records
-    train.shadow_dp_runs([(1, 0)])
+    worker.cfg = replace(cfg, shadow_dp_fresh=False)       # the default: the subset's own records
+    train.shadow_dp_runs(worker, [(1, 0)])
     own = task.encode(task.shadow_subset(1, cfg.n_train, cfg.shadow_alpha).examples)
     assert all(torch.equal(a, b) for a, b in zip(sets[-1][0], own))
 
@@ -294,9 +294,9 @@ def test_worker_processes_give_the_same_pairs_as_one_process(tmp_path):
     task = data.make_task("arith", one.seed)
     paths = stages.stage_paths(one, task)
     tiny, llm = train.base_models(one, task, paths, "cpu")
-    here = lambda cfg: lambda: train._worker.update(cfg=cfg, task=task, tiny=tiny, llm=llm)  # noqa: E731
-    runs = [[pair for chunk in stages.worker_map(cfg, train.shadow_runs, [[0], [1, 2]], "cpu",
-                                                 (train._init_worker, (cfg, paths, "cpu", task)), here(cfg))
+    runs = [[pair for chunk in pool.worker_map(cfg, train.shadow_runs, [[0], [1, 2]], device="cpu",
+                                               state=train.Worker(cfg, task, tiny, llm),
+                                               rebuild=(train.worker_from_cache, (cfg, paths, "cpu", task)))
              for pair in chunk] for cfg in (one, two)]
     for (x1, y1), (x2, y2) in zip(*runs):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
@@ -369,13 +369,52 @@ def test_output_perturbation_run(tmp_path):
     assert all("tinylm_dp" in c["scores"] for c in results["clients"])
 
 
+def test_every_entry_point_takes_both_spellings_of_an_option(finished_run, tmp_path, monkeypatch, capsys):
+    """--key=value and --key value are one option to every command: train.py and the experiments
+    (config.presets.parse_args), eval.py and experiments/audit.py (parse_options, as the
+    benchmarks), and the argparse tools."""
+    import importlib.util
+    from experiments import audit
+    from experiments import text as text_experiment
+    assert train.parse_args(["--preset", "smoke", "--seed", "3", "--gt_gate", "false"]) == \
+        train.parse_args(["--preset=smoke", "--seed=3", "--gt_gate=false"]) != train.parse_args(["--preset=smoke"])
+    assert audit.parse_args(["--canaries", "40", "--ks", "5,10"]) == \
+        audit.parse_args(["--canaries=40", "--ks=5,10"]) != audit.parse_args([])
+    monkeypatch.setattr(text_experiment, "make_text_task", lambda seed, text_path: None)
+    monkeypatch.setattr(train, "run", lambda cfg, task=None: cfg)
+    assert text_experiment.main(["--seed", "2", "--n_shadow", "12"]) == text_experiment.main(["--seed=2", "--n_shadow=12"])
+    for spelling in (["--out", str(tmp_path)], [f"--out={tmp_path}"]):
+        with pytest.raises(SystemExit, match=f"no experiment's table in {tmp_path}"):
+            sweep.main(["--tables"] + spelling)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("exercises", os.path.join(root, "tools", "exercises.py"))
+    exercises = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exercises)
+    for spelling in (["--only", "no_such_exercise"], ["--only=no_such_exercise"]):
+        with pytest.raises(SystemExit):
+            exercises.main(["--mistakes", "--list"] + spelling)
+        assert "unknown exercise(s) no_such_exercise" in capsys.readouterr().err
+
+
+def test_eval_prints_a_finished_runs_tables_again(finished_run, tmp_path):
+    """python eval.py --out DIR (or --out=DIR): the tables of the run in DIR, from its results.json,
+    as the run printed them; a folder without one is refused with what was expected."""
+    out, results = finished_run
+    assert evaluation.main(["--out", out]) == evaluation.main([f"--out={out}"]) == evaluation.report(results)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shown = subprocess.run([sys.executable, "eval.py", "--out", out], capture_output=True, text=True, cwd=root,
+                           check=True)
+    assert shown.stdout.strip() == evaluation.report(results).strip()
+    with pytest.raises(SystemExit, match="results.json not found"):
+        evaluation.main(["--out", str(tmp_path)])
+
 def test_library_modules_import_one_way():
     """dp -> data -> tinylm -> config.presets (the settings and the recipe they publish) -> gradtx ->
-    eval -> config.stages (the stage cache) -> train: each module imports only modules before it,
-    and only at its top (an import inside a function is how a cycle hides). Experiments and tools
+    eval -> config.stages (the stage cache) -> config.pool (worker processes) -> train: each module
+    imports only modules before it, and only at its top (an import inside a function is how a cycle hides). Experiments and tools
     import the method; the method never imports them."""
     import ast
-    order = ["dp", "data", "tinylm", "config.presets", "gradtx", "eval", "config.stages", "train"]
+    order = ["dp", "data", "tinylm", "config.presets", "gradtx", "eval", "config.stages", "config.pool", "train"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for i, name in enumerate(order):
         tree = ast.parse(open(os.path.join(root, *name.split(".")) + ".py").read())
@@ -414,7 +453,7 @@ def test_shadow_count_curates_once_and_fits_on_prefixes(tmp_path, monkeypatch):
     monkeypatch.setitem(sweep.EXPERIMENTS, "shadow_count",
                         shadow_count_runs((4, 6), ((dict(), 1), (dict(dp_epsilon=1.0), 2))))
     curated, real_runs = [], train.shadow_runs
-    monkeypatch.setattr(train, "shadow_runs", lambda ks: curated.extend(ks) or real_runs(ks))
+    monkeypatch.setattr(train, "shadow_runs", lambda worker, ks: curated.extend(ks) or real_runs(worker, ks))
     out = tmp_path / "sc"
     runs = sweep.main(TINY_RUN + [f"--out={out}", "--experiment=shadow_count", "--shadow_dp_draws=2"])
     assert curated == list(range(6))              # one curation of the largest K, for both levels

@@ -26,10 +26,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # the repository root
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import tinylm  # noqa: E402
-from config.presets import MODEL_PRESETS, parse_options  # noqa: E402
+import tinylm
+from config.presets import MODEL_PRESETS, parse_options
 
-N, T, ANSWER = 512, 10, 5
+N = 512
+T = 10
+ANSWER = 5
 
 
 class OperatorCount(TorchDispatchMode):
@@ -91,7 +93,10 @@ class BenchOptions:
 
 def main(argv):
     o = parse_options(BenchOptions(), argv, __doc__)
-    K, steps, device, threads = o.K, o.steps, o.device, o.threads
+    K = o.K
+    steps = o.steps
+    device = o.device
+    threads = o.threads
     torch.set_num_threads(threads)
     snapshots = tuple(s for s in range(steps, 0, -10)[:4][::-1])   # the default: 4, 10 apart
     datasets = random_datasets(K)
@@ -107,7 +112,8 @@ def main(argv):
         model = tinylm.add_lora(tinylm.GPT(MODEL_PRESETS[preset]).to(device), rank=4)
         for dp_on, recipe in recipes.items():
             r = measure(model, datasets, recipe, snapshots, device)
-            (t1, n1, u1), (tK, nK, uK) = r["one by one"], r["batched"]
+            t1, n1, u1 = r["one by one"]
+            tK, nK, uK = r["batched"]
             diff = max(((a - b).norm() / b.norm()).item() for ra, rb in zip(uK, u1)
                        for a, b in zip(ra, rb))
             print(f"{preset:>5} {dp_on:>3} | {t1:>9.1f}s {tK:>7.1f}s {t1 / tK:>6.2f}x | "

@@ -28,7 +28,8 @@ from torch.func import functional_call, grad, vmap
 
 from dp import dp_sgd_step, per_sample_grads
 
-ROUNDS, WARMUP = 120, 10   # timed rounds of each kind of step, after untimed warm-up rounds
+ROUNDS = 120   # timed rounds of each kind of step ...
+WARMUP = 10    # ... after this many untimed warm-up rounds
 
 
 def clock(device):
@@ -62,7 +63,9 @@ def median_step_times(preset, x, y, mask, n_vocab, device="cpu", rounds=ROUNDS, 
     torch.manual_seed(0)
     cfg = tinylm.GPTConfig(**{**MODEL_PRESETS[preset].__dict__, "vocab_size": n_vocab})
     model = tinylm.add_lora(tinylm.GPT(cfg).to(device))
-    x, y, mask = x.to(device), y.to(device), mask.to(device)
+    x = x.to(device)
+    y = y.to(device)
+    mask = mask.to(device)
     opt = torch.optim.Adam(tinylm.lora_parameters(model), lr=1e-3)
     g = torch.Generator().manual_seed(0)   # on the CPU, as in training: the noise is drawn there
 

@@ -25,7 +25,7 @@ translator's fit (no `fused`) takes the foreach implementation, as it does by de
 tinylm.finetune's Adam is fused there (fused=device.type == "cuda"); a fused Adam dispatches the
 one _fused_adam_ operator on a CPU as on CUDA, so it counts as CUDA's multi_tensor_apply would
 launch it. LLM scoring (tinylm.loss_of_updates) takes the GPU's chunks of 2^16 tokens; the fine-
-tunes of a stage run in chunks of batch_runs (config/stages.chunked with one worker, as on CUDA).
+tunes of a stage run in chunks of batch_runs (config/pool.chunked with one worker, as on CUDA).
 
 Extrapolation: a stage's count is linear in its steps, so two short runs of s1 < s2 steps give
     per step = (c(s2) - c(s1)) / (s2 - s1),   fixed = c(s1) - s1 * per step,
@@ -71,8 +71,9 @@ import eval as evaluation
 import gradtx
 import tinylm
 import train
-from config import stages
-from config.presets import MODEL_PRESETS, PRESETS, parse_options, recipe
+from config import pool
+from config.presets import (MODEL_PRESETS, PRESETS, RIDGE_LAMBDAS, SUBSPACE_SIZES,
+                            parse_options, recipe)
 
 STAGES = ("pretrain", "shadow", "fit", "clients", "eval")
 # metadata only: no kernel runs
@@ -121,10 +122,10 @@ class LaunchCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def launches_of(run, *args):
-    """The launches run(*args) makes."""
+def launches_of(run, *args, **kwargs):
+    """The launches run(*args, **kwargs) makes."""
     with LaunchCount() as count:
-        run(*args)
+        run(*args, **kwargs)
     return count.launches
 
 
@@ -212,21 +213,24 @@ def pretrain_rows(cfg, task, tiny, llm):
         def run(n):
             rng = data.stream(cfg.seed, "pretrain batches")
             tinylm.pretrain(narrow(size, task),
-                            lambda: task.pretrain_batch(cfg.pretrain_batch, rng), n, lr, cfg.seed)
+                            lambda: task.pretrain_batch(cfg.pretrain_batch, rng),
+                            steps=n, lr=lr, seed=cfg.seed)
         rows.append(Row(f"pretrain {who}", *fixed_and_per_step(run), steps))
     return rows
 
 
-def chunk_rows(name, cfg, fn, items):
-    """A stage of batched fine-tunes, train.run_stage's way on CUDA: fn(chunk) for each chunk of
-    batch_runs items, with the preset's ft_steps; counted on short runs of a chunk of each size."""
-    chunks = stages.chunked(items, cfg.batch_runs, 1)
+def chunk_rows(name, worker, fn, items):
+    """A stage of batched fine-tunes, train.run_stage's way on CUDA: fn(worker, chunk) for each
+    chunk of batch_runs items, with the preset's ft_steps; counted on short runs of a chunk of each
+    size."""
+    cfg = worker.cfg
+    chunks = pool.chunked(items, cfg.batch_runs, 1)
     counted = {}   # chunk size -> (fixed, per step): vmap makes chunks of one size count alike
     for chunk in chunks:
         def run(steps):
             # snapshots 1 step apart: as many as the preset's, and within the short run
-            train._worker["cfg"] = replace(cfg, ft_steps=steps, snapshot_gap=1)
-            fn(chunk)
+            short = replace(worker, cfg=replace(cfg, ft_steps=steps, snapshot_gap=1))
+            fn(short, chunk)
         if len(chunk) not in counted:
             counted[len(chunk)] = fixed_and_per_step(run, (cfg.n_snapshots, cfg.n_snapshots + 2))
     fixed, per_step = (sum(counted[len(c)][i] for c in chunks) / len(chunks) for i in (0, 1))
@@ -235,8 +239,8 @@ def chunk_rows(name, cfg, fn, items):
 
 def shadow_rows(cfg, task, tiny, llm):
     """Stage 2: both models fine-tuned on each shadow subset (train.shadow_runs)."""
-    train._worker.update(task=task, tiny=tiny, llm=llm)
-    return [chunk_rows("shadow (TinyLM + LLM)", cfg, train.shadow_runs,
+    worker = train.Worker(cfg, task, tiny, llm)
+    return [chunk_rows("shadow (TinyLM + LLM)", worker, train.shadow_runs,
                        list(range(cfg.n_shadow)))]
 
 
@@ -253,13 +257,13 @@ RELABEL = evaluation.relabel
 def clients_rows(cfg, task, tiny, llm):
     """Stage 4: the clients' TinyLM fine-tunes (train.client_runs), then the LLM fine-tunes they
     are compared with (train.reference_runs: its weak labels by greedy generation)."""
-    train._worker.update(task=task, tiny=tiny, llm=llm)
+    worker = train.Worker(cfg, task, tiny, llm)
     clients = task.clients(cfg.n_train, cfg.n_test, cfg.group_size, cfg.skew, cfg.random_clients)
-    rows = [chunk_rows("clients (TinyLM)", cfg, train.client_runs, clients)]
+    rows = [chunk_rows("clients (TinyLM)", worker, train.client_runs, clients)]
     for c in clients:   # what the clients stage gives the references stage
         c["floor_update"] = c["upload"] = random_update(tiny, c["index"])
     with mock.patch.object(evaluation, "relabel", keep_every_example):
-        rows.append(chunk_rows("references (LLM)", cfg, train.reference_runs, clients))
+        rows.append(chunk_rows("references (LLM)", worker, train.reference_runs, clients))
     return rows
 
 
@@ -287,7 +291,8 @@ class FitInputs:
         self.folds = folds if cfg.gt_select_folds > 1 else [folds]
         self.train_runs, self.val_runs = self.folds[0]
         self.X_clean = shadow["X"][:n_runs]
-        self.X_all, self.Y_all = data.translator_inputs(cfg, shadow, list(range(n_runs)), 1)
+        self.X_all, self.Y_all = data.translator_inputs(cfg, shadow, list(range(n_runs)), 1,
+                                                            private=False)
         self.X_train = self.X_all[self.train_runs].flatten(0, 1)
         self.Y_train = self.Y_all[self.train_runs].flatten(0, 1)
         self.X_val, self.Y_val = self.X_all[self.val_runs, -1], self.Y_all[self.val_runs, -1]
@@ -333,15 +338,17 @@ def selection_row(cfg, inputs):
     def select(lams):   # -> (launches, candidates scored, the map)
         scored.clear()
         with LaunchCount() as count:
-            linear = train.select_linear_map(inputs.X_clean, inputs.X_all, inputs.Y_all,
-                                             criterion, inputs.folds, ks, lams, rule="one_se")
+            linear = gradtx.select_linear_map(inputs.X_clean, inputs.X_all, inputs.Y_all,
+                                              criterion, inputs.folds, ks=ks, lams=lams,
+                                              rule="one_se")
         return count.launches, len(scored), linear
     # every lambda of a subspace size costs alike: count 1 and 2 of them, extrapolate to all
-    ks = train.SUBSPACE_SIZES if cfg.gt_project else (0,)
-    (c1, n1, _), (c2, n2, linear) = select(train.RIDGE_LAMBDAS[:1]), select(train.RIDGE_LAMBDAS[:2])
+    ks = SUBSPACE_SIZES if cfg.gt_project else (0,)
+    c1, n1, _ = select(RIDGE_LAMBDAS[:1])
+    c2, n2, linear = select(RIDGE_LAMBDAS[:2])
     per_candidate = (c2 - c1) / (n2 - n1)
     return Row("map selection (per candidate)", c1 - n1 * per_candidate, per_candidate,
-               n1 * len(train.RIDGE_LAMBDAS)), linear
+               n1 * len(RIDGE_LAMBDAS)), linear
 
 
 def translator_rows(cfg, inputs, linear):
@@ -351,8 +358,9 @@ def translator_rows(cfg, inputs, linear):
 
     def fit_launches(steps, eval_every):
         return launches_of(gradtx.fit, new_translator(cfg, inputs, linear), inputs.X_train,
-                           inputs.Y_train, inputs.X_val, inputs.Y_val, steps, cfg.gt_lr,
-                           cfg.gt_weight_decay, cfg.gt_batch, eval_every, val_criterion, cfg.seed)
+                           inputs.Y_train, inputs.X_val, inputs.Y_val, steps=steps, lr=cfg.gt_lr,
+                           weight_decay=cfg.gt_weight_decay, batch_size=cfg.gt_batch,
+                           eval_every=eval_every, val_criterion=val_criterion, seed=cfg.seed)
     two_evals, more_steps, three_evals = fit_launches(2, 2), fit_launches(4, 4), fit_launches(4, 2)
     per_step, per_eval = (more_steps - two_evals) / 2, three_evals - more_steps
     evals = len([s for s in range(cfg.gt_steps + 1)

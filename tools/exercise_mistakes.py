@@ -174,7 +174,7 @@ MISTAKES = {
              edits=[("np.max(below / np.arange(1, v + 1))", "np.max(below)")]),
         dict(name="no_doubling", function="epsilon_lower_bound",
              why="bisection on [0, 1] only: no bound above 1",
-             edits=[("lo, hi = hi, 2 * hi", "break")]),
+             edits=[("lo = hi\n        hi = 2 * hi", "break")]),
         dict(name="confidence_as_level", function="epsilon_lower_bound",
              why="the p-value compared with the confidence, not with 1 - confidence",
              edits=[("level = 1 - confidence", "level = confidence")]),

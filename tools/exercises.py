@@ -127,7 +127,8 @@ def repo_files(root):
 def find_blocks(path, lines):
     """[(name, first line, last line, indent)] of the marked blocks in one file (0-based,
     inclusive)."""
-    blocks, open_block = [], None
+    blocks = []
+    open_block = None
     for i, line in enumerate(lines):
         where = f"{path}:{i + 1}"
         if m := BEGIN.match(line):
@@ -173,7 +174,8 @@ def scan(root):
 def enclosing_function(lines, i):
     """'Class.method' or 'function' around line i, from the nearest less-indented def/class
     lines."""
-    names, indent = [], len(lines[i]) - len(lines[i].lstrip())
+    names = []
+    indent = len(lines[i]) - len(lines[i].lstrip())
     for line in reversed(lines[:i]):
         m = re.match(r"(\s*)(?:async\s+)?(def|class)\s+(\w+)", line)
         if m and len(m.group(1)) < indent and (m.group(2) == "class" or not names):
@@ -184,7 +186,8 @@ def enclosing_function(lines, i):
 
 def blanked(lines, blocks, names):
     """The file's text with the blocks of the exercises in `names` replaced by a raise."""
-    out, last = [], 0
+    out = []
+    last = 0
     for name, first, end, indent in blocks:
         if name in names:
             out += lines[last:first] + [blank_line(name, indent)]
@@ -199,7 +202,8 @@ def blanked(lines, blocks, names):
 def write_copy(root, out, names, found=None):
     """Copy the repository to `out` with the exercises in `names` blank, less ANSWER_KEY_ONLY;
     refuse to write in the repo."""
-    root, out = os.path.realpath(root), os.path.realpath(out)
+    root = os.path.realpath(root)
+    out = os.path.realpath(out)
     if out == root or out.startswith(root + os.sep):
         raise SystemExit(f"refusing to write into the repository itself: {out}")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
@@ -264,7 +268,8 @@ def run_pytest(cwd, xml, marker_expr=None, paths=(), options=()):
                          f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     results = {}
     for case in ET.parse(xml).iter("testcase"):
-        outcome, message = "passed", ""
+        outcome = "passed"
+        message = ""
         for child in case:
             if child.tag in ("failure", "error", "skipped"):
                 outcome = "skipped" if child.tag == "skipped" else "failed"
@@ -325,9 +330,11 @@ def check(root):
     if unregistered or "--strict-markers" not in ini:
         raise SystemExit(f"pytest.ini must register every exercise marker and use --strict-markers "
                          f"(missing: {', '.join(unregistered) or 'none'})")
-    names, problems = list(EXERCISES), []
+    names = list(EXERCISES)
+    problems = []
     runs = run_everything(root, names)
-    student, original = runs["student"], runs["original"]
+    student = runs["student"]
+    original = runs["original"]
     passes = {t for t, (o, _) in original.items() if o == "passed"}
 
     print(f"{'exercise':<24} {'tests':>5}  pass on the original  pass alone  fail on the student "
@@ -476,7 +483,9 @@ def list_mistakes(mistakes, names):
 def check_mistakes(root, names):
     """Plant each mistake of the exercises in `names` into its own copy (two at a time) and run
     that exercise's tests on it; True when every mistake is caught."""
-    t0, mistakes, found = time.time(), load_mistakes(), scan(root)
+    t0 = time.time()
+    mistakes = load_mistakes()
+    found = scan(root)
     problems = [f"{n}: fewer than 2 mistakes" for n in names if len(mistakes.get(n, [])) < 2]
     problems += [f"{n}: not an exercise" for n in mistakes if n not in EXERCISES]
     jobs = [(n, m) for n in names for m in mistakes.get(n, [])]

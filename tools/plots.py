@@ -35,7 +35,8 @@ COLORS = {"gradtx": "C0", "ridge": "C1", "ridge_ungated": "C8", "mean_shadow": "
           "tinylm_dp": "C2", "w2s": "C3", "kd": "C4", "gradtx_single_map": "C5",
           "gradtx_paper": "C6", "gradtx_best_init": "C9"}
 FRONTIER_LINES = ["gradtx", "ridge", "ridge_ungated", "tinylm_dp", "w2s", "kd", "mean_shadow"]
-SIZE, DPI = (6, 4), 100
+SIZE = (6, 4)
+DPI = 100
 
 
 def load(path):
@@ -84,7 +85,8 @@ def plot_fit(plt, results, title):
     judged by."""
     fig, ax = plt.subplots(figsize=SIZE)
     for i, (m, t) in enumerate(sorted(results["translators"].items(), key=lambda kv: int(kv[0]))):
-        color, tag = f"C{i}", "" if len(results["translators"]) == 1 else f" (m = {m})"
+        color = f"C{i}"
+        tag = "" if len(results["translators"]) == 1 else f" (m = {m})"
         steps = [h["step"] for h in t["history"]]
         ax.plot(steps, [h["criterion"] for h in t["history"]], "o-", color=color,
                 label="translator" + tag)
