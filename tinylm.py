@@ -360,7 +360,9 @@ def finetune(model, x, y, mask, recipe, seed, *, snapshot_steps=()):
     DP-SGD steps on Poisson-sampled batches (`dp.dp_sgd_step`)."""
     device = model.wte.weight.device
     set_update(model, torch.zeros(update_shape(model.cfg, model.lora[0])))
-    x, y, mask = x.to(device), y.to(device), mask.to(device)
+    x = x.to(device)
+    y = y.to(device)
+    mask = mask.to(device)
     params = lora_parameters(model)
     opt = torch.optim.Adam(params, lr=recipe.lr, fused=device.type == "cuda" or None)  # 1 kernel
     batches, noise = data.draw_run(recipe, len(x), seed, sum(p.numel() for p in params), device)

@@ -408,9 +408,10 @@ def reference_runs(worker, clients):
     out = [{} for _ in clients]
     for method in dict.fromkeys(m for s in sets for m in s):
         who = [i for i, s in enumerate(sets) if method in s]
-        (_, conf), t0 = sets[who[0]][method], time.perf_counter()
-        runs = fine_tunes(cfg, llm, [task.encode(sets[i][method][0]) if sets[i][method][0] else None
-                                     for i in who], replace(recipe(cfg), confidence=conf),
+        _, confidence = sets[who[0]][method]   # (examples, the confidence loss's weight)
+        datasets = [task.encode(sets[i][method][0]) if sets[i][method][0] else None for i in who]
+        t0 = time.perf_counter()
+        runs = fine_tunes(cfg, llm, datasets, replace(recipe(cfg), confidence=confidence),
                           [seeds[i] for i in who])
         for i, run in zip(who, runs):
             out[i][method] = run[-1]

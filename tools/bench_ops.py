@@ -1,8 +1,8 @@
 """
 tools/bench_ops.py -- how many kernels a whole run launches on a GPU, counted on a CPU: per stage
 of a preset, its operator calls along the CUDA code path, from short runs extrapolated to the
-preset's step counts, and the GPU time they take at a stated cost per launch. Issue 42's baseline:
-the launch-bound GPU run is judged by this count.
+preset's step counts, and the GPU time they take at a stated cost per launch. A launch-bound GPU
+run is judged by this count (RESULTS.md, "On one GPU").
 
     python tools/bench_ops.py                                  # both presets, every stage
     python tools/bench_ops.py --preset=gpu --stages=pretrain,shadow
@@ -44,7 +44,7 @@ the weak baselines: every example is kept, the labels do not change the count).
 
 Per launch: `--launch_us` (5 µs: launch-bound, H100-class). Eager PyTorch costs more per operator
 on the host than the launch itself: the gpu preset's LLM pretraining ran at ~22 steps/s on an H200
-(issue 42), 781 launches a step here, ~58 µs an operator.
+(HISTORY.md), 781 launches a step here, ~58 µs an operator.
 
 Compiled regions: nothing is compiled today (no torch.compile anywhere). The rule for when it
 is: a compiled region counts the kernels Inductor generated for it plus the ones it calls out to
