@@ -327,7 +327,7 @@ def fit_rows(cfg, task, tiny, llm):
 
 
 def selection_row(cfg, inputs):
-    """train.select_linear_map: every candidate (k, lambda) fit on each fold's train runs and
+    """gradtx.select_linear_map: every candidate (k, lambda) fit on each fold's train runs and
     scored by the LLM on its held-out runs. -> (its Row, the map chosen)"""
     scored = []
 
