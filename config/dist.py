@@ -1,16 +1,31 @@
 """
-config/dist.py -- one run across ranks with torchrun (torch.distributed): nanoGPT's pattern.
+config/dist.py -- the protocol across ranks with torchrun (torch.distributed), nanoGPT's way.
 
-    torchrun --standalone --nproc_per_node=2 train.py              # 2 ranks on one machine
+    torchrun --standalone --nproc_per_node=8 train.py                # 8 ranks, one machine
+    torchrun --standalone --nproc_per_node=8 experiments/sweep.py --experiment=frontier --cache=out
+    # two machines, 8 GPUs each: the same command on both (HOST: the first machine's address)
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py
 
-Without torchrun (no RANK in the environment) nothing here runs. Under it: pretraining is
-data-parallel (tinylm.pretrain wraps the model in DistributedDataParallel), a stage's fine-tunes go
-out in whole chunks, round by round (rank r takes chunk j * world + r of round j), every rank gets
-every result back (all_gather_object), and rank 0 alone writes the caches; the other ranks wait for
-it behind a barrier. A rank that fails names itself and its stage; a rank that waits longer than
---dist_timeout seconds for the others (one of them hung or died) stops with that message too, and
-torchrun ends the job. Finished stages are on disk: a rerun resumes from them.
+Without torchrun (no RANK in the environment) nothing here runs and nothing changes. Under it:
+- split: pretraining is data-parallel (tinylm.pretrain wraps the model in DistributedDataParallel;
+  every rank draws the global batch and trains on its slice); the shadow, shadow DP, client and
+  reference fine-tunes go out in whole chunks, round by round (round j: rank r computes chunk
+  j * world + r), and every rank gets every result back (all_gather_object). The chunks are those
+  of --workers=world in one process: from the same base models, 2 ranks give the very pairs of
+  `python train.py` (two workers); another count changes a chunk's make-up, which moves a pair by
+  round-off only (tests/test_distributed.py checks 1e-6 relative against --workers=1).
+- not split: the fit and the evaluation run on rank 0 (the other ranks are done by then).
+- sweeps: the stages the points share (base models, clean shadow runs) are made first by all ranks
+  together; then rank r runs points r, r + world, ... alone (one worker, its fine-tunes not split).
+- files: rank 0 reads and writes the cache (atomically) and hands what it read to the other ranks,
+  so a run needs the cache on rank 0's disk only; a sweep across machines needs --cache on a disk
+  they share. A rerun resumes from whatever stages finished.
+- threads: each rank is one worker (--workers is unused), with torchrun's OMP_NUM_THREADS threads.
+- devices: Gloo on CPUs; on GPUs NCCL, rank r on cuda:LOCAL_RANK (written, not tested here: this
+  project's tests run Gloo on the CPU only).
+- failures: a rank that raises names itself and its stage on stderr; a rank that waits longer than
+  --dist_timeout seconds for the others (one of them hung or died) says so too; torchrun then ends
+  the job. In a sweep, ranks wait for each other at its end: --dist_timeout must exceed a point.
 """
 import os
 import sys

@@ -6,7 +6,8 @@ single-threaded processes get through about 1.7x the work of one process with tw
 
 A chunk's results depend only on its items and their seeds, never on the process that computes
 it: a worker makes its own copy of what the stage reads (the settings, the task, both base models
-from their cached checkpoints), and is handed nothing else.
+from their cached checkpoints), and is handed nothing else. Under torchrun the ranks take the
+workers' place, across machines too (config/dist.py).
 """
 import math
 import multiprocessing as mp
