@@ -73,9 +73,11 @@ def guarded(ranks, stage, step):
     try:
         return step()
     except Exception as e:
-        waited = isinstance(e, dist.DistBackendError) or "timed out" in str(e).lower()
-        why = (f"waited more than --dist_timeout={ranks.timeout:g}s for the other ranks (one of "
-               "them failed or hangs)") if waited else f"{type(e).__name__}: {e}"
+        lost = isinstance(e, dist.DistBackendError) or "timed out" in str(e).lower()
+        why = f"{type(e).__name__}: {e}"
+        if lost:   # torch's message: a page of C++ frames; the first line says enough
+            why = (f"no answer from the other ranks: one of them failed, or hangs past "
+                   f"--dist_timeout={ranks.timeout:g}s ({why.splitlines()[0][:200]})")
         print(f"gradtx: rank {ranks.rank} of {ranks.world} failed in stage {stage!r}: {why}",
               file=sys.stderr, flush=True)
         raise

@@ -102,7 +102,8 @@ train.main(sys.argv[1:])
     ("fail", "raise RuntimeError('a broken rank')",
      "rank 1 of 2 failed in stage 'shadow runs': RuntimeError: a broken rank"),
     ("hang", "time.sleep(600)",
-     "rank 0 of 2 failed in stage 'shadow runs': waited more than --dist_timeout=5s")])
+     "rank 0 of 2 failed in stage 'shadow runs': no answer from the other ranks: one of them "
+     "failed, or hangs past --dist_timeout=5s")])
 def test_a_failed_or_hung_rank_ends_the_job(tmp_path, how, action, message):
     """A rank that raises, or never answers, in the shadow stage: the job ends within the timeout
     with the rank and stage named, and the finished pretraining stays cached."""
