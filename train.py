@@ -71,6 +71,7 @@ def run(cfg, task=None, ranks=None):
     clients = clients_stage(cfg, task, tiny, llm, paths, device, ranks)
     if ranks is not None and ranks.rank > 0:
         return None
+    distributed.take_idle_threads(ranks)
     translators = {}
     for m in pool_levels(cfg):   # a translator per noise level: inputs that average m uploads
         translators[m] = fit_stage(cfg, task, tiny, llm, shadow, paths[f"fit_{m}"], m)

@@ -14,7 +14,8 @@ Without torchrun (no RANK in the environment) nothing here runs and nothing chan
   of --workers=world in one process: from the same base models, 2 ranks give the very pairs of
   `python train.py` (two workers); another count changes a chunk's make-up, which moves a pair by
   round-off only (tests/test_distributed.py checks 1e-6 relative against --workers=1).
-- not split: the fit and the evaluation run on rank 0 (the other ranks are done by then).
+- not split: the fit and the evaluation run on rank 0, with the threads of the ranks beside it
+  (they are done by then).
 - sweeps: the stages the points share (base models, clean shadow runs) are made first by all ranks
   together; then rank r runs points r, r + world, ... alone (one worker, its fine-tunes not split).
 - files: rank 0 reads and writes the cache (atomically) and hands what it read to the other ranks,
@@ -111,6 +112,13 @@ def gather_to_rank0(ranks, value, stage):
 def barrier(ranks, stage):
     """Every rank waits here until all arrive (at most the timeout)."""
     guarded(ranks, stage, dist.barrier)
+
+
+def take_idle_threads(ranks):
+    """Rank 0 goes on alone (the fit, the evaluation): it takes the threads of this machine's other
+    ranks, which are done."""
+    if ranks is not None and ranks.rank == 0:
+        torch.set_num_threads(torch.get_num_threads() * int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def finish(ranks):
