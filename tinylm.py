@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
@@ -291,19 +292,29 @@ def learning_rate(step, steps, lr):
     return lr * min(1.0, (step + 1) / warmup) * cosine
 
 
-def pretrain(cfg, next_batch, *, steps, lr, seed, device="cpu", desc="pretrain"):
+def pretrain(cfg, next_batch, *, steps, lr, seed, device="cpu", desc="pretrain", ranks=None):
     """A GPT(cfg) trained from scratch on next_batch() -> (x, y, mask) (the public base models):
-    AdamW with the `learning_rate` schedule, gradients clipped to norm 1."""
+    AdamW with the `learning_rate` schedule, gradients clipped to norm 1. Under torchrun (ranks,
+    config/dist.py) it is DistributedDataParallel: every rank draws the same global batch and
+    trains on its slice, and the averaged gradient is the one-process gradient up to float sums."""
     torch.manual_seed(seed)
     model = GPT(cfg).to(device)
+    net = model if ranks is None else DDP(model, device_ids=[model.wte.weight.device.index]
+                                          if model.wte.weight.is_cuda else None)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
+    for step in (bar := tqdm(range(steps), desc=desc, leave=False,
+                             disable=ranks is not None and ranks.rank > 0)):
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, steps, lr)
         x, y, mask = (t.to(device) for t in next_batch())   # a no-op for a batch made on the device
-        _, loss = model(x, y, mask)
+        share = 1.0
+        if ranks is not None:   # this rank's rows; its loss weighted by its share of the tokens
+            total = mask.sum()
+            x, y, mask = (t.tensor_split(ranks.world)[ranks.rank] for t in (x, y, mask))
+            share = mask.sum() * ranks.world / total   # DDP averages: the mean over all tokens
+        _, loss = net(x, y, mask)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * share).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 50 == 0:
@@ -525,10 +536,12 @@ def loss_of_updates(model, updates, datasets, max_tokens=None):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temp file, then rename: an interrupted write never leaves half a file."""
+    """torch.save to a temp file, then rename: an interrupted write never leaves half a file (the
+    temp file is the writer's own: processes of a torchrun sweep may write the same stage)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def save_model(model, path):

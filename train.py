@@ -24,6 +24,7 @@ A stage's cache key covers its settings, the keys of the stages it reads, and a 
 data it is given, so a change of either re-runs it and everything after it, and nothing else.
 """
 import functools
+import io
 import json
 import os
 import sys
@@ -39,6 +40,7 @@ import dp
 import eval as evaluation
 import gradtx
 import tinylm
+from config import dist as distributed   # torchrun: ranks that share pretraining and fine-tunes
 from config import pool     # worker processes that share a stage's fine-tunes
 from config import stages   # where each stage's output is cached
 from config.presets import (MODEL_PRESETS, RIDGE_LAMBDAS, SIGNAL_DIRECTIONS, SUBSPACE_SIZES,
@@ -49,23 +51,30 @@ from config.presets import (MODEL_PRESETS, RIDGE_LAMBDAS, SIGNAL_DIRECTIONS, SUB
 # the protocol: five stages, each cached (the stages follow in order)
 
 
-def run(cfg, task=None):
+def run(cfg, task=None, ranks=None):
     """The protocol end to end for one configuration; returns results.json's contents. task: a
-    task object built elsewhere (experiments/text.py); by default cfg.task's from data.py."""
+    task object built elsewhere (experiments/text.py); by default cfg.task's from data.py. ranks:
+    this process's place in a torchrun job (config/dist.py), None for one process. The stages
+    that fine-tune come first (all ranks share them), then rank 0 alone fits and evaluates; the
+    other ranks return None."""
     t_start = time.time()
-    device = setup(cfg)
-    print(f"gradtx: preset {cfg.preset}, task {cfg.task}, seed {cfg.seed}, device {device}, out "
-          f"{cfg.out}")
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=1)
+    device = setup(cfg, ranks)
+    log(ranks, f"gradtx: preset {cfg.preset}, task {cfg.task}, seed {cfg.seed}, device {device}, "
+        f"out {cfg.out}" + (f", rank 0 of {ranks.world}" if ranks else ""))
+    if ranks is None or ranks.rank == 0:
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=1)
     task = task or load_task(cfg)
     paths = stages.stage_paths(cfg, task, pool_levels(cfg), device)
-    tiny, llm = base_models(cfg, task, paths, device)
-    shadow = shadow_stages(cfg, task, tiny, llm, paths, device)
+    tiny, llm = base_models(cfg, task, paths, device, ranks)
+    shadow = shadow_stages(cfg, task, tiny, llm, paths, device, ranks)
+    clients = clients_stage(cfg, task, tiny, llm, paths, device, ranks)
+    if ranks is not None and ranks.rank > 0:
+        return None
+    distributed.take_idle_threads(ranks)
     translators = {}
     for m in pool_levels(cfg):   # a translator per noise level: inputs that average m uploads
         translators[m] = fit_stage(cfg, task, tiny, llm, shadow, paths[f"fit_{m}"], m)
-    clients = clients_stage(cfg, task, tiny, llm, paths, device)
     mean_shadow = shadow["Y"][fit_runs(cfg)[0]].flatten(0, 1).mean(0)   # the runs the maps fit on
     results = evaluation.evaluate(cfg, task, tiny, llm, translators=translators,
                                   mean_shadow=mean_shadow, clients=clients, recipe=recipe(cfg),
@@ -73,6 +82,19 @@ def run(cfg, task=None):
                                   privacy=privacy_record(cfg, translators))
     results["timing_s"]["this_run_total"] = time.time() - t_start
     return results
+
+
+def shared_stages(cfg, ranks, *, skip=(), task=None):
+    """A sweep's shared stages for one of its points under torchrun: both base models and the
+    clean shadow runs, made by all ranks together (their cache holds them for the points that
+    follow), unless the shadow stage's file is in `skip`; returns that file."""
+    device = setup(cfg, ranks)
+    task = task or load_task(cfg)
+    paths = stages.stage_paths(cfg, task, pool_levels(cfg), device)
+    if paths["shadow"] not in skip:
+        tiny, llm = base_models(cfg, task, paths, device, ranks)
+        shadow_stages(replace(cfg, dp_epsilon=0.0), task, tiny, llm, paths, device, ranks)
+    return paths["shadow"]
 
 
 def privacy_record(cfg, translators):
@@ -86,9 +108,16 @@ def privacy_record(cfg, translators):
             "subspace_k": {m: t.log["k"] for m, t in translators.items()}}
 
 
-def setup(cfg):
-    """The device (picked at run time), threads and output folders of a run."""
-    device = pick_device(cfg.device)
+def log(ranks, line):
+    """Print a stage's line: in one process, or on rank 0 of a torchrun job."""
+    if ranks is None or ranks.rank == 0:
+        print(line, flush=True)
+
+
+def setup(cfg, ranks=None):
+    """The device (picked at run time; under torchrun a GPU rank's own cuda:LOCAL_RANK), threads
+    and output folders of a run."""
+    device = distributed.device_of(ranks, pick_device(cfg.device))
     if torch.device(device).type == "cuda":
         # the same numbers from run to run; cuBLAS reads its setting when it starts
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -112,27 +141,43 @@ def load_task(cfg):
 # stage 1: pretraining the public base models
 
 
-def base_models(cfg, task, paths, device):
+def base_models(cfg, task, paths, device, ranks=None):
     """Both base models with LoRA attached (TinyLM, LLM), pretraining (and caching) whichever is
     missing."""
-    tiny = base_model(cfg, task, "tiny", paths["pretrain_tiny"], device)
-    llm = base_model(cfg, task, "llm", paths["pretrain_llm"], device)
+    tiny = base_model(cfg, task, "tiny", paths["pretrain_tiny"], device, ranks)
+    llm = base_model(cfg, task, "llm", paths["pretrain_llm"], device, ranks)
     return tiny, llm
 
 
-def base_model(cfg, task, who, path, device):
+def base_model(cfg, task, who, path, device, ranks=None):
     """One public base model, who = "tiny" or "llm", with LoRA attached: read from its cached
     checkpoint at `path`, or pretrained now and cached there."""
-    model = stages.load_stage(path, lambda path: tinylm.load_model(path, device))
+    model = cached_model(path, device, ranks)
     if model is None:
-        pretrain_base(cfg, task, who, path, device)
-        model = tinylm.load_model(path, device)   # from the file, as a later run gets it
+        pretrain_base(cfg, task, who, path, device, ranks)
+        model = cached_model(path, device, ranks)   # from the file, as a later run gets it
     return tinylm.add_lora(model.eval(), cfg.lora_rank, cfg.lora_alpha, cfg.lora_seed)
 
 
-def pretrain_base(cfg, task, who, path, device):
+def cached_model(path, device, ranks):
+    """The checkpoint at `path` as a model on `device`, or None when there is none. Under torchrun
+    rank 0 reads the file and hands its bytes to every rank (only rank 0 needs the cache's disk)."""
+    if ranks is None:
+        return stages.load_stage(path, lambda path: tinylm.load_model(path, device))
+
+    def checked_bytes(path):   # a file that loads, as bytes
+        tinylm.load_model(path)
+        with open(path, "rb") as f:
+            return f.read()
+    blob = distributed.from_rank0(ranks, lambda: stages.load_stage(path, checked_bytes),
+                                  f"read {os.path.basename(path)}")
+    return None if blob is None else tinylm.load_model(io.BytesIO(blob), device)
+
+
+def pretrain_base(cfg, task, who, path, device, ranks=None):
     """Pretrain base model `who` on the task's public data with its own settings (cfg.tiny_model,
-    cfg.pretrain_steps_tiny, cfg.pretrain_lr_tiny, or the llm ones) and seed; save it at `path`."""
+    cfg.pretrain_steps_tiny, cfg.pretrain_lr_tiny, or the llm ones) and seed; save it at `path`.
+    Under torchrun every rank trains (data-parallel) and rank 0 saves."""
     t0 = time.time()
     size = getattr(cfg, f"{who}_model")
     steps = getattr(cfg, f"pretrain_steps_{who}")
@@ -141,7 +186,9 @@ def pretrain_base(cfg, task, who, path, device):
     rng = data.stream(seed, "pretrain batches")   # the public data's batches
     model = tinylm.pretrain(shape, lambda: task.pretrain_batch(cfg.pretrain_batch, rng, device),
                             steps=steps, lr=getattr(cfg, f"pretrain_lr_{who}"), seed=seed,
-                            device=device, desc=f"pretrain {who}")
+                            device=device, desc=f"pretrain {who}", ranks=ranks)
+    if ranks is not None and ranks.rank > 0:
+        return
     tinylm.save_model(model, path)
     stages.record_seconds(cfg, path, time.time() - t0)
     print(f"pretrain  : {who} ({size}), {sum(p.numel() for p in model.parameters()):,} "
@@ -179,17 +226,16 @@ def shadow_dp_runs(worker, items):
     return [run[-1] for run in runs]
 
 
-def shadow_stages(cfg, task, tiny, llm, paths, device):
+def shadow_stages(cfg, task, tiny, llm, paths, device, ranks=None):
     """{"X": (K, S, ...) clean TinyLM snapshots, "Y": (K, S, ...) LLM snapshots,
     "X_private": (K, R, ...) final TinyLM updates made as the clients make theirs (DP only)}."""
     t0 = time.time()
     worker = Worker(cfg, task, tiny, llm)
     runs = run_stage(shadow_runs, list(range(cfg.n_shadow)), worker=worker, path=paths["shadow"],
-                     desc="shadow runs", paths=paths, device=device)
+                     desc="shadow runs", paths=paths, device=device, ranks=ranks)
     shadow = {"X": torch.stack([x for x, _ in runs]), "Y": torch.stack([y for _, y in runs])}
-    print(f"shadow    : {cfg.n_shadow} runs x {cfg.n_snapshots} snapshots = "
-          f"{cfg.n_shadow * cfg.n_snapshots} pairs, {time.time() - t0:.1f}s -> "
-          f"{paths['shadow']}", flush=True)
+    log(ranks, f"shadow    : {cfg.n_shadow} runs x {cfg.n_snapshots} snapshots = "
+        f"{cfg.n_shadow * cfg.n_snapshots} pairs, {time.time() - t0:.1f}s -> {paths['shadow']}")
     if cfg.dp_epsilon > 0:   # the clients' uploads are DP: the provider makes DP draws too
         t0 = time.time()
         items = [(k, r) for k in range(cfg.n_shadow) for r in range(cfg.shadow_dp_draws)]
@@ -198,12 +244,12 @@ def shadow_stages(cfg, task, tiny, llm, paths, device):
                              data.run_seed(cfg.seed, "shadow DP draw", k, r)) for k, r in items]
         else:
             draws = run_stage(shadow_dp_runs, items, worker=worker, path=paths["shadow_dp"],
-                              desc="shadow DP draws", paths=paths, device=device)
+                              desc="shadow DP draws", paths=paths, device=device, ranks=ranks)
         shadow["X_private"] = torch.stack(draws).view(cfg.n_shadow, cfg.shadow_dp_draws,
                                                       *draws[0].shape)
-        print(f"shadow_dp : {len(items)} TinyLM runs with the clients' DP recipe "
-              f"({cfg.dp_mechanism}, eps={cfg.dp_epsilon}), {time.time() - t0:.1f}s -> "
-              f"{paths['shadow_dp']}", flush=True)
+        log(ranks, f"shadow_dp : {len(items)} TinyLM runs with the clients' DP recipe "
+            f"({cfg.dp_mechanism}, eps={cfg.dp_epsilon}), {time.time() - t0:.1f}s -> "
+            f"{paths['shadow_dp']}")
     return shadow
 
 
@@ -420,24 +466,24 @@ def reference_runs(worker, clients):
     return out
 
 
-def clients_stage(cfg, task, tiny, llm, paths, device):
+def clients_stage(cfg, task, tiny, llm, paths, device, ranks=None):
     """The task's clients, each with its TinyLM updates (floor_update: without DP, the PGR floor;
     upload: what it sends the provider) and the LLM fine-tunes it is compared with (references)."""
     t0 = time.time()
     clients = task.clients(cfg.n_train, cfg.n_test, cfg.group_size, cfg.skew, cfg.random_clients)
     worker = Worker(cfg, task, tiny, llm)
     runs = run_stage(client_runs, clients, worker=worker, path=paths["clients"], desc="clients",
-                     paths=paths, device=device)
+                     paths=paths, device=device, ranks=ranks)
     for c, (floor, upload) in zip(clients, runs):
         c.update(floor_update=floor, upload=upload)
     references = run_stage(reference_runs, clients, worker=worker, path=paths["references"],
-                           desc="reference fine-tunes", paths=paths, device=device)
+                           desc="reference fine-tunes", paths=paths, device=device, ranks=ranks)
     for c, refs in zip(clients, references):
         c["references"] = refs
     sigma = noise_multiplier(cfg)
     note = f", DP ({cfg.dp_mechanism}) eps={cfg.dp_epsilon} sigma={sigma:.3f}" if sigma else ""
-    print(f"clients   : {len(clients)} clients fine-tuned their TinyLM{note}, "
-          f"{time.time() - t0:.1f}s", flush=True)
+    log(ranks, f"clients   : {len(clients)} clients fine-tuned their TinyLM{note}, "
+        f"{time.time() - t0:.1f}s")
     return clients
 
 
@@ -487,20 +533,26 @@ def worker_from_cache(cfg, paths, device, task):
     return Worker(cfg, task, tiny, llm)
 
 
-def run_stage(fn, items, *, worker, path, desc, paths, device):
-    """fn(worker, chunk) over chunks of the items, in worker processes, as a cached and resumable
-    stage at `path`; the results, one per item."""
+def run_stage(fn, items, *, worker, path, desc, paths, device, ranks=None):
+    """fn(worker, chunk) over chunks of the items, in worker processes (or torchrun's ranks), as a
+    cached and resumable stage at `path`; the results, one per item."""
     return pool.run_chunked(worker.cfg, path, desc, fn, items, device=device, state=worker,
-                            rebuild=(worker_from_cache, (worker.cfg, paths, device, worker.task)))
+                            rebuild=(worker_from_cache, (worker.cfg, paths, device, worker.task)),
+                            ranks=ranks)
 
 
 def main(argv):
-    """python train.py [--key=value | --key value ...]: one run; returns results.json's contents."""
+    """python train.py [--key=value | --key value ...]: one run; returns results.json's contents
+    (under torchrun, on rank 0; None on the other ranks)."""
     cfg = parse_args(argv, __doc__)
     if cfg.experiment:
         raise SystemExit(f"--experiment={cfg.experiment}: experiments run from their own "
                          f"command: python experiments/sweep.py --experiment={cfg.experiment}")
-    return run(cfg)
+    ranks = distributed.setup(cfg)   # None without torchrun
+    try:
+        return run(cfg, ranks=ranks)
+    finally:
+        distributed.finish(ranks)
 
 
 if __name__ == "__main__":

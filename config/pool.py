@@ -6,7 +6,8 @@ single-threaded processes get through about 1.7x the work of one process with tw
 
 A chunk's results depend only on its items and their seeds, never on the process that computes
 it: a worker makes its own copy of what the stage reads (the settings, the task, both base models
-from their cached checkpoints), and is handed nothing else.
+from their cached checkpoints), and is handed nothing else. Under torchrun the ranks take the
+workers' place, across machines too (config/dist.py).
 """
 import math
 import multiprocessing as mp
@@ -15,17 +16,23 @@ from functools import partial
 import numpy as np
 import torch
 
+from config import dist as distributed
 from config.stages import run_stage
 
 
-def run_chunked(cfg, path, desc, fn, items, *, device, state, rebuild):
+def run_chunked(cfg, path, desc, fn, items, *, device, state, rebuild, ranks=None):
     """fn(state, chunk) over chunks of the items (one result per item of the chunk) as a cached,
     resumable stage (config/stages.py); the results, one per item, in order. state: what fn reads
-    in this process; rebuild = (function, arguments) makes the same state in a worker process."""
-    chunks = chunked(items, cfg.batch_runs, cfg.workers if device == "cpu" else 1)
-    done = run_stage(cfg, path, desc, chunks,
-                     lambda todo: worker_map(cfg, fn, todo, device=device, state=state,
-                                             rebuild=rebuild))
+    in this process; rebuild = (function, arguments) makes the same state in a worker process.
+    Under torchrun (ranks) each rank is one worker: the chunks are those of as many workers as
+    ranks, shared out by config/dist.py, so --workers=N and N ranks compute the very same chunks."""
+    if ranks is not None:
+        chunks = chunked(items, cfg.batch_runs, ranks.world)
+        compute = partial(distributed.map_chunks, ranks, partial(fn, state), stage=desc)
+    else:
+        chunks = chunked(items, cfg.batch_runs, cfg.workers if device == "cpu" else 1)
+        compute = partial(worker_map, cfg, fn, device=device, state=state, rebuild=rebuild)
+    done = run_stage(cfg, path, desc, chunks, compute, ranks)
     return [result for chunk in done for result in chunk]
 
 

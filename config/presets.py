@@ -39,6 +39,9 @@ class Config:
     device: str = "auto"         # auto = cuda, then mps, then cpu
     threads: int = 0             # torch CPU threads (0: torch's default)
     workers: int = 2             # processes for independent fine-tunes on a CPU (1: none)
+    # under torchrun each rank is one worker (--workers unused); a rank that waits longer than this
+    # for the others (one failed or hangs) ends the job, naming itself and its stage
+    dist_timeout: float = 1800.0
     # independent fine-tunes of one base model run this many at a time as one batched computation
     # (tinylm.finetune_many; 1: one by one, tinylm.finetune)
     batch_runs: int = 16

@@ -5,6 +5,7 @@ so it cannot go stale. train.py reads a stage from there when it exists and writ
 (a temp file, then a rename) when it does not; a long stage saves its progress and resumes. Its
 fine-tunes run in chunks shared by worker processes: config/pool.py.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 import data
 import tinylm
+from config import dist as distributed
 from config.presets import RIDGE_LAMBDAS, SELECTION, SUBSPACE_SIZES
 
 WEAK = "w2s w2s_conf vissup kd"   # the weak baselines a references stage holds
@@ -94,13 +96,35 @@ def load_stage(path, load=None):
 
 
 def record_seconds(cfg, path, seconds):
-    """Compute time of a finished stage, kept beside the cache in timing.json."""
+    """Compute time of a finished stage, kept beside the cache in timing.json: read, added to and
+    replaced by one process at a time (the ranks of a torchrun sweep share it)."""
     timing_path = os.path.join(cfg.cache or cfg.out, "timing.json")
-    timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {}
-    timing[os.path.basename(path)] = seconds
-    with open(timing_path + ".tmp", "w") as f:
-        json.dump(timing, f, indent=1)
-    os.replace(timing_path + ".tmp", timing_path)
+    with locked(timing_path + ".lock"):
+        timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {}
+        timing[os.path.basename(path)] = seconds
+        with open(f"{timing_path}.{os.getpid()}.tmp", "w") as f:
+            json.dump(timing, f, indent=1)
+        os.replace(f"{timing_path}.{os.getpid()}.tmp", timing_path)
+
+
+@contextlib.contextmanager
+def locked(lock, stale=30.0):
+    """Hold the lock file `lock` (created exclusively) for the block; one older than `stale`
+    seconds was left by a process that died, and is taken over."""
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL)
+            break
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):   # (its holder may let go meanwhile)
+                if time.time() - os.path.getmtime(lock) > stale:
+                    os.remove(lock)
+            time.sleep(0.05)
+    try:
+        yield
+    finally:
+        os.close(fd)
+        os.remove(lock)
 
 
 def stage_seconds(cfg, paths):
@@ -113,24 +137,39 @@ def stage_seconds(cfg, paths):
             for stage in ("pretrain", "shadow", "fit", "clients", "references")}
 
 
-def run_stage(cfg, path, desc, items, compute):
+def run_stage(cfg, path, desc, items, compute, ranks=None):
     """The results of compute(items) -> an iterator of one result per item, saved every few items
     so an interrupted stage resumes where it stopped; the finished list is saved atomically at
-    `path`, and read from there when it exists."""
-    if (done := load_stage(path)) is not None:
-        return done["results"]
+    `path`, and read from there when it exists. Under torchrun (ranks, config/dist.py) rank 0 reads
+    and writes the files, and hands what it read to every rank."""
+    if ranks is None:
+        state = stage_state(path)
+    else:
+        state = distributed.from_rank0(ranks, lambda: stage_state(path), desc)
+    if state["finished"]:
+        return state["results"]
+    writes = ranks is None or ranks.rank == 0
     partial = path.replace(".pt", ".partial.pt")
-    state = load_stage(partial) or {"results": [], "seconds": 0.0}
     t0 = time.time() - state["seconds"]   # a resumed stage counts the time it took before
     todo = items[len(state["results"]):]
-    for i, result in enumerate(tqdm(compute(todo), desc=desc, leave=False,
+    for i, result in enumerate(tqdm(compute(todo), desc=desc, leave=False, disable=not writes,
                                     initial=len(state["results"]), total=len(items))):
         state["results"].append(result)
-        if (i + 1) % 8 == 0:
+        if writes and (i + 1) % 8 == 0:
             state["seconds"] = time.time() - t0
             tinylm.atomic_save(state, partial)
-    tinylm.atomic_save({"results": state["results"], "seconds": time.time() - t0}, path)
-    record_seconds(cfg, path, time.time() - t0)
-    if os.path.exists(partial):
-        os.remove(partial)
+    if writes:
+        tinylm.atomic_save({"results": state["results"], "seconds": time.time() - t0}, path)
+        record_seconds(cfg, path, time.time() - t0)
+        if os.path.exists(partial):
+            os.remove(partial)
     return state["results"]
+
+
+def stage_state(path):
+    """A stage's progress: {"results", "seconds", "finished"}, from its file when finished, else
+    from its partial file, else empty."""
+    if (done := load_stage(path)) is not None:
+        return dict(done, finished=True)
+    partial = load_stage(path.replace(".pt", ".partial.pt")) or {"results": [], "seconds": 0.0}
+    return dict(partial, finished=False)

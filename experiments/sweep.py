@@ -8,6 +8,7 @@ tables. Every run of a sweep shares --cache, so later runs reuse the earlier run
     python experiments/sweep.py --experiment=shadow_count --cache=out   # K shadow subsets
     python experiments/sweep.py --tables --out=DIR     # an experiment's table again, from its runs
     python experiments/sweep.py --help                 # every option (as train.py's)
+    torchrun --standalone --nproc_per_node=8 experiments/sweep.py --experiment=frontier --cache=out
 
 Each run writes DIR/<run name>/results.json; the experiment writes DIR/<experiment>.md (and the
 frontier's and shadow count's points, DIR/<experiment>.json, which tools/plots.py draws).
@@ -23,6 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
 import train
+from config import dist as distributed
 from config.presets import EXPERIMENTS, SIGNAL_DIRECTIONS, parse_args
 from eval import fmt, markdown_table, pooling_table
 
@@ -43,15 +45,38 @@ def main(argv):
     cfg = parse_args(argv, __doc__)
     if not cfg.experiment:
         raise SystemExit(f"expected --experiment=NAME, one of {', '.join(EXPERIMENTS)}")
-    rows = []
+    points = []
     for o in EXPERIMENTS[cfg.experiment]:   # later runs reuse the earlier runs' stages
         sub = replace(cfg, experiment="", cache=cfg.cache or cfg.out, **o)
-        rows.append(train.run(replace(sub, out=os.path.join(cfg.out,
-                                                            run_name(sub, cfg.experiment)))))
+        points.append(replace(sub, out=os.path.join(cfg.out, run_name(sub, cfg.experiment))))
+    ranks = distributed.setup(cfg)   # None without torchrun
+    try:
+        rows = run_points(points, ranks)
+    finally:
+        distributed.finish(ranks)
+    if rows is None:   # a rank other than 0: rank 0 writes the table
+        return None
     table = write_experiment(cfg.experiment, rows, cfg.out)
     print(f"\n{cfg.experiment} experiment ({len(rows)} runs) -> "
           f"{cfg.out}/{cfg.experiment}.md\n\n{table}")
     return rows
+
+
+def run_points(points, ranks):
+    """Every point's results, in order (None on ranks other than 0). Under torchrun, first the
+    stages points share (both base models, the clean shadow runs) are made once by all ranks
+    together; then rank r runs points r, r + world, ... on its own, one worker, from the cache."""
+    if ranks is None:
+        return [train.run(point) for point in points]
+    made = set()
+    for point in points:   # points that share a shadow stage share the base models too
+        made.add(train.shared_stages(point, ranks, skip=made))
+    distributed.barrier(ranks, "shared stages")
+    mine = [train.run(replace(point, workers=1)) for point in points[ranks.rank::ranks.world]]
+    gathered = distributed.gather_to_rank0(ranks, mine, "the points' results")
+    if ranks.rank > 0:
+        return None
+    return [gathered[i % ranks.world][i // ranks.world] for i in range(len(points))]
 
 
 def run_name(cfg, experiment):
