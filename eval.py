@@ -165,7 +165,10 @@ def provenance(device="cpu"):
             "numpy": np.__version__, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(),
+            # this process's peak, at the end of the run (pool workers not counted); None on CPU
+            "peak_memory_bytes": (torch.cuda.max_memory_allocated(device)
+                                  if device.type == "cuda" else None)}
 
 
 # -----------------------------------------------------------------------------
