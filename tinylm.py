@@ -306,6 +306,10 @@ def set_update(model, update, *, check_finite=True):
     return model
 
 
+# -----------------------------------------------------------------------------
+# training: a base model from scratch, then LoRA fine-tuning, the algorithm every party shares
+
+
 def learning_rate(step, steps, lr):
     """The pretraining lr at `step` (0-based) of `steps`: a linear warmup over the first 5% of the
     steps, times a cosine from 1 at the start down to 0.1 at the end."""

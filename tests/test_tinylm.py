@@ -633,3 +633,23 @@ def test_set_update_can_skip_only_the_finite_check():
     assert tinylm.get_update(model).isnan().all()
     with pytest.raises(ValueError, match="shape"):      # shape and dtype are always checked
         tinylm.set_update(model, bad[:, 1:], check_finite=False)
+
+
+def test_writing_an_update_is_one_copy_and_without_the_finite_check_no_host_sync():
+    # the operators set_update dispatches, counted: one copy_ (not one per LoRA tensor), and a read
+    # back to the host (_local_scalar_dense, what .item() and `if tensor:` run) only with the check
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+    model = lora_gpt()
+    u = random_update(model)
+    tinylm.set_update(model, u)            # the first write builds the flat buffer
+    for check, synced in ((False, False), (True, True)):
+        ops = []
+        with Recorder():
+            tinylm.set_update(model, u, check_finite=check)
+        assert sum(op.startswith("copy_") for op in ops) == 1
+        assert any(op.startswith("_local_scalar_dense") for op in ops) == synced
