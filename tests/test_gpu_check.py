@@ -18,7 +18,7 @@ def gpu_check(args, **env):
 
 
 def table_rows(text):
-    """{stage: [status, seconds, steps/s, peak memory]} of the table's rows."""
+    """{stage: [status, seconds, tiny steps/s, llm steps/s, peak memory]} of the table's rows."""
     lines = text[text.index("stage "):].splitlines()
     cells = [[c.strip() for c in line.split("|")] for line in lines if "|" in line]
     return {c[0]: c[1:] for c in cells[1:]}
@@ -34,7 +34,7 @@ def test_a_budget_too_short_skips_every_step_and_still_prints_the_table(tmp_path
         assert f"{name}: skipped: needs at least 30 s" in done.stdout
     rows = table_rows(done.stdout)
     assert list(rows) == ["cuda_tests", "default_on_cuda", "gpu_preset"]
-    assert all(r == ["skipped", "0", "-", "-"] for r in rows.values())
+    assert all(r == ["skipped", "0", "-", "-", "-"] for r in rows.values())
     assert (out / "table.txt").read_text() == done.stdout[done.stdout.index("stage "):]
     files = [p for p in out.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 20 * 2**20
@@ -49,11 +49,12 @@ def test_a_cache_inside_the_output_folder_is_refused(tmp_path):
 
 def test_the_table_reads_steps_per_second_peak_memory_and_extrapolates_the_full_run(tmp_path):
     (tmp_path / "steps.tsv").write_text("cuda_tests\tok\t40\t-\n"
-                                        "gpu_preset\ttimed out at 300 s\t300\t12000\n")
-    # by hand: 3000 steps in 120 s = 25.0 steps/s; the full 12000 take 480 s, so the run would
-    # take 300 - 120 + 480 = 660 s (at least: this one timed out)
+                                        "gpu_preset\ttimed out at 300 s\t300\t6000,12000\n")
+    # by hand: tiny 1500 steps in 50 s = 30.0 steps/s, its full 6000 take 200 s; llm 3000 steps in
+    # 120 s = 25.0 steps/s, its full 12000 take 480 s; so at full length the run would take
+    # 300 + 200 - 50 + 480 - 120 = 810 s (at least: this one timed out)
     (tmp_path / "gpu_preset.log").write_text(
-        "pretrain  : tiny (small), 1,000 params, 6000 steps, 50.0s -> x\n"
+        "pretrain  : tiny (small), 1,000 params, 1500 steps, 50.0s -> x\n"
         "pretrain  : llm (medium), 2,000,000 params, 3000 steps, 120.0s -> y\n")
     (tmp_path / "gpu_preset").mkdir()
     (tmp_path / "gpu_preset" / "results.json").write_text(
@@ -61,7 +62,8 @@ def test_the_table_reads_steps_per_second_peak_memory_and_extrapolates_the_full_
     done = gpu_check(["--table", str(tmp_path)])
     assert done.returncode == 0, done.stderr
     rows = table_rows(done.stdout)
-    assert rows["cuda_tests"] == ["ok", "40", "-", "-"]
-    assert rows["gpu_preset"] == ["timed out at 300 s", "300", "25.0", "3072 MiB"]
-    assert ("gpu_preset: LLM pretraining ran 3000 of 12000 steps at 25.0 steps/s; the full run "
-            "extrapolates to 300 - 120 + 12000 / 25.0 = 660 s (timed out at 300 s)") in done.stdout
+    assert rows["cuda_tests"] == ["ok", "40", "-", "-", "-"]
+    assert rows["gpu_preset"] == ["timed out at 300 s", "300", "30.0", "25.0", "3072 MiB"]
+    assert ("gpu_preset: pretraining ran tiny 1500 of 6000 steps at 30.0 steps/s, llm 3000 of "
+            "12000 steps at 25.0 steps/s; at full length the run extrapolates to 300 + 6000 / 30.0 "
+            "- 50 + 12000 / 25.0 - 120 = 810 s (timed out at 300 s)") in done.stdout

@@ -5,11 +5,12 @@
 #
 #   1. cuda_tests       python3 -m pytest tests/test_cuda.py              (limit 150 s)
 #   2. default_on_cuda  train.py on CUDA, the default preset, from nothing (limit 200 s)
-#   3. gpu_preset       train.py --preset=gpu on CUDA, from nothing, its LLM pretraining shortened to
-#                       GPU_PRETRAIN_STEPS_LLM steps (default 3000 of 12000); the table extrapolates
-#                       the full run from the measured LLM pretraining steps/s     (what is left)
+#   3. gpu_preset       train.py --preset=gpu on CUDA, from nothing, its pretraining shortened to
+#                       GPU_PRETRAIN_STEPS_TINY / _LLM steps (default 1500 of 6000, 3000 of 12000);
+#                       the table extrapolates the full run from the pretraining steps/s it measured:
+#                       seconds + (full - ran) / (steps/s), per model        (what is left, <= 600 s)
 #
-# It ends with ONE table: stage, status, seconds, LLM pretraining steps/s, peak GPU memory (from each
+# It ends with ONE table: stage, status, seconds, pretraining steps/s, peak GPU memory (from each
 # run's results.json: provenance.peak_memory_bytes). The runs' caches (checkpoints, ~200 MB) live in
 # GPU_CHECK_CACHE, outside OUT; OUT keeps the logs (no progress bars: TQDM_DISABLE=1), each run's
 # results.json and config.json and the table: well under 20 MB. RESULTS.md, "On one GPU", says what to
@@ -24,35 +25,38 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
-table() {   # table OUT: one row per step of OUT/steps.tsv (name, status, seconds, full LLM steps)
+table() {   # table OUT: one row per line of OUT/steps.tsv (name, status, seconds, full steps)
     "$PYTHON" - "$1" <<'EOF'
 import json, os, re, sys
 out = sys.argv[1]
-logged = re.compile(r"pretrain  : llm \(.*?\), [\d,]+ params, (\d+) steps, ([\d.]+)s")
+logged = re.compile(r"pretrain  : (tiny|llm) \(.*?\), [\d,]+ params, (\d+) steps, ([\d.]+)s")
 rows = []
 notes = []
 with open(os.path.join(out, "steps.tsv")) as f:
-    for line in f:
+    for line in f:   # full steps: "-", or the preset's "tiny_steps,llm_steps" for a shortened run
         name, status, seconds, full_steps = line.rstrip("\n").split("\t")
-        rate = "-"
-        peak = "-"
         log = os.path.join(out, name + ".log")
-        found = logged.findall(open(log).read()) if os.path.exists(log) else []
-        if found:   # the LLM pretraining: steps / its seconds
-            steps = int(found[-1][0])
-            llm_seconds = float(found[-1][1])
-            rate = f"{steps / llm_seconds:.1f}"
-            if full_steps != "-" and int(full_steps) > steps:
-                full = float(seconds) - llm_seconds + int(full_steps) / (steps / llm_seconds)
-                notes.append(f"{name}: LLM pretraining ran {steps} of {full_steps} steps at {rate} "
-                             f"steps/s; the full run extrapolates to {seconds} - {llm_seconds:.0f} + "
-                             f"{full_steps} / {rate} = {full:.0f} s ({status})")
+        text = open(log).read() if os.path.exists(log) else ""
+        ran = {who: (int(n), float(s)) for who, n, s in logged.findall(text)}
+        rate = {who: n / s for who, (n, s) in ran.items()}
+        full = {}
+        if full_steps != "-":
+            full = dict(zip(("tiny", "llm"), map(int, full_steps.split(","))))
+        if full and set(ran) == {"tiny", "llm"}:   # each pretraining at its full length
+            estimate = float(seconds) + sum(full[w] / rate[w] - ran[w][1] for w in ran)
+            ran_text = ", ".join(f"{w} {ran[w][0]} of {full[w]} steps at {rate[w]:.1f} steps/s"
+                                 for w in ran)
+            terms = " ".join(f"+ {full[w]} / {rate[w]:.1f} - {ran[w][1]:.0f}" for w in ran)
+            notes.append(f"{name}: pretraining ran {ran_text}; at full length the run "
+                         f"extrapolates to {seconds} {terms} = {estimate:.0f} s ({status})")
+        peak = "-"
         results = os.path.join(out, name, "results.json")
         if os.path.exists(results):
             memory = json.load(open(results))["provenance"].get("peak_memory_bytes")
             peak = "-" if memory is None else f"{memory / 2**20:.0f} MiB"
-        rows.append((name, status, seconds, rate, peak))
-head = ("stage", "status", "seconds", "LLM pretrain steps/s", "peak memory")
+        rates = [f"{rate[w]:.1f}" if w in rate else "-" for w in ("tiny", "llm")]
+        rows.append((name, status, seconds, *rates, peak))
+head = ("stage", "status", "seconds", "tiny steps/s", "llm steps/s", "peak memory")
 widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
 for r in [head] + rows:
     print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -69,6 +73,7 @@ fi
 OUT=${1:-out_gpu_check}
 BUDGET_S=${BUDGET_S:-540}
 CACHE=${GPU_CHECK_CACHE:-${TMPDIR:-/tmp}/gpu_check_cache}
+TINY_STEPS=${GPU_PRETRAIN_STEPS_TINY:-1500}
 LLM_STEPS=${GPU_PRETRAIN_STEPS_LLM:-3000}
 FAKE=${GPU_CHECK_FAKE:-0}
 export TQDM_DISABLE=1 PYTHONUNBUFFERED=1
@@ -136,13 +141,15 @@ if [ "$FAKE" = 1 ]; then
     echo "cuda_tests: skipped: GPU_CHECK_FAKE=1, no GPU" | tee -a "$OUT/steps.txt"
     record cuda_tests skipped 0 -
     step default_on_cuda 30 200 - run default_on_cuda --preset=smoke --device=cpu
-    step gpu_preset 30 600 250 run gpu_preset --preset=smoke --device=cpu --pretrain_steps_llm=100
+    step gpu_preset 30 600 150,250 run gpu_preset --preset=smoke --device=cpu \
+        --pretrain_steps_tiny=50 --pretrain_steps_llm=100
 else
     step cuda_tests 60 150 - "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py
     step default_on_cuda 60 200 - run default_on_cuda --device=cuda
-    full=$("$PYTHON" -c "from config.presets import PRESETS; print(PRESETS['gpu'].pretrain_steps_llm)")
+    full=$("$PYTHON" -c "from config.presets import PRESETS; gpu = PRESETS['gpu']
+print(gpu.pretrain_steps_tiny, gpu.pretrain_steps_llm, sep=',')")
     step gpu_preset 120 600 "$full" run gpu_preset --preset=gpu --device=cuda \
-        --pretrain_steps_llm="$LLM_STEPS"
+        --pretrain_steps_tiny="$TINY_STEPS" --pretrain_steps_llm="$LLM_STEPS"
 fi
 echo "total: $((SECONDS - START)) s of a $BUDGET_S s budget" | tee -a "$OUT/steps.txt"
 table "$OUT" | tee "$OUT/table.txt"
