@@ -4,7 +4,7 @@
 # total budget; a step that cannot fit in what is left is skipped, and says so:
 #
 #   1. cuda_tests       python3 -m pytest tests/test_cuda.py              (limit 150 s)
-#   2. default_on_cuda  train.py on CUDA, the default preset, from nothing (limit 200 s)
+#   2. default_on_cuda  train.py on CUDA, the default preset, from nothing (limit 240 s)
 #   3. gpu_preset       train.py --preset=gpu on CUDA, from nothing, its pretraining shortened to
 #                       GPU_PRETRAIN_STEPS_TINY / _LLM steps (default 1500 of 6000, 3000 of 12000);
 #                       the table extrapolates the full run from the pretraining steps/s it measured:
@@ -109,6 +109,7 @@ step() {   # step NAME NEED LIMIT FULL_STEPS COMMAND...: run it if NEED s of the
     fi
     local t=$((limit < left ? limit : left))
     local t0=$SECONDS
+    rm -rf "${CACHE:?}/$name"   # a run's caches: from nothing, every time
     timeout --kill-after=10 "$t" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     local status="ok"
@@ -130,25 +131,21 @@ step() {   # step NAME NEED LIMIT FULL_STEPS COMMAND...: run it if NEED s of the
     tail -n 15 "$OUT/$name.log"
 }
 
-run() {   # run NAME OPTIONS...: train.py from nothing, its caches in CACHE/NAME
-    local name=$1
-    shift
-    rm -rf "${CACHE:?}/$name"
-    "$PYTHON" train.py "$@" --out="$CACHE/$name"
-}
-
 if [ "$FAKE" = 1 ]; then
     echo "cuda_tests: skipped: GPU_CHECK_FAKE=1, no GPU" | tee -a "$OUT/steps.txt"
     record cuda_tests skipped 0 -
-    step default_on_cuda 30 200 - run default_on_cuda --preset=smoke --device=cpu
-    step gpu_preset 30 600 150,250 run gpu_preset --preset=smoke --device=cpu \
+    step default_on_cuda 30 200 - "$PYTHON" train.py --preset=smoke --device=cpu \
+        --out="$CACHE/default_on_cuda"
+    step gpu_preset 30 600 150,250 "$PYTHON" train.py --preset=smoke --device=cpu \
+        --out="$CACHE/gpu_preset" \
         --pretrain_steps_tiny=50 --pretrain_steps_llm=100
 else
     step cuda_tests 60 150 - "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py
-    step default_on_cuda 60 200 - run default_on_cuda --device=cuda
+    step default_on_cuda 60 240 - "$PYTHON" train.py --device=cuda --out="$CACHE/default_on_cuda"
     full=$("$PYTHON" -c "from config.presets import PRESETS; gpu = PRESETS['gpu']
 print(gpu.pretrain_steps_tiny, gpu.pretrain_steps_llm, sep=',')")
-    step gpu_preset 120 600 "$full" run gpu_preset --preset=gpu --device=cuda \
+    step gpu_preset 120 600 "$full" "$PYTHON" train.py --preset=gpu --device=cuda \
+        --out="$CACHE/gpu_preset" \
         --pretrain_steps_tiny="$TINY_STEPS" --pretrain_steps_llm="$LLM_STEPS"
 fi
 echo "total: $((SECONDS - START)) s of a $BUDGET_S s budget" | tee -a "$OUT/steps.txt"
