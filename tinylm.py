@@ -274,23 +274,22 @@ def split_update(model, update):
 
 def flat_lora(model):
     """The model's LoRA tensors as ONE flat buffer (n_layer * token_dim,) laid out as the update
-    vector, each LoRA parameter a view of it: writing an update is then one copy, not one per
-    tensor (16 at the default preset). Built on first use, and rebuilt (from the parameters'
-    current values) when they no longer view it: after `.to(device)` or a deepcopy, for example."""
+    vector, each LoRA parameter a view of it (`split_update` of the buffer): writing an update is
+    then one copy, not one per tensor (16 at the default preset). Built on first use, and rebuilt
+    (from the parameters' current values) when they no longer view it: after `.to(device)` or a
+    deepcopy, for example."""
     params = lora_parameters(model)
     flat = getattr(model, "lora_flat", None)
-    offset = 0
-    views = flat is not None and flat.device == params[0].device and flat.dtype == params[0].dtype
-    for p in params:   # host-side pointer arithmetic only: no kernel, no sync
-        views = views and p.data_ptr() == flat.data_ptr() + offset * flat.element_size()
-        offset += p.numel()
-    if views:
+    if flat is not None and all(p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+                                for p in params):   # host-side pointers only: no kernel, no sync
         return flat
-    flat = torch.cat([p.detach().flatten() for p in params])
-    offset = 0
-    for p in params:
-        p.data = flat[offset: offset + p.numel()].view_as(p)
-        offset += p.numel()
+    shape = update_shape(model.cfg, model.lora[0])
+    flat = torch.zeros(math.prod(shape), device=params[0].device, dtype=params[0].dtype)
+    by_name = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, view in split_update(model, flat.view(shape)).items():
+            view.copy_(by_name[name])
+            by_name[name].data = view
     model.lora_flat = flat   # a plain attribute: not in the state dict, never saved
     return flat
 
