@@ -376,14 +376,23 @@ def ridge_predict(ridge, X):
     return (z @ r["keys"].T) @ r["values"] * r["y_std"] + r["y_mean"]
 
 
+def leading(basis, k):
+    """The first k directions of a public basis (`public_basis` of a larger k): the same numbers
+    as public_basis(X_clean, k), since both are the top rows of one SVD. None for k = 0."""
+    if k == 0:
+        return None
+    return {"mean": basis["mean"], "U": basis["U"][:, :k].contiguous()}
+
+
 def linear_candidates(X_clean, X, Y, ks, lams):
-    """{(k, lambda): (public basis, ridge map)} fit on pairs X (N, n, d) -> Y (N, ...); one
-    factorisation per k serves every lambda (ridge_factors, then ridge_at)."""
+    """{(k, lambda): (public basis, ridge map)} fit on pairs X (N, n, d) -> Y (N, ...); ONE SVD
+    (`public_basis` at the largest k, sliced by `leading`) serves every k, and one factorisation
+    per k serves every lambda (ridge_factors, then ridge_at)."""
+    fits = [k for k in ks if k <= min(X_clean.shape[0] - 1, X_clean[0].numel())]  # else: more
+    largest = public_basis(X_clean, max(fits, default=0))        # directions than the data has
     maps = {}
-    for k in ks:
-        if k > min(X_clean.shape[0] - 1, X_clean[0].numel()):   # more directions than the data has
-            continue
-        basis = public_basis(X_clean, k)
+    for k in fits:
+        basis = leading(largest, k)
         factors = ridge_factors(project(X, basis), Y)
         for lam in lams:
             maps[(k, lam)] = (basis, ridge_at(factors, lam))
@@ -421,17 +430,23 @@ class LinearMap(NamedTuple):
 def held_out_scores(X_clean, X, Y, criterion, folds, ks, lams, draws):
     """{(k, lambda): per-run scores (n_runs,)} of every candidate linear map, cross-validated: for
     each fold (train runs, held-out runs) the candidates are fit on the train runs and score each
-    held-out run on its last `draws` inputs, so every run of `folds` speaks once. Only candidates
-    every fold could fit are kept (a small fold has room for fewer directions)."""
+    held-out run on its last `draws` inputs, so every run of `folds` speaks once. All of a fold's
+    candidates are scored in ONE criterion call (their predictions stacked, the held-out runs
+    repeated once per candidate). Only candidates every fold could fit are kept (a small fold has
+    room for fewer directions)."""
     scores = {}
     for train, held_out in folds:
         fitted = linear_candidates(X_clean[train].flatten(0, 1), X[train].flatten(0, 1),
                                    Y[train].flatten(0, 1), ks, lams)
-        for (k, lam), (basis, ridge) in fitted.items():
-            inputs = X[held_out, -draws:].flatten(0, 1)                  # (runs * draws, n, d)
-            pred = ridge_predict(ridge, project(inputs, basis))
-            run_scores = criterion(pred.view(len(held_out), draws, *Y.shape[2:]), held_out)
-            scores.setdefault((k, lam), []).append(run_scores)
+        if not fitted:   # no candidate fits this fold: none is kept
+            return {}
+        inputs = X[held_out, -draws:].flatten(0, 1)                      # (runs * draws, n, d)
+        pred = torch.stack([ridge_predict(ridge, project(inputs, basis))
+                            for basis, ridge in fitted.values()])        # (C, runs * draws, D)
+        pred = pred.view(len(fitted) * len(held_out), draws, *Y.shape[2:])
+        run_scores = criterion(pred, list(held_out) * len(fitted))      # (C * runs,)
+        for candidate, s in zip(fitted, np.reshape(run_scores, (len(fitted), len(held_out)))):
+            scores.setdefault(candidate, []).append(s)
     return {c: np.concatenate([np.atleast_1d(s) for s in v]) for c, v in scores.items()
             if len(v) == len(folds)}
 

@@ -242,15 +242,18 @@ def get_update(model):
     ### END SOLUTION
 
 
-def check_update(update, shape, what="update vector"):
-    """Refuse anything that is not a finite floating tensor of the expected shape."""
+def check_update(update, shape, what="update vector", *, finite=True):
+    """Refuse anything that is not a floating tensor of the expected shape, and, with `finite`,
+    one holding NaN or inf. The finite check reads the values back (a host sync): it guards the
+    boundary (an update or upload from outside); scoring loops over updates the code made itself
+    pass finite=False and stay asynchronous."""
     if not isinstance(update, torch.Tensor):
         raise TypeError(f"{what}: expected a torch.Tensor, got {type(update).__name__}")
     if tuple(update.shape) != tuple(shape):
         raise ValueError(f"{what}: expected shape {tuple(shape)}, got {tuple(update.shape)}")
     if not update.is_floating_point():
         raise ValueError(f"{what}: expected a floating-point tensor, got dtype {update.dtype}")
-    if not torch.isfinite(update).all():
+    if finite and not torch.isfinite(update).all():
         raise ValueError(f"{what}: contains NaN or inf values")
 
 
@@ -270,13 +273,36 @@ def split_update(model, update):
     return out
 
 
-@torch.no_grad()
-def set_update(model, update):
-    """Write an update vector (n_layer, token_dim) into the model's LoRA parameters."""
+def flat_lora(model):
+    """The model's LoRA tensors as ONE flat buffer (n_layer * token_dim,) laid out as the update
+    vector, each LoRA parameter a view of it (`split_update` of the buffer): writing an update is
+    then one copy, not one per tensor (16 at the default preset). Built on first use, and rebuilt
+    (from the parameters' current values) when they no longer view it: after `.to(device)` or a
+    deepcopy, for example."""
     params = lora_parameters(model)
-    check_update(update, update_shape(model.cfg, model.lora[0]))
-    for p, t in zip(params, split_update(model, update).values()):  # the same order
-        p.copy_(t)
+    flat = getattr(model, "lora_flat", None)
+    if flat is not None and all(p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+                                for p in params):   # host-side pointers only: no kernel, no sync
+        return flat
+    shape = update_shape(model.cfg, model.lora[0])
+    flat = torch.zeros(math.prod(shape), device=params[0].device, dtype=params[0].dtype)
+    by_name = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, view in split_update(model, flat.view(shape)).items():
+            view.copy_(by_name[name])
+            by_name[name].data = view
+    model.lora_flat = flat   # a plain attribute: not in the state dict, never saved
+    return flat
+
+
+@torch.no_grad()
+def set_update(model, update, *, check_finite=True):
+    """Write an update vector (n_layer, token_dim) into the model's LoRA parameters, in one copy
+    (`flat_lora`). check_finite=False skips the NaN/inf check (a host sync) for updates the code
+    made itself, in scoring loops; shape and dtype are always checked."""
+    flat = flat_lora(model)                  # refuses a model without LoRA
+    check_update(update, update_shape(model.cfg, model.lora[0]), finite=check_finite)
+    flat.copy_(update.reshape(-1))   # update order = the buffer's layout
     return model
 
 
@@ -516,7 +542,9 @@ def loss_of_updates(model, updates, datasets, max_tokens=None):
     updates (U, n_layer, token_dim), ~max_tokens tokens a chunk (GPU 2^16, CPU 2^12: its caches)."""
     lora_parameters(model)                                  # refuses a model without LoRA
     x, y, mask = data.stack_runs(datasets, updates, "updates", model.wte.weight.device)  # (U, N, T)
-    check_update(updates, (len(x), *update_shape(model.cfg, model.lora[0])), "updates")
+    # shape and dtype only: the updates scored here are the code's own (predictions, references)
+    check_update(updates, (len(x), *update_shape(model.cfg, model.lora[0])), "updates",
+                 finite=False)
     updates = updates.to(x.device, model.wte.weight.dtype)
 
     def loss_with(update, x, y, mask):

@@ -536,14 +536,23 @@ def test_untrained_translator_with_skip_path_is_the_ridge_map():
     torch.testing.assert_close(gradtx.generate(model, X_new), expected, atol=1e-4, rtol=1e-4)
 
 
+def distance_to(target, first_run):
+    """A criterion (pred (runs, ...), runs) -> (runs,): each held-out run's distance to its row of
+    target (run first_run is row 0)."""
+    def criterion(pred, runs):
+        rows = target[[int(r) - first_run for r in runs]]
+        return (pred.flatten(1).double() - rows.double()).norm(dim=1).numpy()
+    return criterion
+
+
 def test_select_linear_map_takes_what_the_criterion_prefers():
     X, Y = random_pairs(20, seed=7)
     target = gradtx.ridge_predict(fit_ridge(gradtx.project(X[:16], gradtx.public_basis(X[:16], 4)),
                                                    Y[:16], 10.0), gradtx.project(X[16:], gradtx.public_basis(X[:16], 4)))
-    criterion = lambda pred, runs: (pred.flatten(1).double() - target.double()).norm().item()  # noqa: E731
+    criterion = distance_to(target, first_run=16)
     chosen = gradtx.select_linear_map(X[:, None], X[:, None], Y[:, None], criterion,
                                      [(list(range(16)), [16, 17, 18, 19])], ks=(0, 2, 4),
-                                     lams=(1.0, 10.0, 100.0))
+                                     lams=(1.0, 10.0, 100.0), rule="best")
     assert (chosen.k, chosen.lam) == (4, 10.0) and len(chosen.scores) == 9
 
 
@@ -554,7 +563,7 @@ def test_select_linear_map_equals_a_search_that_refits_ridge_at_every_lambda():
     X_val = random_pairs(4, seed=9)[0]
     basis = gradtx.public_basis(X, 2)   # the criterion prefers what (k, lambda) = (2, 1) predicts
     target = gradtx.ridge_predict(fit_ridge(gradtx.project(X, basis), Y, 1.0), gradtx.project(X_val, basis))
-    criterion = lambda pred, runs: (pred.flatten(1).double() - target.double()).norm().item()  # noqa: E731
+    criterion = distance_to(target, first_run=24)
     ks, lams = (0, 2, 5), (1e-3, 1e-1, 1.0, 10.0, 1e3)
     expected = {}
     for k in ks:
@@ -562,7 +571,7 @@ def test_select_linear_map_equals_a_search_that_refits_ridge_at_every_lambda():
         for lam in lams:
             ridge = fit_ridge(gradtx.project(X, basis), Y, lam)
             pred = gradtx.ridge_predict(ridge, gradtx.project(X_val, basis))
-            expected[(k, lam)] = (criterion(pred, None), pred)
+            expected[(k, lam)] = (criterion(pred, [24, 25, 26, 27]).mean(), pred)
     best = min(expected, key=lambda key: expected[key][0])
     runs_X = torch.cat([X, X_val])[:, None]                 # 24 training runs, 4 held out (their Y unused)
     runs_Y = torch.cat([Y, torch.zeros(4, *Y.shape[1:])])[:, None]
@@ -737,3 +746,32 @@ def test_the_papers_translator_has_no_buffers_of_the_additions():
     model = make_model()
     assert model.basis is None and model.ridge is None and model.gate is None
     assert sorted(name for name, _ in model.named_buffers()) == ["x_mean", "x_std", "y_mean", "y_std"]
+
+
+def test_one_svd_serves_every_subspace_size_bit_for_bit():
+    # the oracle: public_basis computed for each k on its own (an SVD each)
+    X = random_pairs(20, seed=14)[0]
+    largest = gradtx.public_basis(X, 8)
+    for k in (0, 1, 4, 8):
+        alone = gradtx.public_basis(X, k)
+        sliced = gradtx.leading(largest, k)
+        assert (alone is None and sliced is None) or all(torch.equal(alone[n], sliced[n])
+                                                         for n in ("mean", "U"))
+
+
+def test_selection_scores_all_of_a_folds_candidates_in_one_criterion_call():
+    X, Y = random_pairs(12, seed=15)
+    folds = data.split_runs(12, 0.25, seed=0, n_folds=3)
+    target = torch.randn(12, N_TGT * D_TGT, generator=torch.Generator().manual_seed(16))
+    calls = []
+
+    def criterion(pred, runs):   # (C * runs, 1, ...) -> (C * runs,)
+        calls.append(len(runs))
+        return (pred.flatten(1) - target[list(runs)]).pow(2).sum(1).numpy()
+    scores = gradtx.held_out_scores(X[:, None], X[:, None], Y[:, None], criterion, folds,
+                                    ks=(0, 2), lams=(0.1, 10.0), draws=1)
+    assert calls == [4 * len(va) for _, va in folds]           # one call per fold, 4 candidates
+    for (k, lam), got in scores.items():                       # each candidate scored on its own
+        alone = gradtx.held_out_scores(X[:, None], X[:, None], Y[:, None], criterion, folds,
+                                       ks=(k,), lams=(lam,), draws=1)
+        np.testing.assert_array_equal(got, alone[(k, lam)])

@@ -596,3 +596,60 @@ def test_adaptive_confidence_is_guo_et_al_per_token_by_hand():
     # a fixed weight is Burns et al.'s: (1 - w) loss + w CE(own), untouched by the new branch
     loss = tinylm.masked_cross_entropy(logits, y, mask)
     assert tinylm.with_confidence(logits, y, mask, loss, tinylm.Recipe(steps=10), 5) is loss
+
+
+def test_set_update_is_one_copy_into_a_buffer_the_lora_tensors_view():
+    # the oracle: the per-tensor write set_update used to do (split_update, then p.copy_(t) each)
+    model = lora_gpt()
+    u = random_update(model)
+    tinylm.set_update(model, u)
+    flat = model.lora_flat
+    storage = flat.untyped_storage().data_ptr()                          # views of one buffer:
+    assert all(p.untyped_storage().data_ptr() == storage for p in tinylm.lora_parameters(model))
+    expected = copy.deepcopy(model)   # a deepcopy clones the parameters: they no longer view it
+    with torch.no_grad():
+        for p, t in zip(tinylm.lora_parameters(expected), tinylm.split_update(expected, u).values()):
+            p.copy_(t)
+    assert torch.equal(flat, u.flatten())
+    assert all(torch.equal(p, q) for p, q in zip(tinylm.lora_parameters(model),
+                                                   tinylm.lora_parameters(expected)))
+    v = random_update(model) * 3
+    tinylm.set_update(expected, v)                     # rebuilt for the copy, the original untouched
+    assert torch.equal(tinylm.get_update(expected), v) and torch.equal(tinylm.get_update(model), u)
+    assert expected.lora_flat.data_ptr() != flat.data_ptr()
+    # training writes through the views: the buffer always holds the current update
+    opt = torch.optim.SGD(tinylm.lora_parameters(model), lr=0.1)
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(idx, idx)[1].backward()
+    opt.step()
+    assert torch.equal(model.lora_flat, tinylm.get_update(model).flatten())
+    assert not torch.equal(model.lora_flat, u.flatten())
+
+
+def test_set_update_can_skip_only_the_finite_check():
+    model = lora_gpt()
+    bad = torch.full(tinylm.update_shape(model.cfg, RANK), float("nan"))
+    tinylm.set_update(model, bad, check_finite=False)    # the code's own update: written as it is
+    assert tinylm.get_update(model).isnan().all()
+    with pytest.raises(ValueError, match="shape"):      # shape and dtype are always checked
+        tinylm.set_update(model, bad[:, 1:], check_finite=False)
+
+
+def test_writing_an_update_is_one_copy_and_without_the_finite_check_no_host_sync():
+    # the operators set_update dispatches, counted: one copy_ (not one per LoRA tensor), and a read
+    # back to the host (_local_scalar_dense, what .item() and `if tensor:` run) only with the check
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+    model = lora_gpt()
+    u = random_update(model)
+    tinylm.set_update(model, u)            # the first write builds the flat buffer
+    for check, synced in ((False, False), (True, True)):
+        ops = []
+        with Recorder():
+            tinylm.set_update(model, u, check_finite=check)
+        assert sum(op.startswith("copy_") for op in ops) == 1
+        assert any(op.startswith("_local_scalar_dense") for op in ops) == synced
