@@ -280,6 +280,33 @@ def set_update(model, update):
 
 
 # -----------------------------------------------------------------------------
+# nanoGPT's one-GPU switches: a step's precision and its compilation (config/presets.py: --dtype,
+# --compile; train.py checks them against the device)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast(device, dtype):
+    """The context a forward runs in: float32 as written, or autocast to "bfloat16" / "float16"
+    (matmuls in half precision, reductions and the loss in float32; the weights, their gradients
+    and AdamW's state stay float32)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return torch.autocast(torch.device(device).type, dtype=DTYPES[dtype],
+                          enabled=dtype != "float32")
+
+
+def compiled(fn, *, compile, device):
+    """fn itself, or with compile torch.compile'd as one graph (fullgraph: a graph break is an
+    error, not a slow fallback); on CUDA mode="reduce-overhead" replays it as a CUDA graph, one
+    launch per call. Its backward is compiled with it (AOTAutograd)."""
+    if not compile:
+        return fn
+    mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
+    return torch.compile(fn, fullgraph=True, mode=mode)
+
+
+# -----------------------------------------------------------------------------
 # training: a base model from scratch, then LoRA fine-tuning, the algorithm every party shares
 
 
@@ -291,24 +318,47 @@ def learning_rate(step, steps, lr):
     return lr * min(1.0, (step + 1) / warmup) * cosine
 
 
-def pretrain(cfg, next_batch, *, steps, lr, seed, device="cpu", desc="pretrain"):
-    """A GPT(cfg) trained from scratch on next_batch() -> (x, y, mask) (the public base models):
-    AdamW with the `learning_rate` schedule, gradients clipped to norm 1."""
+def pretrain(cfg, rows_of, indices, *, lr, seed, device="cpu", desc="pretrain", compile=False,
+             dtype="float32", log_every=50):
+    """A GPT(cfg) trained from scratch (the public base models), step s on the batch
+    rows_of(indices[s]) -> (x, y, mask) (B, T): AdamW with the `learning_rate` schedule, gradients
+    clipped to norm 1. indices (steps, B): every step's batch drawn up front, on `device` (no copy
+    from the host a step); the loss is read on the host every `log_every` steps only, so that a
+    step never waits for the GPU. compile, dtype: `compiled` and `autocast`."""
     torch.manual_seed(seed)
     model = GPT(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    device = torch.device(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01,
+                            fused=device.type == "cuda" or None)   # one kernel on CUDA
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+
+    def batch_loss(idx):   # the step's forward: gather the batch, the masked loss
+        with autocast(device, dtype):
+            return model(*rows_of(idx))[1]
+
+    loss_of_batch = compiled(batch_loss, compile=compile, device=device)
+    steps = len(indices)
     for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(step, steps, lr)
-        x, y, mask = (t.to(device) for t in next_batch())   # a no-op for a batch made on the device
-        _, loss = model(x, y, mask)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        loss = pretrain_step(model, opt, scaler, loss_of_batch(indices[step]),
+                             lr=learning_rate(step, steps, lr))
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")   # the one host read, every log_every steps
     return model.eval()
+
+
+def pretrain_step(model, opt, scaler, loss, *, lr):
+    """One optimizer step of pretraining from the batch's loss: backward, clip the gradient to
+    norm 1, AdamW at `lr`. With float16 the scaler scales the loss and skips a step whose
+    gradients overflow; otherwise it does nothing. Returns the loss, detached (no host read)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)                               # clip the true gradient, not the scaled one
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach()
 
 
 @dataclass

@@ -212,9 +212,9 @@ def pretrain_rows(cfg, task, tiny, llm):
                                   cfg.pretrain_lr_llm)):
         def run(n):
             rng = data.stream(cfg.seed, "pretrain batches")
-            tinylm.pretrain(narrow(size, task),
-                            lambda: task.pretrain_batch(cfg.pretrain_batch, rng),
-                            steps=n, lr=lr, seed=cfg.seed)
+            indices = task.pretrain_draws(cfg.pretrain_batch, n, rng)
+            tinylm.pretrain(narrow(size, task), task.pretrain_rows, indices, lr=lr, seed=cfg.seed,
+                            compile=cfg.compile, dtype=cfg.dtype)
         rows.append(Row(f"pretrain {who}", *fixed_and_per_step(run), steps))
     return rows
 
