@@ -645,13 +645,14 @@ def fit(model, X_train, Y_train, X_val, Y_val, *, steps, lr, weight_decay=0.0, b
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
                             fused=device.type == "cuda" or None)   # one kernel on CUDA
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
-    # (steps, batch_size): the same numbers as a draw of batch_size a step, copied to the device once
+    # (steps, batch_size): the numbers a draw of batch_size a step gives, copied to the device once
     batches = torch.randint(len(xs), (steps, batch_size),
                             generator=torch.Generator().manual_seed(seed)).to(device)
 
     def batch_loss(idx):   # the step's forward: gather the batch, the teacher-forcing loss
         with tinylm.autocast(device, dtype):
-            return teacher_forcing_loss(model, xs[idx], ys[idx], None if base is None else base[idx])
+            base_batch = None if base is None else base[idx]
+            return teacher_forcing_loss(model, xs[idx], ys[idx], base_batch)
 
     loss_of_batch = tinylm.compiled(batch_loss, compile=compile, device=device)
     history = []

@@ -1,8 +1,8 @@
 """
 tools/bench_ops.py -- how many kernels a whole run launches on a GPU, counted on a CPU: per stage
 of a preset, its operator calls along the CUDA code path, from short runs extrapolated to the
-preset's step counts, and the GPU time they take at a stated cost per launch. Issue 42's baseline:
-the launch-bound GPU run is judged by this count.
+preset's step counts, and the GPU time they take at a stated cost per launch. The launch-bound GPU
+run is judged by this count.
 
     python tools/bench_ops.py                                  # both presets, every stage
     python tools/bench_ops.py --preset=gpu --stages=pretrain,shadow
@@ -24,8 +24,9 @@ The CUDA path, where it differs from the CPU's (`cuda_paths`): AdamW in pretrain
 translator's fit and tinylm.finetune's Adam are fused there (fused=device.type == "cuda"); a fused
 Adam(W) dispatches the one _fused_adam(w)_ operator on a CPU as on CUDA, so it counts as CUDA's
 multi_tensor_apply would launch it. Optimizers made without `fused` take the foreach
-implementation, as they do by default on CUDA. LLM scoring (tinylm.loss_of_updates) takes the GPU's chunks of 2^16 tokens; the fine-
-tunes of a stage run in chunks of batch_runs (config/pool.chunked with one worker, as on CUDA).
+implementation, as they do by default on CUDA. LLM scoring (tinylm.loss_of_updates) takes the
+GPU's chunks of 2^16 tokens; the fine-tunes of a stage run in chunks of batch_runs
+(config/pool.chunked with one worker, as on CUDA).
 
 Extrapolation: a stage's count is linear in its steps, so two short runs of s1 < s2 steps give
     per step = (c(s2) - c(s1)) / (s2 - s1),   fixed = c(s1) - s1 * per step,
@@ -44,7 +45,7 @@ the weak baselines: every example is kept, the labels do not change the count).
 
 Per launch: `--launch_us` (5 µs: launch-bound, H100-class). Eager PyTorch costs more per operator
 on the host than the launch itself: the gpu preset's LLM pretraining ran at ~22 steps/s on an H200
-(issue 42), 781 launches a step here, ~58 µs an operator.
+(before --compile), 781 launches a step here, ~58 µs an operator.
 
 Compiled regions: where the preset sets --compile (the gpu preset does), tinylm.compiled
 compiles the forward of the pretraining step and of the translator's step with
