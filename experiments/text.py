@@ -149,17 +149,17 @@ class TextTask:
     def pretrain_draws(self, n, steps, rng, device="cpu"):
         """(steps, n) window offsets into the pretraining text (the general prose and every
         domain's PRETRAIN part), every step's drawn up front from rng in step order, then copied to
-        `device` once."""
+        `device` once; the text goes there too."""
+        self._pretrain = self._pretrain.to(device)   # before any step runs
         top = len(self._pretrain) - self.block_size
         offsets = np.stack([rng.integers(0, top, size=n) for _ in range(steps)])
         return torch.from_numpy(offsets).to(device)
 
     def pretrain_rows(self, offsets):
-        """The windows at offsets (B,) as x, y, mask (B, block_size), on the offsets' device: the
-        text goes there once, then each batch is one gather."""
+        """The windows at offsets (B,) as x, y, mask (B, block_size), on the offsets' device: one
+        gather."""
         device = offsets.device
-        self._pretrain = self._pretrain.to(device)   # moved on the first call, a no-op after that
-        # (B, block_size + 1)
+        # (B, block_size + 1); the text is on the device already (`pretrain_draws`)
         tokens = self._pretrain[offsets[:, None] + torch.arange(self.block_size + 1, device=device)]
         return tokens[:, :-1], tokens[:, 1:], torch.ones(len(offsets), self.block_size,
                                                          device=device)
