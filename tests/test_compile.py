@@ -113,6 +113,8 @@ def test_inductor_pretraining_is_within_1e_4_of_eager(task):
 def test_each_step_compiles_as_one_graph():
     # fullgraph=True (tinylm.compiled): a graph break would raise, not fall back. A fresh task:
     # its corpus is encoded (tokenizer calls, no graph) when the draws are made, not in a step
+    pretrained_loss(data.make_task("arith", 0), steps=1)   # a blank exercise raises here, eagerly
+    fitted_translator(steps=1)
     with with_backend("eager"):
         pretrained_loss(data.make_task("arith", 0), steps=3, compile=True)
         fitted_translator(steps=3, compile=True)
