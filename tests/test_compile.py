@@ -98,9 +98,11 @@ def test_compiled_and_bfloat16_translator_fit_follows_the_plain_one():
 
 
 @pytest.mark.skipif(os.environ.get("GRADTX_INDUCTOR") != "1",
-                    reason="Inductor compiles for ~1 minute on a CPU: GRADTX_INDUCTOR=1 runs it")
+                    reason="optional extra: Inductor compiles for ~1 minute on a CPU; "
+                           "GRADTX_INDUCTOR=1 runs it")
 @pytest.mark.skipif(presets.cpp_compiler() is None,
-                    reason="torch.compile's Inductor needs a C++ compiler and none was found")
+                    reason="optional extra: torch.compile's Inductor needs a C++ compiler and "
+                           "none was found")
 def test_inductor_pretraining_is_within_1e_4_of_eager(task):
     assert pretrained_loss(task, steps=20, compile=True) == pytest.approx(
         pretrained_loss(task, steps=20), abs=1e-4)
