@@ -255,14 +255,28 @@ class ArithTask:
         return encode_lines(examples, self.enc)
 
     def pretrain_batch(self, n, rng, device="cpu"):
-        """n pretraining lines, on `device`: the corpus goes there once, then only the indices
-        travel."""
-        if str(device) not in self._corpus:   # 3 x (2 * n_problems, T)
+        """n pretraining lines, on `device`: one step's `pretrain_draws`, its `pretrain_rows`."""
+        return self.pretrain_rows(self.pretrain_draws(n, 1, rng, device)[0])
+
+    def pretrain_draws(self, n, steps, rng, device="cpu"):
+        """(steps, n) line indices into the corpus, every step's drawn up front from rng in step
+        order (the numbers a draw per step gives), then copied to `device` once; the encoded
+        corpus goes there too, before any step runs."""
+        self.corpus_on(device)
+        idx = np.stack([pretrain_indices(n, rng, len(self.explicit)) for _ in range(steps)])
+        return torch.from_numpy(idx).to(device)
+
+    def pretrain_rows(self, idx):
+        """The lines idx (B,) as x, y, mask (B, T), on idx's device: one gather (no copy from the
+        host)."""
+        return tuple(t[idx] for t in self.corpus_on(idx.device))
+
+    def corpus_on(self, device):
+        """The encoded corpus x, y, mask (2 * n_problems, T) on `device`, encoded on first use."""
+        if str(device) not in self._corpus:
             self._corpus[str(device)] = tuple(t.to(device)
                                               for t in self.encode(self.explicit + self.ambiguous))
-        idx = torch.from_numpy(pretrain_indices(n, rng, len(self.explicit)))
-        idx = idx.to(device, non_blocking=True)
-        return tuple(t[idx] for t in self._corpus[str(device)])
+        return self._corpus[str(device)]
 
     def shadow_subset(self, k, n, alpha, near_mean=0.0, draw=None):
         """A Subset of public pairs, operators from a mixture ~ Dirichlet(alpha * m): around m,

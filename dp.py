@@ -96,9 +96,12 @@ def per_sample_grads(model, x, y, mask):
     names = list(seen)
     outputs = torch.autograd.grad(losses.sum(), [seen[n][1] for n in names])  # each (B, T, n_out)
     grads = {}
-    with torch.no_grad():
+    # float32 whatever the forward's autocast: privacy's arithmetic never drops to bfloat16
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         for name, g in zip(names, outputs):
-            for p, per_example in layers[name].per_example_grads(seen[name][0], g).items():
+            dtype = next(layers[name].parameters()).dtype   # the layer's own: float32 or 64
+            inputs = seen[name][0].to(dtype)
+            for p, per_example in layers[name].per_example_grads(inputs, g.to(dtype)).items():
                 grads[f"{name}.{p}"] = per_example                            # (B, *shape)
     return {n: grads[n] for n in trainable}
 
@@ -152,11 +155,14 @@ def dp_sgd_step(model, optimizer, x, y, mask, *, clip, noise_multiplier, expecte
         raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     grads = per_sample(model, x, y, mask)
-    # an example's gradient is ALL its trainable tensors together, laid side by side: (B, D)
+    # an example's gradient is ALL its trainable tensors together, laid side by side: (B, D),
+    # float32 whatever the forward's autocast (the norms, the clipping and the noise too)
     flat = torch.cat([grads[n].flatten(1) for n in params], dim=1)
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
     if noise is None and noise_multiplier > 0:
         noise = gaussian_noise(flat.shape[1:], 1.0, flat, generator)
-    g, norms = clip_and_noise(flat, clip, noise_multiplier, expected_batch_size, noise)
+    with torch.autocast(flat.device.type, enabled=False):
+        g, norms = clip_and_noise(flat, clip, noise_multiplier, expected_batch_size, noise)
     for p, g_p in zip(params.values(), g.split([p.numel() for p in params.values()])):
         p.grad = g_p.view_as(p).to(p.dtype)
     optimizer.step()

@@ -638,11 +638,13 @@ def validate(model, X_val, Y_val, val_criterion=None):
 
 
 def fit(model, X_train, Y_train, X_val, Y_val, *, steps, lr, weight_decay=0.0, batch_size=32,
-        eval_every=100, val_criterion=None, seed=0):
+        eval_every=100, val_criterion=None, seed=0, compile=False, dtype="float32"):
     """Train on pairs X (N, n_src, d_src) -> Y (N, n_tgt, d_tgt), raw units, with teacher forcing
     and AdamW, validating every `eval_every` steps on held-out RUNS' pairs (`validate`). Keeps the
     earliest checkpoint within one standard error of the best (`simplest_within_one_se`): step 0,
-    the linear map, unless training beats it by more than the held-out runs' noise.
+    the linear map, unless training beats it by more than the held-out runs' noise. Every step's
+    batch is drawn up front; a step reads nothing back to the host (`fit_step`). compile, dtype:
+    the step's (tinylm.compiled, tinylm.autocast).
     Returns {"history": [{"step", "train_mse", "val_mse", "val_rel_err", "criterion"}],
     "best_step"}."""
     # long: the training loop, read top to bottom
@@ -655,8 +657,19 @@ def fit(model, X_train, Y_train, X_val, Y_val, *, steps, lr, weight_decay=0.0, b
     xs = normalize(model, x, "x")
     base = skip_path(model, x)
     ys = normalize(model, Y_train, "y")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
+                            fused=device.type == "cuda" or None)   # one kernel on CUDA
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+    # (steps, batch_size): the numbers a draw of batch_size a step gives, copied to the device once
+    batches = torch.randint(len(xs), (steps, batch_size),
+                            generator=torch.Generator().manual_seed(seed)).to(device)
+
+    def batch_loss(idx):   # the step's forward: gather the batch, the teacher-forcing loss
+        with tinylm.autocast(device, dtype):
+            base_batch = None if base is None else base[idx]
+            return teacher_forcing_loss(model, xs[idx], ys[idx], base_batch)
+
+    loss_of_batch = tinylm.compiled(batch_loss, compile=compile, device=device)
     history = []
     per_run = {}    # step -> per-run validation scores
     states = {}     # step -> the weights then
@@ -665,7 +678,7 @@ def fit(model, X_train, Y_train, X_val, Y_val, *, steps, lr, weight_decay=0.0, b
         if step % eval_every == 0 or step == steps:
             scores, per_run[step] = validate(model, X_val, Y_val, val_criterion)
             crit = float(np.mean(per_run[step]))
-            train_mse = float("nan") if train_loss is None else train_loss.item()  # no sync a step
+            train_mse = float("nan") if train_loss is None else train_loss.item()
             history.append({"step": step, "train_mse": train_mse, **scores, "criterion": crit})
             # the weights only: the buffers do not train (the skip path's are training-set sized)
             states[step] = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -673,16 +686,21 @@ def fit(model, X_train, Y_train, X_val, Y_val, *, steps, lr, weight_decay=0.0, b
         if step == steps:
             break
         model.train()
-        idx = torch.randint(len(xs), (batch_size,), generator=g).to(device, non_blocking=True)
-        loss = teacher_forcing_loss(model, xs[idx], ys[idx], None if base is None else base[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        train_loss = loss.detach()
+        train_loss = fit_step(opt, scaler, loss_of_batch(batches[step]))
     best_step = simplest_within_one_se(per_run)   # earliest first: dicts keep their order
     model.load_state_dict(states[best_step], strict=False)
     model.eval()
     return {"history": history, "best_step": best_step}
+
+
+def fit_step(opt, scaler, loss):
+    """One AdamW step of the translator from its batch's loss (scaled under float16: `scaler`
+    skips a step whose gradients overflow). Returns the loss, detached: no host read."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach()
 
 
 def save(model, path):

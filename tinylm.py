@@ -307,6 +307,33 @@ def set_update(model, update, *, check_finite=True):
 
 
 # -----------------------------------------------------------------------------
+# nanoGPT's one-GPU switches: a step's precision and its compilation (config/presets.py: --dtype,
+# --compile; train.py checks them against the device)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast(device, dtype):
+    """The context a forward runs in: float32 as written, or autocast to "bfloat16" / "float16"
+    (matmuls in half precision, reductions and the loss in float32; the weights, their gradients
+    and AdamW's state stay float32)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return torch.autocast(torch.device(device).type, dtype=DTYPES[dtype],
+                          enabled=dtype != "float32")
+
+
+def compiled(fn, *, compile, device):
+    """fn itself, or with compile torch.compile'd as one graph (fullgraph: a graph break is an
+    error, not a slow fallback); on CUDA mode="reduce-overhead" replays it as a CUDA graph, one
+    launch per call. Its backward is compiled with it (AOTAutograd)."""
+    if not compile:
+        return fn
+    mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
+    return torch.compile(fn, fullgraph=True, mode=mode)
+
+
+# -----------------------------------------------------------------------------
 # training: a base model from scratch, then LoRA fine-tuning, the algorithm every party shares
 
 
@@ -318,34 +345,62 @@ def learning_rate(step, steps, lr):
     return lr * min(1.0, (step + 1) / warmup) * cosine
 
 
-def pretrain(cfg, next_batch, *, steps, lr, seed, device="cpu", desc="pretrain", ranks=None):
-    """A GPT(cfg) trained from scratch on next_batch() -> (x, y, mask) (the public base models):
-    AdamW with the `learning_rate` schedule, gradients clipped to norm 1. Under torchrun (ranks,
-    config/dist.py) it is DistributedDataParallel: every rank draws the same global batch and
-    trains on its slice, and the averaged gradient is the one-process gradient up to float sums."""
+def pretrain(cfg, rows_of, indices, *, lr, seed, device="cpu", desc="pretrain", compile=False,
+             dtype="float32", log_every=50, ranks=None):
+    """A GPT(cfg) trained from scratch (the public base models), step s on the batch
+    rows_of(indices[s]) -> (x, y, mask) (B, T): AdamW with the `learning_rate` schedule, gradients
+    clipped to norm 1. indices (steps, B): every step's batch drawn up front, on `device` (no copy
+    from the host a step); the loss is read on the host every `log_every` steps only, so that a
+    step never waits for the GPU. compile, dtype: `compiled` and `autocast`. Under torchrun
+    (ranks, config/dist.py) it is DistributedDataParallel: every rank holds the same global batch
+    and trains on its slice (`rank_loss`), and the averaged gradient is the one-process gradient
+    up to float sums."""
     torch.manual_seed(seed)
     model = GPT(cfg).to(device)
-    net = model if ranks is None else DDP(model, device_ids=[model.wte.weight.device.index]
-                                          if model.wte.weight.is_cuda else None)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    for step in (bar := tqdm(range(steps), desc=desc, leave=False,
-                             disable=ranks is not None and ranks.rank > 0)):
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(step, steps, lr)
-        x, y, mask = (t.to(device) for t in next_batch())   # a no-op for a batch made on the device
-        share = 1.0
-        if ranks is not None:   # this rank's rows; its loss weighted by its share of the tokens
-            total = mask.sum()
-            x, y, mask = (t.tensor_split(ranks.world)[ranks.rank] for t in (x, y, mask))
-            share = mask.sum() * ranks.world / total   # DDP averages: the mean over all tokens
-        _, loss = net(x, y, mask)
-        opt.zero_grad(set_to_none=True)
-        (loss * share).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    device = torch.device(device)
+    net = model if ranks is None else DDP(model, device_ids=[device.index] if device.type == "cuda"
+                                          else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01,
+                            fused=device.type == "cuda" or None)   # one kernel on CUDA
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+
+    def batch_loss(idx):   # the step's forward: gather the batch, the masked loss
+        with autocast(device, dtype):
+            return net(*rows_of(idx))[1]
+
+    def rank_loss(idx):    # under torchrun: this rank's rows of the batch
+        x, y, mask = rows_of(idx)
+        total = mask.sum()
+        x, y, mask = [t.tensor_split(ranks.world)[ranks.rank] for t in (x, y, mask)]
+        share = mask.sum() * ranks.world / total   # DDP averages: weighted, the mean over all tokens
+        with autocast(device, dtype):
+            return net(x, y, mask)[1] * share
+
+    loss_of_batch = compiled(batch_loss if ranks is None else rank_loss, compile=compile,
+                             device=device)
+    steps = len(indices)
+    quiet = ranks is not None and ranks.rank > 0   # rank 0 alone shows progress
+    for step in (bar := tqdm(range(steps), desc=desc, leave=False, disable=quiet)):
+        loss = pretrain_step(model, opt, scaler, loss_of_batch(indices[step]),
+                             lr=learning_rate(step, steps, lr))
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")   # the one host read, every log_every steps
     return model.eval()
+
+
+def pretrain_step(model, opt, scaler, loss, *, lr):
+    """One optimizer step of pretraining from the batch's loss: backward, clip the gradient to
+    norm 1, AdamW at `lr`. With float16 the scaler scales the loss and skips a step whose
+    gradients overflow; otherwise it does nothing. Returns the loss, detached (no host read)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)                               # clip the true gradient, not the scaled one
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach()
 
 
 @dataclass

@@ -44,7 +44,8 @@ from config import dist as distributed   # torchrun: ranks that share pretrainin
 from config import pool     # worker processes that share a stage's fine-tunes
 from config import stages   # where each stage's output is cached
 from config.presets import (MODEL_PRESETS, RIDGE_LAMBDAS, SIGNAL_DIRECTIONS, SUBSPACE_SIZES,
-                            Config, noise_multiplier, parse_args, pick_device, recipe, sample_rate)
+                            Config, check_switches, noise_multiplier, parse_args, pick_device,
+                            recipe, sample_rate)
 
 
 # -----------------------------------------------------------------------------
@@ -122,6 +123,10 @@ def setup(cfg, ranks=None):
         # the same numbers from run to run; cuBLAS reads its setting when it starts
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # TF32 matmuls (nanoGPT's): float32 inputs, 10-bit mantissa products; set here, at run
+        # time on CUDA, never at import
+        torch.backends.cuda.matmul.allow_tf32 = True
+    check_switches(device, compile=cfg.compile, dtype=cfg.dtype)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     for folder in (cfg.out, cfg.cache or cfg.out):
@@ -183,10 +188,13 @@ def pretrain_base(cfg, task, who, path, device, ranks=None):
     steps = getattr(cfg, f"pretrain_steps_{who}")
     seed = cfg.seed + (0 if who == "tiny" else 1)
     shape = replace(MODEL_PRESETS[size], vocab_size=task.enc.n_vocab, block_size=task.block_size)
-    rng = data.stream(seed, "pretrain batches")   # the public data's batches
-    model = tinylm.pretrain(shape, lambda: task.pretrain_batch(cfg.pretrain_batch, rng, device),
-                            steps=steps, lr=getattr(cfg, f"pretrain_lr_{who}"), seed=seed,
-                            device=device, desc=f"pretrain {who}", ranks=ranks)
+    # the public data's batches, every step's drawn up front
+    indices = task.pretrain_draws(cfg.pretrain_batch, steps, data.stream(seed, "pretrain batches"),
+                                  device)
+    model = tinylm.pretrain(shape, task.pretrain_rows, indices,
+                            lr=getattr(cfg, f"pretrain_lr_{who}"), seed=seed, device=device,
+                            desc=f"pretrain {who}", compile=cfg.compile, dtype=cfg.dtype,
+                            ranks=ranks)
     if ranks is not None and ranks.rank > 0:
         return
     tinylm.save_model(model, path)
@@ -332,7 +340,8 @@ def fit_translator(cfg, task, llm, shadow, m):
     fitted = gradtx.fit(model, pairs.X, pairs.Y, X_val, Y_val, steps=cfg.gt_steps, lr=cfg.gt_lr,
                         weight_decay=cfg.gt_weight_decay, batch_size=cfg.gt_batch,
                         eval_every=cfg.gt_eval_every,
-                        val_criterion=functools.partial(criterion, runs=val_runs), seed=cfg.seed)
+                        val_criterion=functools.partial(criterion, runs=val_runs), seed=cfg.seed,
+                        compile=cfg.compile, dtype=cfg.dtype)
     log = fit_log(fitted, linear, pairs, criterion, Y_all[train_runs].flatten(0, 1), Y_val,
                   val_runs, rule=rule, draws=draws, level=m)
     log.update(linear_seconds=linear_seconds, seconds=time.time() - t0)

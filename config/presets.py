@@ -9,6 +9,8 @@ the defaults: RESULTS.md, "Why the defaults are what they are".
 
 A preset is a Config instance; an experiment is a list of overrides, one run each.
 """
+import os
+import shutil
 import sys
 from dataclasses import dataclass, fields, replace
 
@@ -42,6 +44,12 @@ class Config:
     # under torchrun each rank is one worker (--workers unused); a rank that waits longer than this
     # for the others (one failed or hangs) ends the job, naming itself and its stage
     dist_timeout: float = 1800.0
+    # torch.compile the pretraining and translator steps (one graph each; a CUDA graph on CUDA).
+    # Off by default: on a CPU it needs a C++ compiler and a minute of compiling per run
+    compile: bool = False
+    # the precision of those steps' forwards: "float32", "bfloat16" (autocast) or "float16"
+    # (autocast and a grad scaler). The fine-tunes and DP stay float32, whatever this says
+    dtype: str = "float32"
     # independent fine-tunes of one base model run this many at a time as one batched computation
     # (tinylm.finetune_many; 1: one by one, tinylm.finetune)
     batch_runs: int = 16
@@ -158,7 +166,7 @@ PRESETS = {
                          gt_eval_every=20, shadow_near_mean=0.0, gt_select_folds=1),
     "gpu": Config(preset="gpu", out="out_gpu", tiny_model="tiny_gpu", llm_model="llm_gpu",
                   pretrain_steps_tiny=6000, pretrain_steps_llm=12000, pretrain_batch=128,
-                  n_shadow=128, gt_steps=3000),
+                  n_shadow=128, gt_steps=3000, compile=True, dtype="bfloat16"),
 }
 # the translator as the paper publishes it: raw values in and out, no public subspace, no skip path
 # over the linear map, no gate
@@ -289,6 +297,8 @@ def check_choices(cfg):
         raise SystemExit(f"--gt_select_rule={cfg.gt_select_rule} --gt_select_folds="
                          f"{cfg.gt_select_folds}: expected 'one_se', 'best' or 'auto', and 1 or "
                          "more folds")
+    if cfg.dtype not in tinylm.DTYPES:
+        raise SystemExit(f"--dtype={cfg.dtype}: expected one of {', '.join(tinylm.DTYPES)}")
     if cfg.dp_mechanism not in ("sgd", "output"):
         raise SystemExit(f"--dp_mechanism={cfg.dp_mechanism}: expected 'sgd' or 'output'")
     if cfg.shadow_dp_fresh and cfg.dp_mechanism == "output":
@@ -351,6 +361,29 @@ def noise_multiplier(cfg):
         return None
     return dp.calibrate(cfg.dp_mechanism, cfg.dp_epsilon, cfg.dp_delta, cfg.dp_clip,
                         sample_rate(cfg), cfg.ft_steps)
+
+
+def check_switches(device, *, compile, dtype):
+    """Refuse a --compile / --dtype the device cannot run, saying what to use instead: on MPS
+    torch.compile and float16's grad scaler are not supported here; on a CPU, compiling needs a
+    C++ compiler (Inductor writes C++)."""
+    kind = torch.device(device).type
+    if kind == "mps" and compile:
+        raise SystemExit("--compile=True with --device=mps: torch.compile is not supported on MPS "
+                         "here; expected --compile=False (bfloat16 works: --dtype=bfloat16)")
+    if kind == "mps" and dtype == "float16":
+        raise SystemExit("--dtype=float16 with --device=mps: its grad scaler is not supported on "
+                         "MPS; expected --dtype=bfloat16 or float32")
+    if kind == "cpu" and compile and not cpp_compiler():
+        raise SystemExit("--compile=True on a CPU: torch.compile needs a C++ compiler and none "
+                         "was found (set $CXX, or install g++); expected --compile=False")
+
+
+def cpp_compiler():
+    """The C++ compiler Inductor would use on a CPU ($CXX, else c++ / g++ / clang++), or None."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    found = [shutil.which(name) for name in names]
+    return next((path for path in found if path), None)
 
 
 def pick_device(name="auto"):

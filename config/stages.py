@@ -45,8 +45,9 @@ def stage_paths(cfg, task, levels=(1,), device="cpu"):
     """{stage: file} for this configuration. Each key hashes the stage's settings, the files of the
     stages it reads and a fingerprint of the data it is given: it cannot go stale. A GPU's float
     kernels give other numbers than a CPU's, so a CUDA- or MPS-made stage gets a file of its own
-    (the device type joins the key when it is not "cpu")."""
+    (the device type joins the key when it is not "cpu"; so does `numerics`)."""
     made_on = [] if torch.device(device).type == "cpu" else [torch.device(device).type]
+    made_on += numerics(cfg, device)
 
     def path(stage, keys, *inputs):   # an input stage counts by its file name: a cache can be moved
         inputs = [os.path.basename(i) if isinstance(i, str) else i for i in inputs]
@@ -76,6 +77,18 @@ def stage_paths(cfg, task, levels=(1,), device="cpu"):
     p["references"] = path("references", CLIENT_DATA_KEYS + ("seed", "weak_baselines"), WEAK,
                            p["pretrain_llm"], p["clients"] if cfg.weak_baselines else client_data)
     return p
+
+
+def numerics(cfg, device):
+    """What joins every stage's key besides the device type where the arithmetic changes: TF32 on
+    CUDA, --dtype other than float32, --compile (another round-off). Empty for a float32 eager run
+    on a CPU or MPS: its keys are as they were before these switches."""
+    extra = ["tf32"] if torch.device(device).type == "cuda" else []
+    if cfg.dtype != "float32":
+        extra.append(f"dtype={cfg.dtype}")
+    if cfg.compile:
+        extra.append("compile")
+    return extra
 
 
 def load_stage(path, load=None):

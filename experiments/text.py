@@ -142,16 +142,27 @@ class TextTask:
         return encode_lines(examples, self.enc, self.block_size, first_target=0, pad=True)
 
     def pretrain_batch(self, n, rng, device="cpu"):
-        """n windows at random offsets of the pretraining text (the general prose and every
-        domain's PRETRAIN part), on `device`: the text goes there once, then only the offsets
-        travel."""
-        self._pretrain = self._pretrain.to(device)   # moved on the first call, a no-op after that
-        offsets = torch.from_numpy(rng.integers(0, len(self._pretrain) - self.block_size, size=n))
-        window = (offsets.to(device, non_blocking=True)[:, None]
-                  + torch.arange(self.block_size + 1, device=device))
-        # (n, block_size + 1)
-        tokens = self._pretrain[window]
-        return tokens[:, :-1], tokens[:, 1:], torch.ones(n, self.block_size, device=device)
+        """n windows at random offsets of the pretraining text, on `device`: one step's
+        `pretrain_draws`, its `pretrain_rows`."""
+        return self.pretrain_rows(self.pretrain_draws(n, 1, rng, device)[0])
+
+    def pretrain_draws(self, n, steps, rng, device="cpu"):
+        """(steps, n) window offsets into the pretraining text (the general prose and every
+        domain's PRETRAIN part), every step's drawn up front from rng in step order, then copied to
+        `device` once; the text goes there too."""
+        self._pretrain = self._pretrain.to(device)   # before any step runs
+        top = len(self._pretrain) - self.block_size
+        offsets = np.stack([rng.integers(0, top, size=n) for _ in range(steps)])
+        return torch.from_numpy(offsets).to(device)
+
+    def pretrain_rows(self, offsets):
+        """The windows at offsets (B,) as x, y, mask (B, block_size), on the offsets' device: one
+        gather."""
+        device = offsets.device
+        # (B, block_size + 1); the text is on the device already (`pretrain_draws`)
+        tokens = self._pretrain[offsets[:, None] + torch.arange(self.block_size + 1, device=device)]
+        return tokens[:, :-1], tokens[:, 1:], torch.ones(len(offsets), self.block_size,
+                                                         device=device)
 
     def shadow_subset(self, k, n, alpha, near_mean=0.0, draw=None):
         """A Subset: a mixture over domains ~ Dirichlet(alpha * uniform) and n windows of the SHADOW

@@ -1,7 +1,8 @@
 """tools/bench_ops.py's launch count against counts known by hand: a matmul and an add launch two
 kernels and a view none; a model's forward grows by the same count per layer; a multi-tensor
 operator launches as CUDA's multi_tensor_apply splits it; the extrapolation of short runs recovers
-a loop's fixed and per-step counts; and the CUDA path it follows is the one CUDA takes.
+a loop's fixed and per-step counts; the CUDA path it follows is the one CUDA takes; and a
+captured CUDA graph counts its replays.
 
     python -m pytest tests/test_bench_ops.py
 """
@@ -50,7 +51,7 @@ def test_two_short_runs_give_a_loops_fixed_and_per_step_counts():
     assert bench_ops.fixed_and_per_step(run, (3, 7)) == (1, 2)
 
 
-def test_the_cuda_paths_take_foreach_adamw_and_fused_adam():
+def test_the_cuda_paths_take_fused_adam_and_adamw_and_foreach_otherwise():
     params = [torch.zeros(4, requires_grad=True) for _ in range(3)]
     for p in params:
         p.grad = torch.ones(4)
@@ -59,7 +60,27 @@ def test_the_cuda_paths_take_foreach_adamw_and_fused_adam():
         return bench_ops.launches_of(optimizer(params, lr=0.1).step)
     plain = step_launches(torch.optim.AdamW)
     with bench_ops.cuda_paths():
-        foreach = step_launches(torch.optim.AdamW)
+        fused_w = step_launches(torch.optim.AdamW)
         fused = step_launches(torch.optim.Adam)
+        foreach = step_launches(bench_ops.CudaAdamW.__bases__[0])   # AdamW made without `fused`
         assert torch.optim.Adam(params).defaults["fused"]
-    assert fused < foreach < plain
+        assert torch.optim.AdamW(params).defaults["fused"]
+    assert fused_w == fused < foreach < plain
+
+
+def test_a_captured_call_counts_its_graph_replays_and_keeps_the_gradient():
+    w = torch.randn(3, requires_grad=True)
+    x = torch.randn(3)
+
+    def loss_of(x):                     # 3 kernels eagerly: mul, sin, sum
+        return (x * w).sin().sum()
+    step = bench_ops.captured(loss_of, compile=True, device="cuda")
+    with bench_ops.LaunchCount() as count:
+        loss = step(x)
+    assert count.launches == 2          # one replay, one copy of x into the graph's input
+    with bench_ops.LaunchCount() as count:
+        loss.backward()
+    assert count.launches == 2          # the seed gradient (a fill), the backward's replay
+    torch.testing.assert_close(loss, loss_of(x).detach())
+    torch.testing.assert_close(w.grad, x * torch.cos(x * w.detach()))
+    assert bench_ops.captured(loss_of, compile=False, device="cuda") is loss_of

@@ -481,3 +481,25 @@ def test_calibrate_reaches_epsilon_point_one_and_never_overshoots():
     with pytest.raises(ValueError, match="orders"):   # the default orders cannot certify it at all
         dp.noise_multiplier_for(0.1, 0.0625, 100, 1e-5)
     assert dp.calibrate("output", 0.5, 1e-5, 2.0, 0.0625, 100) == dp.gaussian_sigma(0.5, 1e-5, 2.0)
+
+
+def test_clipping_stays_float32_under_bfloat16_autocast():
+    # --dtype=bfloat16 autocasts forwards; privacy's arithmetic must not follow it: the per-example
+    # gradients, their norms, the clipping and the update stay float32, and the clipped update has
+    # norm C to float32's precision (the oracle above, run inside autocast)
+    model = lora_lm()   # float32: autocast leaves a double model alone
+    with torch.no_grad():
+        model.ln_f.weight *= 1000  # huge logits, a huge raw gradient
+    x, y, mask = batch(B=1, same_count=True)
+    raw = grads_of(model, model(x, y, mask)[1])
+    raw_flat = torch.cat([g.flatten() for g in raw.values()])
+    before = flat_params(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grads = dp.per_sample_grads(model, x, y, mask)
+        norm = dp.dp_sgd_step(model, sgd(model), x, y, mask, clip=0.5, noise_multiplier=0.0,
+                              expected_batch_size=1)
+    assert all(g.dtype == torch.float32 for g in grads.values()) and norm.dtype == torch.float32
+    assert all(p.grad.dtype == torch.float32 for p in trainable(model).values())
+    change = before - flat_params(model)
+    assert change.norm().item() == pytest.approx(0.5, rel=1e-5)
+    assert F.cosine_similarity(change, raw_flat, dim=0) > 0.99  # bf16 forward: close, not exact

@@ -484,27 +484,31 @@ def pretrained():
     torch.manual_seed(0)
     with torch.no_grad():
         first = tinylm.GPT(cfg)(*held_out)[1].item()    # the init pretrain starts from (seed 0)
-    lines = data.pretrain_lines(60 * 32, np.random.default_rng(0))
-    batches = (data.encode_lines(lines[i: i + 32], enc) for i in range(0, len(lines), 32))
-    model = tinylm.pretrain(cfg, lambda: next(batches), steps=60, lr=1e-2, seed=0)
+    corpus = data.encode_lines(data.pretrain_lines(60 * 32, np.random.default_rng(0)), enc)
+    indices = torch.arange(60 * 32).view(60, 32)   # line after line, 32 a step
+
+    def rows_of(idx):
+        return tuple(t[idx] for t in corpus)
+    model = tinylm.pretrain(cfg, rows_of, indices, lr=1e-2, seed=0)
     with torch.no_grad():
         last = model(*held_out)[1].item()
     return model, first, last
 
 
-def test_pretrain_is_seeded_and_reads_one_batch_per_step():
+def test_pretrain_is_seeded_and_reads_one_batch_per_step_in_order():
     cfg = tinylm.GPTConfig(vocab_size=20, block_size=6, n_layer=1, n_head=2, n_embd=8)
     x = torch.randint(20, (40, 6), generator=torch.Generator().manual_seed(0))
 
     def run(seed, steps=7):
         calls = []
 
-        def next_batch():   # batch i of 5 fixed ones, in turn
-            i = len(calls) % 5
-            calls.append(i)
-            return x[8 * i: 8 * i + 8], x[8 * i: 8 * i + 8].roll(-1, 1), torch.ones(8, 6)
-        model = tinylm.pretrain(cfg, next_batch, steps=steps, lr=1e-2, seed=seed)
+        def rows_of(idx):   # the rows idx (8,) of x: batch i of 5 fixed ones, in turn
+            calls.append(idx)
+            return x[idx], x[idx].roll(-1, 1), torch.ones(8, 6)
+        indices = torch.arange(steps * 8).view(steps, 8) % 40
+        model = tinylm.pretrain(cfg, rows_of, indices, lr=1e-2, seed=seed)
         assert len(calls) == steps and not model.training
+        assert all(torch.equal(i, j) for i, j in zip(calls, indices))
         return model.state_dict()
 
     first, again, other = run(0), run(0), run(1)

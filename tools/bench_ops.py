@@ -21,11 +21,12 @@ stage's count, a run's draw a step); a copy a CPU makes a no-op (a pretraining b
 the device) is not counted (one a step).
 
 The CUDA path, where it differs from the CPU's (`cuda_paths`): AdamW in pretraining and in the
-translator's fit (no `fused`) takes the foreach implementation, as it does by default on CUDA;
-tinylm.finetune's Adam is fused there (fused=device.type == "cuda"); a fused Adam dispatches the
-one _fused_adam_ operator on a CPU as on CUDA, so it counts as CUDA's multi_tensor_apply would
-launch it. LLM scoring (tinylm.loss_of_updates) takes the GPU's chunks of 2^16 tokens; the fine-
-tunes of a stage run in chunks of batch_runs (config/pool.chunked with one worker, as on CUDA).
+translator's fit and tinylm.finetune's Adam are fused there (fused=device.type == "cuda"); a fused
+Adam(W) dispatches the one _fused_adam(w)_ operator on a CPU as on CUDA, so it counts as CUDA's
+multi_tensor_apply would launch it. Optimizers made without `fused` take the foreach
+implementation, as they do by default on CUDA. LLM scoring (tinylm.loss_of_updates) takes the
+GPU's chunks of 2^16 tokens; the fine-tunes of a stage run in chunks of batch_runs
+(config/pool.chunked with one worker, as on CUDA).
 
 Extrapolation: a stage's count is linear in its steps, so two short runs of s1 < s2 steps give
     per step = (c(s2) - c(s1)) / (s2 - s1),   fixed = c(s1) - s1 * per step,
@@ -46,9 +47,15 @@ Per launch: `--launch_us` (5 µs: launch-bound, H100-class). Eager PyTorch costs
 on the host than the launch itself: the gpu preset's LLM pretraining ran at ~22 steps/s on an H200
 (HISTORY.md), 781 launches a step here, ~58 µs an operator.
 
-Compiled regions: nothing is compiled today (no torch.compile anywhere). The rule for when it
-is: a compiled region counts the kernels Inductor generated for it plus the ones it calls out to
-(matmuls), per call; under CUDA graphs (mode="reduce-overhead") one graph launch per call.
+Compiled regions: where the preset sets --compile (the gpu preset does), tinylm.compiled
+compiles the forward of the pretraining step and of the translator's step with
+mode="reduce-overhead" on CUDA: a CUDA graph. Such a call counts one graph launch for its forward
+plus one copy per tensor argument into the graph's static inputs (the step's batch indices), and
+one graph launch for its backward (`GraphReplay`); the work inside runs eagerly here, uncounted.
+What stays outside the graphs counts as before: the gradient clipping (foreach) and the fused
+AdamW, a few launches a step. (Without CUDA graphs a compiled region would count the kernels
+Inductor generated for it plus the ones it calls out to, per call: not counted here.) The
+fine-tunes, the selection and the evaluations are not compiled.
 """
 import contextlib
 import functools
@@ -162,6 +169,60 @@ class CudaAdam(torch.optim.Adam):
         super().__init__(params, *args, fused=True, **kwargs)
 
 
+class CudaAdamW(torch.optim.AdamW):
+    """torch.optim.AdamW as pretraining and the translator's fit make it on CUDA: fused."""
+
+    def __init__(self, params, *args, fused=None, **kwargs):
+        super().__init__(params, *args, fused=True, **kwargs)
+
+
+class Uncounted(TorchDispatchMode):
+    """Runs every operator with no count: the work inside a captured CUDA graph."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        with torch.utils._python_dispatch._disable_current_modes():
+            return func(*args, **(kwargs or {}))
+
+
+def launch(n=1):
+    """n counted launches (a graph replay, a copy into a graph's static input)."""
+    for _ in range(n):
+        torch.empty(1).zero_()
+
+
+class GraphReplay(torch.autograd.Function):
+    """A compiled region under CUDA graphs, counted: its forward one replay plus one copy per
+    tensor argument into the graph's static inputs, its backward one replay. The work itself runs
+    eagerly, uncounted."""
+
+    @staticmethod
+    def forward(ctx, anchor, fn, *args):
+        with torch.enable_grad(), Uncounted():
+            ctx.out = fn(*args)
+        ctx.n_args = len(args)
+        launch(1 + sum(isinstance(a, torch.Tensor) for a in args))
+        return ctx.out.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        with Uncounted():
+            torch.autograd.backward(ctx.out, grad)   # into the parameters' .grad, as the graph does
+        launch(1)
+        return (None, None, *[None] * ctx.n_args)   # nothing flows to the anchor or the args
+
+
+def captured(fn, *, compile, device):
+    """tinylm.compiled on CUDA, counted: with compile, fn's calls count as `GraphReplay`s."""
+    if not compile:
+        return fn
+
+    def replay(*args):
+        with Uncounted():
+            anchor = torch.zeros((), requires_grad=True)   # puts the replay on autograd's tape
+        return GraphReplay.apply(anchor, fn, *args)
+    return replay
+
+
 def foreach_devices():
     """The devices whose optimizers default to foreach kernels, the CPU among them."""
     return ["cuda", "cpu"]
@@ -178,6 +239,8 @@ def cuda_paths(score_tokens=1 << 16):
     with mock.patch("torch.optim.optimizer._get_foreach_kernels_supported_devices",
                     foreach_devices), \
             mock.patch.object(torch.optim, "Adam", CudaAdam), \
+            mock.patch.object(torch.optim, "AdamW", CudaAdamW), \
+            mock.patch.object(tinylm, "compiled", captured), \
             mock.patch.object(tinylm, "loss_of_updates", loss_of_updates):
         yield
 
@@ -212,9 +275,9 @@ def pretrain_rows(cfg, task, tiny, llm):
                                   cfg.pretrain_lr_llm)):
         def run(n):
             rng = data.stream(cfg.seed, "pretrain batches")
-            tinylm.pretrain(narrow(size, task),
-                            lambda: task.pretrain_batch(cfg.pretrain_batch, rng),
-                            steps=n, lr=lr, seed=cfg.seed)
+            indices = task.pretrain_draws(cfg.pretrain_batch, n, rng)
+            tinylm.pretrain(narrow(size, task), task.pretrain_rows, indices, lr=lr, seed=cfg.seed,
+                            compile=cfg.compile, dtype=cfg.dtype)
         rows.append(Row(f"pretrain {who}", *fixed_and_per_step(run), steps))
     return rows
 
@@ -360,7 +423,8 @@ def translator_rows(cfg, inputs, linear):
         return launches_of(gradtx.fit, new_translator(cfg, inputs, linear), inputs.X_train,
                            inputs.Y_train, inputs.X_val, inputs.Y_val, steps=steps, lr=cfg.gt_lr,
                            weight_decay=cfg.gt_weight_decay, batch_size=cfg.gt_batch,
-                           eval_every=eval_every, val_criterion=val_criterion, seed=cfg.seed)
+                           eval_every=eval_every, val_criterion=val_criterion, seed=cfg.seed,
+                           compile=cfg.compile, dtype=cfg.dtype)
     two_evals, more_steps, three_evals = fit_launches(2, 2), fit_launches(4, 4), fit_launches(4, 2)
     per_step, per_eval = (more_steps - two_evals) / 2, three_evals - more_steps
     evals = len([s for s in range(cfg.gt_steps + 1)
