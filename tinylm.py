@@ -353,7 +353,7 @@ def pretrain(cfg, rows_of, indices, *, lr, seed, device="cpu", desc="pretrain", 
     from the host a step); the loss is read on the host every `log_every` steps only, so that a
     step never waits for the GPU. compile, dtype: `compiled` and `autocast`. Under torchrun
     (ranks, config/dist.py) it is DistributedDataParallel: every rank holds the same global batch
-    and trains on its slice (`rank_loss`), and the averaged gradient is the one-process gradient
+    and trains on its slice (`pretrain_loss`), and the averaged gradient is the one-process gradient
     up to float sums."""
     torch.manual_seed(seed)
     model = GPT(cfg).to(device)
@@ -363,21 +363,8 @@ def pretrain(cfg, rows_of, indices, *, lr, seed, device="cpu", desc="pretrain", 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01,
                             fused=device.type == "cuda" or None)   # one kernel on CUDA
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
-
-    def batch_loss(idx):   # the step's forward: gather the batch, the masked loss
-        with autocast(device, dtype):
-            return net(*rows_of(idx))[1]
-
-    def rank_loss(idx):    # under torchrun: this rank's rows of the batch
-        x, y, mask = rows_of(idx)
-        total = mask.sum()
-        x, y, mask = [t.tensor_split(ranks.world)[ranks.rank] for t in (x, y, mask)]
-        share = mask.sum() * ranks.world / total   # DDP averages: weighted, the mean over all tokens
-        with autocast(device, dtype):
-            return net(x, y, mask)[1] * share
-
-    loss_of_batch = compiled(batch_loss if ranks is None else rank_loss, compile=compile,
-                             device=device)
+    loss_of_batch = compiled(pretrain_loss(net, rows_of, device=device, dtype=dtype, ranks=ranks),
+                             compile=compile, device=device)
     steps = len(indices)
     quiet = ranks is not None and ranks.rank > 0   # rank 0 alone shows progress
     for step in (bar := tqdm(range(steps), desc=desc, leave=False, disable=quiet)):
@@ -386,6 +373,26 @@ def pretrain(cfg, rows_of, indices, *, lr, seed, device="cpu", desc="pretrain", 
         if step % log_every == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")   # the one host read, every log_every steps
     return model.eval()
+
+
+def pretrain_loss(net, rows_of, *, device, dtype, ranks=None):
+    """The pretraining step's forward as a function of the step's batch indices (B,): gather the
+    batch, the masked loss under `autocast`. Under torchrun (ranks) this rank's rows of the batch
+    only, its loss weighted by its share of the batch's tokens: DDP averages the ranks' gradients,
+    and that weighted average is the gradient of the mean over all the batch's tokens."""
+    def batch_loss(idx):
+        with autocast(device, dtype):
+            return net(*rows_of(idx))[1]
+
+    def rank_loss(idx):
+        x, y, mask = rows_of(idx)
+        total = mask.sum()
+        x, y, mask = [t.tensor_split(ranks.world)[ranks.rank] for t in (x, y, mask)]
+        share = mask.sum() * ranks.world / total
+        with autocast(device, dtype):
+            return net(x, y, mask)[1] * share
+
+    return batch_loss if ranks is None else rank_loss
 
 
 def pretrain_step(model, opt, scaler, loss, *, lr):

@@ -2,7 +2,7 @@
 train.py -- the whole Grad-Transformer protocol, stage by stage, cached on disk.
 
     python train.py                     # default (cpu) preset: the whole protocol on a laptop CPU
-    python train.py --preset smoke      # a tiny run of every stage, a minute or two
+    python train.py --preset smoke      # a tiny run of every stage, under a minute
     python train.py --dp_epsilon=1      # clients fine-tune with DP-SGD at epsilon = 1 (delta 1e-5)
     python train.py --n_train=8192 --dp_epsilon=0.1   # the paper's regime: 8k-record clients
     python train.py --help              # every option (config/presets.py: each default and why)
@@ -20,6 +20,9 @@ Stages (each writes its output atomically into --cache, default --out, and is sk
                  uploads only its update vector; the LLM fine-tunes it is compared with
   5. eval        the provider translates each upload (and each group's mean upload); eval.py scores
                  it against the baselines and writes results.json
+The stages that fine-tune (1, 2, 2b, 4) run first, so that the ranks of a torchrun job share them
+(config/dist.py); then one process fits and evaluates. `torchrun --nproc_per_node=N train.py ...`
+takes the same options.
 A stage's cache key covers its settings, the keys of the stages it reads, and a fingerprint of the
 data it is given, so a change of either re-runs it and everything after it, and nothing else.
 """
