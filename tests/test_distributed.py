@@ -83,8 +83,8 @@ def test_two_nodes_match_one_process(tmp_path):
     for returncode, stderr in ends:
         assert returncode == 0, stderr[-3000:]
     for who in ("tiny", "llm"):   # DDP: each rank half of every batch, the gradients averaged
-        a = torch.load(tmp_path / f"{who}.pt")["state_dict"]
-        b = torch.load(stage_file(out, f"pretrain_{who}"))["state_dict"]
+        a = torch.load(tmp_path / f"{who}.pt", weights_only=True)["state_dict"]
+        b = torch.load(stage_file(out, f"pretrain_{who}"), weights_only=True)["state_dict"]
         for name in a:
             torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
     single = str(tmp_path / "one")
@@ -93,8 +93,8 @@ def test_two_nodes_match_one_process(tmp_path):
         shutil.copy(stage_file(out, f"pretrain_{who}"), single)
     expected = train.main(TINY_RUN + [f"--out={single}"])
     for stage in ("shadow", "clients"):
-        a = [r for chunk in torch.load(stage_file(single, stage))["results"] for r in chunk]
-        b = [r for chunk in torch.load(stage_file(out, stage))["results"] for r in chunk]
+        a = [r for chunk in torch.load(stage_file(single, stage), weights_only=True)["results"] for r in chunk]
+        b = [r for chunk in torch.load(stage_file(out, stage), weights_only=True)["results"] for r in chunk]
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
     with open(os.path.join(out, "results.json")) as f:
         got = table(json.load(f))

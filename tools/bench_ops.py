@@ -369,16 +369,10 @@ class FitInputs:
 
 
 def new_translator(cfg, inputs, linear):
-    """An untrained Grad-Transformer over the linear map, as train.fit_translator builds it."""
-    (n_src, d_src), (n_tgt, d_tgt) = inputs.X_train.shape[1:], inputs.Y_train.shape[1:]
-    gcfg = gradtx.GTConfig(n_src, d_src, n_tgt, d_tgt, d_model=cfg.gt_d_model,
-                           n_layer=cfg.gt_layers, n_head=cfg.gt_heads, dropout=cfg.gt_dropout,
-                           normalize=cfg.gt_normalize, n_basis=linear.k,
-                           n_skip=len(inputs.X_train) if cfg.gt_skip else 0)
-    torch.manual_seed(cfg.seed + cfg.gt_init)
-    model = gradtx.GradTransformer(gcfg)
-    gradtx.set_linear_map(model, linear.basis, linear.ridge if cfg.gt_skip else None)
-    return model
+    """An untrained Grad-Transformer over the linear map, as train.fit_translator builds it (no DP:
+    the shadow pairs alone, no gate)."""
+    pairs = train.Pairs(inputs.X_train, inputs.Y_train, len(inputs.X_train), gate=None, signal=None)
+    return train.new_translator(cfg, pairs, linear, "cpu")
 
 
 def fit_rows(cfg, task, tiny, llm):
@@ -394,9 +388,10 @@ def selection_row(cfg, inputs):
     scored by the LLM on its held-out runs. -> (its Row, the map chosen)"""
     scored = []
 
-    def criterion(pred, runs):   # counts the candidates scored
+    def criterion(pred, runs):   # counts the candidates scored: one call per fold scores them all
         scored.append(len(runs))
         return inputs.criterion(pred, runs)
+    held_out = sum(len(runs) for _, runs in inputs.folds)   # a candidate's runs, over the folds
 
     def select(lams):   # -> (launches, candidates scored, the map)
         scored.clear()
@@ -404,14 +399,14 @@ def selection_row(cfg, inputs):
             linear = gradtx.select_linear_map(inputs.X_clean, inputs.X_all, inputs.Y_all,
                                               criterion, inputs.folds, ks=ks, lams=lams,
                                               rule="one_se")
-        return count.launches, len(scored), linear
+        return count.launches, sum(scored) / held_out, linear
     # every lambda of a subspace size costs alike: count 1 and 2 of them, extrapolate to all
     ks = SUBSPACE_SIZES if cfg.gt_project else (0,)
     c1, n1, _ = select(RIDGE_LAMBDAS[:1])
     c2, n2, linear = select(RIDGE_LAMBDAS[:2])
     per_candidate = (c2 - c1) / (n2 - n1)
     return Row("map selection (per candidate)", c1 - n1 * per_candidate, per_candidate,
-               n1 * len(RIDGE_LAMBDAS)), linear
+               round(n1 * len(RIDGE_LAMBDAS))), linear
 
 
 def translator_rows(cfg, inputs, linear):
