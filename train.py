@@ -185,7 +185,15 @@ def cached_model(path, device, ranks):
 def pretrain_base(cfg, task, who, path, device, ranks=None):
     """Pretrain base model `who` on the task's public data with its own settings (cfg.tiny_model,
     cfg.pretrain_steps_tiny, cfg.pretrain_lr_tiny, or the llm ones) and seed; save it at `path`.
-    Under torchrun every rank trains (data-parallel) and rank 0 saves."""
+    Under torchrun on GPUs or several machines every rank trains (data-parallel) and rank 0 saves;
+    on one CPU machine rank 0 trains alone with every rank's threads, the others wait for it."""
+    if ranks is not None and not distributed.data_parallel(ranks, device):
+        if ranks.rank == 0:
+            with distributed.all_threads(ranks):
+                distributed.guarded(ranks, f"pretrain {who}",
+                                    lambda: pretrain_base(cfg, task, who, path, device))
+        distributed.barrier(ranks, f"pretrain {who}")
+        return
     t0 = time.time()
     size = getattr(cfg, f"{who}_model")
     steps = getattr(cfg, f"pretrain_steps_{who}")

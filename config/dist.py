@@ -7,8 +7,10 @@ config/dist.py -- the protocol across ranks with torchrun (torch.distributed), n
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py
 
 Without torchrun (no RANK in the environment) nothing here runs and nothing changes. Under it:
-- split: pretraining is data-parallel (tinylm.pretrain wraps the model in DistributedDataParallel;
-  every rank draws the global batch and trains on its slice); the shadow, shadow DP, client and
+- split: pretraining is data-parallel on GPUs and across machines (tinylm.pretrain wraps the model
+  in DistributedDataParallel; every rank draws the global batch and trains on its slice). Ranks
+  that share one machine's CPU cores do not split it: rank 0 pretrains alone with all their
+  threads while the others wait (`data_parallel`). The shadow, shadow DP, client and
   reference fine-tunes go out in whole chunks, round by round (round j: rank r computes chunk
   j * world + r), and every rank gets every result back (all_gather_object). The chunks are those
   of --workers=world in one process: from the same base models, 2 ranks give the very pairs of
@@ -26,10 +28,13 @@ Without torchrun (no RANK in the environment) nothing here runs and nothing chan
   project's tests run Gloo on the CPU only).
 - failures: a rank that raises names itself and its stage on stderr; a rank that waits longer than
   --dist_timeout seconds for the others (one of them hung or died) says so too; torchrun then ends
-  the job. In a sweep, ranks wait for each other at its end: --dist_timeout must exceed a point.
+  the job. Ranks that wait for rank 0's pretraining (one CPU machine) or, in a sweep, for each
+  other at its end, wait through that work: --dist_timeout must exceed it (the default, 30 minutes,
+  does for the presets here).
 """
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -66,6 +71,29 @@ def device_of(ranks, device):
     if ranks is None or torch.device(device).type != "cuda":
         return device
     return f"cuda:{ranks.local_rank}"
+
+
+def data_parallel(ranks, device):
+    """Whether pretraining splits each batch across the ranks (DDP): on GPUs, or with ranks on more
+    than one machine. Ranks on one machine's CPU cores share those cores: one process with all their
+    threads takes the same step with no gradient exchange, sooner, and with the float sums of
+    `python train.py`, so rank 0 pretrains alone there (`all_threads`)."""
+    if ranks is None:
+        return False
+    one_machine = ranks.world == int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world))
+    return torch.device(device).type == "cuda" or not one_machine
+
+
+@contextmanager
+def all_threads(ranks):
+    """Rank 0 with the threads of every rank on its machine, for work it does alone while they wait
+    (pretraining on one CPU machine); its own share of them again afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads * int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def guarded(ranks, stage, step):

@@ -1,7 +1,8 @@
 """torchrun on the CPU (Gloo, one thread per rank), at the tests' toy size: a two-node job simulated
 on this machine gives one process's pretraining (data-parallel, up to float sums), shadow pairs and
-table; a rank that fails or hangs ends the job fast, with a message naming the rank and the stage,
-and the finished stages stay on disk."""
+table; two ranks on one machine pretrain on rank 0 alone, giving one process's base models exactly;
+a rank that fails or hangs ends the job fast, with a message naming the rank and the stage, and the
+finished stages stay on disk."""
 import glob
 import json
 import os
@@ -103,6 +104,21 @@ def test_two_nodes_match_one_process(tmp_path):
     assert max(abs(got[k] - want[k]) for k in want) <= 0.02
 
 
+def one_process_base_models(folder):
+    """Both base models of the toy run pretrained in this process with two threads (torchrun's
+    rank 0 on one CPU machine takes its own thread and the other rank's), saved in `folder`."""
+    os.makedirs(folder)
+    cfg = parse_args(TINY_RUN + [f"--out={folder}"])
+    task = data.make_task(cfg.task, cfg.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for who in ("tiny", "llm"):
+            train.pretrain_base(cfg, task, who, str(folder / f"{who}.pt"), "cpu")
+    finally:
+        torch.set_num_threads(threads)
+
+
 FAULT = """import os, sys, time
 import tinylm, train
 real = tinylm.finetune_many
@@ -120,18 +136,25 @@ train.main(sys.argv[1:])
      "rank 1 of 2 failed in stage 'shadow runs': RuntimeError: a broken rank"),
     ("hang", "time.sleep(600)",
      "rank 0 of 2 failed in stage 'shadow runs': no answer from the other ranks: one of them "
-     "failed, or hangs past --dist_timeout=5s")])
+     "failed, or hangs past --dist_timeout=15s")])
 def test_a_failed_or_hung_rank_ends_the_job(tmp_path, how, action, message):
     """A rank that raises, or never answers, in the shadow stage: the job ends within the timeout
-    with the rank and stage named, and the finished pretraining stays cached."""
+    with the rank and stage named, and the finished pretraining stays cached -- the very base models
+    of one process (rank 0 pretrained them alone with both ranks' threads)."""
     script = tmp_path / "faulty.py"
     script.write_text(FAULT.format(how=how, action=action))
     out = str(tmp_path / "run")
     t0 = time.time()
-    job = launch(["--standalone", "--nproc_per_node=2"], str(script), ["--dist_timeout=5"], out)
+    job = launch(["--standalone", "--nproc_per_node=2"], str(script), ["--dist_timeout=15"], out)
+    if how == "fail":   # meanwhile, one process's base models, with the threads of both ranks
+        one_process_base_models(tmp_path / "one")
     returncode, stderr = finished(job, timeout=120)
     assert returncode != 0
     assert message in stderr, stderr[-3000:]
     assert time.time() - t0 < 90
-    assert os.path.exists(stage_file(out, "pretrain_tiny"))
-    assert os.path.exists(stage_file(out, "pretrain_llm"))
+    for who in ("tiny", "llm"):   # one CPU machine: rank 0 pretrained alone, as one process does
+        ranks_made = torch.load(stage_file(out, f"pretrain_{who}"), weights_only=True)
+        if how == "fail":
+            one = torch.load(tmp_path / "one" / f"{who}.pt", weights_only=True)
+            for name, t in one["state_dict"].items():
+                assert torch.equal(ranks_made["state_dict"][name], t), name
