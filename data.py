@@ -385,6 +385,13 @@ def shadow_examples(cfg, task, k, draw=None):
     return subset.examples
 
 
+def held_out_examples(cfg, task, k, n):
+    """n fresh records of shadow subset k's mixture, which none of its fine-tunes saw (the draw
+    after the last DP draw's): what the provider's choice scores a held-out run's uploads on."""
+    return task.shadow_subset(k, n, cfg.shadow_alpha, cfg.shadow_near_mean,
+                              cfg.shadow_dp_draws).examples
+
+
 def translator_inputs(cfg, shadow, runs, m, private):
     """The shadow pairs a map for level-m inputs learns from: X (runs, P, n_src, d_src), Y (runs, P,
     ...).

@@ -11,7 +11,10 @@ client's own test split (arith: accuracy of the parsed answer; text: bits per by
     tinylm_ft     TinyLM fine-tuned on the client's private data, no DP          P_S, the floor
     tinylm_dp     (DP runs) the client's own DP TinyLM: the model behind its upload
     llm_ft        LLM fine-tuned on the client's private data, no DP             P_T, the ceiling
-    gradtx        the Grad-Transformer's translation of the client's upload
+    gradtx        the Grad-Transformer's translation of the client's upload; with DP, what the
+                  provider chooses to send for it (the translation or a simpler fallback,
+                  gradtx.choose), the candidate named in the client's "provider_choice"
+    translator    (DP runs) the translation itself, behind the do-no-harm gate
     gradtx_group  (groups) one translation of the mean upload of the client's convention group
     ridge         the linear map alone (public subspace + ridge regression on the same shadow pairs;
                   with DP behind the translator's do-no-harm gate)
@@ -47,7 +50,8 @@ import gradtx
 import tinylm
 from config.presets import parse_options
 
-METHODS = ["llm_base", "tinylm_ft", "tinylm_dp", "llm_ft", "gradtx", "gradtx_group", "ridge",
+METHODS = ["llm_base", "tinylm_ft", "tinylm_dp", "llm_ft", "gradtx", "gradtx_group", "translator",
+           "ridge",
            "ridge_ungated", "ridge_group", "mean_shadow", "public_llm", "w2s", "w2s_conf",
            "vissup", "kd"]
 
@@ -176,14 +180,15 @@ def provenance(device="cpu"):
 
 
 def evaluate(cfg, task, tiny, llm, *, translators, mean_shadow, clients, recipe, stage_seconds,
-             privacy):
+             privacy, choices=None):
     """Score every method on every client; write results.json into cfg.out and print the tables.
 
     translators: {m: gradtx.Translator(model, log)} for inputs that average m uploads; the fit log
-    holds the selected linear map (basis, ridge) of the `ridge` baselines. mean_shadow: the
-    mean LLM update of the shadow runs the maps were fitted on."""
+    holds the selected linear map (basis, ridge) of the `ridge` baselines. choices: {m:
+    gradtx.Choice}, what the provider sends for uploads at each level (with DP; None: the
+    translation). mean_shadow: the mean LLM update of the shadow runs the maps were fitted on."""
     t0 = time.time()
-    provider = Provider(translators, tuple(mean_shadow.shape))
+    provider = Provider(translators, mean_shadow, choices)
     public_llm = public_finetune(cfg, task, llm, recipe)
     shared = {"llm_base": torch.zeros(provider.llm_shape), "mean_shadow": mean_shadow,
               "public_llm": public_llm}
@@ -196,14 +201,15 @@ def evaluate(cfg, task, tiny, llm, *, translators, mean_shadow, clients, recipe,
     results = []
     for c in tqdm(clients, desc="evaluate clients", leave=False):
         updates = dict(shared, **provider.updates(c))
+        chosen = updates.pop("provider_choice", None)   # with DP: what gradtx sent, by name
         results.append(score_client(cfg, task, tiny, llm, c, updates, curves[c["group"]],
-                                    provider.gate))
+                                    provider.gate, chosen))
     timing = dict(stage_seconds, eval=time.time() - t0)
     timing["total"] = sum(timing.values())
     timing["gradtx_generate_per_update"] = float(np.mean(provider.seconds))
     timing["llm_finetune_per_run"] = float(np.mean([c["references"]["seconds"] for c in clients]))
     out = results_record(cfg, task, llm, results, privacy=privacy, translators=translators,
-                         timing=timing)
+                         choices=provider.choices, timing=timing)
     path = write_results(out, cfg.out)
     print(f"eval      : {len(results)} clients, {time.time() - t0:.1f}s -> {path}\n", flush=True)
     print(report(out))
@@ -217,10 +223,11 @@ def public_finetune(cfg, task, llm, recipe):
     return tinylm.finetune(llm, *task.encode(examples), recipe, cfg.seed)[-1]
 
 
-def results_record(cfg, task, llm, results, *, privacy, translators, timing):
+def results_record(cfg, task, llm, results, *, privacy, translators, timing, choices=None):
     """results.json's contents: the task, the settings and provenance, every client's row, their
-    summary, the privacy guarantee, what each translator's fit chose, and the time it took."""
-    return {
+    summary, the privacy guarantee, what each translator's fit chose (with DP, and the provider's
+    choice at each level), and the time it took."""
+    record = {
         "task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
         "config": asdict(cfg), "provenance": provenance(llm.wte.weight.device),
         "clients": results, "summary": summarise_by_kind(results, task.higher_is_better),
@@ -228,6 +235,9 @@ def results_record(cfg, task, llm, results, *, privacy, translators, timing):
         "translators": {m: translator_summary(t.log) for m, t in translators.items()},
         "timing_s": timing,
     }
+    if choices:
+        record["provider_choice"] = {m: c._asdict() for m, c in choices.items()}
+    return record
 
 
 def write_results(results, folder):
@@ -242,11 +252,14 @@ def write_results(results, folder):
 class Provider:
     """What the provider makes of uploads, each through `gradtx.translate`: the Grad-Transformer
     trained for inputs that average m uploads (`translate`, timed), and the same fit's linear map,
-    the same composition with the residual left out (`linear`)."""
+    the same composition with the residual left out (`linear`). With DP, `send`: what the provider
+    chooses to send at each level (gradtx.provide; without a choice, the translation)."""
 
-    def __init__(self, translators, llm_shape):
+    def __init__(self, translators, mean_shadow, choices=None):
         self.translators = translators
-        self.llm_shape = llm_shape
+        self.mean_shadow = mean_shadow
+        self.llm_shape = tuple(mean_shadow.shape)
+        self.choices = choices or {}
         self.seconds = []
         self.gate = translators[1].model.gate   # with DP: the do-no-harm gate, else None
 
@@ -262,18 +275,35 @@ class Provider:
         update = gradtx.translate(model, upload[None], linear=log["ridge"], gated=gated)
         return update[0].cpu()
 
+    def send(self, upload, m=1):
+        """(the update the provider sends for an upload at level m, the candidate it chose)."""
+        if m not in self.choices:
+            return self.translate(upload, m), "translator"
+        model, log = self.translators[m]
+        updates, names = gradtx.provide(model, upload[None].float(), self.choices[m], log["ridge"],
+                                        self.mean_shadow)
+        return updates[0].cpu(), names[0]
+
     def updates(self, client):
-        """{method: LLM update} of the methods reading this client's upload, and its references."""
-        upload = client["upload"]   # with DP, the map without the gate too:
-        ungated = {} if self.gate is None else {"ridge_ungated": self.linear(upload, gated=False)}
-        return dict(gradtx=self.translate(upload), ridge=self.linear(upload), **ungated,
-                    **{k: v for k, v in client["references"].items() if k != "seconds"})
+        """{method: LLM update} of the methods reading this client's upload, and its references;
+        with DP also the candidate the provider chose for it."""
+        upload = client["upload"]
+        methods = dict(gradtx=self.translate(upload), ridge=self.linear(upload))
+        if self.gate is not None:   # with DP: the map without the gate too
+            methods["ridge_ungated"] = self.linear(upload, gated=False)
+        if self.choices:   # what the provider sends: `gradtx`; the gated translation itself
+            methods["translator"] = methods["gradtx"]
+            methods["gradtx"], methods["provider_choice"] = self.send(upload)
+        return dict(methods, **{k: v for k, v in client["references"].items() if k != "seconds"})
 
 
-def score_client(cfg, task, tiny, llm, c, updates, curve, gate):
+def score_client(cfg, task, tiny, llm, c, updates, curve, gate, chosen=None):
     """One client's row of results.json: every method's score on its test split, PGR and gain
-    recovered, and (groups) the pooling curve of its convention group."""
+    recovered, and (groups) the pooling curve of its convention group; with DP, the candidate the
+    provider chose to send for its upload (`chosen`) and, for a group, for its pooled uploads."""
     test = c["test"]
+    pooled_choice = {m: point["provider_choice"] for m, point in curve.items()
+                     if "provider_choice" in point}
     scores = {"tinylm_ft": score(task, tinylm.set_update(tiny, c["floor_update"]), test)}
     if cfg.dp_epsilon > 0:
         scores["tinylm_dp"] = score(task, tinylm.set_update(tiny, c["upload"]), test)
@@ -281,17 +311,23 @@ def score_client(cfg, task, tiny, llm, c, updates, curve, gate):
         M = max(curve)
         updates.update(gradtx_group=curve[M]["gradtx"], ridge_group=curve[M]["ridge"])
     scores.update(score_updates(task, llm, updates, test))
-    pooling = {m: score_updates(task, llm, point, test) for m, point in curve.items()}
+    pooling = {m: score_updates(task, llm, {k: u for k, u in point.items() if torch.is_tensor(u)},
+                                test) for m, point in curve.items()}
     floor = scores["tinylm_ft"]
     ceiling = scores["llm_ft"]
     base = scores["llm_base"]
-    return {"name": c["name"], "group": c["group"], "kind": c["kind"], "mixture": c["mixture"],
-            # with DP: how far the translator trusted this upload (1: fully)
-            "gate_weight": (None if gate is None
-                            else gradtx.gate_weight(gate, c["upload"][None].float()).item()),
-            "scores": scores, "pooling": pooling,
-            "pgr": {k: pgr(v, floor, ceiling) for k, v in scores.items()},
-            "gain_recovered": {k: gain_recovered(v, base, ceiling) for k, v in scores.items()}}
+    row = {"name": c["name"], "group": c["group"], "kind": c["kind"], "mixture": c["mixture"],
+           # with DP: how far the translator trusted this upload (1: fully)
+           "gate_weight": (None if gate is None
+                           else gradtx.gate_weight(gate, c["upload"][None].float()).item()),
+           "scores": scores, "pooling": pooling,
+           "pgr": {k: pgr(v, floor, ceiling) for k, v in scores.items()},
+           "gain_recovered": {k: gain_recovered(v, base, ceiling) for k, v in scores.items()}}
+    if chosen is not None:   # with DP
+        row["provider_choice"] = chosen
+        if pooled_choice:
+            row["pooling_choice"] = pooled_choice
+    return row
 
 
 def score_updates(task, llm, updates, examples):
@@ -325,7 +361,8 @@ def pooling_updates(members, provider):
     keeps its own (eps, delta) guarantee: the mean is post-processing of the members' DP releases
     and touches no private data.
 
-    "gradtx"/"ridge" use the map trained for inputs that average m uploads (their noise level);
+    "gradtx"/"ridge" use the map trained for inputs that average m uploads (their noise level;
+    with DP "gradtx" is what the provider sends at that level, "translator" the translation);
     "gradtx_single_map" uses the map for one upload: does matching the level matter?"""
     curve = {}
     for m in pool_sizes(len(members)) if len(members) > 1 else []:
@@ -333,6 +370,9 @@ def pooling_updates(members, provider):
         level = m if m in provider.translators else 1
         curve[m] = {"gradtx": provider.translate(mean_upload, level),
                     "ridge": provider.linear(mean_upload, level)}
+        if level in provider.choices:   # with DP: what the provider sends, and the translation
+            curve[m]["translator"] = curve[m]["gradtx"]
+            curve[m]["gradtx"], curve[m]["provider_choice"] = provider.send(mean_upload, level)
         if level != 1:
             curve[m]["gradtx_single_map"] = provider.translate(mean_upload, 1)
     return curve
@@ -463,7 +503,7 @@ def pooling_table(results):
     rows = []
     for kind, s in by_kind.items():
         curve = s["pooling_gain_of_means"]
-        for variant in ("gradtx", "ridge", "gradtx_single_map"):
+        for variant in ("gradtx", "translator", "ridge", "gradtx_single_map"):
             if any(variant in curve[m] for m in sizes):
                 rows.append([kind, variant] + [fmt(curve[m].get(variant)) for m in sizes])
     return markdown_table(["kind", "map"] + [f"m={m}" for m in sizes], rows)
@@ -473,10 +513,29 @@ def report(results):
     """What a run prints at its end: the results table, the pooling curve (groups), then one line
     with the metric, each stage's time and the cost of one translation vs one LLM fine-tune."""
     text = results_table(results)
+    if chosen := choice_line(results):
+        text += "\n\n" + chosen
     if pooling := pooling_table(results):
         text += ("\n\npooling curve: gain recovered (of means) vs number of pooled uploads m\n\n"
                  + pooling)
     return text + "\n\n" + timing_line(results)
+
+
+def choice_line(results):
+    """With DP, what the provider sent (gradtx), counted over the clients, and why: 'provider's
+    choice (gradtx): translator 7, mean_shadow 2 (single uploads: translator where the gate weight
+    >= 0.41, held-out shadow runs +0.214 over the mean update, worst run -0.012)'; "" without."""
+    names = [c["provider_choice"] for c in results["clients"] if "provider_choice" in c]
+    if not names:
+        return ""
+    counts = ", ".join(f"{n} {names.count(n)}" for n in sorted(set(names)))
+    levels = []
+    for m, choice in results["provider_choice"].items():
+        where = f" where the gate weight >= {choice['threshold']:.2f}" if choice["threshold"] else ""
+        levels.append(f"m={m}: {choice['candidate']}{where}, held-out shadow runs "
+                      f"{choice['gain']:+.3f} over the mean update, worst run "
+                      f"{choice['worst_run']:+.3f}")
+    return f"provider's choice (gradtx): {counts} ({'; '.join(levels)})"
 
 
 def timing_line(results):

@@ -544,6 +544,64 @@ def do_no_harm(gate, updates, uploads):
     return fallback + weight * (updates.to(fallback.device) - fallback)
 
 
+# --- the provider's choice: at the client's privacy level, the translation or a simpler fallback,
+# whichever the held-out shadow runs say serves best while harming none of them
+
+
+CANDIDATES = ("ridge", "ridge_ungated", "translator", "translator_ungated")
+"""What the provider may send for an upload it trusts, simplest first (`candidate_update`); for
+the others it sends the mean shadow update, the one candidate that needs no upload at all."""
+
+
+class Choice(NamedTuple):
+    """What `choose` picks for one privacy level: the candidate sent for an upload whose gate
+    weight is at least `threshold` (the mean shadow update for the others; candidate "mean_shadow":
+    for every upload), its mean held-out gain over the mean update and its worst held-out run's,
+    and each candidate's admissible policy {candidate: [threshold, gain, worst run]}."""
+    candidate: str
+    threshold: float
+    gain: float
+    worst_run: float
+    scores: dict
+
+
+def policy_gains(gains, weights, threshold):
+    """(U,) each upload's gain under the policy "the candidate where the gate weight >= threshold,
+    else the mean shadow update" (whose gain is 0 by definition)."""
+    return np.where(weights >= threshold, gains, 0.0)
+
+
+def choose(gains, weights, runs, harm):
+    """The provider's policy for uploads at one privacy level, from held-out shadow uploads alone:
+    gains {candidate: (U,)} each candidate's accuracy minus the mean shadow update's, on held-out
+    records of the upload's own shadow run; weights (U,) the uploads' gate weights; runs (U,) the
+    run each upload came from. A policy (candidate, threshold) sends the candidate's update for the
+    uploads the gate trusts at least `threshold`, the mean update for the rest (threshold 0: for
+    all). It is admissible when no held-out run loses more than `harm` on average over its uploads
+    (a run is one mixture of conventions, as a client is).
+    Each candidate gets its LOWEST admissible threshold -- as many uploads translated as safety
+    allows; a threshold is never raised for gain alone, which would fit the held-out runs' noise --
+    and the candidate of highest mean gain there is chosen (on a tie the simplest; the mean update
+    when none gains). Nothing here sees a client: the policy is fixed before any upload arrives."""
+    weights = np.asarray(weights, dtype=float)
+    runs = np.asarray(runs)
+    cuts = np.unique(weights)
+    # from trusting every upload to trusting the fewest: 0, then midway between neighbouring weights
+    thresholds = np.concatenate([[0.0], (cuts[1:] + cuts[:-1]) / 2])
+    scores = {}   # each candidate at its lowest admissible threshold: [threshold, gain, worst run]
+    for candidate in (c for c in CANDIDATES if c in gains):
+        for threshold in thresholds:
+            g = policy_gains(np.asarray(gains[candidate], dtype=float), weights, threshold)
+            worst_run = min(g[runs == r].mean() for r in np.unique(runs))
+            if worst_run >= -harm:
+                scores[candidate] = [float(threshold), float(g.mean()), float(worst_run)]
+                break
+    best = max(scores, key=lambda c: scores[c][1], default=None)   # of equals, the simplest
+    if best is None or scores[best][1] <= 0:
+        return Choice("mean_shadow", 0.0, 0.0, 0.0, scores)
+    return Choice(best, *scores[best], scores)
+
+
 # -----------------------------------------------------------------------------
 # 3. the provider's prediction, composed in one place: gate(uploads, linear_map(x) + residual(x))
 
@@ -588,6 +646,31 @@ def translate(model, uploads, linear=None, gated=True):
     if gated:
         updates = do_no_harm(model.gate, updates, uploads)
     return updates
+
+
+@torch.no_grad()
+def candidate_update(model, uploads, candidate, linear, fallback):
+    """One candidate of the provider's choice for raw uploads (B, n_src, d_src), raw LLM updates
+    (B, n_tgt, d_tgt): "mean_shadow" (the fallback (n_tgt, d_tgt) for every upload), "ridge" (the
+    linear map, gated), "ridge_ungated", "translator" (all of `translate`), "translator_ungated"."""
+    if candidate == "mean_shadow":
+        return fallback.expand(len(uploads), -1, -1)
+    return translate(model, uploads, linear=linear if candidate.startswith("ridge") else None,
+                     gated=not candidate.endswith("_ungated"))
+
+
+@torch.no_grad()
+def provide(model, uploads, choice, linear, fallback):
+    """What the provider sends for raw uploads (B, n_src, d_src) under its `choice` (`choose`):
+    (B, n_tgt, d_tgt) raw LLM updates, and the name of what each upload got ([B]: the chosen
+    candidate where the gate trusts the upload at least choice.threshold, else "mean_shadow")."""
+    fallback = fallback.to(model.head.weight.device)
+    updates = candidate_update(model, uploads, choice.candidate, linear, fallback)
+    if choice.candidate == "mean_shadow":
+        return updates, ["mean_shadow"] * len(uploads)
+    trusted = (gate_weight(model.gate, uploads) >= choice.threshold).to(fallback.device)
+    names = [choice.candidate if t else "mean_shadow" for t in trusted.tolist()]
+    return torch.where(trusted[:, None, None], updates.to(fallback.device), fallback), names
 
 
 @torch.no_grad()

@@ -46,9 +46,9 @@ import tinylm
 from config import dist as distributed   # torchrun: ranks that share pretraining and fine-tunes
 from config import pool     # worker processes that share a stage's fine-tunes
 from config import stages   # where each stage's output is cached
-from config.presets import (MODEL_PRESETS, RIDGE_LAMBDAS, SIGNAL_DIRECTIONS, SUBSPACE_SIZES,
-                            Config, check_switches, noise_multiplier, parse_args, pick_device,
-                            recipe, sample_rate)
+from config.presets import (CHOICE_EXAMPLES, MODEL_PRESETS, RIDGE_LAMBDAS, SIGNAL_DIRECTIONS,
+                            SUBSPACE_SIZES, Config, check_switches, noise_multiplier, parse_args,
+                            pick_device, recipe, sample_rate)
 
 
 # -----------------------------------------------------------------------------
@@ -76,11 +76,15 @@ def run(cfg, task=None, ranks=None):
     if ranks is not None and ranks.rank > 0:
         return None
     distributed.take_idle_threads(ranks)
+    mean_shadow = shadow["Y"][fit_runs(cfg)[0]].flatten(0, 1).mean(0)   # the runs the maps fit on
     translators = {}
+    choices = {}
     for m in pool_levels(cfg):   # a translator per noise level: inputs that average m uploads
         translators[m] = fit_stage(cfg, task, tiny, llm, shadow, paths[f"fit_{m}"], m)
-    mean_shadow = shadow["Y"][fit_runs(cfg)[0]].flatten(0, 1).mean(0)   # the runs the maps fit on
-    results = evaluation.evaluate(cfg, task, tiny, llm, translators=translators,
+        if f"choice_{m}" in paths:   # with DP: what the provider sends, translation or fallback
+            choices[m] = choice_stage(cfg, task, llm, shadow, translators[m], mean_shadow,
+                                      paths[f"choice_{m}"], m)
+    results = evaluation.evaluate(cfg, task, tiny, llm, translators=translators, choices=choices,
                                   mean_shadow=mean_shadow, clients=clients, recipe=recipe(cfg),
                                   stage_seconds=stages.stage_seconds(cfg, paths),
                                   privacy=privacy_record(cfg, translators))
@@ -438,6 +442,46 @@ def print_fit(log, m, n_pairs, n_train_runs, n_val_runs):
           f"{log['ridge_loss']:.4f}; translator best step {log['best_step']}: "
           f"{log['val_loss']:.4f} (mean shadow {log['mean_shadow_loss']:.4f}, true update "
           f"{log['true_update_loss']:.4f}){note}, {log['seconds']:.1f}s", flush=True)
+
+
+def choice_stage(cfg, task, llm, shadow, translator, mean_shadow, path, m):
+    """The provider's choice for inputs that average m uploads (gradtx.choose): loaded from `path`
+    when cached, else made (`choose_fallback`) and saved."""
+    saved = stages.load_stage(path)
+    if saved is not None:
+        return gradtx.Choice(**saved)
+    t0 = time.time()
+    choice = choose_fallback(cfg, task, llm, shadow, translator, mean_shadow, m)
+    tinylm.atomic_save(choice._asdict(), path)
+    stages.record_seconds(cfg, path, time.time() - t0)
+    print(f"choice m={m}: {choice.candidate}" + (f" where the gate weight >= {choice.threshold:.2f}"
+          if choice.threshold > 0 else "") + f", held-out gain {choice.gain:+.3f} over the mean "
+          f"update (worst run {choice.worst_run:+.3f}); each candidate's best: " + ", ".join(
+              f"{c} {g:+.3f}" for c, (_, g, _) in choice.scores.items())
+          + f", {time.time() - t0:.1f}s", flush=True)
+    return choice
+
+
+def choose_fallback(cfg, task, llm, shadow, translator, mean_shadow, m):
+    """Score every candidate the provider may send (gradtx.CANDIDATES, and the mean update) on the
+    translator's held-out shadow runs at the clients' privacy level: each of a run's noisy inputs
+    translated, the LLM's accuracy with it on fresh records of the run's mixture, minus the mean
+    update's; then `gradtx.choose`. Shadow runs only: no client's data or upload is read."""
+    _, val_runs = fit_runs(cfg)
+    X, _ = data.translator_inputs(cfg, shadow, val_runs, m, private=True)      # (runs, P, n, d)
+    uploads = X.flatten(0, 1).to(llm.wte.weight.device)
+    runs = np.repeat(np.arange(len(val_runs)), X.shape[1])                     # (runs * P,)
+    held_out = [task.encode(data.held_out_examples(cfg, task, k, CHOICE_EXAMPLES))
+                for k in val_runs]
+    error = functional_criterion(llm, held_out, "exact_match")                 # 1 - accuracy
+    model, log = translator
+    fallback = mean_shadow.to(uploads.device)
+    baseline = error(fallback.expand(len(uploads), -1, -1), runs)
+    gains = {c: baseline - error(gradtx.candidate_update(model, uploads, c, log["ridge"], fallback),
+                                 runs)
+             for c in gradtx.CANDIDATES}
+    weights = gradtx.gate_weight(model.gate, uploads).cpu().numpy()
+    return gradtx.choose(gains, weights, runs, cfg.choice_harm)
 
 
 # -----------------------------------------------------------------------------

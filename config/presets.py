@@ -106,6 +106,12 @@ class Config:
     # with DP: fall back towards the mean update as far as an upload may be noise alone (the
     # do-no-harm gate, gradtx.py; off: translate every upload as it is)
     gt_gate: bool = True
+    # with DP: the provider's choice (gradtx.choose) among the mean update, the linear map and the
+    # translator, gated or not, by their scores on held-out shadow runs at the clients' privacy
+    # level, no held-out run made worse off than the mean update by more than choice_harm (in
+    # accuracy) on average (off: the gated translator for every upload)
+    gt_choose: bool = True
+    choice_harm: float = 0.03
     gt_init: int = 0             # the translator's init is drawn from seed + gt_init
     # model selection by the LLM's "loss" or, for accuracy tasks, "exact_match"
     gt_select: str = "loss"
@@ -194,6 +200,7 @@ RIDGE_LAMBDAS = (1e-3, 1e-2, 1e-1, 1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6)
 # how a map and a checkpoint are chosen (part of the fit's cache key)
 SELECTION = "simplest within one standard error"
 SIGNAL_DIRECTIONS = 4   # the top public directions along which a fit measures upload_signal
+CHOICE_EXAMPLES = 256   # fresh records of each held-out shadow run that the provider's choice scores
 
 
 EXPERIMENTS = {   # one command each; every run of a sweep shares --cache

@@ -15,9 +15,10 @@ import torch
 from tqdm import tqdm
 
 import data
+import gradtx
 import tinylm
 from config import dist as distributed
-from config.presets import RIDGE_LAMBDAS, SELECTION, SUBSPACE_SIZES
+from config.presets import CHOICE_EXAMPLES, RIDGE_LAMBDAS, SELECTION, SUBSPACE_SIZES
 
 WEAK = "w2s w2s_conf vissup kd"   # the weak baselines a references stage holds
 
@@ -71,6 +72,9 @@ def stage_paths(cfg, task, levels=(1,), device="cpu"):
     for m in levels:   # one translator per noise level: inputs that average m uploads
         p[f"fit_{m}"] = path("fit", FIT_KEYS, inputs, m, SUBSPACE_SIZES, RIDGE_LAMBDAS,
                              SELECTION)
+        if cfg.dp_epsilon > 0 and cfg.gt_choose:   # the provider's choice, from the fit's runs
+            p[f"choice_{m}"] = path("choice", ("choice_harm",), p[f"fit_{m}"], CHOICE_EXAMPLES,
+                                    gradtx.CANDIDATES)
     p["clients"] = path("clients", CLIENT_KEYS, p["pretrain_tiny"], client_data)
     # llm_ft reads only the clients' data; the weak baselines also read their uploads (the clients
     # stage)

@@ -91,8 +91,12 @@ def run_name(cfg, experiment):
     return name
 
 
-FRONTIER_METHODS = ["gradtx", "ridge", "ridge_ungated", "tinylm_dp", "w2s", "kd", "mean_shadow"]
-HARM_METHODS = ["gradtx", "ridge", "ridge_ungated"]   # the worst client's columns
+FRONTIER_METHODS = ["gradtx", "translator", "ridge", "ridge_ungated", "tinylm_dp", "w2s", "kd",
+                    "mean_shadow"]
+HARM_METHODS = ["gradtx", "translator", "ridge", "ridge_ungated"]   # the worst client's columns
+# the knee: gradtx against the best of what needs only the upload (the map without its gate, the DP
+# TinyLM, distillation of it) and the paper's stronger baseline (w2s, which reads private inputs)
+KNEE_BASELINES = ["ridge_ungated", "tinylm_dp", "w2s", "kd"]
 
 
 def frontier_points(runs):
@@ -113,14 +117,17 @@ def frontier_points(runs):
             m = int(m)
             if pooled:
                 curve = pooled[m] if m in pooled else pooled[str(m)]
-                gain = {k: curve[k] for k in ("gradtx", "ridge")}
+                gain = {k: curve[k] for k in ("gradtx", "translator", "ridge") if k in curve}
                 scores = {c["name"]: c["pooling"][m if m in c["pooling"] else str(m)]
                           for c in r["clients"] if c["pooling"]}
                 gain["mean_shadow"] = skewed["gain_of_means"]["mean_shadow"]
+                chosen = {c["name"]: at(c.get("pooling_choice"), m)
+                          for c in r["clients"] if c["pooling"]}
             else:
                 gain = {k: skewed["gain_of_means"][k]
                         for k in FRONTIER_METHODS if k in skewed["gain_of_means"]}
                 scores = {c["name"]: c["scores"] for c in r["clients"]}
+                chosen = {c["name"]: c.get("provider_choice") for c in r["clients"]}
             mean_shadow = {c["name"]: c["scores"]["mean_shadow"] for c in r["clients"]}
             versus = {name: {k: sign * (s[k] - mean_shadow[name]) if k != "mean_shadow" else 0.0
                              for k in gain if k in s or k == "mean_shadow"}
@@ -130,9 +137,33 @@ def frontier_points(runs):
                            "group_size": r["config"]["group_size"],
                            "sigma": r["privacy"]["noise_multiplier"], "gain": gain,
                            "worst_vs_mean_shadow": worst, "vs_mean_shadow": versus,
-                           "clients": {c["name"]: {"group": c["group"], "kind": c["kind"]}
+                           "clients": {c["name"]: {"group": c["group"], "kind": c["kind"],
+                                                   "provider_choice": chosen[c["name"]]}
                                        for c in r["clients"] if c["name"] in versus}})
     return points
+
+
+def at(by_level, m):
+    """by_level[m] of a results.json dict (its keys strings once written), or None."""
+    if not by_level:
+        return None
+    return by_level.get(m, by_level.get(str(m)))
+
+
+def choice_counts(point):
+    """What the provider sent at a frontier point, counted over its clients: "translator 7,
+    mean_shadow 2" (a group's members share their pooled upload's); "n/a" before the choice."""
+    names = [c["provider_choice"] for c in point["clients"].values() if c["provider_choice"]]
+    counts = {n: names.count(n) for n in dict.fromkeys(sorted(names))}
+    return ", ".join(f"{n} {k}" for n, k in counts.items()) or "n/a"
+
+
+def knee_margin(point):
+    """gradtx's skewed gain minus the best of KNEE_BASELINES the point reports (None: none)."""
+    rivals = [point["gain"][k] for k in KNEE_BASELINES if point["gain"].get(k) is not None]
+    if not rivals or point["gain"].get("gradtx") is None:
+        return None
+    return point["gain"]["gradtx"] - max(rivals)
 
 
 def harmed(point, method="gradtx", allowed=-0.05):
@@ -154,7 +185,8 @@ def signed(value):
 def frontier_table(runs):
     points = sorted(frontier_points(runs), key=lambda p: p["nem"])
     head = (["N", "epsilon", "m", "N·ε·√m", "sigma"] + FRONTIER_METHODS
-            + ["worst client vs mean_shadow: gradtx", "ridge", "ridge_ungated",
+            + ["gradtx - best baseline", "provider's choice (clients)"]
+            + ["worst client vs mean_shadow: gradtx", "translator", "ridge", "ridge_ungated",
                "clients below -0.05 (gradtx)"])
     rows = []
     for p in points:
@@ -162,13 +194,15 @@ def frontier_table(runs):
         row = ([f"{p['n_train']}" + (f" (groups of {group})" if group > 1 else ""),
                 f"{p['epsilon']:g}", str(p["m"]), f"{p['nem']:.0f}", f"{p['sigma']:.2f}"]
                + [fmt(p["gain"].get(k)) for k in FRONTIER_METHODS]
+               + [signed(knee_margin(p)), choice_counts(p)]
                + [signed(p["worst_vs_mean_shadow"].get(k)) for k in HARM_METHODS]
                + [harmed(p)])
         rows.append(row)
     return ("skewed clients: gain recovered of means, against each client's NON-private llm_ft; "
-            "worst client: the\n"
-            "lowest score minus the mean shadow update's score over every client, the IID one "
-            "included\n\n"
+            "best baseline: the\n"
+            f"highest of {', '.join(KNEE_BASELINES)} the row reports; worst client: the lowest "
+            "score minus the mean\n"
+            "shadow update's score over every client, the IID one included\n\n"
             + markdown_table(head, rows))
 
 

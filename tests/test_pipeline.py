@@ -110,6 +110,16 @@ def test_dp_run_with_groups(dp_group_run):
     assert "pooling_gain_of_means" in results["summary"]["by_kind"]["skewed"]
     for c in results["clients"]:   # the do-no-harm gate says how far each upload was trusted
         assert 0 < c["gate_weight"] < 1
+    # what the provider sent each client (gradtx), by name; the translation itself is `translator`
+    assert set(results["provider_choice"]) == {1, 2}
+    for c in results["clients"]:
+        sent = c["provider_choice"]
+        assert sent in {"mean_shadow", *gradtx.CANDIDATES}
+        if sent in c["scores"]:
+            assert c["scores"]["gradtx"] == c["scores"][sent]
+        if c["pooling"]:
+            assert set(c["pooling_choice"]) == {1, 2}
+            assert c["pooling"][1]["gradtx"] == c["scores"]["gradtx"]
     worst = results["summary"]["worst_vs_mean_shadow"]
     for method in ("gradtx", "ridge", "ridge_ungated"):
         assert worst[method] == min(c["scores"][method] - c["scores"]["mean_shadow"] for c in results["clients"])
@@ -128,9 +138,19 @@ def test_frontier_points_and_table(dp_group_run):
     assert table.count("\n| 48 (groups of 2) | 1 |") == 2
     # the worst client per method; a group's points come from its pooling curve: no ungated map
     cells = [line.split(" | ") for line in table.splitlines() if line.startswith("| 48 ")]
-    assert [c[-4:-1] for c in cells] == [[sweep.signed(p["worst_vs_mean_shadow"].get(k)) for k in sweep.HARM_METHODS]
+    assert [c[-5:-1] for c in cells] == [[sweep.signed(p["worst_vs_mean_shadow"].get(k)) for k in sweep.HARM_METHODS]
                                          for p in points]
-    assert [c[-2] for c in cells] == ["n/a", "n/a"] and "n/a" not in cells[0][-4]
+    assert [c[-2] for c in cells] == ["n/a", "n/a"] and "n/a" not in cells[0][-5]
+    # the provider's choice, counted over the group members (their pooled upload's at m = 2)
+    for p, c in zip(points, cells):
+        assert c[-6] == sweep.choice_counts(p)
+        assert sum(int(n.split()[-1]) for n in c[-6].split(", ")) == len(p["clients"])
+    chosen = {c["provider_choice"] for c in points[1]["clients"].values()}
+    assert chosen <= {"mean_shadow", *gradtx.CANDIDATES}
+    # gradtx against the best baseline the row has (a pooled row: none of them)
+    assert [c[-7] for c in cells] == ["n/a", "n/a"]
+    single = {"gain": {"gradtx": 0.5, "ridge_ungated": 0.9, "w2s": 0.6, "kd": None}}
+    assert sweep.knee_margin(single) == pytest.approx(-0.4)
     # the harm column is the points' own scores: a member below -0.05 is named under its group
     scores = {"iid_0/0": -0.06, "iid_0/1": 0.0, "random_3": -0.051, "skewed_+": -0.05}
     point = {"vs_mean_shadow": {name: {"gradtx": v} for name, v in scores.items()},
@@ -177,6 +197,7 @@ def test_pooled_upload_is_the_elementwise_mean():
 
     class Provider:   # a stand-in that records which map translates what
         translators = {1: None, 2: None, 4: None, 5: None}
+        choices = {}   # no DP: the translation itself
         translate = staticmethod(lambda u, m=1: seen.append((m, u)) or u)
         linear = staticmethod(lambda u, m=1: u)
 
@@ -276,11 +297,15 @@ def test_cache_keys_follow_the_data_and_settings(monkeypatch):
     after = stages.stage_paths(cfg, task)
     assert all(before[s] != after[s] for s in before)
     monkeypatch.undo()
-    # other shadow subsets: every stage that reads them; a translator setting: its fit only
+    # other shadow subsets: every stage that reads them; a translator setting: its fit and the
+    # choice made from it; the choice's own setting: the choice only
     other_shadow = stages.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--shadow_alpha=3"]), task)
-    assert {s for s in before if before[s] != other_shadow[s]} == {"shadow", "shadow_dp", "fit_1"}
+    assert {s for s in before if before[s] != other_shadow[s]} == {"shadow", "shadow_dp", "fit_1", "choice_1"}
     other_fit = stages.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--gt_lr=1e-3"]), task)
-    assert {s for s in before if before[s] != other_fit[s]} == {"fit_1"}
+    assert {s for s in before if before[s] != other_fit[s]} == {"fit_1", "choice_1"}
+    other_choice = stages.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--choice_harm=0.05"]), task)
+    assert {s for s in before if before[s] != other_choice[s]} == {"choice_1"}
+    assert "choice_1" not in stages.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--gt_choose=false"]), task)
     # another privacy level: llm_ft reads no upload, so without weak baselines its fine-tunes are reused
     strong = [f"--weak_baselines={w}" for w in ("false", "true")]
     for flag, reused in zip(strong, (True, False)):
@@ -410,6 +435,25 @@ def test_eval_prints_a_finished_runs_tables_again(finished_run, tmp_path):
     assert shown.stdout.strip() == evaluation.report(results).strip()
     with pytest.raises(SystemExit, match="results.json not found"):
         evaluation.main(["--out", str(tmp_path)])
+
+def test_the_providers_choice_reads_shadow_runs_only(dp_group_run, tmp_path):
+    """The provider's choice is fixed before any client uploads: other clients (other data, other
+    mixtures) leave its cache key alone, and made again from the same shadow runs it is the same."""
+    out, results = dp_group_run
+    task = data.make_task("arith", 0)
+    cfg = train.parse_args(TINY_RUN + [f"--out={out}", "--dp_epsilon=1", "--group_size=2", "--shadow_dp_draws=2"])
+    other = train.parse_args(TINY_RUN + [f"--out={tmp_path}", f"--cache={out}", "--dp_epsilon=1", "--group_size=2",
+                                         "--shadow_dp_draws=2", "--skew=0.6", "--random_clients=3"])
+    paths = stages.stage_paths(cfg, task, (1, 2))
+    moved = stages.stage_paths(other, task, (1, 2))
+    assert moved["clients"] != paths["clients"]
+    assert all(moved[f"choice_{m}"] == paths[f"choice_{m}"] for m in (1, 2))
+    for m in (1, 2):   # made anew, now beside other clients
+        os.replace(paths[f"choice_{m}"], str(tmp_path / f"choice_{m}.pt"))
+    again = train.run(other)
+    assert again["provider_choice"] == results["provider_choice"]
+    assert len(again["clients"]) != len(results["clients"])
+
 
 def test_library_modules_import_one_way():
     """dp -> data -> tinylm -> config.presets (the settings and the recipe they publish) -> gradtx ->

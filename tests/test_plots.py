@@ -47,7 +47,7 @@ def test_draws_a_png_for_every_kind_of_json(tmp_path):
          "gain": {"gradtx": g, "ridge": g, "tinylm_dp": g / 2, "w2s": g / 2, "kd": g / 3, "mean_shadow": 0.0},
          "worst_vs_mean_shadow": {"gradtx": 0.0},
          "vs_mean_shadow": {c: {"gradtx": g - 0.5, "ridge": -g} for c in ("skewed_+", "iid_0", "random_0")},
-         "clients": {c: {"group": c, "kind": k} for c, k in (("skewed_+", "skewed"), ("iid_0", "iid"),
+         "clients": {c: {"group": c, "kind": k, "provider_choice": "translator"} for c, k in (("skewed_+", "skewed"), ("iid_0", "iid"),
                                                              ("random_0", "random"))}}
         for n, e, m, g in ((512, 0.3, 1, 0.1), (512, 1.0, 1, 0.9), (128, 1.0, 8, 0.4))]})
     write(tmp_path / "run" / "shadow_count.json", {"rows": [
@@ -70,6 +70,15 @@ def test_draws_a_png_for_every_kind_of_json(tmp_path):
     for png in [tmp_path / "run" / "figures" / "fit.png", tmp_path / "run" / "figures" / "frontier.png",
                 figures / "dp.png", figures / "pooling.png"]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+def test_the_frontier_marks_the_providers_choice_at_each_point():
+    row = {"clients": {"a": {"provider_choice": "translator"}, "b": {"provider_choice": "mean_shadow"},
+                       "c": {"provider_choice": "translator"}}}
+    assert plots.choice_letter(row) == "T"
+    row["clients"]["b"]["provider_choice"] = row["clients"]["c"]["provider_choice"] = "ridge_ungated"
+    assert plots.choice_letter(row) == "R*"
+    assert plots.choice_letter({"clients": {"a": {"group": "a"}}}) == ""   # a run before the choice
 
 
 def test_a_results_json_without_fit_history_is_skipped_not_fatal(tmp_path, capsys):

@@ -446,7 +446,7 @@ def eval_rows(cfg, task, tiny, llm):
     linear = gradtx.LinearMap(basis, ridge, k, 1.0, {})
     model = new_translator(cfg, inputs, linear).eval()
     provider = evaluation.Provider({1: gradtx.Translator(model, dict(basis=basis, ridge=ridge))},
-                                   tinylm.update_shape(llm.cfg, cfg.lora_rank))
+                                   torch.zeros(tinylm.update_shape(llm.cfg, cfg.lora_rank)))
     # a test split is one generation batch (<= 1000 prompts, all PROMPT_LEN tokens): 16 count alike
     clients = task.clients(cfg.n_train, min(cfg.n_test, 16), cfg.group_size, cfg.skew,
                            cfg.random_clients)

@@ -33,8 +33,12 @@ import sys
 METHODS = ["gradtx", "ridge", "ridge_ungated", "mean_shadow", "tinylm_dp", "w2s", "kd"]   # lines
 COLORS = {"gradtx": "C0", "ridge": "C1", "ridge_ungated": "C8", "mean_shadow": "C7",
           "tinylm_dp": "C2", "w2s": "C3", "kd": "C4", "gradtx_single_map": "C5",
-          "gradtx_paper": "C6", "gradtx_best_init": "C9"}
-FRONTIER_LINES = ["gradtx", "ridge", "ridge_ungated", "tinylm_dp", "w2s", "kd", "mean_shadow"]
+          "gradtx_paper": "C6", "gradtx_best_init": "C9", "translator": "navy"}
+FRONTIER_LINES = ["gradtx", "translator", "ridge", "ridge_ungated", "tinylm_dp", "w2s", "kd",
+                  "mean_shadow"]
+# the provider's choice at a frontier point, as the letter drawn above its gradtx point
+CHOICE_LETTERS = {"translator": "T", "translator_ungated": "T*", "ridge": "R",
+                  "ridge_ungated": "R*", "mean_shadow": "M"}
 SIZE = (6, 4)
 DPI = 100
 
@@ -169,13 +173,28 @@ def plot_frontier(plt, frontier):
             if chosen:
                 ax.plot([p[0] for p in chosen], [p[1] for p in chosen], marker,
                         color=COLORS[method], mfc="none" if pooled else COLORS[method], ls="none")
+    for r in rows:   # what the provider sent there: its choice for most of the point's clients
+        if (letter := choice_letter(r)) and r["gain"].get("gradtx") is not None:
+            ax.annotate(letter, (r["nem"], r["gain"]["gradtx"]), textcoords="offset points",
+                        xytext=(0, 5), ha="center", fontsize=7, color=COLORS["gradtx"])
     ax.axhline(0.5, color="black", ls=":", lw=0.8)
     log_x(ax)
     ax.set(xlabel="N·ε·√m  (examples per client x epsilon x sqrt(pooled uploads))",
            ylabel="gain recovered, skewed clients",
-           title="the privacy frontier (squares: groups pooling m uploads)")
+           title="the privacy frontier (squares: groups pooling m uploads)\n"
+                 "letters: the provider's choice (T translator, R map, *: ungated, M mean update)")
     ax.legend(fontsize=7)
     return fig
+
+
+def choice_letter(row):
+    """The letter of what the provider sent most of a frontier point's clients ("" before the
+    provider chose: older runs)."""
+    names = [c.get("provider_choice") for c in row["clients"].values()]
+    names = [n for n in names if n]
+    if not names:
+        return ""
+    return CHOICE_LETTERS.get(max(set(names), key=names.count), "?")
 
 
 def plot_frontier_by_size(plt, frontier):
@@ -200,10 +219,11 @@ def plot_frontier_by_size(plt, frontier):
 
 def plot_frontier_harm(plt, frontier):
     """Do no harm at every point: each client's score minus its mean shadow update's (accuracy)
-    against N·ε·√m, a panel per method (gradtx, ridge and, where measured, the ungated ridge), a
+    against N·ε·√m, a panel per method (gradtx, the translator, ridge and the ungated ridge, each
+    where measured), a
     dot per client coloured by its kind; below the red line (-0.05): made worse off."""
     rows = sorted(frontier["rows"], key=lambda r: r["nem"])
-    methods = [m for m in ("gradtx", "ridge", "ridge_ungated")
+    methods = [m for m in ("gradtx", "translator", "ridge", "ridge_ungated")
                if any(m in v for r in rows for v in r["vs_mean_shadow"].values())]
     fig, axes = plt.subplots(1, len(methods), figsize=(len(methods) * SIZE[0], SIZE[1]),
                              sharey=True, squeeze=False)
