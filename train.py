@@ -456,8 +456,9 @@ def choice_stage(cfg, task, llm, shadow, translator, mean_shadow, path, m):
     stages.record_seconds(cfg, path, time.time() - t0)
     print(f"choice m={m}: {choice.candidate}" + (f" where the gate weight >= {choice.threshold:.2f}"
           if choice.threshold > 0 else "") + f", held-out gain {choice.gain:+.3f} over the mean "
-          f"update (worst run {choice.worst_run:+.3f}); each candidate's best: " + ", ".join(
-              f"{c} {g:+.3f}" for c, (_, g, _) in choice.scores.items())
+          f"update (worst run {choice.worst_run:+.3f}); each candidate at its lowest safe "
+          f"threshold: " + ", ".join(f"{c} {g:+.3f} (>= {t:.2f})"
+                                     for c, (t, g, _) in choice.scores.items())
           + f", {time.time() - t0:.1f}s", flush=True)
     return choice
 
