@@ -531,7 +531,8 @@ def choice_line(results):
     counts = ", ".join(f"{n} {names.count(n)}" for n in sorted(set(names)))
     levels = []
     for m, choice in results["provider_choice"].items():
-        where = f" where the gate weight >= {choice['threshold']:.2f}" if choice["threshold"] else ""
+        threshold = choice["threshold"]
+        where = f" where the gate weight >= {threshold:.2f}" if threshold else ""
         levels.append(f"m={m}: {choice['candidate']}{where}, held-out shadow runs "
                       f"{choice['gain']:+.3f} over the mean update, worst run "
                       f"{choice['worst_run']:+.3f}")

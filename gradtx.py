@@ -20,9 +20,12 @@ The file reads in four parts:
      once: the public subspace (the input projected on the top principal directions of clean public
      shadow TinyLM updates, which keeps DP noise out), the linear map (ridge regression, the skip
      path the decoder learns the residual of), the selection (the simplest candidate within one
-     standard error of the best, on held-out shadow runs), and the do-no-harm gate (noisy uploads
-     fall back towards the mean shadow update as far as the noise alone could explain them);
-  3. the provider's prediction, composed in one place: `translate`, gate(map(x) + residual(x));
+     standard error of the best, on held-out shadow runs), the do-no-harm gate (noisy uploads
+     fall back towards the mean shadow update as far as the noise alone could explain them), and
+     with DP the provider's choice (the translation or a simpler fallback, whichever held-out
+     shadow runs at the clients' privacy level say serves best without harming any of them);
+  3. the provider's prediction, composed in one place: `translate`, gate(map(x) + residual(x)),
+     and `provide`, what the provider sends under its choice;
   4. training on shadow pairs, and checkpoints.
 With every addition off, parts 3 and 4 run the paper's translator alone.
 
@@ -264,7 +267,8 @@ def decode(model, src, base=None):
 
 # -----------------------------------------------------------------------------
 # 2. this project's additions (each an option; off = the paper): the public subspace, the linear
-# map, the selection on held-out runs, the do-no-harm gate. Their buffers travel with the model.
+# map, the selection on held-out runs, the do-no-harm gate (their buffers travel with the model),
+# and the provider's choice among fallbacks (kept beside the model: train.choice_stage).
 
 
 def register_additions(model, cfg):
