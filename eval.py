@@ -280,9 +280,9 @@ class Provider:
         if m not in self.choices:
             return self.translate(upload, m), "translator"
         model, log = self.translators[m]
-        updates, names = gradtx.provide(model, upload[None].float(), self.choices[m], log["ridge"],
-                                        self.mean_shadow)
-        return updates[0].cpu(), names[0]
+        choice = self.choices[m]
+        update = gradtx.provide(model, upload[None].float(), choice, log["ridge"], self.mean_shadow)
+        return update[0].cpu(), choice.candidate
 
     def updates(self, client):
         """{method: LLM update} of the methods reading this client's upload, and its references;
@@ -523,19 +523,16 @@ def report(results):
 
 def choice_line(results):
     """With DP, what the provider sent (gradtx), counted over the clients, and why: 'provider's
-    choice (gradtx): translator 7, mean_shadow 2 (single uploads: translator where the gate weight
-    >= 0.41, held-out shadow runs +0.214 over the mean update, worst run -0.012)'; "" without."""
+    choice (gradtx): ridge 9 (m=1: ridge, held-out shadow runs +0.178 over the mean update, loss
+    0.004)'; "" without."""
     names = [c["provider_choice"] for c in results["clients"] if "provider_choice" in c]
     if not names:
         return ""
     counts = ", ".join(f"{n} {names.count(n)}" for n in sorted(set(names)))
     levels = []
     for m, choice in results["provider_choice"].items():
-        threshold = choice["threshold"]
-        where = f" where the gate weight >= {threshold:.2f}" if threshold else ""
-        levels.append(f"m={m}: {choice['candidate']}{where}, held-out shadow runs "
-                      f"{choice['gain']:+.3f} over the mean update, worst run "
-                      f"{choice['worst_run']:+.3f}")
+        levels.append(f"m={m}: {choice['candidate']}, held-out shadow runs "
+                      f"{choice['gain']:+.3f} over the mean update, loss {choice['loss']:.3f}")
     return f"provider's choice (gradtx): {counts} ({'; '.join(levels)})"
 
 

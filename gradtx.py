@@ -23,7 +23,7 @@ The file reads in four parts:
      standard error of the best, on held-out shadow runs), the do-no-harm gate (noisy uploads
      fall back towards the mean shadow update as far as the noise alone could explain them), and
      with DP the provider's choice (the translation or a simpler fallback, whichever held-out
-     shadow runs at the clients' privacy level say serves best without harming any of them);
+     shadow runs at the clients' privacy level say serves best within a budget of harm);
   3. the provider's prediction, composed in one place: `translate`, gate(map(x) + residual(x)),
      and `provide`, what the provider sends under its choice;
   4. training on shadow pairs, and checkpoints.
@@ -553,57 +553,44 @@ def do_no_harm(gate, updates, uploads):
 
 
 CANDIDATES = ("ridge", "ridge_ungated", "translator", "translator_ungated")
-"""What the provider may send for an upload it trusts, simplest first (`candidate_update`); for
-the others it sends the mean shadow update, the one candidate that needs no upload at all."""
+"""What the provider may send for an upload besides the mean shadow update (which needs no upload at
+all), simplest first (`candidate_update`)."""
 
 
 class Choice(NamedTuple):
-    """What `choose` picks for one privacy level: the candidate sent for an upload whose gate
-    weight is at least `threshold` (the mean shadow update for the others; candidate "mean_shadow":
-    for every upload), its mean held-out gain over the mean update and its worst held-out run's,
-    and each candidate's admissible policy {candidate: [threshold, gain, worst run]}."""
+    """What `choose` picks for one privacy level: the candidate sent for every upload at that level
+    ("mean_shadow": no upload is read), its mean held-out gain over the mean update and its mean
+    held-out loss, and every candidate's {name: [gain, loss, worst held-out run's mean gain]}."""
     candidate: str
-    threshold: float
     gain: float
-    worst_run: float
+    loss: float
     scores: dict
 
 
-def policy_gains(gains, weights, threshold):
-    """(U,) each upload's gain under the policy "the candidate where the gate weight >= threshold,
-    else the mean shadow update" (whose gain is 0 by definition)."""
-    return np.where(weights >= threshold, gains, 0.0)
-
-
-def choose(gains, weights, runs, harm):
-    """The provider's policy for uploads at one privacy level, from held-out shadow uploads alone:
-    gains {candidate: (U,)} each candidate's accuracy minus the mean shadow update's, on held-out
-    records of the upload's own shadow run; weights (U,) the uploads' gate weights; runs (U,) the
-    run each upload came from. A policy (candidate, threshold) sends the candidate's update for the
-    uploads the gate trusts at least `threshold`, the mean update for the rest (threshold 0: for
-    all). It is admissible when no held-out run loses more than `harm` on average over its uploads
-    (a run is one mixture of conventions, as a client is).
-    Each candidate gets its LOWEST admissible threshold -- as many uploads translated as safety
-    allows; a threshold is never raised for gain alone, which would fit the held-out runs' noise --
-    and the candidate of highest mean gain there is chosen (on a tie the simplest; the mean update
-    when none gains). Nothing here sees a client: the policy is fixed before any upload arrives."""
-    weights = np.asarray(weights, dtype=float)
+def choose(gains, runs, budget):
+    """The provider's choice for uploads at one privacy level, from held-out shadow uploads alone:
+    gains {candidate: (U,)} each candidate's accuracy minus the mean shadow update's, on fresh
+    records of the upload's own shadow run; runs (U,) the run each upload came from.
+    A candidate's held-out LOSS is the mean over the uploads of max(0, -gain): what a client loses
+    to the mean update, on average, where it loses at all -- gains elsewhere do not buy it back. A
+    candidate is admissible when that loss is at most `budget`; the admissible candidate of highest
+    mean gain is sent (on a tie the simplest), the mean update when none gains.
+    Why a budget on the average loss, not a bound on the worst held-out run: at the knee a noisy
+    upload now and then looks like a convention it is not, and its translation lands in the wrong
+    corner; a run with one such upload in four fails any worst-run bound, for every candidate, and
+    leaves the mean update, the loss of the whole gain. Nothing here sees a client: the choice is
+    fixed before any upload arrives."""
     runs = np.asarray(runs)
-    cuts = np.unique(weights)
-    # from trusting every upload to trusting the fewest: 0, then midway between neighbouring weights
-    thresholds = np.concatenate([[0.0], (cuts[1:] + cuts[:-1]) / 2])
-    scores = {}   # each candidate at its lowest admissible threshold: [threshold, gain, worst run]
+    scores = {}
     for candidate in (c for c in CANDIDATES if c in gains):
-        for threshold in thresholds:
-            g = policy_gains(np.asarray(gains[candidate], dtype=float), weights, threshold)
-            worst_run = min(g[runs == r].mean() for r in np.unique(runs))
-            if worst_run >= -harm:
-                scores[candidate] = [float(threshold), float(g.mean()), float(worst_run)]
-                break
-    best = max(scores, key=lambda c: scores[c][1], default=None)   # of equals, the simplest
-    if best is None or scores[best][1] <= 0:
-        return Choice("mean_shadow", 0.0, 0.0, 0.0, scores)
-    return Choice(best, *scores[best], scores)
+        g = np.asarray(gains[candidate], dtype=float)
+        worst_run = min(g[runs == r].mean() for r in np.unique(runs))
+        scores[candidate] = [float(g.mean()), float(np.maximum(-g, 0).mean()), float(worst_run)]
+    admissible = [c for c in scores if scores[c][1] <= budget]
+    best = max(admissible, key=lambda c: scores[c][0], default=None)   # of equals, the simplest
+    if best is None or scores[best][0] <= 0:
+        return Choice("mean_shadow", 0.0, 0.0, scores)
+    return Choice(best, scores[best][0], scores[best][1], scores)
 
 
 # -----------------------------------------------------------------------------
@@ -665,16 +652,10 @@ def candidate_update(model, uploads, candidate, linear, fallback):
 
 @torch.no_grad()
 def provide(model, uploads, choice, linear, fallback):
-    """What the provider sends for raw uploads (B, n_src, d_src) under its `choice` (`choose`):
-    (B, n_tgt, d_tgt) raw LLM updates, and the name of what each upload got ([B]: the chosen
-    candidate where the gate trusts the upload at least choice.threshold, else "mean_shadow")."""
+    """What the provider sends for raw uploads (B, n_src, d_src) under its `choice` (`choose`): the
+    chosen candidate's raw LLM updates (B, n_tgt, d_tgt)."""
     fallback = fallback.to(model.head.weight.device)
-    updates = candidate_update(model, uploads, choice.candidate, linear, fallback)
-    if choice.candidate == "mean_shadow":
-        return updates, ["mean_shadow"] * len(uploads)
-    trusted = (gate_weight(model.gate, uploads) >= choice.threshold).to(fallback.device)
-    names = [choice.candidate if t else "mean_shadow" for t in trusted.tolist()]
-    return torch.where(trusted[:, None, None], updates.to(fallback.device), fallback), names
+    return candidate_update(model, uploads, choice.candidate, linear, fallback)
 
 
 @torch.no_grad()

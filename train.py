@@ -454,11 +454,10 @@ def choice_stage(cfg, task, llm, shadow, translator, mean_shadow, path, m):
     choice = choose_fallback(cfg, task, llm, shadow, translator, mean_shadow, m)
     tinylm.atomic_save(choice._asdict(), path)
     stages.record_seconds(cfg, path, time.time() - t0)
-    print(f"choice m={m}: {choice.candidate}" + (f" where the gate weight >= {choice.threshold:.2f}"
-          if choice.threshold > 0 else "") + f", held-out gain {choice.gain:+.3f} over the mean "
-          f"update (worst run {choice.worst_run:+.3f}); each candidate at its lowest safe "
-          f"threshold: " + ", ".join(f"{c} {g:+.3f} (>= {t:.2f})"
-                                     for c, (t, g, _) in choice.scores.items())
+    print(f"choice m={m}: {choice.candidate}, held-out gain {choice.gain:+.3f} over the mean "
+          f"update, loss {choice.loss:.3f} (budget {cfg.choice_budget:g}); each candidate's gain "
+          f"/ loss: " + ", ".join(f"{c} {g:+.3f} / {loss:.3f}"
+                                  for c, (g, loss, _) in choice.scores.items())
           + f", {time.time() - t0:.1f}s", flush=True)
     return choice
 
@@ -481,8 +480,7 @@ def choose_fallback(cfg, task, llm, shadow, translator, mean_shadow, m):
     gains = {c: baseline - error(gradtx.candidate_update(model, uploads, c, log["ridge"], fallback),
                                  runs)
              for c in gradtx.CANDIDATES}
-    weights = gradtx.gate_weight(model.gate, uploads).cpu().numpy()
-    return gradtx.choose(gains, weights, runs, cfg.choice_harm)
+    return gradtx.choose(gains, runs, cfg.choice_budget)
 
 
 # -----------------------------------------------------------------------------

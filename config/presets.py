@@ -108,10 +108,10 @@ class Config:
     gt_gate: bool = True
     # with DP: the provider's choice (gradtx.choose) among the mean update, the linear map and the
     # translator, gated or not, by their scores on held-out shadow runs at the clients' privacy
-    # level, no held-out run made worse off than the mean update by more than choice_harm (in
-    # accuracy) on average (off: the gated translator for every upload)
+    # level: the best whose held-out uploads lose at most choice_budget (accuracy) to the mean
+    # update on average, where they lose (off: the gated translator for every upload)
     gt_choose: bool = True
-    choice_harm: float = 0.03
+    choice_budget: float = 0.02
     gt_init: int = 0             # the translator's init is drawn from seed + gt_init
     # model selection by the LLM's "loss" or, for accuracy tasks, "exact_match"
     gt_select: str = "loss"

@@ -73,7 +73,7 @@ def stage_paths(cfg, task, levels=(1,), device="cpu"):
         p[f"fit_{m}"] = path("fit", FIT_KEYS, inputs, m, SUBSPACE_SIZES, RIDGE_LAMBDAS,
                              SELECTION)
         if cfg.dp_epsilon > 0 and cfg.gt_choose:   # the provider's choice, from the fit's runs
-            p[f"choice_{m}"] = path("choice", ("choice_harm",), p[f"fit_{m}"], CHOICE_EXAMPLES,
+            p[f"choice_{m}"] = path("choice", ("choice_budget",), p[f"fit_{m}"], CHOICE_EXAMPLES,
                                     gradtx.CANDIDATES)
     p["clients"] = path("clients", CLIENT_KEYS, p["pretrain_tiny"], client_data)
     # llm_ft reads only the clients' data; the weak baselines also read their uploads (the clients

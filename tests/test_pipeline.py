@@ -303,7 +303,7 @@ def test_cache_keys_follow_the_data_and_settings(monkeypatch):
     assert {s for s in before if before[s] != other_shadow[s]} == {"shadow", "shadow_dp", "fit_1", "choice_1"}
     other_fit = stages.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--gt_lr=1e-3"]), task)
     assert {s for s in before if before[s] != other_fit[s]} == {"fit_1", "choice_1"}
-    other_choice = stages.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--choice_harm=0.05"]), task)
+    other_choice = stages.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--choice_budget=0.05"]), task)
     assert {s for s in before if before[s] != other_choice[s]} == {"choice_1"}
     assert "choice_1" not in stages.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--gt_choose=false"]), task)
     # another privacy level: llm_ft reads no upload, so without weak baselines its fine-tunes are reused
