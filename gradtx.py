@@ -552,9 +552,10 @@ def do_no_harm(gate, updates, uploads):
 # whichever the held-out shadow runs say serves best while harming none of them
 
 
-CANDIDATES = ("ridge", "ridge_ungated", "translator", "translator_ungated")
+CANDIDATES = ("ridge_ungated", "ridge", "translator_ungated", "translator")
 """What the provider may send for an upload besides the mean shadow update (which needs no upload at
-all), simplest first (`candidate_update`)."""
+all), simplest first: the linear map, the map behind the gate, the map plus the translator's
+residual, and that behind the gate (`candidate_update`)."""
 
 
 class Choice(NamedTuple):
@@ -571,25 +572,32 @@ def choose(gains, runs, budget):
     """The provider's choice for uploads at one privacy level, from held-out shadow uploads alone:
     gains {candidate: (U,)} each candidate's accuracy minus the mean shadow update's, on fresh
     records of the upload's own shadow run; runs (U,) the run each upload came from.
-    A candidate's held-out LOSS is the mean over the uploads of max(0, -gain): what a client loses
-    to the mean update, on average, where it loses at all -- gains elsewhere do not buy it back. A
-    candidate is admissible when that loss is at most `budget`; the admissible candidate of highest
-    mean gain is sent (on a tie the simplest), the mean update when none gains.
+    1. Safe enough: a candidate's held-out LOSS is the mean over the uploads of max(0, -gain), what
+       a client loses to the mean update on average where it loses at all (gains elsewhere do not
+       buy it back); it must be at most `budget`, and its mean gain above 0.
+    2. Of those, the simplest within one standard error of the best (`simplest_within_one_se`, over
+       the runs' mean gains, in the order of CANDIDATES): a dozen held-out runs rank candidates
+       only up to noise, and where they cannot tell them apart the plain map is the safe bet (the
+       gate shrinks a well-measured upload that happens to sit near the centre).
+    3. None safe and gaining: the mean update.
     Why a budget on the average loss, not a bound on the worst held-out run: at the knee a noisy
     upload now and then looks like a convention it is not, and its translation lands in the wrong
-    corner; a run with one such upload in four fails any worst-run bound, for every candidate, and
-    leaves the mean update, the loss of the whole gain. Nothing here sees a client: the choice is
-    fixed before any upload arrives."""
+    corner; a run with one such upload in four fails a worst-run bound for every candidate, which
+    leaves the mean update and the loss of the whole gain. Nothing here sees a client: the choice
+    is fixed before any upload arrives."""
     runs = np.asarray(runs)
     scores = {}
+    per_run = {}   # each candidate's per-run mean gains, negated: lower is better
     for candidate in (c for c in CANDIDATES if c in gains):
         g = np.asarray(gains[candidate], dtype=float)
-        worst_run = min(g[runs == r].mean() for r in np.unique(runs))
-        scores[candidate] = [float(g.mean()), float(np.maximum(-g, 0).mean()), float(worst_run)]
-    admissible = [c for c in scores if scores[c][1] <= budget]
-    best = max(admissible, key=lambda c: scores[c][0], default=None)   # of equals, the simplest
-    if best is None or scores[best][0] <= 0:
+        run_gains = np.array([g[runs == r].mean() for r in np.unique(runs)])
+        scores[candidate] = [float(g.mean()), float(np.maximum(-g, 0).mean()),
+                             float(run_gains.min())]
+        if scores[candidate][1] <= budget and scores[candidate][0] > 0:
+            per_run[candidate] = -run_gains
+    if not per_run:
         return Choice("mean_shadow", 0.0, 0.0, scores)
+    best = simplest_within_one_se(per_run)
     return Choice(best, scores[best][0], scores[best][1], scores)
 
 
