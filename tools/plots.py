@@ -180,9 +180,10 @@ def plot_frontier(plt, frontier):
     ax.axhline(0.5, color="black", ls=":", lw=0.8)
     log_x(ax)
     ax.set(xlabel="N·ε·√m  (examples per client x epsilon x sqrt(pooled uploads))",
-           ylabel="gain recovered, skewed clients",
-           title="the privacy frontier (squares: groups pooling m uploads)\n"
-                 "letters: the provider's choice (T translator, R map, *: ungated, M mean update)")
+           ylabel="gain recovered, skewed clients")
+    ax.set_title("the privacy frontier (squares: groups pooling m uploads); letters: what\n"
+                 "gradtx sent (T translator, R linear map, *: without the gate, M mean update)",
+                 fontsize=9)
     ax.legend(fontsize=7)
     return fig
 
