@@ -466,14 +466,17 @@ def choose_fallback(cfg, task, llm, shadow, translator, mean_shadow, m):
     """Score every candidate the provider may send (gradtx.CANDIDATES, and the mean update) on the
     translator's held-out shadow runs at the clients' privacy level: each of a run's noisy inputs
     translated, the LLM's accuracy with it on fresh records of the run's mixture, minus the mean
-    update's; then `gradtx.choose`. Shadow runs only: no client's data or upload is read."""
+    update's (a task scored otherwise: the LLM's loss, the mean update's minus the candidate's);
+    then `gradtx.choose`. Shadow runs only: no client's data or upload is read."""
     _, val_runs = fit_runs(cfg)
     X, _ = data.translator_inputs(cfg, shadow, val_runs, m, private=True)      # (runs, P, n, d)
     uploads = X.flatten(0, 1).to(llm.wte.weight.device)
     runs = np.repeat(np.arange(len(val_runs)), X.shape[1])                     # (runs * P,)
     held_out = [task.encode(data.held_out_examples(cfg, task, k, CHOICE_EXAMPLES))
                 for k in val_runs]
-    error = functional_criterion(llm, held_out, "exact_match")                 # 1 - accuracy
+    # lower is better: 1 - accuracy (arith), else the LLM's loss (text: bits per byte, scaled)
+    error = functional_criterion(llm, held_out,
+                                 "exact_match" if task.metric == "accuracy" else "loss")
     model, log = translator
     fallback = mean_shadow.to(uploads.device)
     baseline = error(fallback.expand(len(uploads), -1, -1), runs)
