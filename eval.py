@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -200,10 +201,9 @@ def evaluate(cfg, task, tiny, llm, *, translators, mean_shadow, clients, recipe,
         curves[name] = pooling_updates(members, provider)
     results = []
     for c in tqdm(clients, desc="evaluate clients", leave=False):
-        updates = dict(shared, **provider.updates(c))
-        chosen = updates.pop("provider_choice", None)   # with DP: what gradtx sent, by name
-        results.append(score_client(cfg, task, tiny, llm, c, updates, curves[c["group"]],
-                                    provider.gate, chosen))
+        sent = provider.updates(c)   # with DP, sent.chosen: what gradtx sent, by name
+        results.append(score_client(cfg, task, tiny, llm, c, dict(shared, **sent.updates),
+                                    curves[c["group"]], provider.gate, sent.chosen))
     timing = dict(stage_seconds, eval=time.time() - t0)
     timing["total"] = sum(timing.values())
     timing["gradtx_generate_per_update"] = float(np.mean(provider.seconds))
@@ -249,6 +249,13 @@ def write_results(results, folder):
     return path
 
 
+class ProviderUpdates(NamedTuple):
+    """`Provider.updates` for one client: {method: LLM update}, and (with DP) the candidate the
+    provider chose to send as gradtx (None without DP)."""
+    updates: dict
+    chosen: str | None
+
+
 class Provider:
     """What the provider makes of uploads, each through `gradtx.translate`: the Grad-Transformer
     trained for inputs that average m uploads (`translate`, timed), and the same fit's linear map,
@@ -269,32 +276,38 @@ class Provider:
         self.seconds.append(time.perf_counter() - start)
         return update
 
-    def linear(self, upload, m=1, gated=True):
-        """The linear map's update, behind the translator's do-no-harm gate (with DP) if gated."""
+    def linear(self, upload, m=1, gate="blend"):
+        """The linear map's update, behind the translator's do-no-harm gate (with DP; gate: how it
+        is applied, gradtx.translate)."""
         model, log = self.translators[m]
-        update = gradtx.translate(model, upload[None], linear=log["ridge"], gated=gated)
+        update = gradtx.translate(model, upload[None], linear=log["ridge"], gate=gate)
         return update[0].cpu()
 
-    def send(self, upload, m=1):
-        """(the update the provider sends for an upload at level m, the candidate it chose)."""
+    def send(self, upload, m=1, made=None):
+        """(the update the provider sends for an upload at level m, the candidate it chose). made:
+        {candidate: update} already computed for this upload, reused when it is the one chosen."""
         if m not in self.choices:
             return self.translate(upload, m), "translator"
-        model, log = self.translators[m]
         choice = self.choices[m]
+        if made and choice.candidate in made:
+            return made[choice.candidate], choice.candidate
+        model, log = self.translators[m]
         update = gradtx.provide(model, upload[None].float(), choice, log["ridge"], self.mean_shadow)
         return update[0].cpu(), choice.candidate
 
     def updates(self, client):
         """{method: LLM update} of the methods reading this client's upload, and its references;
-        with DP also the candidate the provider chose for it."""
+        with DP also the candidate the provider chose for it (`chosen`, None without)."""
         upload = client["upload"]
         methods = dict(gradtx=self.translate(upload), ridge=self.linear(upload))
+        chosen = None
         if self.gate is not None:   # with DP: the map without the gate too
-            methods["ridge_ungated"] = self.linear(upload, gated=False)
+            methods["ridge_ungated"] = self.linear(upload, gate="none")
         if self.choices:   # what the provider sends: `gradtx`; the gated translation itself
             methods["translator"] = methods["gradtx"]
-            methods["gradtx"], methods["provider_choice"] = self.send(upload)
-        return dict(methods, **{k: v for k, v in client["references"].items() if k != "seconds"})
+            methods["gradtx"], chosen = self.send(upload, made=methods)
+        references = {k: v for k, v in client["references"].items() if k != "seconds"}
+        return ProviderUpdates(dict(methods, **references), chosen)
 
 
 def score_client(cfg, task, tiny, llm, c, updates, curve, gate, chosen=None):
@@ -302,17 +315,15 @@ def score_client(cfg, task, tiny, llm, c, updates, curve, gate, chosen=None):
     recovered, and (groups) the pooling curve of its convention group; with DP, the candidate the
     provider chose to send for its upload (`chosen`) and, for a group, for its pooled uploads."""
     test = c["test"]
-    pooled_choice = {m: point["provider_choice"] for m, point in curve.items()
-                     if "provider_choice" in point}
     scores = {"tinylm_ft": score(task, tinylm.set_update(tiny, c["floor_update"]), test)}
     if cfg.dp_epsilon > 0:
         scores["tinylm_dp"] = score(task, tinylm.set_update(tiny, c["upload"]), test)
-    if curve:   # a group: one translation of the mean of all M uploads
-        M = max(curve)
-        updates.update(gradtx_group=curve[M]["gradtx"], ridge_group=curve[M]["ridge"])
+    if curve.updates:   # a group: one translation of the mean of all M uploads
+        M = max(curve.updates)
+        updates.update(gradtx_group=curve.updates[M]["gradtx"],
+                       ridge_group=curve.updates[M]["ridge"])
     scores.update(score_updates(task, llm, updates, test))
-    pooling = {m: score_updates(task, llm, {k: u for k, u in point.items() if torch.is_tensor(u)},
-                                test) for m, point in curve.items()}
+    pooling = {m: score_updates(task, llm, point, test) for m, point in curve.updates.items()}
     floor = scores["tinylm_ft"]
     ceiling = scores["llm_ft"]
     base = scores["llm_base"]
@@ -325,8 +336,8 @@ def score_client(cfg, task, tiny, llm, c, updates, curve, gate, chosen=None):
            "gain_recovered": {k: gain_recovered(v, base, ceiling) for k, v in scores.items()}}
     if chosen is not None:   # with DP
         row["provider_choice"] = chosen
-        if pooled_choice:
-            row["pooling_choice"] = pooled_choice
+        if curve.chosen:
+            row["pooling_choice"] = curve.chosen
     return row
 
 
@@ -355,26 +366,34 @@ def translator_summary(log):
             "history": log["history"]}               # the fit curve (tools/plots.py)
 
 
+class PoolingCurve(NamedTuple):
+    """A convention group's pooling curve: updates {m: {method: LLM update}} for the mean of its
+    first m uploads, and (with DP) chosen {m: the candidate the provider sent as gradtx}."""
+    updates: dict
+    chosen: dict
+
+
 def pooling_updates(members, provider):
     """The paper's multi-organization setting: the element-wise mean of the first m uploads of a
-    convention group, translated once, for m = 1, 2, 4, ..., M ({} for a client alone). Each member
-    keeps its own (eps, delta) guarantee: the mean is post-processing of the members' DP releases
-    and touches no private data.
+    convention group, translated once, for m = 1, 2, 4, ..., M (empty for a client alone). Each
+    member keeps its own (eps, delta) guarantee: the mean is post-processing of the members' DP
+    releases and touches no private data.
 
     "gradtx"/"ridge" use the map trained for inputs that average m uploads (their noise level;
     with DP "gradtx" is what the provider sends at that level, "translator" the translation);
     "gradtx_single_map" uses the map for one upload: does matching the level matter?"""
-    curve = {}
+    curve = PoolingCurve({}, {})
     for m in pool_sizes(len(members)) if len(members) > 1 else []:
         mean_upload = torch.stack([c["upload"] for c in members[:m]]).mean(0)
         level = m if m in provider.translators else 1
-        curve[m] = {"gradtx": provider.translate(mean_upload, level),
-                    "ridge": provider.linear(mean_upload, level)}
+        point = {"gradtx": provider.translate(mean_upload, level),
+                 "ridge": provider.linear(mean_upload, level)}
         if level in provider.choices:   # with DP: what the provider sends, and the translation
-            curve[m]["translator"] = curve[m]["gradtx"]
-            curve[m]["gradtx"], curve[m]["provider_choice"] = provider.send(mean_upload, level)
+            point["translator"] = point["gradtx"]
+            point["gradtx"], curve.chosen[m] = provider.send(mean_upload, level, made=point)
         if level != 1:
-            curve[m]["gradtx_single_map"] = provider.translate(mean_upload, 1)
+            point["gradtx_single_map"] = provider.translate(mean_upload, 1)
+        curve.updates[m] = point
     return curve
 
 

@@ -537,25 +537,34 @@ def gate_weight(gate, X):
     return torch.sigmoid(log_ratio + torch.logit(gate["prior"]))
 
 
-def do_no_harm(gate, updates, uploads):
+def do_no_harm(gate, updates, uploads, hard=False):
     """The gate applied: LLM updates (B, n_tgt, d_tgt) made from uploads (B, n_src, d_src), moved
     back towards the mean shadow update (gate["fallback"]) as far as each upload may be noise
-    (`gate_weight`). Without a gate (None: no DP, or the paper) the updates as they are."""
+    (`gate_weight`). Without a gate (None: no DP, or the paper) the updates as they are.
+    hard: decide instead of blending: each update as it is where its upload more likely carries a
+    convention than not (weight >= 1/2), else the mean update. Why both: the LLM's accuracy
+    answers an update like a switch, not a dial (0.7 of a convention's update often teaches none
+    of it), so blending a well-measured upload can throw its whole gain away, while deciding never
+    sends a fraction; but where the map itself errs on an upload, a blend loses less."""
     if gate is None:
         return updates
     fallback = gate["fallback"]
     weight = gate_weight(gate, uploads)[:, None, None].to(fallback.device)
-    return fallback + weight * (updates.to(fallback.device) - fallback)
+    updates = updates.to(fallback.device)
+    if hard:
+        return torch.where(weight >= 0.5, updates, fallback)
+    return fallback + weight * (updates - fallback)
 
 
 # --- the provider's choice: at the client's privacy level, the translation or a simpler fallback,
 # whichever the held-out shadow runs say serves best while harming none of them
 
 
-CANDIDATES = ("ridge_ungated", "ridge", "translator_ungated", "translator")
+CANDIDATES = ("ridge_ungated", "ridge_hard", "ridge", "translator_ungated", "translator_hard",
+              "translator")
 """What the provider may send for an upload besides the mean shadow update (which needs no upload at
-all), simplest first: the linear map, the map behind the gate, the map plus the translator's
-residual, and that behind the gate (`candidate_update`)."""
+all), simplest first: the linear map alone, behind the gate deciding (`_hard`), behind the gate
+blending; then the same three for the map plus the translator's residual (`candidate_update`)."""
 
 
 class Choice(NamedTuple):
@@ -575,10 +584,12 @@ def choose(gains, runs, budget):
     1. Safe enough: a candidate's held-out LOSS is the mean over the uploads of max(0, -gain), what
        a client loses to the mean update on average where it loses at all (gains elsewhere do not
        buy it back); it must be at most `budget`, and its mean gain above 0.
-    2. Of those, the simplest within one standard error of the best (`simplest_within_one_se`, over
-       the runs' mean gains, in the order of CANDIDATES): a dozen held-out runs rank candidates
-       only up to noise, and where they cannot tell them apart the plain map is the safe bet (the
-       gate shrinks a well-measured upload that happens to sit near the centre).
+    2. Of those, the simplest (in the order of CANDIDATES) whose mean gain is within one standard
+       error of the best's, the error of the best's mean over the runs (Breiman's one-SE rule).
+       Why not the paired difference the linear map's selection uses: two candidates here differ
+       on a few uploads only, so their paired difference has almost no spread, and a 0.001 edge
+       that the same few uploads give on every run would count; against how much the runs
+       themselves differ, such an edge is noise, and the simpler candidate is the safer bet.
     3. None safe and gaining: the mean update.
     Why a budget on the average loss, not a bound on the worst held-out run: at the knee a noisy
     upload now and then looks like a convention it is not, and its translation lands in the wrong
@@ -587,18 +598,20 @@ def choose(gains, runs, budget):
     is fixed before any upload arrives."""
     runs = np.asarray(runs)
     scores = {}
-    per_run = {}   # each candidate's per-run mean gains, negated: lower is better
+    run_gains = {}   # each admissible candidate's per-run mean gains
     for candidate in (c for c in CANDIDATES if c in gains):
         g = np.asarray(gains[candidate], dtype=float)
-        run_gains = np.array([g[runs == r].mean() for r in np.unique(runs)])
+        per_run = np.array([g[runs == r].mean() for r in np.unique(runs)])
         scores[candidate] = [float(g.mean()), float(np.maximum(-g, 0).mean()),
-                             float(run_gains.min())]
+                             float(per_run.min())]
         if scores[candidate][1] <= budget and scores[candidate][0] > 0:
-            per_run[candidate] = -run_gains
-    if not per_run:
+            run_gains[candidate] = per_run
+    if not run_gains:
         return Choice("mean_shadow", 0.0, 0.0, scores)
-    best = simplest_within_one_se(per_run)
-    return Choice(best, scores[best][0], scores[best][1], scores)
+    best = max(run_gains, key=lambda c: run_gains[c].mean())
+    error = run_gains[best].std(ddof=1) / math.sqrt(len(run_gains[best]))
+    chosen = next(c for c, v in run_gains.items() if v.mean() >= run_gains[best].mean() - error)
+    return Choice(chosen, scores[chosen][0], scores[chosen][1], scores)
 
 
 # -----------------------------------------------------------------------------
@@ -623,39 +636,51 @@ def linear_map_plus_residual(model, x):
     return denormalize(model, out, "y")
 
 
+GATES = ("blend", "hard", "none")   # how `translate` applies the do-no-harm gate
+
+
 @torch.no_grad()
-def translate(model, uploads, linear=None, gated=True):
+def translate(model, uploads, linear=None, gate="blend"):
     """The provider's prediction for raw uploads (B, n_src, d_src): raw LLM updates
     (B, n_tgt, d_tgt),
 
         gate(uploads, linear_map(x) + residual(x)),   x = the uploads on the public subspace.
 
     Every method that reads an upload is this expression, with parts left out:
-        gradtx          translate(model, uploads)                              all of it
-        ridge           translate(model, uploads, linear=ridge)                no residual
-        ridge_ungated   translate(model, uploads, linear=ridge, gated=False)   no gate either
+        gradtx          translate(model, uploads)                               all of it
+        ridge           translate(model, uploads, linear=ridge)                 no residual
+        ridge_ungated   translate(model, uploads, linear=ridge, gate="none")    no gate either
     linear: a ridge map (`ridge_at`) to use alone in place of the decoder; the fit log keeps it,
-    since a translator trained without the skip path has none in its buffers. With every addition
-    off (no basis, no skip path, no gate) this is the paper's translator."""
+    since a translator trained without the skip path has none in its buffers. gate: "blend" (the
+    gate's weight moves an update towards the mean update), "hard" (the gate decides between
+    them), "none" (`do_no_harm`). With every addition off (no basis, no skip path, no gate) this
+    is the paper's translator."""
+    if gate not in GATES:
+        raise ValueError(f"gate={gate!r}: expected one of {GATES}")
     x = project(uploads, model.basis)
     if linear is None:
         updates = linear_map_plus_residual(model, x)
     else:
         updates = ridge_predict(linear, x).view(len(x), model.cfg.n_tgt, model.cfg.d_tgt)
-    if gated:
-        updates = do_no_harm(model.gate, updates, uploads)
+    if gate != "none":
+        updates = do_no_harm(model.gate, updates, uploads, hard=gate == "hard")
     return updates
 
 
 @torch.no_grad()
 def candidate_update(model, uploads, candidate, linear, fallback):
     """One candidate of the provider's choice for raw uploads (B, n_src, d_src), raw LLM updates
-    (B, n_tgt, d_tgt): "mean_shadow" (the fallback (n_tgt, d_tgt) for every upload), "ridge" (the
-    linear map, gated), "ridge_ungated", "translator" (all of `translate`), "translator_ungated"."""
+    (B, n_tgt, d_tgt): "mean_shadow" (the fallback (n_tgt, d_tgt) for every upload), or a name of
+    CANDIDATES: "ridge" (the linear map) or "translator" (all of `translate`), then the gate:
+    blending (no suffix), "_hard" (deciding) or "_ungated" (none)."""
     if candidate == "mean_shadow":
         return fallback.expand(len(uploads), -1, -1)
-    return translate(model, uploads, linear=linear if candidate.startswith("ridge") else None,
-                     gated=not candidate.endswith("_ungated"))
+    if candidate not in CANDIDATES:
+        raise ValueError(f"unknown candidate {candidate!r}: expected mean_shadow or one of "
+                         f"{CANDIDATES}")
+    method, _, suffix = candidate.partition("_")
+    gate = {"": "blend", "hard": "hard", "ungated": "none"}[suffix]
+    return translate(model, uploads, linear=linear if method == "ridge" else None, gate=gate)
 
 
 @torch.no_grad()

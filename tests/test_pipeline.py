@@ -202,9 +202,9 @@ def test_pooled_upload_is_the_elementwise_mean():
         linear = staticmethod(lambda u, m=1: u)
 
     curve = evaluation.pooling_updates(members, Provider())
-    assert list(curve) == [1, 2, 4, 5]
-    for m in curve:
-        torch.testing.assert_close(curve[m]["gradtx"], torch.stack(uploads[:m]).mean(0))
+    assert list(curve.updates) == [1, 2, 4, 5] and curve.chosen == {}
+    for m in curve.updates:
+        torch.testing.assert_close(curve.updates[m]["gradtx"], torch.stack(uploads[:m]).mean(0))
     assert [m for m, _ in seen] == [1, 2, 1, 4, 1, 5, 1]       # each level's own map, then the single map
 
 

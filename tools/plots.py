@@ -37,8 +37,8 @@ COLORS = {"gradtx": "C0", "ridge": "C1", "ridge_ungated": "C8", "mean_shadow": "
 FRONTIER_LINES = ["gradtx", "translator", "ridge", "ridge_ungated", "tinylm_dp", "w2s", "kd",
                   "mean_shadow"]
 # the provider's choice at a frontier point, as the letter drawn above its gradtx point
-CHOICE_LETTERS = {"translator": "T", "translator_ungated": "T*", "ridge": "R",
-                  "ridge_ungated": "R*", "mean_shadow": "M"}
+CHOICE_LETTERS = {"translator": "T", "translator_hard": "Th", "translator_ungated": "T*",
+                  "ridge": "R", "ridge_hard": "Rh", "ridge_ungated": "R*", "mean_shadow": "M"}
 SIZE = (6, 4)
 DPI = 100
 
@@ -181,8 +181,8 @@ def plot_frontier(plt, frontier):
     log_x(ax)
     ax.set(xlabel="N·ε·√m  (examples per client x epsilon x sqrt(pooled uploads))",
            ylabel="gain recovered, skewed clients")
-    ax.set_title("the privacy frontier (squares: groups pooling m uploads); letters: what\n"
-                 "gradtx sent (T translator, R linear map, *: without the gate, M mean update)",
+    ax.set_title("the privacy frontier (squares: groups pooling m uploads); letters: what gradtx\n"
+                 "sent (T translator, R linear map; h: the gate decides, *: no gate; M mean update)",
                  fontsize=9)
     ax.legend(fontsize=7)
     return fig
