@@ -309,10 +309,12 @@ def experiment_table(name, runs):
         return frontier_table(runs)
     if name == "shadow_count":
         return shadow_count_table(shadow_count_rows(runs))
-    methods = ["tinylm_dp", "gradtx", "ridge", "ridge_ungated", "gradtx_group", "ridge_group",
-               "mean_shadow", "w2s", "kd"]
+    methods = ["tinylm_dp", "gradtx", "translator", "ridge", "ridge_ungated", "gradtx_group",
+               "ridge_group", "mean_shadow", "w2s", "kd"]
     methods = [m for m in methods if any(m in r["summary"]["scores"] for r in runs)]
-    head = ["epsilon", "mechanism", "sigma", "k", "signal"] + [f"{m} gain (PGR)" for m in methods]
+    chose = any("provider_choice" in c for r in runs for c in r["clients"])
+    head = (["epsilon", "mechanism", "sigma", "k", "signal"] + [f"{m} gain (PGR)" for m in methods]
+            + (["provider's choice (clients)"] if chose else []))
     rows = []
     for r in runs:
         p = r["privacy"]
@@ -322,6 +324,9 @@ def experiment_table(name, runs):
                "/".join(fmt(mean_upload_signal(t)) for t in r["translators"].values())]
         row += [f"{fmt(s['gain_of_means'].get(m))} ({fmt(s['pgr_of_means'].get(m))})"
                 for m in methods]
+        if chose:   # what gradtx sent (no DP: the translation)
+            row.append(choice_counts({"clients": {c["name"]: {"provider_choice": c.get(
+                "provider_choice")} for c in r["clients"]}}))
         rows.append(row)
     text = ("skewed clients: gain recovered of means (PGR of means), against the NON-private floor "
             "and ceiling;\n"

@@ -91,7 +91,10 @@ def test_dp_run_with_groups(dp_group_run):
     for translator in results["translators"].values():          # the diagnostic: one value per direction
         assert len(translator["upload_signal"]) == train.SIGNAL_DIRECTIONS
         assert all(-1 <= c <= 1 for c in translator["upload_signal"])
-    assert "| signal |" in sweep.experiment_table("dp", [results])
+    dp_table = sweep.experiment_table("dp", [results])
+    assert "| signal |" in dp_table and "| translator gain (PGR) |" in dp_table
+    sent = [c["provider_choice"] for c in results["clients"]]   # the choice column counts them
+    assert f"| {sweep.choice_counts({'clients': {i: {'provider_choice': n} for i, n in enumerate(sent)}})} |" in dp_table
     assert len(results["clients"]) == 5 * 2 + 2
     for c in results["clients"]:   # with DP the linear map is scored with and without the gate
         assert {"tinylm_dp", "ridge", "ridge_ungated"} <= set(c["scores"])
