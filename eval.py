@@ -14,7 +14,7 @@ client's own test split (arith: accuracy of the parsed answer; text: bits per by
     gradtx        the Grad-Transformer's translation of the client's upload; with DP, what the
                   provider chooses to send for it (the translation or a simpler fallback,
                   gradtx.choose), the candidate named in the client's "provider_choice"
-    translator    (DP runs) the translation itself, behind the do-no-harm gate
+    translator    (DP runs) the translation itself, behind the do-no-harm gate (blending)
     gradtx_group  (groups) one translation of the mean upload of the client's convention group
     ridge         the linear map alone (public subspace + ridge regression on the same shadow pairs;
                   with DP behind the translator's do-no-harm gate)

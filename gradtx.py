@@ -21,7 +21,8 @@ The file reads in four parts:
      shadow TinyLM updates, which keeps DP noise out), the linear map (ridge regression, the skip
      path the decoder learns the residual of), the selection (the simplest candidate within one
      standard error of the best, on held-out shadow runs), the do-no-harm gate (noisy uploads
-     fall back towards the mean shadow update as far as the noise alone could explain them), and
+     fall back towards the mean shadow update as far as the noise alone could explain them, or
+     to it where the noise more likely explains them than not), and
      with DP the provider's choice (the translation or a simpler fallback, whichever held-out
      shadow runs at the clients' privacy level say serves best within a budget of harm);
   3. the provider's prediction, composed in one place: `translate`, gate(map(x) + residual(x)),

@@ -472,7 +472,8 @@ def score_clients(cfg, task, tiny, llm, clients, provider):
     curves = {name: evaluation.pooling_updates(members, provider)
               for name, members in groups.items()}
     for c in clients:
-        evaluation.score_client(cfg, task, tiny, llm, c, dict(shared, **provider.updates(c).updates),
+        sent = provider.updates(c)
+        evaluation.score_client(cfg, task, tiny, llm, c, dict(shared, **sent.updates),
                                 curves[c["group"]], provider.gate)
 
 

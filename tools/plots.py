@@ -30,7 +30,8 @@ import json
 import os
 import sys
 
-METHODS = ["gradtx", "ridge", "ridge_ungated", "mean_shadow", "tinylm_dp", "w2s", "kd"]   # lines
+METHODS = ["gradtx", "translator", "ridge", "ridge_ungated", "mean_shadow", "tinylm_dp", "w2s",
+           "kd"]   # lines
 COLORS = {"gradtx": "C0", "ridge": "C1", "ridge_ungated": "C8", "mean_shadow": "C7",
           "tinylm_dp": "C2", "w2s": "C3", "kd": "C4", "gradtx_single_map": "C5",
           "gradtx_paper": "C6", "gradtx_best_init": "C9", "translator": "navy"}
@@ -181,9 +182,9 @@ def plot_frontier(plt, frontier):
     log_x(ax)
     ax.set(xlabel="N·ε·√m  (examples per client x epsilon x sqrt(pooled uploads))",
            ylabel="gain recovered, skewed clients")
-    ax.set_title("the privacy frontier (squares: groups pooling m uploads); letters: what gradtx\n"
-                 "sent (T translator, R linear map; h: the gate decides, *: no gate; M mean update)",
-                 fontsize=9)
+    ax.set_title("the privacy frontier (squares: groups pooling m uploads); letters: what "
+                 "gradtx\nsent (T translator, R linear map; h: the gate decides, *: no gate; "
+                 "M mean update)", fontsize=9)
     ax.legend(fontsize=7)
     return fig
 
