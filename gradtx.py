@@ -558,7 +558,7 @@ def do_no_harm(gate, updates, uploads, hard=False):
 
 
 # --- the provider's choice: at the client's privacy level, the translation or a simpler fallback,
-# whichever the held-out shadow runs say serves best while harming none of them
+# whichever the held-out shadow runs say serves best within a budget of harm
 
 
 CANDIDATES = ("ridge_ungated", "ridge_hard", "ridge", "translator_ungated", "translator_hard",
