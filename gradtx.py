@@ -561,11 +561,14 @@ def do_no_harm(gate, updates, uploads, hard=False):
 # whichever the held-out shadow runs say serves best within a budget of harm
 
 
-CANDIDATES = ("ridge_ungated", "ridge_hard", "ridge", "translator_ungated", "translator_hard",
+CANDIDATES = ("ridge_hard", "ridge_ungated", "ridge", "translator_hard", "translator_ungated",
               "translator")
 """What the provider may send for an upload besides the mean shadow update (which needs no upload at
-all), simplest first: the linear map alone, behind the gate deciding (`_hard`), behind the gate
-blending; then the same three for the map plus the translator's residual (`candidate_update`)."""
+all), in the order it prefers them when held-out runs cannot tell them apart: the linear map behind
+the gate deciding (`_hard`: an upload the noise explains better than a convention gets the mean
+update, which protects a client near the centre, whose upload is mostly noise), the map alone, the
+map behind the gate blending; then the same three for the map plus the translator's residual
+(`candidate_update`)."""
 
 
 class Choice(NamedTuple):
@@ -585,12 +588,12 @@ def choose(gains, runs, budget):
     1. Safe enough: a candidate's held-out LOSS is the mean over the uploads of max(0, -gain), what
        a client loses to the mean update on average where it loses at all (gains elsewhere do not
        buy it back); it must be at most `budget`, and its mean gain above 0.
-    2. Of those, the simplest (in the order of CANDIDATES) whose mean gain is within one standard
+    2. Of those, the first (in the order of CANDIDATES) whose mean gain is within one standard
        error of the best's, the error of the best's mean over the runs (Breiman's one-SE rule).
        Why not the paired difference the linear map's selection uses: two candidates here differ
        on a few uploads only, so their paired difference has almost no spread, and a 0.001 edge
        that the same few uploads give on every run would count; against how much the runs
-       themselves differ, such an edge is noise, and the simpler candidate is the safer bet.
+       themselves differ, such an edge is noise, and the preferred candidate is the safer bet.
     3. None safe and gaining: the mean update.
     Why a budget on the average loss, not a bound on the worst held-out run: at the knee a noisy
     upload now and then looks like a convention it is not, and its translation lands in the wrong

@@ -810,15 +810,17 @@ def test_choose_is_the_simplest_safe_candidate_within_one_se_of_the_best():
 
 
 def test_choose_ignores_a_consistent_edge_far_below_the_runs_spread():
-    """The deciding gate drops the same weak upload in every run, 0.001 ahead of the plain map each
-    time: a paired difference with no spread at all, which a paired one-SE rule would call certain.
-    Against how much the runs differ (gains 0 to 0.3) it is noise: the plain map, simpler, is sent."""
+    """The map alone keeps the same weak upload in every run that the deciding gate drops, 0.001
+    ahead each time: a paired difference with no spread at all, which a paired one-SE rule would
+    call certain. Against how much the runs differ (gains 0 to 0.3) it is noise: the preferred
+    candidate, the map behind the deciding gate, is sent."""
     runs = np.repeat(np.arange(4), 3)
-    plain = np.array([0.3, 0.3, 0.3, 0.1, 0.1, 0.1, 0.0, 0.0, 0.0, 0.2, 0.2, 0.2])
-    gains = {"ridge_ungated": plain, "ridge_hard": plain + 0.001}
-    assert gradtx.choose(gains, runs, budget=0.02).candidate == "ridge_ungated"
-    gains["ridge_hard"] = plain + 0.2   # a lead beyond the runs' spread: the gate decides
+    decided = np.array([0.3, 0.3, 0.3, 0.1, 0.1, 0.1, 0.0, 0.0, 0.0, 0.2, 0.2, 0.2])
+    gains = {"ridge_hard": decided, "ridge_ungated": decided + 0.001}
+    assert gradtx.CANDIDATES.index("ridge_hard") < gradtx.CANDIDATES.index("ridge_ungated")
     assert gradtx.choose(gains, runs, budget=0.02).candidate == "ridge_hard"
+    gains["ridge_ungated"] = decided + 0.2   # a lead beyond the runs' spread: the map alone
+    assert gradtx.choose(gains, runs, budget=0.02).candidate == "ridge_ungated"
 
 
 def test_the_deciding_gate_sends_the_update_or_the_mean_never_a_blend():
