@@ -547,12 +547,18 @@ def choice_line(results):
     names = [c["provider_choice"] for c in results["clients"] if "provider_choice" in c]
     if not names:
         return ""
-    counts = ", ".join(f"{n} {names.count(n)}" for n in sorted(set(names)))
+    counts = count_names(names)
     levels = []
     for m, choice in results["provider_choice"].items():
         levels.append(f"m={m}: {choice['candidate']}, held-out shadow runs "
                       f"{choice['gain']:+.3f} over the mean update, loss {choice['loss']:.3f}")
     return f"provider's choice (gradtx): {counts} ({'; '.join(levels)})"
+
+
+def count_names(names):
+    """What the provider sent, counted, by name: ["ridge", "mean_shadow", "ridge"] ->
+    "mean_shadow 1, ridge 2" ("" for none)."""
+    return ", ".join(f"{n} {names.count(n)}" for n in sorted(set(names)))
 
 
 def timing_line(results):

@@ -108,9 +108,10 @@ class Config:
     gt_gate: bool = True
     # with DP: the provider's choice (gradtx.choose) among the mean update, the linear map and the
     # translator, the gate blending, deciding or left out, by their scores on held-out shadow runs
-    # at the clients' privacy level: the simplest within one standard error of the best among those
-    # whose held-out uploads lose at most choice_budget (accuracy) to the mean update on average,
-    # where they lose (off: the translator behind the blending gate for every upload)
+    # at the clients' privacy level: the first in gradtx.CANDIDATES' order within one standard
+    # error of the best, among those whose held-out uploads lose at most choice_budget (accuracy)
+    # to the mean update on average, where they lose (off: the translator behind the blending gate
+    # for every upload)
     gt_choose: bool = True
     choice_budget: float = 0.02
     gt_init: int = 0             # the translator's init is drawn from seed + gt_init

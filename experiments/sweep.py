@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import train
 from config import dist as distributed
 from config.presets import EXPERIMENTS, SIGNAL_DIRECTIONS, parse_args
-from eval import fmt, markdown_table, pooling_table
+from eval import count_names, fmt, markdown_table, pooling_table
 
 
 def main(argv):
@@ -154,8 +154,7 @@ def choice_counts(point):
     """What the provider sent at a frontier point, counted over its clients: "translator 7,
     mean_shadow 2" (a group's members share their pooled upload's); "n/a" before the choice."""
     names = [c["provider_choice"] for c in point["clients"].values() if c["provider_choice"]]
-    counts = {n: names.count(n) for n in dict.fromkeys(sorted(names))}
-    return ", ".join(f"{n} {k}" for n, k in counts.items()) or "n/a"
+    return count_names(names) or "n/a"
 
 
 def knee_margin(point):
@@ -325,8 +324,8 @@ def experiment_table(name, runs):
         row += [f"{fmt(s['gain_of_means'].get(m))} ({fmt(s['pgr_of_means'].get(m))})"
                 for m in methods]
         if chose:   # what gradtx sent (no DP: the translation)
-            row.append(choice_counts({"clients": {c["name"]: {"provider_choice": c.get(
-                "provider_choice")} for c in r["clients"]}}))
+            row.append(count_names([c["provider_choice"] for c in r["clients"]
+                                    if "provider_choice" in c]) or "n/a")
         rows.append(row)
     text = ("skewed clients: gain recovered of means (PGR of means), against the NON-private floor "
             "and ceiling;\n"
