@@ -561,14 +561,17 @@ def do_no_harm(gate, updates, uploads, hard=False):
 # whichever the held-out shadow runs say serves best within a budget of harm
 
 
-CANDIDATES = ("ridge_hard", "ridge_ungated", "ridge", "translator_hard", "translator_ungated",
-              "translator")
+CANDIDATES = ("translator_hard", "ridge_hard", "translator_ungated", "ridge_ungated", "translator",
+              "ridge")
 """What the provider may send for an upload besides the mean shadow update (which needs no upload at
-all), in the order it prefers them when held-out runs cannot tell them apart: the linear map behind
-the gate deciding (`_hard`: an upload the noise explains better than a convention gets the mean
-update, which protects a client near the centre, whose upload is mostly noise), the map alone, the
-map behind the gate blending; then the same three for the map plus the translator's residual
-(`candidate_update`)."""
+all), in the order it prefers them when held-out runs cannot tell them apart. First the gate
+deciding (`_hard`: an upload the noise explains better than a convention gets the mean update,
+which protects a client near the centre, whose upload is mostly noise), then no gate (`_ungated`),
+then the gate blending (no suffix). At each, "translator" (the linear map plus the translator's
+residual: the whole of `translate`) before "ridge" (the map alone): the translator's residual was
+already kept only as far as held-out runs said it helps (`fit` stops at its earliest checkpoint
+within one standard error of the best), so where the choice cannot tell the two apart, the
+translation the provider trained is sent (`candidate_update`)."""
 
 
 class Choice(NamedTuple):

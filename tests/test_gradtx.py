@@ -779,11 +779,11 @@ def test_selection_scores_all_of_a_folds_candidates_in_one_criterion_call():
         np.testing.assert_array_equal(got, alone[(k, lam)])
 
 
-def test_choose_is_the_simplest_safe_candidate_within_one_se_of_the_best():
+def test_choose_is_the_first_safe_candidate_within_one_se_of_the_best():
     """Three runs of two uploads. The ungated translator gains most, but loses 0.5 on one upload in
     six: 0.083 on average, over a budget of 0.05. Of the others the gated translator gains most, and
-    the plain map trails it by less than one standard error of its mean over the runs: the simplest
-    within one SE, chosen. A translator ahead by far more than that is chosen; with nothing
+    the plain map trails it by less than one standard error of its mean over the runs: the first
+    within one SE in the provider's order, chosen. A translator ahead by far more than that is chosen; with nothing
     gaining, the mean update."""
     runs = np.array([0, 0, 1, 1, 2, 2])
     gains = {"ridge_ungated": np.array([0.1, 0.1, 0.1, 0.1, 0.0, 0.0]),
@@ -793,11 +793,12 @@ def test_choose_is_the_simplest_safe_candidate_within_one_se_of_the_best():
     choice = gradtx.choose(gains, runs, budget=0.05)
     assert choice.scores["translator_ungated"][:2] == pytest.approx([0.3833, 0.0833], abs=1e-4)
     assert choice.scores["translator"][2] == pytest.approx(-0.05)      # the worst run: reported
-    # the oracle: the one-SE rule by hand over the safe candidates' per-run gains, simplest first
+    # the oracle: the one-SE rule by hand over the safe candidates' per-run gains, in the order
     per_run = {"ridge_ungated": [0.1, 0.1, 0.0], "ridge": [0.3, 0.1, -0.05], "translator": [0.3, 0.2, -0.05]}
     best = max(per_run, key=lambda c: np.mean(per_run[c]))
     error = np.std(per_run[best], ddof=1) / np.sqrt(3)                 # 0.104
-    first = next(c for c in per_run if np.mean(per_run[c]) >= np.mean(per_run[best]) - error)
+    in_order = sorted(per_run, key=gradtx.CANDIDATES.index)
+    first = next(c for c in in_order if np.mean(per_run[c]) >= np.mean(per_run[best]) - error)
     assert best == "translator" and choice.candidate == first == "ridge_ungated"
     assert (choice.gain, choice.loss) == pytest.approx((0.0667, 0.0), abs=1e-4)
     # runs that tell the candidates apart: the translator's lead is now beyond their noise
@@ -821,6 +822,18 @@ def test_choose_ignores_a_consistent_edge_far_below_the_runs_spread():
     assert gradtx.choose(gains, runs, budget=0.02).candidate == "ridge_hard"
     gains["ridge_ungated"] = decided + 0.2   # a lead beyond the runs' spread: the map alone
     assert gradtx.choose(gains, runs, budget=0.02).candidate == "ridge_ungated"
+
+
+def test_choose_prefers_the_translator_to_its_map_when_runs_cannot_tell_them_apart():
+    """The translator's residual already survived its own one-SE test (`fit`): at a tie with the
+    map, or a lead of the map's within the runs' noise, the translator is sent; a lead beyond it,
+    the map."""
+    runs = np.repeat(np.arange(4), 3)
+    decided = np.array([0.3, 0.3, 0.3, 0.1, 0.1, 0.1, 0.0, 0.0, 0.0, 0.2, 0.2, 0.2])
+    gains = {"ridge_hard": decided + 0.01, "translator_hard": decided}
+    assert gradtx.choose(gains, runs, budget=0.02).candidate == "translator_hard"
+    gains["ridge_hard"] = decided + 0.2
+    assert gradtx.choose(gains, runs, budget=0.02).candidate == "ridge_hard"
 
 
 def test_the_deciding_gate_sends_the_update_or_the_mean_never_a_blend():
