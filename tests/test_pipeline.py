@@ -151,9 +151,16 @@ def test_frontier_points_and_table(dp_group_run):
     chosen = {c["provider_choice"] for c in points[1]["clients"].values()}
     assert chosen <= {"mean_shadow", *gradtx.CANDIDATES}
     # gradtx against the best baseline the row has (a pooled row: none of them)
-    assert [c[-7] for c in cells] == ["n/a", "n/a"]
+    assert [c[-8] for c in cells] == ["n/a", "n/a"]
     single = {"gain": {"gradtx": 0.5, "ridge_ungated": 0.9, "w2s": 0.6, "kd": None}}
     assert sweep.knee_margin(single) == pytest.approx(-0.4)
+    # the trade-off: the best gain of a method that harms nobody (the mean update harms nobody)
+    assert [c[-7] for c in cells] == [sweep.best_unharmed(p) for p in points]
+    single["worst_vs_mean_shadow"] = {"gradtx": -0.01, "ridge_ungated": -0.3, "w2s": -0.05}
+    assert sweep.best_unharmed(single) == "0.60 w2s"
+    single["worst_vs_mean_shadow"]["w2s"] = -0.051
+    assert sweep.best_unharmed(single) == "0.50 gradtx"
+    assert sweep.best_unharmed({"gain": {"gradtx": None}, "worst_vs_mean_shadow": {}}) == "n/a"
     # the harm column is the points' own scores: a member below -0.05 is named under its group
     scores = {"iid_0/0": -0.06, "iid_0/1": 0.0, "random_3": -0.051, "skewed_+": -0.05}
     point = {"vs_mean_shadow": {name: {"gradtx": v} for name, v in scores.items()},
