@@ -584,14 +584,14 @@ class Choice(NamedTuple):
     scores: dict
 
 
-def choose(gains, runs, budget):
+def choose(gains, runs, budget, order=CANDIDATES):
     """The provider's choice for uploads at one privacy level, from held-out shadow uploads alone:
     gains {candidate: (U,)} each candidate's accuracy minus the mean shadow update's, on fresh
     records of the upload's own shadow run; runs (U,) the run each upload came from.
     1. Safe enough: a candidate's held-out LOSS is the mean over the uploads of max(0, -gain), what
        a client loses to the mean update on average where it loses at all (gains elsewhere do not
        buy it back); it must be at most `budget`, and its mean gain above 0.
-    2. Of those, the first (in the order of CANDIDATES) whose mean gain is within one standard
+    2. Of those, the first (in `order`: CANDIDATES') whose mean gain is within one standard
        error of the best's, the error of the best's mean over the runs (Breiman's one-SE rule).
        Why not the paired difference the linear map's selection uses: two candidates here differ
        on a few uploads only, so their paired difference has almost no spread, and a 0.001 edge
@@ -606,7 +606,7 @@ def choose(gains, runs, budget):
     runs = np.asarray(runs)
     scores = {}
     run_gains = {}   # each admissible candidate's per-run mean gains
-    for candidate in (c for c in CANDIDATES if c in gains):
+    for candidate in (c for c in order if c in gains):
         g = np.asarray(gains[candidate], dtype=float)
         per_run = np.array([g[runs == r].mean() for r in np.unique(runs)])
         scores[candidate] = [float(g.mean()), float(np.maximum(-g, 0).mean()),

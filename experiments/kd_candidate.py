@@ -1,0 +1,174 @@
+"""
+experiments/kd_candidate.py -- would the provider ever send distillation? At each point of a
+finished frontier, `kd` (the LLM fine-tuned on public prompts labelled by the TinyLM the provider
+rebuilds from an upload: post-processing of the same DP output, at no privacy cost) is scored on
+the held-out shadow runs exactly as the provider's choice scores its candidates (train.py,
+`choose_fallback`): the LLM's accuracy with each update on fresh records of the run's mixture,
+minus the mean update's. Then `gradtx.choose` decides again with kd among the candidates.
+
+    python experiments/kd_candidate.py --out=out_frontier         # every single-upload point
+    python experiments/kd_candidate.py --out=out_frontier --points=n2048_eps0.1_sgd
+    python experiments/kd_candidate.py --help
+
+kd costs an LLM fine-tune per upload where every other candidate costs a translation: a minute a
+point for the choice's 48 held-out uploads (12 runs x 4 DP draws; --draws=1 scores the first draw
+of each run, every candidate on those same uploads). Writes kd_candidate.md and kd_candidate.json
+into --out. It reads the frontier's cached stages (its runs' --cache) and fits nothing: run it
+after the frontier.
+"""
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+# the repository root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import data
+import eval as evaluation
+import gradtx
+import tinylm
+import train
+from config import stages
+from config.presets import CHOICE_EXAMPLES, Config, parse_options, recipe
+
+
+@dataclass
+class KdConfig:
+    out: str = "out_frontier"   # a finished frontier: one run folder (results.json) per point
+    points: str = ""            # run folders to score, comma-separated ("" = every single-upload)
+    draws: int = 0              # DP draws per held-out run scored (0: all, as the choice does)
+    threads: int = 0            # torch threads (0: torch's default)
+
+
+def parse_args(argv):
+    """--key=value (or --key value) over KdConfig's fields; --help lists them."""
+    return parse_options(KdConfig(), argv, __doc__)
+
+
+def run_config(folder):
+    """The Config a finished run was made with (its results.json), pointed at its folder."""
+    path = os.path.join(folder, "results.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"{folder}: no results.json (expected a finished frontier run)")
+    with open(path) as f:
+        saved = json.load(f)["config"]
+    cfg = Config(**{k: v for k, v in saved.items() if k in Config.__dataclass_fields__})
+    if cfg.dp_epsilon <= 0 or cfg.group_size > 1:
+        raise SystemExit(f"{folder}: expected a DP run of single uploads (a frontier point)")
+    return replace(cfg, out=folder, workers=1)
+
+
+def kd_updates(cfg, task, tiny, llm, uploads, runs):
+    """kd for each raw upload (U, n_src, d_src): the TinyLM rebuilt from it labels cfg.n_train
+    public prompts (as eval.reference_sets does for a client), the LLM fine-tunes on them with the
+    published recipe. (U, n_tgt, d_tgt)."""
+    datasets, seeds = [], []
+    for upload, k in zip(uploads, runs):
+        seed = data.run_seed(cfg.seed, "kd candidate", int(k))
+        prompts = task.public_examples(cfg.n_train, data.stream(cfg.seed, "kd prompts", int(k)))
+        tinylm.set_update(tiny, upload)
+        labelled = evaluation.relabel(task, tiny, prompts, torch.Generator().manual_seed(seed))
+        datasets.append(task.encode(labelled) if labelled else None)
+        seeds.append(seed)
+    fine_tuned = train.fine_tunes(cfg, llm, datasets, recipe(cfg), seeds)
+    return torch.stack([run[-1] for run in fine_tuned])
+
+
+def score_point(cfg, draws):
+    """Every candidate's and kd's held-out gains over the mean update at one frontier point, on
+    the first `draws` DP draws of each held-out run. {"gains": {name: (U,)}, "runs": (U,),
+    "weight": (U,) the gate's weight of each upload}."""
+    task = data.make_task(cfg.task, cfg.seed)
+    paths = stages.stage_paths(cfg, task, (1,), "cpu")
+    tiny, llm = train.base_models(cfg, task, paths, "cpu")
+    shadow = train.shadow_stages(cfg, task, tiny, llm, paths, "cpu")
+    model, log = train.fit_stage(cfg, task, tiny, llm, shadow, paths["fit_1"], 1)
+    train_runs, val_runs = train.fit_runs(cfg)
+    fallback = shadow["Y"][train_runs].flatten(0, 1).mean(0)      # as train.run's mean update
+    X, _ = data.translator_inputs(cfg, shadow, val_runs, 1, private=True)   # (runs, P, n, d)
+    draws = draws or X.shape[1]
+    uploads = X[:, :draws].flatten(0, 1)                                    # (U, n, d)
+    runs = np.repeat(np.arange(len(val_runs)), draws)                       # (U,)
+    held_out = [task.encode(data.held_out_examples(cfg, task, k, CHOICE_EXAMPLES))
+                for k in val_runs]
+    error = train.functional_criterion(llm, held_out, "exact_match")
+    baseline = error(fallback.expand(len(uploads), -1, -1), runs)
+    updates = {c: gradtx.candidate_update(model, uploads, c, log["ridge"], fallback)
+               for c in gradtx.CANDIDATES}
+    updates["kd"] = kd_updates(cfg, task, tiny, llm, uploads, np.asarray(val_runs)[runs])
+    weight = gradtx.gate_weight(model.gate, uploads)                        # (U,)
+    updates["kd_hard"] = torch.where(weight[:, None, None] >= 0.5, updates["kd"], fallback)
+    gains = {name: baseline - error(u, runs) for name, u in updates.items()}
+    return {"gains": gains, "runs": runs, "weight": weight.numpy()}
+
+
+def point_row(name, cfg, scored, budget):
+    """One line of the table: the choice among the candidates alone, kd's and kd_hard's scores,
+    and the choice with kd (last in the order, then first)."""
+    gains, runs = scored["gains"], scored["runs"]
+    alone = gradtx.choose({c: gains[c] for c in gradtx.CANDIDATES}, runs, budget)
+    choose_with = {}
+    for where in ("last", "first"):
+        kd = ("kd_hard", "kd")
+        order = gradtx.CANDIDATES + kd if where == "last" else kd + gradtx.CANDIDATES
+        with_kd = gradtx.choose(gains, runs, budget, order)
+        choose_with[where] = with_kd.candidate
+    score = {name: [float(np.mean(g)), float(np.maximum(-g, 0).mean())]
+             for name, g in gains.items()}
+    return {"point": name, "n_train": cfg.n_train, "epsilon": cfg.dp_epsilon,
+            "chosen": alone.candidate, "chosen_score": score.get(alone.candidate, [0.0, 0.0]),
+            "kd": score["kd"], "kd_hard": score["kd_hard"], "with_kd_last": choose_with["last"],
+            "with_kd_first": choose_with["first"], "scores": score}
+
+
+def gain_loss(score):
+    return f"{score[0]:+.3f} / {score[1]:.3f}"
+
+
+def table(rows):
+    """Markdown, one line per point in the order of N * epsilon."""
+    head = ["N", "epsilon", "choice (gain / loss)", "kd (gain / loss)", "kd_hard (gain / loss)",
+            "choice with kd last", "with kd first"]
+    lines = [[str(r["n_train"]), f"{r['epsilon']:g}",
+              f"{r['chosen']} {gain_loss(r['chosen_score'])}", gain_loss(r["kd"]),
+              gain_loss(r["kd_hard"]), r["with_kd_last"], r["with_kd_first"]]
+             for r in sorted(rows, key=lambda r: r["n_train"] * r["epsilon"])]
+    return evaluation.markdown_table(head, lines)
+
+
+def main(argv):
+    kcfg = parse_args(argv)
+    if kcfg.threads:
+        torch.set_num_threads(kcfg.threads)
+    if not os.path.isdir(kcfg.out):
+        raise SystemExit(f"--out={kcfg.out}: no such folder (expected a finished frontier)")
+    names = [p for p in kcfg.points.split(",") if p] or sorted(
+        d for d in os.listdir(kcfg.out)
+        if os.path.exists(os.path.join(kcfg.out, d, "results.json")) and "_m" not in d)
+    rows = []
+    for name in tqdm(names, desc="frontier points"):
+        t0 = time.time()
+        cfg = run_config(os.path.join(kcfg.out, name))
+        scored = score_point(cfg, kcfg.draws)
+        rows.append(point_row(name, cfg, scored, cfg.choice_budget))
+        r = rows[-1]
+        print(f"{name}: choice {r['chosen']}, kd gain {r['kd'][0]:+.3f} loss {r['kd'][1]:.3f}, "
+              f"kd_hard {r['kd_hard'][0]:+.3f} / {r['kd_hard'][1]:.3f}; with kd: "
+              f"{r['with_kd_last']} (last), {r['with_kd_first']} (first), {time.time() - t0:.0f}s",
+              flush=True)
+    text = table(rows)
+    with open(os.path.join(kcfg.out, "kd_candidate.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(kcfg.out, "kd_candidate.json"), "w") as f:
+        json.dump({"draws": kcfg.draws, "rows": rows}, f, indent=1)
+    print(text)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,62 @@
+"""experiments/kd_candidate.py: kd scored on held-out shadow runs as the provider's choice scores
+its candidates. The oracle: with every DP draw scored, the six candidates' gains are the ones the
+run's own choice stage recorded, so the choice without kd is the run's."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import TINY_RUN
+from experiments import kd_candidate
+import gradtx
+import train
+
+
+@pytest.fixture(scope="module")
+def frontier_point(tmp_path_factory):
+    """A finished toy DP run of single uploads, in a frontier-like folder."""
+    out = tmp_path_factory.mktemp("frontier")
+    run = os.path.join(out, "n48_eps1_sgd")
+    train.main(TINY_RUN + [f"--out={run}", "--dp_epsilon=1", "--shadow_dp_draws=2"])
+    return str(out), run
+
+
+def test_kd_candidate_scores_the_choice_as_the_run_did(frontier_point):
+    out, run = frontier_point
+    kd_candidate.main([f"--out={out}"])   # every draw, as the choice
+    with open(os.path.join(out, "kd_candidate.json")) as f:
+        row, = json.load(f)["rows"]
+    with open(os.path.join(run, "results.json")) as f:
+        recorded = json.load(f)["provider_choice"]["1"]
+    assert row["chosen"] == recorded["candidate"]
+    for c in gradtx.CANDIDATES:   # the same uploads, held-out records and mean update as the run's
+        assert row["scores"][c] == pytest.approx(recorded["scores"][c][:2], abs=1e-6)
+    assert set(row["scores"]) == set(gradtx.CANDIDATES) | {"kd", "kd_hard"}
+    assert os.path.exists(os.path.join(out, "kd_candidate.md"))
+
+
+def test_kd_hard_is_kd_where_the_gate_reads_the_upload_else_the_mean_update(frontier_point):
+    _, run = frontier_point
+    cfg = kd_candidate.run_config(run)
+    scored = kd_candidate.score_point(cfg, draws=2)
+    gains, weight = scored["gains"], scored["weight"]
+    expected = np.where(weight >= 0.5, gains["kd"], 0.0)   # the mean update gains 0 on itself
+    np.testing.assert_allclose(gains["kd_hard"], expected, atol=1e-9)
+
+
+def test_choose_follows_the_order_it_is_given():
+    runs = np.repeat(np.arange(4), 3)
+    same = np.array([0.3, 0.3, 0.3, 0.1, 0.1, 0.1, 0.0, 0.0, 0.0, 0.2, 0.2, 0.2])
+    gains = {"kd": same, "translator_hard": same}
+    assert gradtx.choose(gains, runs, 0.02).candidate == "translator_hard"   # kd not in CANDIDATES
+    assert gradtx.choose(gains, runs, 0.02, ("kd",) + gradtx.CANDIDATES).candidate == "kd"
+
+
+def test_a_run_with_groups_is_refused(tmp_path):
+    folder = tmp_path / "n48_eps1_sgd_m2"
+    folder.mkdir()
+    config = {"dp_epsilon": 1.0, "group_size": 2}
+    (folder / "results.json").write_text(json.dumps({"config": config}))
+    with pytest.raises(SystemExit, match="single uploads"):
+        kd_candidate.run_config(str(folder))
