@@ -168,7 +168,7 @@ def knee_margin(point):
 def best_unharmed(point, allowed=-0.05):
     """The point's trade-off: of the methods it reports, the highest skewed gain among those that
     leave every client (the ones each was run for) at most 0.05 below its mean shadow update, as
-    "0.52 ridge_ungated". The mean update itself always qualifies; "n/a" where no gain is defined."""
+    "0.52 ridge_ungated". The mean update itself always qualifies; "n/a": no gain defined."""
     fine = {k: g for k, g in point["gain"].items()
             if g is not None and point["worst_vs_mean_shadow"].get(k, -math.inf) >= allowed}
     if not fine:
