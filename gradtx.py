@@ -591,7 +591,7 @@ def choose(gains, runs, budget, order=CANDIDATES):
     1. Safe enough: a candidate's held-out LOSS is the mean over the uploads of max(0, -gain), what
        a client loses to the mean update on average where it loses at all (gains elsewhere do not
        buy it back); it must be at most `budget`, and its mean gain above 0.
-    2. Of those, the first (in `order`: CANDIDATES') whose mean gain is within one standard
+    2. Of those, the first in `order` (CANDIDATES') whose mean gain is within one standard
        error of the best's, the error of the best's mean over the runs (Breiman's one-SE rule).
        Why not the paired difference the linear map's selection uses: two candidates here differ
        on a few uploads only, so their paired difference has almost no spread, and a 0.001 edge
