@@ -102,10 +102,9 @@ def score_point(cfg, draws):
     updates = {c: gradtx.candidate_update(model, uploads, c, log["ridge"], fallback)
                for c in gradtx.CANDIDATES}
     updates["kd"] = kd_updates(cfg, task, tiny, llm, uploads, np.asarray(val_runs)[runs])
-    weight = gradtx.gate_weight(model.gate, uploads)                        # (U,)
-    updates["kd_hard"] = torch.where(weight[:, None, None] >= 0.5, updates["kd"], fallback)
+    updates["kd_hard"] = gradtx.do_no_harm(model.gate, updates["kd"], uploads, hard=True)
     gains = {name: baseline - error(u, runs) for name, u in updates.items()}
-    return {"gains": gains, "runs": runs, "weight": weight.numpy()}
+    return {"gains": gains, "runs": runs, "weight": gradtx.gate_weight(model.gate, uploads).numpy()}
 
 
 def point_row(name, cfg, scored, budget):
@@ -113,12 +112,10 @@ def point_row(name, cfg, scored, budget):
     and the choice with kd (last in the order, then first)."""
     gains, runs = scored["gains"], scored["runs"]
     alone = gradtx.choose({c: gains[c] for c in gradtx.CANDIDATES}, runs, budget)
-    choose_with = {}
-    for where in ("last", "first"):
-        kd = ("kd_hard", "kd")
-        order = gradtx.CANDIDATES + kd if where == "last" else kd + gradtx.CANDIDATES
-        with_kd = gradtx.choose(gains, runs, budget, order)
-        choose_with[where] = with_kd.candidate
+    kd = ("kd_hard", "kd")
+    orders = {"last": gradtx.CANDIDATES + kd, "first": kd + gradtx.CANDIDATES}
+    choose_with = {where: gradtx.choose(gains, runs, budget, order).candidate
+                   for where, order in orders.items()}
     score = {name: [float(np.mean(g)), float(np.maximum(-g, 0).mean())]
              for name, g in gains.items()}
     return {"point": name, "n_train": cfg.n_train, "epsilon": cfg.dp_epsilon,
