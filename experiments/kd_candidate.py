@@ -86,6 +86,9 @@ def score_point(cfg, draws):
     "weight": (U,) the gate's weight of each upload}."""
     task = data.make_task(cfg.task, cfg.seed)
     paths = stages.stage_paths(cfg, task, (1,), "cpu")
+    if not os.path.exists(paths["fit_1"]):   # this code's cache keys: the run's stages, or none
+        raise SystemExit(f"{cfg.out}: its translator is not in the cache ({paths['fit_1']}): run "
+                         "the frontier at this commit first (this scores it, it fits nothing)")
     tiny, llm = train.base_models(cfg, task, paths, "cpu")
     shadow = train.shadow_stages(cfg, task, tiny, llm, paths, "cpu")
     model, log = train.fit_stage(cfg, task, tiny, llm, shadow, paths["fit_1"], 1)

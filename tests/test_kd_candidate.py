@@ -60,3 +60,11 @@ def test_a_run_with_groups_is_refused(tmp_path):
     (folder / "results.json").write_text(json.dumps({"config": config}))
     with pytest.raises(SystemExit, match="single uploads"):
         kd_candidate.run_config(str(folder))
+
+
+def test_a_point_whose_stages_are_not_cached_is_refused(frontier_point, tmp_path):
+    _, run = frontier_point
+    cfg = kd_candidate.run_config(run)
+    elsewhere = kd_candidate.replace(cfg, out=str(tmp_path), cache=str(tmp_path))
+    with pytest.raises(SystemExit, match="not in the cache"):
+        kd_candidate.score_point(elsewhere, draws=1)
