@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -76,7 +76,7 @@ def run(cfg, task=None, ranks=None):
     if ranks is not None and ranks.rank > 0:
         return None
     distributed.take_idle_threads(ranks)
-    mean_shadow = shadow["Y"][fit_runs(cfg)[0]].flatten(0, 1).mean(0)   # the runs the maps fit on
+    mean_shadow = mean_shadow_update(cfg, shadow)
     translators = {}
     choices = {}
     for m in pool_levels(cfg):   # a translator per noise level: inputs that average m uploads
@@ -293,6 +293,12 @@ def fit_runs(cfg):
     return data.split_runs(cfg.fit_shadow or cfg.n_shadow, cfg.val_frac, cfg.seed)
 
 
+def mean_shadow_update(cfg, shadow):
+    """The mean LLM update of the shadow runs the maps fit on (n_tgt, d_tgt): what the provider
+    sends without reading any upload."""
+    return shadow["Y"][fit_runs(cfg)[0]].flatten(0, 1).mean(0)
+
+
 def functional_criterion(llm, data_sets, measure="loss"):
     """f(pred_updates, runs) = (len(runs),) the LLM's loss on each run's own shadow data (x, y,
     mask) in data_sets with that run's predicted update applied; lower is better, and its mean is
@@ -464,26 +470,43 @@ def choice_stage(cfg, task, llm, shadow, translator, mean_shadow, path, m):
 
 def choose_fallback(cfg, task, llm, shadow, translator, mean_shadow, m):
     """Score every candidate the provider may send (gradtx.CANDIDATES, and the mean update) on the
-    translator's held-out shadow runs at the clients' privacy level: each of a run's noisy inputs
-    translated, the LLM's accuracy with it on fresh records of the run's mixture, minus the mean
-    update's (a task scored otherwise: the LLM's loss, the mean update's minus the candidate's);
-    then `gradtx.choose`. Shadow runs only: no client's data or upload is read."""
+    translator's held-out shadow runs at the clients' privacy level (`held_out_uploads`), then
+    `gradtx.choose`. Shadow runs only: no client's data or upload is read."""
+    held = held_out_uploads(cfg, task, llm, shadow, mean_shadow, m)
+    model, log = translator
+    fallback = mean_shadow.to(held.uploads.device)
+    gains = {c: held.gain(gradtx.candidate_update(model, held.uploads, c, log["ridge"], fallback))
+             for c in gradtx.CANDIDATES}
+    return gradtx.choose(gains, held.runs, cfg.choice_budget)
+
+
+class HeldOut(NamedTuple):
+    """The uploads the provider's choice is scored on, and how."""
+    uploads: torch.Tensor     # (U, n_src, d_src) held-out shadow runs' noisy inputs at level m
+    runs: np.ndarray          # (U,) which held-out run each came from: 0, 1, ...
+    shadow_runs: np.ndarray   # (U,) that run's index among the shadow runs
+    gain: Callable            # updates (U, n_tgt, d_tgt) -> (U,) gains over the mean update
+
+
+def held_out_uploads(cfg, task, llm, shadow, mean_shadow, m, draws=0):
+    """The translator's held-out shadow runs at the clients' privacy level: each run's noisy inputs
+    (the first `draws` of them; 0: all), and `gain`: the LLM's accuracy with an update for each on
+    fresh records of its run's mixture, minus the mean update's (a task scored otherwise: the
+    LLM's loss, the mean update's minus the update's)."""
     _, val_runs = fit_runs(cfg)
     X, _ = data.translator_inputs(cfg, shadow, val_runs, m, private=True)      # (runs, P, n, d)
-    uploads = X.flatten(0, 1).to(llm.wte.weight.device)
-    runs = np.repeat(np.arange(len(val_runs)), X.shape[1])                     # (runs * P,)
+    draws = draws or X.shape[1]
+    uploads = X[:, :draws].flatten(0, 1).to(llm.wte.weight.device)
+    runs = np.repeat(np.arange(len(val_runs)), draws)                       # (runs * draws,)
     held_out = [task.encode(data.held_out_examples(cfg, task, k, CHOICE_EXAMPLES))
                 for k in val_runs]
     # lower is better: 1 - accuracy (arith), else the LLM's loss (text: bits per byte, scaled)
     error = functional_criterion(llm, held_out,
                                  "exact_match" if task.metric == "accuracy" else "loss")
-    model, log = translator
     fallback = mean_shadow.to(uploads.device)
     baseline = error(fallback.expand(len(uploads), -1, -1), runs)
-    gains = {c: baseline - error(gradtx.candidate_update(model, uploads, c, log["ridge"], fallback),
-                                 runs)
-             for c in gradtx.CANDIDATES}
-    return gradtx.choose(gains, runs, cfg.choice_budget)
+    return HeldOut(uploads, runs, np.asarray(val_runs)[runs],
+                   lambda updates: baseline - error(updates, runs))
 
 
 # -----------------------------------------------------------------------------

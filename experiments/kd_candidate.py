@@ -3,7 +3,7 @@ experiments/kd_candidate.py -- would the provider ever send distillation? At eac
 finished frontier, `kd` (the LLM fine-tuned on public prompts labelled by the TinyLM the provider
 rebuilds from an upload: post-processing of the same DP output, at no privacy cost) is scored on
 the held-out shadow runs exactly as the provider's choice scores its candidates (train.py,
-`choose_fallback`): the LLM's accuracy with each update on fresh records of the run's mixture,
+`held_out_uploads`): the LLM's accuracy with each update on fresh records of the run's mixture,
 minus the mean update's. Then `gradtx.choose` decides again with kd among the candidates.
 
     python experiments/kd_candidate.py --out=out_frontier         # every single-upload point
@@ -35,7 +35,7 @@ import gradtx
 import tinylm
 import train
 from config import stages
-from config.presets import CHOICE_EXAMPLES, Config, parse_options, recipe
+from config.presets import Config, parse_options, recipe
 
 
 @dataclass
@@ -92,22 +92,15 @@ def score_point(cfg, draws):
     tiny, llm = train.base_models(cfg, task, paths, "cpu")
     shadow = train.shadow_stages(cfg, task, tiny, llm, paths, "cpu")
     model, log = train.fit_stage(cfg, task, tiny, llm, shadow, paths["fit_1"], 1)
-    train_runs, val_runs = train.fit_runs(cfg)
-    fallback = shadow["Y"][train_runs].flatten(0, 1).mean(0)      # as train.run's mean update
-    X, _ = data.translator_inputs(cfg, shadow, val_runs, 1, private=True)   # (runs, P, n, d)
-    draws = draws or X.shape[1]
-    uploads = X[:, :draws].flatten(0, 1)                                    # (U, n, d)
-    runs = np.repeat(np.arange(len(val_runs)), draws)                       # (U,)
-    held_out = [task.encode(data.held_out_examples(cfg, task, k, CHOICE_EXAMPLES))
-                for k in val_runs]
-    error = train.functional_criterion(llm, held_out, "exact_match")
-    baseline = error(fallback.expand(len(uploads), -1, -1), runs)
-    updates = {c: gradtx.candidate_update(model, uploads, c, log["ridge"], fallback)
+    fallback = train.mean_shadow_update(cfg, shadow)
+    held = train.held_out_uploads(cfg, task, llm, shadow, fallback, 1, draws)   # as the choice's
+    updates = {c: gradtx.candidate_update(model, held.uploads, c, log["ridge"], fallback)
                for c in gradtx.CANDIDATES}
-    updates["kd"] = kd_updates(cfg, task, tiny, llm, uploads, np.asarray(val_runs)[runs])
-    updates["kd_hard"] = gradtx.do_no_harm(model.gate, updates["kd"], uploads, hard=True)
-    gains = {name: baseline - error(u, runs) for name, u in updates.items()}
-    return {"gains": gains, "runs": runs, "weight": gradtx.gate_weight(model.gate, uploads).numpy()}
+    updates["kd"] = kd_updates(cfg, task, tiny, llm, held.uploads, held.shadow_runs)
+    updates["kd_hard"] = gradtx.do_no_harm(model.gate, updates["kd"], held.uploads, hard=True)
+    weight = gradtx.gate_weight(model.gate, held.uploads).numpy()
+    return {"gains": {name: held.gain(u) for name, u in updates.items()}, "runs": held.runs,
+            "weight": weight}
 
 
 def point_row(name, cfg, scored, budget):
