@@ -836,6 +836,14 @@ def test_choose_prefers_the_translator_to_its_map_when_runs_cannot_tell_them_apa
     assert gradtx.choose(gains, runs, budget=0.02).candidate == "ridge_hard"
 
 
+def test_choose_follows_the_order_it_is_given():
+    runs = np.repeat(np.arange(4), 3)
+    same = np.array([0.3, 0.3, 0.3, 0.1, 0.1, 0.1, 0.0, 0.0, 0.0, 0.2, 0.2, 0.2])
+    gains = {"kd": same, "translator_hard": same}
+    assert gradtx.choose(gains, runs, 0.02).candidate == "translator_hard"   # kd not in CANDIDATES
+    assert gradtx.choose(gains, runs, 0.02, ("kd",) + gradtx.CANDIDATES).candidate == "kd"
+
+
 def test_the_deciding_gate_sends_the_update_or_the_mean_never_a_blend():
     X, Y = random_pairs(16, seed=22)
     basis = gradtx.public_basis(X, 2)

@@ -45,14 +45,6 @@ def test_kd_hard_is_kd_where_the_gate_reads_the_upload_else_the_mean_update(fron
     np.testing.assert_allclose(gains["kd_hard"], expected, atol=1e-9)
 
 
-def test_choose_follows_the_order_it_is_given():
-    runs = np.repeat(np.arange(4), 3)
-    same = np.array([0.3, 0.3, 0.3, 0.1, 0.1, 0.1, 0.0, 0.0, 0.0, 0.2, 0.2, 0.2])
-    gains = {"kd": same, "translator_hard": same}
-    assert gradtx.choose(gains, runs, 0.02).candidate == "translator_hard"   # kd not in CANDIDATES
-    assert gradtx.choose(gains, runs, 0.02, ("kd",) + gradtx.CANDIDATES).candidate == "kd"
-
-
 def test_a_run_with_groups_is_refused(tmp_path):
     folder = tmp_path / "n48_eps1_sgd_m2"
     folder.mkdir()
