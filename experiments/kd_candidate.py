@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -80,10 +81,20 @@ def kd_updates(cfg, task, tiny, llm, uploads, runs):
     return torch.stack([run[-1] for run in fine_tuned])
 
 
-def score_point(cfg, draws):
-    """Every candidate's and kd's held-out gains over the mean update at one frontier point, on
-    the first `draws` DP draws of each held-out run. {"gains": {name: (U,)}, "runs": (U,),
-    "weight": (U,) the gate's weight of each upload}."""
+class Provider(NamedTuple):
+    """What the provider holds at one finished frontier point, read from the run's cache."""
+    task: object
+    tiny: torch.nn.Module     # the public TinyLM
+    llm: torch.nn.Module      # the public LLM
+    shadow: dict              # the shadow stages (train.shadow_stages)
+    model: torch.nn.Module    # the translator, with its basis, skip path and gate in its buffers
+    log: dict                 # its fit log (the linear map: log["ridge"])
+    fallback: torch.Tensor    # the mean shadow update (n_tgt, d_tgt)
+
+
+def provider_at(cfg):
+    """The run's cached stages at one frontier point; refuses a point whose translator is not in
+    the cache (this reads the run's stages, it fits nothing)."""
     task = data.make_task(cfg.task, cfg.seed)
     paths = stages.stage_paths(cfg, task, (1,), "cpu")
     if not os.path.exists(paths["fit_1"]):   # this code's cache keys: the run's stages, or none
@@ -92,13 +103,21 @@ def score_point(cfg, draws):
     tiny, llm = train.base_models(cfg, task, paths, "cpu")
     shadow = train.shadow_stages(cfg, task, tiny, llm, paths, "cpu")
     model, log = train.fit_stage(cfg, task, tiny, llm, shadow, paths["fit_1"], 1)
-    fallback = train.mean_shadow_update(cfg, shadow)
-    held = train.held_out_uploads(cfg, task, llm, shadow, fallback, 1, draws)   # as the choice's
-    updates = {c: gradtx.candidate_update(model, held.uploads, c, log["ridge"], fallback)
+    return Provider(task, tiny, llm, shadow, model, log, train.mean_shadow_update(cfg, shadow))
+
+
+def score_point(cfg, draws):
+    """Every candidate's and kd's held-out gains over the mean update at one frontier point, on
+    the first `draws` DP draws of each held-out run. {"gains": {name: (U,)}, "runs": (U,),
+    "weight": (U,) the gate's weight of each upload}."""
+    p = provider_at(cfg)
+    # the uploads, held-out records and mean update the run's choice was scored on
+    held = train.held_out_uploads(cfg, p.task, p.llm, p.shadow, p.fallback, 1, draws)
+    updates = {c: gradtx.candidate_update(p.model, held.uploads, c, p.log["ridge"], p.fallback)
                for c in gradtx.CANDIDATES}
-    updates["kd"] = kd_updates(cfg, task, tiny, llm, held.uploads, held.shadow_runs)
-    updates["kd_hard"] = gradtx.do_no_harm(model.gate, updates["kd"], held.uploads, hard=True)
-    weight = gradtx.gate_weight(model.gate, held.uploads).numpy()
+    updates["kd"] = kd_updates(cfg, p.task, p.tiny, p.llm, held.uploads, held.shadow_runs)
+    updates["kd_hard"] = gradtx.do_no_harm(p.model.gate, updates["kd"], held.uploads, hard=True)
+    weight = gradtx.gate_weight(p.model.gate, held.uploads).numpy()
     return {"gains": {name: held.gain(u) for name, u in updates.items()}, "runs": held.runs,
             "weight": weight}
 

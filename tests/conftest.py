@@ -9,12 +9,24 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import train  # noqa: E402  (the repository, just put on the path)
+
 # every stage of the protocol at a toy size: seconds, not minutes (the numbers mean nothing); on the
 # CPU even where there is a GPU (tests/test_cuda.py runs it there)
 TINY_RUN = ["--preset=smoke", "--device=cpu", "--tiny_model=micro", "--llm_model=micro", "--pretrain_steps_tiny=20",
             "--pretrain_steps_llm=20", "--ft_steps=6", "--n_train=48", "--n_shadow=6",
             "--n_snapshots=2", "--snapshot_gap=2", "--gt_steps=4", "--gt_eval_every=2",
             "--n_test=24", "--threads=1", "--workers=1", "--random_clients=2"]
+
+
+@pytest.fixture(scope="session")
+def frontier_point(tmp_path_factory):
+    """A finished toy DP run of single uploads, in a frontier-like folder: (the folder, the run),
+    for the experiments that score a finished frontier's points."""
+    out = tmp_path_factory.mktemp("frontier")
+    run = os.path.join(out, "n48_eps1_sgd")
+    train.main(TINY_RUN + [f"--out={run}", "--dp_epsilon=1", "--shadow_dp_draws=2"])
+    return str(out), run
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -7,19 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from conftest import TINY_RUN
 from experiments import kd_candidate
 import gradtx
-import train
-
-
-@pytest.fixture(scope="module")
-def frontier_point(tmp_path_factory):
-    """A finished toy DP run of single uploads, in a frontier-like folder."""
-    out = tmp_path_factory.mktemp("frontier")
-    run = os.path.join(out, "n48_eps1_sgd")
-    train.main(TINY_RUN + [f"--out={run}", "--dp_epsilon=1", "--shadow_dp_draws=2"])
-    return str(out), run
 
 
 def test_kd_candidate_scores_the_choice_as_the_run_did(frontier_point):
