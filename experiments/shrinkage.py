@@ -22,6 +22,7 @@ into --out. It reads the frontier's cached stages (experiments/kd_candidate.py's
 and fits nothing: run it after the frontier.
 """
 import json
+import math
 import os
 import sys
 import time
@@ -38,6 +39,7 @@ import data
 import eval as evaluation
 import gradtx
 import train
+from config import stages
 from config.presets import parse_options
 from experiments.kd_candidate import gain_loss, provider_at, run_config
 
@@ -97,7 +99,7 @@ def score_point(cfg, draws):
     """Every candidate's and the shrunk candidates' held-out gains over the mean update at one
     frontier point, on the first `draws` DP draws of each held-out run. {"gains": {name: (U,)},
     "runs": (U,), "kept": (k,) the share of each direction the shrinkage keeps, "weight": (U,) the
-    gate's weight of each upload}."""
+    gate's weight of each upload, "clients": `client_outcomes`}."""
     p = provider_at(cfg)
     stats = shrinkage_statistics(cfg, p)
     # the uploads, held-out records and mean update the run's choice was scored on
@@ -108,12 +110,40 @@ def score_point(cfg, draws):
     kept = stats["signal_var"] / (stats["signal_var"] + stats["noise_var"])
     weight = gradtx.gate_weight(p.model.gate, held.uploads).numpy()
     return {"gains": {name: held.gain(u) for name, u in updates.items()}, "runs": held.runs,
-            "kept": kept.tolist(), "weight": weight}
+            "kept": kept.tolist(), "weight": weight, "clients": client_outcomes(cfg, p, stats)}
+
+
+def client_outcomes(cfg, provider, stats):
+    """What the run's clients would get from each shrunk candidate, beside what the provider sent
+    them (gradtx): {name: [skewed clients' gain of means, worst client vs its mean update]}. The
+    clients' uploads and test splits are the run's own (its cache), their other scores its
+    results.json's; summarised as the run summarises its methods (eval.summarise_by_kind)."""
+    paths = stages.stage_paths(cfg, provider.task, (1,), "cpu")
+    clients = train.clients_stage(cfg, provider.task, provider.tiny, provider.llm, paths, "cpu")
+    with open(os.path.join(cfg.out, "results.json")) as f:
+        results = json.load(f)
+    rows = results["clients"]
+    updates = shrunk_updates(provider, stats, torch.stack([c["upload"] for c in clients]).float())
+    for i, (client, row) in enumerate(zip(clients, rows)):
+        assert client["name"] == row["name"], "the run's clients, in the run's order"
+        scores = row["scores"]
+        mine = {name: update[i] for name, update in updates.items()}
+        for name, value in evaluation.score_updates(provider.task, provider.llm, mine,
+                                                    client["test"]).items():
+            scores[name] = value
+            row["pgr"][name] = evaluation.pgr(value, scores["tinylm_ft"], scores["llm_ft"])
+            row["gain_recovered"][name] = evaluation.gain_recovered(value, scores["llm_base"],
+                                                                    scores["llm_ft"])
+    summary = evaluation.summarise_by_kind(rows, results["higher_is_better"])
+    skewed = summary["by_kind"]["skewed"]["gain_of_means"]
+    worst = summary["worst_vs_mean_shadow"]
+    return {name: [skewed[name], worst[name]] for name in ("gradtx",) + SHRUNK}
 
 
 def point_row(name, cfg, scored, budget):
     """One line of the table: the choice among the candidates alone, the best shrunk candidate's
-    scores, and the choice with the shrunk candidates (last in the order, then first)."""
+    held-out scores, the choice with the shrunk candidates (last in the order, then first), and
+    the clients under what the provider sent and under each shrunk candidate."""
     gains, runs = scored["gains"], scored["runs"]
     alone = gradtx.choose({c: gains[c] for c in gradtx.CANDIDATES}, runs, budget)
     orders = {"last": gradtx.CANDIDATES + SHRUNK, "first": SHRUNK + gradtx.CANDIDATES}
@@ -126,18 +156,31 @@ def point_row(name, cfg, scored, budget):
             "chosen": alone.candidate, "chosen_score": score.get(alone.candidate, [0.0, 0.0]),
             "best_shrunk": best_shrunk, "kept": scored["kept"],
             "with_shrunk_last": choose_with["last"], "with_shrunk_first": choose_with["first"],
-            "scores": score}
+            "scores": score, "clients": scored["clients"]}
+
+
+def clients_cell(outcome):
+    """skewed gain / worst client, two decimals."""
+    return f"{evaluation.fmt(outcome[0])} / {outcome[1]:+.2f}"
+
+
+def best_for_clients(outcomes):
+    """The shrunk candidate with the highest skewed gain for the run's clients, and its cell."""
+    name = max(SHRUNK, key=lambda c: -math.inf if outcomes[c][0] is None else outcomes[c][0])
+    return f"{name} {clients_cell(outcomes[name])}"
 
 
 def table(rows):
     """Markdown, one line per point in the order of N * epsilon."""
     head = ["N", "epsilon", "share kept (min-max)", "choice (gain / loss)",
-            "best shrunk (gain / loss)", "choice with shrunk last", "with shrunk first"]
+            "best shrunk (gain / loss)", "choice with shrunk last", "with shrunk first",
+            "clients: gradtx (skewed gain / worst)", "best shrunk for the clients"]
     lines = [[str(r["n_train"]), f"{r['epsilon']:g}",
               f"{min(r['kept']):.2f}-{max(r['kept']):.2f}",
               f"{r['chosen']} {gain_loss(r['chosen_score'])}",
               f"{r['best_shrunk']} {gain_loss(r['scores'][r['best_shrunk']])}",
-              r["with_shrunk_last"], r["with_shrunk_first"]]
+              r["with_shrunk_last"], r["with_shrunk_first"], clients_cell(r["clients"]["gradtx"]),
+              best_for_clients(r["clients"])]
              for r in sorted(rows, key=lambda r: r["n_train"] * r["epsilon"])]
     return evaluation.markdown_table(head, lines)
 

@@ -2,7 +2,7 @@
 shadow runs as the provider's choice scores its candidates. Oracles: the Wiener estimate's limits
 and its action off its directions; its statistics on the gate's directions are the gate's own;
 with every DP draw scored, the six candidates' gains are the ones the run's choice stage
-recorded."""
+recorded, and the clients' summary recomputed from the run's rows is the run's."""
 import json
 import os
 
@@ -70,6 +70,12 @@ def test_shrinkage_scores_the_choice_as_the_run_did(frontier_point):
         assert row["scores"][c] == pytest.approx(recorded["scores"][c][:2], abs=1e-6)
     assert set(row["scores"]) == set(gradtx.CANDIDATES) | set(shrinkage.SHRUNK)
     assert all(0 < k <= 1 for k in row["kept"])
+    with open(os.path.join(run, "results.json")) as f:
+        summary = json.load(f)["summary"]
+    skewed, worst = row["clients"]["gradtx"]   # recomputed from the run's rows: the run's summary
+    assert skewed == pytest.approx(summary["by_kind"]["skewed"]["gain_of_means"]["gradtx"])
+    assert worst == pytest.approx(summary["worst_vs_mean_shadow"]["gradtx"])
+    assert set(row["clients"]) == {"gradtx"} | set(shrinkage.SHRUNK)
     assert os.path.exists(os.path.join(out, "shrinkage.md"))
 
 
