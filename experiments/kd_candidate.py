@@ -52,6 +52,16 @@ def parse_args(argv):
     return parse_options(KdConfig(), argv, __doc__)
 
 
+def point_names(out, points=""):
+    """The run folders of a finished frontier in `out` to score: `points` (comma-separated), or
+    every single-upload point (a run with groups has "_m" in its name)."""
+    if not os.path.isdir(out):
+        raise SystemExit(f"--out={out}: no such folder (expected a finished frontier)")
+    return [p for p in points.split(",") if p] or sorted(
+        d for d in os.listdir(out)
+        if os.path.exists(os.path.join(out, d, "results.json")) and "_m" not in d)
+
+
 def run_config(folder):
     """The Config a finished run was made with (its results.json), pointed at its folder."""
     path = os.path.join(folder, "results.json")
@@ -158,11 +168,7 @@ def main(argv):
     kcfg = parse_args(argv)
     if kcfg.threads:
         torch.set_num_threads(kcfg.threads)
-    if not os.path.isdir(kcfg.out):
-        raise SystemExit(f"--out={kcfg.out}: no such folder (expected a finished frontier)")
-    names = [p for p in kcfg.points.split(",") if p] or sorted(
-        d for d in os.listdir(kcfg.out)
-        if os.path.exists(os.path.join(kcfg.out, d, "results.json")) and "_m" not in d)
+    names = point_names(kcfg.out, kcfg.points)
     rows = []
     for name in tqdm(names, desc="frontier points"):
         t0 = time.time()

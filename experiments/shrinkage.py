@@ -17,9 +17,10 @@ again with them among the candidates.
     python experiments/shrinkage.py --out=out_frontier --points=n2048_eps0.1_sgd
     python experiments/shrinkage.py --help
 
-Seconds a point: a few translations and LLM evaluations. Writes shrinkage.md and shrinkage.json
-into --out. It reads the frontier's cached stages (experiments/kd_candidate.py's `provider_at`)
-and fits nothing: run it after the frontier.
+Half a minute a point: a few translations and LLM evaluations, on the held-out runs and on the
+run's own clients (what each shrunk candidate would have given them, beside what the provider sent).
+Writes shrinkage.md and shrinkage.json into --out. It reads the frontier's cached stages
+(experiments/kd_candidate.py's `provider_at`) and fits nothing: run it after the frontier.
 """
 import json
 import math
@@ -41,7 +42,7 @@ import gradtx
 import train
 from config import stages
 from config.presets import parse_options
-from experiments.kd_candidate import gain_loss, provider_at, run_config
+from experiments.kd_candidate import gain_loss, point_names, provider_at, run_config
 
 SHRUNK = ("translator_shrunk_hard", "ridge_shrunk_hard", "translator_shrunk", "ridge_shrunk")
 
@@ -189,11 +190,7 @@ def main(argv):
     scfg = parse_args(argv)
     if scfg.threads:
         torch.set_num_threads(scfg.threads)
-    if not os.path.isdir(scfg.out):
-        raise SystemExit(f"--out={scfg.out}: no such folder (expected a finished frontier)")
-    names = [p for p in scfg.points.split(",") if p] or sorted(
-        d for d in os.listdir(scfg.out)
-        if os.path.exists(os.path.join(scfg.out, d, "results.json")) and "_m" not in d)
+    names = point_names(scfg.out, scfg.points)
     rows = []
     for name in tqdm(names, desc="frontier points"):
         t0 = time.time()
