@@ -100,6 +100,7 @@ class Provider(NamedTuple):
     model: torch.nn.Module    # the translator, with its basis, skip path and gate in its buffers
     log: dict                 # its fit log (the linear map: log["ridge"])
     fallback: torch.Tensor    # the mean shadow update (n_tgt, d_tgt)
+    paths: dict               # the run's stage paths (config/stages.py), its clients' among them
 
 
 def provider_at(cfg):
@@ -113,7 +114,8 @@ def provider_at(cfg):
     tiny, llm = train.base_models(cfg, task, paths, "cpu")
     shadow = train.shadow_stages(cfg, task, tiny, llm, paths, "cpu")
     model, log = train.fit_stage(cfg, task, tiny, llm, shadow, paths["fit_1"], 1)
-    return Provider(task, tiny, llm, shadow, model, log, train.mean_shadow_update(cfg, shadow))
+    return Provider(task, tiny, llm, shadow, model, log, train.mean_shadow_update(cfg, shadow),
+                    paths)
 
 
 def score_point(cfg, draws):
@@ -164,28 +166,37 @@ def table(rows):
     return evaluation.markdown_table(head, lines)
 
 
+def describe(r):
+    """A point's line: the choice, kd's and kd_hard's held-out scores, the choice with kd."""
+    return (f"choice {r['chosen']}, kd gain {r['kd'][0]:+.3f} loss {r['kd'][1]:.3f}, kd_hard "
+            f"{r['kd_hard'][0]:+.3f} / {r['kd_hard'][1]:.3f}; with kd: {r['with_kd_last']} "
+            f"(last), {r['with_kd_first']} (first)")
+
+
+def score_frontier(ecfg, stem, score_row, describe, table):
+    """Score the points of a finished frontier (ecfg.out: ecfg.points, or every single-upload
+    point): row = score_row(name, cfg) for each, its line describe(row) printed with its time;
+    then table(rows) into <stem>.md and the rows into <stem>.json in ecfg.out. The driver of
+    this experiment and experiments/shrinkage.py."""
+    if ecfg.threads:
+        torch.set_num_threads(ecfg.threads)
+    rows = []
+    for name in tqdm(point_names(ecfg.out, ecfg.points), desc="frontier points"):
+        t0 = time.time()
+        rows.append(score_row(name, run_config(os.path.join(ecfg.out, name))))
+        print(f"{name}: {describe(rows[-1])}, {time.time() - t0:.0f}s", flush=True)
+    text = table(rows)
+    with open(os.path.join(ecfg.out, f"{stem}.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(ecfg.out, f"{stem}.json"), "w") as f:
+        json.dump({"draws": ecfg.draws, "rows": rows}, f, indent=1)
+    print(text)
+
+
 def main(argv):
     kcfg = parse_args(argv)
-    if kcfg.threads:
-        torch.set_num_threads(kcfg.threads)
-    names = point_names(kcfg.out, kcfg.points)
-    rows = []
-    for name in tqdm(names, desc="frontier points"):
-        t0 = time.time()
-        cfg = run_config(os.path.join(kcfg.out, name))
-        scored = score_point(cfg, kcfg.draws)
-        rows.append(point_row(name, cfg, scored, cfg.choice_budget))
-        r = rows[-1]
-        print(f"{name}: choice {r['chosen']}, kd gain {r['kd'][0]:+.3f} loss {r['kd'][1]:.3f}, "
-              f"kd_hard {r['kd_hard'][0]:+.3f} / {r['kd_hard'][1]:.3f}; with kd: "
-              f"{r['with_kd_last']} (last), {r['with_kd_first']} (first), {time.time() - t0:.0f}s",
-              flush=True)
-    text = table(rows)
-    with open(os.path.join(kcfg.out, "kd_candidate.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(kcfg.out, "kd_candidate.json"), "w") as f:
-        json.dump({"draws": kcfg.draws, "rows": rows}, f, indent=1)
-    print(text)
+    score_frontier(kcfg, "kd_candidate", lambda name, cfg: point_row(
+        name, cfg, score_point(cfg, kcfg.draws), cfg.choice_budget), describe, table)
 
 
 if __name__ == "__main__":

@@ -20,18 +20,17 @@ again with them among the candidates.
 Half a minute a point: a few translations and LLM evaluations, on the held-out runs and on the
 run's own clients (what each shrunk candidate would have given them, beside what the provider sent).
 Writes shrinkage.md and shrinkage.json into --out. It reads the frontier's cached stages
-(experiments/kd_candidate.py's `provider_at`) and fits nothing: run it after the frontier.
+(experiments/kd_candidate.py's `provider_at`, driven by its `score_frontier`) and fits nothing:
+run it after the frontier.
 """
 import json
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 # the repository root
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,9 +39,8 @@ import data
 import eval as evaluation
 import gradtx
 import train
-from config import stages
 from config.presets import parse_options
-from experiments.kd_candidate import gain_loss, point_names, provider_at, run_config
+from experiments.kd_candidate import gain_loss, provider_at, score_frontier
 
 SHRUNK = ("translator_shrunk_hard", "ridge_shrunk_hard", "translator_shrunk", "ridge_shrunk")
 
@@ -119,8 +117,8 @@ def client_outcomes(cfg, provider, stats):
     them (gradtx): {name: [skewed clients' gain of means, worst client vs its mean update]}. The
     clients' uploads and test splits are the run's own (its cache), their other scores its
     results.json's; summarised as the run summarises its methods (eval.summarise_by_kind)."""
-    paths = stages.stage_paths(cfg, provider.task, (1,), "cpu")
-    clients = train.clients_stage(cfg, provider.task, provider.tiny, provider.llm, paths, "cpu")
+    clients = train.clients_stage(cfg, provider.task, provider.tiny, provider.llm, provider.paths,
+                                  "cpu")
     with open(os.path.join(cfg.out, "results.json")) as f:
         results = json.load(f)
     rows = results["clients"]
@@ -186,27 +184,18 @@ def table(rows):
     return evaluation.markdown_table(head, lines)
 
 
+def describe(r):
+    """A point's line: the choice and the best shrunk candidate on held-out runs, the choice with
+    the shrunk candidates."""
+    return (f"choice {r['chosen']} {gain_loss(r['chosen_score'])}, best shrunk "
+            f"{r['best_shrunk']} {gain_loss(r['scores'][r['best_shrunk']])}; with shrunk: "
+            f"{r['with_shrunk_last']} (last), {r['with_shrunk_first']} (first)")
+
+
 def main(argv):
     scfg = parse_args(argv)
-    if scfg.threads:
-        torch.set_num_threads(scfg.threads)
-    names = point_names(scfg.out, scfg.points)
-    rows = []
-    for name in tqdm(names, desc="frontier points"):
-        t0 = time.time()
-        cfg = run_config(os.path.join(scfg.out, name))
-        rows.append(point_row(name, cfg, score_point(cfg, scfg.draws), cfg.choice_budget))
-        r = rows[-1]
-        print(f"{name}: choice {r['chosen']} {gain_loss(r['chosen_score'])}, best shrunk "
-              f"{r['best_shrunk']} {gain_loss(r['scores'][r['best_shrunk']])}; with shrunk: "
-              f"{r['with_shrunk_last']} (last), {r['with_shrunk_first']} (first), "
-              f"{time.time() - t0:.0f}s", flush=True)
-    text = table(rows)
-    with open(os.path.join(scfg.out, "shrinkage.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(scfg.out, "shrinkage.json"), "w") as f:
-        json.dump({"draws": scfg.draws, "rows": rows}, f, indent=1)
-    print(text)
+    score_frontier(scfg, "shrinkage", lambda name, cfg: point_row(
+        name, cfg, score_point(cfg, scfg.draws), cfg.choice_budget), describe, table)
 
 
 if __name__ == "__main__":

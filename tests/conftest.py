@@ -1,5 +1,6 @@
 """Shared test fixtures: the repository on sys.path, one torch thread, a toy-sized run; and the
 exercises' rule: a test that needs another exercise's blank code skips instead of failing."""
+import json
 import os
 import re
 import sys
@@ -9,7 +10,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import train  # noqa: E402  (the repository, just put on the path)
+import gradtx  # noqa: E402  (the repository, just put on the path)
+import train  # noqa: E402
 
 # every stage of the protocol at a toy size: seconds, not minutes (the numbers mean nothing); on the
 # CPU even where there is a GPU (tests/test_cuda.py runs it there)
@@ -27,6 +29,26 @@ def frontier_point(tmp_path_factory):
     run = os.path.join(out, "n48_eps1_sgd")
     train.main(TINY_RUN + [f"--out={run}", "--dp_epsilon=1", "--shadow_dp_draws=2"])
     return str(out), run
+
+
+def scored_as_the_run(experiment, stem, frontier_point):
+    """Run a frontier experiment (experiments/kd_candidate.py, shrinkage.py) on the toy point with
+    every DP draw scored, as the choice; check the oracle both share (the six candidates' held-out
+    scores and the choice are those the run's own choice stage recorded: the same uploads,
+    held-out records and mean update) and that it wrote <stem>.md. (its row, the run's
+    results.json)."""
+    out, run = frontier_point
+    experiment.main([f"--out={out}"])
+    with open(os.path.join(out, f"{stem}.json")) as f:
+        row, = json.load(f)["rows"]
+    with open(os.path.join(run, "results.json")) as f:
+        results = json.load(f)
+    recorded = results["provider_choice"]["1"]
+    assert row["chosen"] == recorded["candidate"]
+    for c in gradtx.CANDIDATES:
+        assert row["scores"][c] == pytest.approx(recorded["scores"][c][:2], abs=1e-6)
+    assert os.path.exists(os.path.join(out, f"{stem}.md"))
+    return row, results
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -3,14 +3,12 @@ shadow runs as the provider's choice scores its candidates. Oracles: the Wiener 
 and its action off its directions; its statistics on the gate's directions are the gate's own;
 with every DP draw scored, the six candidates' gains are the ones the run's choice stage
 recorded, and the clients' summary recomputed from the run's rows is the run's."""
-import json
-import os
-
 import numpy as np
 import pytest
 import torch
 
 import gradtx
+from conftest import scored_as_the_run
 from experiments import kd_candidate, shrinkage
 
 
@@ -59,24 +57,14 @@ def test_the_statistics_on_the_gates_directions_are_the_gates(frontier_point):
 
 
 def test_shrinkage_scores_the_choice_as_the_run_did(frontier_point):
-    out, run = frontier_point
-    shrinkage.main([f"--out={out}"])   # every draw, as the choice
-    with open(os.path.join(out, "shrinkage.json")) as f:
-        row, = json.load(f)["rows"]
-    with open(os.path.join(run, "results.json")) as f:
-        recorded = json.load(f)["provider_choice"]["1"]
-    assert row["chosen"] == recorded["candidate"]
-    for c in gradtx.CANDIDATES:   # the same uploads, held-out records and mean update as the run's
-        assert row["scores"][c] == pytest.approx(recorded["scores"][c][:2], abs=1e-6)
+    row, results = scored_as_the_run(shrinkage, "shrinkage", frontier_point)
     assert set(row["scores"]) == set(gradtx.CANDIDATES) | set(shrinkage.SHRUNK)
     assert all(0 < k <= 1 for k in row["kept"])
-    with open(os.path.join(run, "results.json")) as f:
-        summary = json.load(f)["summary"]
+    summary = results["summary"]
     skewed, worst = row["clients"]["gradtx"]   # recomputed from the run's rows: the run's summary
     assert skewed == pytest.approx(summary["by_kind"]["skewed"]["gain_of_means"]["gradtx"])
     assert worst == pytest.approx(summary["worst_vs_mean_shadow"]["gradtx"])
     assert set(row["clients"]) == {"gradtx"} | set(shrinkage.SHRUNK)
-    assert os.path.exists(os.path.join(out, "shrinkage.md"))
 
 
 def test_the_hard_shrunk_candidates_are_the_shrunk_ones_where_the_gate_reads_the_upload(
