@@ -343,7 +343,7 @@ def test_gpu_preset_shapes_run_on_cpu(tmp_path):
                           "--pretrain_steps_llm=2", "--pretrain_batch=8", "--ft_steps=3", "--n_train=16",
                           "--n_shadow=4", "--n_snapshots=1", "--gt_steps=1", "--gt_eval_every=1", "--n_test=8",
                           "--workers=1", "--threads=1", "--weak_baselines=false",
-                          "--compile=false"])   # compiling takes minutes on a CPU: test_compile.py
+                          "--random_clients=0", "--compile=false"])   # compiling takes minutes on a CPU: test_compile.py
     llm_cfg = MODEL_PRESETS["llm_gpu"]
     assert results["config"]["llm_model"] == "llm_gpu"
     fit = torch.load(next(p for p in (tmp_path / f for f in os.listdir(tmp_path)) if p.name.startswith("fit-")
