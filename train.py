@@ -473,11 +473,16 @@ def choose_fallback(cfg, task, llm, shadow, translator, mean_shadow, m):
     translator's held-out shadow runs at the clients' privacy level (`held_out_uploads`), then
     `gradtx.choose`. Shadow runs only: no client's data or upload is read."""
     held = held_out_uploads(cfg, task, llm, shadow, mean_shadow, m)
+    return choose_on(held, translator, mean_shadow, cfg.choice_budget)
+
+
+def choose_on(held, translator, mean_shadow, budget):
+    """gradtx.choose among every candidate, each scored on the held-out uploads `held`."""
     model, log = translator
     fallback = mean_shadow.to(held.uploads.device)
     gains = {c: held.gain(gradtx.candidate_update(model, held.uploads, c, log["ridge"], fallback))
              for c in gradtx.CANDIDATES}
-    return gradtx.choose(gains, held.runs, cfg.choice_budget)
+    return gradtx.choose(gains, held.runs, budget)
 
 
 class HeldOut(NamedTuple):
@@ -495,17 +500,23 @@ def held_out_uploads(cfg, task, llm, shadow, mean_shadow, m, draws=0):
     LLM's loss, the mean update's minus the update's)."""
     _, val_runs = fit_runs(cfg)
     X, _ = data.translator_inputs(cfg, shadow, val_runs, m, private=True)      # (runs, P, n, d)
-    draws = draws or X.shape[1]
-    uploads = X[:, :draws].flatten(0, 1).to(llm.wte.weight.device)
-    runs = np.repeat(np.arange(len(val_runs)), draws)                       # (runs * draws,)
+    return held_out_of(cfg, task, llm, mean_shadow, val_runs, X[:, :draws or X.shape[1]])
+
+
+def held_out_of(cfg, task, llm, mean_shadow, subsets, uploads):
+    """HeldOut for the shadow subsets `subsets` and their uploads (runs, draws, n, d): each upload
+    scored on CHOICE_EXAMPLES fresh records of its own subset (`held_out_uploads`)."""
+    draws = uploads.shape[1]
+    uploads = uploads.flatten(0, 1).to(llm.wte.weight.device)
+    runs = np.repeat(np.arange(len(subsets)), draws)                        # (runs * draws,)
     held_out = [task.encode(data.held_out_examples(cfg, task, k, CHOICE_EXAMPLES))
-                for k in val_runs]
+                for k in subsets]
     # lower is better: 1 - accuracy (arith), else the LLM's loss (text: bits per byte, scaled)
     error = functional_criterion(llm, held_out,
                                  "exact_match" if task.metric == "accuracy" else "loss")
     fallback = mean_shadow.to(uploads.device)
     baseline = error(fallback.expand(len(uploads), -1, -1), runs)
-    return HeldOut(uploads, runs, np.asarray(val_runs)[runs],
+    return HeldOut(uploads, runs, np.asarray(subsets)[runs],
                    lambda updates: baseline - error(updates, runs))
 
 

@@ -19,11 +19,9 @@ and on all of them, and what the run's clients get under each. corners.md and co
 --out. It reads the frontier's cached stages (experiments/kd_candidate.py's `provider_at`, driven
 by its `score_frontier`): run it after the frontier.
 """
-import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,17 +33,15 @@ import data
 import eval as evaluation
 import gradtx
 import train
-from config.presets import CHOICE_EXAMPLES, parse_options
-from experiments.kd_candidate import provider_at, score_frontier
+from config.presets import parse_options
+from experiments.kd_candidate import (PointsConfig, clients_cell, clients_under, provider_at,
+                                      score_frontier)
 
 
 @dataclass
-class CornersConfig:
-    out: str = "out_frontier"   # a finished frontier: one run folder (results.json) per point
-    points: str = ""            # run folders to score, comma-separated ("" = every single-upload)
+class CornersConfig(PointsConfig):
+    """PointsConfig's options (every DP draw is scored here, whatever --draws says), and:"""
     per_convention: int = 6     # held-out runs each convention should lead, at least
-    threads: int = 0            # torch threads (0: torch's default)
-    draws: int = 0              # (kd_candidate's driver reads it; every DP draw is scored here)
 
 
 def parse_args(argv):
@@ -90,63 +86,35 @@ def extra_uploads(cfg, provider, extra):
     return torch.stack(draws).view(len(extra), cfg.shadow_dp_draws, *draws[0].shape)
 
 
-class HeldOut(NamedTuple):
-    """Held-out uploads and how each candidate gains on them (as train.HeldOut)."""
-    uploads: torch.Tensor     # (U, n_src, d_src)
-    runs: np.ndarray          # (U,) which held-out run each came from: 0, 1, ...
-    gain: object              # updates (U, n_tgt, d_tgt) -> (U,) gains over the mean update
-
-
 def held_out_with(cfg, provider, extra, uploads_extra):
-    """The run's own held-out uploads (train.held_out_uploads') followed by the extra runs', each
-    scored on CHOICE_EXAMPLES fresh records of its own run."""
+    """train.HeldOut for the run's own held-out runs (train.held_out_uploads') followed by the
+    extra runs (`extra_uploads`), each upload scored on fresh records of its own run."""
     _, val_runs = train.fit_runs(cfg)
     X, _ = data.translator_inputs(cfg, provider.shadow, val_runs, 1, private=True)   # (V, R, n, d)
-    runs_uploads = torch.cat([X, uploads_extra.to(X.dtype)]) if extra else X
-    R = runs_uploads.shape[1]
-    uploads = runs_uploads.flatten(0, 1)
-    runs = np.repeat(np.arange(len(runs_uploads)), R)
-    task = provider.task
-    records = [task.encode(data.held_out_examples(cfg, task, k, CHOICE_EXAMPLES))
-               for k in list(val_runs) + list(extra)]
-    error = train.functional_criterion(provider.llm, records, "exact_match")
-    baseline = error(provider.fallback.expand(len(uploads), -1, -1), runs)
-    return HeldOut(uploads, runs, lambda updates: baseline - error(updates, runs))
+    uploads = torch.cat([X, uploads_extra.to(X.dtype)]) if extra else X
+    return train.held_out_of(cfg, provider.task, provider.llm, provider.fallback,
+                             list(val_runs) + list(extra), uploads)
 
 
 def choice_on(cfg, provider, held):
-    """gradtx.choose on these held-out uploads, as train.choose_fallback makes it."""
-    gains = {c: held.gain(gradtx.candidate_update(provider.model, held.uploads, c,
-                                                  provider.log["ridge"], provider.fallback))
-             for c in gradtx.CANDIDATES}
-    return gradtx.choose(gains, held.runs, cfg.choice_budget)
+    """The provider's choice on these held-out uploads (train.choose_on, as the run makes it)."""
+    return train.choose_on(held, (provider.model, provider.log), provider.fallback,
+                           cfg.choice_budget)
 
 
 def client_outcome(cfg, provider, candidate):
-    """What the run's clients get under `candidate`: [skewed clients' gain of means, worst client
-    vs its mean update], each client's update scored on its own test split, summarised as the run
-    summarises its methods (eval.summarise_by_kind), its other scores the run's own."""
-    clients = train.clients_stage(cfg, provider.task, provider.tiny, provider.llm,
-                                  provider.paths, "cpu")
-    with open(os.path.join(cfg.out, "results.json")) as f:
-        results = json.load(f)
-    rows = results["clients"]
+    """What the run's clients get under `candidate` (kd_candidate.clients_under):
+    [skewed clients' gain of means, worst client vs its mean update]."""
     label = f"choice:{candidate}"
-    for client, row in zip(clients, rows):
-        assert client["name"] == row["name"], "the run's clients, in the run's order"
-        update = gradtx.provide(provider.model, client["upload"][None].float(),
-                                gradtx.Choice(candidate, 0.0, 0.0, {}), provider.log["ridge"],
-                                provider.fallback)[0]
-        scores = row["scores"]
-        scores[label] = evaluation.score_updates(provider.task, provider.llm, {label: update},
-                                                 client["test"])[label]
-        row["gain_recovered"][label] = evaluation.gain_recovered(scores[label],
-                                                                 scores["llm_base"],
-                                                                 scores["llm_ft"])
-        row["pgr"][label] = evaluation.pgr(scores[label], scores["tinylm_ft"], scores["llm_ft"])
-    summary = evaluation.summarise_by_kind(rows, results["higher_is_better"])
-    return [summary["by_kind"]["skewed"]["gain_of_means"][label],
-            summary["worst_vs_mean_shadow"][label]]
+
+    def candidate_scores(clients, rows):
+        choice = gradtx.Choice(candidate, 0.0, 0.0, {})
+        return [{label: evaluation.score_updates(
+            provider.task, provider.llm,
+            {label: gradtx.provide(provider.model, c["upload"][None].float(), choice,
+                                   provider.log["ridge"], provider.fallback)[0]},
+            c["test"])[label]} for c in clients]
+    return clients_under(cfg, provider, candidate_scores)[label]
 
 
 def score_point(name, cfg, per_convention):
@@ -163,11 +131,6 @@ def score_point(name, cfg, per_convention):
             "after": runs_per_convention(cfg, p.task, list(val_runs) + extra).tolist(),
             "extra": extra, "own": own._asdict(), "wider": wider._asdict(),
             "clients": {"own": outcomes[own.candidate], "wider": outcomes[wider.candidate]}}
-
-
-def clients_cell(outcome):
-    """skewed gain / worst client, two decimals."""
-    return f"{evaluation.fmt(outcome[0])} / {outcome[1]:+.2f}"
 
 
 def table(rows):

@@ -40,7 +40,9 @@ from config.presets import Config, parse_options, recipe
 
 
 @dataclass
-class KdConfig:
+class PointsConfig:
+    """The options of an experiment that scores a finished frontier's points (this one,
+    experiments/shrinkage.py, threshold.py, corners.py)."""
     out: str = "out_frontier"   # a finished frontier: one run folder (results.json) per point
     points: str = ""            # run folders to score, comma-separated ("" = every single-upload)
     draws: int = 0              # DP draws per held-out run scored (0: all, as the choice does)
@@ -48,8 +50,8 @@ class KdConfig:
 
 
 def parse_args(argv):
-    """--key=value (or --key value) over KdConfig's fields; --help lists them."""
-    return parse_options(KdConfig(), argv, __doc__)
+    """--key=value (or --key value) over PointsConfig's fields; --help lists them."""
+    return parse_options(PointsConfig(), argv, __doc__)
 
 
 def point_names(out, points=""):
@@ -153,6 +155,39 @@ def point_row(name, cfg, scored, budget):
 
 def gain_loss(score):
     return f"{score[0]:+.3f} / {score[1]:.3f}"
+
+
+def clients_cell(outcome):
+    """[skewed gain, worst client] -> "skewed gain / worst client", two decimals."""
+    return f"{evaluation.fmt(outcome[0])} / {outcome[1]:+.2f}"
+
+
+def clients_under(cfg, provider, scores_for):
+    """What the run's clients would get under other updates, beside what the provider sent them
+    (gradtx): scores_for(clients, rows) gives one {label: score} per client (the run's clients and
+    their results.json rows, in the run's order), each client's update scored on its own test
+    split. Summarised as the run summarises its methods (eval.summarise_by_kind), the clients'
+    other scores the run's own: {label: [skewed clients' gain of means, worst client vs its mean
+    update]}, "gradtx" first."""
+    clients = train.clients_stage(cfg, provider.task, provider.tiny, provider.llm, provider.paths,
+                                  "cpu")
+    with open(os.path.join(cfg.out, "results.json")) as f:
+        results = json.load(f)
+    rows = results["clients"]
+    assert [c["name"] for c in clients] == [r["name"] for r in rows], "the run's clients, in order"
+    labels = ["gradtx"]
+    for row, new in zip(rows, scores_for(clients, rows)):
+        scores = row["scores"]
+        for label, value in new.items():
+            scores[label] = value
+            row["pgr"][label] = evaluation.pgr(value, scores["tinylm_ft"], scores["llm_ft"])
+            row["gain_recovered"][label] = evaluation.gain_recovered(value, scores["llm_base"],
+                                                                     scores["llm_ft"])
+            labels += [label] if label not in labels else []
+    summary = evaluation.summarise_by_kind(rows, results["higher_is_better"])
+    skewed = summary["by_kind"]["skewed"]["gain_of_means"]
+    worst = summary["worst_vs_mean_shadow"]
+    return {label: [skewed[label], worst[label]] for label in labels}
 
 
 def table(rows):

@@ -23,11 +23,9 @@ Writes shrinkage.md and shrinkage.json into --out. It reads the frontier's cache
 (experiments/kd_candidate.py's `provider_at`, driven by its `score_frontier`) and fits nothing:
 run it after the frontier.
 """
-import json
 import math
 import os
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,22 +38,15 @@ import eval as evaluation
 import gradtx
 import train
 from config.presets import parse_options
-from experiments.kd_candidate import gain_loss, provider_at, score_frontier
+from experiments.kd_candidate import (PointsConfig, clients_cell, clients_under, gain_loss,
+                                      provider_at, score_frontier)
 
 SHRUNK = ("translator_shrunk_hard", "ridge_shrunk_hard", "translator_shrunk", "ridge_shrunk")
 
 
-@dataclass
-class ShrinkageConfig:
-    out: str = "out_frontier"   # a finished frontier: one run folder (results.json) per point
-    points: str = ""            # run folders to score, comma-separated ("" = every single-upload)
-    draws: int = 0              # DP draws per held-out run scored (0: all, as the choice does)
-    threads: int = 0            # torch threads (0: torch's default)
-
-
 def parse_args(argv):
-    """--key=value (or --key value) over ShrinkageConfig's fields; --help lists them."""
-    return parse_options(ShrinkageConfig(), argv, __doc__)
+    """--key=value (or --key value) over kd_candidate.PointsConfig's fields; --help lists them."""
+    return parse_options(PointsConfig(), argv, __doc__)
 
 
 def shrinkage_statistics(cfg, provider):
@@ -114,29 +105,16 @@ def score_point(cfg, draws):
 
 def client_outcomes(cfg, provider, stats):
     """What the run's clients would get from each shrunk candidate, beside what the provider sent
-    them (gradtx): {name: [skewed clients' gain of means, worst client vs its mean update]}. The
-    clients' uploads and test splits are the run's own (its cache), their other scores its
-    results.json's; summarised as the run summarises its methods (eval.summarise_by_kind)."""
-    clients = train.clients_stage(cfg, provider.task, provider.tiny, provider.llm, provider.paths,
-                                  "cpu")
-    with open(os.path.join(cfg.out, "results.json")) as f:
-        results = json.load(f)
-    rows = results["clients"]
-    updates = shrunk_updates(provider, stats, torch.stack([c["upload"] for c in clients]).float())
-    for i, (client, row) in enumerate(zip(clients, rows)):
-        assert client["name"] == row["name"], "the run's clients, in the run's order"
-        scores = row["scores"]
-        mine = {name: update[i] for name, update in updates.items()}
-        for name, value in evaluation.score_updates(provider.task, provider.llm, mine,
-                                                    client["test"]).items():
-            scores[name] = value
-            row["pgr"][name] = evaluation.pgr(value, scores["tinylm_ft"], scores["llm_ft"])
-            row["gain_recovered"][name] = evaluation.gain_recovered(value, scores["llm_base"],
-                                                                    scores["llm_ft"])
-    summary = evaluation.summarise_by_kind(rows, results["higher_is_better"])
-    skewed = summary["by_kind"]["skewed"]["gain_of_means"]
-    worst = summary["worst_vs_mean_shadow"]
-    return {name: [skewed[name], worst[name]] for name in ("gradtx",) + SHRUNK}
+    them: kd_candidate.clients_under, {name: [skewed clients' gain of means, worst client vs its
+    mean update]}."""
+    def shrunk_scores(clients, rows):
+        uploads = torch.stack([c["upload"] for c in clients]).float()
+        updates = shrunk_updates(provider, stats, uploads)
+        return [evaluation.score_updates(provider.task, provider.llm,
+                                         {name: update[i] for name, update in updates.items()},
+                                         client["test"])
+                for i, client in enumerate(clients)]
+    return clients_under(cfg, provider, shrunk_scores)
 
 
 def point_row(name, cfg, scored, budget):
@@ -156,11 +134,6 @@ def point_row(name, cfg, scored, budget):
             "best_shrunk": best_shrunk, "kept": scored["kept"],
             "with_shrunk_last": choose_with["last"], "with_shrunk_first": choose_with["first"],
             "scores": score, "clients": scored["clients"]}
-
-
-def clients_cell(outcome):
-    """skewed gain / worst client, two decimals."""
-    return f"{evaluation.fmt(outcome[0])} / {outcome[1]:+.2f}"
 
 
 def best_for_clients(outcomes):

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -38,23 +37,16 @@ import eval as evaluation
 import gradtx
 import train
 from config.presets import parse_options
-from experiments.kd_candidate import provider_at, score_frontier
+from experiments.kd_candidate import (PointsConfig, clients_cell, clients_under, provider_at,
+                                      score_frontier)
 
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)   # 0.5: the gate as it decides today
 METHODS = ("translator", "ridge")   # the map plus the translator's residual; the map alone
 
 
-@dataclass
-class ThresholdConfig:
-    out: str = "out_frontier"   # a finished frontier: one run folder (results.json) per point
-    points: str = ""            # run folders to score, comma-separated ("" = every single-upload)
-    draws: int = 0              # DP draws per held-out run scored (0: all, as the choice does)
-    threads: int = 0            # torch threads (0: torch's default)
-
-
 def parse_args(argv):
-    """--key=value (or --key value) over ThresholdConfig's fields; --help lists them."""
-    return parse_options(ThresholdConfig(), argv, __doc__)
+    """--key=value (or --key value) over kd_candidate.PointsConfig's fields; --help lists them."""
+    return parse_options(PointsConfig(), argv, __doc__)
 
 
 def gains_at(ungated, weight, tau):
@@ -110,45 +102,26 @@ def score_point(cfg, draws):
 
 def client_outcomes(cfg, provider, learned):
     """What the run's clients would get behind the gate at each learned threshold, beside what the
-    provider sent them (gradtx): {label: [skewed clients' gain of means, worst client vs its mean
-    update]}, labels "gradtx", "<method>@best", "<method>@cautious". A client's score behind the
-    gate at tau is its ungated translation's where its upload's weight is at least tau, else its
-    mean update's (the run's `mean_shadow` score: the same update). The clients' uploads and test
-    splits are the run's own (its cache), their other scores its results.json's; summarised as the
-    run summarises its methods (eval.summarise_by_kind)."""
-    clients = train.clients_stage(cfg, provider.task, provider.tiny, provider.llm, provider.paths,
-                                  "cpu")
-    with open(os.path.join(cfg.out, "results.json")) as f:
-        results = json.load(f)
-    rows = results["clients"]
-    uploads = torch.stack([c["upload"] for c in clients]).float()
-    weight = gradtx.gate_weight(provider.model.gate, uploads).cpu().numpy()
-    labels = ["gradtx"]
-    for i, (client, row) in enumerate(zip(clients, rows)):
-        assert client["name"] == row["name"], "the run's clients, in the run's order"
-        scores = row["scores"]
-        ungated = {m: gradtx.candidate_update(provider.model, uploads[i:i + 1], f"{m}_ungated",
-                                              provider.log["ridge"], provider.fallback)[0]
-                   for m in METHODS}
-        ungated = evaluation.score_updates(provider.task, provider.llm, ungated, client["test"])
-        for m in METHODS:
-            for which in ("best", "cautious"):
-                tau = getattr(learned[m], which)
-                label = f"{m}@{which}"
-                if tau is None:
-                    scores[label] = scores["mean_shadow"]
-                else:
-                    scores[label] = ungated[m] if weight[i] >= tau else scores["mean_shadow"]
-                row["gain_recovered"][label] = evaluation.gain_recovered(
-                    scores[label], scores["llm_base"], scores["llm_ft"])
-                row["pgr"][label] = evaluation.pgr(scores[label], scores["tinylm_ft"],
-                                                   scores["llm_ft"])
-                if label not in labels:
-                    labels.append(label)
-    summary = evaluation.summarise_by_kind(rows, results["higher_is_better"])
-    skewed = summary["by_kind"]["skewed"]["gain_of_means"]
-    worst = summary["worst_vs_mean_shadow"]
-    return {label: [skewed[label], worst[label]] for label in labels}
+    provider sent them: kd_candidate.clients_under, labels "gradtx", "<method>@best",
+    "<method>@cautious". A client's score behind the gate at tau is its ungated translation's where
+    its upload's weight is at least tau, else its mean update's (the run's `mean_shadow` score: the
+    same update); no threshold at all (None) is the mean update."""
+    def thresholded_scores(clients, rows):
+        uploads = torch.stack([c["upload"] for c in clients]).float()
+        weight = gradtx.gate_weight(provider.model.gate, uploads).cpu().numpy()
+        out = []
+        for i, (client, row) in enumerate(zip(clients, rows)):
+            ungated = {m: gradtx.candidate_update(provider.model, uploads[i:i + 1], f"{m}_ungated",
+                                                  provider.log["ridge"], provider.fallback)[0]
+                       for m in METHODS}
+            ungated = evaluation.score_updates(provider.task, provider.llm, ungated, client["test"])
+            mean_update = row["scores"]["mean_shadow"]
+            out.append({f"{m}@{which}": ungated[m] if tau is not None and weight[i] >= tau
+                        else mean_update
+                        for m in METHODS for which, tau in (("best", learned[m].best),
+                                                            ("cautious", learned[m].cautious))})
+        return out
+    return clients_under(cfg, provider, thresholded_scores)
 
 
 def point_row(name, cfg, scored):
@@ -162,11 +135,6 @@ def point_row(name, cfg, scored):
                                "scores": {f"{t:g}": s for t, s in learned[m].scores.items()}}
                            for m in METHODS},
             "clients": scored["clients"]}
-
-
-def clients_cell(outcome):
-    """skewed gain / worst client, two decimals."""
-    return f"{evaluation.fmt(outcome[0])} / {outcome[1]:+.2f}"
 
 
 def tau_cell(row, method, which):
