@@ -45,7 +45,7 @@ import dp
 STREAMS = {"pretrain batches": 0, "shadow subset": 1, "client data": 2, "run split": 3,
            "public examples": 4, "random clients": 5, "audit canaries": 7, "audit prompts": 8,
            "shadow subset draw": 9, "between runs": 10,
-           "noise copies": 11, "kd prompts": 12}
+           "noise copies": 11, "kd prompts": 12, "check prompts": 13}
 RUN_SEEDS = {"shadow run": (1_000_003, 1), "client run": (2_000_003, 1),
              "shadow DP draw": (3_000_017, 1_009, 1), "audit client": (5_000_011, 1),
              "audit setting": (6_000_007, 1), "kd candidate": (7_000_003, 1)}

@@ -14,6 +14,7 @@ client's own test split (arith: accuracy of the parsed answer; text: bits per by
     gradtx        the Grad-Transformer's translation of the client's upload; with DP, what the
                   provider chooses to send for it (the translation or a simpler fallback,
                   gradtx.choose), the candidate named in the client's "provider_choice"
+                  (under the check: "checked:" and the update it picked for the upload)
     translator    (DP runs) the translation itself, behind the do-no-harm gate (blending)
     gradtx_group  (groups) one translation of the mean upload of the client's convention group
     ridge         the linear map alone (public subspace + ridge regression on the same shadow pairs;
@@ -47,9 +48,10 @@ import torch
 from tqdm import tqdm
 
 import data
+import dp
 import gradtx
 import tinylm
-from config.presets import parse_options
+from config.presets import CHECK_PROMPTS, parse_options
 
 METHODS = ["llm_base", "tinylm_ft", "tinylm_dp", "llm_ft", "gradtx", "gradtx_group", "translator",
            "ridge",
@@ -155,6 +157,35 @@ def reference_sets(task, tiny, train, own_update, seed, rng):
     return sets
 
 
+def tinylm_check(task, tiny, llm, n_prompts, seed):
+    """The provider's check (gradtx.check_uploads): check(uploads (B, n_src, d_src), options (C, B,
+    n_tgt, d_tgt)) -> B tensors (C, P_b), for each upload the LLM's loss under each option on each
+    of the P_b answers the client's TinyLM, rebuilt from the upload (the public TinyLM plus it),
+    gives to n_prompts public prompts (the same prompts for every upload; a prompt it answers with
+    no usable answer is dropped, as `relabel` does). Public models and public prompts only: what it
+    reads of a client is its upload, as every candidate does. Both models are left as they were."""
+    prompts = task.public_examples(n_prompts, data.stream(seed, "check prompts"))
+
+    @torch.no_grad()
+    def check(uploads, options):
+        held = tinylm.get_update(tiny), tinylm.get_update(llm)   # put back at the end
+        losses = []
+        for i, upload in enumerate(uploads):
+            tinylm.set_update(tiny, upload.to(tiny.wte.weight.device))
+            answers = relabel(task, tiny, prompts, torch.Generator().manual_seed(seed))
+            if not answers:   # nothing usable: no evidence (check_uploads sends the mean update)
+                losses.append(torch.zeros(len(options), 0))
+                continue
+            x, y, mask = (t.to(llm.wte.weight.device) for t in task.encode(answers))
+            losses.append(torch.stack([dp.per_example_losses(
+                tinylm.set_update(llm, option, check_finite=False)(x)[0], y, mask).cpu()
+                for option in options[:, i]]))                           # (C, P_b)
+        tinylm.set_update(tiny, held[0])
+        tinylm.set_update(llm, held[1])
+        return losses
+    return check
+
+
 def provenance(device="cpu"):
     """The commit (when run from a git checkout), the versions and the machine behind a result.
     Float kernels differ between devices, and between CPUs (the vector instructions torch uses, its
@@ -189,7 +220,8 @@ def evaluate(cfg, task, tiny, llm, *, translators, mean_shadow, clients, recipe,
     gradtx.Choice}, what the provider sends for uploads at each level (with DP; None: the
     translation). mean_shadow: the mean LLM update of the shadow runs the maps were fitted on."""
     t0 = time.time()
-    provider = Provider(translators, mean_shadow, choices)
+    check = tinylm_check(task, tiny, llm, CHECK_PROMPTS, cfg.seed) if choices else None
+    provider = Provider(translators, mean_shadow, choices, check)
     public_llm = public_finetune(cfg, task, llm, recipe)
     shared = {"llm_base": torch.zeros(provider.llm_shape), "mean_shadow": mean_shadow,
               "public_llm": public_llm}
@@ -262,8 +294,9 @@ class Provider:
     the same composition with the residual left out (`linear`). With DP, `send`: what the provider
     chooses to send at each level (gradtx.provide; without a choice, the translation)."""
 
-    def __init__(self, translators, mean_shadow, choices=None):
+    def __init__(self, translators, mean_shadow, choices=None, check=None):
         self.translators = translators
+        self.check = check   # the check's (`tinylm_check`), for the candidate "checked"
         self.mean_shadow = mean_shadow
         self.llm_shape = tuple(mean_shadow.shape)
         self.choices = choices or {}
@@ -284,16 +317,18 @@ class Provider:
         return update[0].cpu()
 
     def send(self, upload, m=1, made=None):
-        """(the update the provider sends for an upload at level m, the candidate it chose). made:
-        {candidate: update} already computed for this upload, reused when it is the one chosen."""
+        """(the update the provider sends for an upload at level m, what it is: the candidate it
+        chose, "checked:<the check's pick>" under the check). made: {candidate: update} already
+        computed for this upload, reused when it is the one chosen."""
         if m not in self.choices:
             return self.translate(upload, m), "translator"
         choice = self.choices[m]
         if made and choice.candidate in made:
             return made[choice.candidate], choice.candidate
         model, log = self.translators[m]
-        update = gradtx.provide(model, upload[None].float(), choice, log["ridge"], self.mean_shadow)
-        return update[0].cpu(), choice.candidate
+        sent = gradtx.provide(model, upload[None].float(), choice, log["ridge"], self.mean_shadow,
+                              self.check)
+        return sent.updates[0].cpu(), sent.names[0]
 
     def updates(self, client):
         """{method: LLM update} of the methods reading this client's upload, and its references;

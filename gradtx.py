@@ -24,7 +24,9 @@ The file reads in four parts:
      fall back towards the mean shadow update as far as the noise alone could explain them, or
      to it where the noise more likely explains them than not), and
      with DP the provider's choice (the translation or a simpler fallback, whichever held-out
-     shadow runs at the clients' privacy level say serves best within a budget of harm);
+     shadow runs at the clients' privacy level say serves best within a budget of harm), the
+     check among its candidates (for each upload, the mean update, the map's or the translator's,
+     whichever makes the LLM answer as the client's own TinyLM, rebuilt from the upload, does);
   3. the provider's prediction, composed in one place: `translate`, gate(map(x) + residual(x)),
      and `provide`, what the provider sends under its choice;
   4. training on shadow pairs, and checkpoints.
@@ -561,17 +563,22 @@ def do_no_harm(gate, updates, uploads, hard=False):
 # whichever the held-out shadow runs say serves best within a budget of harm
 
 
-CANDIDATES = ("translator_hard", "ridge_hard", "translator_ungated", "ridge_ungated", "translator",
-              "ridge")
+CANDIDATES = ("checked", "translator_hard", "ridge_hard", "translator_ungated", "ridge_ungated",
+              "translator", "ridge")
 """What the provider may send for an upload besides the mean shadow update (which needs no upload at
-all), in the order it prefers them when held-out runs cannot tell them apart. First the gate
-deciding (`_hard`: an upload the noise explains better than a convention gets the mean update,
-which protects a client near the centre, whose upload is mostly noise), then no gate (`_ungated`),
-then the gate blending (no suffix). At each, "translator" (the linear map plus the translator's
-residual: the whole of `translate`) before "ridge" (the map alone): the translator's residual was
-already kept only as far as held-out runs said it helps (`fit` stops at its earliest checkpoint
-within one standard error of the best), so where the choice cannot tell the two apart, the
-translation the provider trained is sent (`candidate_update`)."""
+all), in the order it prefers them when held-out runs cannot tell them apart. First the check
+(`checked`: for each upload, the mean update, the map's or the translator's, whichever makes the
+LLM answer as the client's own TinyLM does), then the gate deciding (`_hard`: an upload the noise
+explains better than a convention gets the mean update, which protects a client near the centre,
+whose upload is mostly noise), then no gate (`_ungated`), then the gate blending (no suffix). At
+each, "translator" (the linear map plus the translator's residual: the whole of `translate`) before
+"ridge" (the map alone): the translator's residual was already kept only as far as held-out runs
+said it helps (`fit` stops at its earliest checkpoint within one standard error of the best), so
+where the choice cannot tell the two apart, the translation the provider trained is sent
+(`candidate_update`)."""
+
+CHECKED = ("mean_shadow", "ridge_ungated", "translator_ungated")
+"""What the check (`check_uploads`) chooses among for each upload, simplest first."""
 
 
 class Choice(NamedTuple):
@@ -675,13 +682,16 @@ def translate(model, uploads, linear=None, gate="blend"):
 
 
 @torch.no_grad()
-def candidate_update(model, uploads, candidate, linear, fallback):
+def candidate_update(model, uploads, candidate, linear, fallback, check=None):
     """One candidate of the provider's choice for raw uploads (B, n_src, d_src), raw LLM updates
     (B, n_tgt, d_tgt): "mean_shadow" (the fallback (n_tgt, d_tgt) for every upload), or a name of
-    CANDIDATES: "ridge" (the linear map) or "translator" (all of `translate`), then the gate:
-    blending (no suffix), "_hard" (deciding) or "_ungated" (none)."""
+    CANDIDATES: "checked" (`check_uploads`, which needs `check`), "ridge" (the linear map) or
+    "translator" (all of `translate`), then the gate: blending (no suffix), "_hard" (deciding) or
+    "_ungated" (none)."""
     if candidate == "mean_shadow":
         return fallback.expand(len(uploads), -1, -1)
+    if candidate == "checked":
+        return check_uploads(model, uploads, linear, fallback, check).updates
     if candidate not in CANDIDATES:
         raise ValueError(f"unknown candidate {candidate!r}: expected mean_shadow or one of "
                          f"{CANDIDATES}")
@@ -690,12 +700,64 @@ def candidate_update(model, uploads, candidate, linear, fallback):
     return translate(model, uploads, linear=linear if method == "ridge" else None, gate=gate)
 
 
+class Checked(NamedTuple):
+    """What the check sends for each of B uploads."""
+    updates: torch.Tensor   # (B, n_tgt, d_tgt)
+    picks: list             # (B,) the name in CHECKED of each upload's update
+
+
 @torch.no_grad()
-def provide(model, uploads, choice, linear, fallback):
-    """What the provider sends for raw uploads (B, n_src, d_src) under its `choice` (`choose`): the
-    chosen candidate's raw LLM updates (B, n_tgt, d_tgt)."""
+def check_uploads(model, uploads, linear, fallback, check):
+    """The check (the candidate "checked"): for each raw upload (B, n_src, d_src), the simplest of
+    CHECKED (the mean update, then the map's, then the translator's, no gate) under which the LLM
+    answers as the client's own TinyLM does within one standard error of the best.
+
+    The provider can rebuild the client's DP TinyLM from its upload (the public TinyLM plus the
+    update: post-processing, no further privacy cost) and let it answer public prompts. What the
+    client's data taught its TinyLM (a convention, or nothing but noise) shows in those answers, and
+    the LLM update the client needs is one that makes the LLM give them too. So where the gate
+    reads an upload's coordinates along a few public directions, the check reads what the upload
+    DOES: a skewed client whose upload the noise half hides still answers in its convention, while
+    a noisy upload near the centre answers as the public does and keeps the mean update. It also
+    catches a translation sent astray (by the translator's residual, or by the map) to a corner the
+    client's TinyLM does not answer in.
+
+    check(uploads (B, n_src, d_src), options (C, B, n_tgt, d_tgt)) -> B tensors (C, P_b): the LLM's
+    loss under each option on each of the P_b answers of the upload's TinyLM (eval.tinylm_check, a
+    function of the public models and public prompts only). Each upload's options are compared by
+    `simplest_within_one_se` over those answers, as the linear map's candidates are over held-out
+    runs: a few answers' worth of edge is noise, and then the simpler update is sent. An upload
+    whose TinyLM gives no usable answer (P_b = 0) gets the mean update."""
+    if check is None:
+        raise ValueError("the candidate 'checked' needs check(uploads, options) -> per-answer "
+                         "losses (eval.tinylm_check), got None")
+    options = torch.stack([candidate_update(model, uploads, c, linear, fallback)
+                           for c in CHECKED])                             # (C, B, n_tgt, d_tgt)
+    picks = []
+    for losses in check(uploads, options):                                # each (C, P_b)
+        scores = {c: losses[j].numpy() for j, c in enumerate(CHECKED)}
+        picks.append(simplest_within_one_se(scores) if losses.shape[1] else CHECKED[0])
+    chosen = torch.tensor([CHECKED.index(p) for p in picks], device=options.device)
+    updates = options[chosen, torch.arange(len(uploads), device=options.device)]
+    return Checked(updates, picks)
+
+
+class Sent(NamedTuple):
+    """What the provider sends for B uploads under its choice."""
+    updates: torch.Tensor   # (B, n_tgt, d_tgt) raw LLM updates
+    names: list             # (B,) what each is: the choice, "checked:<what the check picked>"
+
+
+@torch.no_grad()
+def provide(model, uploads, choice, linear, fallback, check=None):
+    """What the provider sends for raw uploads (B, n_src, d_src) under its `choice` (`choose`):
+    Sent, the chosen candidate's raw LLM updates (B, n_tgt, d_tgt) and their names."""
     fallback = fallback.to(model.head.weight.device)
-    return candidate_update(model, uploads, choice.candidate, linear, fallback)
+    if choice.candidate == "checked":
+        checked = check_uploads(model, uploads, linear, fallback, check)
+        return Sent(checked.updates, [f"checked:{p}" for p in checked.picks])
+    updates = candidate_update(model, uploads, choice.candidate, linear, fallback)
+    return Sent(updates, [choice.candidate] * len(uploads))
 
 
 @torch.no_grad()

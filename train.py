@@ -46,9 +46,9 @@ import tinylm
 from config import dist as distributed   # torchrun: ranks that share pretraining and fine-tunes
 from config import pool     # worker processes that share a stage's fine-tunes
 from config import stages   # where each stage's output is cached
-from config.presets import (CHOICE_EXAMPLES, MODEL_PRESETS, RIDGE_LAMBDAS, SIGNAL_DIRECTIONS,
-                            SUBSPACE_SIZES, Config, check_switches, noise_multiplier, parse_args,
-                            pick_device, recipe, sample_rate)
+from config.presets import (CHECK_PROMPTS, CHOICE_EXAMPLES, MODEL_PRESETS, RIDGE_LAMBDAS,
+                            SIGNAL_DIRECTIONS, SUBSPACE_SIZES, Config, check_switches,
+                            noise_multiplier, parse_args, pick_device, recipe, sample_rate)
 
 
 # -----------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def run(cfg, task=None, ranks=None):
     for m in pool_levels(cfg):   # a translator per noise level: inputs that average m uploads
         translators[m] = fit_stage(cfg, task, tiny, llm, shadow, paths[f"fit_{m}"], m)
         if f"choice_{m}" in paths:   # with DP: what the provider sends, translation or fallback
-            choices[m] = choice_stage(cfg, task, llm, shadow, translators[m], mean_shadow,
+            choices[m] = choice_stage(cfg, task, tiny, llm, shadow, translators[m], mean_shadow,
                                       paths[f"choice_{m}"], m)
     results = evaluation.evaluate(cfg, task, tiny, llm, translators=translators, choices=choices,
                                   mean_shadow=mean_shadow, clients=clients, recipe=recipe(cfg),
@@ -450,14 +450,14 @@ def print_fit(log, m, n_pairs, n_train_runs, n_val_runs):
           f"{log['true_update_loss']:.4f}){note}, {log['seconds']:.1f}s", flush=True)
 
 
-def choice_stage(cfg, task, llm, shadow, translator, mean_shadow, path, m):
+def choice_stage(cfg, task, tiny, llm, shadow, translator, mean_shadow, path, m):
     """The provider's choice for inputs that average m uploads (gradtx.choose): loaded from `path`
     when cached, else made (`choose_fallback`) and saved."""
     saved = stages.load_stage(path)
     if saved is not None:
         return gradtx.Choice(**saved)
     t0 = time.time()
-    choice = choose_fallback(cfg, task, llm, shadow, translator, mean_shadow, m)
+    choice = choose_fallback(cfg, task, tiny, llm, shadow, translator, mean_shadow, m)
     tinylm.atomic_save(choice._asdict(), path)
     stages.record_seconds(cfg, path, time.time() - t0)
     print(f"choice m={m}: {choice.candidate}, held-out gain {choice.gain:+.3f} over the mean "
@@ -468,19 +468,22 @@ def choice_stage(cfg, task, llm, shadow, translator, mean_shadow, path, m):
     return choice
 
 
-def choose_fallback(cfg, task, llm, shadow, translator, mean_shadow, m):
+def choose_fallback(cfg, task, tiny, llm, shadow, translator, mean_shadow, m):
     """Score every candidate the provider may send (gradtx.CANDIDATES, and the mean update) on the
     translator's held-out shadow runs at the clients' privacy level (`held_out_uploads`), then
     `gradtx.choose`. Shadow runs only: no client's data or upload is read."""
     held = held_out_uploads(cfg, task, llm, shadow, mean_shadow, m)
-    return choose_on(held, translator, mean_shadow, cfg.choice_budget)
+    check = evaluation.tinylm_check(task, tiny, llm, CHECK_PROMPTS, cfg.seed)
+    return choose_on(held, translator, mean_shadow, cfg.choice_budget, check)
 
 
-def choose_on(held, translator, mean_shadow, budget):
-    """gradtx.choose among every candidate, each scored on the held-out uploads `held`."""
+def choose_on(held, translator, mean_shadow, budget, check):
+    """gradtx.choose among every candidate, each scored on the held-out uploads `held` (`check`:
+    the check's, eval.tinylm_check, for the candidate "checked")."""
     model, log = translator
     fallback = mean_shadow.to(held.uploads.device)
-    gains = {c: held.gain(gradtx.candidate_update(model, held.uploads, c, log["ridge"], fallback))
+    gains = {c: held.gain(gradtx.candidate_update(model, held.uploads, c, log["ridge"], fallback,
+                                                  check))
              for c in gradtx.CANDIDATES}
     return gradtx.choose(gains, held.runs, budget)
 

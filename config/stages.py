@@ -18,7 +18,7 @@ import data
 import gradtx
 import tinylm
 from config import dist as distributed
-from config.presets import CHOICE_EXAMPLES, RIDGE_LAMBDAS, SELECTION, SUBSPACE_SIZES
+from config.presets import CHECK_PROMPTS, CHOICE_EXAMPLES, RIDGE_LAMBDAS, SELECTION, SUBSPACE_SIZES
 
 WEAK = "w2s w2s_conf vissup kd"   # the weak baselines a references stage holds
 
@@ -74,7 +74,7 @@ def stage_paths(cfg, task, levels=(1,), device="cpu"):
                              SELECTION)
         if cfg.dp_epsilon > 0 and cfg.gt_choose:   # the provider's choice, from the fit's runs
             p[f"choice_{m}"] = path("choice", ("choice_budget",), p[f"fit_{m}"], CHOICE_EXAMPLES,
-                                    gradtx.CANDIDATES)
+                                    gradtx.CANDIDATES, gradtx.CHECKED, CHECK_PROMPTS)
     p["clients"] = path("clients", CLIENT_KEYS, p["pretrain_tiny"], client_data)
     # llm_ft reads only the clients' data; the weak baselines also read their uploads (the clients
     # stage)

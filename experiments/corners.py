@@ -99,7 +99,7 @@ def held_out_with(cfg, provider, extra, uploads_extra):
 def choice_on(cfg, provider, held):
     """The provider's choice on these held-out uploads (train.choose_on, as the run makes it)."""
     return train.choose_on(held, (provider.model, provider.log), provider.fallback,
-                           cfg.choice_budget)
+                           cfg.choice_budget, provider.check)
 
 
 def client_outcome(cfg, provider, candidate):
@@ -112,7 +112,8 @@ def client_outcome(cfg, provider, candidate):
         return [{label: evaluation.score_updates(
             provider.task, provider.llm,
             {label: gradtx.provide(provider.model, c["upload"][None].float(), choice,
-                                   provider.log["ridge"], provider.fallback)[0]},
+                                   provider.log["ridge"], provider.fallback,
+                                   provider.check).updates[0]},
             c["test"])[label]} for c in clients]
     return clients_under(cfg, provider, candidate_scores)[label]
 

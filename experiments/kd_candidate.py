@@ -36,7 +36,7 @@ import gradtx
 import tinylm
 import train
 from config import stages
-from config.presets import Config, parse_options, recipe
+from config.presets import CHECK_PROMPTS, Config, parse_options, recipe
 
 
 @dataclass
@@ -103,6 +103,7 @@ class Provider(NamedTuple):
     log: dict                 # its fit log (the linear map: log["ridge"])
     fallback: torch.Tensor    # the mean shadow update (n_tgt, d_tgt)
     paths: dict               # the run's stage paths (config/stages.py), its clients' among them
+    check: object             # the provider's check (eval.tinylm_check), for "checked"
 
 
 def provider_at(cfg):
@@ -117,7 +118,7 @@ def provider_at(cfg):
     shadow = train.shadow_stages(cfg, task, tiny, llm, paths, "cpu")
     model, log = train.fit_stage(cfg, task, tiny, llm, shadow, paths["fit_1"], 1)
     return Provider(task, tiny, llm, shadow, model, log, train.mean_shadow_update(cfg, shadow),
-                    paths)
+                    paths, evaluation.tinylm_check(task, tiny, llm, CHECK_PROMPTS, cfg.seed))
 
 
 def score_point(cfg, draws):
@@ -127,7 +128,8 @@ def score_point(cfg, draws):
     p = provider_at(cfg)
     # the uploads, held-out records and mean update the run's choice was scored on
     held = train.held_out_uploads(cfg, p.task, p.llm, p.shadow, p.fallback, 1, draws)
-    updates = {c: gradtx.candidate_update(p.model, held.uploads, c, p.log["ridge"], p.fallback)
+    updates = {c: gradtx.candidate_update(p.model, held.uploads, c, p.log["ridge"], p.fallback,
+                                          p.check)
                for c in gradtx.CANDIDATES}
     updates["kd"] = kd_updates(cfg, p.task, p.tiny, p.llm, held.uploads, held.shadow_runs)
     updates["kd_hard"] = gradtx.do_no_harm(p.model.gate, updates["kd"], held.uploads, hard=True)

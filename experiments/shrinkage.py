@@ -94,7 +94,8 @@ def score_point(cfg, draws):
     stats = shrinkage_statistics(cfg, p)
     # the uploads, held-out records and mean update the run's choice was scored on
     held = train.held_out_uploads(cfg, p.task, p.llm, p.shadow, p.fallback, 1, draws)
-    updates = {c: gradtx.candidate_update(p.model, held.uploads, c, p.log["ridge"], p.fallback)
+    updates = {c: gradtx.candidate_update(p.model, held.uploads, c, p.log["ridge"], p.fallback,
+                                          p.check)
                for c in gradtx.CANDIDATES}
     updates.update(shrunk_updates(p, stats, held.uploads))
     kept = stats["signal_var"] / (stats["signal_var"] + stats["noise_var"])

@@ -882,8 +882,28 @@ def test_provide_sends_the_chosen_candidate():
                 "translator_ungated": full, "translator": gradtx.do_no_harm(gate, full, uploads),
                 "translator_hard": gradtx.do_no_harm(gate, full, uploads, hard=True),
                 "mean_shadow": fallback.expand(8, -1, -1)}
+
+    def check(uploads, options):   # a check whose answers prefer option i % 3 for upload i
+        assert options.shape == (len(gradtx.CHECKED), 8, N_TGT, D_TGT)
+        return [torch.tensor([[0.0 if c == i % 3 else 1.0] * 5 for c in range(3)]) for i in range(8)]
+    picks = [gradtx.CHECKED[i % 3] for i in range(8)]
+    expected["checked"] = torch.stack([expected[p][i] for i, p in enumerate(picks)])
     assert set(expected) == set(gradtx.CANDIDATES) | {"mean_shadow"}
     for candidate, want in expected.items():
-        sent = gradtx.provide(model, uploads, gradtx.Choice(candidate, 0.1, 0.0, {}), ridge, fallback)
-        torch.testing.assert_close(sent, want)
+        sent = gradtx.provide(model, uploads, gradtx.Choice(candidate, 0.1, 0.0, {}), ridge, fallback,
+                              check)
+        torch.testing.assert_close(sent.updates, want)
+        assert sent.names == ([f"checked:{p}" for p in picks] if candidate == "checked" else [candidate] * 8)
     assert not torch.allclose(expected["ridge"], expected["ridge_ungated"])   # the gate does act
+    with pytest.raises(ValueError, match="needs check"):
+        gradtx.provide(model, uploads, gradtx.Choice("checked", 0.1, 0.0, {}), ridge, fallback)
+    # no evidence (a tie, or no usable answer) keeps the mean update; so does an edge within noise
+    for losses in (torch.zeros(3, 5), torch.zeros(3, 0),
+                   torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.9]])):
+        kept = gradtx.check_uploads(model, uploads, ridge, fallback, lambda u, o: [losses] * 8)
+        assert kept.picks == ["mean_shadow"] * 8
+        torch.testing.assert_close(kept.updates, expected["mean_shadow"])
+    # of two options the answers cannot tell apart, the simpler: the map before the translator
+    close = torch.tensor([[2.0, 2.0, 2.0, 2.0], [1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.9]])
+    assert gradtx.check_uploads(model, uploads, ridge, fallback,
+                                lambda u, o: [close] * 8).picks == ["ridge_ungated"] * 8

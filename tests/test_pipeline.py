@@ -116,8 +116,9 @@ def test_dp_run_with_groups(dp_group_run):
     # what the provider sent each client (gradtx), by name; the translation itself is `translator`
     assert set(results["provider_choice"]) == {1, 2}
     for c in results["clients"]:
-        sent = c["provider_choice"]
-        assert sent in {"mean_shadow", *gradtx.CANDIDATES}
+        sent = c["provider_choice"]   # under the check: what it picked for this client's upload
+        assert sent in {"mean_shadow", *gradtx.CANDIDATES, *(f"checked:{p}" for p in gradtx.CHECKED)}
+        sent = sent.removeprefix("checked:")
         if sent in c["scores"]:
             assert c["scores"]["gradtx"] == c["scores"][sent]
         if c["pooling"]:
@@ -549,3 +550,29 @@ def test_the_harm_column_is_the_worst_client_of_the_table_scores(finished_run):
     assert table[0].endswith("| worst client vs mean_shadow |") and "| random (mean of 2) |" in table[0]
     gradtx_row = next(line for line in table if line.startswith("| gradtx |"))
     assert gradtx_row.endswith(f"| {worst['gradtx']:+.2f} |")
+
+
+def test_the_check_scores_the_llm_on_the_answers_of_each_uploads_own_tinylm(frontier_point):
+    """eval.tinylm_check against a loop: for each upload, the TinyLM rebuilt from it answers the
+    check's public prompts, and each option is scored by the LLM's loss on each answer alone; both
+    models are left as they were."""
+    from experiments.kd_candidate import provider_at, run_config
+    _, run = frontier_point
+    cfg = run_config(run)
+    p = provider_at(cfg)
+    clients = train.clients_stage(cfg, p.task, p.tiny, p.llm, p.paths, "cpu")
+    uploads = torch.stack([c["upload"] for c in clients[:2]])
+    options = torch.stack([p.fallback.expand(2, -1, -1),
+                           0.5 * torch.randn(2, *p.fallback.shape, generator=torch.Generator().manual_seed(0))])
+    before = tinylm.get_update(p.tiny).clone(), tinylm.get_update(p.llm).clone()
+    losses = evaluation.tinylm_check(p.task, p.tiny, p.llm, 12, cfg.seed)(uploads, options)
+    assert torch.equal(tinylm.get_update(p.tiny), before[0]) and torch.equal(tinylm.get_update(p.llm), before[1])
+    prompts = p.task.public_examples(12, data.stream(cfg.seed, "check prompts"))
+    for i, upload in enumerate(uploads):
+        answers = evaluation.relabel(p.task, tinylm.set_update(p.tiny, upload), prompts,
+                                     torch.Generator().manual_seed(cfg.seed))
+        assert answers and losses[i].shape == (2, len(answers))
+        for c in range(2):
+            llm = tinylm.set_update(p.llm, options[c, i])
+            want = [tinylm.loss_of(llm, *p.task.encode([a])) for a in answers]
+            assert losses[i][c].tolist() == pytest.approx(want, rel=1e-5)

@@ -78,6 +78,9 @@ def test_the_frontier_marks_the_providers_choice_at_each_point():
     assert plots.choice_letter(row) == "T"
     row["clients"]["b"]["provider_choice"] = row["clients"]["c"]["provider_choice"] = "ridge_ungated"
     assert plots.choice_letter(row) == "R*"
+    for c in "abc":   # the check: what it picked for most clients, marked c
+        row["clients"][c]["provider_choice"] = "checked:mean_shadow" if c == "a" else "checked:translator_ungated"
+    assert plots.choice_letter(row) == "cT*"
     assert plots.choice_letter({"clients": {"a": {"group": "a"}}}) == ""   # a run before the choice
 
 

@@ -184,7 +184,7 @@ def plot_frontier(plt, frontier):
            ylabel="gain recovered, skewed clients")
     ax.set_title("the privacy frontier (squares: groups pooling m uploads); letters: what "
                  "gradtx\nsent (T translator, R linear map; h: the gate decides, *: no gate; "
-                 "M mean update)", fontsize=9)
+                 "M mean update; c: the check picked it)", fontsize=9)
     ax.legend(fontsize=7)
     return fig
 
@@ -196,7 +196,10 @@ def choice_letter(row):
     names = [n for n in names if n]
     if not names:
         return ""
-    return CHOICE_LETTERS.get(max(set(names), key=names.count), "?")
+    name = max(set(names), key=names.count)
+    if name.startswith("checked:"):   # the check: c, then the letter of what it picked
+        return "c" + CHOICE_LETTERS.get(name.removeprefix("checked:"), "?")
+    return CHOICE_LETTERS.get(name, "?")
 
 
 def plot_frontier_by_size(plt, frontier):
