@@ -203,7 +203,7 @@ RIDGE_LAMBDAS = (1e-3, 1e-2, 1e-1, 1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6)
 SELECTION = "simplest within one standard error"
 SIGNAL_DIRECTIONS = 4   # the top public directions along which a fit measures upload_signal
 CHOICE_EXAMPLES = 256   # fresh records of each held-out shadow run the provider's choice scores
-CHECK_PROMPTS = 256     # public prompts an upload's rebuilt TinyLM answers for the check
+CHECK_PROMPTS = 64      # public prompts an upload's rebuilt TinyLM answers for the check
 
 
 EXPERIMENTS = {   # one command each; every run of a sweep shares --cache
