@@ -33,7 +33,7 @@ def frontier_point(tmp_path_factory):
 
 def scored_as_the_run(experiment, stem, frontier_point):
     """Run a frontier experiment (experiments/kd_candidate.py, shrinkage.py) on the toy point with
-    every DP draw scored, as the choice; check the oracle both share (the six candidates' held-out
+    every DP draw scored, as the choice; check the oracle both share (every candidate's held-out
     scores and the choice are those the run's own choice stage recorded: the same uploads,
     held-out records and mean update) and that it wrote <stem>.md. (its row, the run's
     results.json)."""
