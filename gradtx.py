@@ -25,8 +25,9 @@ The file reads in four parts:
      to it where the noise more likely explains them than not), and
      with DP the provider's choice (the translation or a simpler fallback, whichever held-out
      shadow runs at the clients' privacy level say serves best within a budget of harm), the
-     check among its candidates (for each upload, the mean update, the map's or the translator's,
-     whichever makes the LLM answer as the client's own TinyLM, rebuilt from the upload, does);
+     check among its candidates (for each upload the gate passes, the mean update, the map's or
+     the translator's, whichever makes the LLM answer as the client's own TinyLM, rebuilt from the
+     upload, does);
   3. the provider's prediction, composed in one place: `translate`, gate(map(x) + residual(x)),
      and `provide`, what the provider sends under its choice;
   4. training on shadow pairs, and checkpoints.
@@ -567,8 +568,8 @@ CANDIDATES = ("checked", "translator_hard", "ridge_hard", "translator_ungated", 
               "translator", "ridge")
 """What the provider may send for an upload besides the mean shadow update (which needs no upload at
 all), in the order it prefers them when held-out runs cannot tell them apart. First the check
-(`checked`: for each upload, the mean update, the map's or the translator's, whichever makes the
-LLM answer as the client's own TinyLM does), then the gate deciding (`_hard`: an upload the noise
+(`checked`: for each upload the deciding gate passes, the mean update, the map's or the
+translator's, whichever makes the LLM answer as the client's own TinyLM does), then the gate deciding (`_hard`: an upload the noise
 explains better than a convention gets the mean update, which protects a client near the centre,
 whose upload is mostly noise), then no gate (`_ungated`), then the gate blending (no suffix). At
 each, "translator" (the linear map plus the translator's residual: the whole of `translate`) before
@@ -577,8 +578,11 @@ said it helps (`fit` stops at its earliest checkpoint within one standard error 
 where the choice cannot tell the two apart, the translation the provider trained is sent
 (`candidate_update`)."""
 
-CHECKED = ("mean_shadow", "ridge_ungated", "translator_ungated")
-"""What the check (`check_uploads`) chooses among for each upload, simplest first."""
+CHECKED = ("mean_shadow", "ridge_hard", "translator_hard")
+"""What the check (`check_uploads`) chooses among for each upload, simplest first: behind the
+deciding gate, so an upload the noise explains better than a convention keeps the mean update
+whatever its TinyLM answers (a client near the middle of the simplex, whose DP TinyLM learned a
+skew its data does not have, would otherwise be sent it)."""
 
 
 class Choice(NamedTuple):
@@ -709,18 +713,18 @@ class Checked(NamedTuple):
 @torch.no_grad()
 def check_uploads(model, uploads, linear, fallback, check):
     """The check (the candidate "checked"): for each raw upload (B, n_src, d_src), the simplest of
-    CHECKED (the mean update, then the map's, then the translator's, no gate) under which the LLM
-    answers as the client's own TinyLM does within one standard error of the best.
+    CHECKED (the mean update, then the map's, then the translator's, behind the deciding gate) under
+    which the LLM answers as the client's own TinyLM does within one standard error of the best.
 
     The provider can rebuild the client's DP TinyLM from its upload (the public TinyLM plus the
     update: post-processing, no further privacy cost) and let it answer public prompts. What the
     client's data taught its TinyLM (a convention, or nothing but noise) shows in those answers, and
     the LLM update the client needs is one that makes the LLM give them too. So where the gate
     reads an upload's coordinates along a few public directions, the check reads what the upload
-    DOES: a skewed client whose upload the noise half hides still answers in its convention, while
-    a noisy upload near the centre answers as the public does and keeps the mean update. It also
-    catches a translation sent astray (by the translator's residual, or by the map) to a corner the
-    client's TinyLM does not answer in.
+    DOES, and catches a translation sent astray (by the translator's residual, or by the map) to a
+    corner the client's TinyLM does not answer in. The gate still decides first: without it the
+    check would also send a convention to a client near the middle of the simplex whose DP TinyLM
+    answers in one that its data does not have (RESULTS.md measures both).
 
     check(uploads (B, n_src, d_src), options (C, B, n_tgt, d_tgt)) -> B tensors (C, P_b): the LLM's
     loss under each option on each of the P_b answers of the upload's TinyLM (eval.tinylm_check, a

@@ -906,4 +906,11 @@ def test_provide_sends_the_chosen_candidate():
     # of two options the answers cannot tell apart, the simpler: the map before the translator
     close = torch.tensor([[2.0, 2.0, 2.0, 2.0], [1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.9]])
     assert gradtx.check_uploads(model, uploads, ridge, fallback,
-                                lambda u, o: [close] * 8).picks == ["ridge_ungated"] * 8
+                                lambda u, o: [close] * 8).picks == [gradtx.CHECKED[1]] * 8
+    # the gate decides first: an upload it holds back gets the mean update whatever its TinyLM says
+    held_back = gradtx.gate_weight(gate, uploads) < 0.5
+    assert 0 < held_back.sum() < 8
+    prefer_translator = [torch.tensor([[1.0] * 5, [1.0] * 5, [0.0] * 5])] * 8
+    sent = gradtx.check_uploads(model, uploads, ridge, fallback, lambda u, o: prefer_translator)
+    torch.testing.assert_close(sent.updates[held_back], fallback.expand(int(held_back.sum()), -1, -1))
+    torch.testing.assert_close(sent.updates[~held_back], full[~held_back])
