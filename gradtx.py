@@ -569,14 +569,14 @@ CANDIDATES = ("checked", "translator_hard", "ridge_hard", "translator_ungated", 
 """What the provider may send for an upload besides the mean shadow update (which needs no upload at
 all), in the order it prefers them when held-out runs cannot tell them apart. First the check
 (`checked`: for each upload the deciding gate passes, the mean update, the map's or the
-translator's, whichever makes the LLM answer as the client's own TinyLM does), then the gate deciding (`_hard`: an upload the noise
-explains better than a convention gets the mean update, which protects a client near the centre,
-whose upload is mostly noise), then no gate (`_ungated`), then the gate blending (no suffix). At
-each, "translator" (the linear map plus the translator's residual: the whole of `translate`) before
-"ridge" (the map alone): the translator's residual was already kept only as far as held-out runs
-said it helps (`fit` stops at its earliest checkpoint within one standard error of the best), so
-where the choice cannot tell the two apart, the translation the provider trained is sent
-(`candidate_update`)."""
+translator's, whichever makes the LLM answer as the client's own TinyLM does), then the gate
+deciding (`_hard`: an upload the noise explains better than a convention gets the mean update,
+which protects a client near the centre, whose upload is mostly noise), then no gate
+(`_ungated`), then the gate blending (no suffix). At each, "translator" (the linear map plus the
+translator's residual: the whole of `translate`) before "ridge" (the map alone): the translator's
+residual was already kept only as far as held-out runs said it helps (`fit` stops at its earliest
+checkpoint within one standard error of the best), so where the choice cannot tell the two apart,
+the translation the provider trained is sent (`candidate_update`)."""
 
 CHECKED = ("mean_shadow", "ridge_hard", "translator_hard")
 """What the check (`check_uploads`) chooses among for each upload, simplest first: behind the
