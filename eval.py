@@ -296,7 +296,7 @@ class Provider:
 
     def __init__(self, translators, mean_shadow, choices=None, check=None):
         self.translators = translators
-        self.check = check   # the check's (`tinylm_check`), for the candidate "checked"
+        self.check = check   # `tinylm_check`, which the candidate "checked" asks (with DP)
         self.mean_shadow = mean_shadow
         self.llm_shape = tuple(mean_shadow.shape)
         self.choices = choices or {}
