@@ -317,6 +317,12 @@ def test_cache_keys_follow_the_data_and_settings(monkeypatch):
     other_choice = stages.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--choice_budget=0.05"]), task)
     assert {s for s in before if before[s] != other_choice[s]} == {"choice_1"}
     assert "choice_1" not in stages.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--gt_choose=false"]), task)
+    # what the check reads (its prompts) and chooses among: the choice only
+    for name, value in (("CHECK_PROMPTS", 32), ("CHECKED", ("mean_shadow", "ridge_ungated"))):
+        with monkeypatch.context() as m:
+            m.setattr(stages if name == "CHECK_PROMPTS" else gradtx, name, value)
+            other_check = stages.stage_paths(cfg, task)
+        assert {s for s in before if before[s] != other_check[s]} == {"choice_1"}
     # another privacy level: llm_ft reads no upload, so without weak baselines its fine-tunes are reused
     strong = [f"--weak_baselines={w}" for w in ("false", "true")]
     for flag, reused in zip(strong, (True, False)):
