@@ -34,8 +34,8 @@ import eval as evaluation
 import gradtx
 import train
 from config.presets import parse_options
-from experiments.kd_candidate import (PointsConfig, clients_cell, clients_under, provider_at,
-                                      score_frontier)
+from experiments.kd_candidate import (PointsConfig, clients_cell, clients_under, points_table,
+                                      provider_at, score_frontier)
 
 
 @dataclass
@@ -136,14 +136,12 @@ def score_point(name, cfg, per_convention):
 
 def table(rows):
     """Markdown, one line per point in the order of N * epsilon."""
-    head = ["N", "epsilon", "held-out runs per convention", "with extra runs",
+    head = ["held-out runs per convention", "with extra runs",
             "choice on the run's own (clients: skewed gain / worst)", "choice on all of them"]
-    lines = [[str(r["n_train"]), f"{r['epsilon']:g}", " ".join(map(str, r["before"])),
-              " ".join(map(str, r["after"])),
-              f"{r['own']['candidate']}: {clients_cell(r['clients']['own'])}",
-              f"{r['wider']['candidate']}: {clients_cell(r['clients']['wider'])}"]
-             for r in sorted(rows, key=lambda r: r["n_train"] * r["epsilon"])]
-    return evaluation.markdown_table(head, lines)
+    return points_table(head, rows, lambda r: [
+        " ".join(map(str, r["before"])), " ".join(map(str, r["after"])),
+        f"{r['own']['candidate']}: {clients_cell(r['clients']['own'])}",
+        f"{r['wider']['candidate']}: {clients_cell(r['clients']['wider'])}"])
 
 
 def describe(r):

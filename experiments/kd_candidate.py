@@ -192,15 +192,22 @@ def clients_under(cfg, provider, scores_for):
     return {label: [skewed[label], worst[label]] for label in labels}
 
 
+def points_table(head, rows, cells):
+    """Markdown of a frontier experiment's rows, one line per point in the order of N * epsilon:
+    the columns N and epsilon, then `head` with cells(row) (this one and experiments/shrinkage.py,
+    threshold.py, corners.py)."""
+    lines = [[str(r["n_train"]), f"{r['epsilon']:g}", *cells(r)]
+             for r in sorted(rows, key=lambda r: r["n_train"] * r["epsilon"])]
+    return evaluation.markdown_table(["N", "epsilon", *head], lines)
+
+
 def table(rows):
     """Markdown, one line per point in the order of N * epsilon."""
-    head = ["N", "epsilon", "choice (gain / loss)", "kd (gain / loss)", "kd_hard (gain / loss)",
+    head = ["choice (gain / loss)", "kd (gain / loss)", "kd_hard (gain / loss)",
             "choice with kd last", "with kd first"]
-    lines = [[str(r["n_train"]), f"{r['epsilon']:g}",
-              f"{r['chosen']} {gain_loss(r['chosen_score'])}", gain_loss(r["kd"]),
-              gain_loss(r["kd_hard"]), r["with_kd_last"], r["with_kd_first"]]
-             for r in sorted(rows, key=lambda r: r["n_train"] * r["epsilon"])]
-    return evaluation.markdown_table(head, lines)
+    return points_table(head, rows, lambda r: [
+        f"{r['chosen']} {gain_loss(r['chosen_score'])}", gain_loss(r["kd"]),
+        gain_loss(r["kd_hard"]), r["with_kd_last"], r["with_kd_first"]])
 
 
 def describe(r):

@@ -39,7 +39,7 @@ import gradtx
 import train
 from config.presets import parse_options
 from experiments.kd_candidate import (PointsConfig, clients_cell, clients_under, gain_loss,
-                                      provider_at, score_frontier)
+                                      points_table, provider_at, score_frontier)
 
 SHRUNK = ("translator_shrunk_hard", "ridge_shrunk_hard", "translator_shrunk", "ridge_shrunk")
 
@@ -145,17 +145,15 @@ def best_for_clients(outcomes):
 
 def table(rows):
     """Markdown, one line per point in the order of N * epsilon."""
-    head = ["N", "epsilon", "share kept (min-max)", "choice (gain / loss)",
-            "best shrunk (gain / loss)", "choice with shrunk last", "with shrunk first",
+    head = ["share kept (min-max)", "choice (gain / loss)", "best shrunk (gain / loss)",
+            "choice with shrunk last", "with shrunk first",
             "clients: gradtx (skewed gain / worst)", "best shrunk for the clients"]
-    lines = [[str(r["n_train"]), f"{r['epsilon']:g}",
-              f"{min(r['kept']):.2f}-{max(r['kept']):.2f}",
-              f"{r['chosen']} {gain_loss(r['chosen_score'])}",
-              f"{r['best_shrunk']} {gain_loss(r['scores'][r['best_shrunk']])}",
-              r["with_shrunk_last"], r["with_shrunk_first"], clients_cell(r["clients"]["gradtx"]),
-              best_for_clients(r["clients"])]
-             for r in sorted(rows, key=lambda r: r["n_train"] * r["epsilon"])]
-    return evaluation.markdown_table(head, lines)
+    return points_table(head, rows, lambda r: [
+        f"{min(r['kept']):.2f}-{max(r['kept']):.2f}",
+        f"{r['chosen']} {gain_loss(r['chosen_score'])}",
+        f"{r['best_shrunk']} {gain_loss(r['scores'][r['best_shrunk']])}",
+        r["with_shrunk_last"], r["with_shrunk_first"], clients_cell(r["clients"]["gradtx"]),
+        best_for_clients(r["clients"])])
 
 
 def describe(r):

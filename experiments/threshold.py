@@ -37,8 +37,8 @@ import eval as evaluation
 import gradtx
 import train
 from config.presets import parse_options
-from experiments.kd_candidate import (PointsConfig, clients_cell, clients_under, provider_at,
-                                      score_frontier)
+from experiments.kd_candidate import (PointsConfig, clients_cell, clients_under, points_table,
+                                      provider_at, score_frontier)
 
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)   # 0.5: the gate as it decides today
 METHODS = ("translator", "ridge")   # the map plus the translator's residual; the map alone
@@ -146,14 +146,12 @@ def tau_cell(row, method, which):
 
 def table(rows):
     """Markdown, one line per point in the order of N * epsilon."""
-    head = ["N", "epsilon", "provider's choice: clients (skewed gain / worst)",
-            "translator, best threshold", "cautious", "map, best threshold", "cautious"]
-    lines = [[str(r["n_train"]), f"{r['epsilon']:g}",
-              f"{r['chosen']}: {clients_cell(r['clients']['gradtx'])}",
-              tau_cell(r, "translator", "best"), tau_cell(r, "translator", "cautious"),
-              tau_cell(r, "ridge", "best"), tau_cell(r, "ridge", "cautious")]
-             for r in sorted(rows, key=lambda r: r["n_train"] * r["epsilon"])]
-    return evaluation.markdown_table(head, lines)
+    head = ["provider's choice: clients (skewed gain / worst)", "translator, best threshold",
+            "cautious", "map, best threshold", "cautious"]
+    return points_table(head, rows, lambda r: [
+        f"{r['chosen']}: {clients_cell(r['clients']['gradtx'])}",
+        tau_cell(r, "translator", "best"), tau_cell(r, "translator", "cautious"),
+        tau_cell(r, "ridge", "best"), tau_cell(r, "ridge", "cautious")])
 
 
 def describe(r):
