@@ -182,9 +182,9 @@ def plot_frontier(plt, frontier):
     log_x(ax)
     ax.set(xlabel="N·ε·√m  (examples per client x epsilon x sqrt(pooled uploads))",
            ylabel="gain recovered, skewed clients")
-    ax.set_title("the privacy frontier (squares: groups pooling m uploads); letters: what "
-                 "gradtx\nsent (T translator, R linear map; h: the gate decides, *: no gate; "
-                 "M mean update; c: the check picked it)", fontsize=9)
+    ax.set_title("the privacy frontier (squares: groups pooling m uploads)\nletters: what gradtx "
+                 "sent most clients (c: the check picked it;\nT translator, R linear map, M mean "
+                 "update; h: the gate decides, *: no gate)", fontsize=8)
     ax.legend(fontsize=7)
     return fig
 
