@@ -17,17 +17,19 @@ output head starts at zero, so the untrained model predicts the mean shadow upda
 The file reads in four parts:
   1. the paper's translator: the network, z-scores, teacher forcing, autoregressive decoding;
   2. this project's additions, each an option (off = the paper, GTConfig's defaults), each defined
-     once: the public subspace (the input projected on the top principal directions of clean public
-     shadow TinyLM updates, which keeps DP noise out), the linear map (ridge regression, the skip
-     path the decoder learns the residual of), the selection (the simplest candidate within one
-     standard error of the best, on held-out shadow runs), the do-no-harm gate (noisy uploads
-     fall back towards the mean shadow update as far as the noise alone could explain them, or
-     to it where the noise more likely explains them than not), and
-     with DP the provider's choice (the translation or a simpler fallback, whichever held-out
-     shadow runs at the clients' privacy level say serves best within a budget of harm), the
-     check among its candidates (for each upload the gate passes, the mean update, the map's or
-     the translator's, whichever makes the LLM answer as the client's own TinyLM, rebuilt from the
-     upload, does);
+     once:
+       - the public subspace: the input projected on the top principal directions of clean public
+         shadow TinyLM updates, which keeps DP noise out;
+       - the linear map: ridge regression, the skip path the decoder learns the residual of;
+       - the selection: the simplest candidate within one standard error of the best, on
+         held-out shadow runs;
+       - the do-no-harm gate: a noisy upload falls back towards the mean shadow update as far as
+         the noise alone could explain it (or to it, where the noise more likely explains it);
+       - with DP, the provider's choice: the translation or a simpler fallback, whichever
+         held-out shadow runs at the clients' privacy level say serves best within a budget of
+         harm; among its candidates the check (for each upload the gate passes, the mean update,
+         the map's or the translator's, whichever makes the LLM answer as the client's own
+         TinyLM, rebuilt from the upload, does);
   3. the provider's prediction, composed in one place: `translate`, gate(map(x) + residual(x)),
      and `provide`, what the provider sends under its choice;
   4. training on shadow pairs, and checkpoints.
