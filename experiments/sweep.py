@@ -93,7 +93,8 @@ def run_name(cfg, experiment):
 
 FRONTIER_METHODS = ["gradtx", "translator", "ridge", "ridge_ungated", "tinylm_dp", "w2s", "kd",
                     "mean_shadow"]
-HARM_METHODS = ["gradtx", "translator", "ridge", "ridge_ungated"]   # the worst client's columns
+# the worst client's columns: gradtx and the map without its gate (the figure draws every method's)
+HARM_METHODS = ["gradtx", "ridge_ungated"]
 # the knee: gradtx against the best of what needs only the upload (the map without its gate, the DP
 # TinyLM, distillation of it) and the paper's stronger baseline (w2s, which reads private inputs)
 KNEE_BASELINES = ["ridge_ungated", "tinylm_dp", "w2s", "kd"]
@@ -151,10 +152,15 @@ def at(by_level, m):
 
 
 def choice_counts(point):
-    """What the provider sent at a frontier point, counted over its clients: "translator 7,
-    mean_shadow 2" (a group's members share their pooled upload's); "n/a" before the choice."""
-    names = [c["provider_choice"] for c in point["clients"].values() if c["provider_choice"]]
-    return count_names(names) or "n/a"
+    """What the provider sent at a frontier point, counted over its clients (`sent_counts`; a
+    group's members share their pooled upload's)."""
+    return sent_counts([c["provider_choice"] for c in point["clients"].values()])
+
+
+def sent_counts(names):
+    """What the provider sent, counted by name: "mean_shadow 2, translator 7", the check's picks
+    as "c:ridge_hard 3"; "n/a" before the provider chose (older runs)."""
+    return count_names([n.replace("checked:", "c:") for n in names if n]) or "n/a"
 
 
 def knee_margin(point):
@@ -196,9 +202,10 @@ def signed(value):
 def frontier_table(runs):
     points = sorted(frontier_points(runs), key=lambda p: p["nem"])
     head = (["N", "epsilon", "m", "N·ε·√m", "sigma"] + FRONTIER_METHODS
-            + ["gradtx - best baseline", "best with nobody harmed", "provider's choice (clients)"]
-            + ["worst client vs mean_shadow: gradtx", "translator", "ridge", "ridge_ungated",
-               "clients below -0.05 (gradtx)"])
+            + ["gradtx - best baseline", "best with nobody harmed",
+               "provider's choice (clients; c: checked)"]
+            + [f"worst client vs mean_shadow: {HARM_METHODS[0]}"] + HARM_METHODS[1:]
+            + ["clients below -0.05 (gradtx)"])
     rows = []
     for p in points:
         group = p.get("group_size", 1)
@@ -327,7 +334,7 @@ def experiment_table(name, runs):
     methods = [m for m in methods if any(m in r["summary"]["scores"] for r in runs)]
     chose = any("provider_choice" in c for r in runs for c in r["clients"])
     head = (["epsilon", "mechanism", "sigma", "k", "signal"] + [f"{m} gain (PGR)" for m in methods]
-            + (["provider's choice (clients)"] if chose else []))
+            + (["provider's choice (clients; c: checked)"] if chose else []))
     rows = []
     for r in runs:
         p = r["privacy"]
@@ -338,8 +345,7 @@ def experiment_table(name, runs):
         row += [f"{fmt(s['gain_of_means'].get(m))} ({fmt(s['pgr_of_means'].get(m))})"
                 for m in methods]
         if chose:   # what gradtx sent (no DP: the translation)
-            row.append(count_names([c["provider_choice"] for c in r["clients"]
-                                    if "provider_choice" in c]) or "n/a")
+            row.append(sent_counts([c.get("provider_choice") for c in r["clients"]]))
         rows.append(row)
     text = ("skewed clients: gain recovered of means (PGR of means), against the NON-private floor "
             "and ceiling;\n"

@@ -142,21 +142,22 @@ def test_frontier_points_and_table(dp_group_run):
     assert table.count("\n| 48 (groups of 2) | 1 |") == 2
     # the worst client per method; a group's points come from its pooling curve: no ungated map
     cells = [line.split(" | ") for line in table.splitlines() if line.startswith("| 48 ")]
-    assert [c[-5:-1] for c in cells] == [[sweep.signed(p["worst_vs_mean_shadow"].get(k)) for k in sweep.HARM_METHODS]
+    H = len(sweep.HARM_METHODS)   # the columns from the end: margin, trade-off, choice, H harm, harmed
+    assert [c[-1 - H:-1] for c in cells] == [[sweep.signed(p["worst_vs_mean_shadow"].get(k)) for k in sweep.HARM_METHODS]
                                          for p in points]
-    assert [c[-2] for c in cells] == ["n/a", "n/a"] and "n/a" not in cells[0][-5]
+    assert [c[-2] for c in cells] == ["n/a", "n/a"] and "n/a" not in cells[0][-1 - H]
     # the provider's choice, counted over the group members (their pooled upload's at m = 2)
     for p, c in zip(points, cells):
-        assert c[-6] == sweep.choice_counts(p)
-        assert sum(int(n.split()[-1]) for n in c[-6].split(", ")) == len(p["clients"])
+        assert c[-2 - H] == sweep.choice_counts(p)
+        assert sum(int(n.split()[-1]) for n in c[-2 - H].split(", ")) == len(p["clients"])
     chosen = {c["provider_choice"] for c in points[1]["clients"].values()}
     assert chosen <= {"mean_shadow", *gradtx.CANDIDATES}
     # gradtx against the best baseline the row has (a pooled row: none of them)
-    assert [c[-8] for c in cells] == ["n/a", "n/a"]
+    assert [c[-4 - H] for c in cells] == ["n/a", "n/a"]
     single = {"gain": {"gradtx": 0.5, "ridge_ungated": 0.9, "w2s": 0.6, "kd": None}}
     assert sweep.knee_margin(single) == pytest.approx(-0.4)
     # the trade-off: the best gain of a method that harms nobody (the mean update harms nobody)
-    assert [c[-7] for c in cells] == [sweep.best_unharmed(p) for p in points]
+    assert [c[-3 - H] for c in cells] == [sweep.best_unharmed(p) for p in points]
     single["worst_vs_mean_shadow"] = {"gradtx": -0.01, "ridge_ungated": -0.3, "w2s": -0.05}
     assert sweep.best_unharmed(single) == "0.60 w2s"
     single["worst_vs_mean_shadow"]["w2s"] = -0.051
