@@ -726,7 +726,10 @@ def check_uploads(model, uploads, linear, fallback, check):
     DOES, and catches a translation sent astray (by the translator's residual, or by the map) to a
     corner the client's TinyLM does not answer in. The gate still decides first: without it the
     check would also send a convention to a client near the middle of the simplex whose DP TinyLM
-    answers in one that its data does not have (RESULTS.md measures both).
+    answers in one that its data does not have (RESULTS.md measures both). Its limit: where the
+    noise leaves the rebuilt TinyLM's greedy answers those of the public TinyLM (few records, small
+    epsilon), they show the public default, not the upload, and the check leans towards whichever
+    option answers like the public TinyLM (RESULTS.md: seed 0's small groups).
 
     check(uploads (B, n_src, d_src), options (C, B, n_tgt, d_tgt)) -> B tensors (C, P_b): the LLM's
     loss under each option on each of the P_b answers of the upload's TinyLM (eval.tinylm_check, a
