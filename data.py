@@ -319,6 +319,14 @@ class ArithTask:
         """What a model is given to answer: the line up to its '=' ('37@52')."""
         return example[:PROMPT_LEN]
 
+    # what an answer can read '@' as: the token after its '=' (gradtx's answer test reads a model's
+    # probabilities of these; a task without conventions to read has no such test)
+    conventions = tuple(OPS)
+
+    def convention_prompt(self, example):
+        """The prompt up to the token that names the answer's operator ('37@52=')."""
+        return self.prompt(example) + "="
+
     def is_correct(self, example, completion):
         """Whether the completion's number is the line's answer (the operator it names is not
         scored)."""

@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ import data
 import dp
 import gradtx
 import tinylm
-from config.presets import CHECK_PROMPTS, parse_options
+from config.presets import ANSWER_PROMPTS, CHECK_PROMPTS, parse_options
 
 METHODS = ["llm_base", "tinylm_ft", "tinylm_dp", "llm_ft", "gradtx", "gradtx_group", "translator",
            "ridge",
@@ -186,6 +186,57 @@ def tinylm_check(task, tiny, llm, n_prompts, seed):
     return check
 
 
+class AnswerShifts(NamedTuple):
+    """What the answer test (gradtx.answer_test) reads: how far an update moves a model's next
+    token after a public prompt's '=' towards each of the task's A conventions (task.conventions:
+    arith, the four operators '@' may stand for), mean over the prompts."""
+    tiny: Callable   # uploads (B, n_src, d_src) -> (B, A): the rebuilt TinyLM's log-probabilities,
+                     #   minus the public TinyLM's
+    llm: Callable    # updates (C, B, n_tgt, d_tgt) -> (C, B, A): the LLM's probabilities under each
+                     #   update, minus under the mean shadow update
+
+
+def answer_shifts(task, tiny, llm, mean_shadow, n_prompts, seed):
+    """AnswerShifts on n_prompts public prompts (the check's, and more), for a task with
+    conventions (None for one without: the text task). Public models and prompts only.
+
+    Why log-probabilities for the TinyLM: under DP noise its greedy answers stay the public
+    TinyLM's, while the log-probability of the client's operator moves by a few hundredths, which
+    the test compares with the moves noise alone makes. Why probabilities for the LLM: the test
+    asks which operator an LLM update makes the LLM answer, and a log-probability moves most for an
+    operator the LLM almost never answers (from 0.001 to 0.01 is as far as from 0.1 to 1)."""
+    conventions = getattr(task, "conventions", None)
+    if not conventions:
+        return None
+    examples = task.public_examples(n_prompts, data.stream(seed, "check prompts"))
+    prompts = [task.enc.encode_ordinary(task.convention_prompt(e)) for e in examples]
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError(f"answer_shifts: the {task.name} task's convention prompts differ in "
+                         f"length; expected one length (they are read in one batch)")
+    ids = [task.enc.encode_ordinary(c)[0] for c in conventions]
+
+    @torch.no_grad()
+    def next_token(model, updates, log):
+        """(B, ...) updates -> (B, A): each convention's mean (log-)probability after the prompts."""
+        held = tinylm.get_update(model)   # put back at the end
+        x = torch.tensor(prompts, device=model.wte.weight.device)                     # (P, T)
+        normalise = torch.log_softmax if log else torch.softmax
+        try:
+            return torch.stack([normalise(tinylm.set_update(model, u.to(x.device),
+                                                            check_finite=False)(x)[0][:, -1].float(),
+                                          -1)[:, ids].mean(0)
+                                for u in updates]).cpu()                 # each (P, A) -> (A,)
+        finally:
+            tinylm.set_update(model, held)
+
+    public_tiny = next_token(tiny, torch.zeros(1, *tinylm.get_update(tiny).shape), log=True)[0]
+    mean_llm = next_token(llm, mean_shadow[None], log=False)[0]                           # (A,)
+    return AnswerShifts(
+        tiny=lambda uploads: next_token(tiny, uploads, log=True) - public_tiny,
+        llm=lambda updates: torch.stack([next_token(llm, u, log=False) for u in updates])
+        - mean_llm)
+
+
 def provenance(device="cpu"):
     """The commit (when run from a git checkout), the versions and the machine behind a result.
     Float kernels differ between devices, and between CPUs (the vector instructions torch uses, its
@@ -212,16 +263,20 @@ def provenance(device="cpu"):
 
 
 def evaluate(cfg, task, tiny, llm, *, translators, mean_shadow, clients, recipe, stage_seconds,
-             privacy, choices=None):
+             privacy, choices=None, answer_tests=None):
     """Score every method on every client; write results.json into cfg.out and print the tables.
 
     translators: {m: gradtx.Translator(model, log)} for inputs that average m uploads; the fit log
     holds the selected linear map (basis, ridge) of the `ridge` baselines. choices: {m:
     gradtx.Choice}, what the provider sends for uploads at each level (with DP; None: the
-    translation). mean_shadow: the mean LLM update of the shadow runs the maps were fitted on."""
+    translation), and answer_tests {m: gradtx.AnswerTest or None}, the answer test on top of it
+    at each level (None: no test). mean_shadow: the mean LLM update of the shadow runs the maps were fitted on."""
     t0 = time.time()
     check = tinylm_check(task, tiny, llm, CHECK_PROMPTS, cfg.seed) if choices else None
-    provider = Provider(translators, mean_shadow, choices, check)
+    tests = {m: t for m, t in (answer_tests or {}).items() if t is not None}
+    answers = (answer_shifts(task, tiny, llm, mean_shadow, ANSWER_PROMPTS, cfg.seed)
+               if tests else None)
+    provider = Provider(translators, mean_shadow, choices, check, answers, tests)
     public_llm = public_finetune(cfg, task, llm, recipe)
     shared = {"llm_base": torch.zeros(provider.llm_shape), "mean_shadow": mean_shadow,
               "public_llm": public_llm}
@@ -294,9 +349,12 @@ class Provider:
     the same composition with the residual left out (`linear`). With DP, `send`: what the provider
     chooses to send at each level (gradtx.provide; without a choice, the translation)."""
 
-    def __init__(self, translators, mean_shadow, choices=None, check=None):
+    def __init__(self, translators, mean_shadow, choices=None, check=None, answers=None,
+                 tests=None):
         self.translators = translators
         self.check = check   # `tinylm_check`, which the candidate "checked" asks (with DP)
+        self.answers = answers            # `answer_shifts`, which the answer test reads (with DP)
+        self.tests = tests or {}          # {m: gradtx.AnswerTest}: its calibration at each level
         self.mean_shadow = mean_shadow
         self.llm_shape = tuple(mean_shadow.shape)
         self.choices = choices or {}
@@ -316,18 +374,15 @@ class Provider:
         update = gradtx.translate(model, upload[None], linear=log["ridge"], gate=gate)
         return update[0].cpu()
 
-    def send(self, upload, m=1, made=None):
+    def send(self, upload, m=1):
         """(the update the provider sends for an upload at level m, what it is: the candidate it
-        chose, "checked:<the check's pick>" under the check). made: {candidate: update} already
-        computed for this upload, reused when it is the one chosen."""
+        chose, "checked:<the check's pick>" under the check, "shift:<what>" where the answer test
+        sent another)."""
         if m not in self.choices:
             return self.translate(upload, m), "translator"
-        choice = self.choices[m]
-        if made and choice.candidate in made:
-            return made[choice.candidate], choice.candidate
         model, log = self.translators[m]
-        sent = gradtx.provide(model, upload[None].float(), choice, log["ridge"], self.mean_shadow,
-                              self.check)
+        sent = gradtx.provide(model, upload[None].float(), self.choices[m], log["ridge"],
+                              self.mean_shadow, self.check, self.answers, self.tests.get(m))
         return sent.updates[0].cpu(), sent.names[0]
 
     def updates(self, client):
@@ -340,7 +395,7 @@ class Provider:
             methods["ridge_ungated"] = self.linear(upload, gate="none")
         if self.choices:   # what the provider sends: `gradtx`; the gated translation itself
             methods["translator"] = methods["gradtx"]
-            methods["gradtx"], chosen = self.send(upload, made=methods)
+            methods["gradtx"], chosen = self.send(upload)
         references = {k: v for k, v in client["references"].items() if k != "seconds"}
         return ProviderUpdates(dict(methods, **references), chosen)
 
@@ -425,7 +480,7 @@ def pooling_updates(members, provider):
                  "ridge": provider.linear(mean_upload, level)}
         if level in provider.choices:   # with DP: what the provider sends, and the translation
             point["translator"] = point["gradtx"]
-            point["gradtx"], curve.chosen[m] = provider.send(mean_upload, level, made=point)
+            point["gradtx"], curve.chosen[m] = provider.send(mean_upload, level)
         if level != 1:
             point["gradtx_single_map"] = provider.translate(mean_upload, 1)
         curve.updates[m] = point

@@ -754,19 +754,89 @@ def check_uploads(model, uploads, linear, fallback, check):
 class Sent(NamedTuple):
     """What the provider sends for B uploads under its choice."""
     updates: torch.Tensor   # (B, n_tgt, d_tgt) raw LLM updates
-    names: list             # (B,) what each is: the choice, "checked:<what the check picked>"
+    names: list             # (B,) what each is: the choice, "checked:<what the check picked>",
+                            #   "shift:<what the answer test sent instead>"
+
+
+class AnswerTest(NamedTuple):
+    """The answer test's calibration at one privacy level (`fit_answer_test`): how far noise alone
+    moves the rebuilt TinyLM's next token towards each of the task's A conventions."""
+    centre: torch.Tensor    # (A,) the mean shift of noise-only uploads
+    scale: torch.Tensor     # (A,) its standard deviation
+    threshold: float        # the largest z = (shift - centre) / scale that noise alone rarely passes
+
+
+def fit_answer_test(null_shifts, false_pass=0.05):
+    """AnswerTest from the shifts (N, A) of N noise-only uploads at one privacy level (uploads
+    that write like the provider's own DP shadow uploads on average, each with a draw of the noise
+    alone: train.answer_test_stage). threshold: the (1 - false_pass) quantile of each noise-only
+    upload's largest z, so that a share false_pass of them passes."""
+    centre = null_shifts.mean(0)
+    scale = null_shifts.std(0).clamp(min=1e-8)
+    largest = ((null_shifts - centre) / scale).amax(1)                                  # (N,)
+    return AnswerTest(centre, scale, torch.quantile(largest, 1 - false_pass).item())
+
+
+def shifted_convention(test, shifts):
+    """shifts (B, A) -> (B,) the convention each upload's TinyLM moved towards further than noise
+    alone would (`AnswerTest`), -1 where none did."""
+    z = (shifts - test.centre) / test.scale
+    best, convention = z.max(1)
+    return torch.where(best > test.threshold, convention, -1)
+
+
+ANSWERED = ("ridge_ungated", "translator", "ridge")
+"""What the answer test may send in place of the provider's choice, in this order: the map without
+the gate first, since where the test passes an upload the gate held back, the gate's caution is
+what kept the LLM from the client's operator."""
 
 
 @torch.no_grad()
-def provide(model, uploads, choice, linear, fallback, check=None):
+def answer_test(model, uploads, sent, linear, fallback, answers, test):
+    """The answer test, on top of the provider's choice: for each raw upload (B, n_src, d_src)
+    whose rebuilt TinyLM moves towards a convention further than noise alone would
+    (`shifted_convention`), the first of the update sent (`sent`, Sent) and ANSWERED under which
+    the LLM moves most towards that same convention; `sent` unchanged elsewhere, and where none does.
+
+    Why: at the knee (few records, small epsilon) the noise leaves the rebuilt TinyLM's greedy
+    answers those of the public TinyLM, so the check (`check_uploads`) sees the public default and
+    the gate's weight sees coordinates the noise dominates; what the upload still shows is a small
+    move of the TinyLM's probabilities towards the client's operator. The test compares that move
+    with those of noise-only uploads at the same level (a share `false_pass` of which pass), and
+    trusts an update only as far as it makes the LLM answer the same way. It reads public prompts
+    and public models only (eval.answer_shifts): post-processing of the upload, as every candidate.
+    answers: eval.AnswerShifts; test: AnswerTest for the uploads' level. Returns Sent."""
+    convention = shifted_convention(test, answers.tiny(uploads))                        # (B,)
+    if (convention < 0).all():
+        return sent
+    options = torch.stack([sent.updates] + [candidate_update(model, uploads, c, linear, fallback)
+                                            for c in ANSWERED])          # (1 + C, B, n_tgt, d_tgt)
+    named = answers.llm(options).argmax(2)                               # (1 + C, B): the LLM's
+    updates, names = sent.updates.clone(), list(sent.names)
+    for b in torch.nonzero(convention >= 0).flatten().tolist():
+        agree = torch.nonzero(named[:, b] == convention[b]).flatten().tolist()
+        if agree and agree[0] > 0:   # 0: what was sent already answers so
+            updates[b] = options[agree[0], b]
+            names[b] = f"shift:{ANSWERED[agree[0] - 1]}"
+    return Sent(updates, names)
+
+
+@torch.no_grad()
+def provide(model, uploads, choice, linear, fallback, check=None, answers=None, test=None):
     """What the provider sends for raw uploads (B, n_src, d_src) under its `choice` (`choose`):
-    Sent, the chosen candidate's raw LLM updates (B, n_tgt, d_tgt) and their names."""
+    Sent, the chosen candidate's raw LLM updates (B, n_tgt, d_tgt) and their names, then, given
+    the answer shifts and the level's calibration (`answers`, `test`), the answer test on top
+    (`answer_test`)."""
     fallback = fallback.to(model.head.weight.device)
     if choice.candidate == "checked":
         checked = check_uploads(model, uploads, linear, fallback, check)
-        return Sent(checked.updates, [f"checked:{p}" for p in checked.picks])
-    updates = candidate_update(model, uploads, choice.candidate, linear, fallback)
-    return Sent(updates, [choice.candidate] * len(uploads))
+        sent = Sent(checked.updates, [f"checked:{p}" for p in checked.picks])
+    else:
+        updates = candidate_update(model, uploads, choice.candidate, linear, fallback)
+        sent = Sent(updates, [choice.candidate] * len(uploads))
+    if answers is None or test is None:
+        return sent
+    return answer_test(model, uploads, sent, linear, fallback, answers, test)
 
 
 @torch.no_grad()

@@ -46,8 +46,8 @@ import tinylm
 from config import dist as distributed   # torchrun: ranks that share pretraining and fine-tunes
 from config import pool     # worker processes that share a stage's fine-tunes
 from config import stages   # where each stage's output is cached
-from config.presets import (CHECK_PROMPTS, CHOICE_EXAMPLES, MODEL_PRESETS, RIDGE_LAMBDAS,
-                            SIGNAL_DIRECTIONS, SUBSPACE_SIZES, Config, check_switches,
+from config.presets import (ANSWER_PROMPTS, CHECK_PROMPTS, CHOICE_EXAMPLES, MODEL_PRESETS,
+                            RIDGE_LAMBDAS, SIGNAL_DIRECTIONS, SUBSPACE_SIZES, Config, check_switches,
                             noise_multiplier, parse_args, pick_device, recipe, sample_rate)
 
 
@@ -79,12 +79,15 @@ def run(cfg, task=None, ranks=None):
     mean_shadow = mean_shadow_update(cfg, shadow)
     translators = {}
     choices = {}
+    tests = {}   # with DP: the answer test's calibration at each level
     for m in pool_levels(cfg):   # a translator per noise level: inputs that average m uploads
         translators[m] = fit_stage(cfg, task, tiny, llm, shadow, paths[f"fit_{m}"], m)
         if f"choice_{m}" in paths:   # with DP: what the provider sends, translation or fallback
             choices[m] = choice_stage(cfg, task, tiny, llm, shadow, translators[m], mean_shadow,
                                       paths[f"choice_{m}"], m)
+            tests[m] = answer_test_stage(cfg, task, tiny, llm, shadow, mean_shadow, m)
     results = evaluation.evaluate(cfg, task, tiny, llm, translators=translators, choices=choices,
+                                  answer_tests=tests,
                                   mean_shadow=mean_shadow, clients=clients, recipe=recipe(cfg),
                                   stage_seconds=stages.stage_seconds(cfg, paths),
                                   privacy=privacy_record(cfg, translators))
@@ -486,6 +489,25 @@ def choose_on(held, translator, mean_shadow, budget, check):
                                                   check))
              for c in gradtx.CANDIDATES}
     return gradtx.choose(gains, held.runs, budget)
+
+
+def answer_test_stage(cfg, task, tiny, llm, shadow, mean_shadow, m):
+    """The answer test's calibration for inputs that average m uploads (gradtx.fit_answer_test):
+    the answer shifts of noise-only uploads, each the centre of the fit's noisy inputs at level m
+    (means of m DP shadow draws: an upload that writes like the shadow runs on average) plus a draw
+    of the noise alone at that level (data.dp_noise). Shadow runs only; cheap, so not cached. None
+    for a task without conventions to read."""
+    t0 = time.time()
+    answers = evaluation.answer_shifts(task, tiny, llm, mean_shadow, ANSWER_PROMPTS, cfg.seed)
+    if answers is None:
+        return None
+    train_runs, _ = fit_runs(cfg)
+    X, _ = data.translator_inputs(cfg, shadow, train_runs, m, private=True)   # (runs, P, n, d)
+    noise = data.dp_noise(cfg, shadow, train_runs, m)                         # (N, n, d)
+    test = gradtx.fit_answer_test(answers.tiny(X.flatten(0, 1).mean(0) + noise))
+    print(f"answer test m={m}: threshold z {test.threshold:.2f} ({len(noise)} noise-only uploads), "
+          f"{time.time() - t0:.1f}s", flush=True)
+    return test
 
 
 class HeldOut(NamedTuple):

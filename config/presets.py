@@ -204,6 +204,7 @@ SELECTION = "simplest within one standard error"
 SIGNAL_DIRECTIONS = 4   # the top public directions along which a fit measures upload_signal
 CHOICE_EXAMPLES = 256   # fresh records of each held-out shadow run the provider's choice scores
 CHECK_PROMPTS = 64      # public prompts an upload's rebuilt TinyLM answers for the check
+ANSWER_PROMPTS = 256    # public prompts the answer test reads both models' next token on
 
 
 EXPERIMENTS = {   # one command each; every run of a sweep shares --cache
