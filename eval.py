@@ -296,7 +296,7 @@ def evaluate(cfg, task, tiny, llm, *, translators, mean_shadow, clients, recipe,
     timing["gradtx_generate_per_update"] = float(np.mean(provider.seconds))
     timing["llm_finetune_per_run"] = float(np.mean([c["references"]["seconds"] for c in clients]))
     out = results_record(cfg, task, llm, results, privacy=privacy, translators=translators,
-                         choices=provider.choices, timing=timing)
+                         choices=provider.choices, answer_tests=tests, timing=timing)
     path = write_results(out, cfg.out)
     print(f"eval      : {len(results)} clients, {time.time() - t0:.1f}s -> {path}\n", flush=True)
     print(report(out))
@@ -310,10 +310,11 @@ def public_finetune(cfg, task, llm, recipe):
     return tinylm.finetune(llm, *task.encode(examples), recipe, cfg.seed)[-1]
 
 
-def results_record(cfg, task, llm, results, *, privacy, translators, timing, choices=None):
+def results_record(cfg, task, llm, results, *, privacy, translators, timing, choices=None,
+                   answer_tests=None):
     """results.json's contents: the task, the settings and provenance, every client's row, their
     summary, the privacy guarantee, what each translator's fit chose (with DP, and the provider's
-    choice at each level), and the time it took."""
+    choice and the answer test's calibration at each level), and the time it took."""
     record = {
         "task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
         "config": asdict(cfg), "provenance": provenance(llm.wte.weight.device),
@@ -324,6 +325,10 @@ def results_record(cfg, task, llm, results, *, privacy, translators, timing, cho
     }
     if choices:
         record["provider_choice"] = {m: c._asdict() for m, c in choices.items()}
+    if answer_tests:
+        record["answer_test"] = {m: {k: v.tolist() if torch.is_tensor(v) else v
+                                     for k, v in t._asdict().items()}
+                                 for m, t in answer_tests.items()}
     return record
 
 

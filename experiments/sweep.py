@@ -159,8 +159,10 @@ def choice_counts(point):
 
 def sent_counts(names):
     """What the provider sent, counted by name: "mean_shadow 2, translator 7", the check's picks
-    as "c:ridge_hard 3"; "n/a" before the provider chose (older runs)."""
-    return count_names([n.replace("checked:", "c:") for n in names if n]) or "n/a"
+    as "c:ridge_hard 3", what the answer test sent instead as "s:ridge_ungated 1"; "n/a" before
+    the provider chose (older runs)."""
+    return count_names([n.replace("checked:", "c:").replace("shift:", "s:")
+                        for n in names if n]) or "n/a"
 
 
 def knee_margin(point):
@@ -203,7 +205,7 @@ def frontier_table(runs):
     points = sorted(frontier_points(runs), key=lambda p: p["nem"])
     head = (["N", "epsilon", "m", "N·ε·√m", "sigma"] + FRONTIER_METHODS
             + ["gradtx - best baseline", "best with nobody harmed",
-               "provider's choice (clients; c: checked)"]
+               "provider's choice (clients; c: checked, s: answer test)"]
             + [f"worst client vs mean_shadow: {HARM_METHODS[0]}"] + HARM_METHODS[1:]
             + ["clients below -0.05 (gradtx)"])
     rows = []
@@ -334,7 +336,7 @@ def experiment_table(name, runs):
     methods = [m for m in methods if any(m in r["summary"]["scores"] for r in runs)]
     chose = any("provider_choice" in c for r in runs for c in r["clients"])
     head = (["epsilon", "mechanism", "sigma", "k", "signal"] + [f"{m} gain (PGR)" for m in methods]
-            + (["provider's choice (clients; c: checked)"] if chose else []))
+            + (["provider's choice (clients; c: checked, s: answer test)"] if chose else []))
     rows = []
     for r in runs:
         p = r["privacy"]

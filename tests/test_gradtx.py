@@ -10,6 +10,7 @@ import math
 import os
 import sys
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -861,7 +862,9 @@ def test_the_deciding_gate_sends_the_update_or_the_mean_never_a_blend():
     assert not torch.allclose(blended, decided)
 
 
-def test_provide_sends_the_chosen_candidate():
+def gated_provider():
+    """A small translator with a linear map and a gate, and 8 noisy uploads the gate is in doubt
+    about: (model, ridge, fallback, gate, uploads)."""
     torch.manual_seed(0)
     X, Y = random_pairs(16, seed=21)
     basis = gradtx.public_basis(X, 2)
@@ -873,7 +876,12 @@ def test_provide_sends_the_chosen_candidate():
                           n_basis=2, n_skip=16, n_gate=2)
     model = gradtx.GradTransformer(cfg).eval()
     gradtx.set_linear_map(model, basis, ridge, gate)
-    uploads = X[:8] + 3.0 * torch.randn(8, N_SRC, D_SRC)
+    return model, ridge, fallback, gate, X[:8] + 3.0 * torch.randn(8, N_SRC, D_SRC)
+
+
+def test_provide_sends_the_chosen_candidate():
+    model, ridge, fallback, gate, uploads = gated_provider()
+    basis = model.basis
     x = gradtx.project(uploads, basis)
     plain = gradtx.ridge_predict(ridge, x).view(8, N_TGT, D_TGT)
     full = gradtx.linear_map_plus_residual(model, x)
@@ -914,3 +922,55 @@ def test_provide_sends_the_chosen_candidate():
     sent = gradtx.check_uploads(model, uploads, ridge, fallback, lambda u, o: prefer_translator)
     torch.testing.assert_close(sent.updates[held_back], fallback.expand(int(held_back.sum()), -1, -1))
     torch.testing.assert_close(sent.updates[~held_back], full[~held_back])
+
+
+def test_the_answer_test_lets_a_share_false_pass_of_noise_through_and_finds_a_real_move():
+    """fit_answer_test on noise-only shifts: the threshold of the largest of A independent z's
+    (published: the 0.95 quantile of the largest of 4 standard normals is Phi^-1(0.95^(1/4)) =
+    2.234), a share false_pass of fresh noise passes, and a move the noise does not make is named."""
+    g = torch.Generator().manual_seed(0)
+    centre, spread = torch.tensor([0.05, -0.03, 0.0, -0.02]), torch.tensor([0.02, 0.03, 0.01, 0.02])
+    test = gradtx.fit_answer_test(centre + spread * torch.randn(20000, 4, generator=g))
+    assert test.threshold == pytest.approx(2.234, abs=0.05)
+    fresh = centre + spread * torch.randn(20000, 4, generator=g)
+    assert (gradtx.shifted_convention(test, fresh) >= 0).float().mean().item() == pytest.approx(0.05, abs=0.01)
+    moved = torch.stack([centre + torch.tensor([0.0, 0.0, 0.05, 0.0]),     # 5 of its sd's: passes
+                         centre + torch.tensor([0.0, 0.0, 0.02, 0.0])])    # 2 of them: noise
+    assert gradtx.shifted_convention(test, moved).tolist() == [2, -1]
+
+
+def test_the_answer_test_sends_the_first_option_that_answers_as_the_tinylm_moved():
+    """answer_test against a hand-made case: the answers (`eval.answer_shifts`' two functions)
+    are faked, so each upload's outcome is known: the first of the update sent and ANSWERED under
+    which the LLM moves most towards the TinyLM's convention, where the TinyLM's move passes the
+    test; what was sent everywhere else."""
+    model, ridge, fallback, gate, uploads = gated_provider()
+    test = gradtx.AnswerTest(torch.zeros(4), torch.ones(4), 2.0)
+    moves = torch.zeros(8, 4)
+    moves[0, 2] = moves[1, 1] = moves[2, 3] = moves[3, 0] = 5.0      # uploads 0-3 pass; 4-7 do not
+    moves[4, 1] = 1.5
+    named = torch.zeros(4, 8, dtype=torch.long)                      # what each option makes the LLM
+    named[1, 0] = named[3, 0] = 2                                    # answer: ridge_ungated (first) and
+                                                                     # ridge 2 for upload 0
+    named[1, 1], named[2, 1] = 3, 1                                  # translator 1 for upload 1
+    named[:, 2] = 1                                                  # nothing answers 3 for upload 2
+    named[:, 4] = 1                                                  # upload 4 did not pass
+    sent = gradtx.provide(model, uploads, gradtx.Choice("mean_shadow", 0.1, 0.0, {}), ridge, fallback)
+    expected = [gradtx.candidate_update(model, uploads, c, ridge, fallback) for c in gradtx.ANSWERED]
+
+    def llm(options):
+        assert options.shape == (1 + len(gradtx.ANSWERED), 8, N_TGT, D_TGT)
+        torch.testing.assert_close(options[0], sent.updates)
+        for c, want in enumerate(expected):
+            torch.testing.assert_close(options[1 + c], want)
+        return F.one_hot(named, 4).float()         # (1 + C, B, A)
+    answers = SimpleNamespace(tiny=lambda u: moves, llm=llm)
+    tested = gradtx.provide(model, uploads, gradtx.Choice("mean_shadow", 0.1, 0.0, {}), ridge, fallback,
+                            answers=answers, test=test)
+    assert tested.names == ["shift:ridge_ungated", "shift:translator"] + ["mean_shadow"] * 6
+    torch.testing.assert_close(tested.updates[0], expected[0][0])
+    torch.testing.assert_close(tested.updates[1], expected[1][1])
+    torch.testing.assert_close(tested.updates[2:], sent.updates[2:])   # 3: the mean update answers 0
+    # no upload passes: nothing is read of the LLM
+    quiet = SimpleNamespace(tiny=lambda u: torch.zeros(8, 4), llm=lambda o: pytest.fail("read the LLM"))
+    assert gradtx.answer_test(model, uploads, sent, ridge, fallback, quiet, test) == sent

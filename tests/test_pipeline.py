@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -455,8 +456,9 @@ def test_eval_prints_a_finished_runs_tables_again(finished_run, tmp_path):
         evaluation.main(["--out", str(tmp_path)])
 
 def test_the_providers_choice_reads_shadow_runs_only(dp_group_run, tmp_path):
-    """The provider's choice is fixed before any client uploads: other clients (other data, other
-    mixtures) leave its cache key alone, and made again from the same shadow runs it is the same."""
+    """The provider's choice and the answer test's calibration are fixed before any client
+    uploads: other clients (other data, other mixtures) leave the choice's cache key alone, and
+    made again from the same shadow runs both are the same."""
     out, results = dp_group_run
     task = data.make_task("arith", 0)
     cfg = train.parse_args(TINY_RUN + [f"--out={out}", "--dp_epsilon=1", "--group_size=2", "--shadow_dp_draws=2"])
@@ -470,6 +472,8 @@ def test_the_providers_choice_reads_shadow_runs_only(dp_group_run, tmp_path):
         os.replace(paths[f"choice_{m}"], str(tmp_path / f"choice_{m}.pt"))
     again = train.run(other)
     assert again["provider_choice"] == results["provider_choice"]
+    assert sorted(map(int, results["answer_test"])) == [1, 2]   # a calibration per level
+    assert again["answer_test"] == results["answer_test"]
     assert len(again["clients"]) != len(results["clients"])
 
 
@@ -583,3 +587,42 @@ def test_the_check_scores_the_llm_on_the_answers_of_each_uploads_own_tinylm(fron
             llm = tinylm.set_update(p.llm, options[c, i])
             want = [tinylm.loss_of(llm, *p.task.encode([a])) for a in answers]
             assert losses[i][c].tolist() == pytest.approx(want, rel=1e-5)
+
+
+def test_the_answer_shifts_read_each_model_one_prompt_at_a_time(frontier_point):
+    """eval.answer_shifts against a loop over single prompts: the rebuilt TinyLM's mean
+    log-probability of each operator after '37@52=' minus the public TinyLM's, the LLM's mean
+    probability under each option minus under the mean update; both models left as they were, and
+    a task without conventions has no answer test."""
+    from experiments.kd_candidate import provider_at, run_config
+    _, run = frontier_point
+    cfg = run_config(run)
+    p = provider_at(cfg)
+    clients = train.clients_stage(cfg, p.task, p.tiny, p.llm, p.paths, "cpu")
+    uploads = torch.stack([c["upload"] for c in clients[:2]])
+    options = torch.stack([p.fallback.expand(2, -1, -1),
+                           0.5 * torch.randn(2, *p.fallback.shape, generator=torch.Generator().manual_seed(0))])
+    before = tinylm.get_update(p.tiny).clone(), tinylm.get_update(p.llm).clone()
+    answers = evaluation.answer_shifts(p.task, p.tiny, p.llm, p.fallback, 12, cfg.seed)
+    tiny_shifts, llm_shifts = answers.tiny(uploads), answers.llm(options)
+    assert torch.equal(tinylm.get_update(p.tiny), before[0]) and torch.equal(tinylm.get_update(p.llm), before[1])
+    prompts = [p.task.convention_prompt(e) for e in p.task.public_examples(12, data.stream(cfg.seed, "check prompts"))]
+    assert all(prompt[2] == "@" and prompt.endswith("=") for prompt in prompts)
+    ops = [p.task.enc.encode_ordinary(op)[0] for op in data.OPS]
+
+    def mean_over_prompts(model, update, log):
+        model = tinylm.set_update(model, update)
+        out = []
+        for prompt in prompts:
+            logits = model(torch.tensor([p.task.enc.encode_ordinary(prompt)]))[0][0, -1]
+            out.append((torch.log_softmax if log else torch.softmax)(logits, -1)[ops])
+        return torch.stack(out).mean(0)
+    public = mean_over_prompts(p.tiny, torch.zeros_like(uploads[0]), log=True)
+    for i, upload in enumerate(uploads):
+        torch.testing.assert_close(tiny_shifts[i], mean_over_prompts(p.tiny, upload, log=True) - public)
+    mean = mean_over_prompts(p.llm, p.fallback, log=False)
+    for c in range(2):
+        for i in range(2):
+            torch.testing.assert_close(llm_shifts[c, i], mean_over_prompts(p.llm, options[c, i], log=False) - mean)
+    torch.testing.assert_close(llm_shifts[0], torch.zeros(2, 4))   # the mean update moves nothing
+    assert evaluation.answer_shifts(SimpleNamespace(name="text"), p.tiny, p.llm, p.fallback, 12, 0) is None

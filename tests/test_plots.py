@@ -81,6 +81,9 @@ def test_the_frontier_marks_the_providers_choice_at_each_point():
     for c in "abc":   # the check: what it picked for most clients, marked c
         row["clients"][c]["provider_choice"] = "checked:mean_shadow" if c == "a" else "checked:translator_ungated"
     assert plots.choice_letter(row) == "cT*"
+    for c in "bc":   # the answer test: what it sent instead, marked s
+        row["clients"][c]["provider_choice"] = "shift:ridge_ungated"
+    assert plots.choice_letter(row) == "sR*"
     assert plots.choice_letter({"clients": {"a": {"group": "a"}}}) == ""   # a run before the choice
 
 

@@ -183,8 +183,8 @@ def plot_frontier(plt, frontier):
     ax.set(xlabel="N·ε·√m  (examples per client x epsilon x sqrt(pooled uploads))",
            ylabel="gain recovered, skewed clients")
     ax.set_title("the privacy frontier (squares: groups pooling m uploads)\nletters: what gradtx "
-                 "sent most clients (c: the check picked it;\nT translator, R linear map, M mean "
-                 "update; h: the gate decides, *: no gate)", fontsize=8)
+                 "sent most clients (c: the check picked it, s: the answer test\nsent it; T translator, R "
+                 "linear map, M mean update; h: the gate decides, *: no gate)", fontsize=8)
     ax.legend(fontsize=7)
     return fig
 
@@ -197,8 +197,9 @@ def choice_letter(row):
     if not names:
         return ""
     name = max(set(names), key=names.count)
-    if name.startswith("checked:"):   # the check: c, then the letter of what it picked
-        return "c" + CHOICE_LETTERS.get(name.removeprefix("checked:"), "?")
+    for prefix, mark in (("checked:", "c"), ("shift:", "s")):   # the check, the answer test:
+        if name.startswith(prefix):                              # c or s, then what it sent
+            return mark + CHOICE_LETTERS.get(name.removeprefix(prefix), "?")
     return CHOICE_LETTERS.get(name, "?")
 
 
