@@ -169,20 +169,21 @@ def tinylm_check(task, tiny, llm, n_prompts, seed):
     @torch.no_grad()
     def check(uploads, options):
         held = tinylm.get_update(tiny), tinylm.get_update(llm)   # put back at the end
-        losses = []
-        for i, upload in enumerate(uploads):
-            tinylm.set_update(tiny, upload.to(tiny.wte.weight.device))
-            answers = relabel(task, tiny, prompts, torch.Generator().manual_seed(seed))
-            if not answers:   # nothing usable: no evidence (check_uploads sends the mean update)
-                losses.append(torch.zeros(len(options), 0))
-                continue
-            x, y, mask = (t.to(llm.wte.weight.device) for t in task.encode(answers))
-            losses.append(torch.stack([dp.per_example_losses(
-                tinylm.set_update(llm, option, check_finite=False)(x)[0], y, mask).cpu()
-                for option in options[:, i]]))                           # (C, P_b)
-        tinylm.set_update(tiny, held[0])
-        tinylm.set_update(llm, held[1])
-        return losses
+        try:
+            return [answer_losses(upload, options[:, i]) for i, upload in enumerate(uploads)]
+        finally:
+            tinylm.set_update(tiny, held[0])
+            tinylm.set_update(llm, held[1])
+
+    def answer_losses(upload, options):   # options (C, n_tgt, d_tgt) -> (C, P_b)
+        tinylm.set_update(tiny, upload.to(tiny.wte.weight.device))
+        answers = relabel(task, tiny, prompts, torch.Generator().manual_seed(seed))
+        if not answers:   # nothing usable: no evidence (check_uploads sends the mean update)
+            return torch.zeros(len(options), 0)
+        x, y, mask = (t.to(llm.wte.weight.device) for t in task.encode(answers))
+        return torch.stack([dp.per_example_losses(
+            tinylm.set_update(llm, option, check_finite=False)(x)[0], y, mask).cpu()
+            for option in options])
     return check
 
 

@@ -30,6 +30,8 @@ The file reads in four parts:
          harm; among its candidates the check (for each upload the gate passes, the mean update,
          the map's or the translator's, whichever makes the LLM answer as the client's own
          TinyLM, rebuilt from the upload, does);
+       - with DP, the answer test on top of the choice: where the rebuilt TinyLM moves towards an
+         operator further than noise alone moves it, an update under which the LLM answers so;
   3. the provider's prediction, composed in one place: `translate`, gate(map(x) + residual(x)),
      and `provide`, what the provider sends under its choice;
   4. training on shadow pairs, and checkpoints.
