@@ -197,6 +197,17 @@ class AnswerShifts(NamedTuple):
                      #   update, minus under the mean shadow update
 
 
+def convention_prompts(task, n_prompts, seed):
+    """n_prompts public prompts up to the token that names their answer's convention ('37@52='),
+    encoded in one batch (P, T), and the token of each of the task's conventions (A,)."""
+    examples = task.public_examples(n_prompts, data.stream(seed, "check prompts"))
+    prompts = [task.enc.encode_ordinary(task.convention_prompt(e)) for e in examples]
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError(f"answer_shifts: the {task.name} task's convention prompts differ in "
+                         f"length; expected one length (they are read in one batch)")
+    return torch.tensor(prompts), [task.enc.encode_ordinary(c)[0] for c in task.conventions]
+
+
 def answer_shifts(task, tiny, llm, mean_shadow, n_prompts, seed):
     """AnswerShifts on n_prompts public prompts (the check's, and more), for a task with
     conventions (None for one without: the text task). Public models and prompts only.
@@ -206,36 +217,34 @@ def answer_shifts(task, tiny, llm, mean_shadow, n_prompts, seed):
     the test compares with the moves noise alone makes. Why probabilities for the LLM: the test
     asks which operator an LLM update makes the LLM answer, and a log-probability moves most for an
     operator the LLM almost never answers (from 0.001 to 0.01 is as far as from 0.1 to 1)."""
-    conventions = getattr(task, "conventions", None)
-    if not conventions:
+    if not getattr(task, "conventions", None):
         return None
-    examples = task.public_examples(n_prompts, data.stream(seed, "check prompts"))
-    prompts = [task.enc.encode_ordinary(task.convention_prompt(e)) for e in examples]
-    if len({len(p) for p in prompts}) != 1:
-        raise ValueError(f"answer_shifts: the {task.name} task's convention prompts differ in "
-                         f"length; expected one length (they are read in one batch)")
-    ids = [task.enc.encode_ordinary(c)[0] for c in conventions]
+    prompts, ids = convention_prompts(task, n_prompts, seed)
 
     @torch.no_grad()
     def next_token(model, updates, log):
-        """(B, ...) updates -> (B, A): each convention's mean (log-)probability after the prompts."""
+        """(B, ...) updates -> (B, A): each convention's mean (log-)probability."""
         held = tinylm.get_update(model)   # put back at the end
-        x = torch.tensor(prompts, device=model.wte.weight.device)                     # (P, T)
+        x = prompts.to(model.wte.weight.device)                                       # (P, T)
         normalise = torch.log_softmax if log else torch.softmax
         try:
-            return torch.stack([normalise(tinylm.set_update(model, u.to(x.device),
-                                                            check_finite=False)(x)[0][:, -1].float(),
-                                          -1)[:, ids].mean(0)
-                                for u in updates]).cpu()                 # each (P, A) -> (A,)
+            out = []
+            for u in updates:
+                logits = tinylm.set_update(model, u.to(x.device), check_finite=False)(x)[0]
+                out.append(normalise(logits[:, -1].float(), -1)[:, ids].mean(0))   # (P, A) -> (A,)
+            return torch.stack(out).cpu()
         finally:
             tinylm.set_update(model, held)
 
     public_tiny = next_token(tiny, torch.zeros(1, *tinylm.get_update(tiny).shape), log=True)[0]
     mean_llm = next_token(llm, mean_shadow[None], log=False)[0]                           # (A,)
-    return AnswerShifts(
-        tiny=lambda uploads: next_token(tiny, uploads, log=True) - public_tiny,
-        llm=lambda updates: torch.stack([next_token(llm, u, log=False) for u in updates])
-        - mean_llm)
+
+    def tiny_shifts(uploads):   # (B, n_src, d_src) -> (B, A)
+        return next_token(tiny, uploads, log=True) - public_tiny
+
+    def llm_shifts(updates):    # (C, B, n_tgt, d_tgt) -> (C, B, A)
+        return torch.stack([next_token(llm, u, log=False) for u in updates]) - mean_llm
+    return AnswerShifts(tiny_shifts, llm_shifts)
 
 
 def provenance(device="cpu"):
@@ -271,7 +280,8 @@ def evaluate(cfg, task, tiny, llm, *, translators, mean_shadow, clients, recipe,
     holds the selected linear map (basis, ridge) of the `ridge` baselines. choices: {m:
     gradtx.Choice}, what the provider sends for uploads at each level (with DP; None: the
     translation), and answer_tests {m: gradtx.AnswerTest or None}, the answer test on top of it
-    at each level (None: no test). mean_shadow: the mean LLM update of the shadow runs the maps were fitted on."""
+    at each level (None: no test). mean_shadow: the mean LLM update of the shadow runs the maps
+    were fitted on."""
     t0 = time.time()
     check = tinylm_check(task, tiny, llm, CHECK_PROMPTS, cfg.seed) if choices else None
     tests = {m: t for m, t in (answer_tests or {}).items() if t is not None}

@@ -765,7 +765,7 @@ class AnswerTest(NamedTuple):
     moves the rebuilt TinyLM's next token towards each of the task's A conventions."""
     centre: torch.Tensor    # (A,) the mean shift of noise-only uploads
     scale: torch.Tensor     # (A,) its standard deviation
-    threshold: float        # the largest z = (shift - centre) / scale that noise alone rarely passes
+    threshold: float        # a z = (shift - centre) / scale that noise alone rarely passes
 
 
 def fit_answer_test(null_shifts, false_pass=0.05):
@@ -798,7 +798,7 @@ def answer_test(model, uploads, sent, linear, fallback, answers, test):
     """The answer test, on top of the provider's choice: for each raw upload (B, n_src, d_src)
     whose rebuilt TinyLM moves towards a convention further than noise alone would
     (`shifted_convention`), the first of the update sent (`sent`, Sent) and ANSWERED under which
-    the LLM moves most towards that same convention; `sent` unchanged elsewhere, and where none does.
+    the LLM moves most towards that same convention; `sent` elsewhere, and where none does.
 
     Why: at the knee (few records, small epsilon) the noise leaves the rebuilt TinyLM's greedy
     answers those of the public TinyLM, so the check (`check_uploads`) sees the public default and
@@ -814,7 +814,8 @@ def answer_test(model, uploads, sent, linear, fallback, answers, test):
     options = torch.stack([sent.updates] + [candidate_update(model, uploads, c, linear, fallback)
                                             for c in ANSWERED])          # (1 + C, B, n_tgt, d_tgt)
     named = answers.llm(options).argmax(2)                               # (1 + C, B): the LLM's
-    updates, names = sent.updates.clone(), list(sent.names)
+    updates = sent.updates.clone()
+    names = list(sent.names)
     for b in torch.nonzero(convention >= 0).flatten().tolist():
         agree = torch.nonzero(named[:, b] == convention[b]).flatten().tolist()
         if agree and agree[0] > 0:   # 0: what was sent already answers so

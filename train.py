@@ -47,8 +47,9 @@ from config import dist as distributed   # torchrun: ranks that share pretrainin
 from config import pool     # worker processes that share a stage's fine-tunes
 from config import stages   # where each stage's output is cached
 from config.presets import (ANSWER_PROMPTS, CHECK_PROMPTS, CHOICE_EXAMPLES, MODEL_PRESETS,
-                            RIDGE_LAMBDAS, SIGNAL_DIRECTIONS, SUBSPACE_SIZES, Config, check_switches,
-                            noise_multiplier, parse_args, pick_device, recipe, sample_rate)
+                            RIDGE_LAMBDAS, SIGNAL_DIRECTIONS, SUBSPACE_SIZES, Config,
+                            check_switches, noise_multiplier, parse_args, pick_device, recipe,
+                            sample_rate)
 
 
 # -----------------------------------------------------------------------------

@@ -183,8 +183,9 @@ def plot_frontier(plt, frontier):
     ax.set(xlabel="N·ε·√m  (examples per client x epsilon x sqrt(pooled uploads))",
            ylabel="gain recovered, skewed clients")
     ax.set_title("the privacy frontier (squares: groups pooling m uploads)\nletters: what gradtx "
-                 "sent most clients (c: the check picked it, s: the answer test\nsent it; T translator, R "
-                 "linear map, M mean update; h: the gate decides, *: no gate)", fontsize=8)
+                 "sent most clients (c: the check picked it, s: the answer test\nsent it; "
+                 "T translator, R linear map, M mean update; h: the gate decides, *: no gate)",
+                 fontsize=8)
     ax.legend(fontsize=7)
     return fig
 
