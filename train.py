@@ -86,7 +86,8 @@ def run(cfg, task=None, ranks=None):
         if f"choice_{m}" in paths:   # with DP: what the provider sends, translation or fallback
             choices[m] = choice_stage(cfg, task, tiny, llm, shadow, translators[m], mean_shadow,
                                       paths[f"choice_{m}"], m)
-            tests[m] = answer_test_stage(cfg, task, tiny, llm, shadow, mean_shadow, m)
+            if cfg.gt_answer_test:
+                tests[m] = answer_test_stage(cfg, task, tiny, llm, shadow, mean_shadow, m)
     results = evaluation.evaluate(cfg, task, tiny, llm, translators=translators, choices=choices,
                                   answer_tests=tests,
                                   mean_shadow=mean_shadow, clients=clients, recipe=recipe(cfg),

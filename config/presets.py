@@ -114,6 +114,10 @@ class Config:
     # for every upload)
     gt_choose: bool = True
     choice_budget: float = 0.02
+    # with DP, on top of the choice: where an upload's rebuilt TinyLM moves towards an operator
+    # further than noise-only uploads at its level do, an update under which the LLM answers that
+    # operator (gradtx.answer_test; off: the choice alone)
+    gt_answer_test: bool = True
     gt_init: int = 0             # the translator's init is drawn from seed + gt_init
     # model selection by the LLM's "loss" or, for accuracy tasks, "exact_match"
     gt_select: str = "loss"

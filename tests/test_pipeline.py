@@ -626,3 +626,19 @@ def test_the_answer_shifts_read_each_model_one_prompt_at_a_time(frontier_point):
             torch.testing.assert_close(llm_shifts[c, i], mean_over_prompts(p.llm, options[c, i], log=False) - mean)
     torch.testing.assert_close(llm_shifts[0], torch.zeros(2, 4))   # the mean update moves nothing
     assert evaluation.answer_shifts(SimpleNamespace(name="text"), p.tiny, p.llm, p.fallback, 12, 0) is None
+
+
+def test_the_answer_test_is_an_option_on_top_of_the_choice(frontier_point, tmp_path):
+    """--gt_answer_test=false: the provider's choice alone, from the same cached stages: no
+    calibration in results.json, nothing named shift:, and every client the test left alone sent
+    the very same update."""
+    _, run = frontier_point
+    with open(os.path.join(run, "results.json")) as f:
+        on = json.load(f)
+    off = train.main(TINY_RUN + [f"--out={tmp_path}", f"--cache={run}", "--dp_epsilon=1", "--shadow_dp_draws=2",
+                                 "--gt_answer_test=false"])
+    assert "answer_test" in on and "answer_test" not in off
+    assert not any(c["provider_choice"].startswith("shift:") for c in off["clients"])
+    for a, b in zip(on["clients"], off["clients"]):
+        if not a["provider_choice"].startswith("shift:"):
+            assert (a["provider_choice"], a["scores"]["gradtx"]) == (b["provider_choice"], b["scores"]["gradtx"])
