@@ -760,6 +760,10 @@ class Sent(NamedTuple):
                             #   "shift:<what the answer test sent instead>"
 
 
+# --- the answer test, on top of the choice: where the rebuilt TinyLM's next token moves towards an
+# operator further than noise alone moves it, an update under which the LLM answers that operator
+
+
 class AnswerTest(NamedTuple):
     """The answer test's calibration at one privacy level (`fit_answer_test`): how far noise alone
     moves the rebuilt TinyLM's next token towards each of the task's A conventions."""
