@@ -563,10 +563,10 @@ def test_the_harm_column_is_the_worst_client_of_the_table_scores(finished_run):
     assert gradtx_row.endswith(f"| {worst['gradtx']:+.2f} |")
 
 
-def test_the_check_scores_the_llm_on_the_answers_of_each_uploads_own_tinylm(frontier_point):
-    """eval.tinylm_check against a loop: for each upload, the TinyLM rebuilt from it answers the
-    check's public prompts, and each option is scored by the LLM's loss on each answer alone; both
-    models are left as they were."""
+def two_uploads_and_options(frontier_point):
+    """The toy frontier point's provider (experiments.kd_candidate.provider_at), the uploads of its
+    first two clients (2, n_src, d_src) and two options for each (2, 2, n_tgt, d_tgt): the mean
+    update and a random one. (cfg, provider, uploads, options)."""
     from experiments.kd_candidate import provider_at, run_config
     _, run = frontier_point
     cfg = run_config(run)
@@ -575,6 +575,14 @@ def test_the_check_scores_the_llm_on_the_answers_of_each_uploads_own_tinylm(fron
     uploads = torch.stack([c["upload"] for c in clients[:2]])
     options = torch.stack([p.fallback.expand(2, -1, -1),
                            0.5 * torch.randn(2, *p.fallback.shape, generator=torch.Generator().manual_seed(0))])
+    return cfg, p, uploads, options
+
+
+def test_the_check_scores_the_llm_on_the_answers_of_each_uploads_own_tinylm(frontier_point):
+    """eval.tinylm_check against a loop: for each upload, the TinyLM rebuilt from it answers the
+    check's public prompts, and each option is scored by the LLM's loss on each answer alone; both
+    models are left as they were."""
+    cfg, p, uploads, options = two_uploads_and_options(frontier_point)
     before = tinylm.get_update(p.tiny).clone(), tinylm.get_update(p.llm).clone()
     losses = evaluation.tinylm_check(p.task, p.tiny, p.llm, 12, cfg.seed)(uploads, options)
     assert torch.equal(tinylm.get_update(p.tiny), before[0]) and torch.equal(tinylm.get_update(p.llm), before[1])
@@ -594,14 +602,7 @@ def test_the_answer_shifts_read_each_model_one_prompt_at_a_time(frontier_point):
     log-probability of each operator after '37@52=' minus the public TinyLM's, the LLM's mean
     probability under each option minus under the mean update; both models left as they were, and
     a task without conventions has no answer test."""
-    from experiments.kd_candidate import provider_at, run_config
-    _, run = frontier_point
-    cfg = run_config(run)
-    p = provider_at(cfg)
-    clients = train.clients_stage(cfg, p.task, p.tiny, p.llm, p.paths, "cpu")
-    uploads = torch.stack([c["upload"] for c in clients[:2]])
-    options = torch.stack([p.fallback.expand(2, -1, -1),
-                           0.5 * torch.randn(2, *p.fallback.shape, generator=torch.Generator().manual_seed(0))])
+    cfg, p, uploads, options = two_uploads_and_options(frontier_point)
     before = tinylm.get_update(p.tiny).clone(), tinylm.get_update(p.llm).clone()
     answers = evaluation.answer_shifts(p.task, p.tiny, p.llm, p.fallback, 12, cfg.seed)
     tiny_shifts, llm_shifts = answers.tiny(uploads), answers.llm(options)
