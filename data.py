@@ -45,10 +45,11 @@ import dp
 STREAMS = {"pretrain batches": 0, "shadow subset": 1, "client data": 2, "run split": 3,
            "public examples": 4, "random clients": 5, "audit canaries": 7, "audit prompts": 8,
            "shadow subset draw": 9, "between runs": 10,
-           "noise copies": 11, "kd prompts": 12, "check prompts": 13}
+           "noise copies": 11, "kd prompts": 12, "check prompts": 13, "null records": 14}
 RUN_SEEDS = {"shadow run": (1_000_003, 1), "client run": (2_000_003, 1),
              "shadow DP draw": (3_000_017, 1_009, 1), "audit client": (5_000_011, 1),
-             "audit setting": (6_000_007, 1), "kd candidate": (7_000_003, 1)}
+             "audit setting": (6_000_007, 1), "kd candidate": (7_000_003, 1),
+             "null run": (8_000_009, 1)}
 
 
 def stream(seed, name, *index):
@@ -398,6 +399,12 @@ def held_out_examples(cfg, task, k, n):
     after the last DP draw's): what the provider's choice scores a held-out run's uploads on."""
     return task.shadow_subset(k, n, cfg.shadow_alpha, cfg.shadow_near_mean,
                               cfg.shadow_dp_draws).examples
+
+
+def null_examples(cfg, task, i):
+    """Noise-only upload i's records: n_train public lines that follow the task mixture m, what a
+    client whose data holds no convention of its own has (the answer test's null)."""
+    return task.public_examples(cfg.n_train, stream(cfg.seed, "null records", i))
 
 
 def translator_inputs(cfg, shadow, runs, m, private):

@@ -773,9 +773,9 @@ class AnswerTest(NamedTuple):
 
 
 def fit_answer_test(null_shifts, false_pass=0.05):
-    """AnswerTest from the shifts (N, A) of N noise-only uploads at one privacy level (uploads
-    that write like the provider's own DP shadow uploads on average, each with a draw of the noise
-    alone: train.answer_test_stage). threshold: the (1 - false_pass) quantile of each noise-only
+    """AnswerTest from the shifts (N, A) of N noise-only uploads at one privacy level (DP
+    fine-tunes of public records that hold no convention of their own, made as the clients make
+    theirs: train.answer_test_stage). threshold: the (1 - false_pass) quantile of each noise-only
     upload's largest z, so that a share false_pass of them passes."""
     centre = null_shifts.mean(0)
     scale = null_shifts.std(0).clamp(min=1e-8)

@@ -13,7 +13,9 @@ Stages (each writes its output atomically into --cache, default --out, and is sk
   1. pretrain    both public base models (TinyLM and LLM) on the task's public pretraining data
   2. shadow      the provider fine-tunes BOTH models on K shadow subsets of public data and records
                  S snapshots of both update vectors along the tail of each run: the training pairs
-  2b. shadow_dp  with DP: R more TinyLM runs per subset made with the clients' published DP recipe
+  2b. shadow_dp  with DP: R more TinyLM runs per subset made with the clients' published DP recipe,
+                 and the answer test's noise-only uploads: the same recipe on public records that
+                 follow the task mixture (no convention of their own)
   3. fit         per noise level, the linear map (public subspace + ridge) and the Grad-Transformer
                  (with DP it also learns from pairs between the shadow runs: mixed conventions)
   4. clients     each client fine-tunes its TinyLM on its private data (with DP if asked) and
@@ -29,6 +31,7 @@ data it is given, so a change of either re-runs it and everything after it, and 
 import functools
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -254,9 +257,25 @@ def shadow_dp_runs(worker, items):
     return [run[-1] for run in runs]
 
 
+def null_runs(worker, items):
+    """Noise-only uploads i, items [i]: the TinyLM fine-tuned as a client fine-tunes it (the DP
+    recipe, or the clean one plus output perturbation) on public records that follow the task
+    mixture (data.null_examples): what a client whose data holds no convention of its own uploads,
+    the answer test's null (answer_test_stage). The final update of each."""
+    cfg = worker.cfg
+    datasets = [worker.task.encode(data.null_examples(cfg, worker.task, i)) for i in items]
+    seeds = [data.run_seed(cfg.seed, "null run", i) for i in items]
+    if cfg.dp_mechanism == "output":
+        clean = fine_tunes(cfg, worker.tiny, datasets, recipe(cfg), seeds)
+        return [perturb(cfg, run[-1], seed) for run, seed in zip(clean, seeds)]
+    return [run[-1] for run in fine_tunes(cfg, worker.tiny, datasets, recipe(cfg, private=True),
+                                          seeds)]
+
+
 def shadow_stages(cfg, task, tiny, llm, paths, device, ranks=None):
     """{"X": (K, S, ...) clean TinyLM snapshots, "Y": (K, S, ...) LLM snapshots,
-    "X_private": (K, R, ...) final TinyLM updates made as the clients make theirs (DP only)}."""
+    "X_private": (K, R, ...) final TinyLM updates made as the clients make theirs (DP only),
+    "X_null": (answer_null_runs, ...) the answer test's noise-only uploads (where it runs)}."""
     t0 = time.time()
     worker = Worker(cfg, task, tiny, llm)
     runs = run_stage(shadow_runs, list(range(cfg.n_shadow)), worker=worker, path=paths["shadow"],
@@ -278,6 +297,14 @@ def shadow_stages(cfg, task, tiny, llm, paths, device, ranks=None):
         log(ranks, f"shadow_dp : {len(items)} TinyLM runs with the clients' DP recipe "
             f"({cfg.dp_mechanism}, eps={cfg.dp_epsilon}), {time.time() - t0:.1f}s -> "
             f"{paths['shadow_dp']}")
+    if "shadow_null" in paths and cfg.dp_epsilon > 0:
+        t0 = time.time()
+        runs = run_stage(null_runs, list(range(cfg.answer_null_runs)), worker=worker,
+                         path=paths["shadow_null"], desc="noise-only uploads", paths=paths,
+                         device=device, ranks=ranks)
+        shadow["X_null"] = torch.stack(runs)
+        log(ranks, f"shadow_null: {len(runs)} TinyLM runs with the clients' DP recipe on public "
+            f"records of the task mixture, {time.time() - t0:.1f}s -> {paths['shadow_null']}")
     return shadow
 
 
@@ -495,19 +522,18 @@ def choose_on(held, translator, mean_shadow, budget, check):
 
 def answer_test_stage(cfg, task, tiny, llm, shadow, mean_shadow, m):
     """The answer test's calibration for inputs that average m uploads (gradtx.fit_answer_test):
-    the answer shifts of noise-only uploads, each the centre of the fit's noisy inputs at level m
-    (means of m DP shadow draws: an upload that writes like the shadow runs on average) plus a draw
-    of the noise alone at that level (data.dp_noise). Shadow runs only; cheap, so not cached. None
-    for a task without conventions to read."""
+    the answer shifts of the provider's noise-only uploads (shadow["X_null"], `null_runs`: DP
+    fine-tunes of public records with no convention of their own, made as the clients make
+    theirs), each brought to the noise of a mean of m of them (its distance from their centre
+    / sqrt(m)). Public records only. None for a task without conventions to read."""
     t0 = time.time()
     answers = evaluation.answer_shifts(task, tiny, llm, mean_shadow, ANSWER_PROMPTS, cfg.seed)
     if answers is None:
         return None
-    train_runs, _ = fit_runs(cfg)
-    X, _ = data.translator_inputs(cfg, shadow, train_runs, m, private=True)   # (runs, P, n, d)
-    noise = data.dp_noise(cfg, shadow, train_runs, m)                         # (N, n, d)
-    test = gradtx.fit_answer_test(answers.tiny(X.flatten(0, 1).mean(0) + noise))
-    print(f"answer test m={m}: threshold z {test.threshold:.2f} ({len(noise)} noise-only uploads), "
+    null = shadow["X_null"]                                                   # (N, n, d)
+    centre = null.mean(0)
+    test = gradtx.fit_answer_test(answers.tiny(centre + (null - centre) / math.sqrt(m)))
+    print(f"answer test m={m}: threshold z {test.threshold:.2f} ({len(null)} noise-only uploads), "
           f"{time.time() - t0:.1f}s", flush=True)
     return test
 

@@ -118,6 +118,9 @@ class Config:
     # further than noise-only uploads at its level do, an update under which the LLM answers that
     # operator (gradtx.answer_test; off: the choice alone)
     gt_answer_test: bool = True
+    # ... calibrated on this many noise-only uploads: DP fine-tunes of public records that hold no
+    # convention of their own (the task mixture m), made as the clients make theirs
+    answer_null_runs: int = 64
     gt_init: int = 0             # the translator's init is drawn from seed + gt_init
     # model selection by the LLM's "loss" or, for accuracy tasks, "exact_match"
     gt_select: str = "loss"
@@ -339,6 +342,9 @@ def check_ranges(cfg):
                 "shadow_dp_draws"):
         if getattr(cfg, key) < 1:
             raise SystemExit(f"--{key}={getattr(cfg, key)}: expected a positive integer")
+    if cfg.answer_null_runs < 2:
+        raise SystemExit(f"--answer_null_runs={cfg.answer_null_runs}: expected 2 or more (the "
+                         "answer test needs the spread of the noise-only uploads)")
     if cfg.snapshot_gap * (cfg.n_snapshots - 1) >= cfg.ft_steps:
         raise SystemExit(f"snapshots reach before step 1: expected snapshot_gap * (n_snapshots - "
                          "1) < ft_steps")

@@ -32,6 +32,7 @@ SHADOW_KEYS = FINETUNE_KEYS + ("n_shadow", "n_snapshots", "snapshot_gap", "shado
                                "shadow_near_mean")
 DP_KEYS = ("dp_epsilon", "dp_delta", "dp_mechanism", "dp_clip", "dp_sample_rate")
 SHADOW_DP_KEYS = SHADOW_KEYS + DP_KEYS + ("shadow_dp_draws", "shadow_dp_fresh")
+NULL_KEYS = FINETUNE_KEYS + DP_KEYS + ("answer_null_runs",)
 FIT_KEYS = ("gt_d_model", "gt_layers", "gt_heads", "gt_dropout", "gt_weight_decay", "gt_lr",
             "gt_steps", "gt_batch", "gt_eval_every", "gt_normalize", "gt_project", "gt_skip",
             "gt_gate", "gt_init", "gt_select", "val_frac", "val_examples", "fit_shadow",
@@ -69,6 +70,10 @@ def stage_paths(cfg, task, levels=(1,), device="cpu"):
     inputs = p["shadow"]
     if cfg.dp_epsilon > 0:
         p["shadow_dp"] = inputs = path("shadow_dp", SHADOW_DP_KEYS, p["shadow"])
+    if answer_test_runs(cfg, task):   # the answer test's noise-only uploads, from public records
+        null_data = data.digest(e for i in range(cfg.answer_null_runs)
+                                for e in data.null_examples(cfg, task, i))
+        p["shadow_null"] = path("shadow_null", NULL_KEYS, p["pretrain_tiny"], null_data)
     for m in levels:   # one translator per noise level: inputs that average m uploads
         p[f"fit_{m}"] = path("fit", FIT_KEYS, inputs, m, SUBSPACE_SIZES, RIDGE_LAMBDAS,
                              SELECTION)
@@ -81,6 +86,13 @@ def stage_paths(cfg, task, levels=(1,), device="cpu"):
     p["references"] = path("references", CLIENT_DATA_KEYS + ("seed", "weak_baselines"), WEAK,
                            p["pretrain_llm"], p["clients"] if cfg.weak_baselines else client_data)
     return p
+
+
+def answer_test_runs(cfg, task):
+    """Whether this configuration's provider runs the answer test (gradtx.answer_test): DP uploads,
+    the provider's choice and the test switched on, and a task with conventions to read."""
+    return (cfg.dp_epsilon > 0 and cfg.gt_choose and cfg.gt_answer_test
+            and bool(getattr(task, "conventions", None)))
 
 
 def numerics(cfg, device):

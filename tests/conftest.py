@@ -18,7 +18,8 @@ import train  # noqa: E402
 TINY_RUN = ["--preset=smoke", "--device=cpu", "--tiny_model=micro", "--llm_model=micro", "--pretrain_steps_tiny=20",
             "--pretrain_steps_llm=20", "--ft_steps=6", "--n_train=48", "--n_shadow=6",
             "--n_snapshots=2", "--snapshot_gap=2", "--gt_steps=4", "--gt_eval_every=2",
-            "--n_test=24", "--threads=1", "--workers=1", "--random_clients=2"]
+            "--n_test=24", "--threads=1", "--workers=1", "--random_clients=2",
+            "--answer_null_runs=8"]
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import math
 import os
 import socket
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -214,6 +215,22 @@ def test_a_dp_draw_holds_fresh_records_of_its_subsets_mixture():
     assert draws[0].examples != draws[1].examples != draws[2].examples
     assert task.shadow_subset(2, n_public, 0.5, draw=1).examples == draws[1].examples   # seeded
     assert task.shadow_subset(2, n_public, 0.5).examples == own.examples      # no draw: unchanged
+
+
+def test_the_answer_tests_noise_only_records_are_public_lines_of_the_task_mixture():
+    # what a client whose data holds no convention of its own has: the provider makes it from
+    # public pairs alone, each noise-only upload from records of its own
+    task = data.ArithTask(3)
+    cfg = SimpleNamespace(seed=3, n_train=len(task.public))
+    runs = [data.null_examples(cfg, task, i) for i in range(3)]
+    pub = set(task.public)
+    for lines in runs:
+        assert len(lines) == cfg.n_train
+        assert {(a, b) for a, _, b, _ in map(parse_line, lines)} <= pub
+        assert np.abs(op_frequencies(lines) - data.TASK_MIXTURE).max() < 0.035
+    assert runs[0] != runs[1] != runs[2]
+    assert data.null_examples(cfg, task, 1) == runs[1]                       # seeded
+    assert data.null_examples(SimpleNamespace(seed=4, n_train=cfg.n_train), task, 1) != runs[1]
 
 
 def test_shadow_lines_follow_their_own_mixture():

@@ -201,6 +201,11 @@ def test_shadow_dp_runs_use_exactly_the_clients_recipe(tmp_path, monkeypatch):
     train.shadow_dp_runs(worker, [(1, 0)])
     own = task.encode(task.shadow_subset(1, cfg.n_train, cfg.shadow_alpha).examples)
     assert all(torch.equal(a, b) for a, b in zip(sets[-1][0], own))
+    # the answer test's noise-only uploads: the same recipe, on public records of the task mixture
+    train.null_runs(worker, [0, 1])
+    assert seen[-1] == client_recipe
+    null = [task.encode(data.null_examples(cfg, task, i)) for i in (0, 1)]
+    assert all(torch.equal(a, b) for got, want in zip(sets[-1], null) for a, b in zip(got, want))
 
 
 def test_pooled_upload_is_the_elementwise_mean():
@@ -310,8 +315,15 @@ def test_cache_keys_follow_the_data_and_settings(monkeypatch):
     after = stages.stage_paths(cfg, task)
     assert all(before[s] != after[s] for s in before)
     monkeypatch.undo()
+    eps2 = stages.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=2"]), task)
     # other shadow subsets: every stage that reads them; a translator setting: its fit and the
     # choice made from it; the choice's own setting: the choice only
+    # the answer test's noise-only uploads read public records and the clients' recipe only
+    assert {s for s in before if before[s] != eps2[s]} >= {"shadow_dp", "shadow_null", "clients"}
+    other_null = stages.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--answer_null_runs=9"]), task)
+    assert {s for s in before if before[s] != other_null[s]} == {"shadow_null"}
+    for off in ("--gt_answer_test=false", "--gt_choose=false", "--dp_epsilon=0"):
+        assert "shadow_null" not in stages.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", off]), task)
     other_shadow = stages.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--shadow_alpha=3"]), task)
     assert {s for s in before if before[s] != other_shadow[s]} == {"shadow", "shadow_dp", "fit_1", "choice_1"}
     other_fit = stages.stage_paths(train.parse_args(TINY_RUN + ["--dp_epsilon=1", "--gt_lr=1e-3"]), task)
@@ -468,6 +480,7 @@ def test_the_providers_choice_reads_shadow_runs_only(dp_group_run, tmp_path):
     moved = stages.stage_paths(other, task, (1, 2))
     assert moved["clients"] != paths["clients"]
     assert all(moved[f"choice_{m}"] == paths[f"choice_{m}"] for m in (1, 2))
+    assert moved["shadow_null"] == paths["shadow_null"]
     for m in (1, 2):   # made anew, now beside other clients
         os.replace(paths[f"choice_{m}"], str(tmp_path / f"choice_{m}.pt"))
     again = train.run(other)
