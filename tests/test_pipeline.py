@@ -610,6 +610,24 @@ def test_the_check_scores_the_llm_on_the_answers_of_each_uploads_own_tinylm(fron
             assert losses[i][c].tolist() == pytest.approx(want, rel=1e-5)
 
 
+def test_the_answer_tests_null_at_level_m_has_the_noise_of_a_mean_of_m_uploads(monkeypatch):
+    """answer_test_stage on the provider's noise-only uploads: with shifts that are linear in the
+    upload (faked), the calibration for inputs that average m uploads keeps the centre, divides
+    the spread by sqrt(m) (the mean of m independent uploads), and keeps the threshold (a
+    quantile of z's, which the scale leaves alone)."""
+    g = torch.Generator().manual_seed(0)
+    null = torch.randn(64, 3, 5, generator=g) + torch.arange(15.).view(3, 5)        # (N, n, d)
+    weights = torch.randn(15, 4, generator=g)
+    answers = SimpleNamespace(tiny=lambda uploads: uploads.flatten(1) @ weights)   # (B, A)
+    monkeypatch.setattr(evaluation, "answer_shifts", lambda *a, **k: answers)
+    cfg = train.parse_args(TINY_RUN + ["--dp_epsilon=1"])
+    one, four = (train.answer_test_stage(cfg, None, None, None, {"X_null": null}, None, m) for m in (1, 4))
+    torch.testing.assert_close(four.centre, one.centre)
+    torch.testing.assert_close(four.scale, one.scale / 2)
+    assert four.threshold == pytest.approx(one.threshold, rel=1e-5)
+    torch.testing.assert_close(one.centre, answers.tiny(null).mean(0))
+
+
 def test_the_answer_shifts_read_each_model_one_prompt_at_a_time(frontier_point):
     """eval.answer_shifts against a loop over single prompts: the rebuilt TinyLM's mean
     log-probability of each operator after '37@52=' minus the public TinyLM's, the LLM's mean
