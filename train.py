@@ -265,11 +265,7 @@ def null_runs(worker, items):
     cfg = worker.cfg
     datasets = [worker.task.encode(data.null_examples(cfg, worker.task, i)) for i in items]
     seeds = [data.run_seed(cfg.seed, "null run", i) for i in items]
-    if cfg.dp_mechanism == "output":
-        clean = fine_tunes(cfg, worker.tiny, datasets, recipe(cfg), seeds)
-        return [perturb(cfg, run[-1], seed) for run, seed in zip(clean, seeds)]
-    return [run[-1] for run in fine_tunes(cfg, worker.tiny, datasets, recipe(cfg, private=True),
-                                          seeds)]
+    return private_updates(cfg, worker.tiny, datasets, seeds)
 
 
 def shadow_stages(cfg, task, tiny, llm, paths, device, ranks=None):
@@ -585,10 +581,7 @@ def client_runs(worker, clients):
     floors = [run[-1] for run in fine_tunes(cfg, worker.tiny, datasets, recipe(cfg), seeds)]
     if cfg.dp_epsilon <= 0:
         return list(zip(floors, floors))
-    if cfg.dp_mechanism == "output":   # the clean update, same data and seed, clipped plus noise
-        return [(f, perturb(cfg, f, s)) for f, s in zip(floors, seeds)]
-    private = fine_tunes(cfg, worker.tiny, datasets, recipe(cfg, private=True), seeds)
-    return list(zip(floors, (run[-1] for run in private)))
+    return list(zip(floors, private_updates(cfg, worker.tiny, datasets, seeds, floors)))
 
 
 def reference_runs(worker, clients):
@@ -665,6 +658,17 @@ def perturb(cfg, update, seed):
     """Output perturbation: the Gaussian mechanism on the whole update vector (dp.py)."""
     g = torch.Generator().manual_seed(seed + 1)
     return dp.perturb_update(update, cfg.dp_epsilon, cfg.dp_delta, cfg.dp_clip, g)
+
+
+def private_updates(cfg, tiny, datasets, seeds, clean=None):
+    """What a client with each dataset uploads under DP: the final update of a DP-SGD fine-tune,
+    or with output perturbation the clean fine-tune's final update (`clean`, when already made:
+    same data and seed) clipped plus noise."""
+    if cfg.dp_mechanism == "output":
+        if clean is None:
+            clean = [run[-1] for run in fine_tunes(cfg, tiny, datasets, recipe(cfg), seeds)]
+        return [perturb(cfg, update, seed) for update, seed in zip(clean, seeds)]
+    return [run[-1] for run in fine_tunes(cfg, tiny, datasets, recipe(cfg, private=True), seeds)]
 
 
 # -----------------------------------------------------------------------------
