@@ -195,6 +195,7 @@ class AnswerShifts(NamedTuple):
                      #   minus the public TinyLM's
     llm: Callable    # updates (C, B, n_tgt, d_tgt) -> (C, B, A): the LLM's probabilities under each
                      #   update, minus under the mean shadow update
+    default: int     # the convention the public TinyLM answers (its most probable next token)
 
 
 def convention_prompts(task, n_prompts, seed):
@@ -244,7 +245,7 @@ def answer_shifts(task, tiny, llm, mean_shadow, n_prompts, seed):
 
     def llm_shifts(updates):    # (C, B, n_tgt, d_tgt) -> (C, B, A)
         return torch.stack([next_token(llm, u, log=False) for u in updates]) - mean_llm
-    return AnswerShifts(tiny_shifts, llm_shifts)
+    return AnswerShifts(tiny_shifts, llm_shifts, int(public_tiny.argmax()))
 
 
 def provenance(device="cpu"):
@@ -336,9 +337,10 @@ def results_record(cfg, task, llm, results, *, privacy, translators, timing, cho
     }
     if choices:
         record["provider_choice"] = {m: c._asdict() for m, c in choices.items()}
-    if answer_tests:
-        record["answer_test"] = {m: {k: v.tolist() if torch.is_tensor(v) else v
-                                     for k, v in t._asdict().items()}
+    if answer_tests:   # the calibration; of the corners, the shadow run each came from
+        record["answer_test"] = {m: dict(centre=t.centre.tolist(), scale=t.scale.tolist(),
+                                         threshold=t.threshold,
+                                         corner_runs=t.corners.runs if t.corners else None)
                                  for m, t in answer_tests.items()}
     return record
 

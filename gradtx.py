@@ -31,7 +31,8 @@ The file reads in four parts:
          the map's or the translator's, whichever makes the LLM answer as the client's own
          TinyLM, rebuilt from the upload, does);
        - with DP, the answer test on top of the choice: where the rebuilt TinyLM moves towards an
-         operator further than noise alone moves it, an update under which the LLM answers so;
+         operator further than noise alone moves it, an update under which the LLM answers so
+         (a translation, else a shadow fine-tune of the LLM at that corner of the simplex);
   3. the provider's prediction, composed in one place: `translate`, gate(map(x) + residual(x)),
      and `provide`, what the provider sends under its choice;
   4. training on shadow pairs, and checkpoints.
@@ -764,31 +765,68 @@ class Sent(NamedTuple):
 # operator further than noise alone moves it, an update under which the LLM answers that operator
 
 
+class Corners(NamedTuple):
+    """For each of the task's A conventions, the shadow fine-tune of the LLM under which the LLM
+    moves most towards it (`convention_corners`): what the answer test sends where the upload's
+    TinyLM moved towards a convention and no translation of it makes the LLM answer so."""
+    updates: torch.Tensor   # (A, n_tgt, d_tgt) raw LLM updates
+    runs: list              # (A,) which shadow update each is; -1: none answers that convention
+
+
 class AnswerTest(NamedTuple):
     """The answer test's calibration at one privacy level (`fit_answer_test`): how far noise alone
-    moves the rebuilt TinyLM's next token towards each of the task's A conventions."""
+    moves the rebuilt TinyLM's next token towards each of the task's A conventions, and the
+    updates it may send at a corner of the simplex (None: it sends translations only)."""
     centre: torch.Tensor    # (A,) the mean shift of noise-only uploads
     scale: torch.Tensor     # (A,) its standard deviation
     threshold: float        # a z = (shift - centre) / scale that noise alone rarely passes
+    corners: Corners | None = None
 
 
-def fit_answer_test(null_shifts, false_pass=0.05):
+def fit_answer_test(null_shifts, corners=None, false_pass=0.05):
     """AnswerTest from the shifts (N, A) of N noise-only uploads at one privacy level (DP
     fine-tunes of public records that hold no convention of their own, made as the clients make
     theirs: train.answer_test_stage). threshold: the (1 - false_pass) quantile of each noise-only
-    upload's largest z, so that a share false_pass of them passes."""
+    upload's largest z, so that a share false_pass of them passes. corners: Corners, or None."""
     centre = null_shifts.mean(0)
     scale = null_shifts.std(0).clamp(min=1e-8)
     largest = ((null_shifts - centre) / scale).amax(1)                                  # (N,)
-    return AnswerTest(centre, scale, torch.quantile(largest, 1 - false_pass).item())
+    return AnswerTest(centre, scale, torch.quantile(largest, 1 - false_pass).item(), corners)
 
 
-def shifted_convention(test, shifts):
-    """shifts (B, A) -> (B,) the convention each upload's TinyLM moved towards further than noise
-    alone would (`AnswerTest`), -1 where none did."""
-    z = (shifts - test.centre) / test.scale
+def convention_corners(shadow_updates, shifts):
+    """Corners from the provider's shadow fine-tunes of the LLM (R, n_tgt, d_tgt) and how far
+    each moves the LLM's next token towards each convention (R, A; eval.answer_shifts' `llm`):
+    for each convention, the update that moves it most, kept only where the LLM then moves
+    towards that convention more than towards any other (it answers so)."""
+    best = shifts.argmax(0)                                                         # (A,)
+    runs = [r if shifts[r].argmax().item() == a else -1 for a, r in enumerate(best.tolist())]
+    return Corners(shadow_updates[best], runs)
+
+
+def answer_z(test, shifts):
+    """shifts (B, A) -> (B, A): how far each upload's TinyLM moved towards each convention, in
+    standard deviations of the moves noise alone makes, from their centre."""
+    return (shifts - test.centre) / test.scale
+
+
+def shifted_convention(test, z):
+    """z (B, A) (`answer_z`) -> (B,) the convention each upload's TinyLM moved towards further
+    than noise alone would (`AnswerTest`), -1 where none did."""
     best, convention = z.max(1)
     return torch.where(best > test.threshold, convention, -1)
+
+
+def corner_for(test, z, convention, default):
+    """Whether the answer test may send the corner (`Corners`) of `convention` for an upload with
+    z (A,): the test's corners hold one for it, and the upload's TinyLM moved AWAY from the public
+    `default` convention (z below the noise's centre; so never the default's own corner, which
+    the mean update answers anyway). Why: a corner answers its convention on every prompt, so it
+    serves a client whose data mostly follow that convention; a client whose data mostly follow
+    the default may show a move towards a convention its data hold a little of (or noise), but no
+    move away from the default, which its TinyLM already answers."""
+    return (test.corners is not None and test.corners.runs[convention] >= 0
+            and z[default].item() < 0)
 
 
 ANSWERED = ("ridge_ungated", "translator", "ridge")
@@ -802,17 +840,21 @@ def answer_test(model, uploads, sent, linear, fallback, answers, test):
     """The answer test, on top of the provider's choice: for each raw upload (B, n_src, d_src)
     whose rebuilt TinyLM moves towards a convention further than noise alone would
     (`shifted_convention`), the first of the update sent (`sent`, Sent) and ANSWERED under which
-    the LLM moves most towards that same convention; `sent` elsewhere, and where none does.
+    the LLM moves most towards that same convention; where none does, that convention's corner
+    (a shadow fine-tune of the LLM that answers it, `corner_for` says when); `sent` elsewhere.
 
     Why: at the knee (few records, small epsilon) the noise leaves the rebuilt TinyLM's greedy
     answers those of the public TinyLM, so the check (`check_uploads`) sees the public default and
     the gate's weight sees coordinates the noise dominates; what the upload still shows is a small
     move of the TinyLM's probabilities towards the client's operator. The test compares that move
     with those of noise-only uploads at the same level (a share `false_pass` of which pass), and
-    trusts an update only as far as it makes the LLM answer the same way. It reads public prompts
-    and public models only (eval.answer_shifts): post-processing of the upload, as every candidate.
-    answers: eval.AnswerShifts; test: AnswerTest for the uploads' level. Returns Sent."""
-    convention = shifted_convention(test, answers.tiny(uploads))                        # (B,)
+    trusts an update only as far as it makes the LLM answer the same way. Where the map does not
+    carry a convention the client's TinyLM learned (a direction the noise drowns), the provider
+    still has its own LLM fine-tunes on public records of that convention. It reads public
+    prompts and public models only (eval.answer_shifts): post-processing of the upload, as every
+    candidate. answers: eval.AnswerShifts; test: AnswerTest for the uploads' level. Returns Sent."""
+    z = answer_z(test, answers.tiny(uploads))                                         # (B, A)
+    convention = shifted_convention(test, z)                                            # (B,)
     if (convention < 0).all():
         return sent
     options = torch.stack([sent.updates] + [candidate_update(model, uploads, c, linear, fallback)
@@ -821,10 +863,14 @@ def answer_test(model, uploads, sent, linear, fallback, answers, test):
     updates = sent.updates.clone()
     names = list(sent.names)
     for b in torch.nonzero(convention >= 0).flatten().tolist():
-        agree = torch.nonzero(named[:, b] == convention[b]).flatten().tolist()
+        c = convention[b].item()
+        agree = torch.nonzero(named[:, b] == c).flatten().tolist()
         if agree and agree[0] > 0:   # 0: what was sent already answers so
             updates[b] = options[agree[0], b]
             names[b] = f"shift:{ANSWERED[agree[0] - 1]}"
+        elif not agree and corner_for(test, z[b], c, answers.default):
+            updates[b] = test.corners.updates[c].to(updates.device)
+            names[b] = "shift:corner"
     return Sent(updates, names)
 
 

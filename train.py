@@ -521,16 +521,21 @@ def answer_test_stage(cfg, task, tiny, llm, shadow, mean_shadow, m):
     the answer shifts of the provider's noise-only uploads (shadow["X_null"], `null_runs`: DP
     fine-tunes of public records with no convention of their own, made as the clients make
     theirs), each brought to the noise of a mean of m of them (its distance from their centre
-    / sqrt(m)). Public records only. None for a task without conventions to read."""
+    / sqrt(m)); and its corners (gradtx.convention_corners), from the final LLM updates of the
+    shadow runs the maps fit on. Public records only. None for a task without conventions."""
     t0 = time.time()
     answers = evaluation.answer_shifts(task, tiny, llm, mean_shadow, ANSWER_PROMPTS, cfg.seed)
     if answers is None:
         return None
     null = shadow["X_null"]                                                   # (N, n, d)
     centre = null.mean(0)
-    test = gradtx.fit_answer_test(answers.tiny(centre + (null - centre) / math.sqrt(m)))
+    train_runs = fit_runs(cfg)[0]
+    finals = shadow["Y"][train_runs, -1]                                      # (R, n_tgt, d_tgt)
+    corners = gradtx.convention_corners(finals, answers.llm(finals[None])[0])
+    corners = corners._replace(runs=[train_runs[r] if r >= 0 else -1 for r in corners.runs])
+    test = gradtx.fit_answer_test(answers.tiny(centre + (null - centre) / math.sqrt(m)), corners)
     print(f"answer test m={m}: threshold z {test.threshold:.2f} ({len(null)} noise-only uploads), "
-          f"{time.time() - t0:.1f}s", flush=True)
+          f"corners from shadow runs {corners.runs}, {time.time() - t0:.1f}s", flush=True)
     return test
 
 

@@ -933,10 +933,11 @@ def test_the_answer_test_lets_a_share_false_pass_of_noise_through_and_finds_a_re
     test = gradtx.fit_answer_test(centre + spread * torch.randn(20000, 4, generator=g))
     assert test.threshold == pytest.approx(2.234, abs=0.05)
     fresh = centre + spread * torch.randn(20000, 4, generator=g)
-    assert (gradtx.shifted_convention(test, fresh) >= 0).float().mean().item() == pytest.approx(0.05, abs=0.01)
+    passed = gradtx.shifted_convention(test, gradtx.answer_z(test, fresh)) >= 0
+    assert passed.float().mean().item() == pytest.approx(0.05, abs=0.01)
     moved = torch.stack([centre + torch.tensor([0.0, 0.0, 0.05, 0.0]),     # 5 of its sd's: passes
                          centre + torch.tensor([0.0, 0.0, 0.02, 0.0])])    # 2 of them: noise
-    assert gradtx.shifted_convention(test, moved).tolist() == [2, -1]
+    assert gradtx.shifted_convention(test, gradtx.answer_z(test, moved)).tolist() == [2, -1]
 
 
 def test_the_answer_test_sends_the_first_option_that_answers_as_the_tinylm_moved():
@@ -964,7 +965,7 @@ def test_the_answer_test_sends_the_first_option_that_answers_as_the_tinylm_moved
         for c, want in enumerate(expected):
             torch.testing.assert_close(options[1 + c], want)
         return F.one_hot(named, 4).float()         # (1 + C, B, A)
-    answers = SimpleNamespace(tiny=lambda u: moves, llm=llm)
+    answers = SimpleNamespace(tiny=lambda u: moves, llm=llm, default=0)
     tested = gradtx.provide(model, uploads, gradtx.Choice("mean_shadow", 0.1, 0.0, {}), ridge, fallback,
                             answers=answers, test=test)
     assert tested.names == ["shift:ridge_ungated", "shift:translator"] + ["mean_shadow"] * 6
@@ -972,5 +973,52 @@ def test_the_answer_test_sends_the_first_option_that_answers_as_the_tinylm_moved
     torch.testing.assert_close(tested.updates[1], expected[1][1])
     torch.testing.assert_close(tested.updates[2:], sent.updates[2:])   # 3: the mean update answers 0
     # no upload passes: nothing is read of the LLM
-    quiet = SimpleNamespace(tiny=lambda u: torch.zeros(8, 4), llm=lambda o: pytest.fail("read the LLM"))
+    quiet = SimpleNamespace(tiny=lambda u: torch.zeros(8, 4), llm=lambda o: pytest.fail("read the LLM"),
+                            default=0)
     assert gradtx.answer_test(model, uploads, sent, ridge, fallback, quiet, test) == sent
+
+
+def test_a_corner_is_the_shadow_update_that_moves_the_llm_most_towards_its_convention():
+    """convention_corners on hand-made shifts: per convention the shadow run that moves the LLM
+    most towards it, and -1 where even that run moves the LLM towards another convention more."""
+    updates = torch.arange(5.0)[:, None, None].expand(5, N_TGT, D_TGT)    # update r is all r's
+    shifts = torch.tensor([[0.9, 0.0, 0.0, 0.0],
+                           [0.0, 0.2, 0.0, 0.0],
+                           [0.0, 0.6, 0.1, 0.0],     # moves most towards 2 of all, but more towards 1
+                           [0.0, 0.0, 0.0, 0.5],
+                           [0.3, 0.0, 0.0, 0.4]])
+    corners = gradtx.convention_corners(updates, shifts)
+    assert corners.runs == [0, 2, -1, 3]
+    assert corners.updates[:, 0, 0].tolist() == [0.0, 2.0, 2.0, 3.0]
+
+
+def test_the_answer_test_sends_a_corner_only_where_the_tinylm_also_left_the_default():
+    """Where no translation answers the convention an upload passes for, the answer test sends
+    that convention's corner, and only where: the corner exists, the convention is not the public
+    default (0 here), and the upload's z for the default is below 0. Hand-made z's, an LLM that
+    answers 0 under every translation."""
+    model, ridge, fallback, gate, uploads = gated_provider()
+    corner_updates = torch.stack([torch.full((N_TGT, D_TGT), float(a + 1)) for a in range(4)])
+    test = gradtx.AnswerTest(torch.zeros(4), torch.ones(4), 2.0,
+                             gradtx.Corners(corner_updates, [0, 1, 2, -1]))
+    z = torch.zeros(8, 4)
+    z[0] = torch.tensor([-1.0, 5.0, 0.0, 0.0])     # towards 1, away from the default: the corner
+    z[1] = torch.tensor([0.5, 5.0, 0.0, 0.0])      # towards 1, not away from the default: no
+    z[2] = torch.tensor([-1.0, 0.0, 0.0, 5.0])     # towards 3, which has no corner: no
+    z[3] = torch.tensor([5.0, 0.0, 0.0, 0.0])      # towards the default: the mean update answers it
+    z[4] = torch.tensor([-3.0, 1.9, 1.0, 0.0])     # nothing passes
+    z[5] = torch.tensor([-2.0, 0.0, 4.0, 0.0])     # towards 2, away from the default: the corner
+    answers = SimpleNamespace(tiny=lambda u: z, default=0,
+                              llm=lambda options: F.one_hot(torch.zeros(options.shape[:2], dtype=torch.long),
+                                                            4).float())
+    choice = gradtx.Choice("mean_shadow", 0.1, 0.0, {})
+    tested = gradtx.provide(model, uploads, choice, ridge, fallback, answers=answers, test=test)
+    cornered = [i for i, n in enumerate(tested.names) if n == "shift:corner"]
+    assert cornered == [0, 5]
+    torch.testing.assert_close(tested.updates[0], corner_updates[1])
+    torch.testing.assert_close(tested.updates[5], corner_updates[2])
+    assert all(n == "mean_shadow" for i, n in enumerate(tested.names) if i not in cornered)
+    # without corners (a test fitted without them) the same uploads get what was sent
+    plain = gradtx.provide(model, uploads, choice, ridge, fallback, answers=answers,
+                           test=test._replace(corners=None))
+    assert plain.names == ["mean_shadow"] * 8

@@ -618,14 +618,26 @@ def test_the_answer_tests_null_at_level_m_has_the_noise_of_a_mean_of_m_uploads(m
     g = torch.Generator().manual_seed(0)
     null = torch.randn(64, 3, 5, generator=g) + torch.arange(15.).view(3, 5)        # (N, n, d)
     weights = torch.randn(15, 4, generator=g)
-    answers = SimpleNamespace(tiny=lambda uploads: uploads.flatten(1) @ weights)   # (B, A)
+    answers = SimpleNamespace(tiny=lambda uploads: uploads.flatten(1) @ weights,   # (B, A)
+                              llm=lambda options: options.flatten(2)[..., :4])     # (C, B, A)
     monkeypatch.setattr(evaluation, "answer_shifts", lambda *a, **k: answers)
     cfg = train.parse_args(TINY_RUN + ["--dp_epsilon=1"])
-    one, four = (train.answer_test_stage(cfg, None, None, None, {"X_null": null}, None, m) for m in (1, 4))
+    Y = torch.randn(cfg.n_shadow, cfg.n_snapshots, 2, 3, generator=g)   # the LLM's shadow updates
+    shadow = {"X_null": null, "Y": Y}
+    one, four = (train.answer_test_stage(cfg, None, None, None, shadow, None, m) for m in (1, 4))
     torch.testing.assert_close(four.centre, one.centre)
     torch.testing.assert_close(four.scale, one.scale / 2)
     assert four.threshold == pytest.approx(one.threshold, rel=1e-5)
     torch.testing.assert_close(one.centre, answers.tiny(null).mean(0))
+    # the corners: the same at every level, final updates of the runs the maps fit on
+    train_runs = train.fit_runs(cfg)[0]
+    assert one.corners.runs == four.corners.runs
+    for a, run in enumerate(one.corners.runs):
+        if run >= 0:
+            assert run in train_runs
+            torch.testing.assert_close(one.corners.updates[a], Y[run, -1])
+            moves = Y[train_runs, -1].flatten(1)[:, :4]                    # what the fake LLM reads
+            assert moves[:, a].max() == Y[run, -1].flatten()[a]          # the most towards a
 
 
 def test_the_answer_shifts_read_each_model_one_prompt_at_a_time(frontier_point):
@@ -657,6 +669,7 @@ def test_the_answer_shifts_read_each_model_one_prompt_at_a_time(frontier_point):
         for i in range(2):
             torch.testing.assert_close(llm_shifts[c, i], mean_over_prompts(p.llm, options[c, i], log=False) - mean)
     torch.testing.assert_close(llm_shifts[0], torch.zeros(2, 4))   # the mean update moves nothing
+    assert answers.default == public.argmax().item()   # what the public TinyLM answers most
     assert evaluation.answer_shifts(SimpleNamespace(name="text"), p.tiny, p.llm, p.fallback, 12, 0) is None
 
 
