@@ -195,7 +195,7 @@ class AnswerShifts(NamedTuple):
                      #   minus the public TinyLM's
     llm: Callable    # updates (C, B, n_tgt, d_tgt) -> (C, B, A): the LLM's probabilities under each
                      #   update, minus under the mean shadow update
-    default: int     # the convention the public TinyLM answers (its most probable next token)
+    default: int     # the convention the LLM answers under the mean shadow update (most probable)
 
 
 def convention_prompts(task, n_prompts, seed):
@@ -245,7 +245,7 @@ def answer_shifts(task, tiny, llm, mean_shadow, n_prompts, seed):
 
     def llm_shifts(updates):    # (C, B, n_tgt, d_tgt) -> (C, B, A)
         return torch.stack([next_token(llm, u, log=False) for u in updates]) - mean_llm
-    return AnswerShifts(tiny_shifts, llm_shifts, int(public_tiny.argmax()))
+    return AnswerShifts(tiny_shifts, llm_shifts, int(mean_llm.argmax()))
 
 
 def provenance(device="cpu"):

@@ -819,12 +819,13 @@ def shifted_convention(test, z):
 
 def corner_for(test, z, convention, default):
     """Whether the answer test may send the corner (`Corners`) of `convention` for an upload with
-    z (A,): the test's corners hold one for it, and the upload's TinyLM moved AWAY from the public
-    `default` convention (z below the noise's centre; so never the default's own corner, which
-    the mean update answers anyway). Why: a corner answers its convention on every prompt, so it
-    serves a client whose data mostly follow that convention; a client whose data mostly follow
-    the default may show a move towards a convention its data hold a little of (or noise), but no
-    move away from the default, which its TinyLM already answers."""
+    z (A,): the test's corners hold one for it, and the upload's TinyLM moved AWAY from the
+    `default` convention, the one the LLM answers under the mean update (z below the noise's
+    centre; so never the default's own corner, which the mean update answers anyway). Why: a
+    corner answers its convention on every prompt, so it serves a client whose data mostly follow
+    that convention. The noise-only uploads learned the task mixture, whose largest share is the
+    default; a client whose data hold less of it than that moves away from it, while one whose data
+    mostly follow it may show a move towards a convention its data hold a little of (or noise)."""
     return (test.corners is not None and test.corners.runs[convention] >= 0
             and z[default].item() < 0)
 
