@@ -188,14 +188,14 @@ def tinylm_check(task, tiny, llm, n_prompts, seed):
 
 
 class AnswerShifts(NamedTuple):
-    """What the answer test (gradtx.answer_test) reads: how far an update moves a model's next
-    token after a public prompt's '=' towards each of the task's A conventions (task.conventions:
-    arith, the four operators '@' may stand for), mean over the prompts."""
-    tiny: Callable   # uploads (B, n_src, d_src) -> (B, A): the rebuilt TinyLM's log-probabilities,
-                     #   minus the public TinyLM's
-    llm: Callable    # updates (C, B, n_tgt, d_tgt) -> (C, B, A): the LLM's probabilities under each
-                     #   update, minus under the mean shadow update
-    default: int     # the convention the LLM answers under the mean shadow update (most probable)
+    """What the answer test (gradtx.answer_test) reads of a model's next token after a public
+    prompt's '=', which names the convention of its answer (task.conventions: arith, the four
+    operators '@' may stand for), mean over the prompts."""
+    tiny: Callable   # uploads (B, n_src, d_src) -> (B, A): the rebuilt TinyLM's log-probability of
+                     #   each convention, minus the public TinyLM's (how far the upload moved it)
+    llm: Callable    # updates (C, B, n_tgt, d_tgt) -> (C, B, A): the LLM's probability of each
+                     #   convention under each update (the most probable: what it answers)
+    default: int     # the convention the LLM answers under the mean shadow update
 
 
 def convention_prompts(task, n_prompts, seed):
@@ -238,14 +238,14 @@ def answer_shifts(task, tiny, llm, mean_shadow, n_prompts, seed):
             tinylm.set_update(model, held)
 
     public_tiny = next_token(tiny, torch.zeros(1, *tinylm.get_update(tiny).shape), log=True)[0]
-    mean_llm = next_token(llm, mean_shadow[None], log=False)[0]                           # (A,)
 
     def tiny_shifts(uploads):   # (B, n_src, d_src) -> (B, A)
         return next_token(tiny, uploads, log=True) - public_tiny
 
-    def llm_shifts(updates):    # (C, B, n_tgt, d_tgt) -> (C, B, A)
-        return torch.stack([next_token(llm, u, log=False) for u in updates]) - mean_llm
-    return AnswerShifts(tiny_shifts, llm_shifts, int(mean_llm.argmax()))
+    def llm_probabilities(updates):   # (C, B, n_tgt, d_tgt) -> (C, B, A)
+        return torch.stack([next_token(llm, u, log=False) for u in updates])
+    default = llm_probabilities(mean_shadow[None, None])[0, 0].argmax().item()
+    return AnswerShifts(tiny_shifts, llm_probabilities, default)
 
 
 def provenance(device="cpu"):
@@ -340,6 +340,7 @@ def results_record(cfg, task, llm, results, *, privacy, translators, timing, cho
     if answer_tests:   # the calibration; of the corners, the shadow run each came from
         record["answer_test"] = {m: dict(centre=t.centre.tolist(), scale=t.scale.tolist(),
                                          threshold=t.threshold,
+                                         corner_threshold=t.corner_threshold,
                                          corner_runs=t.corners.runs if t.corners else None)
                                  for m, t in answer_tests.items()}
     return record

@@ -767,8 +767,8 @@ class Sent(NamedTuple):
 
 class Corners(NamedTuple):
     """For each of the task's A conventions, the shadow fine-tune of the LLM under which the LLM
-    moves most towards it (`convention_corners`): what the answer test sends where the upload's
-    TinyLM moved towards a convention and no translation of it makes the LLM answer so."""
+    answers it most (`convention_corners`): what the answer test sends where an upload's TinyLM
+    moved towards a convention and no translation of it makes the LLM answer so."""
     updates: torch.Tensor   # (A, n_tgt, d_tgt) raw LLM updates
     runs: list              # (A,) which shadow update each is; -1: none answers that convention
 
@@ -780,27 +780,31 @@ class AnswerTest(NamedTuple):
     centre: torch.Tensor    # (A,) the mean shift of noise-only uploads
     scale: torch.Tensor     # (A,) its standard deviation
     threshold: float        # a z = (shift - centre) / scale that noise alone rarely passes
+    corner_threshold: float  # one it passes more rarely still: a corner asks for more evidence
     corners: Corners | None = None
 
 
-def fit_answer_test(null_shifts, corners=None, false_pass=0.05):
+def fit_answer_test(null_shifts, corners=None, false_pass=0.05, corner_false_pass=0.01):
     """AnswerTest from the shifts (N, A) of N noise-only uploads at one privacy level (DP
     fine-tunes of public records that hold no convention of their own, made as the clients make
     theirs: train.answer_test_stage). threshold: the (1 - false_pass) quantile of each noise-only
-    upload's largest z, so that a share false_pass of them passes. corners: Corners, or None."""
+    upload's largest z, so that a share false_pass of them passes; corner_threshold: the same at
+    corner_false_pass. corners: Corners, or None."""
     centre = null_shifts.mean(0)
     scale = null_shifts.std(0).clamp(min=1e-8)
     largest = ((null_shifts - centre) / scale).amax(1)                                  # (N,)
-    return AnswerTest(centre, scale, torch.quantile(largest, 1 - false_pass).item(), corners)
+    return AnswerTest(centre, scale, torch.quantile(largest, 1 - false_pass).item(),
+                      torch.quantile(largest, 1 - corner_false_pass).item(), corners)
 
 
-def convention_corners(shadow_updates, shifts):
-    """Corners from the provider's shadow fine-tunes of the LLM (R, n_tgt, d_tgt) and how far
-    each moves the LLM's next token towards each convention (R, A; eval.answer_shifts' `llm`):
-    for each convention, the update that moves it most, kept only where the LLM then moves
-    towards that convention more than towards any other (it answers so)."""
-    best = shifts.argmax(0)                                                         # (A,)
-    runs = [r if shifts[r].argmax().item() == a else -1 for a, r in enumerate(best.tolist())]
+def convention_corners(shadow_updates, probabilities):
+    """Corners from the provider's shadow fine-tunes of the LLM (R, n_tgt, d_tgt) and the LLM's
+    probability of each convention under each (R, A; eval.answer_shifts' `llm`): for each
+    convention, the update that gives it the highest probability, kept only where it is then the
+    LLM's most probable convention (the LLM answers it)."""
+    best = probabilities.argmax(0)                                                  # (A,)
+    runs = [r if probabilities[r].argmax().item() == a else -1
+            for a, r in enumerate(best.tolist())]
     return Corners(shadow_updates[best], runs)
 
 
@@ -819,15 +823,19 @@ def shifted_convention(test, z):
 
 def corner_for(test, z, convention, default):
     """Whether the answer test may send the corner (`Corners`) of `convention` for an upload with
-    z (A,): the test's corners hold one for it, and the upload's TinyLM moved AWAY from the
-    `default` convention, the one the LLM answers under the mean update (z below the noise's
-    centre; so never the default's own corner, which the mean update answers anyway). Why: a
-    corner answers its convention on every prompt, so it serves a client whose data mostly follow
-    that convention. The noise-only uploads learned the task mixture, whose largest share is the
-    default; a client whose data hold less of it than that moves away from it, while one whose data
-    mostly follow it may show a move towards a convention its data hold a little of (or noise)."""
+    z (A,). A corner answers its convention on every prompt: a bigger bet than a translation of
+    the upload, so it asks for more evidence, on two counts.
+    1. The move towards the convention passes `corner_threshold` (what a share corner_false_pass
+       of noise-only uploads reach, not false_pass): a noise-only upload that passes the test
+       and is sent a corner loses its whole gain.
+    2. The upload's TinyLM moved AWAY from the `default`, the convention the LLM answers under the
+       mean update (z below the noise's centre; so never the default's own corner, which the
+       mean update answers anyway). The noise-only uploads learned the task mixture, whose largest
+       share is the default: a client whose data hold less of it moves away from it, while one
+       whose data mostly follow it may move towards a convention its data hold a little of.
+    And the test's corners must hold one for the convention."""
     return (test.corners is not None and test.corners.runs[convention] >= 0
-            and z[default].item() < 0)
+            and z[convention].item() > test.corner_threshold and z[default].item() < 0)
 
 
 ANSWERED = ("ridge_ungated", "translator", "ridge")
@@ -841,8 +849,9 @@ def answer_test(model, uploads, sent, linear, fallback, answers, test):
     """The answer test, on top of the provider's choice: for each raw upload (B, n_src, d_src)
     whose rebuilt TinyLM moves towards a convention further than noise alone would
     (`shifted_convention`), the first of the update sent (`sent`, Sent) and ANSWERED under which
-    the LLM moves most towards that same convention; where none does, that convention's corner
-    (a shadow fine-tune of the LLM that answers it, `corner_for` says when); `sent` elsewhere.
+    the LLM answers that same convention (its most probable after '='); where none does, that
+    convention's corner (a shadow fine-tune of the LLM that answers it; `corner_for` says when);
+    `sent` elsewhere.
 
     Why: at the knee (few records, small epsilon) the noise leaves the rebuilt TinyLM's greedy
     answers those of the public TinyLM, so the check (`check_uploads`) sees the public default and
@@ -860,7 +869,7 @@ def answer_test(model, uploads, sent, linear, fallback, answers, test):
         return sent
     options = torch.stack([sent.updates] + [candidate_update(model, uploads, c, linear, fallback)
                                             for c in ANSWERED])          # (1 + C, B, n_tgt, d_tgt)
-    named = answers.llm(options).argmax(2)                               # (1 + C, B): the LLM's
+    named = answers.llm(options).argmax(2)             # (1 + C, B): what the LLM answers under
     updates = sent.updates.clone()
     names = list(sent.names)
     for b in torch.nonzero(convention >= 0).flatten().tolist():

@@ -534,8 +534,10 @@ def answer_test_stage(cfg, task, tiny, llm, shadow, mean_shadow, m):
     corners = gradtx.convention_corners(finals, answers.llm(finals[None])[0])
     corners = corners._replace(runs=[train_runs[r] if r >= 0 else -1 for r in corners.runs])
     test = gradtx.fit_answer_test(answers.tiny(centre + (null - centre) / math.sqrt(m)), corners)
-    print(f"answer test m={m}: threshold z {test.threshold:.2f} ({len(null)} noise-only uploads), "
-          f"corners from shadow runs {corners.runs}, {time.time() - t0:.1f}s", flush=True)
+    print(f"answer test m={m}: threshold z {test.threshold:.2f}, for a corner "
+          f"{test.corner_threshold:.2f} ({len(null)} noise-only uploads), corners from shadow runs "
+          f"{corners.runs}, "
+          f"{time.time() - t0:.1f}s", flush=True)
     return test
 
 

@@ -927,11 +927,13 @@ def test_provide_sends_the_chosen_candidate():
 def test_the_answer_test_lets_a_share_false_pass_of_noise_through_and_finds_a_real_move():
     """fit_answer_test on noise-only shifts: the threshold of the largest of A independent z's
     (published: the 0.95 quantile of the largest of 4 standard normals is Phi^-1(0.95^(1/4)) =
-    2.234), a share false_pass of fresh noise passes, and a move the noise does not make is named."""
+    2.234; for a corner, the 0.99 quantile, Phi^-1(0.99^(1/4)) = 2.807), a share false_pass of
+    fresh noise passes, and a move the noise does not make is named."""
     g = torch.Generator().manual_seed(0)
     centre, spread = torch.tensor([0.05, -0.03, 0.0, -0.02]), torch.tensor([0.02, 0.03, 0.01, 0.02])
     test = gradtx.fit_answer_test(centre + spread * torch.randn(20000, 4, generator=g))
     assert test.threshold == pytest.approx(2.234, abs=0.05)
+    assert test.corner_threshold == pytest.approx(2.807, abs=0.08)
     fresh = centre + spread * torch.randn(20000, 4, generator=g)
     passed = gradtx.shifted_convention(test, gradtx.answer_z(test, fresh)) >= 0
     assert passed.float().mean().item() == pytest.approx(0.05, abs=0.01)
@@ -946,7 +948,7 @@ def test_the_answer_test_sends_the_first_option_that_answers_as_the_tinylm_moved
     which the LLM moves most towards the TinyLM's convention, where the TinyLM's move passes the
     test; what was sent everywhere else."""
     model, ridge, fallback, gate, uploads = gated_provider()
-    test = gradtx.AnswerTest(torch.zeros(4), torch.ones(4), 2.0)
+    test = gradtx.AnswerTest(torch.zeros(4), torch.ones(4), 2.0, 3.0)
     moves = torch.zeros(8, 4)
     moves[0, 2] = moves[1, 1] = moves[2, 3] = moves[3, 0] = 5.0      # uploads 0-3 pass; 4-7 do not
     moves[4, 1] = 1.5
@@ -978,28 +980,32 @@ def test_the_answer_test_sends_the_first_option_that_answers_as_the_tinylm_moved
     assert gradtx.answer_test(model, uploads, sent, ridge, fallback, quiet, test) == sent
 
 
-def test_a_corner_is_the_shadow_update_that_moves_the_llm_most_towards_its_convention():
-    """convention_corners on hand-made shifts: per convention the shadow run that moves the LLM
-    most towards it, and -1 where even that run moves the LLM towards another convention more."""
+def test_a_corner_is_the_shadow_update_under_which_the_llm_answers_its_convention_most():
+    """convention_corners on hand-made probabilities: per convention the shadow run under which
+    the LLM gives it the highest probability, and -1 where even under that run the LLM answers
+    another convention."""
     updates = torch.arange(5.0)[:, None, None].expand(5, N_TGT, D_TGT)    # update r is all r's
-    shifts = torch.tensor([[0.9, 0.0, 0.0, 0.0],
-                           [0.0, 0.2, 0.0, 0.0],
-                           [0.0, 0.6, 0.1, 0.0],     # moves most towards 2 of all, but more towards 1
-                           [0.0, 0.0, 0.0, 0.5],
-                           [0.3, 0.0, 0.0, 0.4]])
-    corners = gradtx.convention_corners(updates, shifts)
-    assert corners.runs == [0, 2, -1, 3]
-    assert corners.updates[:, 0, 0].tolist() == [0.0, 2.0, 2.0, 3.0]
+    probabilities = torch.tensor([[0.9, 0.0, 0.1, 0.0],
+                                  [0.4, 0.5, 0.1, 0.0],
+                                  [0.3, 0.2, 0.4, 0.1],
+                                  [0.5, 0.0, 0.0, 0.5],   # a tie: the LLM answers the first
+                                  [0.2, 0.0, 0.0, 0.8]])
+    corners = gradtx.convention_corners(updates, probabilities)
+    assert corners.runs == [0, 1, 2, 4]
+    assert corners.updates[:, 0, 0].tolist() == [0.0, 1.0, 2.0, 4.0]
+    probabilities[2] = torch.tensor([0.5, 0.0, 0.4, 0.1])  # 2 most probable under run 2, yet not answered
+    assert gradtx.convention_corners(updates, probabilities).runs == [0, 1, -1, 4]
 
 
-def test_the_answer_test_sends_a_corner_only_where_the_tinylm_also_left_the_default():
-    """Where no translation answers the convention an upload passes for, the answer test sends
-    that convention's corner, and only where: the corner exists, the convention is not the public
-    default (0 here), and the upload's z for the default is below 0. Hand-made z's, an LLM that
-    answers 0 under every translation."""
+def test_the_answer_test_sends_a_corner_only_on_stronger_evidence_and_a_move_from_the_default():
+    """Where no translation makes the LLM answer the convention an upload passes for, the answer
+    test sends that convention's corner, and only where: the corner exists, the move passes the
+    corner's own threshold (3 here, the test's 2), and the upload's z for the default (0 here) is
+    below 0 (never the default's own corner, then). Hand-made z's, an LLM that answers 0 under
+    every translation."""
     model, ridge, fallback, gate, uploads = gated_provider()
     corner_updates = torch.stack([torch.full((N_TGT, D_TGT), float(a + 1)) for a in range(4)])
-    test = gradtx.AnswerTest(torch.zeros(4), torch.ones(4), 2.0,
+    test = gradtx.AnswerTest(torch.zeros(4), torch.ones(4), 2.0, 3.0,
                              gradtx.Corners(corner_updates, [0, 1, 2, -1]))
     z = torch.zeros(8, 4)
     z[0] = torch.tensor([-1.0, 5.0, 0.0, 0.0])     # towards 1, away from the default: the corner
@@ -1008,6 +1014,7 @@ def test_the_answer_test_sends_a_corner_only_where_the_tinylm_also_left_the_defa
     z[3] = torch.tensor([5.0, 0.0, 0.0, 0.0])      # towards the default: the mean update answers it
     z[4] = torch.tensor([-3.0, 1.9, 1.0, 0.0])     # nothing passes
     z[5] = torch.tensor([-2.0, 0.0, 4.0, 0.0])     # towards 2, away from the default: the corner
+    z[6] = torch.tensor([-2.0, 0.0, 2.5, 0.0])     # passes the test, not the corner's threshold
     answers = SimpleNamespace(tiny=lambda u: z, default=0,
                               llm=lambda options: F.one_hot(torch.zeros(options.shape[:2], dtype=torch.long),
                                                             4).float())

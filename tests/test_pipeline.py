@@ -643,12 +643,12 @@ def test_the_answer_tests_null_at_level_m_has_the_noise_of_a_mean_of_m_uploads(m
 def test_the_answer_shifts_read_each_model_one_prompt_at_a_time(frontier_point):
     """eval.answer_shifts against a loop over single prompts: the rebuilt TinyLM's mean
     log-probability of each operator after '37@52=' minus the public TinyLM's, the LLM's mean
-    probability under each option minus under the mean update; both models left as they were, and
-    a task without conventions has no answer test."""
+    probability of each under each option, the default what it answers under the mean update;
+    both models left as they were, and a task without conventions has no answer test."""
     cfg, p, uploads, options = two_uploads_and_options(frontier_point)
     before = tinylm.get_update(p.tiny).clone(), tinylm.get_update(p.llm).clone()
     answers = evaluation.answer_shifts(p.task, p.tiny, p.llm, p.fallback, 12, cfg.seed)
-    tiny_shifts, llm_shifts = answers.tiny(uploads), answers.llm(options)
+    tiny_shifts, llm_probabilities = answers.tiny(uploads), answers.llm(options)
     assert torch.equal(tinylm.get_update(p.tiny), before[0]) and torch.equal(tinylm.get_update(p.llm), before[1])
     prompts = [p.task.convention_prompt(e) for e in p.task.public_examples(12, data.stream(cfg.seed, "check prompts"))]
     assert all(prompt[2] == "@" and prompt.endswith("=") for prompt in prompts)
@@ -664,11 +664,10 @@ def test_the_answer_shifts_read_each_model_one_prompt_at_a_time(frontier_point):
     public = mean_over_prompts(p.tiny, torch.zeros_like(uploads[0]), log=True)
     for i, upload in enumerate(uploads):
         torch.testing.assert_close(tiny_shifts[i], mean_over_prompts(p.tiny, upload, log=True) - public)
-    mean = mean_over_prompts(p.llm, p.fallback, log=False)
     for c in range(2):
         for i in range(2):
-            torch.testing.assert_close(llm_shifts[c, i], mean_over_prompts(p.llm, options[c, i], log=False) - mean)
-    torch.testing.assert_close(llm_shifts[0], torch.zeros(2, 4))   # the mean update moves nothing
+            torch.testing.assert_close(llm_probabilities[c, i], mean_over_prompts(p.llm, options[c, i], log=False))
+    mean = mean_over_prompts(p.llm, p.fallback, log=False)
     assert answers.default == mean.argmax().item()   # what the LLM answers under the mean update
     assert evaluation.answer_shifts(SimpleNamespace(name="text"), p.tiny, p.llm, p.fallback, 12, 0) is None
 
