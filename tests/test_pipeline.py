@@ -468,9 +468,9 @@ def test_eval_prints_a_finished_runs_tables_again(finished_run, tmp_path):
         evaluation.main(["--out", str(tmp_path)])
 
 def test_the_providers_choice_reads_shadow_runs_only(dp_group_run, tmp_path):
-    """The provider's choice and the answer test's calibration are fixed before any client
-    uploads: other clients (other data, other mixtures) leave the choice's cache key alone, and
-    made again from the same shadow runs both are the same."""
+    """The provider's choice and the answer test's calibration (its corners too) are fixed before
+    any client uploads: other clients (other data, other mixtures) leave the choice's cache key
+    alone, and made again from the same shadow runs both are the same."""
     out, results = dp_group_run
     task = data.make_task("arith", 0)
     cfg = train.parse_args(TINY_RUN + [f"--out={out}", "--dp_epsilon=1", "--group_size=2", "--shadow_dp_draws=2"])

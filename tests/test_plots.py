@@ -84,6 +84,9 @@ def test_the_frontier_marks_the_providers_choice_at_each_point():
     for c in "bc":   # the answer test: what it sent instead, marked s
         row["clients"][c]["provider_choice"] = "shift:ridge_ungated"
     assert plots.choice_letter(row) == "sR*"
+    for c in "abc":   # the answer test's corner
+        row["clients"][c]["provider_choice"] = "shift:corner"
+    assert plots.choice_letter(row) == "sC"
     assert plots.choice_letter({"clients": {"a": {"group": "a"}}}) == ""   # a run before the choice
 
 

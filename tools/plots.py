@@ -39,7 +39,8 @@ FRONTIER_LINES = ["gradtx", "translator", "ridge", "ridge_ungated", "tinylm_dp",
                   "mean_shadow"]
 # the provider's choice at a frontier point, as the letter drawn above its gradtx point
 CHOICE_LETTERS = {"translator": "T", "translator_hard": "Th", "translator_ungated": "T*",
-                  "ridge": "R", "ridge_hard": "Rh", "ridge_ungated": "R*", "mean_shadow": "M"}
+                  "ridge": "R", "ridge_hard": "Rh", "ridge_ungated": "R*", "mean_shadow": "M",
+                  "corner": "C"}   # the answer test's corner: a shadow fine-tune of the LLM
 SIZE = (6, 4)
 DPI = 100
 
@@ -184,7 +185,8 @@ def plot_frontier(plt, frontier):
            ylabel="gain recovered, skewed clients")
     ax.set_title("the privacy frontier (squares: groups pooling m uploads)\nletters: what gradtx "
                  "sent most clients (c: the check picked it, s: the answer test\nsent it; "
-                 "T translator, R linear map, M mean update; h: the gate decides, *: no gate)",
+                 "T translator, R linear map, M mean update, C corner; h: the gate decides, "
+                 "*: no gate)",
                  fontsize=8)
     ax.legend(fontsize=7)
     return fig
