@@ -838,6 +838,30 @@ def corner_for(test, z, convention, default):
             and z[convention].item() > test.corner_threshold and z[default].item() < 0)
 
 
+UNSUPPORTED_Z = 1.0
+"""A move of the TinyLM towards a convention this small (in z, `answer_z`) is one noise alone
+commonly makes (within one standard deviation of the noise-only uploads' centre): no support for an
+update under which the LLM answers that convention (`veto_unsupported`)."""
+
+
+def veto_unsupported(sent, z, answers, fallback):
+    """Sent for B uploads, with the mean update (`fallback`, which the LLM answers in the default
+    convention) in place of every update under which the LLM answers another convention that the
+    upload's TinyLM did not move towards (z below UNSUPPORTED_Z). Why: a translation sent astray
+    (by the translator's residual, or by the map reading noise) makes the LLM answer a convention
+    the client's data do not hold, and the check, which reads the rebuilt TinyLM's greedy answers,
+    misses it where the noise leaves those answers the public TinyLM's."""
+    answered = answers.llm(sent.updates[None])[0].argmax(1)                          # (B,)
+    moved = z.gather(1, answered[:, None].to(z.device))[:, 0]                         # (B,)
+    vetoed = (answered != answers.default) & (moved < UNSUPPORTED_Z)
+    if not vetoed.any():
+        return sent
+    updates = sent.updates.clone()
+    updates[vetoed.to(updates.device)] = fallback.to(updates.device)
+    names = [("shift:mean_shadow" if v else n) for n, v in zip(sent.names, vetoed.tolist())]
+    return Sent(updates, names)
+
+
 ANSWERED = ("ridge_ungated", "translator", "ridge")
 """What the answer test may send in place of the provider's choice, in this order: the map without
 the gate first, since where the test passes an upload the gate held back, the gate's caution is
@@ -851,7 +875,8 @@ def answer_test(model, uploads, sent, linear, fallback, answers, test):
     (`shifted_convention`), the first of the update sent (`sent`, Sent) and ANSWERED under which
     the LLM answers that same convention (its most probable after '='); where none does, that
     convention's corner (a shadow fine-tune of the LLM that answers it; `corner_for` says when);
-    `sent` elsewhere.
+    `sent` elsewhere. First, though, the mean update in place of an update sent under which the
+    LLM answers a convention the TinyLM did not move towards (`veto_unsupported`).
 
     Why: at the knee (few records, small epsilon) the noise leaves the rebuilt TinyLM's greedy
     answers those of the public TinyLM, so the check (`check_uploads`) sees the public default and
@@ -864,6 +889,7 @@ def answer_test(model, uploads, sent, linear, fallback, answers, test):
     prompts and public models only (eval.answer_shifts): post-processing of the upload, as every
     candidate. answers: eval.AnswerShifts; test: AnswerTest for the uploads' level. Returns Sent."""
     z = answer_z(test, answers.tiny(uploads))                                         # (B, A)
+    sent = veto_unsupported(sent, z, answers, fallback)
     convention = shifted_convention(test, z)                                            # (B,)
     if (convention < 0).all():
         return sent

@@ -956,12 +956,14 @@ def test_the_answer_test_sends_the_first_option_that_answers_as_the_tinylm_moved
     named[1, 0] = named[3, 0] = 2                                    # answer: ridge_ungated (first) and
                                                                      # ridge 2 for upload 0
     named[1, 1], named[2, 1] = 3, 1                                  # translator 1 for upload 1
-    named[:, 2] = 1                                                  # nothing answers 3 for upload 2
-    named[:, 4] = 1                                                  # upload 4 did not pass
+    named[1:, 2] = 1                                                 # nothing answers 3 for upload 2
+    named[1:, 4] = 1                                                 # upload 4 did not pass
     sent = gradtx.provide(model, uploads, gradtx.Choice("mean_shadow", 0.1, 0.0, {}), ridge, fallback)
     expected = [gradtx.candidate_update(model, uploads, c, ridge, fallback) for c in gradtx.ANSWERED]
 
     def llm(options):
+        if len(options) == 1:   # the veto reads what was sent (the mean update: it answers 0)
+            return F.one_hot(named[:1], 4).float()
         assert options.shape == (1 + len(gradtx.ANSWERED), 8, N_TGT, D_TGT)
         torch.testing.assert_close(options[0], sent.updates)
         for c, want in enumerate(expected):
@@ -974,10 +976,34 @@ def test_the_answer_test_sends_the_first_option_that_answers_as_the_tinylm_moved
     torch.testing.assert_close(tested.updates[0], expected[0][0])
     torch.testing.assert_close(tested.updates[1], expected[1][1])
     torch.testing.assert_close(tested.updates[2:], sent.updates[2:])   # 3: the mean update answers 0
-    # no upload passes: nothing is read of the LLM
-    quiet = SimpleNamespace(tiny=lambda u: torch.zeros(8, 4), llm=lambda o: pytest.fail("read the LLM"),
-                            default=0)
+    # no upload passes: the LLM is read under what was sent only (the veto), and it is kept
+    def sent_only(options):
+        assert len(options) == 1, "read the LLM under more than what was sent"
+        return F.one_hot(torch.zeros(1, 8, dtype=torch.long), 4).float()
+    quiet = SimpleNamespace(tiny=lambda u: torch.zeros(8, 4), llm=sent_only, default=0)
     assert gradtx.answer_test(model, uploads, sent, ridge, fallback, quiet, test) == sent
+
+
+def test_the_answer_test_vetoes_an_update_whose_convention_the_tinylm_did_not_move_towards():
+    """veto_unsupported on hand-made answers: an update under which the LLM answers a convention
+    other than the default (0) is replaced by the mean update where the upload's z for that
+    convention is below UNSUPPORTED_Z, and kept where it is at least that, or where the LLM answers
+    the default."""
+    model, ridge, fallback, gate, uploads = gated_provider()
+    sent = gradtx.provide(model, uploads, gradtx.Choice("translator_ungated", 0.1, 0.0, {}), ridge, fallback)
+    answered = torch.tensor([2, 2, 0, 1, 3, 0, 0, 0])        # what the LLM answers under each sent
+    z = torch.zeros(8, 4)
+    z[0, 2] = 0.5                                            # below UNSUPPORTED_Z: vetoed
+    z[1, 2] = gradtx.UNSUPPORTED_Z                           # at it: kept
+    z[3, 1] = -2.0                                           # moved away from it: vetoed
+    z[4, 3] = 1.9                                            # kept (passes no test, still support)
+    answers = SimpleNamespace(default=0, llm=lambda o: F.one_hot(answered[None], 4).float())
+    vetoed = gradtx.veto_unsupported(sent, z, answers, fallback)
+    assert [i for i, n in enumerate(vetoed.names) if n == "shift:mean_shadow"] == [0, 3]
+    for i in range(8):
+        want = fallback if i in (0, 3) else sent.updates[i]
+        torch.testing.assert_close(vetoed.updates[i], want)
+    assert vetoed.names[1] == "translator_ungated"
 
 
 def test_a_corner_is_the_shadow_update_under_which_the_llm_answers_its_convention_most():
