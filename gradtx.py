@@ -32,7 +32,8 @@ The file reads in four parts:
          TinyLM, rebuilt from the upload, does);
        - with DP, the answer test on top of the choice: where the rebuilt TinyLM moves towards an
          operator further than noise alone moves it, an update under which the LLM answers so
-         (a translation, else a shadow fine-tune of the LLM at that corner of the simplex);
+         (a translation, else a shadow fine-tune of the LLM at that corner of the simplex), and
+         the mean update where what was sent makes the LLM answer an operator it did not move to;
   3. the provider's prediction, composed in one place: `translate`, gate(map(x) + residual(x)),
      and `provide`, what the provider sends under its choice;
   4. training on shadow pairs, and checkpoints.
